@@ -1,0 +1,1 @@
+"""llama-mesh server: API server, control plane, orchestrator, workflow workers, gateway."""

@@ -1,0 +1,1 @@
+"""Message-queue adapters behind one interface (see ``base``)."""
