@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code of the llama_mesh.v1 contracts (scripts/gen.py)."""
