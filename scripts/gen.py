@@ -43,7 +43,9 @@ GOOGLE_DEPS = (
 )
 # Put in the descriptor set so the transcoder can render rich gRPC errors as JSON.
 DESCRIPTOR_EXTRAS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
-INIT_TEXT = '"""Generated protobuf and gRPC code of the llama_mesh.v1 contracts (scripts/gen.py)."""\n'
+INIT_TEXT = (
+    '"""Generated protobuf and gRPC code of the llama_mesh.v1 contracts (scripts/gen.py)."""\n'
+)
 
 
 def _googleapis_root() -> Path:

@@ -219,19 +219,19 @@ class LlamaDeployApiListDeploymentsResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___LlamaDeployDeploymentDefinition]:
-        """deployments are the deployments, sorted by name."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is a JSON list of `LlamaDeployDeploymentDefinition` objects."""
 
     def __init__(
         self,
         *,
-        deployments: _abc.Iterable[Global___LlamaDeployDeploymentDefinition] | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,17 +377,19 @@ class LlamaDeployApiRunTaskResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    RESULT_FIELD_NUMBER: _builtins.int
-    result: _builtins.str
-    """result is the workflow result as text (0.8 returned `str(result)`)."""
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the workflow result as a JSON string (0.8 returned `str(result)`)."""
+
     def __init__(
         self,
         *,
-        result: _builtins.str = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -431,19 +433,19 @@ class LlamaDeployApiCreateTaskResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_DEFINITION_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def task_definition(self) -> Global___LlamaDeployTaskDefinition:
-        """task_definition is the queued task."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the queued task as a `LlamaDeployTaskDefinition` JSON object."""
 
     def __init__(
         self,
         *,
-        task_definition: Global___LlamaDeployTaskDefinition | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task_definition", b"task_definition"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_definition", b"task_definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,19 +479,19 @@ class LlamaDeployApiListTasksResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TASKS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LlamaDeployTaskDefinition]:
-        """tasks are the deployment's tasks."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is a JSON list of the deployment's tasks (`LlamaDeployTaskDefinition` objects)."""
 
     def __init__(
         self,
         *,
-        tasks: _abc.Iterable[Global___LlamaDeployTaskDefinition] | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,19 +533,21 @@ class LlamaDeployApiStreamEventsResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EVENT_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> _struct_pb2.Struct:
-        """event is the streamed event's fields (the final line holds the result or the error)."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is one NDJSON line (`application/x-ndjson`, ending in a newline): the streamed event's
+        fields as a JSON object (the final line holds the result or the error).
+        """
 
     def __init__(
         self,
         *,
-        event: _struct_pb2.Struct | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,19 +595,19 @@ class LlamaDeployApiSendEventResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EVENT_DEFINITION_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event_definition(self) -> Global___LlamaDeployEventDefinition:
-        """event_definition is the event that was sent."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the event that was sent as a `LlamaDeployEventDefinition` JSON object."""
 
     def __init__(
         self,
         *,
-        event_definition: Global___LlamaDeployEventDefinition | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_definition", b"event_definition"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_definition", b"event_definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -645,19 +649,19 @@ class LlamaDeployApiGetTaskResultResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_RESULT_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def task_result(self) -> _struct_pb2.Value:
-        """task_result is `{"task_id", "history", "result", "data"}` or null."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is `{"task_id", "history", "result", "data"}` as JSON, or `null` while the task runs."""
 
     def __init__(
         self,
         *,
-        task_result: _struct_pb2.Value | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task_result", b"task_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_result", b"task_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -691,19 +695,19 @@ class LlamaDeployApiListSessionsResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSIONS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LlamaDeploySessionDefinition]:
-        """sessions are the deployment's sessions."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is a JSON list of the deployment's sessions (`LlamaDeploySessionDefinition` objects)."""
 
     def __init__(
         self,
         *,
-        sessions: _abc.Iterable[Global___LlamaDeploySessionDefinition] | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -741,19 +745,19 @@ class LlamaDeployApiGetSessionResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSION_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def session(self) -> Global___LlamaDeploySessionDefinition:
-        """session is the session."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the session as a `LlamaDeploySessionDefinition` JSON object."""
 
     def __init__(
         self,
         *,
-        session: Global___LlamaDeploySessionDefinition | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -787,19 +791,19 @@ class LlamaDeployApiCreateSessionResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSION_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def session(self) -> Global___LlamaDeploySessionDefinition:
-        """session is the created session."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the created session as a `LlamaDeploySessionDefinition` JSON object."""
 
     def __init__(
         self,
         *,
-        session: Global___LlamaDeploySessionDefinition | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -837,19 +841,19 @@ class LlamaDeployApiDeleteSessionResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    NOTHING_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def nothing(self) -> _struct_pb2.Value:
-        """nothing is always null."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON `null`."""
 
     def __init__(
         self,
         *,
-        nothing: _struct_pb2.Value | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["nothing", b"nothing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nothing", b"nothing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

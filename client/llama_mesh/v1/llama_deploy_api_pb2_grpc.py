@@ -27,9 +27,13 @@ if _version_not_supported:
 
 class LlamaDeployApiStub:
     """LlamaDeployApi is the Llama Deploy 0.8 JSON API, path for path and shape for shape, so that
-    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names;
-    JSON values that 0.8 returned bare (a result string, a list, `null`) are marked with
-    `response_body`.
+    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names.
+    Responses that 0.8 returned as a bare JSON value (a result string, a list, `null`, an
+    object without envelope, an NDJSON stream) carry that JSON, already encoded, in a
+    `google.api.HttpBody body` field marked `response_body`: Envoy's transcoder only accepts
+    `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
+    trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
+    drops trailing empty segments of request paths, so 0.8's paths still match).
     """
 
     def __init__(self, channel):
@@ -112,9 +116,13 @@ class LlamaDeployApiStub:
 
 class LlamaDeployApiServicer:
     """LlamaDeployApi is the Llama Deploy 0.8 JSON API, path for path and shape for shape, so that
-    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names;
-    JSON values that 0.8 returned bare (a result string, a list, `null`) are marked with
-    `response_body`.
+    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names.
+    Responses that 0.8 returned as a bare JSON value (a result string, a list, `null`, an
+    object without envelope, an NDJSON stream) carry that JSON, already encoded, in a
+    `google.api.HttpBody body` field marked `response_body`: Envoy's transcoder only accepts
+    `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
+    trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
+    drops trailing empty segments of request paths, so 0.8's paths still match).
     """
 
     def GetStatus(self, request, context):
@@ -301,9 +309,13 @@ def add_LlamaDeployApiServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class LlamaDeployApi:
     """LlamaDeployApi is the Llama Deploy 0.8 JSON API, path for path and shape for shape, so that
-    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names;
-    JSON values that 0.8 returned bare (a result string, a list, `null`) are marked with
-    `response_body`.
+    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names.
+    Responses that 0.8 returned as a bare JSON value (a result string, a list, `null`, an
+    object without envelope, an NDJSON stream) carry that JSON, already encoded, in a
+    `google.api.HttpBody body` field marked `response_body`: Envoy's transcoder only accepts
+    `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
+    trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
+    drops trailing empty segments of request paths, so 0.8's paths still match).
     """
 
     @staticmethod

@@ -28,9 +28,13 @@ GRPC_VERSION: str
 
 class LlamaDeployApiStub:
     """LlamaDeployApi is the Llama Deploy 0.8 JSON API, path for path and shape for shape, so that
-    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names;
-    JSON values that 0.8 returned bare (a result string, a list, `null`) are marked with
-    `response_body`.
+    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names.
+    Responses that 0.8 returned as a bare JSON value (a result string, a list, `null`, an
+    object without envelope, an NDJSON stream) carry that JSON, already encoded, in a
+    `google.api.HttpBody body` field marked `response_body`: Envoy's transcoder only accepts
+    `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
+    trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
+    drops trailing empty segments of request paths, so 0.8's paths still match).
     """
 
     @_typing.overload
@@ -75,9 +79,13 @@ class LlamaDeployApiStub:
 @_typing.type_check_only
 class LlamaDeployApiAsyncStub(LlamaDeployApiStub):
     """LlamaDeployApi is the Llama Deploy 0.8 JSON API, path for path and shape for shape, so that
-    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names;
-    JSON values that 0.8 returned bare (a result string, a list, `null`) are marked with
-    `response_body`.
+    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names.
+    Responses that 0.8 returned as a bare JSON value (a result string, a list, `null`, an
+    object without envelope, an NDJSON stream) carry that JSON, already encoded, in a
+    `google.api.HttpBody body` field marked `response_body`: Envoy's transcoder only accepts
+    `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
+    trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
+    drops trailing empty segments of request paths, so 0.8's paths still match).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -118,9 +126,13 @@ class LlamaDeployApiAsyncStub(LlamaDeployApiStub):
 
 class LlamaDeployApiServicer(metaclass=_abc_1.ABCMeta):
     """LlamaDeployApi is the Llama Deploy 0.8 JSON API, path for path and shape for shape, so that
-    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names;
-    JSON values that 0.8 returned bare (a result string, a list, `null`) are marked with
-    `response_body`.
+    the released 0.8 client and `llamactl` work unchanged. Responses use 0.8's field names.
+    Responses that 0.8 returned as a bare JSON value (a result string, a list, `null`, an
+    object without envelope, an NDJSON stream) carry that JSON, already encoded, in a
+    `google.api.HttpBody body` field marked `response_body`: Envoy's transcoder only accepts
+    `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
+    trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
+    drops trailing empty segments of request paths, so 0.8's paths still match).
     """
 
     @_abc_1.abstractmethod

