@@ -1,3 +1,3 @@
 """Shared fixtures: real servers (nats-server, envoy) started on free ports."""
 
-pytest_plugins = ["tests.fixtures.nats", "tests.fixtures.envoy"]
+pytest_plugins = ["tests.fixtures.nats", "tests.fixtures.envoy", "tests.fixtures.mesh"]

@@ -1,0 +1,1 @@
+"""The API server: deployments, tasks, sessions and events, served over gRPC."""

@@ -1,0 +1,312 @@
+"""Deployments: parse, persist, bring up (sources, dependencies, workers), reload, delete.
+
+A deployment's record (its YAML, base path, status, generation) lives in the control
+plane's store, so a restarted server brings every deployment back with :meth:`restore`.
+Progress of a (re)deploy is published on the deployment's progress topic as it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_mesh.server import subjects
+from llama_mesh.server.apiserver.supervisor import ReplicaSpec, Supervisor
+from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.deployment_config import (
+    DeploymentConfig,
+    DeploymentConfigError,
+    parse_deployment_config,
+)
+from llama_mesh.server.domain import DeploymentRecord, DeploymentStatus, now
+from llama_mesh.server.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
+from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.server.sources import SourceError, SourcePolicy, resolve_env, sync_source
+from llama_mesh.server.venvs import VenvError, VenvManager
+from llama_mesh.v1 import apiserver_pb2, types_pb2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSettings:
+    """Server-wide settings of deployments."""
+
+    data_dir: Path
+    max_deployments: int = 10
+    ready_timeout: float = 120.0
+    ack_wait: float = 10.0
+    policy: SourcePolicy = field(default_factory=SourcePolicy)
+
+
+class DeploymentManager:
+    """Owns the parsed configuration and the workers of every deployment."""
+
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        queue: MessageQueue,
+        supervisor: Supervisor,
+        settings: DeploymentSettings,
+    ) -> None:
+        self._cp = control_plane
+        self._queue = queue
+        self._supervisor = supervisor
+        self.settings = settings
+        self._venvs = VenvManager(settings.data_dir / "venvs")
+        self._configs: dict[str, DeploymentConfig] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The supervisor running this server's workers."""
+        return self._supervisor
+
+    def names(self) -> list[str]:
+        """Names of the deployments this server runs, sorted."""
+        return sorted(self._configs)
+
+    def config(self, name: str) -> DeploymentConfig:
+        """The parsed configuration of a deployment; :class:`NotFoundError` when absent."""
+        try:
+            return self._configs[name]
+        except KeyError:
+            raise NotFoundError(
+                f"Deployment '{name}' not found", reason="DEPLOYMENT_NOT_FOUND"
+            ) from None
+
+    async def create(
+        self, config_yaml: str | bytes, *, base_path: str, reload: bool, local: bool
+    ) -> DeploymentRecord:
+        """Create (or with ``reload``, replace) a deployment and wait until it is ready."""
+        config = parse(config_yaml)
+        async with self._locks.setdefault(config.name, asyncio.Lock()):
+            exists = config.name in self._configs
+            if exists and not reload:
+                raise AlreadyExistsError(
+                    f"Deployment '{config.name}' already exists; deploy with reload to replace it",
+                    reason="DEPLOYMENT_EXISTS",
+                )
+            if not exists and len(self._configs) >= self.settings.max_deployments:
+                raise ResourceExhaustedError(
+                    f"This server runs at most {self.settings.max_deployments} deployments",
+                    reason="TOO_MANY_DEPLOYMENTS",
+                )
+            previous = await self._stored(config.name)
+            record = DeploymentRecord(
+                name=config.name,
+                config_yaml=config.raw_yaml,
+                base_path=str(Path(base_path or ".").resolve()),
+                local=local,
+                generation=(previous.generation + 1) if previous else 1,
+                created_at=previous.created_at if previous else now(),
+            )
+            return await self._bring_up(config, record)
+
+    async def reload(self, name: str) -> DeploymentRecord:
+        """Re-sync sources and restart the workers of a deployment (a new generation)."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            self.config(name)
+            record = await self._cp.get_deployment(name)
+            record.generation += 1
+            return await self._bring_up(parse(record.config_yaml), record)
+
+    async def delete(self, name: str) -> None:
+        """Stop a deployment's workers, drop its queued tasks and forget it."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            config = self.config(name)
+            await self._supervisor.stop(name)
+            for service_id in config.services:
+                await self._queue.purge_queue(subjects.task_queue(name, service_id))
+            await self._cp.delete_deployment(name)
+            await self._queue.delete_topic(subjects.progress_topic(name))
+            self._configs.pop(name, None)
+
+    async def restore(self) -> None:
+        """Bring back every persisted deployment (after a server restart)."""
+        for record in await self._cp.list_deployments():
+            try:
+                config = parse(record.config_yaml)
+                async with self._locks.setdefault(record.name, asyncio.Lock()):
+                    await self._bring_up(config, record)
+            except Exception as exc:
+                logger.error("could not restore deployment %s: %s", record.name, exc)
+
+    async def progress(
+        self, name: str
+    ) -> AsyncIterator[apiserver_pb2.StreamDeploymentProgressResponse]:
+        """Progress lines of the latest (re)deploy, ending with its last line."""
+        self.config(name)
+        stream = self._queue.subscribe(subjects.progress_topic(name))
+        try:
+            async for raw in stream:
+                msg = apiserver_pb2.StreamDeploymentProgressResponse.FromString(raw)
+                yield msg
+                if msg.done:
+                    return
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _stored(self, name: str) -> DeploymentRecord | None:
+        try:
+            return await self._cp.get_deployment(name)
+        except NotFoundError:
+            return None
+
+    async def _say(
+        self, name: str, line: str, status: DeploymentStatus, done: bool = False
+    ) -> None:
+        logger.info("deployment %s: %s", name, line)
+        msg = apiserver_pb2.StreamDeploymentProgressResponse(
+            line=line, done=done, status=types_pb2.DeploymentStatus.ValueType(int(status))
+        )
+        await self._queue.publish(subjects.progress_topic(name), msg.SerializeToString())
+
+    async def _bring_up(
+        self, config: DeploymentConfig, record: DeploymentRecord
+    ) -> DeploymentRecord:
+        name = record.name
+        await self._queue.delete_topic(subjects.progress_topic(name))
+        record.status, record.status_message, record.updated_at = (
+            DeploymentStatus.DEPLOYING,
+            "",
+            now(),
+        )
+        await self._cp.put_deployment(record)
+        deploying = DeploymentStatus.DEPLOYING
+        await self._say(name, f"deploying generation {record.generation}", deploying)
+        try:
+            specs = [await self._prepare(config, record, sid) for sid in config.services]
+        except (SourceError, VenvError, DeploymentConfigError) as exc:
+            await self._fail(record, str(exc))
+            raise FailedPreconditionError(
+                f"Deployment '{name}' failed: {exc}", reason="DEPLOY_FAILED"
+            ) from exc
+        self._configs[name] = config
+        self._supervisor.clear_failures(name)
+        for spec in specs:
+            await self._say(
+                name, f"starting {spec.replicas} replica(s) of {spec.service_id}", deploying
+            )
+            await self._supervisor.start(spec)
+        problem = await self._wait_ready(config, record.generation)
+        if problem:
+            await self._fail(record, problem)
+            raise FailedPreconditionError(
+                f"Deployment '{name}' failed: {problem}", reason="DEPLOY_FAILED"
+            )
+        record.status = DeploymentStatus.READY
+        await self._cp.put_deployment(record)
+        await self._say(name, "ready", DeploymentStatus.READY, done=True)
+        return record
+
+    async def _fail(self, record: DeploymentRecord, message: str) -> None:
+        record.status, record.status_message = DeploymentStatus.FAILED, message
+        await self._cp.put_deployment(record)
+        await self._say(record.name, f"failed: {message}", DeploymentStatus.FAILED, done=True)
+
+    async def _prepare(
+        self, config: DeploymentConfig, record: DeploymentRecord, service_id: str
+    ) -> ReplicaSpec:
+        service = config.services[service_id]
+        if not service.path:
+            raise DeploymentConfigError(
+                "a workflow service needs a 'path'", key_path=f"services.{service_id}"
+            )
+        name = record.name
+        deploying = DeploymentStatus.DEPLOYING
+        await self._say(name, f"syncing source of {service_id} ({service.source.type})", deploying)
+        dest = self.settings.data_dir / "sources" / name / service_id
+        try:
+            source_dir = await sync_source(
+                service.source,
+                base_path=Path(record.base_path),
+                dest=dest,
+                policy=self.settings.policy,
+                local=record.local,
+            )
+        except SourceError as exc:
+            if "not allowed" in str(exc) or "escapes" in str(exc):
+                raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
+            raise
+        # As in Llama Deploy, `path` and env-files of a local source are relative to the
+        # deployment's directory (the source is checked above to lie within it); those of
+        # a git source to the clone.
+        code_root = Path(record.base_path) if service.source.type == "local" else source_dir
+        env = resolve_env(service, base_dir=code_root)
+
+        async def report(line: str) -> None:
+            await self._say(name, f"{service_id}: {line}", deploying)
+
+        if service.python_dependencies:
+            await self._say(
+                name, f"installing {len(service.python_dependencies)} dependencies", deploying
+            )
+        python = await self._venvs.ensure(service.python_dependencies, progress=report)
+        return ReplicaSpec(
+            deployment=name,
+            service_id=service_id,
+            path=service.path,
+            source_dir=code_root,
+            replicas=service.replicas,
+            generation=record.generation,
+            python=python,
+            env=env,
+            max_concurrent_tasks=service.max_concurrent_tasks,
+            max_retries=service.max_retries,
+            timeout=service.timeout,
+            ack_wait=self.settings.ack_wait,
+        )
+
+    async def _wait_ready(self, config: DeploymentConfig, generation: int) -> str:
+        """Wait until every service has a live replica of ``generation``; '' or a problem."""
+
+        async def all_live() -> str:
+            seen: set[str] = set()
+            async for instance in self._cp.watch_instances(config.name):
+                if instance.generation == generation:
+                    seen.add(instance.service_id)
+                if seen >= set(config.services):
+                    return ""
+            return "the registry closed"
+
+        async def first_failure() -> str:
+            service_id, output = await self._supervisor.next_failure(config.name)
+            return f"service '{service_id}' did not start: {_last_lines(output)}"
+
+        tasks = [asyncio.create_task(all_live()), asyncio.create_task(first_failure())]
+        try:
+            done, _ = await asyncio.wait(
+                tasks, timeout=self.settings.ready_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                return f"services not ready within {self.settings.ready_timeout:.0f} s"
+            return next(iter(done)).result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def parse(config_yaml: str | bytes) -> DeploymentConfig:
+    """Parse a deployment file; errors become :class:`InvalidArgumentError` naming the key."""
+    try:
+        return parse_deployment_config(config_yaml, source_name="deployment.yml")
+    except DeploymentConfigError as exc:
+        raise InvalidArgumentError(
+            str(exc), reason="INVALID_DEPLOYMENT", metadata={"key": exc.key_path}
+        ) from exc
+
+
+def _last_lines(text: str, count: int = 6) -> str:
+    return "\n".join(text.strip().splitlines()[-count:])

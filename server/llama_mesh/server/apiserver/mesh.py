@@ -1,0 +1,240 @@
+"""What the API does, in domain terms: both gRPC surfaces (v1 and 0.8) call into this.
+
+Waiting is push-based everywhere: a caller waiting for a result watches the task's record,
+a caller streaming events subscribes to the task's event topic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+
+from llama_mesh.server import convert, subjects
+from llama_mesh.server.apiserver.deployments import DeploymentManager
+from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.domain import (
+    HumanEvent,
+    JsonValue,
+    Session,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskStatus,
+    new_id,
+    now,
+)
+from llama_mesh.server.errors import FailedPreconditionError, InvalidArgumentError
+from llama_mesh.server.orchestrator import Orchestrator, choose_service
+from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.server.service.worker import final_event
+from llama_mesh.v1 import messages_pb2
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+"""The largest task input or event payload accepted, as JSON text."""
+
+
+def check_id(kind: str, value: str) -> str:
+    """Reject ids that could not be ours (they become key and subject tokens)."""
+    if not _ID.match(value):
+        raise InvalidArgumentError(
+            f"invalid {kind} {value!r}: use letters, digits, '-' and '_' (at most 128)",
+            reason="INVALID_ID",
+        )
+    return value
+
+
+def check_json_size(what: str, value: JsonValue) -> None:
+    """Reject payloads over :data:`MAX_INPUT_BYTES`, naming the limit."""
+    size = len(json.dumps(value))
+    if size > MAX_INPUT_BYTES:
+        raise InvalidArgumentError(
+            f"{what} is {size} bytes of JSON; the limit is {MAX_INPUT_BYTES}",
+            reason="PAYLOAD_TOO_LARGE",
+        )
+
+
+class Mesh:
+    """Tasks, sessions and events of the deployments a :class:`DeploymentManager` runs."""
+
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        queue: MessageQueue,
+        deployments: DeploymentManager,
+        orchestrator: Orchestrator,
+    ) -> None:
+        self.cp = control_plane
+        self.queue = queue
+        self.deployments = deployments
+        self.orchestrator = orchestrator
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def create_task(
+        self,
+        deployment: str,
+        *,
+        service_id: str | None,
+        session_id: str | None,
+        input: dict[str, JsonValue],
+    ) -> Task:
+        """Record a task and queue it; a missing session is created."""
+        config = self.deployments.config(deployment)
+        service = choose_service(config, service_id)
+        check_json_size("the task input", input)
+        if session_id:
+            check_id("session id", session_id)
+            await self.cp.get_session(deployment, session_id)
+        else:
+            session_id = (await self.cp.create_session(deployment)).session_id
+        task = Task(
+            task_id=new_id(),
+            deployment=deployment,
+            service_id=service,
+            session_id=session_id,
+            input=input,
+        )
+        await self.cp.record_task(task)
+        record = await self.cp.get_deployment(deployment)
+        await self.orchestrator.schedule(task, generation=record.generation)
+        return task
+
+    async def wait_task(self, deployment: str, task_id: str) -> Task:
+        """The task once it is final (succeeded, failed or cancelled)."""
+        last: Task | None = None
+        async for last in self.cp.watch_task(deployment, task_id):
+            if last.status.is_final:
+                return last
+        assert last is not None
+        return last
+
+    async def run_task(
+        self,
+        deployment: str,
+        *,
+        service_id: str | None,
+        session_id: str | None,
+        input: dict[str, JsonValue],
+    ) -> Task:
+        """Create a task and wait for it to be final."""
+        task = await self.create_task(
+            deployment, service_id=service_id, session_id=session_id, input=input
+        )
+        return await self.wait_task(deployment, task.task_id)
+
+    async def get_task(self, deployment: str, task_id: str) -> Task:
+        """A task of a deployment."""
+        self.deployments.config(deployment)
+        return await self.cp.get_task(deployment, check_id("task id", task_id))
+
+    async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
+        """A deployment's tasks, newest first."""
+        self.deployments.config(deployment)
+        return await self.cp.list_tasks(deployment, session_id or None)
+
+    async def cancel_task(self, deployment: str, task_id: str, reason: str = "") -> Task:
+        """Cancel a task: at once when queued, via its replica when running."""
+        task = await self.get_task(deployment, task_id)
+        if task.status.is_final:
+            return task
+        reason = reason or "cancelled by request"
+
+        def cancel_queued(t: Task) -> Task | None:
+            if t.status is not TaskStatus.QUEUED:
+                return None
+            t.status, t.error, t.finished_at = (
+                TaskStatus.CANCELLED,
+                TaskError("Cancelled", reason),
+                now(),
+            )
+            return t
+
+        task = await self.cp.update_task(deployment, task_id, cancel_queued)
+        if task.status is TaskStatus.CANCELLED:
+            await self._publish_event(deployment, final_event(task))
+        else:
+            msg = messages_pb2.TaskInputMessage(cancel=messages_pb2.CancelMessage(reason=reason))
+            msg.cancel.requested_at.CopyFrom(convert.to_timestamp(now()))
+            await self.queue.publish(
+                subjects.inputs_topic(deployment, task_id), msg.SerializeToString()
+            )
+        return task
+
+    async def send_event(self, deployment: str, task_id: str, event: HumanEvent) -> None:
+        """Send an event into a task (queued ones receive it when they start)."""
+        task = await self.get_task(deployment, task_id)
+        if task.status.is_final:
+            raise FailedPreconditionError(
+                f"Task '{task_id}' has finished ({task.status.name.lower()}); "
+                "it takes no more events",
+                reason="TASK_FINISHED",
+            )
+        if not event.type:
+            raise InvalidArgumentError("the event needs a type", reason="INVALID_EVENT")
+        check_json_size("the event", event.data)
+        msg = messages_pb2.TaskInputMessage(
+            human_event=messages_pb2.HumanEventMessage(
+                type=event.type, data_json=json.dumps(event.data).encode()
+            )
+        )
+        msg.human_event.sent_at.CopyFrom(convert.to_timestamp(now()))
+        await self.queue.publish(
+            subjects.inputs_topic(deployment, task_id), msg.SerializeToString()
+        )
+
+    async def stream_events(
+        self, deployment: str, task_id: str, *, from_index: int = 0
+    ) -> AsyncIterator[TaskEvent]:
+        """The task's events from ``from_index`` on, each once, ending with the final event.
+
+        A task redelivered after a worker died publishes its events again from index 0;
+        indexes already passed on are skipped.
+        """
+        task = await self.get_task(deployment, task_id)
+        if from_index < 0:
+            raise InvalidArgumentError("from_index must be >= 0", reason="INVALID_INDEX")
+        if task.status.is_final and from_index > task.event_count:
+            return
+        expected = from_index
+        stream = self.queue.subscribe(subjects.events_topic(deployment, task_id))
+        try:
+            async for raw in stream:
+                event = convert.event_from_message(messages_pb2.EventMessage.FromString(raw))
+                if event.index < expected:
+                    continue
+                expected = event.index + 1
+                yield event
+                if event.kind.is_final:
+                    return
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _publish_event(self, deployment: str, event: TaskEvent) -> None:
+        await self.queue.publish(
+            subjects.events_topic(deployment, event.task_id),
+            convert.event_to_message(event).SerializeToString(),
+        )
+
+    # -- sessions ----------------------------------------------------------------------
+
+    async def create_session(self, deployment: str) -> Session:
+        """A new, empty session."""
+        self.deployments.config(deployment)
+        return await self.cp.create_session(deployment)
+
+    async def get_session(self, deployment: str, session_id: str) -> Session:
+        """A session with its task ids."""
+        self.deployments.config(deployment)
+        return await self.cp.get_session(deployment, check_id("session id", session_id))
+
+    async def list_sessions(self, deployment: str) -> list[Session]:
+        """A deployment's sessions."""
+        self.deployments.config(deployment)
+        return await self.cp.list_sessions(deployment)
+
+    async def delete_session(self, deployment: str, session_id: str) -> None:
+        """Delete a session and its stored workflow context."""
+        self.deployments.config(deployment)
+        await self.cp.delete_session(deployment, check_id("session id", session_id))

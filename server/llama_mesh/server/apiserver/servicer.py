@@ -1,0 +1,232 @@
+"""The ``ApiServer`` gRPC service (the ``/v1/`` JSON surface through the gateway)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Sequence
+from typing import TypeVar
+
+import grpc
+
+from llama_mesh.server import convert
+from llama_mesh.server.apiserver.mesh import Mesh, check_id
+from llama_mesh.server.domain import DeploymentRecord, HumanEvent, TaskStatus
+from llama_mesh.server.errors import InvalidArgumentError
+from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
+
+VERSION = "0.1.0"
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+T = TypeVar("T")
+
+
+def paginate(items: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[T], str]:
+    """One page of ``items`` and the token of the next page ('' on the last)."""
+    if page_size < 0:
+        raise InvalidArgumentError("page_size must be >= 0", reason="INVALID_PAGE")
+    size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+    start = 0
+    if page_token:
+        try:
+            start = int(base64.urlsafe_b64decode(page_token.encode()).decode())
+        except ValueError as exc:
+            raise InvalidArgumentError("invalid page_token", reason="INVALID_PAGE") from exc
+    end = start + size
+    token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < len(items) else ""
+    return items[start:end], token
+
+
+class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
+    """Deployments, tasks, sessions and typed events."""
+
+    def __init__(self, mesh: Mesh, *, queue_kind: str) -> None:
+        self._mesh = mesh
+        self._queue_kind = queue_kind
+
+    async def deployment_proto(self, record: DeploymentRecord) -> types_pb2.Deployment:
+        """A deployment with its services and their live replicas."""
+        msg = convert.deployment_record_to_proto(record)
+        config = self._mesh.deployments.config(record.name)
+        msg.default_service = config.default_service or ""
+        instances = await self._mesh.cp.list_instances(record.name)
+        for sid, svc in config.services.items():
+            live = [i for i in instances if i.service_id == sid]
+            msg.services.append(
+                types_pb2.Service(
+                    id=sid,
+                    name=svc.name,
+                    path=svc.path or "",
+                    replicas=svc.replicas,
+                    max_concurrent_tasks=svc.max_concurrent_tasks,
+                    timeout_seconds=svc.timeout or 0.0,
+                    max_retries=svc.max_retries,
+                    instances=[convert.instance_to_proto(i) for i in live],
+                    healthy=bool(live),
+                )
+            )
+        return msg
+
+    async def GetStatus(
+        self, request: apiserver_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.GetStatusResponse:
+        deployments = self._mesh.deployments
+        return apiserver_pb2.GetStatusResponse(
+            healthy=True,
+            version=VERSION,
+            deployments=deployments.names(),
+            max_deployments=deployments.settings.max_deployments,
+            message_queue=self._queue_kind,
+        )
+
+    async def CreateDeployment(
+        self, request: apiserver_pb2.CreateDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.CreateDeploymentResponse:
+        if not request.config_yaml.strip():
+            raise InvalidArgumentError("config_yaml is empty", reason="INVALID_DEPLOYMENT")
+        record = await self._mesh.deployments.create(
+            request.config_yaml,
+            base_path=request.base_path,
+            reload=request.reload,
+            local=request.local,
+        )
+        return apiserver_pb2.CreateDeploymentResponse(
+            deployment=await self.deployment_proto(record)
+        )
+
+    async def ListDeployments(
+        self, request: apiserver_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.ListDeploymentsResponse:
+        names = self._mesh.deployments.names()
+        page, token = paginate(names, request.page_size, request.page_token)
+        out = apiserver_pb2.ListDeploymentsResponse(next_page_token=token)
+        for name in page:
+            record = await self._mesh.cp.get_deployment(name)
+            out.deployments.append(await self.deployment_proto(record))
+        return out
+
+    async def GetDeployment(
+        self, request: apiserver_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.GetDeploymentResponse:
+        self._mesh.deployments.config(request.name)
+        record = await self._mesh.cp.get_deployment(request.name)
+        return apiserver_pb2.GetDeploymentResponse(deployment=await self.deployment_proto(record))
+
+    async def DeleteDeployment(
+        self, request: apiserver_pb2.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.DeleteDeploymentResponse:
+        await self._mesh.deployments.delete(request.name)
+        return apiserver_pb2.DeleteDeploymentResponse()
+
+    async def ReloadDeployment(
+        self, request: apiserver_pb2.ReloadDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.ReloadDeploymentResponse:
+        record = await self._mesh.deployments.reload(request.name)
+        return apiserver_pb2.ReloadDeploymentResponse(
+            deployment=await self.deployment_proto(record)
+        )
+
+    async def StreamDeploymentProgress(
+        self,
+        request: apiserver_pb2.StreamDeploymentProgressRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[apiserver_pb2.StreamDeploymentProgressResponse]:
+        async for line in self._mesh.deployments.progress(request.name):
+            yield line
+
+    async def ListServices(
+        self, request: apiserver_pb2.ListServicesRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.ListServicesResponse:
+        self._mesh.deployments.config(request.deployment)
+        record = await self._mesh.cp.get_deployment(request.deployment)
+        deployment = await self.deployment_proto(record)
+        return apiserver_pb2.ListServicesResponse(services=deployment.services)
+
+    async def RunTask(
+        self, request: apiserver_pb2.RunTaskRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.RunTaskResponse:
+        task = await self._mesh.run_task(
+            request.deployment,
+            service_id=request.service_id or None,
+            session_id=request.session_id or None,
+            input=convert.from_struct(request.input),
+        )
+        return apiserver_pb2.RunTaskResponse(task=convert.task_to_proto(task))
+
+    async def CreateTask(
+        self, request: apiserver_pb2.CreateTaskRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.CreateTaskResponse:
+        task = await self._mesh.create_task(
+            request.deployment,
+            service_id=request.service_id or None,
+            session_id=request.session_id or None,
+            input=convert.from_struct(request.input),
+        )
+        return apiserver_pb2.CreateTaskResponse(task=convert.task_to_proto(task))
+
+    async def ListTasks(
+        self, request: apiserver_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.ListTasksResponse:
+        tasks = await self._mesh.list_tasks(request.deployment, request.session_id or None)
+        if request.status:
+            tasks = [t for t in tasks if t.status == TaskStatus(request.status)]
+        page, token = paginate(tasks, request.page_size, request.page_token)
+        return apiserver_pb2.ListTasksResponse(
+            tasks=[convert.task_to_proto(t) for t in page], next_page_token=token
+        )
+
+    async def GetTask(
+        self, request: apiserver_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.GetTaskResponse:
+        task = await self._mesh.get_task(request.deployment, request.task_id)
+        return apiserver_pb2.GetTaskResponse(task=convert.task_to_proto(task))
+
+    async def CancelTask(
+        self, request: apiserver_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.CancelTaskResponse:
+        task = await self._mesh.cancel_task(request.deployment, request.task_id, request.reason)
+        return apiserver_pb2.CancelTaskResponse(task=convert.task_to_proto(task))
+
+    async def StreamEvents(
+        self, request: apiserver_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[apiserver_pb2.StreamEventsResponse]:
+        events = self._mesh.stream_events(
+            request.deployment, request.task_id, from_index=request.from_index
+        )
+        async for event in events:
+            yield apiserver_pb2.StreamEventsResponse(event=convert.event_to_proto(event))
+
+    async def SendEvent(
+        self, request: apiserver_pb2.SendEventRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.SendEventResponse:
+        event = HumanEvent(type=request.type, data=convert.from_struct(request.data))
+        await self._mesh.send_event(request.deployment, request.task_id, event)
+        return apiserver_pb2.SendEventResponse()
+
+    async def CreateSession(
+        self, request: apiserver_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.CreateSessionResponse:
+        session = await self._mesh.create_session(request.deployment)
+        return apiserver_pb2.CreateSessionResponse(session=convert.session_to_proto(session))
+
+    async def ListSessions(
+        self, request: apiserver_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.ListSessionsResponse:
+        sessions = await self._mesh.list_sessions(request.deployment)
+        page, token = paginate(sessions, request.page_size, request.page_token)
+        return apiserver_pb2.ListSessionsResponse(
+            sessions=[convert.session_to_proto(s) for s in page], next_page_token=token
+        )
+
+    async def GetSession(
+        self, request: apiserver_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.GetSessionResponse:
+        session = await self._mesh.get_session(request.deployment, request.session_id)
+        return apiserver_pb2.GetSessionResponse(session=convert.session_to_proto(session))
+
+    async def DeleteSession(
+        self, request: apiserver_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> apiserver_pb2.DeleteSessionResponse:
+        await self._mesh.delete_session(
+            request.deployment, check_id("session id", request.session_id)
+        )
+        return apiserver_pb2.DeleteSessionResponse()

@@ -1,0 +1,302 @@
+"""Worker supervision: start a service's replicas, restart them when they die, stop them.
+
+Two kinds behind one interface:
+
+* :class:`ProcessSupervisor` runs each replica as its own process (``python -m
+  llama_mesh.server.service``) with the deployment's interpreter (its virtual environment)
+  and only the service's environment variables; used with NATS.
+* :class:`InProcessSupervisor` runs replicas as asyncio tasks of this process; used with
+  the in-process queue (single-process use and fast tests), where there is nothing to
+  connect a second process to. It cannot isolate environment variables or dependencies.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.server.service.loader import load_workflow
+from llama_mesh.server.service.worker import Worker, WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT")
+"""The only variables of the server's environment a worker inherits (plus its own)."""
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_AFTER = 30.0
+"""A replica that ran this long resets its restart backoff."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSpec:
+    """Everything needed to start the replicas of one service."""
+
+    deployment: str
+    service_id: str
+    path: str
+    source_dir: Path
+    replicas: int
+    generation: int
+    python: Path = field(default_factory=lambda: Path(sys.executable))
+    env: Mapping[str, str] = field(default_factory=dict)
+    max_concurrent_tasks: int = 1
+    max_retries: int = 2
+    timeout: float | None = None
+    ack_wait: float = 10.0
+
+
+class StartupFailure(Exception):
+    """A replica exited before it became ready; carries its error output."""
+
+
+class Supervisor(abc.ABC):
+    """Starts, restarts and stops the replicas of deployments."""
+
+    def __init__(self) -> None:
+        self._failure_queues: dict[str, asyncio.Queue[tuple[str, str]]] = {}
+
+    def _report_failure(self, deployment: str, service_id: str, output: str) -> None:
+        self._failure_queues.setdefault(deployment, asyncio.Queue()).put_nowait(
+            (service_id, output)
+        )
+
+    async def next_failure(self, deployment: str) -> tuple[str, str]:
+        """Wait for a replica of ``deployment`` to exit unexpectedly: (service, output)."""
+        return await self._failure_queues.setdefault(deployment, asyncio.Queue()).get()
+
+    def clear_failures(self, deployment: str) -> None:
+        """Forget failures reported so far (before waiting for a fresh start)."""
+        self._failure_queues.pop(deployment, None)
+
+    @abc.abstractmethod
+    async def start(self, spec: ReplicaSpec) -> None:
+        """Start ``spec.replicas`` replicas of a service (replacing older generations)."""
+
+    @abc.abstractmethod
+    async def stop(self, deployment: str) -> None:
+        """Stop every replica of a deployment."""
+
+    @abc.abstractmethod
+    def pids(self, deployment: str, service_id: str) -> list[int]:
+        """Operating-system pids of a service's running replicas."""
+
+    async def shutdown(self) -> None:
+        """Stop everything (idempotent)."""
+        for deployment in list(self._deployments()):
+            await self.stop(deployment)
+
+    @abc.abstractmethod
+    def _deployments(self) -> list[str]: ...
+
+
+class _Replica:
+    """One supervised worker process, restarted until stopped."""
+
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        index: int,
+        nats_url: str,
+        log_dir: Path,
+        on_failure: Callable[[str, str, str], None],
+    ) -> None:
+        self.spec = spec
+        self.index = index
+        self._nats_url = nats_url
+        self._log_dir = log_dir
+        self.process: asyncio.subprocess.Process | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=40)
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._on_failure = on_failure
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise())
+
+    def _command(self) -> list[str]:
+        spec = self.spec
+        return [
+            str(spec.python),
+            "-m",
+            "llama_mesh.server.service",
+            "--nats",
+            self._nats_url,
+            "--deployment",
+            spec.deployment,
+            "--service",
+            spec.service_id,
+            "--source-dir",
+            str(spec.source_dir),
+            "--generation",
+            str(spec.generation),
+            "--ack-wait",
+            str(spec.ack_wait),
+        ]
+
+    def _environment(self) -> dict[str, str]:
+        env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
+        env.update(self.spec.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        if "LLAMA_MESH_LOG_LEVEL" in os.environ:
+            env["LLAMA_MESH_LOG_LEVEL"] = os.environ["LLAMA_MESH_LOG_LEVEL"]
+        return env
+
+    async def _supervise(self) -> None:
+        failures = 0
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            started = loop.time()
+            self.process = await asyncio.create_subprocess_exec(
+                *self._command(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._environment(),
+                cwd=str(self.spec.source_dir),
+                start_new_session=True,
+            )
+            await self._pump_stderr(self.process)
+            code = await self.process.wait()
+            if self._stopping:
+                return
+            tail = "".join(self.stderr_tail).strip()
+            self._on_failure(self.spec.deployment, self.spec.service_id, tail or f"exit {code}")
+            logger.warning(
+                "replica %s/%s#%d exited with %s; restarting",
+                self.spec.deployment,
+                self.spec.service_id,
+                self.index,
+                code,
+            )
+            failures = 0 if loop.time() - started > STABLE_AFTER else failures + 1
+            await asyncio.sleep(RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)])
+
+    async def _pump_stderr(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stderr is not None
+        log_path = self._log_dir / f"{self.spec.service_id}-{self.index}.log"
+        with log_path.open("ab") as log:
+            async for line in process.stderr:
+                log.write(line)
+                log.flush()
+                self.stderr_tail.append(line.decode(errors="replace"))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self._stopping = True
+        process = self.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class ProcessSupervisor(Supervisor):
+    """Replicas as worker processes connected to NATS."""
+
+    def __init__(self, nats_url: str, log_dir: Path) -> None:
+        super().__init__()
+        self._nats_url = nats_url
+        self._log_dir = log_dir
+        self._replicas: dict[str, list[_Replica]] = {}
+
+    async def start(self, spec: ReplicaSpec) -> None:
+        old = [
+            r
+            for r in self._replicas.get(spec.deployment, [])
+            if r.spec.service_id == spec.service_id
+        ]
+        log_dir = self._log_dir / spec.deployment
+        log_dir.mkdir(parents=True, exist_ok=True)
+        new = [
+            _Replica(spec, i, self._nats_url, log_dir, self._report_failure)
+            for i in range(spec.replicas)
+        ]
+        for replica in new:
+            replica.start()
+        kept = [r for r in self._replicas.get(spec.deployment, []) if r not in old]
+        self._replicas[spec.deployment] = kept + new
+        await asyncio.gather(*(r.stop() for r in old))
+
+    async def stop(self, deployment: str) -> None:
+        replicas = self._replicas.pop(deployment, [])
+        await asyncio.gather(*(r.stop() for r in replicas))
+
+    def pids(self, deployment: str, service_id: str) -> list[int]:
+        return [
+            r.process.pid
+            for r in self._replicas.get(deployment, [])
+            if r.spec.service_id == service_id
+            and r.process is not None
+            and r.process.returncode is None
+        ]
+
+    def _deployments(self) -> list[str]:
+        return list(self._replicas)
+
+
+class InProcessSupervisor(Supervisor):
+    """Replicas as asyncio tasks sharing this process and its queue."""
+
+    def __init__(self, queue: MessageQueue, control_plane: ControlPlane) -> None:
+        super().__init__()
+        self._queue = queue
+        self._cp = control_plane
+        self._workers: dict[str, list[tuple[Worker, asyncio.Task[None]]]] = {}
+
+    async def start(self, spec: ReplicaSpec) -> None:
+        try:
+            workflow = load_workflow(spec.source_dir, spec.path)
+        except Exception as exc:
+            self._report_failure(spec.deployment, spec.service_id, str(exc))
+            return
+        running = self._workers.setdefault(spec.deployment, [])
+        old = [(w, t) for w, t in running if w.settings.service_id == spec.service_id]
+        for _ in range(spec.replicas):
+            settings = WorkerSettings(
+                deployment=spec.deployment,
+                service_id=spec.service_id,
+                max_concurrent_tasks=spec.max_concurrent_tasks,
+                max_retries=spec.max_retries,
+                timeout=spec.timeout,
+                ack_wait=spec.ack_wait,
+                generation=spec.generation,
+            )
+            worker = Worker(self._queue, self._cp, workflow, settings)
+            running.append((worker, asyncio.create_task(worker.run())))
+        for pair in old:
+            running.remove(pair)
+        await self._stop_pairs(old)
+
+    async def stop(self, deployment: str) -> None:
+        await self._stop_pairs(self._workers.pop(deployment, []))
+
+    @staticmethod
+    async def _stop_pairs(pairs: list[tuple[Worker, asyncio.Task[None]]]) -> None:
+        for worker, _ in pairs:
+            await worker.shutdown()
+        await asyncio.gather(*(t for _, t in pairs), return_exceptions=True)
+
+    def pids(self, deployment: str, service_id: str) -> list[int]:
+        return []
+
+    def _deployments(self) -> list[str]:
+        return list(self._workers)

@@ -1,0 +1,232 @@
+"""Compose the server: message queue, control plane, orchestrator, workers, gRPC, gateway.
+
+:func:`create_grpc_server` builds the gRPC server (kept apart from running it);
+:class:`MeshServer` starts every part in order and stops them in reverse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llama_mesh.server.apiserver.compat import LlamaDeployApiServicer
+from llama_mesh.server.apiserver.deployments import DeploymentManager, DeploymentSettings
+from llama_mesh.server.apiserver.mesh import Mesh
+from llama_mesh.server.apiserver.servicer import ApiServerServicer
+from llama_mesh.server.apiserver.supervisor import (
+    InProcessSupervisor,
+    ProcessSupervisor,
+    Supervisor,
+)
+from llama_mesh.server.control_plane.servicer import ControlPlaneServicer
+from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.grpc_errors import ErrorInterceptor
+from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
+from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.server.sources import SourcePolicy
+from llama_mesh.v1 import (
+    apiserver_pb2,
+    apiserver_pb2_grpc,
+    control_plane_pb2,
+    control_plane_pb2_grpc,
+    llama_deploy_api_pb2,
+    llama_deploy_api_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVICE_NAMES = (
+    apiserver_pb2.DESCRIPTOR.services_by_name["ApiServer"].full_name,
+    llama_deploy_api_pb2.DESCRIPTOR.services_by_name["LlamaDeployApi"].full_name,
+    control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
+    orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How one ``llamactl serve`` runs; read once at start."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 4501
+    grpc_port: int = 0
+    queue: Literal["nats", "inprocess"] = "nats"
+    nats_url: str | None = None
+    gateway: bool = True
+    cors_origins: tuple[str, ...] = ()
+    max_deployments: int = 10
+    ack_wait: float = 10.0
+    ready_timeout: float = 120.0
+    allowed_local_roots: tuple[Path, ...] | None = None
+    allowed_git_prefixes: tuple[str, ...] | None = None
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = field(default=())
+
+
+def create_grpc_server(
+    address: str,
+    mesh: Mesh,
+    *,
+    queue_kind: str,
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+    """A gRPC server with every service, health and reflection; returns it and its port."""
+    server = grpc.aio.server(
+        interceptors=[*interceptors, ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    apiserver_pb2_grpc.add_ApiServerServicer_to_server(
+        ApiServerServicer(mesh, queue_kind=queue_kind), server
+    )
+    llama_deploy_api_pb2_grpc.add_LlamaDeployApiServicer_to_server(
+        LlamaDeployApiServicer(mesh), server
+    )
+    control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneServicer(mesh.cp), server)
+    orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
+        OrchestratorServicer(mesh.orchestrator, mesh.deployments.config), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, health_servicer
+
+
+class MeshServer:
+    """Every part of a running server; :meth:`start` then :meth:`shutdown`."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._stack = AsyncExitStack()
+        self.queue: MessageQueue
+        self.mesh: Mesh
+        self.supervisor: Supervisor
+        self.grpc_port = 0
+        self.nats_url: str | None = None
+        self.gateway_url: str | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._closed = False
+
+    @classmethod
+    async def start(cls, settings: ServerSettings) -> MeshServer:
+        """Start everything; on failure, stop what was started and raise."""
+        self = cls(settings)
+        try:
+            await self._start()
+        except BaseException:
+            await self.shutdown()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.queue = await self._open_queue()
+        self._stack.push_async_callback(self.queue.close)
+        cp = await ControlPlane.open(self.queue)
+        if s.queue == "inprocess":
+            self.supervisor = InProcessSupervisor(self.queue, cp)
+        else:
+            assert self.nats_url is not None
+            self.supervisor = ProcessSupervisor(self.nats_url, s.data_dir / "logs")
+        self._stack.push_async_callback(self.supervisor.shutdown)
+        deployments = DeploymentManager(
+            cp,
+            self.queue,
+            self.supervisor,
+            DeploymentSettings(
+                data_dir=s.data_dir,
+                max_deployments=s.max_deployments,
+                ready_timeout=s.ready_timeout,
+                ack_wait=s.ack_wait,
+                policy=SourcePolicy(s.allowed_local_roots, s.allowed_git_prefixes),
+            ),
+        )
+        self.mesh = Mesh(cp, self.queue, deployments, Orchestrator(self.queue))
+        server, self.grpc_port, self._health = create_grpc_server(
+            f"127.0.0.1:{s.grpc_port}",
+            self.mesh,
+            queue_kind=s.queue,
+            interceptors=s.interceptors,
+        )
+        self._server = server
+        await server.start()
+        self._stack.push_async_callback(self._stop_grpc)
+        await deployments.restore()
+        if s.gateway:
+            await self._start_gateway()
+        for name in ("", *SERVICE_NAMES):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _open_queue(self) -> MessageQueue:
+        s = self.settings
+        if s.queue == "inprocess":
+            from llama_mesh.server.queues.inprocess import InProcessQueue
+
+            return InProcessQueue()
+        from llama_mesh.server.nats_server import NatsServer, NatsServerConfig
+        from llama_mesh.server.queues.nats import connect_nats
+
+        if s.nats_url is None:
+            nats = await NatsServer.start(NatsServerConfig(store_dir=s.data_dir / "nats"))
+            self._stack.push_async_callback(nats.stop)
+            self.nats_url = nats.url
+        else:
+            self.nats_url = s.nats_url
+        return await connect_nats(self.nats_url.split(","))
+
+    async def _start_gateway(self) -> None:
+        from llama_mesh.server.gateway import Gateway, GatewayConfig
+
+        s = self.settings
+        cfg = GatewayConfig(
+            listen_host=s.host,
+            listen_port=s.port,
+            upstream_port=self.grpc_port,
+            cors_origins=s.cors_origins,
+        )
+        work_dir = s.data_dir / "gateway"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        gateway = await Gateway.start(cfg, work_dir=work_dir)
+        self._stack.push_async_callback(gateway.stop)
+        self.gateway_url = gateway.url
+
+    async def _stop_grpc(self) -> None:
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace=5.0)
+
+    async def deploy_file(self, path: Path, *, reload: bool = True) -> str:
+        """Deploy a YAML file from disk (local sources relative to its directory)."""
+        record = await self.mesh.deployments.create(
+            path.read_bytes(), base_path=str(path.resolve().parent), reload=reload, local=True
+        )
+        return record.name
+
+    async def shutdown(self) -> None:
+        """Stop everything in reverse order of start (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            await self._stack.aclose()

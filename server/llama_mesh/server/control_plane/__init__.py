@@ -1,0 +1,1 @@
+"""The control plane: state store (``store``) and its gRPC service (``servicer``)."""

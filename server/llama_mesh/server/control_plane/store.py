@@ -1,0 +1,299 @@
+"""The control plane's state, kept in key-value buckets of the message queue.
+
+One key per thing, never a growing document:
+
+=================  ==========================================  ===========================
+bucket             key                                         value
+=================  ==========================================  ===========================
+``deployments``    ``<deployment>``                            ``types.Deployment``
+``tasks``          ``<deployment>.<task_id>``                  ``types.Task``
+``sessions``       ``<deployment>.<session_id>``               ``types.Session`` (no task ids)
+``session_tasks``  ``<deployment>.<session_id>.<task_id>``     task creation time (text)
+``session_state``  ``<deployment>.<session_id>``               ``SessionStateMessage``
+``instances``      ``<deployment>.<service_id>.<instance_id>`` ``types.ServiceInstance`` (TTL)
+=================  ==========================================  ===========================
+
+Workers and the API server both use this class: it is the library form of the
+``ControlPlane`` service, so a worker needs nothing but the message queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+from llama_mesh.server import convert
+from llama_mesh.server.domain import (
+    DeploymentRecord,
+    ServiceInstance,
+    Session,
+    Task,
+    new_id,
+    now,
+)
+from llama_mesh.server.errors import AlreadyExistsError, NotFoundError
+from llama_mesh.server.queues.base import (
+    KeyExistsError,
+    KeyValueStore,
+    MessageQueue,
+    RevisionMismatchError,
+)
+from llama_mesh.v1 import messages_pb2, types_pb2
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 2.0
+"""Seconds between a replica's heartbeats."""
+INSTANCE_TTL = 3 * HEARTBEAT_INTERVAL
+"""A replica whose heartbeat is older than this disappears from the registry."""
+
+
+class ControlPlane:
+    """Registry, sessions, tasks, results and session state over key-value buckets."""
+
+    def __init__(self, queue: MessageQueue) -> None:
+        self._queue = queue
+        self._buckets: dict[str, KeyValueStore] = {}
+
+    @classmethod
+    async def open(cls, queue: MessageQueue) -> ControlPlane:
+        """Open (creating when needed) every bucket the control plane uses."""
+        self = cls(queue)
+        for name in ("deployments", "tasks", "sessions", "session_tasks", "session_state"):
+            self._buckets[name] = await queue.kv(name)
+        self._buckets["instances"] = await queue.kv("instances", ttl=INSTANCE_TTL)
+        return self
+
+    # -- deployments -------------------------------------------------------------------
+
+    async def put_deployment(self, record: DeploymentRecord) -> None:
+        """Store (create or replace) a deployment record."""
+        data = convert.deployment_record_to_proto(record).SerializeToString()
+        await self._buckets["deployments"].put(record.name, data)
+
+    async def get_deployment(self, name: str) -> DeploymentRecord:
+        """The stored deployment ``name``; :class:`NotFoundError` when absent."""
+        entry = await self._buckets["deployments"].get(name)
+        if entry is None or entry.value is None:
+            raise NotFoundError(f"Deployment '{name}' not found", reason="DEPLOYMENT_NOT_FOUND")
+        msg = types_pb2.Deployment.FromString(entry.value)
+        return convert.deployment_record_from_proto(msg)
+
+    async def list_deployments(self) -> list[DeploymentRecord]:
+        """Every stored deployment, sorted by name."""
+        records = []
+        for name in await self._buckets["deployments"].keys():
+            try:
+                records.append(await self.get_deployment(name))
+            except NotFoundError:
+                continue  # deleted between listing and reading
+        return records
+
+    async def delete_deployment(self, name: str) -> None:
+        """Forget a deployment with its tasks, sessions and session state."""
+        for bucket in ("tasks", "sessions", "session_tasks", "session_state"):
+            store = self._buckets[bucket]
+            for key in await store.keys(f"{name}."):
+                await store.delete(key)
+        await self._buckets["deployments"].delete(name)
+
+    # -- sessions ----------------------------------------------------------------------
+
+    async def create_session(self, deployment: str, session_id: str | None = None) -> Session:
+        """Store a new, empty session."""
+        session = Session(session_id=session_id or new_id(), deployment=deployment)
+        data = convert.session_to_proto(session).SerializeToString()
+        try:
+            await self._buckets["sessions"].create(f"{deployment}.{session.session_id}", data)
+        except KeyExistsError as exc:
+            raise AlreadyExistsError(f"Session '{session.session_id}' already exists") from exc
+        return session
+
+    async def get_session(self, deployment: str, session_id: str) -> Session:
+        """A session with its task ids; :class:`NotFoundError` when absent."""
+        entry = await self._buckets["sessions"].get(f"{deployment}.{session_id}")
+        if entry is None or entry.value is None:
+            raise NotFoundError(
+                f"Session '{session_id}' not found in deployment '{deployment}'",
+                reason="SESSION_NOT_FOUND",
+            )
+        session = convert.session_from_proto(types_pb2.Session.FromString(entry.value))
+        session.task_ids = await self.session_task_ids(deployment, session_id)
+        return session
+
+    async def session_task_ids(self, deployment: str, session_id: str) -> list[str]:
+        """The session's task ids in creation order."""
+        store = self._buckets["session_tasks"]
+        prefix = f"{deployment}.{session_id}."
+        stamped = []
+        for key in await store.keys(prefix):
+            entry = await store.get(key)
+            created = float(entry.value or b"0") if entry else 0.0
+            stamped.append((created, key[len(prefix) :]))
+        return [task_id for _, task_id in sorted(stamped)]
+
+    async def list_sessions(self, deployment: str) -> list[Session]:
+        """The deployment's sessions, sorted by id (task ids not filled in)."""
+        sessions = []
+        store = self._buckets["sessions"]
+        for key in await store.keys(f"{deployment}."):
+            entry = await store.get(key)
+            if entry is not None and entry.value is not None:
+                msg = types_pb2.Session.FromString(entry.value)
+                sessions.append(convert.session_from_proto(msg))
+        return sessions
+
+    async def delete_session(self, deployment: str, session_id: str) -> None:
+        """Delete a session, its task index and its workflow state."""
+        await self.get_session(deployment, session_id)
+        index = self._buckets["session_tasks"]
+        for key in await index.keys(f"{deployment}.{session_id}."):
+            await index.delete(key)
+        await self._buckets["session_state"].delete(f"{deployment}.{session_id}")
+        await self._buckets["sessions"].delete(f"{deployment}.{session_id}")
+
+    async def get_session_state(self, deployment: str, session_id: str) -> bytes | None:
+        """The stored workflow context (JSON text) of a session, if any."""
+        entry = await self._buckets["session_state"].get(f"{deployment}.{session_id}")
+        if entry is None or entry.value is None:
+            return None
+        return messages_pb2.SessionStateMessage.FromString(entry.value).context_json
+
+    async def put_session_state(
+        self, deployment: str, session_id: str, context_json: bytes, *, task_id: str
+    ) -> None:
+        """Store a session's workflow context after a task ran in it."""
+        msg = messages_pb2.SessionStateMessage(
+            session_id=session_id, context_json=context_json, task_id=task_id
+        )
+        msg.updated_at.CopyFrom(convert.to_timestamp(now()))
+        await self._buckets["session_state"].put(
+            f"{deployment}.{session_id}", msg.SerializeToString()
+        )
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def record_task(self, task: Task) -> Task:
+        """Store a new task and add it to its session's index."""
+        data = convert.task_to_proto(task).SerializeToString()
+        try:
+            await self._buckets["tasks"].create(f"{task.deployment}.{task.task_id}", data)
+        except KeyExistsError as exc:
+            raise AlreadyExistsError(f"Task '{task.task_id}' already exists") from exc
+        await self._buckets["session_tasks"].put(
+            f"{task.deployment}.{task.session_id}.{task.task_id}", repr(task.created_at).encode()
+        )
+        return task
+
+    async def get_task(self, deployment: str, task_id: str) -> Task:
+        """A task; :class:`NotFoundError` when absent."""
+        entry = await self._buckets["tasks"].get(f"{deployment}.{task_id}")
+        if entry is None or entry.value is None:
+            raise NotFoundError(
+                f"Task '{task_id}' not found in deployment '{deployment}'",
+                reason="TASK_NOT_FOUND",
+            )
+        return convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+
+    async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
+        """The deployment's tasks (of one session when given), newest first."""
+        if session_id:
+            keys = [
+                f"{deployment}.{t}" for t in await self.session_task_ids(deployment, session_id)
+            ]
+        else:
+            keys = await self._buckets["tasks"].keys(f"{deployment}.")
+        tasks = []
+        for key in keys:
+            entry = await self._buckets["tasks"].get(key)
+            if entry is not None and entry.value is not None:
+                tasks.append(convert.task_from_proto(types_pb2.Task.FromString(entry.value)))
+        tasks.sort(key=lambda t: t.created_at, reverse=True)
+        return tasks
+
+    async def update_task(
+        self, deployment: str, task_id: str, change: Callable[[Task], Task | None]
+    ) -> Task:
+        """Apply ``change`` to the stored task with compare-and-set, retrying on conflicts.
+
+        ``change`` gets a copy and returns the new task, or ``None`` to leave it as it is
+        (for instance when the task is already final: results are recorded idempotently).
+        Returns the task as stored afterwards.
+        """
+        store = self._buckets["tasks"]
+        key = f"{deployment}.{task_id}"
+        while True:
+            entry = await store.get(key)
+            if entry is None or entry.value is None:
+                raise NotFoundError(f"Task '{task_id}' not found", reason="TASK_NOT_FOUND")
+            current = convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+            changed = change(replace(current))
+            if changed is None:
+                return current
+            data = convert.task_to_proto(changed).SerializeToString()
+            try:
+                await store.update(key, data, entry.revision)
+            except RevisionMismatchError:
+                continue
+            return changed
+
+    async def watch_task(self, deployment: str, task_id: str) -> AsyncIterator[Task]:
+        """The task now and after each change; ends after it reaches a final status."""
+        watch = self._buckets["tasks"].watch(f"{deployment}.{task_id}")
+        try:
+            async for entry in watch:
+                if entry.value is None:
+                    raise NotFoundError(f"Task '{task_id}' was deleted", reason="TASK_NOT_FOUND")
+                task = convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+                yield task
+                if task.status.is_final:
+                    return
+        finally:
+            await watch.aclose()  # type: ignore[attr-defined]
+
+    # -- service registry --------------------------------------------------------------
+
+    async def heartbeat(self, instance: ServiceInstance) -> None:
+        """Record that a replica is alive (expires after :data:`INSTANCE_TTL`)."""
+        instance.last_heartbeat = now()
+        key = f"{instance.deployment}.{instance.service_id}.{instance.instance_id}"
+        await self._buckets["instances"].put(
+            key, convert.instance_to_proto(instance).SerializeToString()
+        )
+
+    async def remove_instance(self, instance: ServiceInstance) -> None:
+        """Take a replica out of the registry at once (clean shutdown)."""
+        key = f"{instance.deployment}.{instance.service_id}.{instance.instance_id}"
+        await self._buckets["instances"].delete(key)
+
+    async def watch_instances(self, deployment: str) -> AsyncIterator[ServiceInstance]:
+        """Each heartbeat of the deployment's replicas as it is written (deletions skipped)."""
+        watch = self._buckets["instances"].watch(f"{deployment}.")
+        try:
+            async for entry in watch:
+                if entry.value is None:
+                    continue
+                _, svc, _ = entry.key.split(".", 2)
+                msg = types_pb2.ServiceInstance.FromString(entry.value)
+                yield convert.instance_from_proto(msg, deployment=deployment, service_id=svc)
+        finally:
+            await watch.aclose()  # type: ignore[attr-defined]
+
+    async def list_instances(
+        self, deployment: str, service_id: str | None = None
+    ) -> list[ServiceInstance]:
+        """Live replicas of a deployment (of one service when given)."""
+        store = self._buckets["instances"]
+        prefix = f"{deployment}.{service_id}." if service_id else f"{deployment}."
+        instances = []
+        for key in await store.keys(prefix):
+            entry = await store.get(key)
+            if entry is None or entry.value is None:
+                continue
+            _, svc, _ = key.split(".", 2)
+            msg = types_pb2.ServiceInstance.FromString(entry.value)
+            instance = convert.instance_from_proto(msg, deployment=deployment, service_id=svc)
+            if now() - instance.last_heartbeat <= INSTANCE_TTL:
+                instances.append(instance)
+        return instances

@@ -1,0 +1,82 @@
+"""The orchestrator: picks the service that runs a task and hands the task to its queue."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import grpc
+
+from llama_mesh.server import convert, subjects
+from llama_mesh.server.deployment_config import DeploymentConfig
+from llama_mesh.server.domain import Task
+from llama_mesh.server.errors import FailedPreconditionError, NotFoundError
+from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.v1 import messages_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+
+
+def choose_service(config: DeploymentConfig, service_id: str | None) -> str:
+    """The service a task goes to: the one named, else the default service.
+
+    A deployment with a single service uses it when no default is set. An unknown
+    service is a :class:`NotFoundError` at once, never a task that waits forever.
+    """
+    if service_id:
+        if service_id not in config.services:
+            raise NotFoundError(
+                f"Service '{service_id}' not found in deployment '{config.name}' "
+                f"(services: {', '.join(sorted(config.services))})",
+                reason="SERVICE_NOT_FOUND",
+            )
+        return service_id
+    if config.default_service:
+        return config.default_service
+    if len(config.services) == 1:
+        return next(iter(config.services))
+    raise FailedPreconditionError(
+        f"No service given and deployment '{config.name}' has no default-service",
+        reason="NO_DEFAULT_SERVICE",
+    )
+
+
+class Orchestrator:
+    """Publishes task messages to the chosen service's durable work queue."""
+
+    def __init__(self, queue: MessageQueue) -> None:
+        self._queue = queue
+
+    async def schedule(self, task: Task, *, generation: int = 0) -> str:
+        """Publish ``task`` (already recorded) to its service's queue; returns the queue.
+
+        The task id is the de-duplication id, so scheduling twice enqueues once.
+        """
+        queue_name = subjects.task_queue(task.deployment, task.service_id)
+        msg = messages_pb2.TaskMessage(
+            task_id=task.task_id,
+            deployment=task.deployment,
+            service_id=task.service_id,
+            session_id=task.session_id,
+            input_json=json.dumps(task.input).encode(),
+            generation=generation,
+        )
+        msg.created_at.CopyFrom(convert.to_timestamp(task.created_at))
+        await self._queue.publish_task(queue_name, msg.SerializeToString(), msg_id=task.task_id)
+        return queue_name
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    """The ``Orchestrator`` gRPC service: schedules tasks recorded by another process."""
+
+    def __init__(
+        self, orchestrator: Orchestrator, configs: Callable[[str], DeploymentConfig]
+    ) -> None:
+        self._orchestrator = orchestrator
+        self._configs = configs
+
+    async def ScheduleTask(
+        self, request: orchestrator_pb2.ScheduleTaskRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ScheduleTaskResponse:
+        task = convert.task_from_proto(request.task)
+        task.service_id = choose_service(self._configs(task.deployment), task.service_id or None)
+        queue = await self._orchestrator.schedule(task)
+        return orchestrator_pb2.ScheduleTaskResponse(service_id=task.service_id, queue=queue)

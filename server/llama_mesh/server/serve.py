@@ -1,0 +1,140 @@
+"""``llamactl serve`` / ``python -m llama_mesh.server``: run the whole mesh in one command.
+
+Starts an embedded JetStream ``nats-server`` (unless ``--nats-url`` names one), the gRPC
+services, Envoy on ``--port`` (4501 by default, what Llama Deploy 0.8 clients expect),
+deploys the given files, prints where everything listens and a ready line, and on Ctrl-C
+or SIGTERM stops every child process cleanly.
+
+Every option can also come from the environment (``LLAMA_MESH_PORT``, ``LLAMA_MESH_HOST``,
+``LLAMA_MESH_NATS_URL``, ``LLAMA_MESH_DATA_DIR``, ...); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from llama_mesh.server.app import MeshServer, ServerSettings
+from llama_mesh.server.errors import MeshError
+
+logger = logging.getLogger("llama_mesh.serve")
+
+
+def default_data_dir() -> Path:
+    """Where state lives unless ``--data-dir`` says otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "llama-mesh"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"LLAMA_MESH_{name}", default)
+
+
+def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
+    """The options of ``serve``."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("deployment_files", nargs="*", type=Path, metavar="DEPLOYMENT_FILE")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="gateway listen address")
+    p.add_argument("--port", type=int, default=int(_env("PORT", "4501") or 4501))
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=int(_env("GRPC_PORT", "0") or 0),
+        help="internal gRPC port on 127.0.0.1 (0: any free port)",
+    )
+    p.add_argument("--nats-url", default=_env("NATS_URL"), help="use this NATS (else embedded)")
+    p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR") or default_data_dir()))
+    p.add_argument("--queue", choices=["nats", "inprocess"], default=_env("QUEUE", "nats"))
+    p.add_argument("--no-gateway", action="store_true", help="serve gRPC only, no Envoy")
+    p.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin")
+    p.add_argument("--max-deployments", type=int, default=int(_env("MAX_DEPLOYMENTS", "10") or 10))
+    p.add_argument(
+        "--ack-wait",
+        type=float,
+        default=float(_env("ACK_WAIT", "10") or 10),
+        help="seconds before a task of a dead worker is redelivered",
+    )
+    p.add_argument(
+        "--allow-local-root",
+        action="append",
+        type=Path,
+        default=None,
+        help="local sources must be inside one of these directories",
+    )
+    p.add_argument(
+        "--allow-git-prefix",
+        action="append",
+        default=None,
+        help="git sources must start with one of these prefixes",
+    )
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The typed, frozen settings of a parsed command line."""
+    return ServerSettings(
+        data_dir=args.data_dir.resolve(),
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        queue=args.queue,
+        nats_url=args.nats_url,
+        gateway=not args.no_gateway,
+        cors_origins=tuple(args.cors_origin),
+        max_deployments=args.max_deployments,
+        ack_wait=args.ack_wait,
+        allowed_local_roots=tuple(p.resolve() for p in args.allow_local_root)
+        if args.allow_local_root
+        else None,
+        allowed_git_prefixes=tuple(args.allow_git_prefix) if args.allow_git_prefix else None,
+    )
+
+
+def _say(line: str) -> None:
+    print(f"llama-mesh: {line}", flush=True)
+
+
+async def serve(settings: ServerSettings, files: list[Path]) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = await MeshServer.start(settings)
+    try:
+        if server.nats_url:
+            origin = "external" if settings.nats_url else f"embedded, store {settings.data_dir}"
+            _say(f"nats     {server.nats_url} ({origin})")
+        _say(f"grpc     127.0.0.1:{server.grpc_port} (ApiServer, LlamaDeployApi, ...)")
+        if server.gateway_url:
+            _say(f"gateway  {server.gateway_url} (JSON /v1 and Llama Deploy 0.8 API, gRPC)")
+        for path in files:
+            try:
+                name = await server.deploy_file(path)
+            except (MeshError, OSError) as exc:
+                message = exc.message if isinstance(exc, MeshError) else str(exc)
+                print(f"llama-mesh: cannot deploy {path}: {message}", file=sys.stderr)
+                return 2
+            _say(f"deployed {name} from {path}")
+        _say(f"ready on {server.gateway_url or f'127.0.0.1:{server.grpc_port}'}")
+        await stop.wait()
+        _say("stopping")
+        return 0
+    finally:
+        await server.shutdown()
+
+
+def main(argv: list[str] | None = None, prog: str = "llamactl serve") -> int:
+    """Entry point shared by ``llamactl serve`` and ``python -m llama_mesh.server``."""
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(serve(settings_from_args(args), list(args.deployment_files)))

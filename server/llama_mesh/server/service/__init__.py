@@ -1,0 +1,1 @@
+"""Workflow services: the worker processes (replicas) that run workflows."""

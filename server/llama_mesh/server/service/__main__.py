@@ -1,0 +1,107 @@
+"""Run one replica of a workflow service: ``python -m llama_mesh.server.service``.
+
+Needs only a NATS URL, the deployment and the service id: the deployment's YAML is read
+from the control plane's store, the source is synced unless ``--source-dir`` is given.
+``llamactl worker`` runs the same entrypoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.deployment_config import parse_deployment_config
+from llama_mesh.server.errors import MeshError
+from llama_mesh.server.queues.nats import connect_nats
+from llama_mesh.server.service.loader import load_workflow
+from llama_mesh.server.service.worker import Worker, WorkerSettings
+from llama_mesh.server.sources import SourcePolicy, sync_source
+
+logger = logging.getLogger("llama_mesh.worker")
+
+EXIT_BAD_SERVICE = 3
+"""Exit status when the service cannot be loaded (the supervisor does not retry fast)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of a worker process."""
+    parser = argparse.ArgumentParser(prog="llama-mesh-worker", description=__doc__)
+    parser.add_argument("--nats", required=True, help="NATS URL(s), comma-separated")
+    parser.add_argument("--deployment", required=True, help="deployment name")
+    parser.add_argument("--service", required=True, help="service id in the deployment")
+    parser.add_argument("--source-dir", type=Path, help="service source directory (else synced)")
+    parser.add_argument("--generation", type=int, default=0, help="deployment generation")
+    parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
+    parser.add_argument("--instance-id", help="replica id (default: random)")
+    parser.add_argument("--nats-creds", help="NATS user credentials file")
+    parser.add_argument("--log-level", default=os.environ.get("LLAMA_MESH_LOG_LEVEL", "INFO"))
+    return parser
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Connect, load the workflow, run until SIGTERM/SIGINT; returns the exit status."""
+    queue = await connect_nats(args.nats.split(","), user_credentials=args.nats_creds)
+    try:
+        cp = await ControlPlane.open(queue)
+        try:
+            record = await cp.get_deployment(args.deployment)
+            config = parse_deployment_config(record.config_yaml)
+            if args.service not in config.services:
+                raise MeshError(f"service '{args.service}' is not in '{args.deployment}'")
+            service = config.services[args.service]
+            source_dir = args.source_dir
+            if source_dir is None:
+                dest = Path(tempfile.mkdtemp(prefix=f"llama-mesh-{args.deployment}-"))
+                source_dir = await sync_source(
+                    service.source,
+                    base_path=Path(record.base_path or "."),
+                    dest=dest,
+                    policy=SourcePolicy(allowed_local_roots=None, allowed_git_prefixes=None),
+                    local=record.local,
+                )
+            workflow = load_workflow(source_dir, service.path or "")
+        except (MeshError, ValueError) as exc:
+            print(f"llama-mesh worker: cannot start {args.service}: {exc}", file=sys.stderr)
+            return EXIT_BAD_SERVICE
+        settings = WorkerSettings(
+            deployment=args.deployment,
+            service_id=args.service,
+            max_concurrent_tasks=service.max_concurrent_tasks,
+            max_retries=service.max_retries,
+            timeout=service.timeout,
+            ack_wait=args.ack_wait,
+            generation=args.generation,
+            **({"instance_id": args.instance_id} if args.instance_id else {}),
+        )
+        worker = Worker(queue, cp, workflow, settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.shutdown()))
+        await worker.run()
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            await queue.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a worker process."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [worker {args.deployment}/{args.service}] "
+        "%(name)s: %(message)s",
+    )
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

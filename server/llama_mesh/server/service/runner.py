@@ -1,0 +1,131 @@
+"""Run one task's workflow: restore context, stream events, take input, save context.
+
+Nothing here knows about queues: the worker hands in callbacks and an input iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from workflows import Context, Workflow
+from workflows.errors import WorkflowCancelledByUser, WorkflowTimeoutError
+from workflows.events import StopEvent
+
+from llama_mesh.server.domain import HumanEvent, JsonValue, TaskError, TaskStatus
+from llama_mesh.server.errors import MeshError
+from llama_mesh.server.service.events import build_event, event_data, qualified_name, to_json_value
+
+logger = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, JsonValue]], Awaitable[None]]
+"""Receives each streamed event as ``(type, data)``, in order."""
+
+REJECTED_EVENT_TYPE = "llama_mesh.EventRejected"
+"""Type of the stream event that reports an input event the workflow could not take."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """Stop the task; ``reason`` becomes its error message."""
+
+    reason: str
+
+
+TaskInput = HumanEvent | CancelRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """How a run ended, and the context to save for the session."""
+
+    status: TaskStatus
+    result: JsonValue = None
+    error: TaskError | None = None
+    context_json: bytes | None = None
+
+
+async def run_workflow(
+    workflow: Workflow,
+    kwargs: dict[str, JsonValue],
+    *,
+    context_json: bytes | None,
+    on_event: EventSink,
+    inputs: AsyncIterator[TaskInput],
+    timeout: float | None = None,
+) -> RunOutcome:
+    """Run ``workflow`` with ``kwargs`` to the end and say how it ended.
+
+    Never raises for a workflow's own failure: exceptions, timeouts and cancellation
+    become the outcome's status and error.
+    """
+    try:
+        ctx = Context.from_dict(workflow, json.loads(context_json)) if context_json else None
+        handler = workflow.run(ctx=ctx, **kwargs)
+    except Exception as exc:
+        return RunOutcome(TaskStatus.FAILED, error=_error_of(exc))
+
+    cancelled: list[CancelRequest] = []
+
+    async def pump_inputs() -> None:
+        async for item in inputs:
+            if isinstance(item, CancelRequest):
+                cancelled.append(item)
+                await handler.cancel_run()
+                return
+            try:
+                handler.ctx.send_event(build_event(item, workflow))
+            except MeshError as exc:
+                logger.warning("rejected input event %s: %s", item.type, exc.message)
+                await on_event(REJECTED_EVENT_TYPE, {"type": item.type, "error": exc.message})
+
+    async def stream() -> JsonValue:
+        async for event in handler.stream_events():
+            if not isinstance(event, StopEvent):
+                await on_event(qualified_name(event), event_data(event))
+        return to_json_value(await handler)
+
+    pump = asyncio.create_task(pump_inputs())
+    try:
+        async with asyncio.timeout(timeout):
+            result = await stream()
+        outcome = RunOutcome(TaskStatus.SUCCEEDED, result=result)
+    except WorkflowCancelledByUser:
+        reason = cancelled[0].reason if cancelled else "cancelled"
+        outcome = RunOutcome(TaskStatus.CANCELLED, error=TaskError("Cancelled", reason))
+    except TimeoutError:
+        await handler.cancel_run()
+        outcome = RunOutcome(
+            TaskStatus.FAILED,
+            error=TaskError("TimeoutError", f"the task did not finish within {timeout} s"),
+        )
+    except WorkflowTimeoutError as exc:
+        outcome = RunOutcome(TaskStatus.FAILED, error=TaskError("WorkflowTimeoutError", str(exc)))
+    except Exception as exc:
+        outcome = RunOutcome(TaskStatus.FAILED, error=_error_of(exc))
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+    return RunOutcome(outcome.status, outcome.result, outcome.error, _save_context(handler.ctx))
+
+
+def _error_of(exc: BaseException) -> TaskError:
+    return TaskError(
+        type=type(exc).__name__,
+        message=str(exc) or type(exc).__name__,
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+def _save_context(ctx: Context) -> bytes | None:
+    try:
+        return json.dumps(ctx.to_dict()).encode()
+    except Exception as exc:
+        logger.warning("could not serialize the workflow context: %s", exc)
+        return None

@@ -1,0 +1,298 @@
+"""A replica of a workflow service: pulls tasks from its work queue and runs them.
+
+Reliability, in the order things happen for one delivery:
+
+1. A task already final (a redelivery after a crash between "result stored" and "ack") is
+   acknowledged without running again; its final event is re-published (readers de-duplicate
+   by index).
+2. A delivery past ``max-retries`` redeliveries marks the task failed with the reason and is
+   acknowledged: a task never disappears silently.
+3. While the workflow runs, ``in_progress()`` keeps the delivery from being redelivered;
+   if this process dies, the heartbeats stop and another replica gets the task after
+   ``ack_wait``.
+4. Session context, then the result, are stored before the message is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+from workflows import Workflow
+
+from llama_mesh.server import convert, subjects
+from llama_mesh.server.control_plane.store import HEARTBEAT_INTERVAL, ControlPlane
+from llama_mesh.server.domain import (
+    EventKind,
+    HumanEvent,
+    JsonValue,
+    ServiceInstance,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskStatus,
+    new_id,
+    now,
+)
+from llama_mesh.server.errors import NotFoundError
+from llama_mesh.server.queues.base import ConsumerOptions, Delivery, MessageQueue
+from llama_mesh.server.service.runner import CancelRequest, RunOutcome, TaskInput, run_workflow
+from llama_mesh.v1 import messages_pb2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """What a replica runs and how."""
+
+    deployment: str
+    service_id: str
+    max_concurrent_tasks: int = 1
+    max_retries: int = 2
+    timeout: float | None = None
+    ack_wait: float = 10.0
+    generation: int = 0
+    instance_id: str = field(default_factory=new_id)
+
+    @property
+    def consumer_options(self) -> ConsumerOptions:
+        """One delivery more than the retries allow, so the last one can record the failure."""
+        return ConsumerOptions(
+            max_in_flight=self.max_concurrent_tasks,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_retries + 2,
+        )
+
+
+def final_event(task: Task) -> TaskEvent:
+    """The event that ends a finished task's stream."""
+    if task.status is TaskStatus.SUCCEEDED:
+        kind, data = EventKind.RESULT, {"result": task.result}
+    elif task.status is TaskStatus.CANCELLED:
+        kind = EventKind.CANCELLED
+        data = {"reason": task.error.message if task.error else "cancelled"}
+    else:
+        kind = EventKind.FAILED
+        error = task.error or TaskError("Unknown", "the task failed")
+        data = {"error": error.message, "error_type": error.type}
+    return TaskEvent(
+        task_id=task.task_id, index=task.event_count, kind=kind, type=kind.name.lower(), data=data
+    )
+
+
+class Worker:
+    """Runs one service's tasks; ``run()`` until ``shutdown()``."""
+
+    def __init__(
+        self,
+        queue: MessageQueue,
+        control_plane: ControlPlane,
+        workflow: Workflow,
+        settings: WorkerSettings,
+        *,
+        address: str = "",
+    ) -> None:
+        self._queue = queue
+        self._cp = control_plane
+        self._workflow = workflow
+        self.settings = settings
+        self.instance = ServiceInstance(
+            instance_id=settings.instance_id,
+            deployment=settings.deployment,
+            service_id=settings.service_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            address=address,
+            generation=settings.generation,
+        )
+        self._stopping = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        """How many tasks this replica runs now."""
+        return len(self._running)
+
+    async def run(self) -> None:
+        """Heartbeat and consume tasks until :meth:`shutdown`."""
+        await self._cp.heartbeat(self.instance)
+        logger.info(
+            "worker %s of %s/%s ready",
+            self.instance.instance_id,
+            self.settings.deployment,
+            self.settings.service_id,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._heartbeats())
+                group.create_task(self._consume())
+                await self._stopping.wait()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            await self._drain()
+            with contextlib.suppress(Exception):
+                await self._cp.remove_instance(self.instance)
+
+    async def shutdown(self) -> None:
+        """Stop taking tasks; running ones finish (idempotent)."""
+        self._stopping.set()
+
+    async def _drain(self) -> None:
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            self.instance.in_flight = self.in_flight
+            try:
+                await self._cp.heartbeat(self.instance)
+            except Exception as exc:
+                logger.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _consume(self) -> None:
+        queue_name = subjects.task_queue(self.settings.deployment, self.settings.service_id)
+        deliveries = self._queue.consume_tasks(queue_name, self.settings.consumer_options)
+        async for delivery in deliveries:
+            job = asyncio.create_task(self._handle(delivery))
+            self._running.add(job)
+            job.add_done_callback(self._running.discard)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            msg = messages_pb2.TaskMessage.FromString(delivery.data)
+        except DecodeError:
+            logger.error("dropping an undecodable task message (%d bytes)", len(delivery.data))
+            await delivery.term()
+            return
+        try:
+            await self._process(msg, delivery)
+        except Exception:
+            logger.exception("task %s: unexpected failure; it will be redelivered", msg.task_id)
+            with contextlib.suppress(Exception):
+                await delivery.nak(delay=1.0)
+
+    async def _process(self, msg: messages_pb2.TaskMessage, delivery: Delivery) -> None:
+        deployment, task_id = msg.deployment, msg.task_id
+        try:
+            task = await self._cp.get_task(deployment, task_id)
+        except NotFoundError:
+            logger.warning("task %s no longer exists; dropping it", task_id)
+            await delivery.term()
+            return
+        if task.status.is_final:
+            await self._publish(final_event(task))
+            await delivery.ack()
+            return
+        attempt = delivery.delivery_count
+        if attempt > self.settings.max_retries + 1:
+            error = TaskError(
+                "MaxRetriesExceeded",
+                f"the task was delivered {attempt - 1} times without finishing "
+                f"(max-retries: {self.settings.max_retries})",
+            )
+            await self._finish(task, RunOutcome(TaskStatus.FAILED, error=error), event_count=0)
+            await delivery.ack()
+            return
+
+        def start(t: Task) -> Task | None:
+            if t.status.is_final:
+                return None
+            t.status, t.attempts, t.started_at = TaskStatus.RUNNING, attempt, now()
+            t.instance_id = self.instance.instance_id
+            return t
+
+        task = await self._cp.update_task(deployment, task_id, start)
+        if task.status.is_final:
+            await delivery.ack()
+            return
+        outcome, count = await self._run(task, msg, delivery, attempt)
+        if outcome.context_json is not None:
+            await self._cp.put_session_state(
+                deployment, task.session_id, outcome.context_json, task_id=task_id
+            )
+        await self._finish(task, outcome, event_count=count)
+        await delivery.ack()
+
+    async def _run(
+        self, task: Task, msg: messages_pb2.TaskMessage, delivery: Delivery, attempt: int
+    ) -> tuple[RunOutcome, int]:
+        counter = 0
+        topic = subjects.events_topic(task.deployment, task.task_id)
+
+        async def on_event(type_name: str, data: dict[str, JsonValue]) -> None:
+            nonlocal counter
+            event = TaskEvent(task.task_id, counter, EventKind.WORKFLOW, type_name, data)
+            counter += 1
+            payload = convert.event_to_message(event, attempt=attempt).SerializeToString()
+            await self._queue.publish(topic, payload)
+
+        kwargs = json.loads(msg.input_json) if msg.input_json else {}
+        context_json = await self._cp.get_session_state(task.deployment, task.session_id)
+        keepalive = asyncio.create_task(self._keepalive(delivery))
+        inputs = self._inputs(task)
+        try:
+            outcome = await run_workflow(
+                self._workflow,
+                kwargs,
+                context_json=context_json,
+                on_event=on_event,
+                inputs=inputs,
+                timeout=self.settings.timeout,
+            )
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+            await inputs.aclose()
+        return outcome, counter
+
+    async def _inputs(self, task: Task) -> AsyncGenerator[TaskInput, None]:
+        topic = subjects.inputs_topic(task.deployment, task.task_id)
+        async for raw in self._queue.subscribe(topic):
+            try:
+                msg = messages_pb2.TaskInputMessage.FromString(raw)
+            except DecodeError:
+                logger.warning("task %s: skipping an undecodable input message", task.task_id)
+                continue
+            if msg.HasField("cancel"):
+                yield CancelRequest(msg.cancel.reason or "cancelled by request")
+            elif msg.HasField("human_event"):
+                data = json.loads(msg.human_event.data_json or b"{}")
+                yield HumanEvent(type=msg.human_event.type, data=data)
+
+    async def _keepalive(self, delivery: Delivery) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ack_wait / 3)
+            with contextlib.suppress(Exception):
+                await delivery.in_progress()
+
+    async def _finish(self, task: Task, outcome: RunOutcome, *, event_count: int) -> None:
+        def finish(t: Task) -> Task | None:
+            if t.status.is_final:
+                return None
+            t.status, t.result, t.error = outcome.status, outcome.result, outcome.error
+            t.finished_at, t.event_count = now(), event_count
+            return t
+
+        stored = await self._cp.update_task(task.deployment, task.task_id, finish)
+        await self._publish(final_event(stored))
+
+    async def _publish(self, event: TaskEvent) -> None:
+        deployment = self.settings.deployment
+        topic = subjects.events_topic(deployment, event.task_id)
+        await self._queue.publish(topic, convert.event_to_message(event).SerializeToString())
+
+
+class _Stop(Exception):
+    """Ends the worker's task group on shutdown."""
