@@ -81,9 +81,24 @@ class Fails(Workflow):
         raise ValueError(str(ev.get("message", "boom")))
 
 
+class Crashy(Workflow):
+    """Kills its own worker process: a task no replica can finish.
+
+    Never in the process whose pid is ``spare_pid`` (the test runner's own, in case the
+    service runs in-process).
+    """
+
+    @step
+    async def run_it(self, ev: StartEvent) -> StopEvent:
+        if os.getpid() != int(ev.get("spare_pid", 0)):
+            os._exit(17)
+        return StopEvent(result="spared")
+
+
 echo = Echo(timeout=60)
 stream = Stream(timeout=60)
 hitl = Hitl(timeout=120)
 tally = Tally(timeout=60)
 slow = Slow(timeout=300)
 fails = Fails(timeout=60)
+crashy = Crashy(timeout=60)

@@ -1,0 +1,350 @@
+"""The mesh end to end against a real nats-server: workers as processes, state in JetStream.
+
+Each test starts a server (``mesh_factory``) and deploys ``tests/data/testapp``; tests that
+are about the runtime rather than the transport also run on the in-process queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_mesh.server.app import MeshServer
+from llama_mesh.server.domain import EventKind, HumanEvent, TaskStatus
+from llama_mesh.server.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from llama_mesh.server.nats_server import NatsServer
+from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.helpers import assert_eventually
+
+APP = "testapp"
+QUEUES = pytest.mark.parametrize("queue_kind", ["inprocess", "nats"])
+
+
+async def start(
+    mesh_factory: MeshFactory, queue_kind: str, nats_url: str | None = None
+) -> MeshServer:
+    return await mesh_factory(queue=queue_kind, nats_url=nats_url, deploy=(TESTAPP,))
+
+
+@QUEUES
+async def test_run_returns_the_workflow_result(mesh_factory: MeshFactory, queue_kind: str) -> None:
+    """A task with JSON kwargs runs on the default service and returns its result."""
+    server = await start(mesh_factory, queue_kind)
+    task = await server.mesh.run_task(
+        APP, service_id=None, session_id=None, input={"message": "hi"}
+    )
+    assert task.status is TaskStatus.SUCCEEDED
+    assert task.result == "echo: hi"
+    assert task.service_id == "echo"
+    assert task.attempts == 1
+
+
+@QUEUES
+async def test_unknown_service_fails_at_once(mesh_factory: MeshFactory, queue_kind: str) -> None:
+    """Naming a service the deployment lacks is NOT_FOUND immediately, never a hang."""
+    server = await start(mesh_factory, queue_kind)
+    async with asyncio.timeout(2):
+        with pytest.raises(NotFoundError, match="nope"):
+            await server.mesh.run_task(APP, service_id="nope", session_id=None, input={})
+        with pytest.raises(NotFoundError, match="Deployment 'other' not found"):
+            await server.mesh.run_task("other", service_id=None, session_id=None, input={})
+
+
+@QUEUES
+async def test_workflow_exception_fails_the_task(
+    mesh_factory: MeshFactory, queue_kind: str
+) -> None:
+    """A workflow that raises gives a FAILED task whose error carries the message."""
+    server = await start(mesh_factory, queue_kind)
+    task = await server.mesh.run_task(
+        APP, service_id="fails", session_id=None, input={"message": "disk on fire"}
+    )
+    assert task.status is TaskStatus.FAILED
+    assert task.error is not None
+    assert (task.error.type, task.error.message) == ("ValueError", "disk on fire")
+    assert "disk on fire" in task.error.traceback
+
+
+@QUEUES
+async def test_events_stream_in_order_and_resume(
+    mesh_factory: MeshFactory, queue_kind: str
+) -> None:
+    """Streamed events arrive in order with type and index, end with the result, and a
+    stream opened later from an index replays from there."""
+    server = await start(mesh_factory, queue_kind)
+    mesh = server.mesh
+    task = await mesh.create_task(APP, service_id="stream", session_id=None, input={"count": 4})
+    events = [e async for e in mesh.stream_events(APP, task.task_id)]
+    assert [e.index for e in events] == [0, 1, 2, 3, 4]
+    assert [e.data for e in events[:4]] == [{"step": i} for i in range(4)]
+    assert {e.type for e in events[:4]} == {"app_workflows.Tick"}
+    assert events[4].kind is EventKind.RESULT
+    assert events[4].data == {"result": {"ticks": 4}}
+    resumed = [e async for e in mesh.stream_events(APP, task.task_id, from_index=3)]
+    assert [e.index for e in resumed] == [3, 4]
+
+
+@QUEUES
+async def test_human_in_the_loop_with_llama_index_names(
+    mesh_factory: MeshFactory, queue_kind: str
+) -> None:
+    """An event sent to a running task reaches the workflow; 0.8's qualified names map onto
+    the classes the worker has."""
+    server = await start(mesh_factory, queue_kind)
+    mesh = server.mesh
+    task = await mesh.create_task(APP, service_id="hitl", session_id=None, input={})
+    seen = []
+    async for event in mesh.stream_events(APP, task.task_id):
+        seen.append(event)
+        if event.type.endswith("InputRequiredEvent"):
+            assert event.data == {"prefix": "name?"}
+            name = "llama_index.core.workflow.events.HumanResponseEvent"
+            await mesh.send_event(APP, task.task_id, HumanEvent(name, {"response": "ada"}))
+    assert seen[-1].data == {"result": "hi ada"}
+    with pytest.raises(FailedPreconditionError, match="finished"):
+        await mesh.send_event(APP, task.task_id, HumanEvent("HumanResponseEvent", {}))
+
+
+@QUEUES
+async def test_session_context_carries_over(mesh_factory: MeshFactory, queue_kind: str) -> None:
+    """Runs in one session share workflow context; another session starts fresh."""
+    server = await start(mesh_factory, queue_kind)
+    mesh = server.mesh
+    first = await mesh.create_session(APP)
+    totals = []
+    for amount in (3, 4):
+        task = await mesh.run_task(
+            APP, service_id="tally", session_id=first.session_id, input={"amount": amount}
+        )
+        totals.append(task.result)
+    assert totals == [3, 7]
+    other = await mesh.create_session(APP)
+    fresh = await mesh.run_task(APP, service_id="tally", session_id=other.session_id, input={})
+    assert fresh.result == 1
+    assert len((await mesh.get_session(APP, first.session_id)).task_ids) == 2
+    await mesh.delete_session(APP, first.session_id)
+    with pytest.raises(NotFoundError):
+        await mesh.get_session(APP, first.session_id)
+
+
+@QUEUES
+async def test_cancel_a_running_task(mesh_factory: MeshFactory, queue_kind: str) -> None:
+    """Cancelling a running task stops it; its stream ends with a cancelled event."""
+    server = await start(mesh_factory, queue_kind)
+    mesh = server.mesh
+    task = await mesh.create_task(APP, service_id="slow", session_id=None, input={"seconds": 60})
+    async with asyncio.timeout(20):
+        async for event in mesh.stream_events(APP, task.task_id):
+            if event.index == 0:
+                await mesh.cancel_task(APP, task.task_id, "changed my mind")
+            last = event
+    assert last.kind is EventKind.CANCELLED
+    final = await mesh.get_task(APP, task.task_id)
+    assert final.status is TaskStatus.CANCELLED
+    assert final.error is not None and final.error.message == "changed my mind"
+
+
+@QUEUES
+async def test_service_timeout_fails_the_task(mesh_factory: MeshFactory, queue_kind: str) -> None:
+    """A service's `timeout` ends a longer task as failed with a timeout error."""
+    server = await start(mesh_factory, queue_kind)
+    task = await server.mesh.run_task(
+        APP, service_id="limited", session_id=None, input={"seconds": 30}
+    )
+    assert task.status is TaskStatus.FAILED
+    assert task.error is not None and task.error.type == "TimeoutError"
+
+
+@QUEUES
+async def test_bad_yaml_names_key_and_line(mesh_factory: MeshFactory, queue_kind: str) -> None:
+    """An invalid deployment file is INVALID_ARGUMENT naming the key and its line."""
+    server = await mesh_factory(queue=queue_kind)
+    bad = "name: x\nservices:\n  a:\n    name: A\n    source: {type: local, name: .}\n    path: m:w\n    replicas: two\n"
+    with pytest.raises(InvalidArgumentError, match=r":7: services\.a\.replicas"):
+        await server.mesh.deployments.create(
+            bad, base_path=str(TESTAPP.parent), reload=False, local=True
+        )
+    await server.deploy_file(TESTAPP, reload=False)
+    with pytest.raises(AlreadyExistsError):
+        await server.deploy_file(TESTAPP, reload=False)
+
+
+async def test_max_concurrent_tasks_is_honoured(mesh_factory: MeshFactory) -> None:
+    """A replica runs at most `max-concurrent-tasks` tasks at once; the rest wait queued."""
+    server = await mesh_factory(queue="inprocess")
+    yaml = (
+        "name: conc\nservices:\n  slow:\n    name: S\n    source: {type: local, name: .}\n"
+        "    path: app_workflows:slow\n    max-concurrent-tasks: 2\n"
+    )
+    await server.mesh.deployments.create(
+        yaml, base_path=str(TESTAPP.parent), reload=False, local=True
+    )
+    mesh = server.mesh
+    tasks = [
+        await mesh.create_task("conc", service_id=None, session_id=None, input={"seconds": 1.5})
+        for _ in range(4)
+    ]
+
+    async def running() -> int:
+        states = [(await mesh.get_task("conc", t.task_id)).status for t in tasks]
+        return states.count(TaskStatus.RUNNING)
+
+    async def two_running() -> bool:
+        return await running() == 2
+
+    await assert_eventually(two_running)
+    assert [(await mesh.get_task("conc", t.task_id)).status for t in tasks].count(
+        TaskStatus.QUEUED
+    ) == 2
+    done = [await mesh.wait_task("conc", t.task_id) for t in tasks]
+    assert all(t.status is TaskStatus.SUCCEEDED for t in done)
+
+
+async def test_worker_env_is_its_own(
+    mesh_factory: MeshFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process sees the service's `env`, not the server's environment."""
+    monkeypatch.setenv("LLAMA_MESH_TEST_SERVER_SECRET", "leaked")
+    server = await start(mesh_factory, "nats")
+    mesh = server.mesh
+    own = await mesh.run_task(APP, service_id="echo", session_id=None, input={"env": "GREETING"})
+    assert own.result == "hello from env"
+    leak = await mesh.run_task(
+        APP, service_id="echo", session_id=None, input={"env": "LLAMA_MESH_TEST_SERVER_SECRET"}
+    )
+    assert leak.result == "<unset>"
+
+
+async def test_killed_worker_task_completes_on_another_replica(mesh_factory: MeshFactory) -> None:
+    """SIGKILL of the replica running a task: the task is redelivered and succeeds on the
+    other replica, once, with the right result."""
+    server = await start(mesh_factory, "nats")
+    mesh = server.mesh
+    task = await mesh.create_task(
+        APP, service_id="slow", session_id=None, input={"seconds": 2, "tag": "survivor"}
+    )
+
+    async def running_instance() -> str:
+        current = await mesh.get_task(APP, task.task_id)
+        return current.instance_id if current.status is TaskStatus.RUNNING else ""
+
+    instance_id = await assert_eventually(running_instance, timeout=15)
+    instances = await mesh.cp.list_instances(APP, "slow")
+    victim = next(i.pid for i in instances if i.instance_id == instance_id)
+    os.kill(victim, signal.SIGKILL)
+    final = await asyncio.wait_for(mesh.wait_task(APP, task.task_id), 30)
+    assert final.status is TaskStatus.SUCCEEDED
+    assert final.result["tag"] == "survivor"
+    assert final.result["pid"] != victim
+    assert final.attempts == 2
+
+
+async def test_task_fails_after_max_retries(mesh_factory: MeshFactory) -> None:
+    """A task that kills every replica it reaches ends failed after max-retries, with the
+    reason, instead of disappearing."""
+    server = await start(mesh_factory, "nats")
+    task = await server.mesh.create_task(
+        APP, service_id="crashy", session_id=None, input={"spare_pid": os.getpid()}
+    )
+    final = await asyncio.wait_for(server.mesh.wait_task(APP, task.task_id), 60)
+    assert final.status is TaskStatus.FAILED
+    assert final.error is not None and final.error.type == "MaxRetriesExceeded"
+    assert "max-retries: 1" in final.error.message
+
+
+async def test_dead_replica_leaves_the_registry(mesh_factory: MeshFactory) -> None:
+    """A killed replica disappears from the registry and the supervisor starts a new one."""
+    server = await start(mesh_factory, "nats")
+    cp = server.mesh.cp
+    before = await cp.list_instances(APP, "echo")
+    assert len(before) == 1
+    os.kill(before[0].pid, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        now = await cp.list_instances(APP, "echo")
+        ids = {i.instance_id for i in now}
+        return before[0].instance_id not in ids and len(ids) == 1
+
+    await assert_eventually(replaced, timeout=30)
+    task = await server.mesh.run_task(APP, service_id="echo", session_id=None, input={})
+    assert task.status is TaskStatus.SUCCEEDED
+
+
+async def test_restart_keeps_deployments_sessions_and_results(
+    mesh_factory: MeshFactory, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """After the API server stops and starts again, deployments, sessions, session context
+    and task results are all still there."""
+    first = await mesh_factory(
+        queue="nats", nats_url=nats_server.url, data_dir=tmp_path / "a", deploy=(TESTAPP,)
+    )
+    mesh = first.mesh
+    session = await mesh.create_session(APP)
+    done = await mesh.run_task(
+        APP, service_id="tally", session_id=session.session_id, input={"amount": 5}
+    )
+    await first.shutdown()
+
+    second = await mesh_factory(queue="nats", nats_url=nats_server.url, data_dir=tmp_path / "a")
+    mesh = second.mesh
+    assert mesh.deployments.names() == [APP]
+    kept = await mesh.get_task(APP, done.task_id)
+    assert (kept.status, kept.result) == (TaskStatus.SUCCEEDED, 5)
+    again = await mesh.run_task(
+        APP, service_id="tally", session_id=session.session_id, input={"amount": 1}
+    )
+    assert again.result == 6
+
+
+async def test_external_worker_joins_with_only_a_nats_url(
+    mesh_factory: MeshFactory, nats_server: NatsServer
+) -> None:
+    """`llamactl worker` started elsewhere, given only the NATS URL and the deployment,
+    registers as another replica of the service."""
+    server = await mesh_factory(queue="nats", nats_url=nats_server.url, deploy=(TESTAPP,))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llama_mesh.server.service",
+        "--nats",
+        nats_server.url,
+        "--deployment",
+        APP,
+        "--service",
+        "echo",
+        "--instance-id",
+        "external-1",
+    )
+    try:
+
+        async def joined() -> bool:
+            instances = await server.mesh.cp.list_instances(APP, "echo")
+            return "external-1" in {i.instance_id for i in instances}
+
+        await assert_eventually(joined, timeout=20)
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_delete_deployment_stops_its_workers(mesh_factory: MeshFactory) -> None:
+    """Deleting a deployment stops its replicas and forgets it."""
+    server = await start(mesh_factory, "nats")
+    pids = server.supervisor.pids(APP, "echo")
+    assert pids
+    await server.mesh.deployments.delete(APP)
+    with pytest.raises(NotFoundError):
+        server.mesh.deployments.config(APP)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
