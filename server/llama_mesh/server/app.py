@@ -26,6 +26,7 @@ from llama_mesh.server.apiserver.supervisor import (
     ProcessSupervisor,
     Supervisor,
 )
+from llama_mesh.server.auth import ApiKeys, AuthInterceptor
 from llama_mesh.server.control_plane.servicer import ControlPlaneServicer
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.grpc_errors import ErrorInterceptor
@@ -71,7 +72,7 @@ class ServerSettings:
     ready_timeout: float = 120.0
     allowed_local_roots: tuple[Path, ...] | None = None
     allowed_git_prefixes: tuple[str, ...] | None = None
-    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = field(default=())
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
 
 
 def create_grpc_server(
@@ -79,9 +80,15 @@ def create_grpc_server(
     mesh: Mesh,
     *,
     queue_kind: str,
-    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
-) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    """A gRPC server with every service, health and reflection; returns it and its port."""
+    api_keys: ApiKeys | None = None,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A gRPC server with every service, health and reflection; returns it and its port.
+
+    With ``api_keys`` enabled, every call but health checks needs a bearer key.
+    """
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if api_keys is not None and api_keys.enabled:
+        interceptors.append(AuthInterceptor(api_keys))
     server = grpc.aio.server(
         interceptors=[*interceptors, ErrorInterceptor()],
         options=[
@@ -99,7 +106,7 @@ def create_grpc_server(
     orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
         OrchestratorServicer(mesh.orchestrator, mesh.deployments.config), server
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -123,7 +130,7 @@ class MeshServer:
         self.nats_url: str | None = None
         self.gateway_url: str | None = None
         self._server: grpc.aio.Server | None = None
-        self._health: health.HealthServicer | None = None
+        self._health: health.aio.HealthServicer | None = None
         self._closed = False
 
     @classmethod
@@ -166,7 +173,7 @@ class MeshServer:
             f"127.0.0.1:{s.grpc_port}",
             self.mesh,
             queue_kind=s.queue,
-            interceptors=s.interceptors,
+            api_keys=s.api_keys,
         )
         self._server = server
         await server.start()
@@ -175,7 +182,7 @@ class MeshServer:
         if s.gateway:
             await self._start_gateway()
         for name in ("", *SERVICE_NAMES):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def _open_queue(self) -> MessageQueue:
         s = self.settings
@@ -212,7 +219,7 @@ class MeshServer:
 
     async def _stop_grpc(self) -> None:
         if self._health is not None:
-            self._health.enter_graceful_shutdown()
+            await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace=5.0)
 

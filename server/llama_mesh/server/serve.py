@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from llama_mesh.server.app import MeshServer, ServerSettings
+from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.errors import MeshError
 
 logger = logging.getLogger("llama_mesh.serve")
@@ -72,6 +73,18 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         default=None,
         help="git sources must start with one of these prefixes",
     )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[_env("API_KEYS") or ""],
+        help="bearer key for running tasks (repeat; env LLAMA_MESH_API_KEYS)",
+    )
+    p.add_argument(
+        "--admin-key",
+        action="append",
+        default=[_env("ADMIN_KEYS") or ""],
+        help="bearer key that may also deploy and delete (env LLAMA_MESH_ADMIN_KEYS)",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return p
 
@@ -93,6 +106,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         if args.allow_local_root
         else None,
         allowed_git_prefixes=tuple(args.allow_git_prefix) if args.allow_git_prefix else None,
+        api_keys=ApiKeys(user=parse_keys(args.api_key), admin=parse_keys(args.admin_key)),
     )
 
 
@@ -132,9 +146,14 @@ async def serve(settings: ServerSettings, files: list[Path]) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "llamactl serve") -> int:
     """Entry point shared by ``llamactl serve`` and ``python -m llama_mesh.server``."""
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=str(args.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return asyncio.run(serve(settings_from_args(args), list(args.deployment_files)))
+    return asyncio.run(serve(settings, list(args.deployment_files)))

@@ -46,6 +46,10 @@ class SourceError(ValueError):
     """A service source cannot be used: refused by policy, missing, or failed to clone."""
 
 
+class SourceNotAllowedError(SourceError):
+    """A source the server's policy refuses: outside the allowed roots or git prefixes."""
+
+
 @dataclass(frozen=True, slots=True)
 class SourcePolicy:
     """Which sources a server accepts; None means unrestricted.
@@ -95,7 +99,9 @@ async def sync_source(
         ".." in url.split("/") or not any(url.startswith(p) for p in prefixes)
     ):
         allowed = ", ".join(prefixes)
-        raise SourceError(f"git source {url!r} is not allowed (allowed prefixes: {allowed})")
+        raise SourceNotAllowedError(
+            f"git source {url!r} is not allowed (allowed prefixes: {allowed})"
+        )
     await _clone(url, ref, dest, clone_timeout)
     return dest
 
@@ -133,14 +139,16 @@ def _local_root(name: str, base_path: Path, policy: SourcePolicy) -> Path:
     base = base_path.resolve()
     target = (base / name).resolve()
     if not target.is_relative_to(base):
-        raise SourceError(
+        raise SourceNotAllowedError(
             f"local source {name!r} resolves to {target}, outside the deployment directory {base}"
         )
     roots = policy.allowed_local_roots
     if roots is not None and not any(base.is_relative_to(r.resolve()) for r in roots):
         # base, not just target: the service's path and env-files are relative to base
         allowed = ", ".join(str(r) for r in roots)
-        raise SourceError(f"deployment directory {base} is not inside an allowed root ({allowed})")
+        raise SourceNotAllowedError(
+            f"deployment directory {base} is not inside an allowed root ({allowed})"
+        )
     if not target.is_dir():
         what = "is not a directory" if target.exists() else "does not exist"
         raise SourceError(f"local source {name!r} ({target}) {what}")
@@ -219,7 +227,7 @@ def resolve_env(service: ServiceConfig, *, base_dir: Path) -> dict[str, str]:
     for name in service.env_files:
         path = (base / name).resolve()
         if not path.is_relative_to(base):
-            raise SourceError(f"env file {name!r} resolves to {path}, outside {base}")
+            raise SourceNotAllowedError(f"env file {name!r} resolves to {path}, outside {base}")
         result.update(read_env_file(path))
     return result
 

@@ -31,7 +31,13 @@ from llama_mesh.server.errors import (
     ResourceExhaustedError,
 )
 from llama_mesh.server.queues.base import MessageQueue
-from llama_mesh.server.sources import SourceError, SourcePolicy, resolve_env, sync_source
+from llama_mesh.server.sources import (
+    SourceError,
+    SourceNotAllowedError,
+    SourcePolicy,
+    resolve_env,
+    sync_source,
+)
 from llama_mesh.server.venvs import VenvError, VenvManager
 from llama_mesh.v1 import apiserver_pb2, types_pb2
 
@@ -235,15 +241,16 @@ class DeploymentManager:
                 policy=self.settings.policy,
                 local=record.local,
             )
-        except SourceError as exc:
-            if "not allowed" in str(exc) or "escapes" in str(exc):
-                raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
-            raise
+        except SourceNotAllowedError as exc:
+            raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
         # As in Llama Deploy, `path` and env-files of a local source are relative to the
         # deployment's directory (the source is checked above to lie within it); those of
         # a git source to the clone.
         code_root = Path(record.base_path) if service.source.type == "local" else source_dir
-        env = resolve_env(service, base_dir=code_root)
+        try:
+            env = resolve_env(service, base_dir=code_root)
+        except SourceNotAllowedError as exc:
+            raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
 
         async def report(line: str) -> None:
             await self._say(name, f"{service_id}: {line}", deploying)
