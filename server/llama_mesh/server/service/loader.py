@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from workflows import Workflow
 
@@ -15,8 +17,10 @@ def load_workflow(source_dir: Path, path: str) -> Workflow:
     """The ``Workflow`` named by ``path`` (``dir/module:attr`` or ``module:attr``).
 
     ``dir`` is relative to ``source_dir`` and is put first on ``sys.path``, so the
-    service's own modules import as they do when run by hand. A ``Workflow`` subclass
-    (rather than an instance) is instantiated without arguments.
+    service's own modules import as they do when run by hand. The module itself is loaded
+    from its file, so a service module may share its name with an installed package (a
+    ``workflows.py`` next to the ``workflows`` library). A ``Workflow`` subclass (rather than
+    an instance) is instantiated without arguments.
     """
     location, sep, attr = path.rpartition(":")
     if not sep or not location or not attr:
@@ -27,7 +31,9 @@ def load_workflow(source_dir: Path, path: str) -> Workflow:
     if str(module_dir) not in sys.path:
         sys.path.insert(0, str(module_dir))
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_dir, module_name)
+    except InvalidArgumentError:
+        raise
     except Exception as exc:
         raise InvalidArgumentError(
             f"cannot import module '{module_name}' from {module_dir}: {type(exc).__name__}: {exc}"
@@ -42,3 +48,31 @@ def load_workflow(source_dir: Path, path: str) -> Workflow:
             f"'{path}' is a {type(obj).__name__}, not a workflows.Workflow instance"
         )
     return obj
+
+
+def _import(module_dir: Path, name: str) -> ModuleType:
+    """The module ``name`` from ``module_dir`` (a ``name.py`` file or a ``name/`` package)."""
+    candidates = (module_dir / f"{name}.py", module_dir / name / "__init__.py")
+    origin = next((c for c in candidates if c.is_file()), None)
+    if origin is None:
+        raise InvalidArgumentError(f"no module '{name}' in {module_dir}")
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == origin:
+        return loaded
+    # A name taken by another module (an installed package) gets a private alias.
+    key = name if loaded is None else f"_llama_mesh_service_{abs(hash(origin))}_{name}"
+    spec = importlib.util.spec_from_file_location(
+        key,
+        origin,
+        submodule_search_locations=[str(origin.parent)] if origin.stem == "__init__" else None,
+    )
+    if spec is None or spec.loader is None:
+        raise InvalidArgumentError(f"cannot load {origin}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(key, None)
+        raise
+    return module
