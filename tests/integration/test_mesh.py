@@ -169,7 +169,10 @@ async def test_service_timeout_fails_the_task(mesh_factory: MeshFactory, queue_k
 async def test_bad_yaml_names_key_and_line(mesh_factory: MeshFactory, queue_kind: str) -> None:
     """An invalid deployment file is INVALID_ARGUMENT naming the key and its line."""
     server = await mesh_factory(queue=queue_kind)
-    bad = "name: x\nservices:\n  a:\n    name: A\n    source: {type: local, name: .}\n    path: m:w\n    replicas: two\n"
+    bad = (
+        "name: x\nservices:\n  a:\n    name: A\n    source: {type: local, name: .}\n"
+        "    path: m:w\n    replicas: two\n"
+    )
     with pytest.raises(InvalidArgumentError, match=r":7: services\.a\.replicas"):
         await server.mesh.deployments.create(
             bad, base_path=str(TESTAPP.parent), reload=False, local=True
@@ -348,3 +351,25 @@ async def test_delete_deployment_stops_its_workers(mesh_factory: MeshFactory) ->
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_replicas_serve_info_and_health(mesh_factory: MeshFactory) -> None:
+    """Every replica serves WorkflowService and gRPC health at the address it registers."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from llama_mesh.v1 import service_pb2, service_pb2_grpc
+
+    server = await start(mesh_factory, "nats")
+    (instance,) = await server.mesh.cp.list_instances(APP, "stream")
+    assert instance.address.startswith("127.0.0.1:")
+    async with grpc.aio.insecure_channel(instance.address) as channel:
+        info = await service_pb2_grpc.WorkflowServiceStub(channel).GetServiceInfo(
+            service_pb2.GetServiceInfoRequest()
+        )
+        assert (info.deployment, info.service_id) == (APP, "stream")
+        assert info.instance_id == instance.instance_id
+        assert info.workflow_class == "app_workflows.Stream"
+        assert "run_it" in info.steps
+        check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert check.status == health_pb2.HealthCheckResponse.SERVING

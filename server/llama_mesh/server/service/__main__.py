@@ -22,6 +22,7 @@ from llama_mesh.server.deployment_config import parse_deployment_config
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.queues.nats import connect_nats
 from llama_mesh.server.service.loader import load_workflow
+from llama_mesh.server.service.servicer import start_info_server
 from llama_mesh.server.service.worker import Worker, WorkerSettings
 from llama_mesh.server.sources import SourcePolicy, sync_source
 
@@ -82,10 +83,16 @@ async def run(args: argparse.Namespace) -> int:
             **({"instance_id": args.instance_id} if args.instance_id else {}),
         )
         worker = Worker(queue, cp, workflow, settings)
+        server, health_servicer, port = await start_info_server(worker, workflow)
+        worker.instance.address = f"127.0.0.1:{port}"
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.shutdown()))
-        await worker.run()
+            loop.add_signal_handler(sig, worker.stop_soon)
+        try:
+            await worker.run()
+        finally:
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(grace=2.0)
         return 0
     finally:
         with contextlib.suppress(Exception):

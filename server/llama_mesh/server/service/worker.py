@@ -145,6 +145,10 @@ class Worker:
 
     async def shutdown(self) -> None:
         """Stop taking tasks; running ones finish (idempotent)."""
+        self.stop_soon()
+
+    def stop_soon(self) -> None:
+        """Ask :meth:`run` to stop, from a signal handler (idempotent)."""
         self._stopping.set()
 
     async def _drain(self) -> None:
