@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from contextlib import AsyncExitStack
@@ -30,6 +31,7 @@ from llama_mesh.server.auth import ApiKeys, AuthInterceptor
 from llama_mesh.server.control_plane.servicer import ControlPlaneServicer
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.grpc_errors import ErrorInterceptor
+from llama_mesh.server.metrics import Metrics, MetricsInterceptor
 from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
 from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.server.sources import SourcePolicy
@@ -73,6 +75,7 @@ class ServerSettings:
     allowed_local_roots: tuple[Path, ...] | None = None
     allowed_git_prefixes: tuple[str, ...] | None = None
     api_keys: ApiKeys = field(default_factory=ApiKeys)
+    metrics_port: int | None = None
 
 
 def create_grpc_server(
@@ -81,12 +84,15 @@ def create_grpc_server(
     *,
     queue_kind: str,
     api_keys: ApiKeys | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A gRPC server with every service, health and reflection; returns it and its port.
 
     With ``api_keys`` enabled, every call but health checks needs a bearer key.
     """
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    if metrics is not None:
+        interceptors.append(MetricsInterceptor(metrics))
     if api_keys is not None and api_keys.enabled:
         interceptors.append(AuthInterceptor(api_keys))
     server = grpc.aio.server(
@@ -132,6 +138,8 @@ class MeshServer:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._closed = False
+        self.metrics = Metrics()
+        self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def start(cls, settings: ServerSettings) -> MeshServer:
@@ -174,10 +182,16 @@ class MeshServer:
             self.mesh,
             queue_kind=s.queue,
             api_keys=s.api_keys,
+            metrics=self.metrics,
         )
         self._server = server
         await server.start()
         self._stack.push_async_callback(self._stop_grpc)
+        follower = asyncio.create_task(self.metrics.follow(cp), name="metrics")
+        self._background.add(follower)
+        self._stack.push_async_callback(self._stop_background)
+        if s.metrics_port is not None:
+            self.metrics.serve(s.metrics_port)
         await deployments.restore()
         if s.gateway:
             await self._start_gateway()
@@ -216,6 +230,11 @@ class MeshServer:
         gateway = await Gateway.start(cfg, work_dir=work_dir)
         self._stack.push_async_callback(gateway.stop)
         self.gateway_url = gateway.url
+
+    async def _stop_background(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _stop_grpc(self) -> None:
         if self._health is not None:

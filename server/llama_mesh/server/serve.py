@@ -22,6 +22,7 @@ from pathlib import Path
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.errors import MeshError
+from llama_mesh.server.logs import configure_logging
 
 logger = logging.getLogger("llama_mesh.serve")
 
@@ -34,6 +35,11 @@ def default_data_dir() -> Path:
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"LLAMA_MESH_{name}", default)
+
+
+def _int_env(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value else None
 
 
 def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
@@ -85,7 +91,14 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         default=[_env("ADMIN_KEYS") or ""],
         help="bearer key that may also deploy and delete (env LLAMA_MESH_ADMIN_KEYS)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_int_env("METRICS_PORT"),
+        help="serve Prometheus /metrics on 127.0.0.1:PORT",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    p.add_argument("--log-format", choices=["plain", "json"], default=_env("LOG_FORMAT", "plain"))
     return p
 
 
@@ -107,6 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         else None,
         allowed_git_prefixes=tuple(args.allow_git_prefix) if args.allow_git_prefix else None,
         api_keys=ApiKeys(user=parse_keys(args.api_key), admin=parse_keys(args.admin_key)),
+        metrics_port=args.metrics_port,
     )
 
 
@@ -152,8 +166,6 @@ def main(argv: list[str] | None = None, prog: str = "llamactl serve") -> int:
         settings = settings_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=str(args.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)
+    os.environ["LLAMA_MESH_LOG_FORMAT"] = args.log_format  # workers log the same way
     return asyncio.run(serve(settings, list(args.deployment_files)))

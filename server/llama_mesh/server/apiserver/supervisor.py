@@ -148,8 +148,9 @@ class _Replica:
         env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
         env.update(self.spec.env)
         env["PYTHONUNBUFFERED"] = "1"
-        if "LLAMA_MESH_LOG_LEVEL" in os.environ:
-            env["LLAMA_MESH_LOG_LEVEL"] = os.environ["LLAMA_MESH_LOG_LEVEL"]
+        for name in ("LLAMA_MESH_LOG_LEVEL", "LLAMA_MESH_LOG_FORMAT"):
+            if name in os.environ:
+                env[name] = os.environ[name]
         return env
 
     async def _supervise(self) -> None:

@@ -252,6 +252,16 @@ class ControlPlane:
         finally:
             await watch.aclose()  # type: ignore[attr-defined]
 
+    async def watch_tasks(self) -> AsyncIterator[Task]:
+        """Every task record as it is written from now on, in every deployment."""
+        watch = self._buckets["tasks"].watch("", include_existing=False)
+        try:
+            async for entry in watch:
+                if entry.value is not None:
+                    yield convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+        finally:
+            await watch.aclose()  # type: ignore[attr-defined]
+
     # -- service registry --------------------------------------------------------------
 
     async def heartbeat(self, instance: ServiceInstance) -> None:

@@ -136,7 +136,9 @@ class KeyValueStore(abc.ABC):
         """The present keys that start with ``prefix``, sorted."""
 
     @abc.abstractmethod
-    def watch(self, prefix: str = "", *, include_existing: bool = True) -> AsyncIterator[KeyValueEntry]:
+    def watch(
+        self, prefix: str = "", *, include_existing: bool = True
+    ) -> AsyncIterator[KeyValueEntry]:
         """Entries as they change under ``prefix`` (deletions have ``value None``).
 
         With ``include_existing`` the current entries come first. The iterator ends only

@@ -20,6 +20,7 @@ from pathlib import Path
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.deployment_config import parse_deployment_config
 from llama_mesh.server.errors import MeshError
+from llama_mesh.server.logs import configure_logging
 from llama_mesh.server.queues.nats import connect_nats
 from llama_mesh.server.service.loader import load_workflow
 from llama_mesh.server.service.servicer import start_info_server
@@ -102,11 +103,7 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [worker {args.deployment}/{args.service}] "
-        "%(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, prefix=f"[worker {args.deployment}/{args.service}] ")
     return asyncio.run(run(args))
 
 

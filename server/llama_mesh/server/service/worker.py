@@ -220,7 +220,10 @@ class Worker:
         if task.status.is_final:
             await delivery.ack()
             return
+        context = {"deployment": deployment, "task_id": task_id, "session_id": task.session_id}
+        logger.info("task started (attempt %d)", attempt, extra=context)
         outcome, count = await self._run(task, msg, delivery, attempt)
+        logger.info("task %s", outcome.status.name.lower(), extra=context)
         if outcome.context_json is not None:
             await self._cp.put_session_state(
                 deployment, task.session_id, outcome.context_json, task_id=task_id

@@ -1,0 +1,592 @@
+"""The in-process message queue: asyncio only, in memory, for one process and fast tests.
+
+It behaves like the NATS adapter (both pass ``tests/unit/test_queue_contract.py``):
+
+* Work queues: consumers of a queue share its messages; an unsettled delivery is redelivered
+  after ``ack_wait`` (``in_progress()`` restarts that timer); ``nak(delay)`` redelivers after
+  ``delay``; redeliveries go before messages never delivered; a message whose delivery number
+  reached ``max_deliver`` is dropped when it is nak'ed or times out. ``ack_wait`` and
+  ``max_deliver`` belong to the queue (the latest ``consume_tasks`` call sets them, like the
+  durable NATS consumer); ``max_in_flight`` belongs to each consumer.
+* ``msg_id`` deduplication remembers ids for two minutes (NATS's ``duplicate_window``), across
+  all queues (NATS deduplicates per stream and all queues share one stream).
+* Topics keep every message until ``delete_topic`` (no age limit).
+* Key-value buckets: one increasing revision counter per bucket; a deletion (or a TTL expiry)
+  is a tombstone with its own revision, like a NATS delete marker; deleting an absent key
+  changes nothing and tells no watcher. TTL timers restart on every write.
+* Timers are ``loop.call_later`` handles and every wait is on a future or a queue: nothing
+  polls. Iterators returned by ``consume_tasks``, ``subscribe`` and ``watch`` have
+  ``aclose()``, and cancelling a pending ``__anext__`` loses nothing.
+
+Create one with ``InProcessQueue()`` or ``await connect_inprocess()`` (the same thing, for
+symmetry with ``connect_nats``). Everything must run on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from llama_mesh.server.queues.base import (
+    ConsumerOptions,
+    Delivery,
+    KeyExistsError,
+    KeyValueEntry,
+    KeyValueStore,
+    MessageQueue,
+    QueueUnavailableError,
+    RevisionMismatchError,
+)
+
+logger = logging.getLogger(__name__)
+
+DEDUP_WINDOW: Final = 120.0
+"""Seconds a ``msg_id`` is remembered (NATS ``duplicate_window`` of the tasks stream)."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_=./-]+$")
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
+
+
+def _check_key(key: str) -> None:
+    if not _KEY_RE.match(key) or key.startswith(".") or key.endswith("."):
+        raise ValueError(f"invalid key {key!r}: [A-Za-z0-9_=./-], not starting or ending with '.'")
+
+
+class _Waiters:
+    """Wakes every coroutine waiting for "something changed"; notify is synchronous.
+
+    ``asyncio.Condition`` needs its lock to notify, which timer callbacks cannot take.
+    Callers check their condition, then ``await wait()`` with no await in between, so a
+    notification cannot be missed.
+    """
+
+    def __init__(self) -> None:
+        self._futures: set[asyncio.Future[None]] = set()
+
+    def notify_all(self) -> None:
+        for future in self._futures:
+            if not future.done():
+                future.set_result(None)
+        self._futures.clear()
+
+    async def wait(self) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._futures.add(future)
+        try:
+            await future
+        finally:
+            self._futures.discard(future)
+
+
+class _End:
+    """Put into an item queue to end its iterator."""
+
+
+_END: Final = _End()
+
+
+# ---------------------------------------------------------------------------------------------
+# Work queues
+
+
+@dataclass(eq=False)
+class _Task:
+    seq: int
+    data: bytes
+    deliveries: int = 0
+    removed: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class _WorkQueue:
+    """The messages of one queue: never delivered, to redeliver, and delivered (pending)."""
+
+    def __init__(self) -> None:
+        self.fresh: collections.deque[_Task] = collections.deque()
+        self.redeliver: collections.deque[_Task] = collections.deque()
+        self.pending: dict[int, _Task] = {}
+        self.waiters = _Waiters()
+        defaults = ConsumerOptions()
+        self.ack_wait = defaults.ack_wait
+        self.max_deliver = defaults.max_deliver
+
+    def depth(self) -> int:
+        return len(self.fresh) + len(self.redeliver) + len(self.pending)
+
+    def append(self, task: _Task) -> None:
+        self.fresh.append(task)
+        self.waiters.notify_all()
+
+    def take(self) -> _Task | None:
+        """The next message to deliver (redeliveries first), now pending with a timer."""
+        source = self.redeliver or self.fresh
+        if not source:
+            return None
+        task = source.popleft()
+        task.deliveries += 1
+        self.pending[task.seq] = task
+        self._arm(task, self.ack_wait, self._expired)
+        return task
+
+    def remove(self, task: _Task) -> None:
+        if task.removed:
+            return
+        task.removed = True
+        task.cancel_timer()
+        if self.pending.pop(task.seq, None) is None:
+            for source in (self.fresh, self.redeliver):
+                if task in source:
+                    source.remove(task)
+        self.waiters.notify_all()
+
+    def restart_timer(self, task: _Task) -> None:
+        self._arm(task, self.ack_wait, self._expired)
+
+    def nak(self, task: _Task, delay: float) -> None:
+        task.cancel_timer()
+        if task.deliveries >= self.max_deliver:
+            logger.debug("dropping message %s: nak'ed on delivery %s", task.seq, task.deliveries)
+            self.remove(task)
+        elif delay > 0:
+            self._arm(task, delay, self._ready_again)
+        else:
+            self._ready_again(task)
+
+    def purge(self) -> None:
+        for task in [*self.fresh, *self.redeliver, *self.pending.values()]:
+            task.removed = True
+            task.cancel_timer()
+        self.fresh.clear()
+        self.redeliver.clear()
+        self.pending.clear()
+        self.waiters.notify_all()
+
+    def _arm(self, task: _Task, delay: float, callback: Callable[[_Task], None]) -> None:
+        task.cancel_timer()
+        task.timer = asyncio.get_running_loop().call_later(delay, callback, task)
+
+    def _expired(self, task: _Task) -> None:
+        task.timer = None
+        if task.removed:
+            return
+        if task.deliveries >= self.max_deliver:
+            logger.debug("dropping message %s: delivery %s timed out", task.seq, task.deliveries)
+            self.remove(task)
+        else:
+            self._ready_again(task)
+
+    def _ready_again(self, task: _Task) -> None:
+        task.timer = None
+        if task.removed:
+            return
+        self.pending.pop(task.seq, None)
+        self.redeliver.append(task)
+        self.waiters.notify_all()
+
+
+class _InProcessDelivery(Delivery):
+    def __init__(self, consumer: _InProcessConsumer, task: _Task) -> None:
+        self._consumer = consumer
+        self._task = task
+        self._number = task.deliveries
+        self._settled = False
+
+    @property
+    def data(self) -> bytes:
+        return self._task.data
+
+    @property
+    def delivery_count(self) -> int:
+        return self._number
+
+    def _current(self) -> bool:
+        """Whether this delivery is still the message's latest, unsettled delivery."""
+        task = self._task
+        return (
+            not task.removed
+            and task.deliveries == self._number
+            and task.seq in self._consumer.wq.pending
+        )
+
+    def _settle(self) -> bool:
+        """Mark settled and free the consumer's slot; False when already settled."""
+        self._consumer.owner.check_open()
+        if self._settled:
+            return False
+        self._settled = True
+        self._consumer.release()
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            self._consumer.wq.remove(self._task)
+
+    async def term(self) -> None:
+        if self._settle():
+            self._consumer.wq.remove(self._task)
+
+    async def nak(self, delay: float = 0.0) -> None:
+        if self._settle() and self._current():
+            self._consumer.wq.nak(self._task, delay)
+
+    async def in_progress(self) -> None:
+        self._consumer.owner.check_open()
+        if not self._settled and self._current():
+            self._consumer.wq.restart_timer(self._task)
+
+
+class _InProcessConsumer(AsyncIterator[Delivery]):
+    def __init__(self, owner: InProcessQueue, wq: _WorkQueue, max_in_flight: int) -> None:
+        self.owner = owner
+        self.wq = wq
+        self._max_in_flight = max_in_flight
+        self._held = 0
+        self._closed = False
+
+    def release(self) -> None:
+        self._held -= 1
+        self.wq.waiters.notify_all()
+
+    async def __anext__(self) -> Delivery:
+        while True:
+            if self._closed or self.owner.closed:
+                raise StopAsyncIteration
+            if self._held < self._max_in_flight:
+                task = self.wq.take()
+                if task is not None:
+                    self._held += 1
+                    return _InProcessDelivery(self, task)
+            await self.wq.waiters.wait()
+
+    async def aclose(self) -> None:
+        """Stop consuming; unsettled deliveries stay pending until settled or timed out."""
+        self._closed = True
+        self.wq.waiters.notify_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Topics
+
+
+@dataclass(eq=False)
+class _Topic:
+    first: int = 0
+    """Absolute index of ``log[0]``; ``delete_topic`` moves it past the forgotten messages."""
+    log: list[bytes] = field(default_factory=list)
+    waiters: _Waiters = field(default_factory=_Waiters)
+
+
+class _TopicSubscription(AsyncIterator[bytes]):
+    def __init__(self, owner: InProcessQueue, topic: _Topic) -> None:
+        self._owner = owner
+        self._topic = topic
+        self._next = topic.first
+        self._closed = False
+
+    async def __anext__(self) -> bytes:
+        topic = self._topic
+        while True:
+            if self._closed or self._owner.closed:
+                raise StopAsyncIteration
+            self._next = max(self._next, topic.first)
+            if self._next < topic.first + len(topic.log):
+                data = topic.log[self._next - topic.first]
+                self._next += 1
+                return data
+            await topic.waiters.wait()
+
+    async def aclose(self) -> None:
+        """Stop the subscription; a pending ``__anext__`` ends."""
+        self._closed = True
+        self._topic.waiters.notify_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Key-value buckets
+
+
+@dataclass(eq=False)
+class _Slot:
+    value: bytes | None
+    """``None`` is a tombstone (deleted or expired)."""
+    revision: int
+    timer: asyncio.TimerHandle | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class _KeyWatch(AsyncIterator[KeyValueEntry]):
+    def __init__(self, store: InProcessKeyValueStore, prefix: str) -> None:
+        self._store = store
+        self.prefix = prefix
+        self.items: asyncio.Queue[KeyValueEntry | _End] = asyncio.Queue()
+        self._ended = False
+
+    def end(self) -> None:
+        self.items.put_nowait(_END)
+
+    async def __anext__(self) -> KeyValueEntry:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self.items.get()
+        if isinstance(item, _End):
+            self._ended = True
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        """Stop watching; a pending ``__anext__`` ends."""
+        self._store.forget(self)
+        self.end()
+
+
+class InProcessKeyValueStore(KeyValueStore):
+    """One in-memory bucket of :class:`InProcessQueue`."""
+
+    def __init__(self, owner: InProcessQueue, ttl: float | None) -> None:
+        self._owner = owner
+        self._ttl = ttl
+        self._slots: dict[str, _Slot] = {}
+        self._revision = 0
+        self._watches: weakref.WeakSet[_KeyWatch] = weakref.WeakSet()
+
+    async def get(self, key: str) -> KeyValueEntry | None:
+        self._owner.check_open()
+        _check_key(key)
+        slot = self._slots.get(key)
+        if slot is None or slot.value is None:
+            return None
+        return KeyValueEntry(key, slot.value, slot.revision)
+
+    async def put(self, key: str, value: bytes) -> int:
+        self._owner.check_open()
+        _check_key(key)
+        return self._write(key, value)
+
+    async def create(self, key: str, value: bytes) -> int:
+        self._owner.check_open()
+        _check_key(key)
+        slot = self._slots.get(key)
+        if slot is not None and slot.value is not None:
+            raise KeyExistsError(f"key {key!r} exists (revision {slot.revision})")
+        return self._write(key, value)
+
+    async def update(self, key: str, value: bytes, last_revision: int) -> int:
+        self._owner.check_open()
+        _check_key(key)
+        slot = self._slots.get(key)
+        current = 0 if slot is None else slot.revision
+        if current != last_revision:
+            raise RevisionMismatchError(
+                f"key {key!r} is at revision {current}, not {last_revision}"
+            )
+        return self._write(key, value)
+
+    async def delete(self, key: str) -> None:
+        self._owner.check_open()
+        _check_key(key)
+        slot = self._slots.get(key)
+        if slot is not None and slot.value is not None:
+            self._write(key, None)
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        self._owner.check_open()
+        return sorted(
+            key
+            for key, slot in self._slots.items()
+            if slot.value is not None and key.startswith(prefix)
+        )
+
+    def watch(
+        self, prefix: str = "", *, include_existing: bool = True
+    ) -> AsyncIterator[KeyValueEntry]:
+        self._owner.check_open()
+        watch = _KeyWatch(self, prefix)
+        if include_existing:
+            for key in sorted(self._slots):
+                slot = self._slots[key]
+                if slot.value is not None and key.startswith(prefix):
+                    watch.items.put_nowait(KeyValueEntry(key, slot.value, slot.revision))
+        self._watches.add(watch)
+        return watch
+
+    def forget(self, watch: _KeyWatch) -> None:
+        self._watches.discard(watch)
+
+    def close(self) -> None:
+        for slot in self._slots.values():
+            slot.cancel_timer()
+        for watch in list(self._watches):
+            watch.end()
+        self._watches.clear()
+
+    def _write(self, key: str, value: bytes | None) -> int:
+        self._revision += 1
+        old = self._slots.get(key)
+        if old is not None:
+            old.cancel_timer()
+        slot = _Slot(value, self._revision)
+        self._slots[key] = slot
+        if self._ttl is not None:
+            loop = asyncio.get_running_loop()
+            slot.timer = loop.call_later(self._ttl, self._expire, key, slot)
+        entry = KeyValueEntry(key, value, slot.revision)
+        for watch in list(self._watches):
+            if key.startswith(watch.prefix):
+                watch.items.put_nowait(entry)
+        return slot.revision
+
+    def _expire(self, key: str, slot: _Slot) -> None:
+        slot.timer = None
+        if self._slots.get(key) is not slot:
+            return
+        if slot.value is None:
+            del self._slots[key]  # an old tombstone goes silently, like a NATS marker
+        else:
+            logger.debug("key %r expired (ttl %ss)", key, self._ttl)
+            self._write(key, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter
+
+
+class InProcessQueue(MessageQueue):
+    """A :class:`MessageQueue` held in this process's memory; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._seq = 0
+        self._work_queues: dict[str, _WorkQueue] = {}
+        self._seen_ids: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._topics: dict[str, _Topic] = {}
+        self._buckets: dict[str, InProcessKeyValueStore] = {}
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def check_open(self) -> None:
+        """Raise :class:`QueueUnavailableError` when closed."""
+        if self._closed:
+            raise QueueUnavailableError("the in-process queue is closed")
+
+    def _work_queue(self, queue: str) -> _WorkQueue:
+        _check_name("queue", queue)
+        wq = self._work_queues.get(queue)
+        if wq is None:
+            wq = self._work_queues[queue] = _WorkQueue()
+        return wq
+
+    def _topic(self, topic: str) -> _Topic:
+        _check_name("topic", topic)
+        found = self._topics.get(topic)
+        if found is None:
+            found = self._topics[topic] = _Topic()
+        return found
+
+    def _is_duplicate(self, msg_id: str) -> bool:
+        now = asyncio.get_running_loop().time()
+        seen = self._seen_ids
+        while seen:
+            oldest, at = next(iter(seen.items()))
+            if now - at < DEDUP_WINDOW:
+                break
+            del seen[oldest]
+        if msg_id in seen:
+            return True
+        seen[msg_id] = now
+        return False
+
+    async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
+        self.check_open()
+        wq = self._work_queue(queue)
+        if self._is_duplicate(msg_id):
+            logger.debug("dropping duplicate of message %r on queue %r", msg_id, queue)
+            return
+        self._seq += 1
+        wq.append(_Task(self._seq, bytes(data)))
+
+    def consume_tasks(self, queue: str, options: ConsumerOptions) -> AsyncIterator[Delivery]:
+        self.check_open()
+        if options.max_in_flight < 1 or options.max_deliver < 1 or options.ack_wait <= 0:
+            raise ValueError(f"invalid consumer options {options!r}")
+        wq = self._work_queue(queue)
+        wq.ack_wait = options.ack_wait
+        wq.max_deliver = options.max_deliver
+        consumer = _InProcessConsumer(self, wq, options.max_in_flight)
+        return consumer
+
+    async def queue_depth(self, queue: str) -> int:
+        self.check_open()
+        return self._work_queue(queue).depth()
+
+    async def purge_queue(self, queue: str) -> None:
+        self.check_open()
+        self._work_queue(queue).purge()
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        self.check_open()
+        found = self._topic(topic)
+        found.log.append(bytes(data))
+        found.waiters.notify_all()
+
+    def subscribe(self, topic: str) -> AsyncIterator[bytes]:
+        self.check_open()
+        return _TopicSubscription(self, self._topic(topic))
+
+    async def delete_topic(self, topic: str) -> None:
+        self.check_open()
+        found = self._topic(topic)
+        found.first += len(found.log)
+        found.log.clear()
+
+    async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
+        self.check_open()
+        if not _BUCKET_RE.match(bucket):
+            raise ValueError(f"invalid bucket name {bucket!r}: [A-Za-z0-9_-]")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"invalid ttl {ttl!r}")
+        store = self._buckets.get(bucket)
+        if store is None:
+            store = self._buckets[bucket] = InProcessKeyValueStore(self, ttl)
+        return store
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for wq in self._work_queues.values():
+            for task in [*wq.pending.values(), *wq.redeliver]:
+                task.cancel_timer()
+            wq.waiters.notify_all()
+        for topic in self._topics.values():
+            topic.waiters.notify_all()
+        for store in self._buckets.values():
+            store.close()
+
+
+async def connect_inprocess() -> InProcessQueue:
+    """A new, empty :class:`InProcessQueue` (async for symmetry with ``connect_nats``)."""
+    return InProcessQueue()

@@ -1,0 +1,965 @@
+"""The NATS JetStream message queue (the default broker).
+
+Layout on the server, for ``prefix="mesh"``:
+
+* stream ``MESH_TASKS`` (subjects ``mesh.tasks.>``, work-queue retention, file storage,
+  two-minute duplicate window): queue ``q`` is subject ``mesh.tasks.q`` with one durable pull
+  consumer named after the queue (dots become ``_``), shared by every consumer of the queue.
+* stream ``MESH_TOPICS`` (subjects ``mesh.topics.>``, limits retention, file storage, seven
+  days max age): topic ``t`` is subject ``mesh.topics.t``; subscribers use an ordered push
+  consumer from the first stored message.
+* bucket ``b`` is the key-value bucket ``mesh_b`` (stream ``KV_mesh_b``, history 1). A bucket
+  with a TTL also gets server delete markers (``subject_delete_marker_ttl``), so an expiry
+  reaches watchers as a deletion.
+
+Behaviour worth knowing:
+
+* Iterators (``consume_tasks``, ``subscribe``, ``watch``) create their server-side consumer on
+  the first ``__anext__``; a ``watch(include_existing=False)`` nevertheless reports every change
+  stored after the ``watch()`` call (it starts from that wall-clock time on the server, so
+  clocks must agree). Iterators have ``aclose()``; cancelling a pending ``__anext__`` loses
+  nothing.
+* ``consume_tasks`` holds at most ``max_in_flight`` unsettled deliveries: a background task
+  long-polls (``fetch`` with a server-side expiry) only for the free slots.
+* Settling (ack, nak, term, in_progress) waits for the server's confirmation. A nak of the
+  last allowed delivery terminates the message (removes it), as the in-process queue drops it.
+* ``KeyValueStore.delete`` of an absent key writes nothing.
+
+All nats-py errors are translated by :func:`translate_error` into the ``QueueError`` tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Final, Generic, TypeVar, cast
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from llama_mesh.server.queues.base import (
+    ConsumerOptions,
+    Delivery,
+    KeyExistsError,
+    KeyValueEntry,
+    KeyValueStore,
+    MessageQueue,
+    QueueError,
+    QueueUnavailableError,
+    RevisionMismatchError,
+)
+
+logger = logging.getLogger(__name__)
+
+_REQUEST_TIMEOUT: Final = 5.0
+_FETCH_TIMEOUT: Final = 5.0
+"""How long one pull request waits on the server for messages (a long poll)."""
+_FETCH_ERROR_BACKOFF: Final = 1.0
+_DRAIN_TIMEOUT: Final = 5.0
+_MAX_ACK_PENDING: Final = 10_000
+_DUPLICATE_WINDOW: Final = 120.0
+_TOPICS_MAX_AGE: Final = 7 * 24 * 3600.0
+_DELETE_RETRIES: Final = 10
+
+_KV_OPERATION: Final = "KV-Operation"
+_KV_DELETIONS: Final = frozenset({"DEL", "PURGE"})
+_MARKER_REASON: Final = "Nats-Marker-Reason"
+_WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
+_STREAM_NAME_IN_USE: Final = 10058
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_=./-]+$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+T = TypeVar("T")
+
+# --------------------------------------------------------------------------------------------
+# Error translation: the one place where nats-py errors become QueueErrors.
+
+_UNAVAILABLE: Final[tuple[type[BaseException], ...]] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    TimeoutError,
+    OSError,
+)
+
+
+def translate_error(
+    exc: BaseException, *, conflict: type[QueueError] = RevisionMismatchError
+) -> BaseException:
+    """The ``QueueError`` for a nats-py (or socket) error; other exceptions come back as is.
+
+    A write whose expected revision did not match becomes ``conflict``
+    (:class:`RevisionMismatchError`, or :class:`KeyExistsError` for ``create``); connection
+    and timeout errors become :class:`QueueUnavailableError`; any other NATS error becomes a
+    plain :class:`QueueError`.
+    """
+    if isinstance(exc, QueueError):
+        return exc
+    if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or (
+        isinstance(exc, nats.js.errors.APIError) and exc.err_code in _WRONG_LAST_SEQUENCE
+    ):
+        return conflict(str(exc))
+    if isinstance(exc, _UNAVAILABLE):
+        return QueueUnavailableError(f"NATS is unavailable: {exc!r}")
+    if isinstance(exc, nats.errors.Error):
+        return QueueError(f"NATS error: {exc!r}")
+    return exc
+
+
+@contextlib.contextmanager
+def _translated(*, conflict: type[QueueError] = RevisionMismatchError) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        translated = translate_error(exc, conflict=conflict)
+        if translated is exc:
+            raise
+        raise translated from exc
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
+
+
+def _check_key(key: str) -> None:
+    if not _KEY_RE.match(key) or key.startswith(".") or key.endswith("."):
+        raise ValueError(f"invalid key {key!r}: [A-Za-z0-9_=./-], not starting or ending with '.'")
+
+
+def _is_deletion(headers: dict[str, str] | None) -> bool:
+    """Whether a KV message is a delete/purge marker, including server (TTL) markers."""
+    if not headers:
+        return False
+    return headers.get(_KV_OPERATION) in _KV_DELETIONS or _MARKER_REASON in headers
+
+
+# --------------------------------------------------------------------------------------------
+# Iterators
+
+
+class _End:
+    """Put into an item queue to end its iterator (with ``error`` raised, if set)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+class _Feed(Generic[T]):
+    """What an iterator reads from: an asyncio queue filled by a nats callback or a pump task.
+
+    The server-side consumer is created by ``_open`` on the first ``next()``. Callbacks and
+    tasks hold the feed, never the iterator (:class:`_FeedIterator`) the user holds, so an
+    iterator dropped without ``aclose()`` is garbage-collected, which shuts its feed down.
+    """
+
+    def __init__(self, owner: NatsQueue) -> None:
+        self.owner = owner
+        self.items: asyncio.Queue[T | _End] = asyncio.Queue()
+        self._open_lock = asyncio.Lock()
+        self._opened = False
+        self.ended = False
+        self.shut = False
+
+    async def next(self) -> T:
+        if not self._opened and not self.ended:
+            async with self._open_lock:
+                if not self._opened and not self.ended:
+                    await self._open()
+                    self._opened = True
+                    if self.shut:  # shut down while opening
+                        await self._shutdown()
+        item = await self.items.get()
+        if isinstance(item, _End):
+            self.items.put_nowait(item)  # every later call ends too
+            if item.error is not None:
+                raise item.error
+            raise StopAsyncIteration
+        return item
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Let readers finish (raising ``error``, if given) without releasing anything."""
+        if not self.ended:
+            self.ended = True
+            self.items.put_nowait(_End(error))
+
+    async def shutdown(self) -> None:
+        """End the feed and release its server-side consumer; idempotent."""
+        self.owner.forget(self)
+        if self.shut:
+            return
+        self.shut = True
+        self.end()
+        await self._shutdown()
+
+    def on_reconnected(self) -> None:
+        """The connection was re-established (the server may have lost our consumer)."""
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _shutdown(self) -> None:
+        raise NotImplementedError
+
+
+class _FeedIterator(AsyncIterator[T]):
+    """The iterator handed out: cancelling a pending ``__anext__`` loses nothing."""
+
+    def __init__(self, feed: _Feed[T]) -> None:
+        self._feed = feed
+
+    async def __anext__(self) -> T:
+        return await self._feed.next()
+
+    async def aclose(self) -> None:
+        """Stop iterating and release the server-side consumer; idempotent."""
+        await self._feed.shutdown()
+
+    def __del__(self) -> None:
+        self._feed.owner.shutdown_soon(self._feed)
+
+
+class _NatsDelivery(Delivery):
+    def __init__(self, feed: _TaskFeed, msg: Msg) -> None:
+        self._feed = feed
+        self._msg = msg
+        self._count = msg.metadata.num_delivered
+        self._released = False
+        self._settled = False
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def delivery_count(self) -> int:
+        return self._count
+
+    async def ack(self) -> None:
+        await self._reply(Msg.Ack.Ack, settle=True)
+
+    async def term(self) -> None:
+        await self._reply(Msg.Ack.Term, settle=True)
+
+    async def nak(self, delay: float = 0.0) -> None:
+        if self._count >= self._feed.options.max_deliver:
+            payload = Msg.Ack.Term  # the last delivery: drop it rather than leave it stranded
+        elif delay > 0:
+            payload = Msg.Ack.Nak + b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
+        else:
+            payload = Msg.Ack.Nak
+        await self._reply(payload, settle=True)
+
+    async def in_progress(self) -> None:
+        await self._reply(Msg.Ack.Progress, settle=False)
+
+    async def give_back(self) -> None:
+        """Nak a delivery that was fetched but never handed to a reader (best effort)."""
+        self._settled = True
+        if self._feed.owner.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._feed.owner.nc.request(self._msg.reply, Msg.Ack.Nak, timeout=1.0)
+
+    async def _reply(self, payload: bytes, *, settle: bool) -> None:
+        """Send an acknowledgement and wait for the server to confirm it."""
+        self._feed.owner.check_open()
+        if self._settled:
+            return
+        if settle and not self._released:
+            self._released = True
+            self._feed.release()
+        with _translated():
+            await self._feed.owner.nc.request(self._msg.reply, payload, timeout=_REQUEST_TIMEOUT)
+        if settle:
+            self._settled = True
+
+
+class _TaskFeed(_Feed[Delivery]):
+    def __init__(self, owner: NatsQueue, queue: str, options: ConsumerOptions) -> None:
+        super().__init__(owner)
+        self.queue = queue
+        self.options = options
+        self._held = 0
+        self._capacity = asyncio.Event()
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._fetching: asyncio.Task[list[Msg]] | None = None
+
+    def on_reconnected(self) -> None:
+        # The pending pull request may have died with the old connection: pull again now
+        # rather than when it would have expired.
+        if self._fetching is not None:
+            self._fetching.cancel()
+
+    def release(self) -> None:
+        self._held -= 1
+        self._capacity.set()
+
+    async def _open(self) -> None:
+        await self._subscribe()
+        self._pump_task = self.owner.spawn(self._pump(), name=f"nats-consume-{self.queue}")
+
+    async def _subscribe(self) -> None:
+        name = await self.owner.ensure_consumer(self.queue, self.options)
+        with _translated():
+            self._psub = await self.owner.js.pull_subscribe_bind(
+                durable=name, stream=self.owner.tasks_stream
+            )
+
+    async def _shutdown(self) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+        await self._drop_subscription()
+        # Deliveries fetched but never handed out go back at once instead of after ack_wait.
+        while not self.items.empty():
+            item = self.items.get_nowait()
+            if isinstance(item, _NatsDelivery):
+                await item.give_back()
+            else:
+                self.items.put_nowait(item)
+                break
+
+    async def _pump(self) -> None:
+        """Fetch as many messages as there are free slots, with a long server-side poll."""
+        while True:
+            while self._held >= self.options.max_in_flight:
+                self._capacity.clear()
+                await self._capacity.wait()
+            want = self.options.max_in_flight - self._held
+            started = time.monotonic()
+            try:
+                if self._psub is None:
+                    await self._subscribe()
+                assert self._psub is not None
+                self._fetching = asyncio.ensure_future(
+                    self._psub.fetch(want, timeout=_FETCH_TIMEOUT)
+                )
+                try:
+                    msgs = await self._fetching
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # the pump itself is being cancelled
+                    continue  # on_reconnected() aborted the fetch
+                finally:
+                    self._fetching = None
+            except TimeoutError:
+                # No message within the poll: poll again, unless the server answered at once
+                # (a 409 status, e.g. after a leadership change), which must not spin.
+                if time.monotonic() - started < _FETCH_TIMEOUT / 10:
+                    await asyncio.sleep(_FETCH_ERROR_BACKOFF)
+                continue
+            except nats.errors.ConnectionClosedError as exc:
+                if not self.owner.closed:
+                    self.end(QueueUnavailableError(f"the NATS connection closed: {exc!r}"))
+                return
+            except Exception as exc:
+                logger.warning("fetching from queue %r failed: %r; retrying", self.queue, exc)
+                if isinstance(exc, nats.js.errors.NotFoundError | QueueError):
+                    await self._drop_subscription()  # the consumer may be gone: recreate it
+                await asyncio.sleep(_FETCH_ERROR_BACKOFF)
+                continue
+            for msg in msgs[:want]:
+                self._held += 1
+                self.items.put_nowait(_NatsDelivery(self, msg))
+            for msg in msgs[want:]:
+                # Late arrivals for an aborted fetch, which nats-py hands out with the next
+                # one: more than the free slots, so they go back.
+                logger.debug("giving back a message fetched beyond max_in_flight")
+                await _NatsDelivery(self, msg).give_back()
+
+    async def _drop_subscription(self) -> None:
+        psub, self._psub = self._psub, None
+        if psub is not None:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+
+class _PushFeed(_Feed[T]):
+    """A feed from an ordered push consumer, resumed after the last message on reconnect."""
+
+    def __init__(self, owner: NatsQueue, subject: str, stream: str) -> None:
+        super().__init__(owner)
+        self._subject = subject
+        self._stream = stream
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self._resume_lock = asyncio.Lock()
+        self._last_seq = 0
+        """Stream sequence of the last message received."""
+
+    def _first_config(self) -> api.ConsumerConfig:
+        raise NotImplementedError
+
+    async def _on_msg(self, msg: Msg) -> None:
+        raise NotImplementedError
+
+    async def _open(self) -> None:
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        if self._last_seq:
+            config = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self._last_seq + 1,
+            )
+        else:
+            config = self._first_config()
+        with _translated():
+            self._sub = await self.owner.js.subscribe(
+                self._subject,
+                stream=self._stream,
+                cb=self._on_msg,
+                ordered_consumer=True,
+                config=config,
+            )
+
+    def on_reconnected(self) -> None:
+        # A restarted server forgot our (in-memory) ordered consumer; nats-py would notice
+        # only after missing two idle heartbeats (10 s), so resume at once.
+        if self._sub is not None and not self.shut:
+            self.owner.spawn(self._resume(), name=f"nats-resume-{self._subject}")
+
+    async def _resume(self) -> None:
+        async with self._resume_lock:
+            await self._unsubscribe()
+            try:
+                await self._subscribe()
+            except Exception as exc:
+                logger.warning("resuming the subscription to %s failed: %r", self._subject, exc)
+                self.end(exc if isinstance(exc, QueueError) else QueueError(repr(exc)))
+            if self.shut:
+                await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _shutdown(self) -> None:
+        await self._unsubscribe()
+
+
+class _TopicFeed(_PushFeed[bytes]):
+    def __init__(self, owner: NatsQueue, topic: str) -> None:
+        super().__init__(owner, owner.topic_subject(topic), owner.topics_stream)
+
+    def _first_config(self) -> api.ConsumerConfig:
+        return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_seq = msg.metadata.sequence.stream
+        self.items.put_nowait(msg.data)
+
+
+class _WatchFeed(_PushFeed[KeyValueEntry]):
+    def __init__(self, store: NatsKeyValueStore, prefix: str, include_existing: bool) -> None:
+        super().__init__(store.owner, store.subject_filter(prefix), store.stream)
+        self._store = store
+        self._prefix = prefix
+        self._include_existing = include_existing
+        self._since = datetime.datetime.now(datetime.UTC)
+        self._replayed_up_to = 0
+        self._deleted: set[str] = set()
+        """Keys whose deletion was reported and whose delete marker may still age out."""
+
+    async def _open(self) -> None:
+        if self._include_existing:
+            with _translated():
+                info = await self.owner.js.stream_info(self._store.stream)
+            self._replayed_up_to = info.state.last_seq
+        await self._subscribe()
+
+    def _first_config(self) -> api.ConsumerConfig:
+        if self._include_existing:
+            return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+        # Changes stored since watch() was called, even before this first __anext__.
+        return api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=self._since
+        )
+
+    async def _on_msg(self, msg: Msg) -> None:
+        revision = msg.metadata.sequence.stream
+        self._last_seq = revision
+        key = msg.subject[len(self._store.subject_prefix) :]
+        if not key.startswith(self._prefix):
+            return
+        if not _is_deletion(msg.headers):
+            self._deleted.discard(key)
+            self.items.put_nowait(KeyValueEntry(key, msg.data, revision))
+            return
+        aged_out = _MARKER_REASON in (msg.headers or {})
+        if key in self._deleted:
+            # Already reported: this is the server's marker for an aged-out delete marker.
+            if aged_out:
+                self._deleted.discard(key)
+            return
+        if self._store.ttl is not None and not aged_out:
+            self._deleted.add(key)
+        if revision > self._replayed_up_to:
+            self.items.put_nowait(KeyValueEntry(key, None, revision))
+
+
+# --------------------------------------------------------------------------------------------
+# Key-value
+
+
+class NatsKeyValueStore(KeyValueStore):
+    """A JetStream key-value bucket of :class:`NatsQueue`."""
+
+    def __init__(self, owner: NatsQueue, kv: KeyValue, bucket: str, ttl: float | None) -> None:
+        self.owner = owner
+        self._kv = kv
+        self.ttl = ttl
+        self.stream = f"KV_{bucket}"
+        self.subject_prefix = f"$KV.{bucket}."
+
+    def subject_filter(self, prefix: str) -> str:
+        """The narrowest subject filter holding every key that starts with ``prefix``."""
+        head, dot, _ = prefix.rpartition(".")
+        return f"{self.subject_prefix}{head}{dot}>"
+
+    async def get(self, key: str) -> KeyValueEntry | None:
+        self.owner.check_open()
+        _check_key(key)
+        with _translated():
+            try:
+                msg = await self.owner.js.get_msg(
+                    self.stream, subject=self.subject_prefix + key, direct=False
+                )
+            except nats.js.errors.NotFoundError:
+                return None
+        if _is_deletion(msg.headers) or msg.seq is None:
+            return None
+        return KeyValueEntry(key, msg.data or b"", msg.seq)
+
+    async def put(self, key: str, value: bytes) -> int:
+        self.owner.check_open()
+        _check_key(key)
+        return await self._publish(key, value)
+
+    async def create(self, key: str, value: bytes) -> int:
+        self.owner.check_open()
+        _check_key(key)
+        try:
+            return await self._publish(key, value, last_revision=0, conflict=KeyExistsError)
+        except KeyExistsError:
+            # The key has a history; its latest message may be a deletion (or expiry) marker.
+            with _translated():
+                try:
+                    latest = await self.owner.js.get_msg(
+                        self.stream, subject=self.subject_prefix + key, direct=False
+                    )
+                except nats.js.errors.NotFoundError:
+                    latest = None  # the marker aged out meanwhile
+            if latest is not None and not _is_deletion(latest.headers):
+                raise
+            last_revision = 0 if latest is None else (latest.seq or 0)
+            return await self._publish(
+                key, value, last_revision=last_revision, conflict=KeyExistsError
+            )
+
+    async def update(self, key: str, value: bytes, last_revision: int) -> int:
+        self.owner.check_open()
+        _check_key(key)
+        return await self._publish(key, value, last_revision=last_revision)
+
+    async def delete(self, key: str) -> None:
+        self.owner.check_open()
+        _check_key(key)
+        for _ in range(_DELETE_RETRIES):
+            current = await self.get(key)
+            if current is None:
+                return
+            try:
+                await self._publish(
+                    key, b"", last_revision=current.revision, headers={_KV_OPERATION: "DEL"}
+                )
+                return
+            except RevisionMismatchError:
+                continue  # written meanwhile: look again
+        raise QueueError(f"key {key!r} kept changing; not deleted")
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        self.owner.check_open()
+        keys: set[str] = set()
+        pattern = self.subject_filter(prefix)[len(self.subject_prefix) :]
+        with _translated():
+            watcher = await self._kv.watch(
+                pattern, ignore_deletes=True, meta_only=True, inactive_threshold=10.0
+            )
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the end of the stored keys
+                        break
+                    if entry.key.startswith(prefix):
+                        keys.add(entry.key)
+            finally:
+                stop = cast(Callable[[], Awaitable[None]], watcher.stop)  # untyped in nats-py
+                with contextlib.suppress(Exception):
+                    await stop()
+        return sorted(keys)
+
+    def watch(
+        self, prefix: str = "", *, include_existing: bool = True
+    ) -> AsyncIterator[KeyValueEntry]:
+        self.owner.check_open()
+        return self.owner.iterate(_WatchFeed(self, prefix, include_existing))
+
+    async def _publish(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        last_revision: int | None = None,
+        headers: dict[str, str] | None = None,
+        conflict: type[QueueError] = RevisionMismatchError,
+    ) -> int:
+        headers = dict(headers or {})
+        if last_revision is not None:
+            headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last_revision)
+        with _translated(conflict=conflict):
+            ack = await self.owner.js.publish(
+                self.subject_prefix + key, value, headers=headers or None
+            )
+        return ack.seq
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter
+
+
+class NatsQueue(MessageQueue):
+    """A :class:`MessageQueue` on NATS JetStream. Create it with :func:`connect_nats`."""
+
+    def __init__(self, nc: NATS, *, prefix: str = "mesh", replicas: int = 1) -> None:
+        if not _TOKEN_RE.match(prefix):
+            raise ValueError(f"invalid prefix {prefix!r}: one token of [A-Za-z0-9_-]")
+        self.nc = nc
+        self.js = nc.jetstream(timeout=_REQUEST_TIMEOUT)
+        self._prefix = prefix
+        self._replicas = replicas
+        self.tasks_stream = f"{prefix.upper()}_TASKS"
+        self.topics_stream = f"{prefix.upper()}_TOPICS"
+        self.closed = False
+        self._feeds: set[_Feed[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._buckets: dict[str, NatsKeyValueStore] = {}
+        self._bucket_lock = asyncio.Lock()
+
+    # -- plumbing shared with the iterators and stores
+
+    def check_open(self) -> None:
+        """Raise :class:`QueueUnavailableError` when closed."""
+        if self.closed:
+            raise QueueUnavailableError("the NATS queue is closed")
+
+    def iterate(self, feed: _Feed[T]) -> _FeedIterator[T]:
+        """An iterator over ``feed``, which :meth:`close` shuts down."""
+        self._feeds.add(feed)
+        return _FeedIterator(feed)
+
+    def forget(self, feed: _Feed[Any]) -> None:
+        """Stop tracking a feed that shut down."""
+        self._feeds.discard(feed)
+
+    def shutdown_soon(self, feed: _Feed[Any]) -> None:
+        """Shut ``feed`` down in a task (its iterator was dropped without ``aclose()``)."""
+        if feed.shut or self.closed:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (interpreter shutdown): nothing to release any more
+        self.spawn(feed.shutdown(), name="nats-feed-shutdown")
+
+    def on_reconnected(self) -> None:
+        """Called by the connection after a reconnect: let every feed recover at once."""
+        for feed in list(self._feeds):
+            feed.on_reconnected()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        """Run ``coro`` in a task that :meth:`close` cancels and awaits."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def task_subject(self, queue: str) -> str:
+        """The subject of work queue ``queue``."""
+        _check_name("queue", queue)
+        return f"{self._prefix}.tasks.{queue}"
+
+    def topic_subject(self, topic: str) -> str:
+        """The subject of topic ``topic``."""
+        _check_name("topic", topic)
+        return f"{self._prefix}.topics.{topic}"
+
+    @staticmethod
+    def consumer_name(queue: str) -> str:
+        """The durable consumer of work queue ``queue``."""
+        return queue.replace(".", "_")
+
+    async def ensure_streams(self) -> None:
+        """Create the tasks and topics streams, or update them to this configuration."""
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=self.tasks_stream,
+                subjects=[f"{self._prefix}.tasks.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                duplicate_window=_DUPLICATE_WINDOW,
+                num_replicas=self._replicas,
+            )
+        )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=self.topics_stream,
+                subjects=[f"{self._prefix}.topics.>"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=_TOPICS_MAX_AGE,
+                duplicate_window=_DUPLICATE_WINDOW,
+                num_replicas=self._replicas,
+            )
+        )
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        with _translated():
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                logger.info("updating the configuration of stream %s", config.name)
+                await self.js.update_stream(config)
+
+    async def ensure_consumer(self, queue: str, options: ConsumerOptions) -> str:
+        """Create (or update to ``options``) the durable consumer of ``queue``; its name."""
+        subject = self.task_subject(queue)
+        name = self.consumer_name(queue)
+        with _translated():
+            try:
+                info = await self.js.consumer_info(self.tasks_stream, name)
+            except nats.js.errors.NotFoundError:
+                info = None
+            if info is not None:
+                current = info.config
+                if current.filter_subject != subject:
+                    raise QueueError(
+                        f"queue {queue!r} maps to consumer {name!r}, which already serves "
+                        f"{current.filter_subject!r}"
+                    )
+                if (
+                    current.ack_wait == options.ack_wait
+                    and current.max_deliver == options.max_deliver
+                    and current.max_ack_pending == _MAX_ACK_PENDING
+                ):
+                    return name
+            await self.js.add_consumer(
+                self.tasks_stream,
+                api.ConsumerConfig(
+                    name=name,
+                    durable_name=name,
+                    filter_subject=subject,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    ack_wait=options.ack_wait,
+                    max_deliver=options.max_deliver,
+                    max_ack_pending=_MAX_ACK_PENDING,
+                ),
+            )
+        return name
+
+    # -- MessageQueue
+
+    async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
+        self.check_open()
+        subject = self.task_subject(queue)
+        with _translated():
+            ack = await self.js.publish(subject, data, headers={api.Header.MSG_ID: msg_id})
+        if ack.duplicate:
+            logger.debug("NATS dropped a duplicate of message %r on queue %r", msg_id, queue)
+
+    def consume_tasks(self, queue: str, options: ConsumerOptions) -> AsyncIterator[Delivery]:
+        self.check_open()
+        _check_name("queue", queue)
+        if options.max_in_flight < 1 or options.max_deliver < 1 or options.ack_wait <= 0:
+            raise ValueError(f"invalid consumer options {options!r}")
+        return self.iterate(_TaskFeed(self, queue, options))
+
+    async def queue_depth(self, queue: str) -> int:
+        self.check_open()
+        subject = self.task_subject(queue)
+        with _translated():
+            try:
+                info = await self.js.consumer_info(self.tasks_stream, self.consumer_name(queue))
+            except nats.js.errors.NotFoundError:
+                stream = await self.js.stream_info(self.tasks_stream, subjects_filter=subject)
+                return (stream.state.subjects or {}).get(subject, 0)
+        pending: int = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        return pending
+
+    async def purge_queue(self, queue: str) -> None:
+        self.check_open()
+        subject = self.task_subject(queue)
+        with _translated():
+            await self.js.purge_stream(self.tasks_stream, subject=subject)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        self.check_open()
+        subject = self.topic_subject(topic)
+        with _translated():
+            await self.js.publish(subject, data)
+
+    def subscribe(self, topic: str) -> AsyncIterator[bytes]:
+        self.check_open()
+        return self.iterate(_TopicFeed(self, topic))
+
+    async def delete_topic(self, topic: str) -> None:
+        self.check_open()
+        subject = self.topic_subject(topic)
+        with _translated():
+            await self.js.purge_stream(self.topics_stream, subject=subject)
+
+    async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
+        self.check_open()
+        if not _TOKEN_RE.match(bucket):
+            raise ValueError(f"invalid bucket name {bucket!r}: [A-Za-z0-9_-]")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"invalid ttl {ttl!r}")
+        async with self._bucket_lock:
+            store = self._buckets.get(bucket)
+            if store is None:
+                store = self._buckets[bucket] = await self._open_bucket(bucket, ttl)
+        return store
+
+    async def _open_bucket(self, bucket: str, ttl: float | None) -> NatsKeyValueStore:
+        name = f"{self._prefix}_{bucket}"
+        with _translated():
+            try:
+                kv = await self.js.key_value(name)
+                status = await kv.status()
+                ttl = status.ttl or None
+            except nats.js.errors.BucketNotFoundError:
+                kv = await self.js.create_key_value(
+                    api.KeyValueConfig(
+                        bucket=name,
+                        history=1,
+                        ttl=ttl,
+                        storage=api.StorageType.FILE,
+                        replicas=self._replicas,
+                        # Markers for expired entries, so that watchers see the deletion.
+                        limit_marker_ttl=ttl,
+                    )
+                )
+        return NatsKeyValueStore(self, kv, name, ttl)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for feed in list(self._feeds):
+            await feed.shutdown()
+        self._feeds.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        nc = self.nc
+        if nc.is_connected:
+            try:
+                await asyncio.wait_for(nc.drain(), _DRAIN_TIMEOUT)
+            except Exception as exc:
+                logger.debug("draining the NATS connection failed: %r", exc)
+        elif not nc.is_closed:
+            # nats-py flushes commands buffered while disconnected into the dead socket on
+            # close, and skips the rest of its cleanup when that fails: drop them first.
+            nc._pending.clear()
+            nc._pending_data_size = 0
+        if not nc.is_closed:
+            try:
+                await nc.close()
+            except Exception as exc:
+                logger.debug("closing the NATS connection failed: %r", exc)
+
+
+async def connect_nats(
+    servers: str | list[str],
+    *,
+    name: str = "llama-mesh",
+    user_credentials: str | None = None,
+    token: str | None = None,
+    replicas: int = 1,
+    prefix: str = "mesh",
+    connect_timeout: float = 10.0,
+) -> NatsQueue:
+    """Connect to NATS and create (or update) the streams; a :class:`NatsQueue`.
+
+    The connection reconnects forever once established (a restarted server is picked up);
+    the first connection must succeed within ``connect_timeout`` seconds, else
+    :class:`QueueUnavailableError`.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        logger.warning("NATS connection error: %r", exc)
+
+    async def on_disconnected() -> None:
+        if queue is not None and queue.closed:
+            logger.debug("disconnected from NATS (closing)")
+        else:
+            logger.warning("disconnected from NATS; reconnecting")
+
+    async def on_reconnected() -> None:
+        logger.info("reconnected to NATS at %s", nc.connected_url)
+        if queue is not None:
+            queue.on_reconnected()
+
+    queue: NatsQueue | None = None
+    nc = NATS()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await nc.connect(
+                servers,
+                name=name,
+                user_credentials=user_credentials,
+                token=token,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                connect_timeout=2,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise QueueUnavailableError(f"cannot connect to NATS at {servers!r}: {exc!r}") from exc
+    queue = NatsQueue(nc, prefix=prefix, replicas=replicas)
+    try:
+        await queue.ensure_streams()
+    except BaseException:
+        await queue.close()
+        raise
+    return queue

@@ -1,0 +1,62 @@
+"""Prometheus metrics and structured logs that operators rely on."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+
+from llama_mesh.server.logs import JsonFormatter, PlainFormatter
+from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port
+from tests.helpers import assert_eventually
+
+
+async def test_metrics_count_tasks_latencies_and_rpcs(mesh_factory: MeshFactory) -> None:
+    """/metrics reports tasks by status, task latencies, queue depth and gRPC requests."""
+    port = free_port()
+    server = await mesh_factory(metrics_port=port, deploy=(TESTAPP,))
+    mesh = server.mesh
+    for _ in range(2):
+        await mesh.run_task("testapp", service_id="echo", session_id=None, input={})
+    await mesh.run_task("testapp", service_id="fails", session_id=None, input={})
+
+    async def scrape() -> str:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+
+    async def counted() -> str:
+        text = await scrape()
+        done = 'llama_mesh_tasks_total{deployment="testapp",service="echo",status="succeeded"} 2.0'
+        return text if done in text else ""
+
+    text = await assert_eventually(counted)
+    assert 'service="fails",status="failed"} 1.0' in text
+    assert 'llama_mesh_task_duration_seconds_count{deployment="testapp",service="echo"} 2.0' in text
+    assert 'llama_mesh_queue_depth{deployment="testapp",service="echo"} 0.0' in text
+
+
+def _record(**extra: object) -> logging.LogRecord:
+    record = logging.LogRecord(
+        "llama_mesh.test", logging.INFO, __file__, 1, "task %s", ("ok",), None
+    )
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_json_logs_carry_task_and_session_ids() -> None:
+    """JSON log lines are objects with the message and the task's ids as fields."""
+    line = JsonFormatter().format(_record(task_id="t-1", session_id="s-1", deployment="d"))
+    entry = json.loads(line)
+    assert entry["message"] == "task ok"
+    assert (entry["task_id"], entry["session_id"], entry["deployment"]) == ("t-1", "s-1", "d")
+    assert entry["level"] == "INFO"
+
+
+@pytest.mark.parametrize("fields", [{}, {"task_id": "t-9"}])
+def test_plain_logs_append_context(fields: dict[str, str]) -> None:
+    """Plain log lines end with the context fields as key=value when there are any."""
+    line = PlainFormatter().format(_record(**fields))
+    assert line.endswith("[task_id=t-9]") == bool(fields)
