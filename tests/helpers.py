@@ -5,16 +5,28 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 
+@overload
 async def assert_eventually(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T]], timeout: float = ..., interval: float = ...
+) -> T: ...
+
+
+@overload
+async def assert_eventually(
+    predicate: Callable[[], T], timeout: float = ..., interval: float = ...
+) -> T: ...
+
+
+async def assert_eventually(
+    predicate: Callable[[], Any],
     timeout: float = 5.0,
     interval: float = 0.02,
-) -> T:
+) -> Any:
     """Wait until ``predicate()`` (sync or async) is truthy and return that value; fail
     after ``timeout`` seconds.
 
@@ -28,7 +40,7 @@ async def assert_eventually(
         if inspect.isawaitable(result):
             result = await result
         if result:
-            return result  # type: ignore[return-value]
+            return result
         if loop.time() >= deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate!r}")
         await asyncio.sleep(interval)

@@ -266,17 +266,21 @@ class Worker:
 
     async def _inputs(self, task: Task) -> AsyncGenerator[TaskInput, None]:
         topic = subjects.inputs_topic(task.deployment, task.task_id)
-        async for raw in self._queue.subscribe(topic):
-            try:
-                msg = messages_pb2.TaskInputMessage.FromString(raw)
-            except DecodeError:
-                logger.warning("task %s: skipping an undecodable input message", task.task_id)
-                continue
-            if msg.HasField("cancel"):
-                yield CancelRequest(msg.cancel.reason or "cancelled by request")
-            elif msg.HasField("human_event"):
-                data = json.loads(msg.human_event.data_json or b"{}")
-                yield HumanEvent(type=msg.human_event.type, data=data)
+        subscription = self._queue.subscribe(topic)
+        try:
+            async for raw in subscription:
+                try:
+                    msg = messages_pb2.TaskInputMessage.FromString(raw)
+                    data = json.loads(msg.human_event.data_json or b"{}")
+                except (DecodeError, ValueError):
+                    logger.warning("task %s: skipping an undecodable input", task.task_id)
+                    continue
+                if msg.HasField("cancel"):
+                    yield CancelRequest(msg.cancel.reason or "cancelled by request")
+                elif msg.HasField("human_event") and isinstance(data, dict):
+                    yield HumanEvent(type=msg.human_event.type, data=data)
+        finally:
+            await subscription.aclose()  # type: ignore[attr-defined]
 
     async def _keepalive(self, delivery: Delivery) -> None:
         while True:

