@@ -164,6 +164,19 @@ class _End:
         self.error = error
 
 
+def _raise_if_cancelling() -> None:
+    """Honour a cancellation that an inner ``asyncio.wait_for`` swallowed.
+
+    On Python 3.11, ``wait_for`` returns its result instead of raising when the awaited
+    future completes in the same loop iteration as the cancellation (CPython gh-86296);
+    nats-py's requests use it, so a cancel during ``_open`` could be lost and the reader
+    would then wait on its queue forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _Feed(Generic[T]):
     """What an iterator reads from: an asyncio queue filled by a nats callback or a pump task.
 
@@ -188,6 +201,7 @@ class _Feed(Generic[T]):
                     self._opened = True
                     if self.shut:  # shut down while opening
                         await self._shutdown()
+            _raise_if_cancelling()
         item = await self.items.get()
         if isinstance(item, _End):
             self.items.put_nowait(item)  # every later call ends too

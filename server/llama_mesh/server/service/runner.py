@@ -6,7 +6,6 @@ Nothing here knows about queues: the worker hands in callbacks and an input iter
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import traceback
@@ -109,10 +108,18 @@ async def run_workflow(
     except Exception as exc:
         outcome = RunOutcome(TaskStatus.FAILED, error=_error_of(exc))
     finally:
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump
+        await _stop(pump)
     return RunOutcome(outcome.status, outcome.result, outcome.error, _save_context(handler.ctx))
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it, cancelling again if a cancellation was swallowed
+    (Python 3.11's ``asyncio.wait_for`` can lose one; see gh-86296)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("the input pump of a task failed: %s", task.exception())
 
 
 def _error_of(exc: BaseException) -> TaskError:
