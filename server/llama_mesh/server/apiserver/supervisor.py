@@ -142,6 +142,8 @@ class _Replica:
             str(spec.generation),
             "--ack-wait",
             str(spec.ack_wait),
+            "--exit-with-parent",
+            str(os.getpid()),
         ]
 
     def _environment(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
     parser.add_argument("--instance-id", help="replica id (default: random)")
     parser.add_argument("--nats-creds", help="NATS user credentials file")
+    parser.add_argument(
+        "--exit-with-parent",
+        type=int,
+        metavar="PID",
+        help="stop when the process PID (the supervising server) dies",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LLAMA_MESH_LOG_LEVEL", "INFO"))
     return parser
 
@@ -100,9 +107,21 @@ async def run(args: argparse.Namespace) -> int:
             await queue.close()
 
 
+def exit_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM when the parent dies (Linux), so a killed server leaves
+    no orphaned replicas behind; exit at once if it is already gone."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process."""
     args = build_parser().parse_args(argv)
+    if args.exit_with_parent:
+        exit_with_parent(args.exit_with_parent)
     configure_logging(args.log_level, prefix=f"[worker {args.deployment}/{args.service}] ")
     return asyncio.run(run(args))
 
