@@ -64,6 +64,7 @@ class ServerSettings:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 4501
+    grpc_host: str = "127.0.0.1"
     grpc_port: int = 0
     queue: Literal["nats", "inprocess"] = "nats"
     nats_url: str | None = None
@@ -178,7 +179,7 @@ class MeshServer:
         )
         self.mesh = Mesh(cp, self.queue, deployments, Orchestrator(self.queue))
         server, self.grpc_port, self._health = create_grpc_server(
-            f"127.0.0.1:{s.grpc_port}",
+            f"{s.grpc_host}:{s.grpc_port}",
             self.mesh,
             queue_kind=s.queue,
             api_keys=s.api_keys,

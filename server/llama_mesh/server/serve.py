@@ -49,6 +49,11 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="gateway listen address")
     p.add_argument("--port", type=int, default=int(_env("PORT", "4501") or 4501))
     p.add_argument(
+        "--grpc-host",
+        default=_env("GRPC_HOST", "127.0.0.1"),
+        help="gRPC listen address (127.0.0.1 unless Envoy runs elsewhere)",
+    )
+    p.add_argument(
         "--grpc-port",
         type=int,
         default=int(_env("GRPC_PORT", "0") or 0),
@@ -108,6 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         data_dir=args.data_dir.resolve(),
         host=args.host,
         port=args.port,
+        grpc_host=args.grpc_host,
         grpc_port=args.grpc_port,
         queue=args.queue,
         nats_url=args.nats_url,
@@ -139,7 +145,7 @@ async def serve(settings: ServerSettings, files: list[Path]) -> int:
         if server.nats_url:
             origin = "external" if settings.nats_url else f"embedded, store {settings.data_dir}"
             _say(f"nats     {server.nats_url} ({origin})")
-        _say(f"grpc     127.0.0.1:{server.grpc_port} (ApiServer, LlamaDeployApi, ...)")
+        _say(f"grpc     {settings.grpc_host}:{server.grpc_port} (ApiServer, LlamaDeployApi, ...)")
         if server.gateway_url:
             _say(f"gateway  {server.gateway_url} (JSON /v1 and Llama Deploy 0.8 API, gRPC)")
         for path in files:

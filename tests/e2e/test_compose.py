@@ -1,0 +1,184 @@
+"""docker-compose.yml: valid, and its commands really run the mesh.
+
+No Docker engine runs here, so the file is checked for consistency and each service's
+command is run natively, as written, with container hosts, ports and paths mapped onto
+this machine (127.0.0.1, free ports, temporary directories, the checkout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from llama_mesh.server.gateway.config import find_envoy_binary
+from llama_mesh.server.nats_server import find_nats_server_binary
+from tests.fixtures.mesh import free_port
+from tests.helpers import assert_eventually
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def load() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_file_is_consistent() -> None:
+    """Every service has a command or image, dependencies name services, named volumes are
+    declared, the build context has the Dockerfile, and only loopback ports are published."""
+    data = load()
+    services = data["services"]
+    assert set(services) == {"nats", "apiserver", "gateway-config", "envoy", "worker"}
+    volumes = set(data["volumes"])
+    for name, service in services.items():
+        assert service.get("image") or service.get("build"), name
+        assert service.get("command"), name
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0]
+            assert source in volumes, f"{name} mounts undeclared volume {source}"
+        for published in service.get("ports", []):
+            assert published.startswith("127.0.0.1:"), f"{name} publishes {published}"
+        build = service.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+class Natively:
+    """Runs compose commands on this machine with a mapping of container names to local."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.ports = {"nats": free_port(), "grpc": free_port(), "gateway": free_port()}
+        self.tmp = tmp
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.mapping = {
+            "nats://nats:4222": f"nats://127.0.0.1:{self.ports['nats']}",
+            "apiserver:50051": f"127.0.0.1:{self.ports['grpc']}",
+            "0.0.0.0": "127.0.0.1",
+            "50051": str(self.ports["grpc"]),
+            "4501": str(self.ports["gateway"]),
+            "4222": str(self.ports["nats"]),
+            "8222": str(free_port()),
+            "/app/": f"{ROOT}/",
+            "/data/": f"{tmp}/data/",
+            "/gateway/": f"{tmp}/gateway/",
+            "python -": f"{sys.executable} -",
+        }
+        (tmp / "gateway").mkdir()
+
+    def map(self, arg: str) -> str:
+        """Replace container names in one pass (a replacement is never replaced again)."""
+        keys = sorted(self.mapping, key=len, reverse=True)
+        pattern = re.compile("|".join(re.escape(k) for k in keys))
+        return pattern.sub(lambda m: self.mapping[m.group(0)], arg)
+
+    def command(self, service: dict[str, Any]) -> list[str]:
+        words = [self.map(str(w)) for w in service["command"]]
+        image = str(service.get("image", ""))
+        if image.startswith("nats:"):
+            words = [find_nats_server_binary(), "-a", "127.0.0.1", *words]
+        bindir = Path(sys.executable).parent
+        programs = {
+            "python": sys.executable,
+            "llamactl": str(bindir / "llamactl"),
+            "envoy": str(find_envoy_binary()),
+        }
+        words[0] = programs.get(words[0], words[0])
+        return words
+
+    async def start(self, service: dict[str, Any], log: str) -> asyncio.subprocess.Process:
+        out = (self.tmp / f"{log}.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            *self.command(service), stdout=out, stderr=asyncio.subprocess.STDOUT, cwd=ROOT
+        )
+        self.procs.append(proc)
+        return proc
+
+    async def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 15)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+@pytest.fixture
+async def natively(tmp_path: Path) -> AsyncIterator[Natively]:
+    runner = Natively(tmp_path)
+    try:
+        yield runner
+    finally:
+        await runner.stop()
+        for log in sorted(tmp_path.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+
+
+async def wait_port(port: int, proc: asyncio.subprocess.Process, timeout: float = 60) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            assert proc.returncode is None, "process exited before listening"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            return
+
+
+async def test_compose_commands_run_the_mesh(natively: Natively) -> None:
+    """nats, the API server, the rendered gateway config, Envoy and an extra worker, started
+    with the compose commands, serve a task through the gateway; the worker joins."""
+    services = load()["services"]
+    nats = await natively.start(services["nats"], "nats")
+    await wait_port(natively.ports["nats"], nats)
+    api = await natively.start(services["apiserver"], "apiserver")
+    await wait_port(natively.ports["grpc"], api)
+    config = await natively.start(services["gateway-config"], "gateway-config")
+    assert await config.wait() == 0
+    assert (natively.tmp / "gateway" / "envoy.yaml").is_file()
+    envoy = await natively.start(services["envoy"], "envoy")
+    await wait_port(natively.ports["gateway"], envoy)
+    worker = await natively.start(services["worker"], "worker")
+    base = f"http://127.0.0.1:{natively.ports['gateway']}"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+
+        async def deployed() -> bool:
+            try:
+                return "quickstart" in (await http.get("/status/")).text
+            except httpx.HTTPError:
+                return False
+
+        await assert_eventually(deployed, timeout=60, interval=0.2)
+        reply = await http.post(
+            "/deployments/quickstart/tasks/run", json={"input": '{"message": "compose"}'}
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json() == "Message received: compose"
+
+        async def two_replicas() -> bool:
+            listing = (await http.get("/v1/deployments/quickstart/services")).json()
+            return len(listing["services"][0]["instances"]) == 2
+
+        await assert_eventually(two_replicas, timeout=30, interval=0.2)
+    assert worker.returncode is None
+    if shutil.which("docker") and os.environ.get("LLAMA_MESH_COMPOSE_CONFIG"):
+        proc = await asyncio.create_subprocess_exec("docker", "compose", "config", "-q", cwd=ROOT)
+        assert await proc.wait() == 0
