@@ -245,7 +245,11 @@ async def test_killed_worker_task_completes_on_another_replica(mesh_factory: Mes
     instances = await mesh.cp.list_instances(APP, "slow")
     victim = next(i.pid for i in instances if i.instance_id == instance_id)
     os.kill(victim, signal.SIGKILL)
-    final = await asyncio.wait_for(mesh.wait_task(APP, task.task_id), 60)
+    try:
+        final = await asyncio.wait_for(mesh.wait_task(APP, task.task_id), 60)
+    except TimeoutError:
+        stuck = await mesh.get_task(APP, task.task_id)
+        raise AssertionError(f"task never finished; stored as {stuck}") from None
     assert final.status is TaskStatus.SUCCEEDED
     assert final.result["tag"] == "survivor"
     assert final.result["pid"] != victim
