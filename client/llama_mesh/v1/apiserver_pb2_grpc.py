@@ -180,7 +180,8 @@ class ApiServerServicer:
 
     def StreamDeploymentProgress(self, request, context):
         """StreamDeploymentProgress streams the progress lines of the deployment's latest
-        (re)deploy: source sync, dependency installation, worker start.
+        (re)deploy: source sync, dependency installation, worker start. For a name being
+        deployed right now it waits for the first line.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,8 @@ class ApiServerStub:
     """ReloadDeployment re-syncs sources and restarts the workers of a deployment."""
     StreamDeploymentProgress: _grpc.UnaryStreamMultiCallable[_apiserver_pb2.StreamDeploymentProgressRequest, _apiserver_pb2.StreamDeploymentProgressResponse]
     """StreamDeploymentProgress streams the progress lines of the deployment's latest
-    (re)deploy: source sync, dependency installation, worker start.
+    (re)deploy: source sync, dependency installation, worker start. For a name being
+    deployed right now it waits for the first line.
     """
     ListServices: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.ListServicesRequest, _apiserver_pb2.ListServicesResponse]
     """ListServices lists a deployment's services with the health of their replicas."""
@@ -93,7 +94,8 @@ class ApiServerAsyncStub(ApiServerStub):
     """ReloadDeployment re-syncs sources and restarts the workers of a deployment."""
     StreamDeploymentProgress: _aio.UnaryStreamMultiCallable[_apiserver_pb2.StreamDeploymentProgressRequest, _apiserver_pb2.StreamDeploymentProgressResponse]  # type: ignore[assignment]
     """StreamDeploymentProgress streams the progress lines of the deployment's latest
-    (re)deploy: source sync, dependency installation, worker start.
+    (re)deploy: source sync, dependency installation, worker start. For a name being
+    deployed right now it waits for the first line.
     """
     ListServices: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.ListServicesRequest, _apiserver_pb2.ListServicesResponse]  # type: ignore[assignment]
     """ListServices lists a deployment's services with the health of their replicas."""
@@ -178,7 +180,8 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_apiserver_pb2.StreamDeploymentProgressResponse], _abc.AsyncIterator[_apiserver_pb2.StreamDeploymentProgressResponse]]:
         """StreamDeploymentProgress streams the progress lines of the deployment's latest
-        (re)deploy: source sync, dependency installation, worker start.
+        (re)deploy: source sync, dependency installation, worker start. For a name being
+        deployed right now it waits for the first line.
         """
 
     @_abc_1.abstractmethod

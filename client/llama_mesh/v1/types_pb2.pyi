@@ -362,7 +362,7 @@ class Task(_message.Message):
     attempts: _builtins.int
     """attempts is how many times the task was delivered to a replica."""
     event_count: _builtins.int
-    """event_count is how many events the task has streamed so far."""
+    """event_count is how many workflow events the task streamed; set when it finishes."""
     instance_id: _builtins.str
     """instance_id is the replica that ran (or runs) the task."""
     @_builtins.property

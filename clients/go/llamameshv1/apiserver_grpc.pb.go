@@ -59,7 +59,8 @@ type ApiServerClient interface {
 	// ReloadDeployment re-syncs sources and restarts the workers of a deployment.
 	ReloadDeployment(ctx context.Context, in *ReloadDeploymentRequest, opts ...grpc.CallOption) (*ReloadDeploymentResponse, error)
 	// StreamDeploymentProgress streams the progress lines of the deployment's latest
-	// (re)deploy: source sync, dependency installation, worker start.
+	// (re)deploy: source sync, dependency installation, worker start. For a name being
+	// deployed right now it waits for the first line.
 	StreamDeploymentProgress(ctx context.Context, in *StreamDeploymentProgressRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamDeploymentProgressResponse], error)
 	// ListServices lists a deployment's services with the health of their replicas.
 	ListServices(ctx context.Context, in *ListServicesRequest, opts ...grpc.CallOption) (*ListServicesResponse, error)
@@ -322,7 +323,8 @@ type ApiServerServer interface {
 	// ReloadDeployment re-syncs sources and restarts the workers of a deployment.
 	ReloadDeployment(context.Context, *ReloadDeploymentRequest) (*ReloadDeploymentResponse, error)
 	// StreamDeploymentProgress streams the progress lines of the deployment's latest
-	// (re)deploy: source sync, dependency installation, worker start.
+	// (re)deploy: source sync, dependency installation, worker start. For a name being
+	// deployed right now it waits for the first line.
 	StreamDeploymentProgress(*StreamDeploymentProgressRequest, grpc.ServerStreamingServer[StreamDeploymentProgressResponse]) error
 	// ListServices lists a deployment's services with the health of their replicas.
 	ListServices(context.Context, *ListServicesRequest) (*ListServicesResponse, error)

@@ -151,8 +151,11 @@ class DeploymentManager:
     async def progress(
         self, name: str
     ) -> AsyncIterator[apiserver_pb2.StreamDeploymentProgressResponse]:
-        """Progress lines of the latest (re)deploy, ending with its last line."""
-        self.config(name)
+        """Progress lines of the latest (re)deploy, ending with its last line.
+
+        No check that ``name`` exists: a client may ask for the progress of a deployment it
+        is creating at the same moment.
+        """
         stream = self._queue.subscribe(subjects.progress_topic(name))
         try:
             async for raw in stream:

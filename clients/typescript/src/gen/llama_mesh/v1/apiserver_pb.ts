@@ -1104,7 +1104,8 @@ export const ApiServer: GenService<{
   },
   /**
    * StreamDeploymentProgress streams the progress lines of the deployment's latest
-   * (re)deploy: source sync, dependency installation, worker start.
+   * (re)deploy: source sync, dependency installation, worker start. For a name being
+   * deployed right now it waits for the first line.
    *
    * @generated from rpc llama_mesh.v1.ApiServer.StreamDeploymentProgress
    */

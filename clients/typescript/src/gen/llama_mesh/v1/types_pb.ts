@@ -357,7 +357,7 @@ export type Task = Message<"llama_mesh.v1.Task"> & {
   attempts: number;
 
   /**
-   * event_count is how many events the task has streamed so far.
+   * event_count is how many workflow events the task streamed; set when it finishes.
    *
    * @generated from field: int64 event_count = 10;
    */
