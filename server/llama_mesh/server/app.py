@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.compat import LlamaDeployApiServicer
 from llama_mesh.server.apiserver.deployments import DeploymentManager, DeploymentSettings
 from llama_mesh.server.apiserver.mesh import Mesh
@@ -234,8 +235,7 @@ class MeshServer:
 
     async def _stop_background(self) -> None:
         for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+            await cancel_and_wait(task)
 
     async def _stop_grpc(self) -> None:
         if self._health is not None:

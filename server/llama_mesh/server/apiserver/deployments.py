@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_mesh.server import subjects
+from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.supervisor import ReplicaSpec, Supervisor
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.deployment_config import (
@@ -304,8 +305,7 @@ class DeploymentManager:
             return next(iter(done)).result()
         finally:
             for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                await cancel_and_wait(task)
 
 
 def parse(config_yaml: str | bytes) -> DeploymentConfig:

@@ -47,6 +47,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from llama_mesh.server.aio import raise_if_cancelling
 from llama_mesh.server.queues.base import (
     ConsumerOptions,
     Delivery,
@@ -164,19 +165,6 @@ class _End:
         self.error = error
 
 
-def _raise_if_cancelling() -> None:
-    """Honour a cancellation that an inner ``asyncio.wait_for`` swallowed.
-
-    On Python 3.11, ``wait_for`` returns its result instead of raising when the awaited
-    future completes in the same loop iteration as the cancellation (CPython gh-86296);
-    nats-py's requests use it, so a cancel during ``_open`` could be lost and the reader
-    would then wait on its queue forever.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 class _Feed(Generic[T]):
     """What an iterator reads from: an asyncio queue filled by a nats callback or a pump task.
 
@@ -201,7 +189,7 @@ class _Feed(Generic[T]):
                     self._opened = True
                     if self.shut:  # shut down while opening
                         await self._shutdown()
-            _raise_if_cancelling()
+            raise_if_cancelling()  # a cancel during _open may have been lost (gh-86296)
         item = await self.items.get()
         if isinstance(item, _End):
             self.items.put_nowait(item)  # every later call ends too

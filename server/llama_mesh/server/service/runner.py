@@ -16,6 +16,7 @@ from workflows import Context, Workflow
 from workflows.errors import WorkflowCancelledByUser, WorkflowTimeoutError
 from workflows.events import StopEvent
 
+from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.domain import HumanEvent, JsonValue, TaskError, TaskStatus
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.service.events import build_event, event_data, qualified_name, to_json_value
@@ -113,11 +114,7 @@ async def run_workflow(
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it, cancelling again if a cancellation was swallowed
-    (Python 3.11's ``asyncio.wait_for`` can lose one; see gh-86296)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
+    await cancel_and_wait(task)
     if not task.cancelled() and task.exception() is not None:
         logger.warning("the input pump of a task failed: %s", task.exception())
 

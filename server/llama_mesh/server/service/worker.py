@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 from workflows import Workflow
 
 from llama_mesh.server import convert, subjects
+from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.control_plane.store import HEARTBEAT_INTERVAL, ControlPlane
 from llama_mesh.server.domain import (
     EventKind,
@@ -162,6 +163,7 @@ class Worker:
                 await self._cp.heartbeat(self.instance)
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
+            raise_if_cancelling()
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _consume(self) -> None:
@@ -258,9 +260,7 @@ class Worker:
                 timeout=self.settings.timeout,
             )
         finally:
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
+            await cancel_and_wait(keepalive)
             await inputs.aclose()
         return outcome, counter
 
@@ -287,6 +287,7 @@ class Worker:
             await asyncio.sleep(self.settings.ack_wait / 3)
             with contextlib.suppress(Exception):
                 await delivery.in_progress()
+            raise_if_cancelling()
 
     async def _finish(self, task: Task, outcome: RunOutcome, *, event_count: int) -> None:
         def finish(t: Task) -> Task | None:
