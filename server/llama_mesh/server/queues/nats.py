@@ -47,7 +47,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
-from llama_mesh.server.aio import raise_if_cancelling
+from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.queues.base import (
     ConsumerOptions,
     Delivery,
@@ -329,9 +329,7 @@ class _TaskFeed(_Feed[Delivery]):
 
     async def _shutdown(self) -> None:
         if self._pump_task is not None:
-            self._pump_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump_task
+            await cancel_and_wait(self._pump_task)
         await self._drop_subscription()
         # Deliveries fetched but never handed out go back at once instead of after ack_wait.
         while not self.items.empty():
@@ -345,6 +343,7 @@ class _TaskFeed(_Feed[Delivery]):
     async def _pump(self) -> None:
         """Fetch as many messages as there are free slots, with a long server-side poll."""
         while True:
+            raise_if_cancelling()  # a fetch or settle may have swallowed it (gh-86296)
             while self._held >= self.options.max_in_flight:
                 self._capacity.clear()
                 await self._capacity.wait()
@@ -886,8 +885,7 @@ class NatsQueue(MessageQueue):
             await feed.shutdown()
         self._feeds.clear()
         for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(task)
         nc = self.nc
         if nc.is_connected:
             try:
