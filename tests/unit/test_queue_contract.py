@@ -546,3 +546,20 @@ def test_nats_errors_translate_into_the_queue_error_tree(
     if expected is RevisionMismatchError:
         assert type(translate_error(error, conflict=KeyExistsError)) is KeyExistsError
     assert translate_error(ValueError("mine")).__class__ is ValueError
+
+
+async def test_kv_watch_of_a_whole_key_sees_only_that_key(queue: MessageQueue) -> None:
+    """A watch of a whole key (no trailing '.') reports that key only, not its neighbours
+    (one task's watch must not read every other task of its deployment)."""
+    kv = await queue.kv("exact")
+    await kv.put("dep.t1", b"old")
+    await kv.put("dep.t10", b"other")
+    watch = kv.watch("dep.t1")
+    first = await next_within(watch, WAIT)
+    assert (first.key, first.value) == ("dep.t1", b"old")
+    await kv.put("dep.t10", b"noise")
+    await kv.put("dep.t1.sub", b"noise")
+    await kv.put("dep.t1", b"new")
+    second = await next_within(watch, WAIT)
+    assert (second.key, second.value) == ("dep.t1", b"new")
+    await aclose(watch)

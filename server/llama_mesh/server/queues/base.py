@@ -107,6 +107,13 @@ class KeyValueEntry:
     revision: int
 
 
+def watches(prefix: str, key: str) -> bool:
+    """Whether a watch of ``prefix`` (see :meth:`KeyValueStore.watch`) covers ``key``."""
+    if prefix and not prefix.endswith("."):
+        return key == prefix
+    return key.startswith(prefix)
+
+
 class KeyValueStore(abc.ABC):
     """A bucket of keys; every write gets a new, increasing revision."""
 
@@ -140,6 +147,9 @@ class KeyValueStore(abc.ABC):
         self, prefix: str = "", *, include_existing: bool = True
     ) -> AsyncIterator[KeyValueEntry]:
         """Entries as they change under ``prefix`` (deletions have ``value None``).
+
+        ``prefix`` is ``""`` (every key), a prefix ending with ``.`` (every key below it), or
+        a whole key (that key only: a watch of one task must not read its neighbours).
 
         With ``include_existing`` the current entries come first. The iterator ends only
         when the consumer stops iterating (``aclose()``) or the adapter closes.

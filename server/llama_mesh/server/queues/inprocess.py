@@ -42,6 +42,7 @@ from llama_mesh.server.queues.base import (
     MessageQueue,
     QueueUnavailableError,
     RevisionMismatchError,
+    watches,
 )
 
 logger = logging.getLogger(__name__)
@@ -425,7 +426,7 @@ class InProcessKeyValueStore(KeyValueStore):
         if include_existing:
             for key in sorted(self._slots):
                 slot = self._slots[key]
-                if slot.value is not None and key.startswith(prefix):
+                if slot.value is not None and watches(prefix, key):
                     watch.items.put_nowait(KeyValueEntry(key, slot.value, slot.revision))
         self._watches.add(watch)
         return watch
@@ -452,7 +453,7 @@ class InProcessKeyValueStore(KeyValueStore):
             slot.timer = loop.call_later(self._ttl, self._expire, key, slot)
         entry = KeyValueEntry(key, value, slot.revision)
         for watch in list(self._watches):
-            if key.startswith(watch.prefix):
+            if watches(watch.prefix, key):
                 watch.items.put_nowait(entry)
         return slot.revision
 

@@ -58,12 +58,14 @@ from llama_mesh.server.queues.base import (
     QueueError,
     QueueUnavailableError,
     RevisionMismatchError,
+    watches,
 )
 
 logger = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT: Final = 5.0
 _FETCH_TIMEOUT: Final = 5.0
+_CONSUMER_INACTIVE: Final = 1.0
 """How long one pull request waits on the server for messages (a long poll)."""
 _FETCH_ERROR_BACKOFF: Final = 1.0
 _DRAIN_TIMEOUT: Final = 5.0
@@ -353,9 +355,9 @@ class _TaskFeed(_Feed[Delivery]):
                 if self._psub is None:
                     await self._subscribe()
                 assert self._psub is not None
-                self._fetching = asyncio.ensure_future(
-                    self._psub.fetch(want, timeout=_FETCH_TIMEOUT)
-                )
+                # One message per pull: with more, nats-py holds a message it has until the
+                # whole batch arrives or the pull expires, while other replicas could run it.
+                self._fetching = asyncio.ensure_future(self._psub.fetch(1, timeout=_FETCH_TIMEOUT))
                 try:
                     msgs = await self._fetching
                 except asyncio.CancelledError:
@@ -433,6 +435,9 @@ class _PushFeed(_Feed[T]):
                 cb=self._on_msg,
                 ordered_consumer=True,
                 config=config,
+                # Closing a feed does not delete its consumer; let the server drop it soon
+                # rather than after 5 s, or busy streams reach the 1,000-consumer limit.
+                inactive_threshold=_CONSUMER_INACTIVE,
             )
 
     def on_reconnected(self) -> None:
@@ -476,7 +481,8 @@ class _TopicFeed(_PushFeed[bytes]):
 
 class _WatchFeed(_PushFeed[KeyValueEntry]):
     def __init__(self, store: NatsKeyValueStore, prefix: str, include_existing: bool) -> None:
-        super().__init__(store.owner, store.subject_filter(prefix), store.stream)
+        subject = store.subject_prefix + prefix if prefix and not prefix.endswith(".") else None
+        super().__init__(store.owner, subject or store.subject_filter(prefix), store.stream)
         self._store = store
         self._prefix = prefix
         self._include_existing = include_existing
@@ -504,7 +510,7 @@ class _WatchFeed(_PushFeed[KeyValueEntry]):
         revision = msg.metadata.sequence.stream
         self._last_seq = revision
         key = msg.subject[len(self._store.subject_prefix) :]
-        if not key.startswith(self._prefix):
+        if not watches(self._prefix, key):
             return
         if not _is_deletion(msg.headers):
             self._deleted.discard(key)
