@@ -18,6 +18,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from llama_mesh.server import errors
+from llama_mesh.server.queues.base import QueueUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, QueueUnavailableError):
+        exc = errors.UnavailableError(f"the message queue is unavailable: {exc}")
     if isinstance(exc, errors.MeshError):
         if status_code_of(exc) is grpc.StatusCode.INTERNAL:
             logger.error("%s failed: %s", method, exc.message, exc_info=exc)

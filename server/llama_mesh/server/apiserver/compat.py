@@ -19,6 +19,7 @@ from google.api import httpbody_pb2
 from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.domain import EventKind, JsonValue, Session, Task, TaskStatus
 from llama_mesh.server.errors import InvalidArgumentError, TaskFailedError
+from llama_mesh.server.jsontext import parse_json_text
 from llama_mesh.server.service.events import parse_serialized_event
 from llama_mesh.v1 import llama_deploy_api_pb2 as ld
 from llama_mesh.v1 import llama_deploy_api_pb2_grpc as ld_grpc
@@ -48,13 +49,7 @@ def parse_task_input(text: str) -> dict[str, JsonValue]:
     """0.8's ``TaskDefinition.input``: a JSON object, as text."""
     if not text:
         return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(
-            f"task input is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-            reason="INVALID_INPUT",
-        ) from exc
+    value = parse_json_text(text, what="task input", reason="INVALID_INPUT")
     if not isinstance(value, dict):
         raise InvalidArgumentError(
             "task input must be a JSON object of workflow arguments", reason="INVALID_INPUT"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ from llama_mesh.server.venvs import VenvError, VenvManager
 from llama_mesh.v1 import apiserver_pb2, types_pb2
 
 logger = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+"""A deployment name (it becomes a subject token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,11 @@ class DeploymentManager:
         No check that ``name`` exists: a client may ask for the progress of a deployment it
         is creating at the same moment.
         """
+        if not NAME.match(name):
+            raise InvalidArgumentError(
+                f"invalid deployment name {name!r}: letters, digits, '-' and '_'",
+                reason="INVALID_NAME",
+            )
         stream = self._queue.subscribe(subjects.progress_topic(name))
         try:
             async for raw in stream:

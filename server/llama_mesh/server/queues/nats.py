@@ -759,6 +759,12 @@ class NatsQueue(MessageQueue):
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != _STREAM_NAME_IN_USE:
                     raise
+                existing = await self.js.stream_info(config.name or "")
+                # Keep the replication the stream was created with: a client connecting
+                # with the default must not turn R3 streams into R1.
+                config.num_replicas = existing.config.num_replicas
+                if existing.config == config:
+                    return
                 logger.info("updating the configuration of stream %s", config.name)
                 await self.js.update_stream(config)
 

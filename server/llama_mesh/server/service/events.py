@@ -15,8 +15,8 @@ framework's own events (``workflows.events``).
 
 from __future__ import annotations
 
-import importlib
 import json
+import sys
 from typing import Any
 
 from workflows import Workflow
@@ -25,6 +25,7 @@ from workflows.events import Event
 
 from llama_mesh.server.domain import HumanEvent, JsonValue
 from llama_mesh.server.errors import InvalidArgumentError
+from llama_mesh.server.jsontext import parse_json_text
 
 
 def qualified_name(obj: object) -> str:
@@ -63,13 +64,7 @@ def event_data(event: Event) -> dict[str, JsonValue]:
 
 def parse_serialized_event(text: str) -> HumanEvent:
     """An event from llama-index ``JsonSerializer`` text (what 0.8 clients send)."""
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(
-            f"event_obj_str is not valid JSON: {exc.msg} at position {exc.pos}",
-            reason="INVALID_EVENT",
-        ) from exc
+    payload = parse_json_text(text, what="event_obj_str", reason="INVALID_EVENT")
     if not isinstance(payload, dict):
         raise InvalidArgumentError("event_obj_str must be a JSON object", reason="INVALID_EVENT")
     if "qualified_name" in payload:
@@ -101,12 +96,11 @@ def _accepted_event_classes(workflow: Workflow) -> list[type[Event]]:
 
 
 def _import_class(name: str) -> type[Event] | None:
+    # Only modules already imported in the worker: a client-supplied type name must never
+    # make the worker import (and so run) a module it names.
     module_name, _, class_name = name.rpartition(".")
-    if not module_name:
-        return None
-    try:
-        module = importlib.import_module(module_name)
-    except Exception:
+    module = sys.modules.get(module_name) if module_name else None
+    if module is None:
         return None
     cls = getattr(module, class_name, None)
     return cls if isinstance(cls, type) and issubclass(cls, Event) else None

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from llama_mesh.server.service.runner import CancelRequest, RunOutcome, TaskInpu
 from llama_mesh.v1 import messages_pb2
 
 logger = logging.getLogger(__name__)
+
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,10 @@ class Worker:
             msg = messages_pb2.TaskMessage.FromString(delivery.data)
         except DecodeError:
             logger.error("dropping an undecodable task message (%d bytes)", len(delivery.data))
+            await delivery.term()
+            return
+        if msg.deployment != self.settings.deployment or not _TASK_ID.match(msg.task_id):
+            logger.error("dropping a task message for %r/%r", msg.deployment, msg.task_id)
             await delivery.term()
             return
         try:
