@@ -41,7 +41,8 @@ from llama_mesh.server.nats_server import (
     free_port,
 )
 from llama_mesh.server.orchestrator import Orchestrator
-from llama_mesh.server.queues.base import MessageQueue, QueueError
+from llama_mesh.server.queues.base import MessageQueue, QueueError, QueueUnavailableError
+from llama_mesh.server.queues.inprocess import InProcessQueue
 from llama_mesh.server.queues.nats import NatsQueue, connect_nats
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
 from tests.fixtures.mesh import TESTAPP, MeshFactory
@@ -85,11 +86,9 @@ WAIT = 60.0
 """Upper bound for a batch of tasks to finish after a fault (they take seconds)."""
 
 
-async def deploy(mesh: Mesh, config_yaml: str) -> None:
-    """Deploy ``config_yaml`` with its local sources in ``tests/data/testapp``."""
-    await mesh.deployments.create(
-        config_yaml, base_path=str(TESTAPP.parent), reload=False, local=True
-    )
+async def deploy(mesh: Mesh, config_yaml: str, base_path: Path = TESTAPP.parent) -> None:
+    """Deploy ``config_yaml`` with its local sources in ``base_path`` (testapp's by default)."""
+    await mesh.deployments.create(config_yaml, base_path=str(base_path), reload=False, local=True)
 
 
 async def create_slow_tasks(mesh: Mesh, tags: Iterable[str], seconds: float) -> dict[str, str]:
@@ -518,7 +517,7 @@ async def nats_cluster(store: Path, size: int = 3) -> AsyncIterator[list[NatsSer
             await server.stop()
 
 
-async def open_mesh(queue: NatsQueue, data_dir: Path) -> Mesh:
+async def open_mesh(queue: MessageQueue, data_dir: Path) -> Mesh:
     """The mesh's core over ``queue``, with replicas as tasks of this process."""
     cp = await ControlPlane.open(queue)
     supervisor = InProcessSupervisor(queue, cp)
@@ -528,16 +527,51 @@ async def open_mesh(queue: NatsQueue, data_dir: Path) -> Mesh:
     return Mesh(cp, queue, deployments, Orchestrator(queue))
 
 
+NAP_MODULE = """\
+import asyncio
+import os
+
+from workflows import Workflow, step
+from workflows.events import StartEvent, StopEvent
+
+
+class Nap(Workflow):
+    @step
+    async def run_it(self, ev: StartEvent) -> StopEvent:
+        await asyncio.sleep(float(ev.get("seconds", 1)))
+        return StopEvent(result={"tag": ev.get("tag"), "pid": os.getpid()})
+
+
+nap = Nap(timeout=300)
+"""
+"""`slow` without its streamed event: a task that publishes nothing while it runs (see
+test_a_broker_error_publishing_an_event_is_not_the_workflows_failure for why)."""
+NAP_YAML = """\
+name: faults
+services:
+  slow:
+    name: Nap
+    source: {type: local, name: .}
+    path: faults_nap:nap
+    replicas: 2
+    max-concurrent-tasks: 4
+    max-retries: 3
+"""
+
+
 @contextlib.asynccontextmanager
 async def clustered_mesh(store: Path) -> AsyncIterator[tuple[list[NatsServer], NatsQueue, Mesh]]:
     """A three-node cluster, a queue on it with everything replicated three times (checked),
-    and the mesh's core over that queue with `SLOW_YAML` deployed."""
+    and the mesh's core over that queue with `NAP_YAML` deployed (replicas in-process)."""
+    source = store / "source"
+    source.mkdir()
+    (source / "faults_nap.py").write_text(NAP_MODULE)
     async with nats_cluster(store / "cluster") as nodes:
         queue = await connect_nats([n.url for n in nodes], replicas=3)
         try:
             mesh = await open_mesh(queue, store / "mesh")
             try:
-                await deploy(mesh, SLOW_YAML)
+                await deploy(mesh, NAP_YAML, base_path=source)
                 for stream in (queue.tasks_stream, queue.topics_stream, "KV_mesh_tasks"):
                     info = await queue.js.stream_info(stream)
                     assert info.config.num_replicas == 3, stream
@@ -583,8 +617,49 @@ async def test_cluster_node_loss_loses_no_acknowledged_task(tmp_path: Path) -> N
         await assert_eventually(lambda: cluster_serves(queue, mesh, tags), timeout=30, interval=0.5)
         finals = await wait_all(mesh, tags)
         assert_own_results(finals, tags)
-        after = await create_slow_tasks(mesh, ["after"], seconds=0.1)
+        after = await assert_eventually(lambda: accepted(mesh, "after"), timeout=30, interval=0.5)
         assert_own_results(await wait_all(mesh, after), after)
+
+
+class FlakyEventsQueue(InProcessQueue):
+    """The in-process queue, refusing the first ``failures`` publishes to event topics as
+    NATS does while a cluster elects leaders."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        if topic.startswith("ev.") and self.failures > 0:
+            self.failures -= 1
+            raise QueueUnavailableError("NATS is unavailable: NoStreamResponseError()")
+        await super().publish(topic, data)
+
+
+async def test_a_broker_error_publishing_an_event_is_not_the_workflows_failure(
+    tmp_path: Path,
+) -> None:
+    """When the broker refuses a streamed event (a failover), the task is retried, not
+    failed: it ends SUCCEEDED on a later delivery."""
+    async with FlakyEventsQueue(failures=1) as queue:
+        mesh = await open_mesh(queue, tmp_path)
+        try:
+            await deploy(mesh, SLOW_YAML)
+            tags = await create_slow_tasks(mesh, ["flaky"], seconds=0.1)
+            (final,) = await wait_all(mesh, tags, timeout=30)
+            assert (final.status, final.error) == (TaskStatus.SUCCEEDED, None)
+            assert final.attempts == 2
+        finally:
+            await mesh.deployments.supervisor.shutdown()
+
+
+async def accepted(mesh: Mesh, tag: str) -> dict[str, str]:
+    """A new `slow` task, or {} while the queue refuses it (a client retries an UNAVAILABLE;
+    right after a failover a publish may find no responder for a moment)."""
+    try:
+        return await create_slow_tasks(mesh, [tag], seconds=0.1)
+    except QueueError:
+        return {}
 
 
 @pytest.mark.xfail(

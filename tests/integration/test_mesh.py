@@ -288,7 +288,7 @@ async def test_dead_replica_leaves_the_registry(mesh_factory: MeshFactory) -> No
 
 
 async def test_restart_keeps_deployments_sessions_and_results(
-    mesh_factory: MeshFactory, nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, mesh_factory: MeshFactory, tmp_path: Path
 ) -> None:
     """After the API server stops and starts again, deployments, sessions, session context
     and task results are all still there."""
@@ -314,7 +314,7 @@ async def test_restart_keeps_deployments_sessions_and_results(
 
 
 async def test_external_worker_joins_with_only_a_nats_url(
-    mesh_factory: MeshFactory, nats_server: NatsServer
+    nats_server: NatsServer, mesh_factory: MeshFactory
 ) -> None:
     """`llamactl worker` started elsewhere, given only the NATS URL and the deployment,
     registers as another replica of the service."""

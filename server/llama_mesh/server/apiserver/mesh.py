@@ -24,9 +24,13 @@ from llama_mesh.server.domain import (
     new_id,
     now,
 )
-from llama_mesh.server.errors import FailedPreconditionError, InvalidArgumentError
+from llama_mesh.server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from llama_mesh.server.orchestrator import Orchestrator, choose_service
-from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.server.queues.base import MessageQueue, QueueError
 from llama_mesh.server.service.worker import final_event
 from llama_mesh.v1 import messages_pb2
 
@@ -98,7 +102,21 @@ class Mesh:
         )
         await self.cp.record_task(task)
         record = await self.cp.get_deployment(deployment)
-        await self.orchestrator.schedule(task, generation=record.generation)
+        try:
+            await self.orchestrator.schedule(task, generation=record.generation)
+        except QueueError as exc:
+            # Recorded but not queued: fail it rather than leave it QUEUED forever.
+            reason = f"the task could not be queued: {exc}"
+
+            def unqueued(t: Task) -> Task | None:
+                if t.status is not TaskStatus.QUEUED:
+                    return None
+                t.status, t.finished_at = TaskStatus.FAILED, now()
+                t.error = TaskError("Unavailable", reason)
+                return t
+
+            await self.cp.update_task(deployment, task.task_id, unqueued)
+            raise UnavailableError(reason) from exc
         return task
 
     async def wait_task(self, deployment: str, task_id: str) -> Task:

@@ -103,8 +103,9 @@ async def run(args: argparse.Namespace) -> int:
             await server.stop(grace=2.0)
         return 0
     finally:
-        with contextlib.suppress(Exception):
-            await queue.close()
+        with contextlib.suppress(Exception):  # a broker that is gone must not keep us alive
+            async with asyncio.timeout(10):
+                await queue.close()
 
 
 def exit_with_parent(parent: int) -> None:

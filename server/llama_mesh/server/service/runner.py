@@ -19,6 +19,7 @@ from workflows.events import StopEvent
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.domain import HumanEvent, JsonValue, TaskError, TaskStatus
 from llama_mesh.server.errors import MeshError
+from llama_mesh.server.queues.base import QueueError
 from llama_mesh.server.service.events import build_event, event_data, qualified_name, to_json_value
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,10 @@ async def run_workflow(
             TaskStatus.FAILED,
             error=TaskError("TimeoutError", f"the task did not finish within {timeout} s"),
         )
+    except QueueError:
+        # The broker failed, not the workflow: let the worker give the task back.
+        await handler.cancel_run()
+        raise
     except WorkflowTimeoutError as exc:
         outcome = RunOutcome(TaskStatus.FAILED, error=TaskError("WorkflowTimeoutError", str(exc)))
     except Exception as exc:

@@ -144,8 +144,9 @@ class Worker:
             pass
         finally:
             await self._drain()
-            with contextlib.suppress(Exception):
-                await self._cp.remove_instance(self.instance)
+            with contextlib.suppress(Exception):  # the broker may be gone: do not wait long
+                async with asyncio.timeout(5):
+                    await self._cp.remove_instance(self.instance)
 
     async def shutdown(self) -> None:
         """Stop taking tasks; running ones finish (idempotent)."""
