@@ -1,0 +1,332 @@
+"""Run every benchmark and print the report (see ``bench/run.py``).
+
+Phases run one after the other: the in-process baseline, then llama-mesh, then Llama Deploy
+0.8.1; each measurement has a time limit, and Ctrl-C or SIGTERM cancels the running one and
+stops every process started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench import _inprocess, _ld08, _mesh
+from bench._apps import DEPLOYMENT, TWO_REPLICAS_DEPLOYMENT, write_mesh_app
+from bench._plan import FULL, QUICK, Plan, Results
+from bench._report import report
+from bench._stats import Memory
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def say(message: str) -> None:
+    """Progress goes to stderr; stdout holds only the report."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Stopper:
+    """Ctrl-C and SIGTERM: cancel the running measurement (again, until it ends), then stop.
+
+    Only the measurement is cancelled, never the clean-up after it, so every process
+    started is still stopped; :func:`phase` turns the cancellation into ``Interrupted``.
+    A cancellation can be lost inside nats-py or httpx on Python 3.11 (CPython gh-86296),
+    hence the repeats.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.current: asyncio.Future[Any] | None = None
+
+    def request(self) -> None:
+        """The signal handler."""
+        if not self.requested:
+            say("interrupted: stopping what was started")
+        self.requested = True
+        self._cancel()
+
+    def _cancel(self) -> None:
+        task = self.current
+        if task is not None and not task.done():
+            task.cancel()
+            asyncio.get_running_loop().call_later(0.5, self._cancel)
+
+
+class Interrupted(Exception):
+    """The run was interrupted; raised out of :func:`phase`."""
+
+
+STOPPER = Stopper()
+
+
+async def phase(plan: Plan, what: str, coro: Awaitable[T]) -> T:
+    """Run one measurement with a time limit, saying what it is; Ctrl-C cancels it."""
+
+    async def limited() -> T:
+        async with asyncio.timeout(plan.phase_timeout):
+            return await coro
+
+    if STOPPER.requested:
+        raise Interrupted
+    say(what)
+    task = asyncio.ensure_future(limited())
+    STOPPER.current = task
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if STOPPER.requested:
+            raise Interrupted from None
+        raise
+    finally:
+        STOPPER.current = None
+        if not task.done():
+            task.cancel()
+
+
+async def run_inprocess(plan: Plan, work: Path, results: Results) -> None:
+    """The baseline: the workflows run in this process."""
+    app_dir = work / "inprocess-app"
+    write_mesh_app(app_dir)
+    app = _inprocess.load_app(app_dir)
+    out = results.inprocess
+    out["latency"] = await phase(
+        plan,
+        "in-process: echo latency",
+        _inprocess.latency(app.echo, iterations=plan.inprocess_iterations, warmup=plan.warmup),
+    )
+    out["throughput"] = await phase(
+        plan,
+        "in-process: echo throughput",
+        _inprocess.throughput(app.echo, clients=plan.clients, seconds=plan.throughput_seconds),
+    )
+    out["streaming"] = await phase(
+        plan,
+        "in-process: streaming latency",
+        _inprocess.streaming(
+            app.stream,
+            count=plan.stream_events,
+            interval=plan.stream_interval,
+            skip=plan.stream_skip,
+        ),
+    )
+    for what in ("sessions", "tasks"):
+        out[f"memory_{what}"] = await phase(
+            plan, f"in-process: memory of {what}", _inprocess_memory(app_dir, what, plan)
+        )
+
+
+async def _inprocess_memory(app_dir: Path, what: str, plan: Plan) -> Memory:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench._inprocess",
+        "memory",
+        str(app_dir),
+        what,
+        str(plan.memory_count),
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    data = json.loads(stdout.decode().strip().splitlines()[-1])
+    mib = data["delta_bytes"] / 1024 / 1024 * 1000 / plan.memory_count
+    return Memory(plan.memory_count, {"bench process": mib})
+
+
+async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
+    """llama-mesh: gRPC and JSON latency, throughput, streaming, memory."""
+    out = results.mesh
+    say("llama-mesh: starting the server and deploying")
+    async with _mesh.run_server(work) as server:
+        memory = {"count": plan.memory_count, "concurrency": plan.memory_concurrency}
+        out["memory_sessions"] = await phase(
+            plan, "llama-mesh: memory of idle sessions", _mesh.memory_sessions(server, **memory)
+        )
+        out["memory_tasks"] = await phase(
+            plan, "llama-mesh: memory of queued tasks", _mesh.memory_queued(server, **memory)
+        )
+        gateway = server.gateway_url
+        gateway_target = gateway.removeprefix("http://")
+        n, warm, deadline = plan.latency_iterations, plan.warmup, plan.deadline
+        out["grpc"] = await phase(
+            plan,
+            "llama-mesh: gRPC latency (direct)",
+            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+        )
+        out["grpc_gateway"] = await phase(
+            plan,
+            "llama-mesh: gRPC latency (through the gateway)",
+            _mesh.grpc_latency(gateway_target, iterations=n, warmup=warm, deadline=deadline),
+        )
+        out["json_v1"] = await phase(
+            plan,
+            "llama-mesh: JSON latency (/v1)",
+            _mesh.json_latency(
+                gateway,
+                f"/v1/deployments/{DEPLOYMENT}/tasks:run",
+                _mesh.json_body_v1(),
+                iterations=n,
+                warmup=warm,
+                deadline=deadline,
+            ),
+        )
+        out["json_08"] = await phase(
+            plan,
+            "llama-mesh: JSON latency (0.8 route)",
+            _mesh.json_latency(
+                gateway,
+                f"/deployments/{DEPLOYMENT}/tasks/run",
+                _mesh.json_body_08(),
+                iterations=n,
+                warmup=warm,
+                deadline=deadline,
+            ),
+        )
+        loads = (
+            ("throughput_1", DEPLOYMENT, "echo"),
+            ("throughput_2", TWO_REPLICAS_DEPLOYMENT, "echo2"),
+        )
+        for key, deployment, service in loads:
+            out[key] = await phase(
+                plan,
+                f"llama-mesh: throughput ({service})",
+                _mesh.throughput(
+                    server,
+                    deployment,
+                    service,
+                    clients=plan.clients,
+                    seconds=plan.throughput_seconds,
+                    deadline=plan.throughput_deadline,
+                ),
+            )
+        out["streaming"] = await phase(
+            plan,
+            "llama-mesh: streaming latency",
+            _mesh.streaming(
+                server,
+                count=plan.stream_events,
+                interval=plan.stream_interval,
+                skip=plan.stream_skip,
+                deadline=30.0,
+            ),
+        )
+        out["grpc_again"] = await phase(
+            plan,
+            "llama-mesh: gRPC latency (direct) again, after the throughput phase",
+            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+        )
+        stuck = await phase(
+            plan, "llama-mesh: cancelling leftover tasks", _mesh.cancel_stuck(server)
+        )
+        out["stuck"] = stuck
+        say("llama-mesh: stopping")
+
+
+async def run_ld08(plan: Plan, work: Path, results: Results) -> None:
+    """Llama Deploy 0.8.1 on the same workflows."""
+    out = results.ld08
+    say("llama-deploy 0.8.1: preparing its virtualenv")
+    python = await asyncio.to_thread(_ld08.ensure_venv)
+    out["versions"] = await asyncio.to_thread(_ld08.versions, python)
+    say("llama-deploy 0.8.1: starting the server and deploying")
+    async with _ld08.run_server(work, python) as server:
+        memory = {"count": plan.ld08_memory_count, "concurrency": 8}
+        out["memory_sessions"] = await phase(
+            plan, "llama-deploy 0.8.1: memory of sessions", _ld08.memory_sessions(server, **memory)
+        )
+        out["latency"] = await phase(
+            plan,
+            "llama-deploy 0.8.1: JSON latency",
+            _ld08.latency(server, iterations=plan.ld08_latency_iterations, warmup=2),
+        )
+        out["throughput"] = await phase(
+            plan,
+            "llama-deploy 0.8.1: throughput",
+            _ld08.throughput(
+                server, clients=plan.ld08_clients, seconds=plan.ld08_throughput_seconds
+            ),
+        )
+        out["streaming"] = await phase(
+            plan,
+            "llama-deploy 0.8.1: streaming latency",
+            _ld08.streaming(
+                server,
+                count=plan.ld08_stream_events,
+                interval=plan.stream_interval,
+                skip=plan.stream_skip,
+            ),
+        )
+        out["memory_tasks"] = await phase(
+            plan,
+            "llama-deploy 0.8.1: memory of queued tasks",
+            _ld08.memory_queued(server, **memory),
+        )
+        say("llama-deploy 0.8.1: stopping")
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Every phase in order; the report is printed even when a phase failed."""
+    plan = QUICK if args.quick else FULL
+    results = Results()
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, STOPPER.request)
+    with tempfile.TemporaryDirectory(prefix="llama-mesh-bench-") as tmp:
+        work = Path(tmp)
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("in-process", lambda: run_inprocess(plan, work, results)),
+            ("llama-mesh", lambda: run_mesh(plan, work, results)),
+        ]
+        if not args.skip_08:
+            steps.append(("llama-deploy 0.8.1", lambda: run_ld08(plan, work, results)))
+        failed = False
+        for name, step in steps:
+            try:
+                await step()
+            except Interrupted:
+                results.notes.append(f"interrupted during {name}; the figures are partial")
+                failed = True
+                break
+            except Exception as exc:
+                failed = True
+                results.notes.append(f"{name} failed: {type(exc).__name__}: {exc}")
+                say(f"{name} failed: {exc!r}")
+                _show_logs(work)
+    say(f"done in {time.perf_counter() - started:.0f} s")
+    print(report(plan, results), flush=True)
+    if STOPPER.requested:
+        return 130
+    return 1 if failed else 0
+
+
+def _show_logs(work: Path) -> None:
+    for log in sorted(work.glob("*.log")) + sorted(work.glob("mesh-data/logs/*/*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        say(f"--- last lines of {log.name}:\n" + "\n".join(tail))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options and run."""
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description="llama-mesh benchmarks; prints a Markdown table"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute)")
+    parser.add_argument("--skip-08", action="store_true", help="do not run llama-deploy 0.8.1")
+    args = parser.parse_args(argv)
+    return asyncio.run(run(args))

@@ -1,0 +1,324 @@
+"""The Markdown report: machine and versions, the table, how each figure was measured."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench._plan import Plan, Results
+from bench._procs import cpu_model, load_average, mem_total_gib
+from bench._stats import Latencies, Memory, Throughput
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ms(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.2f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def _x(value: float) -> str:
+    return "n/a" if math.isnan(value) or math.isinf(value) else f"{value:.2f}x"
+
+
+def _mib(value: float) -> str:
+    return f"{value:.2f} MiB"
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def _get(data: dict[str, Any], key: str) -> Any:
+    return data.get(key)
+
+
+Row = tuple[str, str, str, str, str, str, str]
+
+
+def latency_rows(results: Results) -> list[Row]:
+    """p50 and p99 of the echo task by path, against in-process and 0.8.1."""
+    rows: list[Row] = []
+    base: Latencies | None = _get(results.inprocess, "latency")
+    ld08: Latencies | None = _get(results.ld08, "latency")
+    paths = (
+        ("grpc", "gRPC, direct", True, False),
+        ("grpc_again", "gRPC, direct, after the throughput phase", False, False),
+        ("grpc_gateway", "gRPC, through the gateway", False, False),
+        ("json_v1", "JSON `/v1/…/tasks:run`, gateway", True, False),
+        ("json_08", "JSON 0.8 `/deployments/…/tasks/run`, gateway", False, True),
+    )
+    for key, label, targeted, compare_08 in paths:
+        sample: Latencies | None = _get(results.mesh, key)
+        if sample is None:
+            continue
+        for q, name in ((50, "p50"), (99, "p99")):
+            ours = sample.percentile(q) * 1e3
+            theirs = base.percentile(q) * 1e3 if base else math.nan
+            old = ld08.percentile(q) * 1e3 if ld08 and compare_08 else math.nan
+            target, verdict = "", ""
+            if targeted and q == 50:
+                target = f"≤ 6x in-process ({_ms(6 * theirs)})"
+                verdict = "pass" if ours <= 6 * theirs else "FAIL"
+            rows.append(
+                (
+                    f"echo end to end {name}: {label}",
+                    _ms(ours),
+                    _ms(theirs),
+                    _x(_div(ours, theirs)),
+                    _ms(old),
+                    target,
+                    verdict,
+                )
+            )
+    return rows
+
+
+def throughput_rows(results: Results) -> list[Row]:
+    """Tasks per second with 1 and 2 replicas."""
+    rows: list[Row] = []
+    base: Throughput | None = _get(results.inprocess, "throughput")
+    ld08: Throughput | None = _get(results.ld08, "throughput")
+    for key, label in (("throughput_1", "1 replica"), ("throughput_2", "2 replicas")):
+        ours: Throughput | None = _get(results.mesh, key)
+        if ours is None:
+            continue
+        theirs = base.per_cpu_second if base else math.nan
+        measured = f", {base.per_second:.0f} measured" if base else ""
+        rows.append(
+            (
+                f"throughput, echo, {label} (tasks/s)",
+                f"{ours.per_second:.0f}",
+                f"{theirs:.0f} per core{measured}",
+                _x(_div(ours.per_second, theirs)),
+                f"{ld08.per_second:.1f}" if ld08 else "n/a",
+                f"≥ 0.5x in-process ({theirs / 2:.0f}/s)",
+                "pass" if ours.per_second >= theirs / 2 else "FAIL",
+            )
+        )
+    return rows
+
+
+def streaming_rows(results: Results) -> list[Row]:
+    """Write-to-receive latency of streamed events."""
+    ours: Latencies | None = _get(results.mesh, "streaming")
+    base: Latencies | None = _get(results.inprocess, "streaming")
+    ld08: Latencies | None = _get(results.ld08, "streaming")
+    if ours is None:
+        return []
+    rows: list[Row] = []
+    for q, name in ((50, "p50"), (99, "p99")):
+        value = ours.percentile(q) * 1e3
+        theirs = base.percentile(q) * 1e3 if base else math.nan
+        target = "< 2 ms" if q == 50 else ""
+        verdict = ("pass" if value < 2.0 else "FAIL") if q == 50 else ""
+        rows.append(
+            (
+                f"event streaming {name} (write in workflow → client receives)",
+                _ms(value),
+                _ms(theirs),
+                _x(_div(value, theirs)),
+                _ms(ld08.percentile(q) * 1e3) if ld08 else "n/a",
+                target,
+                verdict,
+            )
+        )
+    return rows
+
+
+def memory_rows(results: Results) -> list[Row]:
+    """Resident memory per 1,000 idle sessions and per 1,000 queued tasks."""
+    rows: list[Row] = []
+    for key, label in (("memory_sessions", "idle sessions"), ("memory_tasks", "queued tasks")):
+        ours: Memory | None = _get(results.mesh, key)
+        base: Memory | None = _get(results.inprocess, key)
+        ld08: Memory | None = _get(results.ld08, key)
+        if ours is None:
+            continue
+        theirs = base.total if base else math.nan
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in ours.mib_per_1000.items())
+        rows.append(
+            (
+                f"memory per 1,000 {label} (RSS)",
+                f"{_mib(ours.total)} ({parts})",
+                _mib(theirs),
+                _x(_div(ours.total, theirs)),
+                _mib(ld08.total) if ld08 else "n/a",
+                "",
+                "",
+            )
+        )
+        for name, value in ours.extra.items():
+            rows.append((f"… {name} per 1,000 {label} (disk)", _mib(value), "", "", "", "", ""))
+    return rows
+
+
+def table(results: Results) -> str:
+    """The Markdown table of every figure."""
+    header: Row = (
+        "metric",
+        "llama-mesh",
+        "in-process",
+        "ratio",
+        "llama-deploy 0.8.1",
+        "target",
+        "pass/fail",
+    )
+    rows = [
+        header,
+        ("---", "---:", "---:", "---:", "---:", "---", "---"),
+        *latency_rows(results),
+        *throughput_rows(results),
+        *streaming_rows(results),
+        *memory_rows(results),
+    ]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def environment(ld08_versions: str | None) -> list[str]:
+    """Machine, versions and load, as Markdown list items."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    nats = _tool_version([str(Path(sys.executable).parent / "nats-server"), "--version"])
+    envoy_line = _tool_version([str(Path(sys.executable).parent / "envoy"), "--version"])
+    envoy = next(iter(re.findall(r"/(\d+\.\d+\.\d+)/", envoy_line)), envoy_line)
+    packages = ", ".join(
+        f"{name} {version(name)}"
+        for name in ("llama-mesh", "llama-index-workflows", "grpcio", "nats-py", "protobuf")
+    )
+    return [
+        f"- machine: {os.cpu_count()} CPUs (`nproc` {len(os.sched_getaffinity(0))}), "
+        f"{cpu_model()}, {mem_total_gib():.0f} GiB, Linux {platform.release()}",
+        f"- load average at the end: {load_average()}",
+        f"- Python {platform.python_version()}; {packages}",
+        f"- {nats}; envoy {envoy}",
+        f"- llama-mesh commit {commit or 'unknown'}{' (with local changes)' if dirty else ''}",
+        f"- llama-deploy 0.8.1 side: {ld08_versions or 'not run (--skip-08)'}",
+    ]
+
+
+def _tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except OSError:
+        return "unknown"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def method(plan: Plan, results: Results) -> list[str]:
+    """How each figure was measured, with this run's counts."""
+    mesh_tp: Throughput | None = results.mesh.get("throughput_1")
+    mesh_tp2: Throughput | None = results.mesh.get("throughput_2")
+    base_tp: Throughput | None = results.inprocess.get("throughput")
+    ld_tp: Throughput | None = results.ld08.get("throughput")
+    lines = [
+        f"- plan `{plan.name}`; every system runs the same workflow source "
+        "(`bench/_apps.py`), only its imports differ for 0.8.1. The client is this process; "
+        "llama-mesh and 0.8.1 each run in processes of their own, one after the other.",
+        f"- latency: {plan.latency_iterations} sequential echo tasks per path after "
+        f"{plan.warmup} warm-up ones, over one grpc.aio channel or one keep-alive httpx "
+        f"connection; a call is cut off after {plan.deadline:.0f} s and counted at that "
+        f"value. In-process: {plan.inprocess_iterations} `await workflow.run(message=...)`. "
+        f"0.8.1: {plan.ld08_latency_iterations} `POST /deployments/bench/tasks/run` (fewer: "
+        "each takes over half a second).",
+        f"- throughput: {plan.clients} concurrent clients calling RunTask (gRPC, direct) back "
+        f"to back for {plan.throughput_seconds:.0f} s after a warm-up, deadline "
+        f"{plan.throughput_deadline:.0f} s; 1 replica is service `echo`, 2 replicas `echo2` "
+        f"(both `max-concurrent-tasks: 64`). In-process: {plan.clients} concurrent "
+        f"`workflow.run` loops in this one process. 0.8.1: {plan.ld08_clients} clients of "
+        f"`tasks/run` for {plan.ld08_throughput_seconds:.0f} s (its service runs 8 tasks at "
+        "once).",
+        f"- streaming: one task writes {plan.stream_events} events "
+        f"{plan.stream_interval * 1e3:.0f} ms apart, each stamped with `time.time_ns()` when "
+        f"written; latency = receive time - stamp (one clock), the first {plan.stream_skip} "
+        "dropped. llama-mesh: `StreamEvents` (gRPC, direct); in-process: "
+        f"`handler.stream_events()`; 0.8.1: {plan.ld08_stream_events} events through "
+        "`GET /deployments/bench/tasks/{id}/events` (it hands out about one event per "
+        "0.1 s poll).",
+        f"- memory: RSS (`VmRSS`, median of 5 readings) before and after creating "
+        f"{plan.memory_count} sessions, or {plan.memory_count} tasks queued behind a `gate` "
+        "replica busy with its first one (`max-concurrent-tasks: 1`), scaled to 1,000. "
+        "llama-mesh: the API server process, nats-server and the gate worker, plus the "
+        "growth of the JetStream store on disk; in-process: a fresh interpreter holding that "
+        "many `Context(workflow)` objects, or that many started `workflow.run()` handlers "
+        f"parked in their step; 0.8.1 ({plan.ld08_memory_count} of each): its one process, "
+        "which holds its control plane, queue and services.",
+    ]
+    for label, tp in (("1 replica", mesh_tp), ("2 replicas", mesh_tp2)):
+        if tp is not None:
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in tp.cpu_ms_per_task.items())
+            lines.append(
+                f"- llama-mesh CPU per task, {label} (ms): {cpu}; {tp.tasks} tasks, "
+                f"failed: {tp.failure_text}"
+            )
+    if base_tp is not None:
+        cpu = ", ".join(f"{k} {v:.3f}" for k, v in base_tp.cpu_ms_per_task.items())
+        lines.append(
+            f"- in-process CPU per task (ms): {cpu}; {base_tp.tasks} tasks in "
+            f"{base_tp.seconds:.1f} s; the in-process column's throughput is 1,000 / this "
+            "(tasks per CPU-second, one core), the target's basis: on this shared machine a "
+            "process does not always get a whole core"
+        )
+    if ld_tp is not None:
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in ld_tp.cpu_ms_per_task.items())
+        lines.append(
+            f"- 0.8.1 CPU per task (ms): {cpu}; {ld_tp.tasks} tasks, failed: {ld_tp.failure_text}"
+        )
+    for key in ("grpc", "grpc_again", "grpc_gateway", "json_v1", "json_08"):
+        sample: Latencies | None = results.mesh.get(key)
+        if sample is not None and (sample.timeouts or sample.errors):
+            lines.append(
+                f"- **{key}: {sample.timeouts} of {len(sample)} calls hit the "
+                f"{plan.deadline:.0f} s deadline, {sample.errors} failed**"
+            )
+    grpc_sample: Latencies | None = results.mesh.get("grpc")
+    if grpc_sample is not None and grpc_sample.segments:
+        parts = "; ".join(f"{k}: {v:.2f}" for k, v in grpc_sample.segment_medians_ms().items())
+        lines.append(
+            "- where the time of a gRPC echo task goes (medians, ms; from the task's "
+            f"`created_at`/`started_at`/`finished_at`): {parts}"
+        )
+    stuck = results.mesh.get("stuck")
+    if stuck:
+        lines.append(
+            f"- **{stuck} llama-mesh tasks were still RUNNING after their clients gave up; "
+            "the benchmark cancelled them before stopping**"
+        )
+    return lines + [f"- note: {note}" for note in results.notes]
+
+
+def report(plan: Plan, results: Results) -> str:
+    """The whole Markdown report."""
+    return "\n".join(
+        [
+            "## llama-mesh benchmark",
+            "",
+            *environment(results.ld08.get("versions")),
+            "",
+            table(results),
+            "",
+            "How each figure was measured:",
+            "",
+            *method(plan, results),
+            "",
+        ]
+    )
