@@ -563,3 +563,16 @@ async def test_kv_watch_of_a_whole_key_sees_only_that_key(queue: MessageQueue) -
     second = await next_within(watch, WAIT)
     assert (second.key, second.value) == ("dep.t1", b"new")
     await aclose(watch)
+
+
+async def test_kv_keys_lists_every_present_key_every_time(queue: MessageQueue) -> None:
+    """keys() never misses stored keys (nats-py's own listing could report none when its
+    end marker raced the buffered messages); deleted keys are not listed."""
+    kv = await queue.kv("listing")
+    for i in range(40):
+        await kv.put(f"s.k{i:02d}", b"v")
+    await kv.delete("s.k07")
+    expected = sorted(f"s.k{i:02d}" for i in range(40) if i != 7)
+    listings = await asyncio.gather(*(kv.keys("s.") for _ in range(25)))
+    assert all(listing == expected for listing in listings)
+    assert await kv.keys("nothing.") == []

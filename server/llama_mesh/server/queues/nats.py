@@ -37,8 +37,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Final, Generic, TypeVar, cast
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, Final, Generic, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 _REQUEST_TIMEOUT: Final = 5.0
 _FETCH_TIMEOUT: Final = 5.0
 _CONSUMER_INACTIVE: Final = 1.0
+_KEYS_TIMEOUT: Final = 5.0
 """How long one pull request waits on the server for messages (a long poll)."""
 _FETCH_ERROR_BACKOFF: Final = 1.0
 _DRAIN_TIMEOUT: Final = 5.0
@@ -609,23 +610,38 @@ class NatsKeyValueStore(KeyValueStore):
         raise QueueError(f"key {key!r} kept changing; not deleted")
 
     async def keys(self, prefix: str = "") -> list[str]:
+        # Not nats-py's kv.keys()/watch(): its end-of-keys marker races with messages still
+        # in the client's buffer and can report no keys at all under load. Instead: ask the
+        # stream how many subjects match, then read the last message of each until the
+        # server says none is pending (a per-message count, immune to that race).
         self.owner.check_open()
-        keys: set[str] = set()
-        pattern = self.subject_filter(prefix)[len(self.subject_prefix) :]
+        subject = self.subject_filter(prefix)
         with _translated():
-            watcher = await self._kv.watch(
-                pattern, ignore_deletes=True, meta_only=True, inactive_threshold=10.0
+            info = await self.owner.js.stream_info(self.stream, subjects_filter=subject)
+            if not (info.state.subjects or {}):
+                return []
+            sub = await self.owner.js.subscribe(
+                subject,
+                stream=self.stream,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                headers_only=True,
+                inactive_threshold=_CONSUMER_INACTIVE,
             )
+            keys: set[str] = set()
             try:
-                async for entry in watcher:
-                    if entry is None:  # the end of the stored keys
+                while True:
+                    msg = await sub.next_msg(timeout=_KEYS_TIMEOUT)
+                    key = msg.subject[len(self.subject_prefix) :]
+                    if key.startswith(prefix) and not _is_deletion(msg.headers):
+                        keys.add(key)
+                    if msg.metadata.num_pending == 0:
                         break
-                    if entry.key.startswith(prefix):
-                        keys.add(entry.key)
+            except nats.errors.TimeoutError:
+                pass  # the matching subjects were purged meanwhile
             finally:
-                stop = cast(Callable[[], Awaitable[None]], watcher.stop)  # untyped in nats-py
                 with contextlib.suppress(Exception):
-                    await stop()
+                    await sub.unsubscribe()
         return sorted(keys)
 
     def watch(
