@@ -7,6 +7,7 @@ at the edges only (gRPC servicers, message-queue payloads, key-value records).
 from __future__ import annotations
 
 import enum
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from typing import Any
 
 JsonValue = Any
 """A value that ``json.dumps`` accepts."""
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+"""Task and session ids: they become key-value keys and subject tokens (use fullmatch)."""
 
 
 def new_id() -> str:

@@ -235,10 +235,7 @@ class LlamaDeployApiServicer(ld_grpc.LlamaDeployApiServicer):
         self, request: ld.LlamaDeployApiListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> ld.LlamaDeployApiListSessionsResponse:
         sessions = await self._mesh.list_sessions(request.deployment_name)
-        for session in sessions:
-            session.task_ids = await self._mesh.cp.session_task_ids(
-                request.deployment_name, session.session_id
-            )
+        sessions = await self._mesh.with_task_ids(request.deployment_name, sessions)
         return ld.LlamaDeployApiListSessionsResponse(
             body=json_body([session_definition(s) for s in sessions])
         )

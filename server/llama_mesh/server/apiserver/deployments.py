@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.supervisor import ReplicaSpec, Supervisor
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.deployment_config import (
+    NAME_PATTERN,
     DeploymentConfig,
     DeploymentConfigError,
     parse_deployment_config,
@@ -44,9 +44,6 @@ from llama_mesh.server.venvs import VenvError, VenvManager
 from llama_mesh.v1 import apiserver_pb2, types_pb2
 
 logger = logging.getLogger(__name__)
-
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-"""A deployment name (it becomes a subject token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +73,7 @@ class DeploymentManager:
         self.settings = settings
         self._venvs = VenvManager(settings.data_dir / "venvs")
         self._configs: dict[str, DeploymentConfig] = {}
+        self._generations: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     @property
@@ -86,6 +84,11 @@ class DeploymentManager:
     def names(self) -> list[str]:
         """Names of the deployments this server runs, sorted."""
         return sorted(self._configs)
+
+    def generation(self, name: str) -> int:
+        """The generation of a deployment this server runs (no store read: tasks ask often)."""
+        self.config(name)
+        return self._generations[name]
 
     def config(self, name: str) -> DeploymentConfig:
         """The parsed configuration of a deployment; :class:`NotFoundError` when absent."""
@@ -142,6 +145,7 @@ class DeploymentManager:
             await self._cp.delete_deployment(name)
             await self._queue.delete_topic(subjects.progress_topic(name))
             self._configs.pop(name, None)
+            self._generations.pop(name, None)
 
     async def restore(self) -> None:
         """Bring back every persisted deployment (after a server restart)."""
@@ -161,7 +165,7 @@ class DeploymentManager:
         No check that ``name`` exists: a client may ask for the progress of a deployment it
         is creating at the same moment.
         """
-        if not NAME.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise InvalidArgumentError(
                 f"invalid deployment name {name!r}: letters, digits, '-' and '_'",
                 reason="INVALID_NAME",
@@ -212,6 +216,7 @@ class DeploymentManager:
                 f"Deployment '{name}' failed: {exc}", reason="DEPLOY_FAILED"
             ) from exc
         self._configs[name] = config
+        self._generations[name] = record.generation
         self._supervisor.clear_failures(name)
         for spec in specs:
             await self._say(

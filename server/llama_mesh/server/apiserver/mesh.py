@@ -7,13 +7,13 @@ a caller streaming events subscribes to the task's event topic.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator
 
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.apiserver.deployments import DeploymentManager
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.domain import (
+    ID_PATTERN,
     HumanEvent,
     JsonValue,
     Session,
@@ -34,14 +34,13 @@ from llama_mesh.server.queues.base import MessageQueue, QueueError
 from llama_mesh.server.service.worker import final_event
 from llama_mesh.v1 import messages_pb2
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 MAX_INPUT_BYTES = 4 * 1024 * 1024
 """The largest task input or event payload accepted, as JSON text."""
 
 
 def check_id(kind: str, value: str) -> str:
     """Reject ids that could not be ours (they become key and subject tokens)."""
-    if not _ID.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise InvalidArgumentError(
             f"invalid {kind} {value!r}: use letters, digits, '-' and '_' (at most 128)",
             reason="INVALID_ID",
@@ -101,9 +100,9 @@ class Mesh:
             input=input,
         )
         await self.cp.record_task(task)
-        record = await self.cp.get_deployment(deployment)
+        generation = self.deployments.generation(deployment)
         try:
-            await self.orchestrator.schedule(task, generation=record.generation)
+            await self.orchestrator.schedule(task, generation=generation)
         except QueueError as exc:
             # Recorded but not queued: fail it rather than leave it QUEUED forever.
             reason = f"the task could not be queued: {exc}"
@@ -251,6 +250,12 @@ class Mesh:
         """A deployment's sessions."""
         self.deployments.config(deployment)
         return await self.cp.list_sessions(deployment)
+
+    async def with_task_ids(self, deployment: str, sessions: list[Session]) -> list[Session]:
+        """``sessions`` with their task ids filled in (listings leave them empty)."""
+        for session in sessions:
+            session.task_ids = await self.cp.session_task_ids(deployment, session.session_id)
+        return sessions
 
     async def delete_session(self, deployment: str, session_id: str) -> None:
         """Delete a session and its stored workflow context."""

@@ -213,10 +213,7 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
     ) -> apiserver_pb2.ListSessionsResponse:
         sessions = await self._mesh.list_sessions(request.deployment)
         page, token = paginate(sessions, request.page_size, request.page_token)
-        for session in page:
-            session.task_ids = await self._mesh.cp.session_task_ids(
-                request.deployment, session.session_id
-            )
+        page = await self._mesh.with_task_ids(request.deployment, list(page))
         return apiserver_pb2.ListSessionsResponse(
             sessions=[convert.session_to_proto(s) for s in page], next_page_token=token
         )

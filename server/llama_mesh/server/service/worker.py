@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import socket
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from llama_mesh.server import convert, subjects
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.control_plane.store import HEARTBEAT_INTERVAL, ControlPlane
 from llama_mesh.server.domain import (
+    ID_PATTERN,
     EventKind,
     HumanEvent,
     JsonValue,
@@ -49,8 +49,6 @@ from llama_mesh.server.service.runner import CancelRequest, RunOutcome, TaskInpu
 from llama_mesh.v1 import messages_pb2
 
 logger = logging.getLogger(__name__)
-
-_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +183,7 @@ class Worker:
             logger.error("dropping an undecodable task message (%d bytes)", len(delivery.data))
             await delivery.term()
             return
-        if msg.deployment != self.settings.deployment or not _TASK_ID.match(msg.task_id):
+        if msg.deployment != self.settings.deployment or not ID_PATTERN.fullmatch(msg.task_id):
             logger.error("dropping a task message for %r/%r", msg.deployment, msg.task_id)
             await delivery.term()
             return
