@@ -425,13 +425,6 @@ async def test_oversized_body_is_413_json(app: App) -> None:
     await assert_alive(app)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway gap: Envoy's 413 local reply says only 'Payload Too Large'; "
-        "the body does not name the limit (GatewayConfig.max_request_bytes)"
-    ),
-)
 async def test_oversized_body_error_names_the_limit(app: App) -> None:
     """The 413 for a too-large body says what the limit is."""
     response = await post_streaming(_gateway_port(app), f"/v1/deployments/{APP}/tasks:run", HUGE)
@@ -463,15 +456,6 @@ async def test_non_standard_json_in_0_8_input_is_400_and_poisons_nothing(app: Ap
     assert (statuses, listed.status_code) == (dict.fromkeys(statuses, 400), 200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug: a percent-escape that decodes to invalid UTF-8 (%80) in a path or query "
-        "parameter reaches the server as a string field with bad UTF-8; grpc's request "
-        "deserializer raises DecodeError before ErrorInterceptor's wrapper runs, and grpc "
-        "answers UNKNOWN 'Unexpected DecodeError' -> HTTP 500 instead of INVALID_ARGUMENT"
-    ),
-)
 @pytest.mark.parametrize(
     ("method", "path"),
     [

@@ -364,7 +364,8 @@ async def test_malformed_json_body_is_json_400(
 async def test_oversized_request_is_json_413(
     start_gateway: StartGateway, upstream: FakeApiServerHandle
 ) -> None:
-    """A request body over max_request_bytes is refused with 413 before reaching the server."""
+    """A request body over max_request_bytes is refused with 413 naming the limit, before
+    reaching the server."""
     gateway = await start_gateway(upstream.port, max_request_bytes=64 * 1024)
     big = {"input": "x" * (100 * 1024)}
 
@@ -373,10 +374,11 @@ async def test_oversized_request_is_json_413(
         small = await http.post("/deployments/d/tasks/run", json={"input": "x"})
 
     assert response.status_code == 413
+    message = "the request body is larger than the gateway's limit of 65536 bytes (64 KiB)"
     assert response.json() == {
-        "detail": "Payload Too Large",
+        "detail": message,
         "code": 8,
-        "message": "Payload Too Large",
+        "message": message,
         "details": [],
     }
     assert small.status_code == 200

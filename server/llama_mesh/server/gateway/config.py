@@ -280,7 +280,7 @@ def _connection_manager(cfg: GatewayConfig) -> dict[str, Any]:
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         "route_config": _route_config(cfg),
         "http_filters": _http_filters(cfg),
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(cfg),
     }
     if cfg.access_log:
         hcm["access_log"] = [
@@ -453,18 +453,27 @@ def _cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def _local_reply_config() -> dict[str, Any]:
+def _local_reply_config(cfg: GatewayConfig) -> dict[str, Any]:
     """Envoy's own replies as google.rpc.Status JSON, except to gRPC and gRPC-Web requests.
 
     gRPC clients get Envoy's usual trailers-only reply (grpc-status, plain grpc-message), so
     there is no default ``body_format``: every mapper is scoped to non-gRPC requests, which
     the Lua filter marks in dynamic metadata.
     """
+    messages = {
+        **_LOCAL_REPLY_MESSAGES,
+        # Envoy says only "Payload Too Large"; a client needs the limit to know what to send.
+        # Every 413 of Envoy's is this one limit (the buffer filter's and the transcoder's).
+        413: (
+            f"the request body is larger than the gateway's limit of {cfg.max_request_bytes} "
+            f"bytes{_size_in_units(cfg.max_request_bytes)}"
+        ),
+    }
     mappers = [
         {
             "filter": _not_grpc_and(_status_filter("EQ", status)),
             "body_format_override": _status_body_format(
-                grpc_code, _LOCAL_REPLY_MESSAGES.get(status, "%LOCAL_REPLY_BODY%")
+                grpc_code, messages.get(status, "%LOCAL_REPLY_BODY%")
             ),
         }
         for status, grpc_code in _GRPC_CODE_BY_HTTP_STATUS.items()
@@ -476,6 +485,14 @@ def _local_reply_config() -> dict[str, Any]:
         }
     )
     return {"mappers": mappers}
+
+
+def _size_in_units(size: int) -> str:
+    """``" (8 MiB)"`` or ``" (64 KiB)"`` for a whole number of them, else nothing."""
+    for unit, name in ((MIB, "MiB"), (1024, "KiB")):
+        if size % unit == 0:
+            return f" ({size // unit} {name})"
+    return ""
 
 
 def _status_filter(op: str, status: int) -> dict[str, Any]:
