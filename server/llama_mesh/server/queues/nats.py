@@ -37,7 +37,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Final, Generic, TypeVar
 
 import nats.errors
@@ -69,6 +69,13 @@ _CONSUMER_INACTIVE: Final = 1.0
 _KEYS_TIMEOUT: Final = 5.0
 """How long one pull request waits on the server for messages (a long poll)."""
 _FETCH_ERROR_BACKOFF: Final = 1.0
+_RESUME_BACKOFF: Final = (0.1, 5.0)
+"""First and longest pause between attempts to resume a subscription."""
+_LIVENESS_INTERVAL: Final = 5.0
+_PATIENCE: Final = 20.0
+"""How long a read (a key, opening a subscription) is tried again while NATS answers
+"unavailable", as a cluster does while it elects leaders after losing a node."""
+"""How long a subscription may stay silent before its consumer is looked up."""
 _DRAIN_TIMEOUT: Final = 5.0
 _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
@@ -80,12 +87,15 @@ _KV_DELETIONS: Final = frozenset({"DEL", "PURGE"})
 _MARKER_REASON: Final = "Nats-Marker-Reason"
 _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
 _STREAM_NAME_IN_USE: Final = 10058
+_NO_PEERS_FOR_PLACEMENT: Final = 10005
+"""A replicated stream cannot be placed yet: a cluster still forming, or a node down."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_=./-]+$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 # --------------------------------------------------------------------------------------------
 # Error translation: the one place where nats-py errors become QueueErrors.
@@ -140,6 +150,34 @@ def _translated(*, conflict: type[QueueError] = RevisionMismatchError) -> Iterat
         raise translated from exc
 
 
+async def _patiently(owner: NatsQueue, read: Callable[[], Awaitable[R]], what: str) -> R:
+    """Run ``read`` (idempotent), again after a pause while NATS is unavailable, for up to
+    :data:`_PATIENCE` seconds: a failover must not fail every caller that reads meanwhile."""
+    pause, longest = _RESUME_BACKOFF
+    deadline = time.monotonic() + _PATIENCE
+    while True:
+        try:
+            return await read()
+        except QueueUnavailableError as exc:
+            if owner.closed or time.monotonic() + pause > deadline:
+                raise
+            logger.info("%s failed (%r); again in %.1f s", what, exc, pause)
+        raise_if_cancelling()
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, longest)
+
+
+@contextlib.contextmanager
+def _placement_unavailable() -> Iterator[None]:
+    """ "No suitable peers for placement" is the cluster being unavailable for now."""
+    try:
+        yield
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != _NO_PEERS_FOR_PLACEMENT:
+            raise
+        raise QueueUnavailableError(f"NATS cannot place a replicated stream yet: {exc}") from exc
+
+
 def _check_name(kind: str, name: str) -> None:
     if not _NAME_RE.match(name):
         raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
@@ -188,7 +226,7 @@ class _Feed(Generic[T]):
         if not self._opened and not self.ended:
             async with self._open_lock:
                 if not self._opened and not self.ended:
-                    await self._open()
+                    await _patiently(self.owner, self._open, "opening a subscription")
                     self._opened = True
                     if self.shut:  # shut down while opening
                         await self._shutdown()
@@ -411,9 +449,16 @@ class _PushFeed(_Feed[T]):
         self._resume_lock = asyncio.Lock()
         self._last_seq = 0
         """Stream sequence of the last message received."""
+        self._heard = False
+        """Whether a message arrived since the watchdog last looked."""
+        self._watchdog_task: asyncio.Task[None] | None = None
 
     def _first_config(self) -> api.ConsumerConfig:
         raise NotImplementedError
+
+    def _received(self, msg: Msg) -> None:
+        self._last_seq = msg.metadata.sequence.stream
+        self._heard = True
 
     async def _on_msg(self, msg: Msg) -> None:
         raise NotImplementedError
@@ -440,6 +485,36 @@ class _PushFeed(_Feed[T]):
                 # rather than after 5 s, or busy streams reach the 1,000-consumer limit.
                 inactive_threshold=_CONSUMER_INACTIVE,
             )
+        if self._watchdog_task is None:
+            self._watchdog_task = self.owner.spawn(
+                self._watchdog(), name=f"nats-watchdog-{self._subject}"
+            )
+
+    async def _watchdog(self) -> None:
+        """Resume when the consumer is gone while the connection stays up.
+
+        When the cluster node holding our consumer dies but our connection is to another
+        node, nats-py notices only by missed heartbeats, and stops trying if recreating the
+        consumer fails then (as it does while the cluster elects leaders): the feed would
+        fall silent for good. So a feed silent for a while looks its consumer up.
+        """
+        while not self.shut and not self.owner.closed:
+            await asyncio.sleep(_LIVENESS_INTERVAL)
+            if self._heard:
+                self._heard = False
+                continue
+            sub = self._sub
+            if sub is None or self._resume_lock.locked():
+                continue  # being resumed already
+            try:
+                await sub.consumer_info()
+            except Exception as exc:
+                raise_if_cancelling()
+                if self.shut or self.owner.closed:
+                    return
+                logger.info("the consumer of %s is lost (%r); resuming", self._subject, exc)
+                await self._resume()
+            raise_if_cancelling()
 
     def on_reconnected(self) -> None:
         # A restarted server forgot our (in-memory) ordered consumer; nats-py would notice
@@ -448,13 +523,26 @@ class _PushFeed(_Feed[T]):
             self.owner.spawn(self._resume(), name=f"nats-resume-{self._subject}")
 
     async def _resume(self) -> None:
+        """Subscribe again after the last message received, trying until it works: right
+        after a cluster node dies, creating a consumer fails until leaders are elected
+        again, and readers waiting on this feed must not fail for that."""
+        pause, longest = _RESUME_BACKOFF
         async with self._resume_lock:
-            await self._unsubscribe()
-            try:
-                await self._subscribe()
-            except Exception as exc:
-                logger.warning("resuming the subscription to %s failed: %r", self._subject, exc)
-                self.end(exc if isinstance(exc, QueueError) else QueueError(repr(exc)))
+            while not self.shut and not self.owner.closed:
+                await self._unsubscribe()
+                try:
+                    await self._subscribe()
+                    break
+                except Exception as exc:
+                    logger.warning(
+                        "resuming the subscription to %s failed: %r; again in %.1f s",
+                        self._subject,
+                        exc,
+                        pause,
+                    )
+                raise_if_cancelling()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
             if self.shut:
                 await self._unsubscribe()
 
@@ -465,6 +553,8 @@ class _PushFeed(_Feed[T]):
                 await sub.unsubscribe()
 
     async def _shutdown(self) -> None:
+        if self._watchdog_task is not None and self._watchdog_task is not asyncio.current_task():
+            await cancel_and_wait(self._watchdog_task)
         await self._unsubscribe()
 
 
@@ -476,7 +566,7 @@ class _TopicFeed(_PushFeed[bytes]):
         return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
 
     async def _on_msg(self, msg: Msg) -> None:
-        self._last_seq = msg.metadata.sequence.stream
+        self._received(msg)
         self.items.put_nowait(msg.data)
 
 
@@ -508,8 +598,8 @@ class _WatchFeed(_PushFeed[KeyValueEntry]):
         )
 
     async def _on_msg(self, msg: Msg) -> None:
-        revision = msg.metadata.sequence.stream
-        self._last_seq = revision
+        self._received(msg)
+        revision = self._last_seq
         key = msg.subject[len(self._store.subject_prefix) :]
         if not watches(self._prefix, key):
             return
@@ -551,6 +641,9 @@ class NatsKeyValueStore(KeyValueStore):
     async def get(self, key: str) -> KeyValueEntry | None:
         self.owner.check_open()
         _check_key(key)
+        return await _patiently(self.owner, lambda: self._get(key), f"reading key {key!r}")
+
+    async def _get(self, key: str) -> KeyValueEntry | None:
         with _translated():
             try:
                 msg = await self.owner.js.get_msg(
@@ -769,7 +862,10 @@ class NatsQueue(MessageQueue):
         )
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
-        with _translated():
+        await _patiently(self, lambda: self._add_stream(config), f"creating stream {config.name}")
+
+    async def _add_stream(self, config: api.StreamConfig) -> None:
+        with _translated(), _placement_unavailable():
             try:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError as exc:
@@ -881,12 +977,14 @@ class NatsQueue(MessageQueue):
         async with self._bucket_lock:
             store = self._buckets.get(bucket)
             if store is None:
-                store = self._buckets[bucket] = await self._open_bucket(bucket, ttl)
+                store = self._buckets[bucket] = await _patiently(
+                    self, lambda: self._open_bucket(bucket, ttl), f"opening bucket {bucket}"
+                )
         return store
 
     async def _open_bucket(self, bucket: str, ttl: float | None) -> NatsKeyValueStore:
         name = f"{self._prefix}_{bucket}"
-        with _translated():
+        with _translated(), _placement_unavailable():
             try:
                 kv = await self.js.key_value(name)
                 status = await kv.status()
