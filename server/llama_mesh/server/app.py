@@ -110,7 +110,9 @@ def create_grpc_server(
     llama_deploy_api_pb2_grpc.add_LlamaDeployApiServicer_to_server(
         LlamaDeployApiServicer(mesh), server
     )
-    control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneServicer(mesh.cp), server)
+    control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(
+        ControlPlaneServicer(mesh.cp, mesh.watcher), server
+    )
     orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
         OrchestratorServicer(mesh.orchestrator, mesh.deployments.config), server
     )
@@ -179,6 +181,9 @@ class MeshServer:
             ),
         )
         self.mesh = Mesh(cp, self.queue, deployments, Orchestrator(self.queue))
+        # Watching before serving: callers waiting on tasks find the watch running.
+        self.mesh.watcher.start()
+        self._stack.push_async_callback(self.mesh.watcher.close)
         server, self.grpc_port, self._health = create_grpc_server(
             f"{s.grpc_host}:{s.grpc_port}",
             self.mesh,
@@ -189,7 +194,7 @@ class MeshServer:
         self._server = server
         await server.start()
         self._stack.push_async_callback(self._stop_grpc)
-        follower = asyncio.create_task(self.metrics.follow(cp), name="metrics")
+        follower = asyncio.create_task(self.metrics.follow(cp, self.mesh.watcher), name="metrics")
         self._background.add(follower)
         self._stack.push_async_callback(self._stop_background)
         if s.metrics_port is not None:

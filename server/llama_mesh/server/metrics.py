@@ -1,7 +1,7 @@
 """Prometheus metrics: tasks by status, latencies, queue depth, redeliveries, RPCs.
 
-Task metrics follow the control plane's task records (a key-value watch), so they count
-what every replica did, wherever it runs. Served on ``--metrics-port`` (127.0.0.1).
+Task metrics follow the control plane's task records (the API server's task watch), so
+they count what every replica did, wherever it runs. Served on ``--metrics-port`` (127.0.0.1).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.control_plane.store import ControlPlane, TaskChange
+from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import Task, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -107,22 +108,22 @@ class Metrics:
         elif task.status is TaskStatus.RUNNING and task.started_at:
             self.wait.labels(*labels).observe(max(0.0, task.started_at - task.created_at))
 
-    async def follow(self, control_plane: ControlPlane) -> None:
-        """Update task metrics from every task change until cancelled.
+    async def follow(self, control_plane: ControlPlane, watcher: TaskWatcher) -> None:
+        """Update task metrics from every task change the watcher sees from now on.
 
         Tasks still queued or running when this starts (after a restart) are counted as
         active, not as new.
         """
-        changes = control_plane.watch_tasks()
+        watcher.add_listener(self._on_change)
+        watcher.start()
         for record in await control_plane.list_deployments():
             for task in await control_plane.list_tasks(record.name):
                 if not task.status.is_final and task.task_id not in self._seen:
                     self.observe_task(task)
-        async for task in changes:
-            try:
-                self.observe_task(task)
-            except Exception:
-                logger.exception("could not account for task %s", task.task_id)
+
+    def _on_change(self, change: TaskChange) -> None:
+        if change.task is not None:
+            self.observe_task(change.task)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose ``/metrics`` over HTTP (a daemon thread)."""

@@ -176,7 +176,9 @@ class LlamaDeployApiServicer(ld_grpc.LlamaDeployApiServicer):
         if not session_id:
             # 0.8 semantics: a run without a session does not keep the one it used.
             with contextlib.suppress(Exception):
-                await self._mesh.delete_session(deployment, task.session_id)
+                await self._mesh.delete_session(
+                    deployment, task.session_id, task_ids=[task.task_id]
+                )
         raise_if_failed(task)
         return ld.LlamaDeployApiRunTaskResponse(body=json_body(result_text(task.result)))
 

@@ -1,17 +1,20 @@
 """What the API does, in domain terms: both gRPC surfaces (v1 and 0.8) call into this.
 
-Waiting is push-based everywhere: a caller waiting for a result watches the task's record,
-a caller streaming events subscribes to the task's event topic.
+Waiting is push-based everywhere: a caller waiting for a result follows the task's record
+through the API server's one shared watch of task records (:class:`TaskWatcher`), a caller
+streaming events subscribes to the task's event topic.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.apiserver.deployments import DeploymentManager
 from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import (
     ID_PATTERN,
     HumanEvent,
@@ -72,6 +75,7 @@ class Mesh:
         self.queue = queue
         self.deployments = deployments
         self.orchestrator = orchestrator
+        self.watcher = TaskWatcher(control_plane)
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -87,11 +91,13 @@ class Mesh:
         config = self.deployments.config(deployment)
         service = choose_service(config, service_id)
         check_json_size("the task input", input)
+        writes: list[Awaitable[object]] = []
         if session_id:
             check_id("session id", session_id)
-            await self.cp.get_session(deployment, session_id)
+            await self.cp.get_session(deployment, session_id, task_ids=False)
         else:
-            session_id = (await self.cp.create_session(deployment)).session_id
+            session_id = new_id()
+            writes.append(self.cp.create_session(deployment, session_id))
         task = Task(
             task_id=new_id(),
             deployment=deployment,
@@ -99,7 +105,8 @@ class Mesh:
             session_id=session_id,
             input=input,
         )
-        await self.cp.record_task(task)
+        # The session, the task and its index entry are independent writes: one round trip.
+        await asyncio.gather(*writes, self.cp.record_task(task))
         generation = self.deployments.generation(deployment)
         try:
             await self.orchestrator.schedule(task, generation=generation)
@@ -120,12 +127,7 @@ class Mesh:
 
     async def wait_task(self, deployment: str, task_id: str) -> Task:
         """The task once it is final (succeeded, failed or cancelled)."""
-        last: Task | None = None
-        async for last in self.cp.watch_task(deployment, task_id):
-            if last.status.is_final:
-                return last
-        assert last is not None
-        return last
+        return await self.watcher.wait_final(deployment, task_id)
 
     async def run_task(
         self,
@@ -257,7 +259,11 @@ class Mesh:
             session.task_ids = await self.cp.session_task_ids(deployment, session.session_id)
         return sessions
 
-    async def delete_session(self, deployment: str, session_id: str) -> None:
-        """Delete a session and its stored workflow context."""
+    async def delete_session(
+        self, deployment: str, session_id: str, *, task_ids: list[str] | None = None
+    ) -> None:
+        """Delete a session and its stored workflow context (see
+        :meth:`ControlPlane.delete_session` for ``task_ids``)."""
         self.deployments.config(deployment)
-        await self.cp.delete_session(deployment, check_id("session id", session_id))
+        check_id("session id", session_id)
+        await self.cp.delete_session(deployment, session_id, task_ids=task_ids)

@@ -9,6 +9,7 @@ import grpc
 
 from llama_mesh.server import convert
 from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import TaskStatus
 from llama_mesh.server.errors import InvalidArgumentError
 from llama_mesh.v1 import control_plane_pb2 as cp
@@ -18,8 +19,9 @@ from llama_mesh.v1 import control_plane_pb2_grpc as cp_grpc
 class ControlPlaneServicer(cp_grpc.ControlPlaneServicer):
     """Registry, tasks, sessions and session state over gRPC."""
 
-    def __init__(self, store: ControlPlane) -> None:
+    def __init__(self, store: ControlPlane, watcher: TaskWatcher) -> None:
         self._store = store
+        self._watcher = watcher
 
     async def ListServiceInstances(
         self, request: cp.ControlPlaneListServiceInstancesRequest, context: grpc.aio.ServicerContext
@@ -36,7 +38,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServicer):
         if task.status is not TaskStatus.QUEUED or not task.task_id or not task.deployment:
             raise InvalidArgumentError("a new task needs an id, a deployment and status QUEUED")
         stored = await self._store.record_task(task)
-        return cp.ControlPlaneRecordTaskResponse(task=convert.task_to_proto(stored))
+        return cp.ControlPlaneRecordTaskResponse(task=convert.task_to_proto(stored.task))
 
     async def GetTask(
         self, request: cp.ControlPlaneGetTaskRequest, context: grpc.aio.ServicerContext
@@ -53,7 +55,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServicer):
     async def WatchTask(
         self, request: cp.ControlPlaneWatchTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[cp.ControlPlaneWatchTaskResponse]:
-        async for task in self._store.watch_task(request.deployment, request.task_id):
+        async for task in self._watcher.follow(request.deployment, request.task_id):
             yield cp.ControlPlaneWatchTaskResponse(task=convert.task_to_proto(task))
 
     async def CreateSession(

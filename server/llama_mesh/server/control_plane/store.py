@@ -19,9 +19,10 @@ Workers and the API server both use this class: it is the library form of the
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, replace
 
 from llama_mesh.server import convert
 from llama_mesh.server.domain import (
@@ -35,6 +36,7 @@ from llama_mesh.server.domain import (
 from llama_mesh.server.errors import AlreadyExistsError, NotFoundError
 from llama_mesh.server.queues.base import (
     KeyExistsError,
+    KeyValueEntry,
     KeyValueStore,
     MessageQueue,
     RevisionMismatchError,
@@ -47,6 +49,24 @@ HEARTBEAT_INTERVAL = 2.0
 """Seconds between a replica's heartbeats."""
 INSTANCE_TTL = 3 * HEARTBEAT_INTERVAL
 """A replica whose heartbeat is older than this disappears from the registry."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTask:
+    """A task as read from (or written to) its key, with the key's revision then."""
+
+    task: Task
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChange:
+    """A write to a task's key: the task as written, or ``None`` when it was deleted."""
+
+    deployment: str
+    task_id: str
+    task: Task | None
+    revision: int
 
 
 class ControlPlane:
@@ -110,8 +130,11 @@ class ControlPlane:
             raise AlreadyExistsError(f"Session '{session.session_id}' already exists") from exc
         return session
 
-    async def get_session(self, deployment: str, session_id: str) -> Session:
-        """A session with its task ids; :class:`NotFoundError` when absent."""
+    async def get_session(
+        self, deployment: str, session_id: str, *, task_ids: bool = True
+    ) -> Session:
+        """A session (with its task ids unless ``task_ids`` is false, which reads one key
+        rather than the session's whole index); :class:`NotFoundError` when absent."""
         entry = await self._buckets["sessions"].get(f"{deployment}.{session_id}")
         if entry is None or entry.value is None:
             raise NotFoundError(
@@ -119,7 +142,8 @@ class ControlPlane:
                 reason="SESSION_NOT_FOUND",
             )
         session = convert.session_from_proto(types_pb2.Session.FromString(entry.value))
-        session.task_ids = await self.session_task_ids(deployment, session_id)
+        if task_ids:
+            session.task_ids = await self.session_task_ids(deployment, session_id)
         return session
 
     async def session_task_ids(self, deployment: str, session_id: str) -> list[str]:
@@ -144,13 +168,22 @@ class ControlPlane:
                 sessions.append(convert.session_from_proto(msg))
         return sessions
 
-    async def delete_session(self, deployment: str, session_id: str) -> None:
-        """Delete a session, its task index and its workflow state."""
-        await self.get_session(deployment, session_id)
+    async def delete_session(
+        self, deployment: str, session_id: str, *, task_ids: list[str] | None = None
+    ) -> None:
+        """Delete a session, its task index and its workflow state.
+
+        ``task_ids``, given when the caller knows the session's tasks, saves listing its
+        index. The session's own key goes last: a deletion cut short can be repeated.
+        """
+        await self.get_session(deployment, session_id, task_ids=False)
         index = self._buckets["session_tasks"]
-        for key in await index.keys(f"{deployment}.{session_id}."):
-            await index.delete(key)
-        await self._buckets["session_state"].delete(f"{deployment}.{session_id}")
+        prefix = f"{deployment}.{session_id}."
+        keys = [prefix + t for t in task_ids] if task_ids is not None else await index.keys(prefix)
+        await asyncio.gather(
+            *(index.delete(key) for key in keys),
+            self._buckets["session_state"].delete(f"{deployment}.{session_id}"),
+        )
         await self._buckets["sessions"].delete(f"{deployment}.{session_id}")
 
     async def get_session_state(self, deployment: str, session_id: str) -> bytes | None:
@@ -174,27 +207,39 @@ class ControlPlane:
 
     # -- tasks -------------------------------------------------------------------------
 
-    async def record_task(self, task: Task) -> Task:
-        """Store a new task and add it to its session's index."""
+    async def record_task(self, task: Task) -> StoredTask:
+        """Store a new task and add it to its session's index (both writes at once)."""
         data = convert.task_to_proto(task).SerializeToString()
-        try:
-            await self._buckets["tasks"].create(f"{task.deployment}.{task.task_id}", data)
-        except KeyExistsError as exc:
-            raise AlreadyExistsError(f"Task '{task.task_id}' already exists") from exc
-        await self._buckets["session_tasks"].put(
-            f"{task.deployment}.{task.session_id}.{task.task_id}", repr(task.created_at).encode()
+        created, indexed = await asyncio.gather(
+            self._buckets["tasks"].create(f"{task.deployment}.{task.task_id}", data),
+            self._buckets["session_tasks"].put(
+                f"{task.deployment}.{task.session_id}.{task.task_id}",
+                repr(task.created_at).encode(),
+            ),
+            return_exceptions=True,
         )
-        return task
+        if isinstance(created, KeyExistsError):
+            raise AlreadyExistsError(f"Task '{task.task_id}' already exists") from created
+        for outcome in (created, indexed):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(created, int)
+        return StoredTask(task, created)
 
     async def get_task(self, deployment: str, task_id: str) -> Task:
         """A task; :class:`NotFoundError` when absent."""
+        return (await self.read_task(deployment, task_id)).task
+
+    async def read_task(self, deployment: str, task_id: str) -> StoredTask:
+        """A task with its revision; :class:`NotFoundError` when absent."""
         entry = await self._buckets["tasks"].get(f"{deployment}.{task_id}")
         if entry is None or entry.value is None:
             raise NotFoundError(
                 f"Task '{task_id}' not found in deployment '{deployment}'",
                 reason="TASK_NOT_FOUND",
             )
-        return convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+        task = convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+        return StoredTask(task, entry.revision)
 
     async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
         """The deployment's tasks (of one session when given), newest first."""
@@ -221,46 +266,36 @@ class ControlPlane:
         (for instance when the task is already final: results are recorded idempotently).
         Returns the task as stored afterwards.
         """
+        return (await self.change_task(deployment, task_id, change)).task
+
+    async def change_task(
+        self,
+        deployment: str,
+        task_id: str,
+        change: Callable[[Task], Task | None],
+        *,
+        known: StoredTask | None = None,
+    ) -> StoredTask:
+        """:meth:`update_task` with revisions: starting from ``known`` (the task as this
+        process last read or wrote it) saves reading it first, unless it changed since."""
         store = self._buckets["tasks"]
         key = f"{deployment}.{task_id}"
+        current = known or await self.read_task(deployment, task_id)
         while True:
-            entry = await store.get(key)
-            if entry is None or entry.value is None:
-                raise NotFoundError(f"Task '{task_id}' not found", reason="TASK_NOT_FOUND")
-            current = convert.task_from_proto(types_pb2.Task.FromString(entry.value))
-            changed = change(replace(current))
+            changed = change(replace(current.task))
             if changed is None:
                 return current
             data = convert.task_to_proto(changed).SerializeToString()
             try:
-                await store.update(key, data, entry.revision)
+                revision = await store.update(key, data, current.revision)
             except RevisionMismatchError:
+                current = await self.read_task(deployment, task_id)
                 continue
-            return changed
+            return StoredTask(changed, revision)
 
-    async def watch_task(self, deployment: str, task_id: str) -> AsyncIterator[Task]:
-        """The task now and after each change; ends after it reaches a final status."""
-        watch = self._buckets["tasks"].watch(f"{deployment}.{task_id}")
-        try:
-            async for entry in watch:
-                if entry.value is None:
-                    raise NotFoundError(f"Task '{task_id}' was deleted", reason="TASK_NOT_FOUND")
-                task = convert.task_from_proto(types_pb2.Task.FromString(entry.value))
-                yield task
-                if task.status.is_final:
-                    return
-        finally:
-            await watch.aclose()  # type: ignore[attr-defined]
-
-    async def watch_tasks(self) -> AsyncIterator[Task]:
-        """Every task record as it is written from now on, in every deployment."""
-        watch = self._buckets["tasks"].watch("", include_existing=False)
-        try:
-            async for entry in watch:
-                if entry.value is not None:
-                    yield convert.task_from_proto(types_pb2.Task.FromString(entry.value))
-        finally:
-            await watch.aclose()  # type: ignore[attr-defined]
+    def watch_task_changes(self) -> AsyncGenerator[TaskChange, None]:
+        """Every write to a task's key from this call on, in every deployment."""
+        return _task_changes(self._buckets["tasks"].watch("", include_existing=False))
 
     # -- service registry --------------------------------------------------------------
 
@@ -307,3 +342,15 @@ class ControlPlane:
             if now() - instance.last_heartbeat <= INSTANCE_TTL:
                 instances.append(instance)
         return instances
+
+
+async def _task_changes(watch: AsyncIterator[KeyValueEntry]) -> AsyncGenerator[TaskChange, None]:
+    try:
+        async for entry in watch:
+            deployment, _, task_id = entry.key.partition(".")
+            task = None
+            if entry.value is not None:
+                task = convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+            yield TaskChange(deployment, task_id, task, entry.revision)
+    finally:
+        await watch.aclose()  # type: ignore[attr-defined]

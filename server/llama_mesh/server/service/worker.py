@@ -21,15 +21,16 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from workflows import Workflow
 
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
-from llama_mesh.server.control_plane.store import HEARTBEAT_INTERVAL, ControlPlane
+from llama_mesh.server.control_plane.store import HEARTBEAT_INTERVAL, ControlPlane, StoredTask
 from llama_mesh.server.domain import (
     ID_PATTERN,
     EventKind,
@@ -117,6 +118,8 @@ class Worker:
         )
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        self._chores: set[asyncio.Task[None]] = set()
+        """Clean-up after tasks (releasing subscriptions), done off the way to the result."""
 
     @property
     def in_flight(self) -> int:
@@ -157,6 +160,13 @@ class Worker:
     async def _drain(self) -> None:
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+        if self._chores:
+            await asyncio.gather(*self._chores, return_exceptions=True)
+
+    def _spawn(self, chore: Coroutine[Any, Any, None], *, name: str) -> None:
+        job = asyncio.create_task(chore, name=name)
+        self._chores.add(job)
+        job.add_done_callback(self._chores.discard)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -197,13 +207,13 @@ class Worker:
     async def _process(self, msg: messages_pb2.TaskMessage, delivery: Delivery) -> None:
         deployment, task_id = msg.deployment, msg.task_id
         try:
-            task = await self._cp.get_task(deployment, task_id)
+            stored = await self._cp.read_task(deployment, task_id)
         except NotFoundError:
             logger.warning("task %s no longer exists; dropping it", task_id)
             await delivery.term()
             return
-        if task.status.is_final:
-            await self._publish(final_event(task))
+        if stored.task.status.is_final:
+            await self._publish(final_event(stored.task))
             await delivery.ack()
             return
         attempt = delivery.delivery_count
@@ -213,7 +223,8 @@ class Worker:
                 f"the task was delivered {attempt - 1} times without finishing "
                 f"(max-retries: {self.settings.max_retries})",
             )
-            await self._finish(task, RunOutcome(TaskStatus.FAILED, error=error), event_count=0)
+            outcome = RunOutcome(TaskStatus.FAILED, error=error)
+            await self._finish(stored, outcome, event_count=0)
             await delivery.ack()
             return
 
@@ -224,23 +235,40 @@ class Worker:
             t.instance_id = self.instance.instance_id
             return t
 
-        task = await self._cp.update_task(deployment, task_id, start)
+        # Reading the session's context does not depend on the task's start: both at once.
+        context_read = asyncio.ensure_future(
+            self._cp.get_session_state(deployment, stored.task.session_id)
+        )
+        try:
+            stored = await self._cp.change_task(deployment, task_id, start, known=stored)
+        finally:
+            if stored.task.status is not TaskStatus.RUNNING:
+                await cancel_and_wait(context_read)
+                if not context_read.cancelled():
+                    context_read.exception()  # retrieved: the start's outcome is what counts
+        task = stored.task
         if task.status.is_final:
             await delivery.ack()
             return
+        context_json = await context_read
         context = {"deployment": deployment, "task_id": task_id, "session_id": task.session_id}
         logger.info("task started (attempt %d)", attempt, extra=context)
-        outcome, count = await self._run(task, msg, delivery, attempt)
+        outcome, count = await self._run(task, msg, delivery, attempt, context_json)
         logger.info("task %s", outcome.status.name.lower(), extra=context)
         if outcome.context_json is not None:
             await self._cp.put_session_state(
                 deployment, task.session_id, outcome.context_json, task_id=task_id
             )
-        await self._finish(task, outcome, event_count=count)
+        await self._finish(stored, outcome, event_count=count)
         await delivery.ack()
 
     async def _run(
-        self, task: Task, msg: messages_pb2.TaskMessage, delivery: Delivery, attempt: int
+        self,
+        task: Task,
+        msg: messages_pb2.TaskMessage,
+        delivery: Delivery,
+        attempt: int,
+        context_json: bytes | None,
     ) -> tuple[RunOutcome, int]:
         counter = 0
         topic = subjects.events_topic(task.deployment, task.task_id)
@@ -253,7 +281,6 @@ class Worker:
             await self._queue.publish(topic, payload)
 
         kwargs = json.loads(msg.input_json) if msg.input_json else {}
-        context_json = await self._cp.get_session_state(task.deployment, task.session_id)
         keepalive = asyncio.create_task(self._keepalive(delivery))
         inputs = self._inputs(task)
         try:
@@ -267,7 +294,8 @@ class Worker:
             )
         finally:
             await cancel_and_wait(keepalive)
-            await inputs.aclose()
+            # Releasing the input subscription is not on the way to the result.
+            self._spawn(inputs.aclose(), name=f"inputs-close-{task.task_id}")
         return outcome, counter
 
     async def _inputs(self, task: Task) -> AsyncGenerator[TaskInput, None]:
@@ -295,7 +323,7 @@ class Worker:
                 await delivery.in_progress()
             raise_if_cancelling()
 
-    async def _finish(self, task: Task, outcome: RunOutcome, *, event_count: int) -> None:
+    async def _finish(self, stored: StoredTask, outcome: RunOutcome, *, event_count: int) -> None:
         def finish(t: Task) -> Task | None:
             if t.status.is_final:
                 return None
@@ -303,8 +331,9 @@ class Worker:
             t.finished_at, t.event_count = now(), event_count
             return t
 
-        stored = await self._cp.update_task(task.deployment, task.task_id, finish)
-        await self._publish(final_event(stored))
+        task = stored.task
+        stored = await self._cp.change_task(task.deployment, task.task_id, finish, known=stored)
+        await self._publish(final_event(stored.task))
 
     async def _publish(self, event: TaskEvent) -> None:
         deployment = self.settings.deployment

@@ -1,0 +1,159 @@
+"""One watch of every task record per API server, shared by everyone waiting on a task.
+
+A caller waiting for a result used to open a watch (a server-side consumer) of its task's
+key: three broker round trips before the wait could even begin, and one consumer per
+waiting caller for the broker to keep. Instead, :class:`TaskWatcher` keeps one watch of the
+whole ``tasks`` bucket and hands each change to the callers following that task, and to
+listeners (the metrics) that want every change.
+
+The watch outlives broker trouble: when it fails it is opened again after a pause, and every
+task someone follows is read again, so a change made while it was down is not missed.
+Followers see a task's revisions in increasing order, each at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
+from llama_mesh.server.control_plane.store import ControlPlane, TaskChange
+from llama_mesh.server.domain import Task
+from llama_mesh.server.errors import NotFoundError, UnavailableError
+from llama_mesh.server.queues.base import QueueError
+
+logger = logging.getLogger(__name__)
+
+_Key = tuple[str, str]
+_Inbox = asyncio.Queue[TaskChange | BaseException]
+
+
+class TaskWatcher:
+    """Follow tasks through one shared watch; :meth:`start` (or first use), :meth:`close`."""
+
+    def __init__(self, control_plane: ControlPlane, *, retry_delay: float = 0.5) -> None:
+        self._cp = control_plane
+        self._retry_delay = retry_delay
+        self._inboxes: dict[_Key, set[_Inbox]] = {}
+        self._listeners: list[Callable[[TaskChange], None]] = []
+        self._pump: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def add_listener(self, listener: Callable[[TaskChange], None]) -> None:
+        """Call ``listener`` with every change of every task from now on (it must not block)."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        """Begin watching (idempotent); changes written from now on reach followers."""
+        if self._pump is None and not self._closed:
+            self._pump = asyncio.create_task(self._run(), name="task-watcher")
+
+    async def close(self) -> None:
+        """Stop watching; current followers get :class:`UnavailableError`."""
+        self._closed = True
+        if self._pump is not None:
+            await cancel_and_wait(self._pump)
+        self._fail_all(UnavailableError("the API server is shutting down"))
+
+    async def follow(self, deployment: str, task_id: str) -> AsyncIterator[Task]:
+        """The task now and after each change; ends after it reaches a final status.
+
+        :class:`NotFoundError` when it does not exist or is deleted meanwhile.
+        """
+        if self._closed:
+            raise UnavailableError("the API server is shutting down")
+        self.start()
+        key = (deployment, task_id)
+        inbox: _Inbox = asyncio.Queue()
+        # Listen before reading: a change written after the read is then in the inbox.
+        self._inboxes.setdefault(key, set()).add(inbox)
+        try:
+            stored = await self._cp.read_task(deployment, task_id)
+            revision = stored.revision
+            yield stored.task
+            if stored.task.status.is_final:
+                return
+            while True:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.revision <= revision:
+                    continue  # written before the read, or seen already
+                revision = item.revision
+                if item.task is None:
+                    raise NotFoundError(f"Task '{task_id}' was deleted", reason="TASK_NOT_FOUND")
+                yield item.task
+                if item.task.status.is_final:
+                    return
+        finally:
+            inboxes = self._inboxes.get(key)
+            if inboxes is not None:
+                inboxes.discard(inbox)
+                if not inboxes:
+                    del self._inboxes[key]
+
+    async def wait_final(self, deployment: str, task_id: str) -> Task:
+        """The task once it is final (succeeded, failed or cancelled)."""
+        async for task in self.follow(deployment, task_id):
+            if task.status.is_final:
+                return task
+        raise AssertionError("follow() ends with the final task")
+
+    @property
+    def following(self) -> int:
+        """How many callers follow a task now."""
+        return sum(len(inboxes) for inboxes in self._inboxes.values())
+
+    # -- the shared watch ----------------------------------------------------------------
+
+    def _dispatch(self, change: TaskChange) -> None:
+        for inbox in self._inboxes.get((change.deployment, change.task_id), ()):
+            inbox.put_nowait(change)
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:
+                logger.exception("a task listener failed on %s", change.task_id)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for inboxes in self._inboxes.values():
+            for inbox in inboxes:
+                inbox.put_nowait(error)
+
+    async def _run(self) -> None:
+        first = True
+        while True:
+            changes = self._cp.watch_task_changes()
+            try:
+                if not first:
+                    await self._read_followed()
+                first = False
+                async for change in changes:
+                    self._dispatch(change)
+                # The watch ends only when the message queue closes.
+                self._closed = True
+                self._fail_all(UnavailableError("the message queue closed"))
+                return
+            except QueueError as exc:
+                logger.warning("the task watch failed (%s); watching again", exc)
+            finally:
+                await changes.aclose()
+            raise_if_cancelling()
+            await asyncio.sleep(self._retry_delay)
+
+    async def _read_followed(self) -> None:
+        """Read every followed task again: changes while the watch was down were missed.
+
+        Called after the new watch was created, whose changes start from its creation, so
+        a change is either read here or delivered by the watch (or both: followers skip
+        revisions they have seen).
+        """
+        for deployment, task_id in list(self._inboxes):
+            try:
+                stored = await self._cp.read_task(deployment, task_id)
+            except NotFoundError as exc:
+                for inbox in self._inboxes.get((deployment, task_id), ()):
+                    inbox.put_nowait(exc)
+                continue
+            self._dispatch(TaskChange(deployment, task_id, stored.task, stored.revision))

@@ -1,0 +1,175 @@
+"""TaskWatcher: one watch of the task records, shared by every caller waiting on a task."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import pytest
+
+from llama_mesh.server.control_plane.store import ControlPlane, TaskChange
+from llama_mesh.server.control_plane.watcher import TaskWatcher
+from llama_mesh.server.domain import Task, TaskStatus, new_id
+from llama_mesh.server.errors import NotFoundError, UnavailableError
+from llama_mesh.server.queues.base import QueueUnavailableError
+from llama_mesh.server.queues.inprocess import InProcessQueue
+from tests.helpers import assert_eventually
+
+APP = "app"
+
+
+class BreakableControlPlane(ControlPlane):
+    """A control plane whose task watch fails with a broker error when told to."""
+
+    BREAK = "break-the-watch"
+
+    def __init__(self, queue: InProcessQueue) -> None:
+        super().__init__(queue)
+        self.watches = 0
+
+    async def break_watch(self) -> None:
+        """Write the task whose change the watch answers with a broker error."""
+        await self.record_task(
+            Task(task_id=self.BREAK, deployment=APP, service_id="-", session_id="-", input={})
+        )
+
+    def watch_task_changes(self) -> AsyncGenerator[TaskChange, None]:
+        self.watches += 1
+        return self._breakable(super().watch_task_changes())
+
+    async def _breakable(
+        self, inner: AsyncGenerator[TaskChange, None]
+    ) -> AsyncGenerator[TaskChange, None]:
+        try:
+            async for change in inner:
+                if change.task_id == self.BREAK:
+                    raise QueueUnavailableError("NATS is unavailable: the node died")
+                yield change
+        finally:
+            await inner.aclose()
+
+
+@pytest.fixture
+async def cp() -> AsyncIterator[BreakableControlPlane]:
+    async with InProcessQueue() as queue:
+        store = BreakableControlPlane(queue)
+        for name in ("deployments", "tasks", "sessions", "session_tasks", "session_state"):
+            store._buckets[name] = await queue.kv(name)
+        yield store
+
+
+@pytest.fixture
+async def watcher(cp: ControlPlane) -> AsyncIterator[TaskWatcher]:
+    watcher = TaskWatcher(cp, retry_delay=0.05)
+    watcher.start()
+    yield watcher
+    await watcher.close()
+
+
+async def new_task(cp: ControlPlane) -> Task:
+    task = Task(task_id=new_id(), deployment=APP, service_id="svc", session_id="s", input={})
+    await cp.record_task(task)
+    return task
+
+
+async def set_status(cp: ControlPlane, task: Task, status: TaskStatus) -> None:
+    def change(t: Task) -> Task:
+        t.status = status
+        t.result = {"done": True} if status is TaskStatus.SUCCEEDED else None
+        return t
+
+    await cp.update_task(APP, task.task_id, change)
+
+
+async def test_follow_yields_the_task_then_each_change_until_final(
+    cp: ControlPlane, watcher: TaskWatcher
+) -> None:
+    task = await new_task(cp)
+    seen: list[TaskStatus] = []
+
+    async def follow() -> None:
+        async for t in watcher.follow(APP, task.task_id):
+            seen.append(t.status)
+
+    following = asyncio.ensure_future(follow())
+    await assert_eventually(lambda: seen == [TaskStatus.QUEUED])
+    await set_status(cp, task, TaskStatus.RUNNING)
+    await set_status(cp, task, TaskStatus.SUCCEEDED)
+    await asyncio.wait_for(following, 5)
+    assert seen == [TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCEEDED]
+    assert watcher.following == 0
+
+
+async def test_a_finished_task_is_returned_at_once(cp: ControlPlane, watcher: TaskWatcher) -> None:
+    task = await new_task(cp)
+    await set_status(cp, task, TaskStatus.SUCCEEDED)
+    final = await asyncio.wait_for(watcher.wait_final(APP, task.task_id), 5)
+    assert (final.status, final.result) == (TaskStatus.SUCCEEDED, {"done": True})
+
+
+async def test_many_callers_wait_on_one_watch(
+    cp: BreakableControlPlane, watcher: TaskWatcher
+) -> None:
+    tasks = [await new_task(cp) for _ in range(20)]
+    waits = [asyncio.ensure_future(watcher.wait_final(APP, t.task_id)) for t in tasks * 2]
+    await assert_eventually(lambda: watcher.following == 40)
+    for task in tasks:
+        await set_status(cp, task, TaskStatus.SUCCEEDED)
+    finals = await asyncio.wait_for(asyncio.gather(*waits), 5)
+    assert [f.task_id for f in finals] == [t.task_id for t in tasks * 2]
+    assert cp.watches == 1 and watcher.following == 0
+
+
+async def test_an_unknown_task_is_not_found(watcher: TaskWatcher) -> None:
+    with pytest.raises(NotFoundError):
+        await watcher.wait_final(APP, "nope")
+    assert watcher.following == 0
+
+
+async def test_a_task_deleted_while_followed_is_not_found(
+    cp: ControlPlane, watcher: TaskWatcher
+) -> None:
+    task = await new_task(cp)
+    waiting = asyncio.ensure_future(watcher.wait_final(APP, task.task_id))
+    await assert_eventually(lambda: watcher.following == 1)
+    await cp.delete_deployment(APP)
+    with pytest.raises(NotFoundError, match="deleted"):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_change_made_while_the_watch_was_down_is_not_missed(
+    cp: BreakableControlPlane, watcher: TaskWatcher
+) -> None:
+    """The watch fails (a broker error); the task finishes before it is watched again;
+    the waiting caller still gets the result, from the re-read after the new watch."""
+    task = await new_task(cp)
+    waiting = asyncio.ensure_future(watcher.wait_final(APP, task.task_id))
+    await assert_eventually(lambda: watcher.following == 1)
+    await cp.break_watch()
+    await set_status(cp, task, TaskStatus.SUCCEEDED)
+    final = await asyncio.wait_for(waiting, 5)
+    assert final.status is TaskStatus.SUCCEEDED
+    assert cp.watches == 2
+
+
+async def test_listeners_see_every_change(cp: ControlPlane, watcher: TaskWatcher) -> None:
+    changes: list[tuple[str, TaskStatus | None]] = []
+    watcher.add_listener(lambda c: changes.append((c.task_id, c.task.status if c.task else None)))
+    task = await new_task(cp)
+    await set_status(cp, task, TaskStatus.RUNNING)
+    await set_status(cp, task, TaskStatus.FAILED)
+    expected = [(task.task_id, s) for s in (TaskStatus.QUEUED, TaskStatus.RUNNING)]
+    expected.append((task.task_id, TaskStatus.FAILED))
+    await assert_eventually(lambda: changes == expected)
+
+
+async def test_closing_fails_waiting_callers(cp: ControlPlane) -> None:
+    watcher = TaskWatcher(cp)
+    task = await new_task(cp)
+    waiting = asyncio.ensure_future(watcher.wait_final(APP, task.task_id))
+    await assert_eventually(lambda: watcher.following == 1)
+    await watcher.close()
+    with pytest.raises(UnavailableError):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(UnavailableError):
+        await watcher.wait_final(APP, task.task_id)
