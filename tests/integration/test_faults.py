@@ -149,9 +149,14 @@ def worker_pids(nats_url: str) -> list[int]:
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"llama_mesh.server.service" in argv and nats_url.encode() in argv:
+        # Workers get the NATS URL in their environment (never on the command line).
+        if (
+            b"llama_mesh.server.service" in argv
+            and f"LLAMA_MESH_NATS_URL={nats_url}".encode() in env
+        ):
             pids.append(int(entry.name))
     return pids
 

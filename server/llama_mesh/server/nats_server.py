@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -75,6 +75,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+@dataclass(frozen=True, slots=True)
+class NatsUser:
+    """A client account of the server; clients give it in their URL
+    (``nats://user:password@host:port``)."""
+
+    user: str
+    password: str = field(repr=False)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NatsClusterConfig:
     """Clustering of one server with its peers (JetStream clustering needs ``server_name``).
@@ -104,6 +113,7 @@ class NatsServerConfig:
         http_port: the monitoring port on ``host``; ``None`` (the default) disables it.
         cluster: cluster settings, or ``None`` for a single server.
         max_payload: the largest message, in nats-server size syntax.
+        users: client accounts; when set, clients must authenticate as one of them.
     """
 
     store_dir: Path
@@ -113,6 +123,7 @@ class NatsServerConfig:
     http_port: int | None = None
     cluster: NatsClusterConfig | None = None
     max_payload: str = "8MB"
+    users: tuple[NatsUser, ...] = ()
 
 
 def _quote(value: str | Path) -> str:
@@ -132,6 +143,14 @@ def render_config(cfg: NatsServerConfig) -> str:
     ]
     if cfg.http_port is not None:
         lines.append(f"http: {_quote(f'{cfg.host}:{cfg.http_port}')}")
+    if cfg.users:
+        lines += [
+            "authorization {",
+            "  users: [",
+            *(f"    {{user: {_quote(u.user)}, password: {_quote(u.password)}}}" for u in cfg.users),
+            "  ]",
+            "}",
+        ]
     lines += [
         "jetstream {",
         f"  store_dir: {_quote(cfg.store_dir)}",
@@ -330,8 +349,11 @@ class NatsServer:
         async def quiet(_: Exception) -> None:
             return None
 
+        account = self._cfg.users[0] if self._cfg.users else None
         nc = await nats.connect(
             self.url,
+            user=account.user if account else None,
+            password=account.password if account else None,
             allow_reconnect=False,
             connect_timeout=1,
             max_reconnect_attempts=1,

@@ -107,13 +107,13 @@ class _Replica:
         self,
         spec: ReplicaSpec,
         index: int,
-        nats_url: str,
+        nats_env: dict[str, str],
         log_dir: Path,
         on_failure: Callable[[str, str, str], None],
     ) -> None:
         self.spec = spec
         self.index = index
-        self._nats_url = nats_url
+        self._nats_env = nats_env
         self._log_dir = log_dir
         self.process: asyncio.subprocess.Process | None = None
         self.stderr_tail: deque[str] = deque(maxlen=40)
@@ -130,8 +130,6 @@ class _Replica:
             str(spec.python),
             "-m",
             "llama_mesh.server.service",
-            "--nats",
-            self._nats_url,
             "--deployment",
             spec.deployment,
             "--service",
@@ -149,6 +147,10 @@ class _Replica:
     def _environment(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
         env.update(self.spec.env)
+        # Where NATS is, and how to log in, go in the environment rather than on the command
+        # line, which every local user can read; after the service's own variables, which
+        # must not point the worker elsewhere.
+        env.update(self._nats_env)
         env["PYTHONUNBUFFERED"] = "1"
         for name in ("LLAMA_MESH_LOG_LEVEL", "LLAMA_MESH_LOG_FORMAT"):
             if name in os.environ:
@@ -215,9 +217,11 @@ class _Replica:
 class ProcessSupervisor(Supervisor):
     """Replicas as worker processes connected to NATS."""
 
-    def __init__(self, nats_url: str, log_dir: Path) -> None:
+    def __init__(self, nats_url: str, log_dir: Path, *, nats_creds: Path | None = None) -> None:
         super().__init__()
-        self._nats_url = nats_url
+        self._nats_env = {"LLAMA_MESH_NATS_URL": nats_url}
+        if nats_creds is not None:
+            self._nats_env["LLAMA_MESH_NATS_CREDS"] = str(nats_creds)
         self._log_dir = log_dir
         self._replicas: dict[str, list[_Replica]] = {}
 
@@ -230,7 +234,7 @@ class ProcessSupervisor(Supervisor):
         log_dir = self._log_dir / spec.deployment
         log_dir.mkdir(parents=True, exist_ok=True)
         new = [
-            _Replica(spec, i, self._nats_url, log_dir, self._report_failure)
+            _Replica(spec, i, self._nats_env, log_dir, self._report_failure)
             for i in range(spec.replicas)
         ]
         for replica in new:

@@ -37,6 +37,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Final, Generic, TypeVar
 
@@ -1030,6 +1031,38 @@ class NatsQueue(MessageQueue):
                 logger.debug("closing the NATS connection failed: %r", exc)
 
 
+async def _unless(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
+    """Await ``work``, unless ``stop`` is set first: then cancel it and raise
+    ``TimeoutError`` (what giving up on a connection looks like)."""
+    working = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({working, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not working.done():
+            await cancel_and_wait(working)
+    if not working.cancelled():
+        working.result()
+        return
+    raise TimeoutError
+
+
+def redact_url(urls: str) -> str:
+    """``urls`` (comma-separated) with any password replaced by ``***``, for logs."""
+
+    def redact(url: str) -> str:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = f"{parts.username}:***@{parts.hostname}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    return ",".join(redact(url) for url in urls.split(","))
+
+
 async def connect_nats(
     servers: str | list[str],
     *,
@@ -1047,8 +1080,15 @@ async def connect_nats(
     :class:`QueueUnavailableError`.
     """
 
+    errors: list[Exception] = []
+    refused = asyncio.Event()
+
     async def on_error(exc: Exception) -> None:
         logger.warning("NATS connection error: %r", exc)
+        if queue is None:
+            errors.append(exc)
+            if "authorization violation" in str(exc).lower():
+                refused.set()  # trying again with the same login cannot help
 
     async def on_disconnected() -> None:
         if queue is not None and queue.closed:
@@ -1057,7 +1097,8 @@ async def connect_nats(
             logger.warning("disconnected from NATS; reconnecting")
 
     async def on_reconnected() -> None:
-        logger.info("reconnected to NATS at %s", nc.connected_url)
+        url = nc.connected_url
+        logger.info("reconnected to NATS at %s", redact_url(url.geturl()) if url else "?")
         if queue is not None:
             queue.on_reconnected()
 
@@ -1065,23 +1106,30 @@ async def connect_nats(
     nc = NATS()
     try:
         async with asyncio.timeout(connect_timeout):
-            await nc.connect(
-                servers,
-                name=name,
-                user_credentials=user_credentials,
-                token=token,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                connect_timeout=2,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
+            await _unless(
+                refused,
+                nc.connect(
+                    servers,
+                    name=name,
+                    user_credentials=user_credentials,
+                    token=token,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    connect_timeout=2,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                ),
             )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         with contextlib.suppress(Exception):
             await nc.close()
-        raise QueueUnavailableError(f"cannot connect to NATS at {servers!r}: {exc!r}") from exc
+        where = redact_url(servers if isinstance(servers, str) else ",".join(servers))
+        cause = f"{errors[-1]!r}" if errors else repr(exc)
+        if refused.is_set():
+            cause = f"NATS refused the login (check the user, password or credentials): {cause}"
+        raise QueueUnavailableError(f"cannot connect to NATS at {where}: {cause}") from exc
     queue = NatsQueue(nc, prefix=prefix, replicas=replicas)
     try:
         await queue.ensure_streams()

@@ -37,14 +37,22 @@ EXIT_BAD_SERVICE = 3
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of a worker process."""
     parser = argparse.ArgumentParser(prog="llama-mesh-worker", description=__doc__)
-    parser.add_argument("--nats", required=True, help="NATS URL(s), comma-separated")
+    parser.add_argument(
+        "--nats",
+        default=os.environ.get("LLAMA_MESH_NATS_URL"),
+        help="NATS URL(s), comma-separated (default: $LLAMA_MESH_NATS_URL)",
+    )
     parser.add_argument("--deployment", required=True, help="deployment name")
     parser.add_argument("--service", required=True, help="service id in the deployment")
     parser.add_argument("--source-dir", type=Path, help="service source directory (else synced)")
     parser.add_argument("--generation", type=int, default=0, help="deployment generation")
     parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
     parser.add_argument("--instance-id", help="replica id (default: random)")
-    parser.add_argument("--nats-creds", help="NATS user credentials file")
+    parser.add_argument(
+        "--nats-creds",
+        default=os.environ.get("LLAMA_MESH_NATS_CREDS"),
+        help="NATS user credentials file (default: $LLAMA_MESH_NATS_CREDS)",
+    )
     parser.add_argument(
         "--exit-with-parent",
         type=int,
@@ -120,7 +128,10 @@ def exit_with_parent(parent: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.nats:
+        parser.error("the NATS URL is needed: --nats URL or $LLAMA_MESH_NATS_URL")
     if args.exit_with_parent:
         exit_with_parent(args.exit_with_parent)
     configure_logging(args.log_level, prefix=f"[worker {args.deployment}/{args.service}] ")
