@@ -1,18 +1,23 @@
 """API keys on every route (gRPC and, through the gateway, JSON), admin-only operations,
-source confinement, and loopback-only listening."""
+source confinement, loopback-only listening, HTTPS on the gateway and mTLS on the gRPC port."""
 
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llama_mesh.server.app import MeshServer
+from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.errors import PermissionDeniedError
+from llama_mesh.server.serve import build_parser, settings_from_args
 from llama_mesh.server.sources import SourcePolicy
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
 from tests.fixtures.mesh import TESTAPP, MeshFactory
@@ -159,3 +164,125 @@ async def test_nothing_listens_beyond_loopback(mesh_factory: MeshFactory) -> Non
         hosts = _listening(port)
         assert hosts, f"{name} is not listening on {port}"
         assert set(hosts) <= loopback, f"{name} listens on {hosts}"
+
+
+class Pki(NamedTuple):
+    """A test CA and one leaf certificate it signed, for IP 127.0.0.1."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A CA and a leaf for 127.0.0.1 signed by it (made with the openssl command).
+
+    The leaf has no extendedKeyUsage, so it serves as the server's certificate and as the
+    gateway's (and the tests') client certificate alike.
+    """
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    ca, ca_key = tmp_path / "ca.pem", tmp_path / "ca.key"
+    cert, key, csr = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "cert.csr"
+    p256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    _openssl(
+        "req", "-x509", *p256, "-days", "1", "-subj", "/CN=llama-mesh test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign",
+        "-keyout", str(ca_key), "-out", str(ca),
+    )  # fmt: skip
+    _openssl(
+        "req", *p256, "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        "-keyout", str(key), "-out", str(csr),
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-days", "1",
+        "-copy_extensions", "copy", "-out", str(cert),
+    )  # fmt: skip
+    return Pki(ca, cert, key)
+
+
+async def tls_mesh(mesh_factory: MeshFactory, pki: Pki) -> MeshServer:
+    """A server with HTTPS on the gateway and mTLS on the gRPC port, all from ``pki``."""
+    return await mesh_factory(
+        gateway=True,
+        deploy=(TESTAPP,),
+        tls_cert=pki.cert,
+        tls_key=pki.key,
+        internal_ca=pki.ca,
+        internal_cert=pki.cert,
+        internal_key=pki.key,
+    )
+
+
+async def test_gateway_serves_https_in_front_of_mtls(mesh_factory: MeshFactory, pki: Pki) -> None:
+    """Clients trusting the CA speak HTTPS to the gateway, which reaches the mTLS-only gRPC
+    port with its client certificate: status and a task run work end to end."""
+    server = await tls_mesh(mesh_factory, pki)
+    assert server.gateway_url is not None and server.gateway_url.startswith("https://127.0.0.1:")
+    verify = ssl.create_default_context(cafile=str(pki.ca))
+    async with httpx.AsyncClient(base_url=server.gateway_url, verify=verify, timeout=30) as http:
+        status = await http.get("/v1/status")
+        assert status.status_code == 200, status.text
+        assert "testapp" in status.json()["deployments"]
+        task = await http.post(
+            "/v1/deployments/testapp/tasks:run", json={"input": {"message": "over TLS"}}
+        )
+        assert task.status_code == 200, task.text
+        assert task.json()["task"]["result"] == "echo: over TLS"
+    async with httpx.AsyncClient(base_url=server.gateway_url, timeout=10) as untrusting:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.get("/v1/status")
+
+
+async def test_grpc_port_needs_a_client_certificate(mesh_factory: MeshFactory, pki: Pki) -> None:
+    """Plaintext, and TLS without a client certificate, are refused; with one signed by the
+    internal CA, calls and health checks succeed."""
+    server = await tls_mesh(mesh_factory, pki)
+    target = f"127.0.0.1:{server.grpc_port}"
+    request = apiserver_pb2.GetStatusRequest()
+    async with grpc.aio.insecure_channel(target) as plain:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await apiserver_pb2_grpc.ApiServerStub(plain).GetStatus(request, timeout=10)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    ca = pki.ca.read_bytes()
+    anonymous = grpc.ssl_channel_credentials(root_certificates=ca)
+    async with grpc.aio.secure_channel(target, anonymous) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await apiserver_pb2_grpc.ApiServerStub(channel).GetStatus(request, timeout=10)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    client = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=pki.key.read_bytes(),
+        certificate_chain=pki.cert.read_bytes(),
+    )
+    async with grpc.aio.secure_channel(target, client) as channel:
+        status = await apiserver_pb2_grpc.ApiServerStub(channel).GetStatus(request, timeout=10)
+        assert "testapp" in status.deployments
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tls_options_come_in_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a certificate/key pair, two of the three internal options, or HTTPS without the
+    gateway, are refused naming the options; the flags (and their environment) fill them."""
+    ca, cert, key = (tmp_path / name for name in ("ca.pem", "cert.pem", "key.pem"))
+    with pytest.raises(ValueError, match=r"tls_cert, tls_key .*: set both"):
+        ServerSettings(data_dir=tmp_path, tls_cert=cert)
+    with pytest.raises(ValueError, match="need the gateway"):
+        ServerSettings(data_dir=tmp_path, gateway=False, tls_cert=cert, tls_key=key)
+    with pytest.raises(ValueError, match=r"--internal-key\): set all three"):
+        ServerSettings(data_dir=tmp_path, internal_ca=ca, internal_cert=cert)
+    with pytest.raises(ValueError, match="--tls-cert, --tls-key"):
+        settings_from_args(build_parser().parse_args(["--tls-key", str(key)]))
+    monkeypatch.setenv("LLAMA_MESH_INTERNAL_CA", str(ca))
+    args = ["--internal-cert", str(cert), "--internal-key", str(key)]
+    settings = settings_from_args(build_parser().parse_args(args))
+    assert settings.internal_tls
+    assert (settings.internal_ca, settings.internal_cert, settings.internal_key) == (ca, cert, key)

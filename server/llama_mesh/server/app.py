@@ -69,6 +69,8 @@ class ServerSettings:
     grpc_port: int = 0
     queue: Literal["nats", "inprocess"] = "nats"
     nats_url: str | None = None
+    nats_creds: Path | None = None
+    """NATS user credentials file (JWT and seed), for an external NATS that requires it."""
     gateway: bool = True
     cors_origins: tuple[str, ...] = ()
     max_deployments: int = 10
@@ -78,6 +80,35 @@ class ServerSettings:
     allowed_git_prefixes: tuple[str, ...] | None = None
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     metrics_port: int | None = None
+    # HTTPS on the gateway's listener (PEM certificate chain and key).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # mTLS on the gRPC port: its server certificate, and the CA its clients' (the gateway's
+    # included) certificates must chain to. The gateway presents internal_cert as its client
+    # certificate and checks that the server's names 127.0.0.1, the address it dials.
+    internal_ca: Path | None = None
+    internal_cert: Path | None = None
+    internal_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                "tls_cert, tls_key (--tls-cert, --tls-key): set both (HTTPS on the gateway) "
+                "or neither"
+            )
+        if self.tls_cert is not None and not self.gateway:
+            raise ValueError("tls_cert, tls_key (--tls-cert, --tls-key): need the gateway")
+        internal = (self.internal_ca, self.internal_cert, self.internal_key)
+        if None in internal and internal != (None, None, None):
+            raise ValueError(
+                "internal_ca, internal_cert, internal_key (--internal-ca, --internal-cert, "
+                "--internal-key): set all three (mTLS on the gRPC port) or none"
+            )
+
+    @property
+    def internal_tls(self) -> bool:
+        """Whether the gRPC port requires mTLS (client certificates signed by ``internal_ca``)."""
+        return self.internal_ca is not None
 
 
 def create_grpc_server(
@@ -87,10 +118,12 @@ def create_grpc_server(
     queue_kind: str,
     api_keys: ApiKeys | None = None,
     metrics: Metrics | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A gRPC server with every service, health and reflection; returns it and its port.
 
-    With ``api_keys`` enabled, every call but health checks needs a bearer key.
+    With ``api_keys`` enabled, every call but health checks needs a bearer key. With
+    ``credentials`` (see :func:`internal_server_credentials`) the port speaks only TLS.
     """
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if metrics is not None:
@@ -121,10 +154,30 @@ def create_grpc_server(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port, health_servicer
+
+
+def internal_server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """The gRPC port's mTLS credentials, or ``None`` when ``settings`` ask for none.
+
+    Every client, health checks included, must present a certificate signed by
+    ``internal_ca``: the port is the way around the gateway, so it is closed to anyone
+    without one.
+    """
+    if settings.internal_ca is None:
+        return None
+    assert settings.internal_cert is not None and settings.internal_key is not None
+    return grpc.ssl_server_credentials(
+        [(settings.internal_key.read_bytes(), settings.internal_cert.read_bytes())],
+        root_certificates=settings.internal_ca.read_bytes(),
+        require_client_auth=True,
+    )
 
 
 class MeshServer:
@@ -166,7 +219,9 @@ class MeshServer:
             self.supervisor = InProcessSupervisor(self.queue, cp)
         else:
             assert self.nats_url is not None
-            self.supervisor = ProcessSupervisor(self.nats_url, s.data_dir / "logs")
+            self.supervisor = ProcessSupervisor(
+                self.nats_url, s.data_dir / "logs", nats_creds=s.nats_creds
+            )
         self._stack.push_async_callback(self.supervisor.shutdown)
         deployments = DeploymentManager(
             cp,
@@ -190,6 +245,7 @@ class MeshServer:
             queue_kind=s.queue,
             api_keys=s.api_keys,
             metrics=self.metrics,
+            credentials=internal_server_credentials(s),
         )
         self._server = server
         await server.start()
@@ -220,7 +276,8 @@ class MeshServer:
             self.nats_url = nats.url
         else:
             self.nats_url = s.nats_url
-        return await connect_nats(self.nats_url.split(","))
+        creds = str(s.nats_creds) if s.nats_creds is not None else None
+        return await connect_nats(self.nats_url.split(","), user_credentials=creds)
 
     async def _start_gateway(self) -> None:
         from llama_mesh.server.gateway import Gateway, GatewayConfig
@@ -231,6 +288,12 @@ class MeshServer:
             listen_port=s.port,
             upstream_port=self.grpc_port,
             cors_origins=s.cors_origins,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+            # The gateway is an mTLS client of the gRPC port, with the server's own certificate.
+            upstream_tls_ca=s.internal_ca,
+            upstream_tls_cert=s.internal_cert,
+            upstream_tls_key=s.internal_key,
         )
         work_dir = s.data_dir / "gateway"
         work_dir.mkdir(parents=True, exist_ok=True)

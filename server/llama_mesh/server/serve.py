@@ -23,6 +23,7 @@ from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
+from llama_mesh.server.queues.nats import redact_url
 
 logger = logging.getLogger("llama_mesh.serve")
 
@@ -59,7 +60,17 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         default=int(_env("GRPC_PORT", "0") or 0),
         help="internal gRPC port on 127.0.0.1 (0: any free port)",
     )
-    p.add_argument("--nats-url", default=_env("NATS_URL"), help="use this NATS (else embedded)")
+    p.add_argument(
+        "--nats-url",
+        default=_env("NATS_URL"),
+        help="use this NATS (else embedded); a user and password go in it: nats://u:p@host:port",
+    )
+    p.add_argument(
+        "--nats-creds",
+        type=Path,
+        default=_env("NATS_CREDS"),
+        help="NATS user credentials file (JWT and seed) for --nats-url",
+    )
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR") or default_data_dir()))
     p.add_argument("--queue", choices=["nats", "inprocess"], default=_env("QUEUE", "nats"))
     p.add_argument("--no-gateway", action="store_true", help="serve gRPC only, no Envoy")
@@ -102,6 +113,35 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         default=_int_env("METRICS_PORT"),
         help="serve Prometheus /metrics on 127.0.0.1:PORT",
     )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env("TLS_CERT"),
+        help="PEM certificate chain: the gateway serves HTTPS (with --tls-key)",
+    )
+    p.add_argument(
+        "--tls-key", type=Path, default=_env("TLS_KEY"), help="PEM private key of --tls-cert"
+    )
+    p.add_argument(
+        "--internal-ca",
+        type=Path,
+        default=_env("INTERNAL_CA"),
+        help="PEM CA: the gRPC port requires mTLS, client certificates signed by it "
+        "(with --internal-cert, --internal-key)",
+    )
+    p.add_argument(
+        "--internal-cert",
+        type=Path,
+        default=_env("INTERNAL_CERT"),
+        help="PEM certificate of the gRPC port, also the gateway's client certificate; "
+        "must name IP 127.0.0.1",
+    )
+    p.add_argument(
+        "--internal-key",
+        type=Path,
+        default=_env("INTERNAL_KEY"),
+        help="PEM private key of --internal-cert",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     p.add_argument("--log-format", choices=["plain", "json"], default=_env("LOG_FORMAT", "plain"))
     return p
@@ -117,6 +157,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         grpc_port=args.grpc_port,
         queue=args.queue,
         nats_url=args.nats_url,
+        nats_creds=args.nats_creds,
         gateway=not args.no_gateway,
         cors_origins=tuple(args.cors_origin),
         max_deployments=args.max_deployments,
@@ -127,7 +168,18 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_git_prefixes=tuple(args.allow_git_prefix) if args.allow_git_prefix else None,
         api_keys=ApiKeys(user=parse_keys(args.api_key), admin=parse_keys(args.admin_key)),
         metrics_port=args.metrics_port,
+        tls_cert=_resolved(args.tls_cert),
+        tls_key=_resolved(args.tls_key),
+        internal_ca=_resolved(args.internal_ca),
+        internal_cert=_resolved(args.internal_cert),
+        internal_key=_resolved(args.internal_key),
     )
+
+
+def _resolved(path: Path | None) -> Path | None:
+    # Absolute, like --data-dir: the paths are written into the gateway's envoy.yaml, which
+    # should read the same whatever directory Envoy starts in.
+    return path.resolve() if path is not None else None
 
 
 def _say(line: str) -> None:
@@ -144,8 +196,12 @@ async def serve(settings: ServerSettings, files: list[Path]) -> int:
     try:
         if server.nats_url:
             origin = "external" if settings.nats_url else f"embedded, store {settings.data_dir}"
-            _say(f"nats     {server.nats_url} ({origin})")
-        _say(f"grpc     {settings.grpc_host}:{server.grpc_port} (ApiServer, LlamaDeployApi, ...)")
+            _say(f"nats     {redact_url(server.nats_url)} ({origin})")
+        mtls = ", mTLS" if settings.internal_tls else ""
+        _say(
+            f"grpc     {settings.grpc_host}:{server.grpc_port} "
+            f"(ApiServer, LlamaDeployApi, ...{mtls})"
+        )
         if server.gateway_url:
             _say(f"gateway  {server.gateway_url} (JSON /v1 and Llama Deploy 0.8 API, gRPC)")
         for path in files:
