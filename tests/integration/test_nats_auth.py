@@ -1,7 +1,8 @@
-"""A NATS that requires a login: the server and its workers log in; nothing shows the password.
+"""A NATS that requires a login or a client certificate: the server and its workers get in;
+nothing shows the password.
 
-Real nats-server with an ``authorization`` block, the mesh with a worker process per
-replica (the process supervisor), connected with the user and password in the NATS URL.
+Real nats-servers (one with an ``authorization`` block, one with TLS that verifies clients),
+the mesh with a worker process per replica (the process supervisor).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from llama_mesh.server.domain import TaskStatus
-from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, NatsUser
+from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, NatsTlsConfig, NatsUser
 from llama_mesh.server.queues.base import QueueUnavailableError
-from llama_mesh.server.queues.nats import connect_nats, redact_url
+from llama_mesh.server.queues.nats import NatsLogin, connect_nats, redact_url
 from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.pki import Pki
 
 PASSWORD = "s3cret-nats-pass"
 USER = NatsUser("mesh", PASSWORD)
@@ -63,6 +65,15 @@ async def test_a_wrong_password_is_a_clear_unavailable_error(guarded_nats: NatsS
     assert "wrong-password" not in str(raised.value)
 
 
+def echo_app(tmp_path: Path) -> Path:
+    """A deployment of the test app's `echo` service alone; its file."""
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(TESTAPP.parent / "app_workflows.py", app)
+    (app / "deployment.yml").write_text(ECHO_ONLY)
+    return app / "deployment.yml"
+
+
 async def test_server_and_workers_log_in_without_showing_the_password(
     guarded_nats: NatsServer,
     mesh_factory: MeshFactory,
@@ -71,13 +82,9 @@ async def test_server_and_workers_log_in_without_showing_the_password(
 ) -> None:
     """A task runs (the API server and the worker process both logged in), no process has
     the password on its command line, and the logs do not contain it."""
-    app = tmp_path / "app"
-    app.mkdir()
-    shutil.copy(TESTAPP.parent / "app_workflows.py", app)
-    (app / "deployment.yml").write_text(ECHO_ONLY)
     caplog.set_level(logging.INFO)
     server = await mesh_factory(
-        queue="nats", nats_url=login_url(guarded_nats), deploy=(app / "deployment.yml",)
+        queue="nats", nats_url=login_url(guarded_nats), deploy=(echo_app(tmp_path),)
     )
     task = await server.mesh.run_task(
         "guarded", service_id=None, session_id=None, input={"message": "let me in"}
@@ -92,3 +99,37 @@ def test_urls_are_redacted_for_logs() -> None:
         "nats://u:***@127.0.0.1:4222,nats://h:4223"
     )
     assert redact_url("nats://tok@host") == "nats://tok@host"
+
+
+async def test_server_and_workers_reach_a_nats_that_requires_client_certificates(
+    mesh_factory: MeshFactory, tmp_path: Path, pki: Pki
+) -> None:
+    """TLS to NATS with a client certificate (mTLS): the API server and its worker process
+    connect and a task runs; without the certificate the connection is refused."""
+    tls = NatsTlsConfig(cert=pki.cert, key=pki.key, ca=pki.ca, verify_clients=True)
+    nats_server = await NatsServer.start(NatsServerConfig(store_dir=tmp_path / "nats", tls=tls))
+    try:
+        with pytest.raises(QueueUnavailableError):
+            await connect_nats(nats_server.url, login=NatsLogin(tls_ca=pki.ca), connect_timeout=5)
+        server = await mesh_factory(
+            queue="nats",
+            nats_url=nats_server.url,
+            nats_tls_ca=pki.ca,
+            nats_tls_cert=pki.cert,
+            nats_tls_key=pki.key,
+            deploy=(echo_app(tmp_path),),
+        )
+        task = await server.mesh.run_task(
+            "guarded", service_id=None, session_id=None, input={"message": "certified"}
+        )
+        assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "echo: certified")
+    finally:
+        await nats_server.stop()
+
+
+def test_a_login_travels_to_workers_in_their_environment(pki: Pki) -> None:
+    login = NatsLogin(creds=Path("/c.creds"), tls_ca=pki.ca, tls_cert=pki.cert, tls_key=pki.key)
+    assert NatsLogin.from_environment(login.environment()) == login
+    assert NatsLogin.from_environment({}) == NatsLogin()
+    with pytest.raises(ValueError, match="key"):
+        NatsLogin(tls_cert=pki.cert)

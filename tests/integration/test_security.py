@@ -3,11 +3,8 @@ source confinement, loopback-only listening, HTTPS on the gateway and mTLS on th
 
 from __future__ import annotations
 
-import shutil
 import ssl
-import subprocess
 from pathlib import Path
-from typing import NamedTuple
 
 import grpc
 import httpx
@@ -21,6 +18,7 @@ from llama_mesh.server.serve import build_parser, settings_from_args
 from llama_mesh.server.sources import SourcePolicy
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
 from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.pki import Pki
 
 USER = "user-key-0123456789abcdef"
 ADMIN = "admin-key-0123456789abcdef"
@@ -164,47 +162,6 @@ async def test_nothing_listens_beyond_loopback(mesh_factory: MeshFactory) -> Non
         hosts = _listening(port)
         assert hosts, f"{name} is not listening on {port}"
         assert set(hosts) <= loopback, f"{name} listens on {hosts}"
-
-
-class Pki(NamedTuple):
-    """A test CA and one leaf certificate it signed, for IP 127.0.0.1."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    """A CA and a leaf for 127.0.0.1 signed by it (made with the openssl command).
-
-    The leaf has no extendedKeyUsage, so it serves as the server's certificate and as the
-    gateway's (and the tests') client certificate alike.
-    """
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    ca, ca_key = tmp_path / "ca.pem", tmp_path / "ca.key"
-    cert, key, csr = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "cert.csr"
-    p256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
-    _openssl(
-        "req", "-x509", *p256, "-days", "1", "-subj", "/CN=llama-mesh test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign",
-        "-keyout", str(ca_key), "-out", str(ca),
-    )  # fmt: skip
-    _openssl(
-        "req", *p256, "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-        "-keyout", str(key), "-out", str(csr),
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-days", "1",
-        "-copy_extensions", "copy", "-out", str(cert),
-    )  # fmt: skip
-    return Pki(ca, cert, key)
 
 
 async def tls_mesh(mesh_factory: MeshFactory, pki: Pki) -> MeshServer:

@@ -35,6 +35,7 @@ from llama_mesh.server.grpc_errors import ErrorInterceptor
 from llama_mesh.server.metrics import Metrics, MetricsInterceptor
 from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
 from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.server.queues.nats import NatsLogin
 from llama_mesh.server.sources import SourcePolicy
 from llama_mesh.v1 import (
     apiserver_pb2,
@@ -71,6 +72,11 @@ class ServerSettings:
     nats_url: str | None = None
     nats_creds: Path | None = None
     """NATS user credentials file (JWT and seed), for an external NATS that requires it."""
+    nats_tls_ca: Path | None = None
+    """The CA to trust for TLS to an external NATS."""
+    nats_tls_cert: Path | None = None
+    """Client certificate for an external NATS that requires one (mTLS); with its key."""
+    nats_tls_key: Path | None = None
     gateway: bool = True
     cors_origins: tuple[str, ...] = ()
     max_deployments: int = 10
@@ -98,12 +104,21 @@ class ServerSettings:
             )
         if self.tls_cert is not None and not self.gateway:
             raise ValueError("tls_cert, tls_key (--tls-cert, --tls-key): need the gateway")
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError(
+                "nats_tls_cert, nats_tls_key (--nats-tls-cert, --nats-tls-key): set both or neither"
+            )
         internal = (self.internal_ca, self.internal_cert, self.internal_key)
         if None in internal and internal != (None, None, None):
             raise ValueError(
                 "internal_ca, internal_cert, internal_key (--internal-ca, --internal-cert, "
                 "--internal-key): set all three (mTLS on the gRPC port) or none"
             )
+
+    @property
+    def nats_login(self) -> NatsLogin:
+        """How to log in to an external NATS besides its URL."""
+        return NatsLogin(self.nats_creds, self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
 
     @property
     def internal_tls(self) -> bool:
@@ -220,7 +235,7 @@ class MeshServer:
         else:
             assert self.nats_url is not None
             self.supervisor = ProcessSupervisor(
-                self.nats_url, s.data_dir / "logs", nats_creds=s.nats_creds
+                self.nats_url, s.data_dir / "logs", login=s.nats_login
             )
         self._stack.push_async_callback(self.supervisor.shutdown)
         deployments = DeploymentManager(
@@ -276,8 +291,7 @@ class MeshServer:
             self.nats_url = nats.url
         else:
             self.nats_url = s.nats_url
-        creds = str(s.nats_creds) if s.nats_creds is not None else None
-        return await connect_nats(self.nats_url.split(","), user_credentials=creds)
+        return await connect_nats(self.nats_url.split(","), login=s.nats_login)
 
     async def _start_gateway(self) -> None:
         from llama_mesh.server.gateway import Gateway, GatewayConfig

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -84,6 +85,17 @@ class NatsUser:
     password: str = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class NatsTlsConfig:
+    """TLS on the client port: the server's certificate and key, and with ``verify_clients``
+    the CA whose certificates clients must present (mTLS)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    verify_clients: bool = False
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NatsClusterConfig:
     """Clustering of one server with its peers (JetStream clustering needs ``server_name``).
@@ -114,6 +126,7 @@ class NatsServerConfig:
         cluster: cluster settings, or ``None`` for a single server.
         max_payload: the largest message, in nats-server size syntax.
         users: client accounts; when set, clients must authenticate as one of them.
+        tls: TLS on the client port, or ``None``.
     """
 
     store_dir: Path
@@ -124,6 +137,7 @@ class NatsServerConfig:
     cluster: NatsClusterConfig | None = None
     max_payload: str = "8MB"
     users: tuple[NatsUser, ...] = ()
+    tls: NatsTlsConfig | None = None
 
 
 def _quote(value: str | Path) -> str:
@@ -143,6 +157,15 @@ def render_config(cfg: NatsServerConfig) -> str:
     ]
     if cfg.http_port is not None:
         lines.append(f"http: {_quote(f'{cfg.host}:{cfg.http_port}')}")
+    if cfg.tls is not None:
+        lines += [
+            "tls {",
+            f"  cert_file: {_quote(cfg.tls.cert)}",
+            f"  key_file: {_quote(cfg.tls.key)}",
+            *([f"  ca_file: {_quote(cfg.tls.ca)}"] if cfg.tls.ca else []),
+            f"  verify: {'true' if cfg.tls.verify_clients else 'false'}",
+            "}",
+        ]
     if cfg.users:
         lines += [
             "authorization {",
@@ -338,6 +361,19 @@ class NatsServer:
                 )
             await asyncio.sleep(_READY_RETRY_INTERVAL)
 
+    def _probe_tls(self) -> ssl.SSLContext | None:
+        """TLS for the readiness probe: trusting the CA, presenting the server's own
+        certificate when clients must present one."""
+        tls = self._cfg.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+        if tls.ca is None:
+            context.load_verify_locations(cafile=str(tls.cert))
+        if tls.verify_clients:
+            context.load_cert_chain(tls.cert, tls.key)
+        return context
+
     async def _check_jetstream(self) -> None:
         """Raise unless a client connects and the JetStream API answers."""
         # Probe the port first: nats.connect retries a refused connection for a while.
@@ -354,6 +390,7 @@ class NatsServer:
             self.url,
             user=account.user if account else None,
             password=account.password if account else None,
+            tls=self._probe_tls(),
             allow_reconnect=False,
             connect_timeout=1,
             max_reconnect_attempts=1,

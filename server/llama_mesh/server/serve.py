@@ -71,6 +71,16 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         default=_env("NATS_CREDS"),
         help="NATS user credentials file (JWT and seed) for --nats-url",
     )
+    p.add_argument(
+        "--nats-tls-ca", type=Path, default=_env("NATS_TLS_CA"), help="CA to trust for NATS TLS"
+    )
+    p.add_argument(
+        "--nats-tls-cert",
+        type=Path,
+        default=_env("NATS_TLS_CERT"),
+        help="client certificate for a NATS that requires one (mTLS), with --nats-tls-key",
+    )
+    p.add_argument("--nats-tls-key", type=Path, default=_env("NATS_TLS_KEY"))
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR") or default_data_dir()))
     p.add_argument("--queue", choices=["nats", "inprocess"], default=_env("QUEUE", "nats"))
     p.add_argument("--no-gateway", action="store_true", help="serve gRPC only, no Envoy")
@@ -158,6 +168,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         queue=args.queue,
         nats_url=args.nats_url,
         nats_creds=args.nats_creds,
+        nats_tls_ca=args.nats_tls_ca,
+        nats_tls_cert=args.nats_tls_cert,
+        nats_tls_key=args.nats_tls_key,
         gateway=not args.no_gateway,
         cors_origins=tuple(args.cors_origin),
         max_deployments=args.max_deployments,

@@ -36,10 +36,13 @@ import datetime
 import json
 import logging
 import re
+import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Final, Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -1048,6 +1051,54 @@ async def _unless(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
     raise TimeoutError
 
 
+@dataclass(frozen=True, slots=True)
+class NatsLogin:
+    """How to reach NATS besides its URL: a user credentials file (JWT and seed), the CA
+    to trust for TLS, and a client certificate for a server that requires one (mTLS).
+
+    A user and password go in the URL itself (``nats://user:password@host:port``).
+    """
+
+    creds: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("the NATS client certificate needs its key, and the key its cert")
+
+    _VARIABLES: ClassVar[dict[str, str]] = {
+        "creds": "LLAMA_MESH_NATS_CREDS",
+        "tls_ca": "LLAMA_MESH_NATS_TLS_CA",
+        "tls_cert": "LLAMA_MESH_NATS_TLS_CERT",
+        "tls_key": "LLAMA_MESH_NATS_TLS_KEY",
+    }
+
+    def environment(self) -> dict[str, str]:
+        """The variables that hand this login to a worker process."""
+        return {
+            variable: str(getattr(self, name))
+            for name, variable in self._VARIABLES.items()
+            if getattr(self, name) is not None
+        }
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> NatsLogin:
+        """The login :meth:`environment` described."""
+        values = {name: environ.get(variable) for name, variable in cls._VARIABLES.items()}
+        return cls(**{name: Path(v) for name, v in values.items() if v})
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS settings for the connection, or ``None`` to leave them to the URL."""
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_cert is not None and self.tls_key is not None:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+
 def redact_url(urls: str) -> str:
     """``urls`` (comma-separated) with any password replaced by ``***``, for logs."""
 
@@ -1067,7 +1118,7 @@ async def connect_nats(
     servers: str | list[str],
     *,
     name: str = "llama-mesh",
-    user_credentials: str | None = None,
+    login: NatsLogin | None = None,
     token: str | None = None,
     replicas: int = 1,
     prefix: str = "mesh",
@@ -1111,7 +1162,8 @@ async def connect_nats(
                 nc.connect(
                     servers,
                     name=name,
-                    user_credentials=user_credentials,
+                    user_credentials=str(login.creds) if login and login.creds else None,
+                    tls=login.tls_context() if login else None,
                     token=token,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,

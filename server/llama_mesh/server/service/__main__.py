@@ -22,7 +22,7 @@ from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.deployment_config import parse_deployment_config
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
-from llama_mesh.server.queues.nats import connect_nats
+from llama_mesh.server.queues.nats import NatsLogin, connect_nats
 from llama_mesh.server.service.loader import load_workflow
 from llama_mesh.server.service.servicer import start_info_server
 from llama_mesh.server.service.worker import Worker, WorkerSettings
@@ -48,11 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generation", type=int, default=0, help="deployment generation")
     parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
     parser.add_argument("--instance-id", help="replica id (default: random)")
-    parser.add_argument(
-        "--nats-creds",
-        default=os.environ.get("LLAMA_MESH_NATS_CREDS"),
-        help="NATS user credentials file (default: $LLAMA_MESH_NATS_CREDS)",
-    )
+    for flag, what in (
+        ("creds", "user credentials file"),
+        ("tls-ca", "CA to trust for TLS"),
+        ("tls-cert", "client certificate (mTLS)"),
+        ("tls-key", "client certificate's key"),
+    ):
+        variable = f"LLAMA_MESH_NATS_{flag.replace('-', '_').upper()}"
+        parser.add_argument(
+            f"--nats-{flag}",
+            type=Path,
+            default=os.environ.get(variable),
+            help=f"NATS {what} (default: ${variable})",
+        )
     parser.add_argument(
         "--exit-with-parent",
         type=int,
@@ -65,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     """Connect, load the workflow, run until SIGTERM/SIGINT; returns the exit status."""
-    queue = await connect_nats(args.nats.split(","), user_credentials=args.nats_creds)
+    login = NatsLogin(args.nats_creds, args.nats_tls_ca, args.nats_tls_cert, args.nats_tls_key)
+    queue = await connect_nats(args.nats.split(","), login=login)
     try:
         cp = await ControlPlane.open(queue)
         try:
@@ -132,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.nats:
         parser.error("the NATS URL is needed: --nats URL or $LLAMA_MESH_NATS_URL")
+    if (args.nats_tls_cert is None) != (args.nats_tls_key is None):
+        parser.error("--nats-tls-cert and --nats-tls-key: give both or neither")
     if args.exit_with_parent:
         exit_with_parent(args.exit_with_parent)
     configure_logging(args.log_level, prefix=f"[worker {args.deployment}/{args.service}] ")
