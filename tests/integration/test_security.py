@@ -3,14 +3,19 @@ source confinement, loopback-only listening, HTTPS on the gateway and mTLS on th
 
 from __future__ import annotations
 
+import asyncio
+import json
 import ssl
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llama_mesh.client import AsyncClient, UnavailableError
+from llama_mesh.client.cli import llamactl
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.errors import PermissionDeniedError
@@ -243,3 +248,34 @@ def test_tls_options_come_in_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     settings = settings_from_args(build_parser().parse_args(args))
     assert settings.internal_tls
     assert (settings.internal_ca, settings.internal_cert, settings.internal_key) == (ca, cert, key)
+
+
+async def test_sdk_and_llamactl_present_a_client_certificate(
+    mesh_factory: MeshFactory, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the mTLS-only gRPC port, the SDK with the CA and a client certificate runs a task,
+    with the CA alone it gets UnavailableError, and llamactl's --tls-* options work too."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    for name in ("ADDRESS", "API_KEY", "TLS_CA", "TLS_CERT", "TLS_KEY"):
+        monkeypatch.delenv(f"LLAMA_MESH_{name}", raising=False)
+    server = await tls_mesh(mesh_factory, pki)
+    target = f"127.0.0.1:{server.grpc_port}"
+    client = AsyncClient(target, timeout=30, tls_ca=pki.ca, tls_cert=pki.cert, tls_key=pki.key)
+    async with client:
+        assert await client.run("testapp", service="echo", message="mTLS") == "echo: mTLS"
+    async with AsyncClient(target, timeout=10, tls_ca=pki.ca) as anonymous:
+        with pytest.raises(UnavailableError):
+            await anonymous.status()
+
+    async def llamactl_(*args: str) -> tuple[int, str, str]:
+        runner = CliRunner()
+        argv = ["-s", target, "-t", "10", "--tls-ca", str(pki.ca), *args, "-o", "json", "status"]
+        call = asyncio.to_thread(runner.invoke, llamactl, argv, prog_name="llamactl")
+        result = await asyncio.wait_for(call, 60)
+        return result.exit_code, result.stdout, result.stderr
+
+    code, out, err = await llamactl_("--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    assert code == 0, err
+    assert json.loads(out)["deployments"] == ["testapp"]
+    code, out, err = await llamactl_()
+    assert code == 1 and err.startswith(f"Error: cannot reach the server at {target}")

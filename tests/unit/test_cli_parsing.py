@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 
 from llama_mesh.client import __version__
 from llama_mesh.client._cli_output import emit_result, table
+from llama_mesh.client._cli_state import State
 from llama_mesh.client.cli import llamactl
 
 CLOSED = "http://127.0.0.1:1"
@@ -24,8 +25,8 @@ CLOSED = "http://127.0.0.1:1"
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never read the developer's profile file or environment."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    for name in ("LLAMA_MESH_ADDRESS", "LLAMA_MESH_API_KEY", "LLAMA_MESH_TLS_CA"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("ADDRESS", "API_KEY", "TLS_CA", "TLS_CERT", "TLS_KEY"):
+        monkeypatch.delenv(f"LLAMA_MESH_{name}", raising=False)
 
 
 def invoke(*args: str) -> Result:
@@ -148,6 +149,54 @@ def test_config_profile_commands(tmp_path: Path) -> None:
     assert yaml.safe_load(Path(path).read_text())["current_profile"] == "c"
     table_out = invoke("-c", path, "-o", "table", "config", "get-profiles").stdout
     assert table_out.splitlines()[1].split() == ["*", "c", "http://localhost:4501"]
+
+
+def pem_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Stand-ins for a CA, a client certificate and its key (their bytes are their names)."""
+    ca, cert, key = (tmp_path / name for name in ("ca.pem", "cert.pem", "key.pem"))
+    for path in (ca, cert, key):
+        path.write_bytes(path.name.encode())
+    return ca, cert, key
+
+
+def test_tls_options_reach_the_client(tmp_path: Path) -> None:
+    """``--tls-ca``, ``--tls-cert`` and ``--tls-key`` become the client's CA and certificate;
+    half a pair, or a missing file, is a usage error (2)."""
+    ca, cert, key = pem_files(tmp_path)
+    result = invoke("--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key))
+    assert result.exit_code == 0, result.output
+    state = State(server="127.0.0.1:1", tls_ca=ca, tls_cert=cert, tls_key=key)
+    settings = state.client().settings
+    assert (settings.tls, settings.root_certificates) == (True, b"ca.pem")
+    assert (settings.certificate_chain, settings.private_key) == (b"cert.pem", b"key.pem")
+    half = invoke("-s", CLOSED, "--tls-cert", str(cert), "status")
+    assert half.exit_code == 2
+    assert "--tls-cert and --tls-key: give both or neither" in half.stderr
+    missing = invoke("-s", CLOSED, "--tls-ca", str(tmp_path / "nope.pem"), "status")
+    assert missing.exit_code == 2 and "--tls-ca" in missing.stderr
+
+
+def test_profile_tls_settings(tmp_path: Path) -> None:
+    """``config set-profile-vars tls_ca|tls_cert|tls_key`` save absolute paths the client then
+    uses; an empty value unsets one, a missing file is refused, half a pair fails a call."""
+    ca, cert, key = pem_files(tmp_path)
+    path = str(tmp_path / "config.yaml")
+    for param, file in (("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)):
+        result = invoke("-c", path, "config", "set-profile-vars", param, str(file))
+        assert result.exit_code == 0, result.output
+    listed = json.loads(invoke("-c", path, "-o", "json", "config", "get-profiles").stdout)
+    assert (listed[0]["tls_ca"], listed[0]["tls_cert"], listed[0]["tls_key"]) == tuple(
+        str(file) for file in (ca, cert, key)
+    )
+    settings = State(server="127.0.0.1:1", config_path=Path(path)).client().settings
+    assert (settings.root_certificates, settings.certificate_chain) == (b"ca.pem", b"cert.pem")
+    missing = invoke("-c", path, "config", "set-profile-vars", "tls_ca", str(tmp_path / "no"))
+    assert missing.exit_code == 1 and "no such file" in missing.stderr
+    assert invoke("-c", path, "config", "set-profile-vars", "tls_key", "").exit_code == 0
+    assert "tls_key" not in yaml.safe_load(Path(path).read_text())["profiles"]["default"]
+    half = invoke("-c", path, "-s", CLOSED, "status")
+    assert half.exit_code == 1
+    assert "profiles.default.tls_cert and tls_key: set both or neither" in half.stderr
 
 
 def test_serve_without_the_server_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -160,6 +160,93 @@ def test_a_ca_file_from_the_environment_turns_tls_on(tmp_path: Path) -> None:
         resolve_settings(environ={"LLAMA_MESH_TLS_CA": str(tmp_path / "nope.pem")})
 
 
+def pem_files(tmp_path: Path, *names: str) -> list[Path]:
+    """Files standing for PEM certificates and keys (their bytes are their names)."""
+    paths = [tmp_path / f"{name}.pem" for name in names]
+    for path in paths:
+        path.write_bytes(path.name.encode())
+    return paths
+
+
+def test_the_ca_comes_from_argument_then_env_then_profile(tmp_path: Path) -> None:
+    """``tls_ca=`` (a path), else ``LLAMA_MESH_TLS_CA``, else the profile's ``tls_ca``
+    (relative to the profile file); ``root_certificates=`` and ``tls_ca=`` exclude each other."""
+    arg, env, prof = pem_files(tmp_path, "arg-ca", "env-ca", "prof-ca")
+    config = write_profiles(tmp_path / "config.yaml", default={"tls_ca": "prof-ca.pem"})
+    environ = {"LLAMA_MESH_TLS_CA": str(env)}
+    explicit = resolve_settings("mesh:1", tls_ca=arg, config_path=config, environ=environ)
+    assert (explicit.tls, explicit.root_certificates) == (True, b"arg-ca.pem")
+    from_env = resolve_settings("mesh:1", config_path=config, environ=environ)
+    assert from_env.root_certificates == b"env-ca.pem"
+    from_profile = resolve_settings("mesh:1", config_path=config, environ={})
+    assert (from_profile.tls, from_profile.root_certificates) == (True, b"prof-ca.pem")
+    with pytest.raises(ConfigError, match="root_certificates and tls_ca"):
+        resolve_settings(root_certificates=b"x", tls_ca=arg, config_path=config, environ={})
+    prof.unlink()
+    with pytest.raises(ConfigError, match=r"profiles\.default\.tls_ca: cannot read"):
+        resolve_settings(config_path=config, environ={})
+
+
+def test_a_client_certificate_comes_as_a_pair(tmp_path: Path) -> None:
+    """``tls_cert=`` with ``tls_key=``, else ``LLAMA_MESH_TLS_CERT`` with ``_KEY``, else the
+    profile's pair: the PEM bytes to present (TLS on); half a pair is an error naming both."""
+    a_cert, a_key, e_cert, e_key, p_cert, p_key = pem_files(
+        tmp_path, "a-cert", "a-key", "e-cert", "e-key", "p-cert", "p-key"
+    )
+    config = write_profiles(
+        tmp_path / "config.yaml",
+        default={"server": "http://mesh:1", "tls_cert": str(p_cert), "tls_key": p_key.name},
+        half={"tls_cert": str(p_cert)},
+    )
+    env = {"LLAMA_MESH_TLS_CERT": str(e_cert), "LLAMA_MESH_TLS_KEY": str(e_key)}
+    explicit = resolve_settings(tls_cert=a_cert, tls_key=a_key, config_path=config, environ=env)
+    assert (explicit.certificate_chain, explicit.private_key) == (b"a-cert.pem", b"a-key.pem")
+    assert explicit.tls and explicit.root_certificates is None  # the system's roots
+    assert "a-key" not in repr(explicit)
+    from_env = resolve_settings(config_path=config, environ=env)
+    assert (from_env.certificate_chain, from_env.private_key) == (b"e-cert.pem", b"e-key.pem")
+    from_profile = resolve_settings(config_path=config, environ={})
+    assert (from_profile.tls, from_profile.certificate_chain, from_profile.private_key) == (
+        True,
+        b"p-cert.pem",
+        b"p-key.pem",
+    )
+    with pytest.raises(ConfigError, match="tls_cert and tls_key: set both or neither"):
+        resolve_settings(tls_key=a_key, config_path=config, environ=env)
+    half_env = {"LLAMA_MESH_TLS_CERT": str(e_cert)}
+    with pytest.raises(ConfigError, match="LLAMA_MESH_TLS_CERT and LLAMA_MESH_TLS_KEY: set"):
+        resolve_settings(config_path=config, environ=half_env)
+    with pytest.raises(ConfigError, match=r"profiles\.half\.tls_cert and tls_key: set"):
+        resolve_settings(config_path=config, profile="half", environ={})
+    missing = {"LLAMA_MESH_TLS_CERT": str(e_cert), "LLAMA_MESH_TLS_KEY": str(tmp_path / "no")}
+    with pytest.raises(ConfigError, match="LLAMA_MESH_TLS_KEY: cannot read"):
+        resolve_settings(config_path=config, environ=missing)
+
+
+async def test_the_channel_presents_the_client_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CA, certificate and key all reach ``grpc.ssl_channel_credentials``."""
+    ca, cert, key = pem_files(tmp_path, "ca", "cert", "key")
+    seen: list[dict[str, Any]] = []
+    real = grpc.ssl_channel_credentials
+
+    def spy(**kwargs: Any) -> grpc.ChannelCredentials:
+        seen.append(kwargs)
+        return real()
+
+    monkeypatch.setattr(grpc, "ssl_channel_credentials", spy)
+    async with AsyncClient("127.0.0.1:1", tls_ca=ca, tls_cert=cert, tls_key=key) as client:
+        client._transport._get_stub()
+    assert seen == [
+        {
+            "root_certificates": b"ca.pem",
+            "private_key": b"key.pem",
+            "certificate_chain": b"cert.pem",
+        }
+    ]
+
+
 @pytest.mark.parametrize(
     ("content", "key"),
     [
@@ -167,6 +254,7 @@ def test_a_ca_file_from_the_environment_turns_tls_on(tmp_path: Path) -> None:
         ("profiles: {default: {server: 12}}", "profiles.default.server"),
         ("profiles: {default: {insecure: maybe}}", "profiles.default.insecure"),
         ("profiles: {default: {colour: red}}", "profiles.default.colour"),
+        ("profiles: {default: {tls_cert: 12}}", "profiles.default.tls_cert"),
         ("profiles: [1, 2]", "'profiles'"),
         ("- just a list", "top level"),
     ],
@@ -195,6 +283,11 @@ def test_profile_file_round_trips_in_the_08_layout(tmp_path: Path) -> None:
             "x": {"server": "http://x:1", "insecure": True, "timeout": 3.0},
         },
     }
+    assert ConfigFile.load(path) == config
+    config.profiles["x"] = Profile(tls_ca="/ca.pem", tls_cert="/c.pem", tls_key="/k.pem")
+    config.write()
+    saved = yaml.safe_load(path.read_text())["profiles"]["x"]
+    assert (saved["tls_ca"], saved["tls_cert"], saved["tls_key"]) == ("/ca.pem", "/c.pem", "/k.pem")
     assert ConfigFile.load(path) == config
 
 
@@ -311,8 +404,8 @@ async def fake() -> AsyncIterator[tuple[Fake, str]]:
 def no_profile_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never read the developer's own ``~/.config/llamactl`` or environment."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    for name in ("LLAMA_MESH_ADDRESS", "LLAMA_MESH_API_KEY", "LLAMA_MESH_TLS_CA"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("ADDRESS", "API_KEY", "TLS_CA", "TLS_CERT", "TLS_KEY"):
+        monkeypatch.delenv(f"LLAMA_MESH_{name}", raising=False)
 
 
 async def test_bearer_token_on_every_call(fake: tuple[Fake, str]) -> None:

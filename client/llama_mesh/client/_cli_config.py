@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import click
 
 from llama_mesh.client._cli_output import emit, table
 from llama_mesh.client._cli_state import CliError, pass_state
-from llama_mesh.client._config import ConfigFile, Profile, grpc_target
+from llama_mesh.client._config import ConfigFile, Profile, grpc_target, profile_vars
 from llama_mesh.client._exceptions import ConfigError
 
 _TRUE = ("y", "yes", "t", "true", "on", "1")
@@ -54,8 +56,19 @@ def get_profiles(ctx: click.Context) -> None:
 
 
 def vars_of(profile: Profile) -> dict[str, object]:
-    """A profile's settings as a dict."""
-    return {"server": profile.server, "insecure": profile.insecure, "timeout": profile.timeout}
+    """A profile's settings as a dict (the TLS paths only when set)."""
+    return profile_vars(profile)
+
+
+def _pem_path(value: str) -> str | None:
+    """An absolute path to an existing file (so the profile works from any directory);
+    ``None`` for an empty value, which unsets the setting."""
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"no such file: {value}")
+    return str(path)
 
 
 @config.command("current-profile")
@@ -82,9 +95,12 @@ def use_profile(ctx: click.Context, profile: str) -> None:
 @click.argument("value")
 @click.pass_context
 def set_profile_vars(ctx: click.Context, param: str, value: str) -> None:
-    """Set a variable (server, insecure, timeout) of the current profile.
+    """Set a variable (server, insecure, timeout, tls_ca, tls_cert, tls_key) of the current
+    profile.
 
-    With the global ``-p NAME``, set it on that profile instead, creating it if needed.
+    With the global ``-p NAME``, set it on that profile instead, creating it if needed. The
+    tls_* variables are PEM files (a CA to trust; a client certificate and its key, for a
+    server requiring mTLS); an empty value unsets one.
     """
     cfg = _config(ctx)
     name = pass_state(ctx).profile or cfg.current_profile
@@ -101,6 +117,9 @@ def set_profile_vars(ctx: click.Context, param: str, value: str) -> None:
             if timeout <= 0:
                 raise ValueError("the timeout must be positive")
             current = replace(current, timeout=timeout)
+        elif param in ("tls_ca", "tls_cert", "tls_key"):
+            path: dict[str, Any] = {param: _pem_path(value)}
+            current = replace(current, **path)
         else:
             raise CliError(f"Unknown parameter '{param}'.")
     except (ValueError, ConfigError) as exc:

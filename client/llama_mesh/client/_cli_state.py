@@ -51,6 +51,9 @@ class State:
     insecure: bool = False
     timeout: float | None = None
     api_key: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     output: Format | None = None
 
     @property
@@ -65,6 +68,9 @@ class State:
         client = AsyncClient(
             self.server,
             api_key=self.api_key,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
             timeout=self.timeout,
             profile=self.profile,
             config_path=self.config_path,
@@ -73,7 +79,7 @@ class State:
         if insecure and client.settings.tls:
             note(
                 "warning: --insecure cannot disable certificate checks for gRPC; "
-                "trust the server's CA with LLAMA_MESH_TLS_CA instead"
+                "trust the server's CA with --tls-ca (or LLAMA_MESH_TLS_CA) instead"
             )
         return client
 

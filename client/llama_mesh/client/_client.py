@@ -29,9 +29,15 @@ class AsyncClient:
         address: ``host:port`` or an ``http(s)://`` URL; else ``LLAMA_MESH_ADDRESS``, the
             llamactl profile's ``server``, or ``127.0.0.1:4501``.
         api_key: sent as ``authorization: Bearer <key>``; else ``LLAMA_MESH_API_KEY``.
-        tls: use TLS; ``None`` decides from the address (``https://``) and a CA file
-            (``LLAMA_MESH_TLS_CA``).
+        tls: use TLS; ``None`` decides from the address (``https://``), a CA file and a
+            client certificate.
         root_certificates: PEM bytes of the CA to trust (else the system's).
+        tls_ca: the CA to trust as a PEM file, instead of ``root_certificates``; else
+            ``LLAMA_MESH_TLS_CA``, else the profile's ``tls_ca``.
+        tls_cert: a PEM client certificate to present (for a server requiring mTLS), with
+            ``tls_key``, its PEM private key (both or neither); else ``LLAMA_MESH_TLS_CERT``
+            and ``LLAMA_MESH_TLS_KEY``, else the profile's ``tls_cert`` and ``tls_key``.
+        tls_key: see ``tls_cert``.
         timeout: seconds allowed to every unary call (streams have none); else the
             profile's timeout, else unlimited.
         profile: the llamactl profile to read (else the file's current profile).
@@ -45,6 +51,9 @@ class AsyncClient:
         api_key: str | None = None,
         tls: bool | None = None,
         root_certificates: bytes | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
         timeout: float | None = None,
         profile: str | None = None,
         config_path: Path | None = None,
@@ -54,6 +63,9 @@ class AsyncClient:
             api_key=api_key,
             tls=tls,
             root_certificates=root_certificates,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
             timeout=timeout,
             profile=profile,
             config_path=config_path,

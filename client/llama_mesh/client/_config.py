@@ -1,9 +1,11 @@
 """Where the client connects, and how: resolved once into a frozen :class:`ConnectionSettings`.
 
 Each setting comes from the first of: an explicit argument, the environment
-(``LLAMA_MESH_ADDRESS``, ``LLAMA_MESH_API_KEY``, ``LLAMA_MESH_TLS_CA``), the llamactl profile
-file (Llama Deploy 0.8's ``~/.config/llamactl/config.yaml``: ``current_profile`` and
-``profiles: {name: {server, insecure, timeout}}``), the default ``127.0.0.1:4501``.
+(``LLAMA_MESH_ADDRESS``, ``LLAMA_MESH_API_KEY``, ``LLAMA_MESH_TLS_CA``, ``LLAMA_MESH_TLS_CERT``
+with ``LLAMA_MESH_TLS_KEY``), the llamactl profile file (Llama Deploy 0.8's
+``~/.config/llamactl/config.yaml``: ``current_profile`` and ``profiles: {name: {server,
+insecure, timeout}}``, plus the optional ``tls_ca``, ``tls_cert`` and ``tls_key``), the
+default ``127.0.0.1:4501``. A client certificate and its key come as a pair, from one place.
 
 A profile's ``server`` is an HTTP URL such as ``http://localhost:4501``; :func:`grpc_target`
 turns it (or a plain ``host:port``) into a gRPC target, ``https://`` meaning TLS.
@@ -28,6 +30,9 @@ DEFAULT_PROFILE_NAME = "default"
 ENV_ADDRESS = "LLAMA_MESH_ADDRESS"
 ENV_API_KEY = "LLAMA_MESH_API_KEY"
 ENV_TLS_CA = "LLAMA_MESH_TLS_CA"
+ENV_TLS_CERT = "LLAMA_MESH_TLS_CERT"
+ENV_TLS_KEY = "LLAMA_MESH_TLS_KEY"
+_TLS_FIELDS = ("tls_ca", "tls_cert", "tls_key")
 
 
 def default_config_path() -> Path:
@@ -38,11 +43,18 @@ def default_config_path() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """One llamactl profile (the 0.8 fields)."""
+    """One llamactl profile: the 0.8 fields, and PEM paths for TLS (saved only when set).
+
+    ``tls_ca`` is the CA to trust; ``tls_cert`` and ``tls_key`` the client certificate (both
+    or neither). A relative path is relative to the profile file's directory.
+    """
 
     server: str = "http://localhost:4501"
     insecure: bool = False
     timeout: float = 120.0
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -91,13 +103,23 @@ class ConfigFile:
         """Save the file (creating its directory)."""
         data = {
             "current_profile": self.current_profile,
-            "profiles": {
-                name: {"server": p.server, "insecure": p.insecure, "timeout": p.timeout}
-                for name, p in self.profiles.items()
-            },
+            "profiles": {name: profile_vars(p) for name, p in self.profiles.items()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(yaml.safe_dump(data, sort_keys=True))
+
+
+def profile_vars(profile: Profile) -> dict[str, Any]:
+    """A profile's settings as saved: the 0.8 fields, and the TLS paths that are set."""
+    data: dict[str, Any] = {
+        "server": profile.server,
+        "insecure": profile.insecure,
+        "timeout": profile.timeout,
+    }
+    for key in _TLS_FIELDS:
+        if getattr(profile, key) is not None:
+            data[key] = getattr(profile, key)
+    return data
 
 
 def _profile(path: Path, name: str, raw: Any) -> Profile:
@@ -106,7 +128,7 @@ def _profile(path: Path, name: str, raw: Any) -> Profile:
         return Profile()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping")
-    unknown = sorted(set(raw) - {"server", "insecure", "timeout"})
+    unknown = sorted(set(raw) - {"server", "insecure", "timeout", *_TLS_FIELDS})
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]} is not a profile setting")
     profile = Profile()
@@ -123,6 +145,11 @@ def _profile(path: Path, name: str, raw: Any) -> Profile:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"{where}.timeout must be a positive number of seconds")
         profile = replace(profile, timeout=float(timeout))
+    for key in _TLS_FIELDS:
+        if raw.get(key) is not None:
+            if not isinstance(raw[key], str) or not raw[key]:
+                raise ConfigError(f"{where}.{key} must be the path of a PEM file")
+            profile = replace(profile, **{key: raw[key]})
     return profile
 
 
@@ -159,13 +186,50 @@ def grpc_target(server: str) -> tuple[str, bool | None]:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionSettings:
-    """Everything needed to open a channel, resolved once."""
+    """Everything needed to open a channel, resolved once.
+
+    ``root_certificates`` is the CA to trust, ``certificate_chain`` and ``private_key`` the
+    client certificate presented to a server that requires one (mTLS); all PEM bytes.
+    """
 
     target: str = DEFAULT_ADDRESS
     tls: bool = False
     root_certificates: bytes | None = None
     api_key: str | None = None
     timeout: float | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+
+
+def _read_pem(where: str, path: str | Path, base: Path | None = None) -> bytes:
+    """The bytes of a PEM file (relative to ``base`` when given); :class:`ConfigError` naming
+    ``where`` the path came from when it cannot be read."""
+    full = Path(path).expanduser()
+    if base is not None:
+        full = base / full
+    try:
+        return full.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc}") from exc
+
+
+def _client_pair(
+    names: tuple[str, str],
+    cert: str | Path | None,
+    key: str | Path | None,
+    *,
+    prefix: str = "",
+    base: Path | None = None,
+) -> tuple[bytes, bytes] | None:
+    """The client certificate and key named by one source (both or neither, else an error)."""
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ConfigError(f"{prefix}{names[0]} and {names[1]}: set both or neither")
+    return (
+        _read_pem(prefix + names[0], cert, base),
+        _read_pem(prefix + names[1], key, base),
+    )
 
 
 def resolve_settings(
@@ -174,29 +238,57 @@ def resolve_settings(
     api_key: str | None = None,
     tls: bool | None = None,
     root_certificates: bytes | None = None,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
     timeout: float | None = None,
     profile: str | None = None,
     config_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ConnectionSettings:
-    """Apply the precedence explicit > environment > profile file > default, field by field."""
+    """Apply the precedence explicit > environment > profile file > default, field by field.
+
+    The CA comes from ``root_certificates`` (bytes) or ``tls_ca`` (a path), else
+    ``LLAMA_MESH_TLS_CA``, else the profile's ``tls_ca``. The client certificate and key come
+    as a pair from the first source that names either: the arguments, the environment, the
+    profile.
+    """
     env = os.environ if environ is None else environ
     chosen: Profile | None = None
+    where = ""  # the chosen profile, in error messages
     path = config_path or default_config_path()
     if path.exists():
-        chosen = ConfigFile.load(path).profile(profile)
+        config = ConfigFile.load(path)
+        chosen = config.profile(profile)
+        where = f"{path}: profiles.{profile or config.current_profile}."
     elif profile not in (None, DEFAULT_PROFILE_NAME):
         raise ConfigError(f"Profile {profile} does not exist (no config file at {path}).")
     server = address or env.get(ENV_ADDRESS) or (chosen.server if chosen else DEFAULT_ADDRESS)
     target, scheme_tls = grpc_target(server)
-    ca_path = env.get(ENV_TLS_CA)
-    if root_certificates is None and ca_path:
-        try:
-            root_certificates = Path(ca_path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{ENV_TLS_CA}: cannot read {ca_path}: {exc}") from exc
+    if root_certificates is not None and tls_ca:
+        raise ConfigError("root_certificates and tls_ca: give one or the other")
+    if root_certificates is None:
+        if tls_ca:
+            root_certificates = _read_pem("tls_ca", tls_ca)
+        elif ca_path := env.get(ENV_TLS_CA):
+            root_certificates = _read_pem(ENV_TLS_CA, ca_path)
+        elif chosen is not None and chosen.tls_ca:
+            root_certificates = _read_pem(f"{where}tls_ca", chosen.tls_ca, path.parent)
+    pair = _client_pair(("tls_cert", "tls_key"), tls_cert, tls_key)
+    if pair is None:
+        env_pair = (env.get(ENV_TLS_CERT), env.get(ENV_TLS_KEY))
+        pair = _client_pair((ENV_TLS_CERT, ENV_TLS_KEY), *env_pair)
+    if pair is None and chosen is not None:
+        pair = _client_pair(
+            ("tls_cert", "tls_key"),
+            chosen.tls_cert,
+            chosen.tls_key,
+            prefix=where,
+            base=path.parent,
+        )
+    certificate_chain, private_key = pair or (None, None)
     if tls is None:
-        tls = bool(scheme_tls) or root_certificates is not None
+        tls = bool(scheme_tls) or root_certificates is not None or pair is not None
     if timeout is None and chosen is not None:
         timeout = chosen.timeout
     if timeout is not None and timeout <= 0:
@@ -207,4 +299,6 @@ def resolve_settings(
         root_certificates=root_certificates,
         api_key=api_key or env.get(ENV_API_KEY) or None,
         timeout=timeout,
+        certificate_chain=certificate_chain,
+        private_key=private_key,
     )

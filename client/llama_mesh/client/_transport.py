@@ -45,7 +45,11 @@ class Transport:
         if self._stub is None:
             s = self.settings
             if s.tls:
-                credentials = grpc.ssl_channel_credentials(root_certificates=s.root_certificates)
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=s.root_certificates,
+                    private_key=s.private_key,
+                    certificate_chain=s.certificate_chain,
+                )
                 channel = grpc.aio.secure_channel(s.target, credentials, options=_CHANNEL_OPTIONS)
             else:
                 channel = grpc.aio.insecure_channel(s.target, options=_CHANNEL_OPTIONS)

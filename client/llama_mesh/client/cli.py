@@ -24,12 +24,14 @@ from llama_mesh.client._cli_config import config
 from llama_mesh.client._cli_output import FORMATS, emit, emit_result, note
 from llama_mesh.client._cli_state import CliError, State, call, pass_state
 from llama_mesh.client._client import AsyncClient
-from llama_mesh.client._config import ENV_API_KEY
+from llama_mesh.client._config import ENV_API_KEY, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY
 from llama_mesh.client._exceptions import DeadlineExceededError, LlamaMeshError
 from llama_mesh.client._models import Deployment, ServerStatus
 
 PROGRESS_GRACE = 2.0
 """Seconds ``deploy`` waits for the last progress line after the deployment is ready."""
+
+_PEM = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
@@ -40,6 +42,11 @@ PROGRESS_GRACE = 2.0
 @click.option("-k", "--insecure", is_flag=True, default=False, help="Skip TLS verification")
 @click.option("-t", "--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds")
 @click.option("--api-key", envvar=ENV_API_KEY, show_envvar=True, help="Bearer token")
+@click.option("--tls-ca", type=_PEM, help=f"PEM CA to trust [else {ENV_TLS_CA}]")
+@click.option(
+    "--tls-cert", type=_PEM, help=f"PEM client certificate, for mTLS [else {ENV_TLS_CERT}]"
+)
+@click.option("--tls-key", type=_PEM, help=f"PEM key of --tls-cert [else {ENV_TLS_KEY}]")
 @click.option(
     "-o",
     "--output",
@@ -55,9 +62,14 @@ def llamactl(  # noqa: PLR0917 (one parameter per global option)
     insecure: bool,
     timeout: float | None,
     api_key: str | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     output: Any,
 ) -> None:
     """Deploy and run LlamaIndex workflows on a llama-mesh server."""
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key: give both or neither")
     ctx.obj = State(
         config_path=config_path,
         profile=profile,
@@ -65,6 +77,9 @@ def llamactl(  # noqa: PLR0917 (one parameter per global option)
         insecure=insecure,
         timeout=timeout,
         api_key=api_key or None,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         output=output,
     )
     if ctx.invoked_subcommand is None:
