@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -21,8 +22,10 @@ import httpx
 import pytest
 import yaml
 
-from llama_mesh.server.gateway.config import find_envoy_binary
+from llama_mesh.server.gateway.__main__ import parse_config
+from llama_mesh.server.gateway.config import find_envoy_binary, render_envoy_config
 from llama_mesh.server.nats_server import find_nats_server_binary
+from llama_mesh.server.serve import build_parser, settings_from_args
 from tests.fixtures.mesh import free_port
 from tests.helpers import assert_eventually
 
@@ -56,6 +59,51 @@ def test_compose_file_is_consistent() -> None:
         build = service.get("build")
         if build:
             assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+# The commented-out TLS lines: `# environment:`, its `#   LLAMA_MESH_...` entries, and
+# `# - ./certs:...  # TLS` mounts.
+_TLS_LINE = re.compile(r"^(\s*)# (?=environment:$|  LLAMA_MESH_\w+: |- \./certs:.*# TLS$)", re.M)
+
+
+def test_compose_tls_lines_configure_https_and_mtls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncommented, the TLS lines make a valid file whose options give HTTPS on the gateway
+    and mTLS from Envoy to the API server, dialled and checked by the name `apiserver`, with
+    every file mounted where the service reading it looks."""
+    text = COMPOSE.read_text()
+    assert "environment:" not in yaml.safe_load(text)["services"]["gateway-config"]
+    services = yaml.safe_load(_TLS_LINE.sub(r"\1", text))["services"]
+    for name in ("apiserver", "envoy"):
+        assert "./certs:/certs:ro" in services[name]["volumes"], name
+    gateway_env = services["gateway-config"]["environment"]
+    apiserver_env = services["apiserver"]["environment"]
+    for value in [*gateway_env.values(), *apiserver_env.values()]:
+        assert value.startswith("/certs/"), value
+
+    script = services["gateway-config"]["command"][-1]
+    words = shlex.split(script.split(">", 1)[0])
+    assert words[:3] == ["python", "-m", "llama_mesh.server.gateway"]
+    with monkeypatch.context() as env:  # each service sees only its own environment
+        for variable, value in gateway_env.items():
+            env.setenv(variable, value)
+        cfg = parse_config(words[3:])
+    assert cfg.listener_tls
+    assert cfg.upstream_tls_cert is not None
+    (cluster,) = render_envoy_config(cfg)["static_resources"]["clusters"]
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["sni"] == "apiserver"
+    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "apiserver"}}
+    ]
+
+    command = services["apiserver"]["command"]
+    assert command[:3] == ["python", "-m", "llama_mesh.server"]
+    with monkeypatch.context() as env:
+        for variable, value in apiserver_env.items():
+            env.setenv(variable, value)
+        settings = settings_from_args(build_parser().parse_args(command[3:]))
+    assert settings.internal_tls
+    assert settings.internal_ca == cfg.upstream_tls_ca
 
 
 class Natively:

@@ -33,7 +33,7 @@ from llama_mesh.server.apiserver.deployments import DeploymentManager, Deploymen
 from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.apiserver.supervisor import InProcessSupervisor
 from llama_mesh.server.control_plane.store import ControlPlane
-from llama_mesh.server.domain import EventKind, Task, TaskEvent, TaskStatus
+from llama_mesh.server.domain import Task, TaskStatus
 from llama_mesh.server.nats_server import (
     NatsClusterConfig,
     NatsServer,
@@ -667,39 +667,22 @@ async def accepted(mesh: Mesh, tag: str) -> dict[str, str]:
         return {}
 
 
-async def final_events(mesh: Mesh, task_ids: Iterable[str]) -> list[TaskEvent]:
-    """The last event streamed of each task (its stream ends with the final event)."""
-
-    async def last(task_id: str) -> TaskEvent:
-        events = [e async for e in mesh.stream_events(APP, task_id)]
-        return events[-1]
-
-    return list(await asyncio.gather(*(last(t) for t in task_ids)))
-
-
 async def test_waiting_callers_survive_the_loss_of_a_cluster_node(tmp_path: Path) -> None:
-    """Callers already waiting for tasks, or streaming their events, keep waiting through
-    the SIGKILL of the node their connection uses, and get each task's result."""
+    """Callers already waiting for tasks keep waiting through the SIGKILL of the node their
+    connection uses, and get each task's result."""
     async with clustered_mesh(tmp_path) as (nodes, queue, mesh):
         tags = await create_slow_tasks(mesh, (f"w{n}" for n in range(8)), seconds=1.0)
         waiting = asyncio.ensure_future(wait_all(mesh, tags))
-        streaming = asyncio.ensure_future(final_events(mesh, tags))
         try:
             await assert_eventually(lambda: running_on_some_instance(mesh, tags), timeout=30)
             connected = queue.nc.connected_url
             assert connected is not None
             await next(n for n in nodes if n.port == connected.port).kill()
             assert_own_results(await waiting, tags)
-            async with asyncio.timeout(WAIT):
-                finals = await streaming
-            for task_id, event in zip(tags, finals, strict=True):
-                assert event.kind is EventKind.RESULT, (task_id, event)
-                assert event.data["result"]["tag"] == tags[task_id], event
         finally:
-            for caller in (waiting, streaming):
-                caller.cancel()
-                with contextlib.suppress(BaseException):
-                    await caller
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
 
 
 async def test_a_default_connection_keeps_replicated_streams_replicated(

@@ -37,6 +37,7 @@ from llama_mesh.server.gateway import (
     render_envoy_yaml,
     validate_config,
 )
+from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
 from tests.fixtures.envoy import StartGateway
 from tests.fixtures.fake_apiserver import (
@@ -45,6 +46,7 @@ from tests.fixtures.fake_apiserver import (
     FakeApiServerHandle,
     start_fake_apiserver,
 )
+from tests.fixtures.pki import Pki
 
 ALLOWED_ORIGIN = "http://allowed.example"
 STREAM_TIMEOUT = 10.0
@@ -617,23 +619,29 @@ async def test_envoy_dies_with_its_parent(tmp_path: Path) -> None:
         os.close(pidfd)
 
 
-@pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key (made with the openssl command)."""
+def _make_self_signed(directory: Path, name: str, san: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``san`` (e.g. ``IP:127.0.0.1``) and its key."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     subprocess.run(
         [
             "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-nodes", "-days", "1", "-subj", f"/CN={san.partition(':')[2]}",
+            "-addext", f"subjectAltName={san}",
             "-keyout", str(key), "-out", str(cert),
         ],
         check=True,
         capture_output=True,
+        timeout=30,
     )  # fmt: skip
     return cert, key
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (made with the openssl command)."""
+    return _make_self_signed(tmp_path, "cert", "IP:127.0.0.1")
 
 
 async def test_tls_on_the_listener_and_to_the_upstream(
@@ -662,3 +670,231 @@ async def test_tls_on_the_listener_and_to_the_upstream(
 
     assert response.status_code == 200
     assert response.json()["healthy"] is True
+
+
+# -- TLS to the upstream by name, and the standalone CLI (docker-compose.yml) ------------------
+
+TLS_TEST_TIMEOUT = 60.0
+
+
+def _upstream_tls(cfg: GatewayConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rendered upstream cluster and its UpstreamTlsContext."""
+    (cluster,) = render_envoy_config(cfg)["static_resources"]["clusters"]
+    return cluster, cluster["transport_socket"]["typed_config"]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "san_type", "san", "sni"),
+    [
+        ("apiserver:50051", "DNS", "apiserver", "apiserver"),
+        ("api.mesh.internal.:50051", "DNS", "api.mesh.internal", "api.mesh.internal"),
+        ("127.0.0.1:50051", "IP_ADDRESS", "127.0.0.1", None),
+        ("[0:0::1]:50051", "IP_ADDRESS", "::1", None),
+    ],
+)
+def test_cli_renders_upstream_sni_and_san_checks(
+    pki: Pki, upstream: str, san_type: str, san: str, sni: str | None
+) -> None:
+    """TLS to the upstream checks the certificate names the host dialled (DNS name or IP, as
+    Envoy prints it), and sends a host name, never an IP, as SNI; Envoy accepts the config."""
+    cfg = parse_config(
+        [
+            "--upstream", upstream,
+            "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
+            "--upstream-tls-ca", str(pki.ca),
+            "--upstream-tls-cert", str(pki.cert), "--upstream-tls-key", str(pki.key),
+        ]
+    )  # fmt: skip
+
+    cluster, tls = _upstream_tls(cfg)
+    assert cluster["type"] == ("STRICT_DNS" if san_type == "DNS" else "STATIC")
+    assert tls.get("sni") == sni
+    validation = tls["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"] == {"filename": str(pki.ca)}
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": san_type, "matcher": {"exact": san}}
+    ]
+    assert tls["common_tls_context"]["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": str(pki.cert)},
+            "private_key": {"filename": str(pki.key)},
+        }
+    ]
+    validate_config(cfg)
+
+
+def test_cli_tls_options_come_from_the_environment_as_absolute_paths(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """LLAMA_MESH_* give the TLS options (empty is unset, flags win); relative paths are made
+    absolute against the current directory, without following symbolic links."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real.pem").touch()
+    (tmp_path / "link.pem").symlink_to(tmp_path / "real.pem")
+    monkeypatch.setenv("LLAMA_MESH_TLS_CERT", "certs/gateway.pem")
+    monkeypatch.setenv("LLAMA_MESH_TLS_KEY", "certs/gateway.key")
+    monkeypatch.setenv("LLAMA_MESH_UPSTREAM_TLS_CA", "/certs/ca.pem")
+    monkeypatch.setenv("LLAMA_MESH_UPSTREAM_TLS_CERT", "")
+    monkeypatch.setenv("LLAMA_MESH_UPSTREAM_TLS_KEY", "")
+
+    cfg = parse_config(["--upstream", "apiserver:50051", "--tls-key", "link.pem"])
+
+    assert cfg.tls_cert == tmp_path / "certs" / "gateway.pem"
+    assert cfg.tls_key == tmp_path / "link.pem"
+    assert cfg.upstream_tls_ca == Path("/certs/ca.pem")
+    assert cfg.upstream_tls_cert is None and cfg.upstream_tls_key is None
+    assert parse_config(["--upstream", "a:1"]).listener_tls
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-cert", "c.pem"], "--tls-cert, --tls-key: set both"),
+        (["--tls-key", "k.pem"], "--tls-cert, --tls-key: set both"),
+        (["--upstream-tls-ca", "ca.pem", "--upstream-tls-cert", "c.pem"], "--upstream-tls-key"),
+        (
+            ["--upstream-tls-cert", "c.pem", "--upstream-tls-key", "k.pem"],
+            "needs --upstream-tls-ca",
+        ),
+    ],
+)
+def test_cli_half_set_tls_options_are_usage_errors(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    """A certificate without its key (or a client certificate without a CA) is a usage error
+    naming the options, not a traceback or a config Envoy would reject later."""
+    for name in ("TLS_CERT", "TLS_KEY", "UPSTREAM_TLS_CA", "UPSTREAM_TLS_CERT", "UPSTREAM_TLS_KEY"):
+        monkeypatch.delenv(f"LLAMA_MESH_{name}", raising=False)
+
+    with pytest.raises(SystemExit) as exited:
+        parse_config(["--upstream", "apiserver:50051", *args])
+
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+async def test_https_gateway_in_front_of_an_mtls_upstream(pki: Pki, tmp_path: Path) -> None:
+    """The module's config (HTTPS listener, mTLS upstream) serves an HTTPS request through an
+    API server that requires client certificates; without Envoy's client certificate the
+    same request is a prompt 503 with UNAVAILABLE status JSON."""
+    handle = await start_fake_apiserver(
+        tls=grpc.ssl_server_credentials(
+            [(pki.key.read_bytes(), pki.cert.read_bytes())],
+            root_certificates=pki.ca.read_bytes(),
+            require_client_auth=True,
+        )
+    )
+    base = ["--upstream", f"127.0.0.1:{handle.port}", "--port", "0"]
+    base += ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
+    base += ["--upstream-tls-ca", str(pki.ca)]
+    client_cert = ["--upstream-tls-cert", str(pki.cert), "--upstream-tls-key", str(pki.key)]
+    verify = ssl.create_default_context(cafile=str(pki.ca))
+    try:
+        async with asyncio.timeout(TLS_TEST_TIMEOUT):
+            cfg = parse_config(base + client_cert)
+            # The module prints exactly this config (what docker-compose.yml hands to Envoy).
+            module = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "llama_mesh.server.gateway", *base, *client_cert,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            printed, errors = await module.communicate()
+            assert module.returncode == 0, errors.decode()
+            assert printed.decode() == render_envoy_yaml(cfg)
+
+            async with (
+                await Gateway.start(cfg, work_dir=tmp_path / "mtls") as gateway,
+                httpx.AsyncClient(base_url=gateway.url, verify=verify, timeout=10) as http,
+            ):
+                assert gateway.url.startswith("https://")
+                served = await http.get("/v1/status")
+            without = parse_config(base)
+            async with (
+                await Gateway.start(without, work_dir=tmp_path / "no-client-cert") as gateway,
+                httpx.AsyncClient(base_url=gateway.url, verify=verify, timeout=10) as http,
+            ):
+                refused = await http.get("/v1/status")
+    finally:
+        await handle.stop()
+
+    assert served.status_code == 200
+    assert served.json()["healthy"] is True
+    assert refused.status_code == 503
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.json()["code"] == 14
+    assert refused.json()["message"].startswith("upstream connect error")
+    assert len(handle.fake.requests["ApiServer.GetStatus"]) == 1
+
+
+async def test_upstream_dialled_by_name_needs_a_certificate_for_that_name(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Dialling the upstream as `localhost`, Envoy accepts a certificate for DNS:localhost and
+    refuses (503) one that names only IP 127.0.0.1, though both are trusted."""
+    by_name, by_name_key = _make_self_signed(tmp_path, "localhost", "DNS:localhost")
+    results: dict[str, httpx.Response] = {}
+    san_failures: dict[str, int] = {}
+    for label, (cert, key, ca) in {
+        "dns": (by_name, by_name_key, by_name),
+        "ip-only": (pki.cert, pki.key, pki.ca),
+    }.items():
+        handle = await start_fake_apiserver(
+            tls=grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+        )
+        cfg = parse_config(
+            ["--upstream", f"localhost:{handle.port}", "--port", "0", "--upstream-tls-ca", str(ca)]
+        )
+        try:
+            async with (
+                asyncio.timeout(TLS_TEST_TIMEOUT),
+                await Gateway.start(cfg, work_dir=tmp_path / label) as gateway,
+                httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
+            ):
+                results[label] = await http.get("/v1/status")
+                assert gateway.admin_url is not None
+                stats = await http.get(
+                    f"{gateway.admin_url}/stats", params={"filter": "ssl.fail_verify_san$"}
+                )
+                san_failures[label] = int(stats.text.rpartition(":")[2])
+        finally:
+            await handle.stop()
+
+    assert results["dns"].status_code == 200
+    assert results["ip-only"].status_code == 503
+    assert results["ip-only"].json()["code"] == 14
+    assert san_failures["dns"] == 0
+    assert san_failures["ip-only"] >= 1
+
+
+async def test_upstream_host_name_is_sent_as_sni(tmp_path: Path) -> None:
+    """Envoy names the upstream host in its TLS ClientHello (SNI), for servers with several."""
+    cert, key = _make_self_signed(tmp_path, "localhost", "DNS:localhost")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    names: list[str | None] = []
+    context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+
+    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    cfg = parse_config(
+        ["--upstream", f"localhost:{port}", "--port", "0", "--upstream-tls-ca", str(cert)]
+    )
+    try:
+        async with (
+            asyncio.timeout(TLS_TEST_TIMEOUT),
+            await Gateway.start(cfg, work_dir=tmp_path / "sni") as gateway,
+            httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
+        ):
+            response = await http.get("/v1/status")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert response.status_code == 503
+    assert names and set(names) == {"localhost"}

@@ -35,7 +35,8 @@ def default_data_dir() -> Path:
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"LLAMA_MESH_{name}", default)
+    """``$LLAMA_MESH_<name>``; an empty variable counts as unset (not as the path ".")."""
+    return os.environ.get(f"LLAMA_MESH_{name}") or default
 
 
 def _int_env(name: str) -> int | None:

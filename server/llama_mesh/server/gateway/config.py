@@ -530,10 +530,13 @@ def _status_body_format(grpc_code: int, message: str) -> dict[str, Any]:
 
 
 def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
+    # The name the upstream's certificate must have: an IP address as Envoy prints an IP SAN
+    # (compressed IPv6), or a DNS name, which is also sent as SNI (without a root dot).
     try:
-        ipaddress.ip_address(cfg.upstream_host)
+        san_type, san = "IP_ADDRESS", str(ipaddress.ip_address(cfg.upstream_host))
         discovery = "STATIC"
     except ValueError:
+        san_type, san = "DNS", cfg.upstream_host.rstrip(".")
         discovery = "STRICT_DNS"
     cluster: dict[str, Any] = {
         "name": UPSTREAM_CLUSTER,
@@ -570,10 +573,7 @@ def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
                 "trusted_ca": {"filename": str(cfg.upstream_tls_ca)},
                 # The server's certificate must name the host we dial.
                 "match_typed_subject_alt_names": [
-                    {
-                        "san_type": "DNS" if discovery == "STRICT_DNS" else "IP_ADDRESS",
-                        "matcher": {"exact": cfg.upstream_host},
-                    }
+                    {"san_type": san_type, "matcher": {"exact": san}}
                 ],
             },
         }
@@ -590,8 +590,9 @@ def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
             ),
             "common_tls_context": common,
         }
-        if discovery == "STRICT_DNS":
-            tls["sni"] = cfg.upstream_host
+        if san_type == "DNS":
+            # An IP address is never SNI (RFC 6066); a name is, for servers with several.
+            tls["sni"] = san
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
     return cluster
 
