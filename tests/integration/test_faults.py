@@ -33,7 +33,7 @@ from llama_mesh.server.apiserver.deployments import DeploymentManager, Deploymen
 from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.apiserver.supervisor import InProcessSupervisor
 from llama_mesh.server.control_plane.store import ControlPlane
-from llama_mesh.server.domain import Task, TaskStatus
+from llama_mesh.server.domain import EventKind, Task, TaskStatus
 from llama_mesh.server.nats_server import (
     NatsClusterConfig,
     NatsServer,
@@ -654,6 +654,31 @@ async def test_a_broker_error_publishing_an_event_is_not_the_workflows_failure(
             (final,) = await wait_all(mesh, tags, timeout=30)
             assert (final.status, final.error) == (TaskStatus.SUCCEEDED, None)
             assert final.attempts == 2
+        finally:
+            await mesh.deployments.supervisor.shutdown()
+
+
+async def test_a_final_event_the_broker_never_took_is_made_from_the_record(
+    tmp_path: Path,
+) -> None:
+    """When every publish of a task's final event fails (the worker retries, then gives up),
+    a caller streaming the task's events still gets its final event, from the task's record
+    once it is final, and the stream ends."""
+    async with FlakyEventsQueue(failures=1_000_000) as queue:
+        mesh = await open_mesh(queue, tmp_path)
+        mesh.final_event_grace = 0.5
+        try:
+            source = tmp_path / "source"
+            source.mkdir()
+            (source / "faults_nap.py").write_text(NAP_MODULE)
+            await deploy(mesh, NAP_YAML, base_path=source)
+            tags = await create_slow_tasks(mesh, ["unpublished"], seconds=0.1)
+            (task_id,) = tags
+            async with asyncio.timeout(30):
+                events = [e async for e in mesh.stream_events(APP, task_id)]
+            assert [(e.index, e.kind) for e in events] == [(0, EventKind.RESULT)]
+            assert events[0].data["result"]["tag"] == "unpublished"
+            assert queue.failures < 1_000_000  # the worker did try to publish it
         finally:
             await mesh.deployments.supervisor.shutdown()
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 from llama_mesh.server import convert, subjects
+from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.deployments import DeploymentManager
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.control_plane.watcher import TaskWatcher
@@ -203,13 +205,21 @@ class Mesh:
             subjects.inputs_topic(deployment, task_id), msg.SerializeToString()
         )
 
+    final_event_grace = 5.0
+    """Seconds a stream waits for a finished task's final event before making it from the
+    task's record (see :meth:`stream_events`)."""
+
     async def stream_events(
         self, deployment: str, task_id: str, *, from_index: int = 0
     ) -> AsyncIterator[TaskEvent]:
         """The task's events from ``from_index`` on, each once, ending with the final event.
 
         A task redelivered after a worker died publishes its events again from index 0;
-        indexes already passed on are skipped.
+        indexes already passed on are skipped. The task's record is followed as well: the
+        final event is published after the record is final, and if the broker refuses it
+        until the worker gives up, it never arrives; so once the record is final and the
+        final event has not come within :attr:`final_event_grace`, it is made from the
+        record (the same event, with the same index).
         """
         task = await self.get_task(deployment, task_id)
         if from_index < 0:
@@ -218,8 +228,18 @@ class Mesh:
             return
         expected = from_index
         stream = self.queue.subscribe(subjects.events_topic(deployment, task_id))
+        record = asyncio.ensure_future(self.watcher.wait_final(deployment, task_id))
         try:
-            async for raw in stream:
+            while True:
+                try:
+                    raw = await self._next_or_final(stream, record)
+                except StopAsyncIteration:
+                    return  # the message queue closed
+                if raw is None:
+                    final = record.result()
+                    if expected <= final.event_count:
+                        yield final_event(final)
+                    return
                 event = convert.event_from_message(messages_pb2.EventMessage.FromString(raw))
                 if event.index < expected:
                     continue
@@ -228,7 +248,30 @@ class Mesh:
                 if event.kind.is_final:
                     return
         finally:
+            await cancel_and_wait(record)
+            if not record.cancelled():
+                record.exception()  # retrieved: the topic is what the caller follows
             await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _next_or_final(
+        self, stream: AsyncIterator[bytes], record: asyncio.Future[Task]
+    ) -> bytes | None:
+        """The next message of ``stream``; ``None`` once ``record`` (the task's final state)
+        is known and no message came within the grace period after it."""
+        pending: asyncio.Task[bytes] = asyncio.ensure_future(stream.__anext__())
+        try:
+            if not record.done():
+                either: set[asyncio.Future[Any]] = {pending, record}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if pending.done() or record.cancelled() or record.exception() is not None:
+                return await pending  # no record to fall back on: the topic alone
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending), self.final_event_grace)
+            except TimeoutError:
+                return None
+        finally:
+            if not pending.done():
+                await cancel_and_wait(pending)
 
     async def _publish_event(self, deployment: str, event: TaskEvent) -> None:
         await self.queue.publish(
