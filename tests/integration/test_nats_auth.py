@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from llama_mesh.server.app import ServerSettings
 from llama_mesh.server.domain import TaskStatus
 from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, NatsTlsConfig, NatsUser
 from llama_mesh.server.queues.base import QueueUnavailableError
 from llama_mesh.server.queues.nats import NatsLogin, connect_nats, redact_url
+from llama_mesh.server.service.__main__ import main as worker_main
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.fixtures.pki import Pki
 
@@ -133,3 +135,14 @@ def test_a_login_travels_to_workers_in_their_environment(pki: Pki) -> None:
     assert NatsLogin.from_environment({}) == NatsLogin()
     with pytest.raises(ValueError, match="key"):
         NatsLogin(tls_cert=pki.cert)
+
+
+def test_half_a_client_certificate_is_refused_naming_the_options(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match="--nats-tls-cert, --nats-tls-key"):
+        ServerSettings(data_dir=tmp_path, nats_tls_cert=pki.cert)
+    with pytest.raises(SystemExit):
+        worker_main(["--nats", "nats://127.0.0.1:1", "--deployment", "d", "--service", "s",
+                     "--nats-tls-key", str(pki.key)])  # fmt: skip
+    assert "--nats-tls-cert, --nats-tls-key" in capsys.readouterr().err

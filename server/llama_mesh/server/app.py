@@ -104,10 +104,7 @@ class ServerSettings:
             )
         if self.tls_cert is not None and not self.gateway:
             raise ValueError("tls_cert, tls_key (--tls-cert, --tls-key): need the gateway")
-        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
-            raise ValueError(
-                "nats_tls_cert, nats_tls_key (--nats-tls-cert, --nats-tls-key): set both or neither"
-            )
+        self.nats_login  # noqa: B018 - NatsLogin refuses a certificate without its key
         internal = (self.internal_ca, self.internal_cert, self.internal_key)
         if None in internal and internal != (None, None, None):
             raise ValueError(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.queues.base import MessageQueue
-from llama_mesh.server.queues.nats import NatsLogin
+from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin
 from llama_mesh.server.service.loader import load_workflow
 from llama_mesh.server.service.worker import Worker, WorkerSettings
 
@@ -220,7 +220,7 @@ class ProcessSupervisor(Supervisor):
 
     def __init__(self, nats_url: str, log_dir: Path, *, login: NatsLogin | None = None) -> None:
         super().__init__()
-        self._nats_env = {"LLAMA_MESH_NATS_URL": nats_url}
+        self._nats_env = {NATS_URL_VARIABLE: nats_url}
         self._nats_env.update((login or NatsLogin()).environment())
         self._log_dir = log_dir
         self._replicas: dict[str, list[_Replica]] = {}

@@ -1051,6 +1051,10 @@ async def _unless(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
     raise TimeoutError
 
 
+NATS_URL_VARIABLE: Final = "LLAMA_MESH_NATS_URL"
+"""The environment variable that gives a worker process the NATS URL(s)."""
+
+
 @dataclass(frozen=True, slots=True)
 class NatsLogin:
     """How to reach NATS besides its URL: a user credentials file (JWT and seed), the CA
@@ -1066,27 +1070,30 @@ class NatsLogin:
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("the NATS client certificate needs its key, and the key its cert")
+            raise ValueError(
+                "nats_tls_cert, nats_tls_key (--nats-tls-cert, --nats-tls-key): set both or neither"
+            )
 
-    _VARIABLES: ClassVar[dict[str, str]] = {
+    VARIABLES: ClassVar[dict[str, str]] = {
         "creds": "LLAMA_MESH_NATS_CREDS",
         "tls_ca": "LLAMA_MESH_NATS_TLS_CA",
         "tls_cert": "LLAMA_MESH_NATS_TLS_CERT",
         "tls_key": "LLAMA_MESH_NATS_TLS_KEY",
     }
+    """The environment variable of each field, for the processes a server starts."""
 
     def environment(self) -> dict[str, str]:
         """The variables that hand this login to a worker process."""
         return {
             variable: str(getattr(self, name))
-            for name, variable in self._VARIABLES.items()
+            for name, variable in self.VARIABLES.items()
             if getattr(self, name) is not None
         }
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> NatsLogin:
         """The login :meth:`environment` described."""
-        values = {name: environ.get(variable) for name, variable in cls._VARIABLES.items()}
+        values = {name: environ.get(variable) for name, variable in cls.VARIABLES.items()}
         return cls(**{name: Path(v) for name, v in values.items() if v})
 
     def tls_context(self) -> ssl.SSLContext | None:

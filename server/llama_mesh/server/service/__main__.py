@@ -22,7 +22,7 @@ from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.deployment_config import parse_deployment_config
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
-from llama_mesh.server.queues.nats import NatsLogin, connect_nats
+from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin, connect_nats
 from llama_mesh.server.service.loader import load_workflow
 from llama_mesh.server.service.servicer import start_info_server
 from llama_mesh.server.service.worker import Worker, WorkerSettings
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-mesh-worker", description=__doc__)
     parser.add_argument(
         "--nats",
-        default=os.environ.get("LLAMA_MESH_NATS_URL"),
-        help="NATS URL(s), comma-separated (default: $LLAMA_MESH_NATS_URL)",
+        default=os.environ.get(NATS_URL_VARIABLE),
+        help=f"NATS URL(s), comma-separated (default: ${NATS_URL_VARIABLE})",
     )
     parser.add_argument("--deployment", required=True, help="deployment name")
     parser.add_argument("--service", required=True, help="service id in the deployment")
@@ -48,15 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generation", type=int, default=0, help="deployment generation")
     parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
     parser.add_argument("--instance-id", help="replica id (default: random)")
-    for flag, what in (
+    for field, what in (
         ("creds", "user credentials file"),
-        ("tls-ca", "CA to trust for TLS"),
-        ("tls-cert", "client certificate (mTLS)"),
-        ("tls-key", "client certificate's key"),
+        ("tls_ca", "CA to trust for TLS"),
+        ("tls_cert", "client certificate (mTLS)"),
+        ("tls_key", "client certificate's key"),
     ):
-        variable = f"LLAMA_MESH_NATS_{flag.replace('-', '_').upper()}"
+        variable = NatsLogin.VARIABLES[field]
         parser.add_argument(
-            f"--nats-{flag}",
+            f"--nats-{field.replace('_', '-')}",
             type=Path,
             default=os.environ.get(variable),
             help=f"NATS {what} (default: ${variable})",
@@ -73,8 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     """Connect, load the workflow, run until SIGTERM/SIGINT; returns the exit status."""
-    login = NatsLogin(args.nats_creds, args.nats_tls_ca, args.nats_tls_cert, args.nats_tls_key)
-    queue = await connect_nats(args.nats.split(","), login=login)
+    queue = await connect_nats(args.nats.split(","), login=args.login)
     try:
         cp = await ControlPlane.open(queue)
         try:
@@ -140,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.nats:
-        parser.error("the NATS URL is needed: --nats URL or $LLAMA_MESH_NATS_URL")
-    if (args.nats_tls_cert is None) != (args.nats_tls_key is None):
-        parser.error("--nats-tls-cert and --nats-tls-key: give both or neither")
+        parser.error(f"the NATS URL is needed: --nats URL or ${NATS_URL_VARIABLE}")
+    try:
+        args.login = NatsLogin(
+            args.nats_creds, args.nats_tls_ca, args.nats_tls_cert, args.nats_tls_key
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.exit_with_parent:
         exit_with_parent(args.exit_with_parent)
     configure_logging(args.log_level, prefix=f"[worker {args.deployment}/{args.service}] ")
