@@ -228,7 +228,7 @@ class Mesh:
             return
         expected = from_index
         stream = self.queue.subscribe(subjects.events_topic(deployment, task_id))
-        record = asyncio.ensure_future(self.watcher.wait_final(deployment, task_id))
+        record = asyncio.ensure_future(self._final(task))
         try:
             while True:
                 try:
@@ -252,6 +252,12 @@ class Mesh:
             if not record.cancelled():
                 record.exception()  # retrieved: the topic is what the caller follows
             await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _final(self, task: Task) -> Task:
+        """``task`` once final: as it is when it already is, else from the watcher."""
+        if task.status.is_final:
+            return task
+        return await self.watcher.wait_final(task.deployment, task.task_id)
 
     async def _next_or_final(
         self, stream: AsyncIterator[bytes], record: asyncio.Future[Task]
