@@ -658,15 +658,16 @@ async def test_a_broker_error_publishing_an_event_is_not_the_workflows_failure(
             await mesh.deployments.supervisor.shutdown()
 
 
-async def test_a_final_event_the_broker_never_took_is_made_from_the_record(
+async def test_the_final_event_is_made_from_the_record_not_the_topic(
     tmp_path: Path,
 ) -> None:
-    """When every publish of a task's final event fails (the worker retries, then gives up),
-    a caller streaming the task's events still gets its final event, from the task's record
-    once it is final, and the stream ends."""
+    """No one publishes a task's final event to its topic (here every publish to an event
+    topic would fail): a caller streaming the task's events gets it from the task's record
+    as soon as the record is final and no workflow event is missing, not after the grace
+    period for missing events."""
     async with FlakyEventsQueue(failures=1_000_000) as queue:
         mesh = await open_mesh(queue, tmp_path)
-        mesh.final_event_grace = 0.5
+        mesh.final_event_grace = 60.0
         try:
             source = tmp_path / "source"
             source.mkdir()
@@ -674,11 +675,11 @@ async def test_a_final_event_the_broker_never_took_is_made_from_the_record(
             await deploy(mesh, NAP_YAML, base_path=source)
             tags = await create_slow_tasks(mesh, ["unpublished"], seconds=0.1)
             (task_id,) = tags
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(20):
                 events = [e async for e in mesh.stream_events(APP, task_id)]
             assert [(e.index, e.kind) for e in events] == [(0, EventKind.RESULT)]
             assert events[0].data["result"]["tag"] == "unpublished"
-            assert queue.failures < 1_000_000  # the worker did try to publish it
+            assert queue.failures == 1_000_000  # nothing was published to the topic
         finally:
             await mesh.deployments.supervisor.shutdown()
 

@@ -116,6 +116,26 @@ async def test_human_in_the_loop_with_llama_index_names(
 
 
 @QUEUES
+async def test_a_new_session_keeps_context_only_when_there_is_some(
+    mesh_factory: MeshFactory, queue_kind: str
+) -> None:
+    """A task that creates its session stores the workflow's context only when it holds
+    something to resume: the stateless echo leaves none; tally's total is kept and the
+    session's next task continues from it."""
+    server = await start(mesh_factory, queue_kind)
+    mesh = server.mesh
+    echoed = await mesh.run_task(APP, service_id="echo", session_id=None, input={"message": "x"})
+    assert echoed.status is TaskStatus.SUCCEEDED
+    assert await mesh.cp.get_session_state(APP, echoed.session_id) is None
+    first = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 5})
+    assert await mesh.cp.get_session_state(APP, first.session_id) is not None
+    second = await mesh.run_task(
+        APP, service_id="tally", session_id=first.session_id, input={"amount": 2}
+    )
+    assert (first.result, second.result) == (5, 7)
+
+
+@QUEUES
 async def test_session_context_carries_over(mesh_factory: MeshFactory, queue_kind: str) -> None:
     """Runs in one session share workflow context; another session starts fresh."""
     server = await start(mesh_factory, queue_kind)

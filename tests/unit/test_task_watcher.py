@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
-from llama_mesh.server.control_plane.store import ControlPlane, TaskChange
+from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
 from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import Task, TaskStatus, new_id
 from llama_mesh.server.errors import NotFoundError, UnavailableError
@@ -173,3 +173,35 @@ async def test_closing_fails_waiting_callers(cp: ControlPlane) -> None:
         await asyncio.wait_for(waiting, 5)
     with pytest.raises(UnavailableError):
         await watcher.wait_final(APP, task.task_id)
+
+
+async def test_a_listener_from_before_the_write_waits_without_reading(
+    cp: BreakableControlPlane, watcher: TaskWatcher
+) -> None:
+    """A creator listens before writing its task and waits from the revision it wrote:
+    every later change is heard, and the watch failing while the task is not yet written
+    (the re-read finds nothing) does not end the wait."""
+    task = Task(task_id=new_id(), deployment=APP, service_id="svc", session_id="s", input={})
+    with watcher.listen(APP, task.task_id) as listening:
+        assert watcher.following == 1
+        await cp.break_watch()
+        await assert_eventually(lambda: cp.watches == 2)
+        # The re-read after the new watch found nothing: its "not found" is waiting.
+        await assert_eventually(lambda: not listening._inbox.empty())
+        stored = await cp.record_task(task)
+        waiting = asyncio.ensure_future(listening.final(stored))
+        await set_status(cp, task, TaskStatus.RUNNING)
+        await set_status(cp, task, TaskStatus.SUCCEEDED)
+        final = await asyncio.wait_for(waiting, 5)
+    assert (final.status, final.result) == (TaskStatus.SUCCEEDED, {"done": True})
+    assert watcher.following == 0
+
+
+async def test_a_listener_given_a_final_task_returns_it(
+    cp: ControlPlane, watcher: TaskWatcher
+) -> None:
+    task = await new_task(cp)
+    task.status = TaskStatus.CANCELLED
+    with watcher.listen(APP, task.task_id) as listening:
+        final = await asyncio.wait_for(listening.final(StoredTask(task, 1)), 5)
+    assert final.status is TaskStatus.CANCELLED

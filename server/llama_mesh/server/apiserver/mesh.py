@@ -8,6 +8,7 @@ streaming events subscribes to the task's event topic.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.deployments import DeploymentManager
-from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.control_plane.store import ControlPlane, StoredTask
 from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import (
     ID_PATTERN,
@@ -90,10 +91,25 @@ class Mesh:
         input: dict[str, JsonValue],
     ) -> Task:
         """Record a task and queue it; a missing session is created."""
+        stored = await self._create_task(
+            deployment, new_id(), service_id=service_id, session_id=session_id, input=input
+        )
+        return stored.task
+
+    async def _create_task(
+        self,
+        deployment: str,
+        task_id: str,
+        *,
+        service_id: str | None,
+        session_id: str | None,
+        input: dict[str, JsonValue],
+    ) -> StoredTask:
         config = self.deployments.config(deployment)
         service = choose_service(config, service_id)
         check_json_size("the task input", input)
         writes: list[Awaitable[object]] = []
+        new_session = not session_id
         if session_id:
             check_id("session id", session_id)
             await self.cp.get_session(deployment, session_id, task_ids=False)
@@ -101,17 +117,21 @@ class Mesh:
             session_id = new_id()
             writes.append(self.cp.create_session(deployment, session_id))
         task = Task(
-            task_id=new_id(),
+            task_id=task_id,
             deployment=deployment,
             service_id=service,
             session_id=session_id,
             input=input,
         )
         # The session, the task and its index entry are independent writes: one round trip.
-        await asyncio.gather(*writes, self.cp.record_task(task))
+        recorded = asyncio.ensure_future(self.cp.record_task(task))
+        await asyncio.gather(recorded, *writes)
+        stored = recorded.result()
         generation = self.deployments.generation(deployment)
         try:
-            await self.orchestrator.schedule(task, generation=generation)
+            await self.orchestrator.schedule(
+                task, generation=generation, revision=stored.revision, new_session=new_session
+            )
         except QueueError as exc:
             # Recorded but not queued: fail it rather than leave it QUEUED forever.
             reason = f"the task could not be queued: {exc}"
@@ -125,7 +145,7 @@ class Mesh:
 
             await self.cp.update_task(deployment, task.task_id, unqueued)
             raise UnavailableError(reason) from exc
-        return task
+        return stored
 
     async def wait_task(self, deployment: str, task_id: str) -> Task:
         """The task once it is final (succeeded, failed or cancelled)."""
@@ -139,11 +159,17 @@ class Mesh:
         session_id: str | None,
         input: dict[str, JsonValue],
     ) -> Task:
-        """Create a task and wait for it to be final."""
-        task = await self.create_task(
-            deployment, service_id=service_id, session_id=session_id, input=input
-        )
-        return await self.wait_task(deployment, task.task_id)
+        """Create a task and wait for it to be final.
+
+        The wait listens before the task is written, so it starts from the record as
+        written here: no read of the record on the way to the result.
+        """
+        task_id = new_id()
+        with self.watcher.listen(deployment, task_id) as listening:
+            stored = await self._create_task(
+                deployment, task_id, service_id=service_id, session_id=session_id, input=input
+            )
+            return await listening.final(stored)
 
     async def get_task(self, deployment: str, task_id: str) -> Task:
         """A task of a deployment."""
@@ -173,9 +199,7 @@ class Mesh:
             return t
 
         task = await self.cp.update_task(deployment, task_id, cancel_queued)
-        if task.status is TaskStatus.CANCELLED:
-            await self._publish_event(deployment, final_event(task))
-        else:
+        if task.status is not TaskStatus.CANCELLED:
             msg = messages_pb2.TaskInputMessage(cancel=messages_pb2.CancelMessage(reason=reason))
             msg.cancel.requested_at.CopyFrom(convert.to_timestamp(now()))
             await self.queue.publish(
@@ -206,20 +230,21 @@ class Mesh:
         )
 
     final_event_grace = 5.0
-    """Seconds a stream waits for a finished task's final event before making it from the
-    task's record (see :meth:`stream_events`)."""
+    """Seconds a stream of a finished task waits for workflow events still missing before
+    it ends with the final event anyway (see :meth:`stream_events`)."""
 
     async def stream_events(
         self, deployment: str, task_id: str, *, from_index: int = 0
     ) -> AsyncIterator[TaskEvent]:
         """The task's events from ``from_index`` on, each once, ending with the final event.
 
-        A task redelivered after a worker died publishes its events again from index 0;
-        indexes already passed on are skipped. The task's record is followed as well: the
-        final event is published after the record is final, and if the broker refuses it
-        until the worker gives up, it never arrives; so once the record is final and the
-        final event has not come within :attr:`final_event_grace`, it is made from the
-        record (the same event, with the same index).
+        Workflow events come from the task's event topic. A task redelivered after a worker
+        died publishes its events again from index 0; indexes already passed on are
+        skipped. The final event (result, failure or cancellation) is made from the task's
+        record, which says how many workflow events came before it: once the record is
+        final and those have been passed on, the stream ends with it. Should some never
+        arrive (a broker that refused them), it ends :attr:`final_event_grace` seconds after
+        the last one anyway.
         """
         task = await self.get_task(deployment, task_id)
         if from_index < 0:
@@ -232,13 +257,14 @@ class Mesh:
         try:
             while True:
                 try:
-                    raw = await self._next_or_final(stream, record)
+                    raw = await self._next_or_final(stream, record, expected)
                 except StopAsyncIteration:
                     return  # the message queue closed
                 if raw is None:
-                    final = record.result()
-                    if expected <= final.event_count:
-                        yield final_event(final)
+                    # Past the record's count only when the task was cancelled while its
+                    # run was starting (see the worker): the final event still comes last.
+                    final = final_event(record.result())
+                    yield dataclasses.replace(final, index=max(final.index, expected))
                     return
                 event = convert.event_from_message(messages_pb2.EventMessage.FromString(raw))
                 if event.index < expected:
@@ -246,7 +272,7 @@ class Mesh:
                 expected = event.index + 1
                 yield event
                 if event.kind.is_final:
-                    return
+                    return  # written to the topic by an earlier version of the worker
         finally:
             await cancel_and_wait(record)
             if not record.cancelled():
@@ -260,10 +286,11 @@ class Mesh:
         return await self.watcher.wait_final(task.deployment, task.task_id)
 
     async def _next_or_final(
-        self, stream: AsyncIterator[bytes], record: asyncio.Future[Task]
+        self, stream: AsyncIterator[bytes], record: asyncio.Future[Task], expected: int
     ) -> bytes | None:
         """The next message of ``stream``; ``None`` once ``record`` (the task's final state)
-        is known and no message came within the grace period after it."""
+        is known and no workflow event before the final one is missing, or none came within
+        the grace period."""
         pending: asyncio.Task[bytes] = asyncio.ensure_future(stream.__anext__())
         try:
             if not record.done():
@@ -271,6 +298,8 @@ class Mesh:
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if pending.done() or record.cancelled() or record.exception() is not None:
                 return await pending  # no record to fall back on: the topic alone
+            if expected >= record.result().event_count:
+                return None
             try:
                 return await asyncio.wait_for(asyncio.shield(pending), self.final_event_grace)
             except TimeoutError:
@@ -278,12 +307,6 @@ class Mesh:
         finally:
             if not pending.done():
                 await cancel_and_wait(pending)
-
-    async def _publish_event(self, deployment: str, event: TaskEvent) -> None:
-        await self.queue.publish(
-            subjects.events_topic(deployment, event.task_id),
-            convert.event_to_message(event).SerializeToString(),
-        )
 
     # -- sessions ----------------------------------------------------------------------
 

@@ -14,11 +14,12 @@ Followers see a task's revisions in increasing order, each at most once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
-from llama_mesh.server.control_plane.store import ControlPlane, TaskChange
+from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
 from llama_mesh.server.domain import Task
 from llama_mesh.server.errors import NotFoundError, UnavailableError
 from llama_mesh.server.queues.base import QueueError
@@ -87,11 +88,7 @@ class TaskWatcher:
                 if item.task.status.is_final:
                     return
         finally:
-            inboxes = self._inboxes.get(key)
-            if inboxes is not None:
-                inboxes.discard(inbox)
-                if not inboxes:
-                    del self._inboxes[key]
+            self._forget(key, inbox)
 
     async def wait_final(self, deployment: str, task_id: str) -> Task:
         """The task once it is final (succeeded, failed or cancelled)."""
@@ -99,6 +96,31 @@ class TaskWatcher:
             if task.status.is_final:
                 return task
         raise AssertionError("follow() ends with the final task")
+
+    @contextlib.contextmanager
+    def listen(self, deployment: str, task_id: str) -> Iterator[Listening]:
+        """Hear the task's changes from now on, before it is even written.
+
+        For a caller that creates the task itself and so knows its first revision: waiting
+        then needs no read of the record (see :meth:`Listening.final`).
+        """
+        if self._closed:
+            raise UnavailableError("the API server is shutting down")
+        self.start()
+        key = (deployment, task_id)
+        inbox: _Inbox = asyncio.Queue()
+        self._inboxes.setdefault(key, set()).add(inbox)
+        try:
+            yield Listening(self._cp, deployment, task_id, inbox)
+        finally:
+            self._forget(key, inbox)
+
+    def _forget(self, key: _Key, inbox: _Inbox) -> None:
+        inboxes = self._inboxes.get(key)
+        if inboxes is not None:
+            inboxes.discard(inbox)
+            if not inboxes:
+                del self._inboxes[key]
 
     @property
     def following(self) -> int:
@@ -157,3 +179,32 @@ class TaskWatcher:
                     inbox.put_nowait(exc)
                 continue
             self._dispatch(TaskChange(deployment, task_id, stored.task, stored.revision))
+
+
+class Listening:
+    """A task's changes as :meth:`TaskWatcher.listen` hears them."""
+
+    def __init__(self, cp: ControlPlane, deployment: str, task_id: str, inbox: _Inbox) -> None:
+        self._cp = cp
+        self._deployment = deployment
+        self._task_id = task_id
+        self._inbox = inbox
+
+    async def final(self, known: StoredTask) -> Task:
+        """The task once it is final, starting from ``known`` (as its creator wrote it)."""
+        current = known
+        while not current.task.status.is_final:
+            item = await self._inbox.get()
+            if isinstance(item, NotFoundError):
+                # After a watch failure every followed task is read again; that read may
+                # have come before this task was written. Look again rather than give up.
+                stored = await self._cp.read_task(self._deployment, self._task_id)
+                item = TaskChange(self._deployment, self._task_id, stored.task, stored.revision)
+            if isinstance(item, BaseException):
+                raise item
+            if item.revision <= current.revision:
+                continue
+            if item.task is None:
+                raise NotFoundError(f"Task '{self._task_id}' was deleted", reason="TASK_NOT_FOUND")
+            current = StoredTask(item.task, item.revision)
+        return current.task

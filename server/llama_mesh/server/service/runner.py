@@ -9,12 +9,14 @@ import asyncio
 import json
 import logging
 import traceback
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from workflows import Context, Workflow
 from workflows.errors import WorkflowCancelledByUser, WorkflowTimeoutError
-from workflows.events import StopEvent
+from workflows.events import InputRequiredEvent, StopEvent
 
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.domain import HumanEvent, JsonValue, TaskError, TaskStatus
@@ -49,6 +51,8 @@ class RunOutcome:
     result: JsonValue = None
     error: TaskError | None = None
     context_json: bytes | None = None
+    context_blank: bool = False
+    """The context holds nothing a later run could resume: no state, no pending work."""
 
 
 async def run_workflow(
@@ -59,11 +63,13 @@ async def run_workflow(
     on_event: EventSink,
     inputs: AsyncIterator[TaskInput],
     timeout: float | None = None,
+    on_input_required: Callable[[], None] | None = None,
 ) -> RunOutcome:
     """Run ``workflow`` with ``kwargs`` to the end and say how it ended.
 
     Never raises for a workflow's own failure: exceptions, timeouts and cancellation
-    become the outcome's status and error.
+    become the outcome's status and error. ``on_input_required`` is called when the
+    workflow writes an ``InputRequiredEvent`` (it is about to wait for an input).
     """
     try:
         ctx = Context.from_dict(workflow, json.loads(context_json)) if context_json else None
@@ -87,6 +93,8 @@ async def run_workflow(
 
     async def stream() -> JsonValue:
         async for event in handler.stream_events():
+            if isinstance(event, InputRequiredEvent) and on_input_required is not None:
+                on_input_required()
             if not isinstance(event, StopEvent):
                 await on_event(qualified_name(event), event_data(event))
         return to_json_value(await handler)
@@ -115,7 +123,15 @@ async def run_workflow(
         outcome = RunOutcome(TaskStatus.FAILED, error=_error_of(exc))
     finally:
         await _stop(pump)
-    return RunOutcome(outcome.status, outcome.result, outcome.error, _save_context(handler.ctx))
+    saved = _save_context(handler.ctx)
+    blank = saved is not None and _is_blank(workflow, saved[1])
+    return RunOutcome(
+        outcome.status,
+        outcome.result,
+        outcome.error,
+        saved[0] if saved else None,
+        context_blank=blank,
+    )
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -132,9 +148,55 @@ def _error_of(exc: BaseException) -> TaskError:
     )
 
 
-def _save_context(ctx: Context) -> bytes | None:
+def _save_context(ctx: Context) -> tuple[bytes, dict[str, Any]] | None:
     try:
-        return json.dumps(ctx.to_dict()).encode()
+        data = ctx.to_dict()
+        return json.dumps(data).encode(), data
     except Exception as exc:
         logger.warning("could not serialize the workflow context: %s", exc)
         return None
+
+
+_RUN_COUNTERS = frozenset(
+    {
+        "stream_seq",
+        "work_item_seq",
+        "invocation_seq",
+        "journal_seq",
+        "elapsed_alive",
+        "last_alive_stamp",
+    }
+)
+"""Context fields that only count or time what has run; a fresh context restarts them."""
+
+_EMPTY_STATES: tuple[dict[str, Any], ...] = (
+    {},
+    {
+        "store_type": "in_memory",
+        "state_type": "DictState",
+        "state_module": "workflows.context.state_store",
+        "state_data": {"_data": {}},
+    },
+)
+
+_blank_contexts: weakref.WeakKeyDictionary[Workflow, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _essence(data: dict[str, Any]) -> dict[str, Any]:
+    essence = {k: v for k, v in data.items() if k not in _RUN_COUNTERS}
+    if essence.get("state") in _EMPTY_STATES:
+        essence["state"] = {}
+    return essence
+
+
+def _is_blank(workflow: Workflow, data: dict[str, Any]) -> bool:
+    """Whether ``data`` (a context after a run) equals a fresh context of ``workflow`` but
+    for run counters: an empty state store and no queued, running or awaited work."""
+    blank = _blank_contexts.get(workflow)
+    if blank is None:
+        try:
+            blank = _essence(Context(workflow).to_dict())
+        except Exception:
+            return False
+        _blank_contexts[workflow] = blank
+    return _essence(data) == blank

@@ -2,15 +2,21 @@
 
 Reliability, in the order things happen for one delivery:
 
-1. A task already final (a redelivery after a crash between "result stored" and "ack") is
-   acknowledged without running again; its final event is re-published (readers de-duplicate
-   by index).
-2. A delivery past ``max-retries`` redeliveries marks the task failed with the reason and is
-   acknowledged: a task never disappears silently.
+1. A first delivery carries the revision of the task's record as queued, and the run
+   starts at once from it. RUNNING is written once the run lasts :data:`START_NOTICE` or
+   waits for input; input sent to the task (and a cancellation) is taken from then on. A
+   record changed meanwhile — cancelled while queued — fails the compare-and-set: the run
+   is cancelled, or its result dropped if it finished first.
+2. A redelivery reads the record first. A task already final (a crash between "result
+   stored" and "ack") is acknowledged without running again. A delivery past
+   ``max-retries`` redeliveries marks the task failed with the reason and is acknowledged:
+   a task never disappears silently.
 3. While the workflow runs, ``in_progress()`` keeps the delivery from being redelivered;
    if this process dies, the heartbeats stop and another replica gets the task after
    ``ack_wait``.
-4. Session context, then the result, are stored before the message is acknowledged.
+4. Session context, then the result, are stored before the message is acknowledged. The
+   task's final event is not published: readers make it from the record (which counts
+   the workflow events before it).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +56,10 @@ from llama_mesh.server.service.runner import CancelRequest, RunOutcome, TaskInpu
 from llama_mesh.v1 import messages_pb2
 
 logger = logging.getLogger(__name__)
+
+START_NOTICE = 0.05
+"""Seconds a task runs before RUNNING is written to its record (at once when it asks for
+input): a short task goes from QUEUED to its final status in one write."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,17 +216,67 @@ class Worker:
 
     async def _process(self, msg: messages_pb2.TaskMessage, delivery: Delivery) -> None:
         deployment, task_id = msg.deployment, msg.task_id
+        attempt = delivery.delivery_count
+        context_read: asyncio.Future[bytes | None] | None = None
+        announced: asyncio.Task[StoredTask]
+        wanted = asyncio.Event()
+        if attempt == 1 and msg.revision:
+            # First delivery of a task queued with its record's revision: start at once
+            # from the record as queued. RUNNING is written only once the run lasts a
+            # while or waits for input; a record changed meanwhile (cancelled while
+            # queued) shows as a failed compare-and-set, and the run stops or its result
+            # is dropped.
+            stored = StoredTask(_queued_task(msg), msg.revision)
+            if not msg.new_session:
+                context_read = asyncio.ensure_future(
+                    self._cp.get_session_state(deployment, msg.session_id)
+                )
+            announced = asyncio.create_task(self._announce(stored, attempt, wanted))
+        else:
+            read = await self._start(msg, delivery, attempt)
+            if read is None:
+                return
+            stored, context_read = read
+            announced = asyncio.create_task(_known(stored))
+        task = stored.task
+        try:
+            context_json = await context_read if context_read is not None else None
+            context = {"deployment": deployment, "task_id": task_id, "session_id": task.session_id}
+            logger.info("task started (attempt %d)", attempt, extra=context)
+            outcome, count = await self._run(
+                task, msg, delivery, announced=announced, wanted=wanted, context_json=context_json
+            )
+            logger.info("task %s", outcome.status.name.lower(), extra=context)
+        finally:
+            if not announced.done():
+                await cancel_and_wait(announced)
+        if not announced.cancelled() and announced.exception() is None:
+            stored = announced.result()
+        if outcome.context_json is not None and not (msg.new_session and outcome.context_blank):
+            await self._cp.put_session_state(
+                deployment, task.session_id, outcome.context_json, task_id=task_id
+            )
+        await self._finish(stored, outcome, event_count=count, attempt=attempt)
+        await delivery.ack()
+
+    async def _start(
+        self, msg: messages_pb2.TaskMessage, delivery: Delivery, attempt: int
+    ) -> tuple[StoredTask, asyncio.Future[bytes | None]] | None:
+        """Read the task and write RUNNING; ``None`` when there is nothing to run.
+
+        The careful path, for redeliveries and tasks queued without a revision: the task
+        may have finished, or have been delivered too often.
+        """
+        deployment, task_id = msg.deployment, msg.task_id
         try:
             stored = await self._cp.read_task(deployment, task_id)
         except NotFoundError:
             logger.warning("task %s no longer exists; dropping it", task_id)
             await delivery.term()
-            return
+            return None
         if stored.task.status.is_final:
-            await self._publish(final_event(stored.task))
             await delivery.ack()
-            return
-        attempt = delivery.delivery_count
+            return None
         if attempt > self.settings.max_retries + 1:
             error = TaskError(
                 "MaxRetriesExceeded",
@@ -224,10 +284,28 @@ class Worker:
                 f"(max-retries: {self.settings.max_retries})",
             )
             outcome = RunOutcome(TaskStatus.FAILED, error=error)
-            await self._finish(stored, outcome, event_count=0)
+            await self._finish(stored, outcome, event_count=0, attempt=attempt)
             await delivery.ack()
-            return
+            return None
+        # Reading the session's context does not depend on the task's start: both at once.
+        context_read = asyncio.ensure_future(
+            self._cp.get_session_state(deployment, stored.task.session_id)
+        )
+        try:
+            stored = await self._cp.change_task(
+                deployment, task_id, self._starter(attempt), known=stored
+            )
+        finally:
+            if stored.task.status is not TaskStatus.RUNNING:
+                await cancel_and_wait(context_read)
+                if not context_read.cancelled():
+                    context_read.exception()  # retrieved: the start's outcome is what counts
+        if stored.task.status.is_final:
+            await delivery.ack()
+            return None
+        return stored, context_read
 
+    def _starter(self, attempt: int) -> Callable[[Task], Task | None]:
         def start(t: Task) -> Task | None:
             if t.status.is_final:
                 return None
@@ -235,43 +313,33 @@ class Worker:
             t.instance_id = self.instance.instance_id
             return t
 
-        # Reading the session's context does not depend on the task's start: both at once.
-        context_read = asyncio.ensure_future(
-            self._cp.get_session_state(deployment, stored.task.session_id)
-        )
-        try:
-            stored = await self._cp.change_task(deployment, task_id, start, known=stored)
-        finally:
-            if stored.task.status is not TaskStatus.RUNNING:
-                await cancel_and_wait(context_read)
-                if not context_read.cancelled():
-                    context_read.exception()  # retrieved: the start's outcome is what counts
+        return start
+
+    async def _announce(
+        self, stored: StoredTask, attempt: int, wanted: asyncio.Event
+    ) -> StoredTask:
+        """Write RUNNING once the run has lasted :data:`START_NOTICE` or wants input."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_NOTICE):
+                await wanted.wait()
         task = stored.task
-        if task.status.is_final:
-            await delivery.ack()
-            return
-        context_json = await context_read
-        context = {"deployment": deployment, "task_id": task_id, "session_id": task.session_id}
-        logger.info("task started (attempt %d)", attempt, extra=context)
-        outcome, count = await self._run(task, msg, delivery, attempt, context_json)
-        logger.info("task %s", outcome.status.name.lower(), extra=context)
-        if outcome.context_json is not None:
-            await self._cp.put_session_state(
-                deployment, task.session_id, outcome.context_json, task_id=task_id
-            )
-        await self._finish(stored, outcome, event_count=count)
-        await delivery.ack()
+        return await self._cp.change_task(
+            task.deployment, task.task_id, self._starter(attempt), known=stored
+        )
 
     async def _run(
         self,
         task: Task,
         msg: messages_pb2.TaskMessage,
         delivery: Delivery,
-        attempt: int,
+        *,
+        announced: asyncio.Task[StoredTask],
+        wanted: asyncio.Event,
         context_json: bytes | None,
     ) -> tuple[RunOutcome, int]:
         counter = 0
         topic = subjects.events_topic(task.deployment, task.task_id)
+        attempt = delivery.delivery_count
 
         async def on_event(type_name: str, data: dict[str, JsonValue]) -> None:
             nonlocal counter
@@ -282,7 +350,7 @@ class Worker:
 
         kwargs = json.loads(msg.input_json) if msg.input_json else {}
         keepalive = asyncio.create_task(self._keepalive(delivery))
-        inputs = self._inputs(task)
+        inputs = self._inputs(task, announced)
         try:
             outcome = await run_workflow(
                 self._workflow,
@@ -291,6 +359,7 @@ class Worker:
                 on_event=on_event,
                 inputs=inputs,
                 timeout=self.settings.timeout,
+                on_input_required=wanted.set,
             )
         finally:
             await cancel_and_wait(keepalive)
@@ -298,7 +367,19 @@ class Worker:
             self._spawn(inputs.aclose(), name=f"inputs-close-{task.task_id}")
         return outcome, counter
 
-    async def _inputs(self, task: Task) -> AsyncGenerator[TaskInput, None]:
+    async def _inputs(
+        self, task: Task, announced: asyncio.Future[StoredTask]
+    ) -> AsyncGenerator[TaskInput, None]:
+        """Events and cancellations sent to the task, once its start is announced.
+
+        Inputs sent earlier wait in the task's input topic and arrive then; a record that
+        turned final before the announcement (cancelled while queued) cancels the run.
+        """
+        stored = await asyncio.shield(announced)
+        if stored.task.status.is_final:
+            error = stored.task.error
+            yield CancelRequest(error.message if error else "cancelled")
+            return
         topic = subjects.inputs_topic(task.deployment, task.task_id)
         subscription = self._queue.subscribe(topic)
         try:
@@ -323,22 +404,40 @@ class Worker:
                 await delivery.in_progress()
             raise_if_cancelling()
 
-    async def _finish(self, stored: StoredTask, outcome: RunOutcome, *, event_count: int) -> None:
+    async def _finish(
+        self, stored: StoredTask, outcome: RunOutcome, *, event_count: int, attempt: int
+    ) -> None:
+        """Record the outcome, unless the task is final already (cancelled meanwhile)."""
+        finished = now()
+
         def finish(t: Task) -> Task | None:
             if t.status.is_final:
                 return None
             t.status, t.result, t.error = outcome.status, outcome.result, outcome.error
-            t.finished_at, t.event_count = now(), event_count
+            t.finished_at, t.event_count = finished, event_count
+            t.attempts, t.instance_id = attempt, self.instance.instance_id
+            if t.started_at is None:
+                t.started_at = finished
             return t
 
         task = stored.task
-        stored = await self._cp.change_task(task.deployment, task.task_id, finish, known=stored)
-        await self._publish(final_event(stored.task))
+        await self._cp.change_task(task.deployment, task.task_id, finish, known=stored)
 
-    async def _publish(self, event: TaskEvent) -> None:
-        deployment = self.settings.deployment
-        topic = subjects.events_topic(deployment, event.task_id)
-        await self._queue.publish(topic, convert.event_to_message(event).SerializeToString())
+
+async def _known(stored: StoredTask) -> StoredTask:
+    return stored
+
+
+def _queued_task(msg: messages_pb2.TaskMessage) -> Task:
+    """The task's record as the API server wrote it, rebuilt from its task message."""
+    return Task(
+        task_id=msg.task_id,
+        deployment=msg.deployment,
+        service_id=msg.service_id,
+        session_id=msg.session_id,
+        input=json.loads(msg.input_json) if msg.input_json else {},
+        created_at=convert.from_timestamp(msg.created_at) or now(),
+    )
 
 
 class _Stop(Exception):
