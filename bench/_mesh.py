@@ -175,18 +175,19 @@ async def _run_task(stub: Any, service: str, deadline: float, deployment: str) -
 def task_segments(task: Any, sent: float, received: float) -> dict[str, float]:
     """Where one RunTask's time went, from the task's own timestamps (one machine clock).
 
-    ``created_at`` is stamped by the API server when it builds the task (after the session
-    is created), ``started_at`` and ``finished_at`` by the worker before it writes them.
+    ``created_at`` is stamped by the API server when it builds the task (before it writes
+    the task, its index entry and a new session), ``started_at`` by the worker when the
+    delivery reaches it, ``finished_at`` before it writes the result.
     """
     created = task.created_at.ToNanoseconds() / 1e9
     started = task.started_at.ToNanoseconds() / 1e9
     finished = task.finished_at.ToNanoseconds() / 1e9
     return {
-        "client → task built (gRPC in, session created)": created - sent,
-        "task built → worker starts it (record, schedule, deliver, read, mark)": (
+        "client → task built (gRPC in)": created - sent,
+        "task built → worker starts it (record, session, index written; queued; delivered)": (
             started - created
         ),
-        "worker: start → finished (run, inputs, context saved)": finished - started,
+        "worker: start → finished (run, context saved when there is any)": finished - started,
         "finished → client (result written, watch wakes API, gRPC out)": received - finished,
     }
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from llama_mesh.server import subjects
 from llama_mesh.server.app import MeshServer
-from llama_mesh.server.domain import EventKind, HumanEvent, TaskStatus
+from llama_mesh.server.domain import EventKind, HumanEvent, Task, TaskStatus, new_id
 from llama_mesh.server.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -23,6 +24,7 @@ from llama_mesh.server.errors import (
     NotFoundError,
 )
 from llama_mesh.server.nats_server import NatsServer
+from llama_mesh.server.service import worker as worker_module
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
 
@@ -133,6 +135,29 @@ async def test_a_new_session_keeps_context_only_when_there_is_some(
         APP, service_id="tally", session_id=first.session_id, input={"amount": 2}
     )
     assert (first.result, second.result) == (5, 7)
+
+
+async def test_a_task_message_without_a_record_is_dropped(
+    mesh_factory: MeshFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task message whose record never appears (the API server failed to write it) is
+    dropped after the worker has waited for the record: it leaves the queue, no record is
+    made up, and the replica goes on running other tasks."""
+    monkeypatch.setattr(worker_module, "RECORD_WAIT", 0.2)
+    server = await start(mesh_factory, "inprocess")
+    mesh = server.mesh
+    ghost = Task(task_id=new_id(), deployment=APP, service_id="echo", session_id=new_id(), input={})
+    await mesh.orchestrator.schedule(ghost, new_session=True)
+    queue = subjects.task_queue(APP, "echo")
+
+    async def drained() -> bool:
+        return await mesh.queue.queue_depth(queue) == 0  # settled, not just delivered
+
+    await assert_eventually(drained, timeout=10)
+    with pytest.raises(NotFoundError):
+        await mesh.get_task(APP, ghost.task_id)
+    after = await mesh.run_task(APP, service_id="echo", session_id=None, input={"message": "x"})
+    assert after.status is TaskStatus.SUCCEEDED
 
 
 @QUEUES

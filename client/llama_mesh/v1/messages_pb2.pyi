@@ -35,7 +35,6 @@ class TaskMessage(_message.Message):
     INPUT_JSON_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
-    REVISION_FIELD_NUMBER: _builtins.int
     NEW_SESSION_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """task_id identifies the task; it is also the publish de-duplication id."""
@@ -49,11 +48,6 @@ class TaskMessage(_message.Message):
     """input_json is the JSON object of keyword arguments for `Workflow.run`."""
     generation: _builtins.int
     """generation is the deployment generation the task was created under."""
-    revision: _builtins.int
-    """revision is the revision of the task's record as it was queued (0 when unknown). A
-    replica that gets the task for the first time starts from it instead of reading the
-    record; a changed record (a cancellation, say) shows as a failed compare-and-set.
-    """
     new_session: _builtins.bool
     """new_session says that the session was created with this task, so it has no stored
     workflow context to resume.
@@ -72,12 +66,11 @@ class TaskMessage(_message.Message):
         input_json: _builtins.bytes = ...,
         generation: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
-        revision: _builtins.int = ...,
         new_session: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployment", b"deployment", "generation", b"generation", "input_json", b"input_json", "new_session", b"new_session", "revision", b"revision", "service_id", b"service_id", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployment", b"deployment", "generation", b"generation", "input_json", b"input_json", "new_session", b"new_session", "service_id", b"service_id", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,13 +39,9 @@ type TaskMessage struct {
 	Generation int64 `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
 	// created_at is when the task was created.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	// revision is the revision of the task's record as it was queued (0 when unknown). A
-	// replica that gets the task for the first time starts from it instead of reading the
-	// record; a changed record (a cancellation, say) shows as a failed compare-and-set.
-	Revision uint64 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"`
 	// new_session says that the session was created with this task, so it has no stored
 	// workflow context to resume.
-	NewSession    bool `protobuf:"varint,9,opt,name=new_session,json=newSession,proto3" json:"new_session,omitempty"`
+	NewSession    bool `protobuf:"varint,8,opt,name=new_session,json=newSession,proto3" json:"new_session,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -127,13 +123,6 @@ func (x *TaskMessage) GetCreatedAt() *timestamppb.Timestamp {
 		return x.CreatedAt
 	}
 	return nil
-}
-
-func (x *TaskMessage) GetRevision() uint64 {
-	if x != nil {
-		return x.Revision
-	}
-	return 0
 }
 
 func (x *TaskMessage) GetNewSession() bool {
@@ -635,7 +624,7 @@ var File_llama_mesh_v1_messages_proto protoreflect.FileDescriptor
 
 const file_llama_mesh_v1_messages_proto_rawDesc = "" +
 	"\n" +
-	"\x1cllama_mesh/v1/messages.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x02\n" +
+	"\x1cllama_mesh/v1/messages.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x02\n" +
 	"\vTaskMessage\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x1e\n" +
 	"\n" +
@@ -651,9 +640,8 @@ const file_llama_mesh_v1_messages_proto_rawDesc = "" +
 	"generation\x18\x06 \x01(\x03R\n" +
 	"generation\x129\n" +
 	"\n" +
-	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
-	"\brevision\x18\b \x01(\x04R\brevision\x12\x1f\n" +
-	"\vnew_session\x18\t \x01(\bR\n" +
+	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1f\n" +
+	"\vnew_session\x18\b \x01(\bR\n" +
 	"newSession\"\xd6\x01\n" +
 	"\fEventMessage\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n" +

@@ -45,14 +45,11 @@ class Orchestrator:
     def __init__(self, queue: MessageQueue) -> None:
         self._queue = queue
 
-    async def schedule(
-        self, task: Task, *, generation: int = 0, revision: int = 0, new_session: bool = False
-    ) -> str:
+    async def schedule(self, task: Task, *, generation: int = 0, new_session: bool = False) -> str:
         """Publish ``task`` (already recorded) to its service's queue; returns the queue.
 
-        The task id is the de-duplication id, so scheduling twice enqueues once. ``revision``
-        is the record's revision as written (0: unknown); ``new_session`` says the task's
-        session was created with it (see ``TaskMessage``).
+        The task id is the de-duplication id, so scheduling twice enqueues once.
+        ``new_session`` says the task's session was created with it (see ``TaskMessage``).
         """
         queue_name = subjects.task_queue(task.deployment, task.service_id)
         msg = messages_pb2.TaskMessage(
@@ -62,7 +59,6 @@ class Orchestrator:
             session_id=task.session_id,
             input_json=json.dumps(task.input).encode(),
             generation=generation,
-            revision=revision,
             new_session=new_session,
         )
         msg.created_at.CopyFrom(convert.to_timestamp(task.created_at))

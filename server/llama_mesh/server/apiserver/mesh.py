@@ -8,6 +8,7 @@ streaming events subscribes to the task's event topic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable
@@ -33,6 +34,7 @@ from llama_mesh.server.domain import (
 from llama_mesh.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
     UnavailableError,
 )
 from llama_mesh.server.orchestrator import Orchestrator, choose_service
@@ -123,29 +125,34 @@ class Mesh:
             session_id=session_id,
             input=input,
         )
-        # The session, the task and its index entry are independent writes: one round trip.
-        recorded = asyncio.ensure_future(self.cp.record_task(task))
-        await asyncio.gather(recorded, *writes)
-        stored = recorded.result()
+        # The task, its index entry, its new session and its message are independent
+        # writes: one round trip. A worker that gets the message before the record is
+        # stored waits for the record (see the worker).
         generation = self.deployments.generation(deployment)
-        try:
-            await self.orchestrator.schedule(
-                task, generation=generation, revision=stored.revision, new_session=new_session
-            )
-        except QueueError as exc:
-            # Recorded but not queued: fail it rather than leave it QUEUED forever.
-            reason = f"the task could not be queued: {exc}"
+        recorded = asyncio.ensure_future(self.cp.record_task(task))
+        scheduled = asyncio.ensure_future(
+            self.orchestrator.schedule(task, generation=generation, new_session=new_session)
+        )
+        outcomes = await asyncio.gather(recorded, scheduled, *writes, return_exceptions=True)
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is None:
+            return recorded.result()
+        # Not recorded, queued or filed in its session: fail it rather than leave it QUEUED
+        # forever (a worker that got it finds it final; one that finds no record drops it).
+        reason = f"the task could not be created: {failure}"
 
-            def unqueued(t: Task) -> Task | None:
-                if t.status is not TaskStatus.QUEUED:
-                    return None
-                t.status, t.finished_at = TaskStatus.FAILED, now()
-                t.error = TaskError("Unavailable", reason)
-                return t
+        def failed(t: Task) -> Task | None:
+            if t.status is not TaskStatus.QUEUED:
+                return None
+            t.status, t.finished_at = TaskStatus.FAILED, now()
+            t.error = TaskError("Unavailable", reason)
+            return t
 
-            await self.cp.update_task(deployment, task.task_id, unqueued)
-            raise UnavailableError(reason) from exc
-        return stored
+        with contextlib.suppress(NotFoundError, QueueError):
+            await self.cp.update_task(deployment, task.task_id, failed)
+        if isinstance(failure, QueueError):
+            raise UnavailableError(reason) from failure
+        raise failure
 
     async def wait_task(self, deployment: str, task_id: str) -> Task:
         """The task once it is final (succeeded, failed or cancelled)."""

@@ -2,11 +2,12 @@
 
 Reliability, in the order things happen for one delivery:
 
-1. A first delivery carries the revision of the task's record as queued, and the run
-   starts at once from it. RUNNING is written once the run lasts :data:`START_NOTICE` or
-   waits for input; input sent to the task (and a cancellation) is taken from then on. A
-   record changed meanwhile — cancelled while queued — fails the compare-and-set: the run
-   is cancelled, or its result dropped if it finished first.
+1. A first delivery starts the run at once, from the task message, while the task's record
+   is read (the API server writes it alongside the message; a record missing for
+   :data:`RECORD_WAIT` drops the task). RUNNING is written once the run lasts
+   :data:`START_NOTICE` or waits for input; input sent to the task (and a cancellation) is
+   taken from then on. A record that turned final meanwhile — cancelled while queued —
+   cancels the run, or drops its result if it finished first.
 2. A redelivery reads the record first. A task already final (a crash between "result
    stored" and "ack") is acknowledged without running again. A delivery past
    ``max-retries`` redeliveries marks the task failed with the reason and is acknowledged:
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 START_NOTICE = 0.05
 """Seconds a task runs before RUNNING is written to its record (at once when it asks for
 input): a short task goes from QUEUED to its final status in one write."""
+RECORD_WAIT = 5.0
+"""Seconds a first delivery waits for its task's record before dropping the task."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,28 +220,28 @@ class Worker:
     async def _process(self, msg: messages_pb2.TaskMessage, delivery: Delivery) -> None:
         deployment, task_id = msg.deployment, msg.task_id
         attempt = delivery.delivery_count
+        began = now()
         context_read: asyncio.Future[bytes | None] | None = None
-        announced: asyncio.Task[StoredTask]
         wanted = asyncio.Event()
-        if attempt == 1 and msg.revision:
-            # First delivery of a task queued with its record's revision: start at once
-            # from the record as queued. RUNNING is written only once the run lasts a
-            # while or waits for input; a record changed meanwhile (cancelled while
-            # queued) shows as a failed compare-and-set, and the run stops or its result
-            # is dropped.
-            stored = StoredTask(_queued_task(msg), msg.revision)
+        if attempt == 1:
+            # A first delivery starts the run at once, from the message. The record (written
+            # by the API server alongside the message) is read meanwhile; RUNNING is written
+            # once the run lasts a while or waits for input. A record that turned final
+            # meanwhile (cancelled while queued) cancels the run, or drops its result.
+            task = _queued_task(msg)
+            located = asyncio.create_task(self._locate(deployment, task_id))
             if not msg.new_session:
                 context_read = asyncio.ensure_future(
                     self._cp.get_session_state(deployment, msg.session_id)
                 )
-            announced = asyncio.create_task(self._announce(stored, attempt, wanted))
+            announced = asyncio.create_task(self._announce(located, attempt, wanted))
         else:
             read = await self._start(msg, delivery, attempt)
             if read is None:
                 return
             stored, context_read = read
-            announced = asyncio.create_task(_known(stored))
-        task = stored.task
+            task = stored.task
+            located = announced = asyncio.create_task(_known(stored))
         try:
             context_json = await context_read if context_read is not None else None
             context = {"deployment": deployment, "task_id": task_id, "session_id": task.session_id}
@@ -252,12 +255,33 @@ class Worker:
                 await cancel_and_wait(announced)
         if not announced.cancelled() and announced.exception() is None:
             stored = announced.result()
+        else:
+            try:
+                stored = await located
+            except NotFoundError:
+                logger.warning("task %s has no record; dropping it", task_id, extra=context)
+                await delivery.term()
+                return
         if outcome.context_json is not None and not (msg.new_session and outcome.context_blank):
             await self._cp.put_session_state(
                 deployment, task.session_id, outcome.context_json, task_id=task_id
             )
-        await self._finish(stored, outcome, event_count=count, attempt=attempt)
+        await self._finish(stored, outcome, event_count=count, attempt=attempt, began=began)
         await delivery.ack()
+
+    async def _locate(self, deployment: str, task_id: str) -> StoredTask:
+        """The task's record, waiting a little for it: the API server writes it alongside
+        the task's message, so it may land a moment after the message arrives."""
+        pause, waited = 0.002, 0.0
+        while True:
+            try:
+                return await self._cp.read_task(deployment, task_id)
+            except NotFoundError:
+                if waited >= RECORD_WAIT:
+                    raise
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 0.25)
 
     async def _start(
         self, msg: messages_pb2.TaskMessage, delivery: Delivery, attempt: int
@@ -316,9 +340,10 @@ class Worker:
         return start
 
     async def _announce(
-        self, stored: StoredTask, attempt: int, wanted: asyncio.Event
+        self, located: asyncio.Task[StoredTask], attempt: int, wanted: asyncio.Event
     ) -> StoredTask:
         """Write RUNNING once the run has lasted :data:`START_NOTICE` or wants input."""
+        stored = await asyncio.shield(located)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(START_NOTICE):
                 await wanted.wait()
@@ -375,7 +400,11 @@ class Worker:
         Inputs sent earlier wait in the task's input topic and arrive then; a record that
         turned final before the announcement (cancelled while queued) cancels the run.
         """
-        stored = await asyncio.shield(announced)
+        try:
+            stored = await asyncio.shield(announced)
+        except NotFoundError:
+            yield CancelRequest("the task has no record")
+            return
         if stored.task.status.is_final:
             error = stored.task.error
             yield CancelRequest(error.message if error else "cancelled")
@@ -405,9 +434,16 @@ class Worker:
             raise_if_cancelling()
 
     async def _finish(
-        self, stored: StoredTask, outcome: RunOutcome, *, event_count: int, attempt: int
+        self,
+        stored: StoredTask,
+        outcome: RunOutcome,
+        *,
+        event_count: int,
+        attempt: int,
+        began: float | None = None,
     ) -> None:
-        """Record the outcome, unless the task is final already (cancelled meanwhile)."""
+        """Record the outcome, unless the task is final already (cancelled meanwhile).
+        ``began``: when the run began, for a record that never said RUNNING."""
         finished = now()
 
         def finish(t: Task) -> Task | None:
@@ -417,7 +453,7 @@ class Worker:
             t.finished_at, t.event_count = finished, event_count
             t.attempts, t.instance_id = attempt, self.instance.instance_id
             if t.started_at is None:
-                t.started_at = finished
+                t.started_at = began or finished
             return t
 
         task = stored.task
