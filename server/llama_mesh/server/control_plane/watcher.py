@@ -62,33 +62,12 @@ class TaskWatcher:
 
         :class:`NotFoundError` when it does not exist or is deleted meanwhile.
         """
-        if self._closed:
-            raise UnavailableError("the API server is shutting down")
-        self.start()
-        key = (deployment, task_id)
-        inbox: _Inbox = asyncio.Queue()
-        # Listen before reading: a change written after the read is then in the inbox.
-        self._inboxes.setdefault(key, set()).add(inbox)
-        try:
+        # Listen before reading: a change written after the read is then heard.
+        with self.listen(deployment, task_id) as listening:
             stored = await self._cp.read_task(deployment, task_id)
-            revision = stored.revision
             yield stored.task
-            if stored.task.status.is_final:
-                return
-            while True:
-                item = await inbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.revision <= revision:
-                    continue  # written before the read, or seen already
-                revision = item.revision
-                if item.task is None:
-                    raise NotFoundError(f"Task '{task_id}' was deleted", reason="TASK_NOT_FOUND")
-                yield item.task
-                if item.task.status.is_final:
-                    return
-        finally:
-            self._forget(key, inbox)
+            async for task in listening.changes(stored):
+                yield task
 
     async def wait_final(self, deployment: str, task_id: str) -> Task:
         """The task once it is final (succeeded, failed or cancelled)."""
@@ -192,6 +171,13 @@ class Listening:
 
     async def final(self, known: StoredTask) -> Task:
         """The task once it is final, starting from ``known`` (as its creator wrote it)."""
+        final = known.task
+        async for changed in self.changes(known):
+            final = changed
+        return final
+
+    async def changes(self, known: StoredTask) -> AsyncIterator[Task]:
+        """The task after each change newer than ``known``, until it is final."""
         current = known
         while not current.task.status.is_final:
             item = await self._inbox.get()
@@ -203,8 +189,8 @@ class Listening:
             if isinstance(item, BaseException):
                 raise item
             if item.revision <= current.revision:
-                continue
+                continue  # written before the known revision, or seen already
             if item.task is None:
                 raise NotFoundError(f"Task '{self._task_id}' was deleted", reason="TASK_NOT_FOUND")
             current = StoredTask(item.task, item.revision)
-        return current.task
+            yield current.task
