@@ -250,6 +250,11 @@ class Worker:
                 task, msg, delivery, announced=announced, wanted=wanted, context_json=context_json
             )
             logger.info("task %s", outcome.status.name.lower(), extra=context)
+        except BaseException:
+            await cancel_and_wait(located)  # the delivery goes back; nothing waits for it
+            if not located.cancelled():
+                located.exception()  # retrieved: the failure being raised is what counts
+            raise
         finally:
             if not announced.done():
                 await cancel_and_wait(announced)
@@ -288,8 +293,8 @@ class Worker:
     ) -> tuple[StoredTask, asyncio.Future[bytes | None]] | None:
         """Read the task and write RUNNING; ``None`` when there is nothing to run.
 
-        The careful path, for redeliveries and tasks queued without a revision: the task
-        may have finished, or have been delivered too often.
+        The careful path, for redeliveries: the task may have finished, or have been
+        delivered too often.
         """
         deployment, task_id = msg.deployment, msg.task_id
         try:
