@@ -223,12 +223,13 @@ class Worker:
         began = now()
         context_read: asyncio.Future[bytes | None] | None = None
         wanted = asyncio.Event()
+        kwargs: dict[str, JsonValue] = json.loads(msg.input_json) if msg.input_json else {}
         if attempt == 1:
             # A first delivery starts the run at once, from the message. The record (written
             # by the API server alongside the message) is read meanwhile; RUNNING is written
             # once the run lasts a while or waits for input. A record that turned final
             # meanwhile (cancelled while queued) cancels the run, or drops its result.
-            task = _queued_task(msg)
+            task = _queued_task(msg, kwargs)
             located = asyncio.create_task(self._locate(deployment, task_id))
             if not msg.new_session:
                 context_read = asyncio.ensure_future(
@@ -247,7 +248,12 @@ class Worker:
             context = {"deployment": deployment, "task_id": task_id, "session_id": task.session_id}
             logger.info("task started (attempt %d)", attempt, extra=context)
             outcome, count = await self._run(
-                task, msg, delivery, announced=announced, wanted=wanted, context_json=context_json
+                task,
+                kwargs,
+                delivery,
+                announced=announced,
+                wanted=wanted,
+                context_json=context_json,
             )
             logger.info("task %s", outcome.status.name.lower(), extra=context)
         except BaseException:
@@ -360,7 +366,7 @@ class Worker:
     async def _run(
         self,
         task: Task,
-        msg: messages_pb2.TaskMessage,
+        kwargs: dict[str, JsonValue],
         delivery: Delivery,
         *,
         announced: asyncio.Task[StoredTask],
@@ -378,7 +384,6 @@ class Worker:
             payload = convert.event_to_message(event, attempt=attempt).SerializeToString()
             await self._queue.publish(topic, payload)
 
-        kwargs = json.loads(msg.input_json) if msg.input_json else {}
         keepalive = asyncio.create_task(self._keepalive(delivery))
         inputs = self._inputs(task, announced)
         try:
@@ -469,14 +474,15 @@ async def _known(stored: StoredTask) -> StoredTask:
     return stored
 
 
-def _queued_task(msg: messages_pb2.TaskMessage) -> Task:
-    """The task's record as the API server wrote it, rebuilt from its task message."""
+def _queued_task(msg: messages_pb2.TaskMessage, input: dict[str, JsonValue]) -> Task:
+    """The task's record as the API server wrote it, rebuilt from its task message (and
+    ``input``, the message's input already parsed)."""
     return Task(
         task_id=msg.task_id,
         deployment=msg.deployment,
         service_id=msg.service_id,
         session_id=msg.session_id,
-        input=json.loads(msg.input_json) if msg.input_json else {},
+        input=input,
         created_at=convert.from_timestamp(msg.created_at) or now(),
     )
 
