@@ -45,11 +45,20 @@ class Orchestrator:
     def __init__(self, queue: MessageQueue) -> None:
         self._queue = queue
 
-    async def schedule(self, task: Task, *, generation: int = 0, new_session: bool = False) -> str:
-        """Publish ``task`` (already recorded) to its service's queue; returns the queue.
+    async def schedule(
+        self,
+        task: Task,
+        *,
+        generation: int = 0,
+        new_session: bool = False,
+        input_json: bytes | None = None,
+    ) -> str:
+        """Publish ``task`` to its service's queue; returns the queue.
 
-        The task id is the de-duplication id, so scheduling twice enqueues once.
-        ``new_session`` says the task's session was created with it (see ``TaskMessage``).
+        Its record is written by the caller, before or alongside (a worker waits a little
+        for it). The task id is the de-duplication id, so scheduling twice enqueues once.
+        ``new_session`` says the task's session was created with it (see ``TaskMessage``);
+        ``input_json`` is the task's input already encoded as JSON, if the caller has it.
         """
         queue_name = subjects.task_queue(task.deployment, task.service_id)
         msg = messages_pb2.TaskMessage(
@@ -57,7 +66,7 @@ class Orchestrator:
             deployment=task.deployment,
             service_id=task.service_id,
             session_id=task.session_id,
-            input_json=json.dumps(task.input).encode(),
+            input_json=input_json if input_json is not None else json.dumps(task.input).encode(),
             generation=generation,
             new_session=new_session,
         )

@@ -56,14 +56,16 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
-def check_json_size(what: str, value: JsonValue) -> None:
-    """Reject payloads over :data:`MAX_INPUT_BYTES`, naming the limit."""
-    size = len(json.dumps(value))
-    if size > MAX_INPUT_BYTES:
+def json_within_limit(what: str, value: JsonValue) -> bytes:
+    """``value`` as JSON text, the form it travels in; payloads over
+    :data:`MAX_INPUT_BYTES` are rejected, naming the limit."""
+    text = json.dumps(value).encode()
+    if len(text) > MAX_INPUT_BYTES:
         raise InvalidArgumentError(
-            f"{what} is {size} bytes of JSON; the limit is {MAX_INPUT_BYTES}",
+            f"{what} is {len(text)} bytes of JSON; the limit is {MAX_INPUT_BYTES}",
             reason="PAYLOAD_TOO_LARGE",
         )
+    return text
 
 
 class Mesh:
@@ -109,7 +111,7 @@ class Mesh:
     ) -> StoredTask:
         config = self.deployments.config(deployment)
         service = choose_service(config, service_id)
-        check_json_size("the task input", input)
+        input_json = json_within_limit("the task input", input)
         writes: list[Awaitable[object]] = []
         new_session = not session_id
         if session_id:
@@ -131,7 +133,9 @@ class Mesh:
         generation = self.deployments.generation(deployment)
         recorded = asyncio.ensure_future(self.cp.record_task(task))
         scheduled = asyncio.ensure_future(
-            self.orchestrator.schedule(task, generation=generation, new_session=new_session)
+            self.orchestrator.schedule(
+                task, generation=generation, new_session=new_session, input_json=input_json
+            )
         )
         outcomes = await asyncio.gather(recorded, scheduled, *writes, return_exceptions=True)
         failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
@@ -225,11 +229,9 @@ class Mesh:
             )
         if not event.type:
             raise InvalidArgumentError("the event needs a type", reason="INVALID_EVENT")
-        check_json_size("the event", event.data)
+        data_json = json_within_limit("the event", event.data)
         msg = messages_pb2.TaskInputMessage(
-            human_event=messages_pb2.HumanEventMessage(
-                type=event.type, data_json=json.dumps(event.data).encode()
-            )
+            human_event=messages_pb2.HumanEventMessage(type=event.type, data_json=data_json)
         )
         msg.human_event.sent_at.CopyFrom(convert.to_timestamp(now()))
         await self.queue.publish(
