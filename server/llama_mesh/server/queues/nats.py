@@ -69,17 +69,17 @@ logger = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT: Final = 5.0
 _FETCH_TIMEOUT: Final = 5.0
+"""How long one pull request waits on the server for messages (a long poll)."""
 _CONSUMER_INACTIVE: Final = 1.0
 _KEYS_TIMEOUT: Final = 5.0
-"""How long one pull request waits on the server for messages (a long poll)."""
 _FETCH_ERROR_BACKOFF: Final = 1.0
 _RESUME_BACKOFF: Final = (0.1, 5.0)
 """First and longest pause between attempts to resume a subscription."""
 _LIVENESS_INTERVAL: Final = 5.0
+"""How long a subscription may stay silent before its consumer is looked up."""
 _PATIENCE: Final = 20.0
 """How long a read (a key, opening a subscription) is tried again while NATS answers
 "unavailable", as a cluster does while it elects leaders after losing a node."""
-"""How long a subscription may stay silent before its consumer is looked up."""
 _DRAIN_TIMEOUT: Final = 5.0
 _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
