@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
+from llama_mesh.server.envvars import env_setting
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
 from llama_mesh.server.queues.nats import redact_url
@@ -34,13 +35,8 @@ def default_data_dir() -> Path:
     return Path(base) / "llama-mesh"
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    """``$LLAMA_MESH_<name>``; an empty variable counts as unset (not as the path ".")."""
-    return os.environ.get(f"LLAMA_MESH_{name}") or default
-
-
 def _int_env(name: str) -> int | None:
-    value = _env(name)
+    value = env_setting(name)
     return int(value) if value else None
 
 
@@ -48,49 +44,58 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     """The options of ``serve``."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("deployment_files", nargs="*", type=Path, metavar="DEPLOYMENT_FILE")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="gateway listen address")
-    p.add_argument("--port", type=int, default=int(_env("PORT", "4501") or 4501))
+    p.add_argument(
+        "--host", default=env_setting("HOST", "127.0.0.1"), help="gateway listen address"
+    )
+    p.add_argument("--port", type=int, default=int(env_setting("PORT", "4501") or 4501))
     p.add_argument(
         "--grpc-host",
-        default=_env("GRPC_HOST", "127.0.0.1"),
+        default=env_setting("GRPC_HOST", "127.0.0.1"),
         help="gRPC listen address (127.0.0.1 unless Envoy runs elsewhere)",
     )
     p.add_argument(
         "--grpc-port",
         type=int,
-        default=int(_env("GRPC_PORT", "0") or 0),
+        default=int(env_setting("GRPC_PORT", "0") or 0),
         help="internal gRPC port on 127.0.0.1 (0: any free port)",
     )
     p.add_argument(
         "--nats-url",
-        default=_env("NATS_URL"),
+        default=env_setting("NATS_URL"),
         help="use this NATS (else embedded); a user and password go in it: nats://u:p@host:port",
     )
     p.add_argument(
         "--nats-creds",
         type=Path,
-        default=_env("NATS_CREDS"),
+        default=env_setting("NATS_CREDS"),
         help="NATS user credentials file (JWT and seed) for --nats-url",
     )
     p.add_argument(
-        "--nats-tls-ca", type=Path, default=_env("NATS_TLS_CA"), help="CA to trust for NATS TLS"
+        "--nats-tls-ca",
+        type=Path,
+        default=env_setting("NATS_TLS_CA"),
+        help="CA to trust for NATS TLS",
     )
     p.add_argument(
         "--nats-tls-cert",
         type=Path,
-        default=_env("NATS_TLS_CERT"),
+        default=env_setting("NATS_TLS_CERT"),
         help="client certificate for a NATS that requires one (mTLS), with --nats-tls-key",
     )
-    p.add_argument("--nats-tls-key", type=Path, default=_env("NATS_TLS_KEY"))
-    p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR") or default_data_dir()))
-    p.add_argument("--queue", choices=["nats", "inprocess"], default=_env("QUEUE", "nats"))
+    p.add_argument("--nats-tls-key", type=Path, default=env_setting("NATS_TLS_KEY"))
+    p.add_argument(
+        "--data-dir", type=Path, default=Path(env_setting("DATA_DIR") or default_data_dir())
+    )
+    p.add_argument("--queue", choices=["nats", "inprocess"], default=env_setting("QUEUE", "nats"))
     p.add_argument("--no-gateway", action="store_true", help="serve gRPC only, no Envoy")
     p.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin")
-    p.add_argument("--max-deployments", type=int, default=int(_env("MAX_DEPLOYMENTS", "10") or 10))
+    p.add_argument(
+        "--max-deployments", type=int, default=int(env_setting("MAX_DEPLOYMENTS", "10") or 10)
+    )
     p.add_argument(
         "--ack-wait",
         type=float,
-        default=float(_env("ACK_WAIT", "10") or 10),
+        default=float(env_setting("ACK_WAIT", "10") or 10),
         help="seconds before a task of a dead worker is redelivered",
     )
     p.add_argument(
@@ -109,13 +114,13 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key",
         action="append",
-        default=[_env("API_KEYS") or ""],
+        default=[env_setting("API_KEYS") or ""],
         help="bearer key for running tasks (repeat; env LLAMA_MESH_API_KEYS)",
     )
     p.add_argument(
         "--admin-key",
         action="append",
-        default=[_env("ADMIN_KEYS") or ""],
+        default=[env_setting("ADMIN_KEYS") or ""],
         help="bearer key that may also deploy and delete (env LLAMA_MESH_ADMIN_KEYS)",
     )
     p.add_argument(
@@ -127,34 +132,36 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--tls-cert",
         type=Path,
-        default=_env("TLS_CERT"),
+        default=env_setting("TLS_CERT"),
         help="PEM certificate chain: the gateway serves HTTPS (with --tls-key)",
     )
     p.add_argument(
-        "--tls-key", type=Path, default=_env("TLS_KEY"), help="PEM private key of --tls-cert"
+        "--tls-key", type=Path, default=env_setting("TLS_KEY"), help="PEM private key of --tls-cert"
     )
     p.add_argument(
         "--internal-ca",
         type=Path,
-        default=_env("INTERNAL_CA"),
+        default=env_setting("INTERNAL_CA"),
         help="PEM CA: the gRPC port requires mTLS, client certificates signed by it "
         "(with --internal-cert, --internal-key)",
     )
     p.add_argument(
         "--internal-cert",
         type=Path,
-        default=_env("INTERNAL_CERT"),
+        default=env_setting("INTERNAL_CERT"),
         help="PEM certificate of the gRPC port, also the gateway's client certificate; "
         "must name IP 127.0.0.1",
     )
     p.add_argument(
         "--internal-key",
         type=Path,
-        default=_env("INTERNAL_KEY"),
+        default=env_setting("INTERNAL_KEY"),
         help="PEM private key of --internal-cert",
     )
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    p.add_argument("--log-format", choices=["plain", "json"], default=_env("LOG_FORMAT", "plain"))
+    p.add_argument("--log-level", default=env_setting("LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-format", choices=["plain", "json"], default=env_setting("LOG_FORMAT", "plain")
+    )
     return p
 
 

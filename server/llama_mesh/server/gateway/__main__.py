@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from llama_mesh.server.envvars import env_setting
 from llama_mesh.server.gateway.config import (
     DEFAULT_DESCRIPTOR_PATH,
     GatewayConfig,
@@ -43,11 +44,6 @@ _OPTION_BY_FIELD = {
 _FIELD_PATTERN = re.compile(
     r"\b(" + "|".join(sorted(_OPTION_BY_FIELD, key=len, reverse=True)) + r")\b"
 )
-
-
-def _env(name: str) -> str | None:
-    """``LLAMA_MESH_<name>``; unset and empty alike are None (compose passes ``${X:-}``)."""
-    return os.environ.get(f"LLAMA_MESH_{name}") or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,34 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument(
         "--tls-cert",
         type=Path,
-        default=_env("TLS_CERT"),
+        default=env_setting("TLS_CERT"),
         help="PEM certificate chain: the listener serves HTTPS (with --tls-key; "
         "env LLAMA_MESH_TLS_CERT)",
     )
     tls.add_argument(
         "--tls-key",
         type=Path,
-        default=_env("TLS_KEY"),
+        default=env_setting("TLS_KEY"),
         help="PEM private key of --tls-cert (env LLAMA_MESH_TLS_KEY)",
     )
     tls.add_argument(
         "--upstream-tls-ca",
         type=Path,
-        default=_env("UPSTREAM_TLS_CA"),
+        default=env_setting("UPSTREAM_TLS_CA"),
         help="PEM CA: speak TLS to the API server, whose certificate it must have signed and "
         "which must name the --upstream host (env LLAMA_MESH_UPSTREAM_TLS_CA)",
     )
     tls.add_argument(
         "--upstream-tls-cert",
         type=Path,
-        default=_env("UPSTREAM_TLS_CERT"),
+        default=env_setting("UPSTREAM_TLS_CERT"),
         help="PEM client certificate for an API server that requires mTLS (with "
         "--upstream-tls-key and --upstream-tls-ca; env LLAMA_MESH_UPSTREAM_TLS_CERT)",
     )
     tls.add_argument(
         "--upstream-tls-key",
         type=Path,
-        default=_env("UPSTREAM_TLS_KEY"),
+        default=env_setting("UPSTREAM_TLS_KEY"),
         help="PEM private key of --upstream-tls-cert (env LLAMA_MESH_UPSTREAM_TLS_KEY)",
     )
     return parser
