@@ -96,6 +96,18 @@ workflow on two replicas. Each load has a deployment of its own, so that one pha
 cannot slow the next (before 0f8042b a task watch read every task of its deployment)."""
 
 
+def _local_service(service: str, workflow: str) -> list[str]:
+    """The deployment-file lines of a service running ``workflow`` from the app's module."""
+    return [
+        f"  {service}:",
+        f"    name: {service}",
+        "    source:",
+        "      type: local",
+        "      name: .",
+        f"    path: {MODULE}:{workflow}",
+    ]
+
+
 def write_mesh_app(directory: Path) -> dict[str, str]:
     """Write the workflows for llama-mesh into ``directory``; returns YAML by deployment."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -104,14 +116,7 @@ def write_mesh_app(directory: Path) -> dict[str, str]:
     for deployment, services in MESH_DEPLOYMENTS.items():
         lines = [f"name: {deployment}", f"default-service: {next(iter(services))}", "services:"]
         for service, settings in services.items():
-            lines += [
-                f"  {service}:",
-                f"    name: {service}",
-                "    source:",
-                "      type: local",
-                "      name: .",
-                f"    path: {MODULE}:{settings['path']}",
-            ]
+            lines += _local_service(service, str(settings["path"]))
             lines += [f"    {key}: {value}" for key, value in settings.items() if key != "path"]
         configs[deployment] = "\n".join(lines) + "\n"
     return configs
@@ -138,13 +143,8 @@ def write_ld08_app(directory: Path, ports: dict[str, int]) -> Path:
         "services:",
     ]
     for service in ("echo", "stream", "gate"):
+        lines += _local_service(service, service)
         lines += [
-            f"  {service}:",
-            f"    name: {service}",
-            "    source:",
-            "      type: local",
-            "      name: .",
-            f"    path: {MODULE}:{service}",
             "    host: 127.0.0.1",
             f"    port: {ports[service]}",
         ]

@@ -183,20 +183,18 @@ def table(results: Results) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def _git(*args: str) -> str:
+    """What ``git`` prints for ``args`` in the repository ("" when it fails)."""
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip()
+
+
 def environment(ld08_versions: str | None) -> list[str]:
     """Machine, versions and load, as Markdown list items."""
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     nats = _tool_version([str(Path(sys.executable).parent / "nats-server"), "--version"])
     envoy_line = _tool_version([str(Path(sys.executable).parent / "envoy"), "--version"])
     envoy = next(iter(re.findall(r"/(\d+\.\d+\.\d+)/", envoy_line)), envoy_line)
