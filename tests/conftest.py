@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.envoy",
     "tests.fixtures.mesh",
     "tests.fixtures.pki",
+    "tests.fixtures.nats_jwt",
 ]

@@ -1,8 +1,9 @@
-"""A NATS that requires a login or a client certificate: the server and its workers get in;
-nothing shows the password.
+"""A NATS that requires a login, a client certificate or a credentials file: the server and
+its workers get in; nothing shows the password.
 
-Real nats-servers (one with an ``authorization`` block, one with TLS that verifies clients),
-the mesh with a worker process per replica (the process supervisor).
+Real nats-servers (one with an ``authorization`` block, one with TLS that verifies clients,
+one in operator mode that takes JWT credentials), the mesh with a worker process per
+replica (the process supervisor).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from llama_mesh.server.queues.base import QueueUnavailableError
 from llama_mesh.server.queues.nats import NatsLogin, connect_nats, redact_url
 from llama_mesh.server.service.__main__ import main as worker_main
 from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.nats_jwt import JwtNats
 from tests.fixtures.pki import Pki
 
 PASSWORD = "s3cret-nats-pass"
@@ -127,6 +129,33 @@ async def test_server_and_workers_reach_a_nats_that_requires_client_certificates
         assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "echo: certified")
     finally:
         await nats_server.stop()
+
+
+async def test_server_and_workers_log_in_with_a_credentials_file(
+    jwt_nats: JwtNats, mesh_factory: MeshFactory, tmp_path: Path
+) -> None:
+    """Operator-mode NATS (JWT and nkey seed in a creds file): the API server and its worker
+    process log in with the file and a task runs; the seed is on no command line."""
+    server = await mesh_factory(
+        queue="nats", nats_url=jwt_nats.url, nats_creds=jwt_nats.creds, deploy=(echo_app(tmp_path),)
+    )
+    task = await server.mesh.run_task(
+        "guarded", service_id=None, session_id=None, input={"message": "signed"}
+    )
+    assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "echo: signed")
+    seed = jwt_nats.creds.read_text().split("-----BEGIN USER NKEY SEED-----")[1].split()[0]
+    assert command_lines_with(seed) == []
+
+
+async def test_credentials_of_an_unknown_account_or_none_are_refused(jwt_nats: JwtNats) -> None:
+    with pytest.raises(QueueUnavailableError, match="refused the login"):
+        await connect_nats(
+            jwt_nats.url, login=NatsLogin(creds=jwt_nats.stranger_creds), connect_timeout=5
+        )
+    with pytest.raises(QueueUnavailableError):
+        await connect_nats(jwt_nats.url, connect_timeout=5)
+    queue = await connect_nats(jwt_nats.url, login=NatsLogin(creds=jwt_nats.creds))
+    await queue.close()
 
 
 def test_a_login_travels_to_workers_in_their_environment(pki: Pki) -> None:
