@@ -34,6 +34,7 @@ from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.apiserver.supervisor import InProcessSupervisor
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.domain import EventKind, Task, TaskStatus
+from llama_mesh.server.errors import UnavailableError
 from llama_mesh.server.nats_server import (
     NatsClusterConfig,
     NatsServer,
@@ -41,7 +42,12 @@ from llama_mesh.server.nats_server import (
     free_port,
 )
 from llama_mesh.server.orchestrator import Orchestrator
-from llama_mesh.server.queues.base import MessageQueue, QueueError, QueueUnavailableError
+from llama_mesh.server.queues.base import (
+    KeyValueStore,
+    MessageQueue,
+    QueueError,
+    QueueUnavailableError,
+)
 from llama_mesh.server.queues.inprocess import InProcessQueue
 from llama_mesh.server.queues.nats import NatsQueue, connect_nats
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
@@ -680,6 +686,45 @@ async def test_the_final_event_is_made_from_the_record_not_the_topic(
             assert [(e.index, e.kind) for e in events] == [(0, EventKind.RESULT)]
             assert events[0].data["result"]["tag"] == "unpublished"
             assert queue.failures == 1_000_000  # nothing was published to the topic
+        finally:
+            await mesh.deployments.supervisor.shutdown()
+
+
+class RefusingIndexQueue(InProcessQueue):
+    """The in-process queue, its session-index bucket refusing every write: a broker that
+    fails part-way through a task's creation."""
+
+    async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
+        store = await super().kv(bucket, ttl=ttl)
+        if bucket == "session_tasks":
+
+            async def refuse(key: str, value: bytes) -> int:
+                raise QueueUnavailableError("NATS is unavailable: NoRespondersError()")
+
+            store.put = refuse  # type: ignore[method-assign]
+        return store
+
+
+@pytest.mark.parametrize("waits", [True, False], ids=["run", "create"])
+async def test_a_task_whose_creation_fails_half_way_is_failed_not_left_queued(
+    tmp_path: Path, waits: bool
+) -> None:
+    """The task's message and record are stored but its session index entry is refused:
+    the caller gets UNAVAILABLE naming the cause, and the task is marked FAILED at once —
+    not left QUEUED, and not run to its end by the worker that got its message."""
+    async with RefusingIndexQueue() as queue:
+        mesh = await open_mesh(queue, tmp_path)
+        try:
+            await deploy(mesh, SLOW_YAML)
+            create = mesh.run_task if waits else mesh.create_task
+            with pytest.raises(UnavailableError, match=r"could not be created.*NoResponders"):
+                await create(
+                    APP, service_id="slow", session_id=None, input={"seconds": 3.0, "tag": "x"}
+                )
+            (task,) = await mesh.cp.list_tasks(APP)
+            (final,) = await wait_all(mesh, [task.task_id], timeout=2.0)
+            assert final.status is TaskStatus.FAILED
+            assert final.error is not None and final.error.type == "Unavailable"
         finally:
             await mesh.deployments.supervisor.shutdown()
 
