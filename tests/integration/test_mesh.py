@@ -358,6 +358,36 @@ async def test_restart_keeps_deployments_sessions_and_results(
     assert again.result == 6
 
 
+BROKEN_YAML = """\
+name: broken
+services:
+  echo:
+    name: Echo
+    source: {type: local, name: .}
+    path: broken_workflows:echo
+"""
+
+
+async def test_a_service_that_cannot_start_fails_its_deploy_with_its_output(
+    nats_server: NatsServer, mesh_factory: MeshFactory, tmp_path: Path
+) -> None:
+    """A worker process that dies while loading its workflow fails the deploy at once (not
+    after the ready timeout), quoting the last lines it wrote; they are in its log file."""
+    app = tmp_path / "broken"
+    app.mkdir()
+    (app / "broken_workflows.py").write_text('raise RuntimeError("no such model: gpt-0")\n')
+    (app / "deployment.yml").write_text(BROKEN_YAML)
+    server = await mesh_factory(queue="nats", nats_url=nats_server.url, ready_timeout=120.0)
+    async with asyncio.timeout(60):
+        with pytest.raises(FailedPreconditionError) as failed:
+            await server.deploy_file(app / "deployment.yml")
+    message = str(failed.value)
+    assert "service 'echo' did not start" in message
+    assert "RuntimeError: no such model: gpt-0" in message
+    logs = list((server.settings.data_dir / "logs").rglob("echo-*.log"))
+    assert logs and "no such model: gpt-0" in logs[0].read_text()
+
+
 async def test_external_worker_joins_with_only_a_nats_url(
     nats_server: NatsServer, mesh_factory: MeshFactory
 ) -> None:

@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import sys
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +100,22 @@ class Supervisor(abc.ABC):
     def _deployments(self) -> list[str]: ...
 
 
+_TAIL_LINES = 40
+_TAIL_BYTES = 16 * 1024
+
+
+def _log_tail(path: Path, offset: int) -> str:
+    """The last lines a replica wrote to its log file after ``offset`` (its start)."""
+    try:
+        with path.open("rb") as log:
+            end = log.seek(0, os.SEEK_END)
+            log.seek(max(offset, end - _TAIL_BYTES))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "".join(text.splitlines(keepends=True)[-_TAIL_LINES:]).strip()
+
+
 class _Replica:
     """One supervised worker process, restarted until stopped."""
 
@@ -117,7 +132,6 @@ class _Replica:
         self._nats_env = nats_env
         self._log_dir = log_dir
         self.process: asyncio.subprocess.Process | None = None
-        self.stderr_tail: deque[str] = deque(maxlen=40)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._on_failure = on_failure
@@ -161,23 +175,27 @@ class _Replica:
     async def _supervise(self) -> None:
         failures = 0
         loop = asyncio.get_running_loop()
+        log_path = self._log_dir / f"{self.spec.service_id}-{self.index}.log"
         while not self._stopping:
             started = loop.time()
-            self.process = await asyncio.create_subprocess_exec(
-                *self._command(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env=self._environment(),
-                cwd=str(self.spec.source_dir),
-                start_new_session=True,
-            )
-            await self._pump_stderr(self.process)
+            # The replica writes its log straight to its file: relaying every line through
+            # this process would cost it a wake-up per line, on the way to every result.
+            with log_path.open("ab") as log:
+                offset = log.tell()
+                self.process = await asyncio.create_subprocess_exec(
+                    *self._command(),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=log,
+                    env=self._environment(),
+                    cwd=str(self.spec.source_dir),
+                    start_new_session=True,
+                )
             code = await self.process.wait()
             if self._stopping:
                 return
-            tail = "".join(self.stderr_tail).strip()
-            self._on_failure(self.spec.deployment, self.spec.service_id, tail or f"exit {code}")
+            tail = _log_tail(log_path, offset) or f"exit {code}"
+            self._on_failure(self.spec.deployment, self.spec.service_id, tail)
             logger.warning(
                 "replica %s/%s#%d exited with %s; restarting",
                 self.spec.deployment,
@@ -187,15 +205,6 @@ class _Replica:
             )
             failures = 0 if loop.time() - started > STABLE_AFTER else failures + 1
             await asyncio.sleep(RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)])
-
-    async def _pump_stderr(self, process: asyncio.subprocess.Process) -> None:
-        assert process.stderr is not None
-        log_path = self._log_dir / f"{self.spec.service_id}-{self.index}.log"
-        with log_path.open("ab") as log:
-            async for line in process.stderr:
-                log.write(line)
-                log.flush()
-                self.stderr_tail.append(line.decode(errors="replace"))
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
