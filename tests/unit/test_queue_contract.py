@@ -408,6 +408,22 @@ async def test_kv_keys_by_prefix(queue: MessageQueue) -> None:
     assert await kv.keys("c") == []
 
 
+async def test_kv_entries_are_the_present_values_by_prefix(queue: MessageQueue) -> None:
+    """entries(prefix): what get() returns for every present key under prefix (its latest
+    value and revision), sorted by key; deleted keys left out, other prefixes too."""
+    kv = await queue.kv("entries")
+    assert await kv.entries() == []
+    for key, value in (("a.2", b"two"), ("a.1", b"one"), ("b.1", b"bee"), ("a.3", b"x")):
+        await kv.put(key, value)
+    await kv.put("a.1", b"one again")
+    await kv.delete("a.3")
+    listed = await kv.entries("a.")
+    assert [(e.key, e.value) for e in listed] == [("a.1", b"one again"), ("a.2", b"two")]
+    assert listed == [await kv.get("a.1"), await kv.get("a.2")]
+    assert [e.key for e in await kv.entries()] == ["a.1", "a.2", "b.1"]
+    assert await kv.entries("c.") == []
+
+
 async def test_kv_buckets_are_separate(queue: MessageQueue) -> None:
     """The same key in two buckets holds two values."""
     one, two = await queue.kv("one"), await queue.kv("two")
@@ -575,4 +591,6 @@ async def test_kv_keys_lists_every_present_key_every_time(queue: MessageQueue) -
     expected = sorted(f"s.k{i:02d}" for i in range(40) if i != 7)
     listings = await asyncio.gather(*(kv.keys("s.") for _ in range(25)))
     assert all(listing == expected for listing in listings)
+    scans = await asyncio.gather(*(kv.entries("s.") for _ in range(25)))
+    assert all([e.key for e in scan] == expected for scan in scans)
     assert await kv.keys("nothing.") == []

@@ -49,6 +49,8 @@ HEARTBEAT_INTERVAL = 2.0
 """Seconds between a replica's heartbeats."""
 INSTANCE_TTL = 3 * HEARTBEAT_INTERVAL
 """A replica whose heartbeat is older than this disappears from the registry."""
+_READ_BATCH = 64
+"""Keys read at once when a listing reads key by key (a session's tasks)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +104,11 @@ class ControlPlane:
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         """Every stored deployment, sorted by name."""
-        records = []
-        for name in await self._buckets["deployments"].keys():
-            try:
-                records.append(await self.get_deployment(name))
-            except NotFoundError:
-                continue  # deleted between listing and reading
-        return records
+        return [
+            convert.deployment_record_from_proto(types_pb2.Deployment.FromString(entry.value))
+            for entry in await self._buckets["deployments"].entries()
+            if entry.value is not None
+        ]
 
     async def delete_deployment(self, name: str) -> None:
         """Forget a deployment with its tasks, sessions and session state."""
@@ -148,25 +148,20 @@ class ControlPlane:
 
     async def session_task_ids(self, deployment: str, session_id: str) -> list[str]:
         """The session's task ids in creation order."""
-        store = self._buckets["session_tasks"]
         prefix = f"{deployment}.{session_id}."
-        stamped = []
-        for key in await store.keys(prefix):
-            entry = await store.get(key)
-            created = float(entry.value or b"0") if entry else 0.0
-            stamped.append((created, key[len(prefix) :]))
+        stamped = [
+            (float(entry.value or b"0"), entry.key[len(prefix) :])
+            for entry in await self._buckets["session_tasks"].entries(prefix)
+        ]
         return [task_id for _, task_id in sorted(stamped)]
 
     async def list_sessions(self, deployment: str) -> list[Session]:
         """The deployment's sessions, sorted by id (task ids not filled in)."""
-        sessions = []
-        store = self._buckets["sessions"]
-        for key in await store.keys(f"{deployment}."):
-            entry = await store.get(key)
-            if entry is not None and entry.value is not None:
-                msg = types_pb2.Session.FromString(entry.value)
-                sessions.append(convert.session_from_proto(msg))
-        return sessions
+        return [
+            convert.session_from_proto(types_pb2.Session.FromString(entry.value))
+            for entry in await self._buckets["sessions"].entries(f"{deployment}.")
+            if entry.value is not None
+        ]
 
     async def delete_session(
         self, deployment: str, session_id: str, *, task_ids: list[str] | None = None
@@ -243,17 +238,22 @@ class ControlPlane:
 
     async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
         """The deployment's tasks (of one session when given), newest first."""
+        store = self._buckets["tasks"]
         if session_id:
             keys = [
                 f"{deployment}.{t}" for t in await self.session_task_ids(deployment, session_id)
             ]
+            entries = []
+            for start in range(0, len(keys), _READ_BATCH):
+                batch = keys[start : start + _READ_BATCH]
+                entries += await asyncio.gather(*(store.get(key) for key in batch))
         else:
-            keys = await self._buckets["tasks"].keys(f"{deployment}.")
-        tasks = []
-        for key in keys:
-            entry = await self._buckets["tasks"].get(key)
-            if entry is not None and entry.value is not None:
-                tasks.append(convert.task_from_proto(types_pb2.Task.FromString(entry.value)))
+            entries = list(await store.entries(f"{deployment}."))
+        tasks = [
+            convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+            for entry in entries
+            if entry is not None and entry.value is not None
+        ]
         tasks.sort(key=lambda t: t.created_at, reverse=True)
         return tasks
 
@@ -332,11 +332,10 @@ class ControlPlane:
         store = self._buckets["instances"]
         prefix = f"{deployment}.{service_id}." if service_id else f"{deployment}."
         instances = []
-        for key in await store.keys(prefix):
-            entry = await store.get(key)
-            if entry is None or entry.value is None:
+        for entry in await store.entries(prefix):
+            if entry.value is None:
                 continue
-            _, svc, _ = key.split(".", 2)
+            _, svc, _ = entry.key.split(".", 2)
             msg = types_pb2.ServiceInstance.FromString(entry.value)
             instance = convert.instance_from_proto(msg, deployment=deployment, service_id=svc)
             if now() - instance.last_heartbeat <= INSTANCE_TTL:

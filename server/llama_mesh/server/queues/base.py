@@ -143,6 +143,11 @@ class KeyValueStore(abc.ABC):
         """The present keys that start with ``prefix``, sorted."""
 
     @abc.abstractmethod
+    async def entries(self, prefix: str = "") -> list[KeyValueEntry]:
+        """The present entries whose keys start with ``prefix``, sorted by key: one pass
+        over the bucket, where :meth:`keys` then :meth:`get` would read key by key."""
+
+    @abc.abstractmethod
     def watch(
         self, prefix: str = "", *, include_existing: bool = True
     ) -> AsyncIterator[KeyValueEntry]:

@@ -411,12 +411,15 @@ class InProcessKeyValueStore(KeyValueStore):
             self._write(key, None)
 
     async def keys(self, prefix: str = "") -> list[str]:
+        return [entry.key for entry in await self.entries(prefix)]
+
+    async def entries(self, prefix: str = "") -> list[KeyValueEntry]:
         self._owner.check_open()
-        return sorted(
-            key
-            for key, slot in self._slots.items()
+        return [
+            KeyValueEntry(key, slot.value, slot.revision)
+            for key, slot in sorted(self._slots.items())
             if slot.value is not None and key.startswith(prefix)
-        )
+        ]
 
     def watch(
         self, prefix: str = "", *, include_existing: bool = True

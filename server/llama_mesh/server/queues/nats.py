@@ -707,10 +707,20 @@ class NatsKeyValueStore(KeyValueStore):
         raise QueueError(f"key {key!r} kept changing; not deleted")
 
     async def keys(self, prefix: str = "") -> list[str]:
-        # Not nats-py's kv.keys()/watch(): its end-of-keys marker races with messages still
-        # in the client's buffer and can report no keys at all under load. Instead: ask the
-        # stream how many subjects match, then read the last message of each until the
-        # server says none is pending (a per-message count, immune to that race).
+        return [entry.key for entry in await self._scan(prefix, values=False)]
+
+    async def entries(self, prefix: str = "") -> list[KeyValueEntry]:
+        return await self._scan(prefix, values=True)
+
+    async def _scan(self, prefix: str, *, values: bool) -> list[KeyValueEntry]:
+        """The last message of every key under ``prefix`` (headers only unless ``values``;
+        the entries' values are then ``b""``), sorted by key.
+
+        Not nats-py's kv.keys()/watch(): its end-of-keys marker races with messages still
+        in the client's buffer and can report no keys at all under load. Instead: ask the
+        stream how many subjects match, then read the last message of each until the
+        server says none is pending (a per-message count, immune to that race).
+        """
         self.owner.check_open()
         subject = self.subject_filter(prefix)
         with _translated():
@@ -722,16 +732,19 @@ class NatsKeyValueStore(KeyValueStore):
                 stream=self.stream,
                 ordered_consumer=True,
                 deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-                headers_only=True,
+                headers_only=not values,
                 inactive_threshold=_CONSUMER_INACTIVE,
             )
-            keys: set[str] = set()
+            found: dict[str, KeyValueEntry] = {}
             try:
                 while True:
                     msg = await sub.next_msg(timeout=_KEYS_TIMEOUT)
                     key = msg.subject[len(self.subject_prefix) :]
+                    revision = msg.metadata.sequence.stream
                     if key.startswith(prefix) and not _is_deletion(msg.headers):
-                        keys.add(key)
+                        found[key] = KeyValueEntry(key, msg.data if values else b"", revision)
+                    else:
+                        found.pop(key, None)
                     if msg.metadata.num_pending == 0:
                         break
             except nats.errors.TimeoutError:
@@ -739,7 +752,7 @@ class NatsKeyValueStore(KeyValueStore):
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-        return sorted(keys)
+        return [found[key] for key in sorted(found)]
 
     def watch(
         self, prefix: str = "", *, include_existing: bool = True
