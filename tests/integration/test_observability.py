@@ -14,7 +14,8 @@ from tests.helpers import assert_eventually
 
 
 async def test_metrics_count_tasks_latencies_and_rpcs(mesh_factory: MeshFactory) -> None:
-    """/metrics reports tasks by status, task latencies, queue depth and gRPC requests."""
+    """/metrics reports tasks by status, task latencies (run and queue time), queue depth and
+    gRPC requests."""
     port = free_port()
     server = await mesh_factory(metrics_port=port, deploy=(TESTAPP,))
     mesh = server.mesh
@@ -34,6 +35,8 @@ async def test_metrics_count_tasks_latencies_and_rpcs(mesh_factory: MeshFactory)
     text = await assert_eventually(counted)
     assert 'service="fails",status="failed"} 1.0' in text
     assert 'llama_mesh_task_duration_seconds_count{deployment="testapp",service="echo"} 2.0' in text
+    # Quick tasks never show RUNNING; their time in the queue counts all the same.
+    assert 'llama_mesh_task_queue_seconds_count{deployment="testapp",service="echo"} 2.0' in text
     assert 'llama_mesh_queue_depth{deployment="testapp",service="echo"} 0.0' in text
 
 

@@ -96,6 +96,10 @@ class Metrics:
         self.tasks.labels(*labels, task.status.name.lower()).inc()
         if task.status.is_final:
             self._seen.pop(task.task_id, None)
+            if previous is not TaskStatus.RUNNING and task.started_at:
+                # A short task goes from QUEUED to final without showing RUNNING: its wait
+                # is counted now.
+                self.wait.labels(*labels).observe(max(0.0, task.started_at - task.created_at))
             if task.started_at and task.finished_at:
                 self.duration.labels(*labels).observe(task.finished_at - task.started_at)
             if task.attempts > 1:
