@@ -178,8 +178,9 @@ class _Replica:
         log_path = self._log_dir / f"{self.spec.service_id}-{self.index}.log"
         while not self._stopping:
             started = loop.time()
-            # The replica writes its log straight to its file: relaying every line through
-            # this process would cost it a wake-up per line, on the way to every result.
+            # The replica writes its log straight to its file, not through a pipe to this
+            # process: its logging must not block when this process stalls, nor break when
+            # it dies.
             with log_path.open("ab") as log:
                 offset = log.tell()
                 self.process = await asyncio.create_subprocess_exec(
