@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from llama_mesh.server import convert
 from llama_mesh.server.domain import (
@@ -44,13 +45,14 @@ from llama_mesh.server.queues.base import (
 from llama_mesh.v1 import messages_pb2, types_pb2
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEARTBEAT_INTERVAL = 2.0
 """Seconds between a replica's heartbeats."""
 INSTANCE_TTL = 3 * HEARTBEAT_INTERVAL
 """A replica whose heartbeat is older than this disappears from the registry."""
-_READ_BATCH = 64
-"""Keys read at once when a listing reads key by key (a session's tasks)."""
+_BATCH = 64
+"""Keys read or deleted at once when many are (a session's tasks, a deployment's keys)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +116,7 @@ class ControlPlane:
         """Forget a deployment with its tasks, sessions and session state."""
         for bucket in ("tasks", "sessions", "session_tasks", "session_state"):
             store = self._buckets[bucket]
-            for key in await store.keys(f"{name}."):
-                await store.delete(key)
+            await _in_batches(store.delete, await store.keys(f"{name}."))
         await self._buckets["deployments"].delete(name)
 
     # -- sessions ----------------------------------------------------------------------
@@ -176,7 +177,7 @@ class ControlPlane:
         prefix = f"{deployment}.{session_id}."
         keys = [prefix + t for t in task_ids] if task_ids is not None else await index.keys(prefix)
         await asyncio.gather(
-            *(index.delete(key) for key in keys),
+            _in_batches(index.delete, keys),
             self._buckets["session_state"].delete(f"{deployment}.{session_id}"),
         )
         await self._buckets["sessions"].delete(f"{deployment}.{session_id}")
@@ -243,10 +244,7 @@ class ControlPlane:
             keys = [
                 f"{deployment}.{t}" for t in await self.session_task_ids(deployment, session_id)
             ]
-            entries = []
-            for start in range(0, len(keys), _READ_BATCH):
-                batch = keys[start : start + _READ_BATCH]
-                entries += await asyncio.gather(*(store.get(key) for key in batch))
+            entries = await _in_batches(store.get, keys)
         else:
             entries = list(await store.entries(f"{deployment}."))
         tasks = [
@@ -353,3 +351,11 @@ async def _task_changes(watch: AsyncIterator[KeyValueEntry]) -> AsyncGenerator[T
             yield TaskChange(deployment, task_id, task, entry.revision)
     finally:
         await watch.aclose()  # type: ignore[attr-defined]
+
+
+async def _in_batches(act: Callable[[str], Awaitable[T]], keys: list[str]) -> list[T]:
+    """``act(key)`` for every key, :data:`_BATCH` at a time; the results in key order."""
+    results: list[T] = []
+    for start in range(0, len(keys), _BATCH):
+        results += await asyncio.gather(*(act(key) for key in keys[start : start + _BATCH]))
+    return results
