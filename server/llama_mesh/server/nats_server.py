@@ -127,6 +127,10 @@ class NatsServerConfig:
         max_payload: the largest message, in nats-server size syntax.
         users: client accounts; when set, clients must authenticate as one of them.
         tls: TLS on the client port, or ``None``.
+        extra: further lines of nats-server config, written as they are (for instance an
+            operator, its system account and its account resolver: JWT authentication).
+        probe_creds: the credentials file the readiness probe logs in with, for a server
+            that takes JWTs.
     """
 
     store_dir: Path
@@ -138,6 +142,8 @@ class NatsServerConfig:
     max_payload: str = "8MB"
     users: tuple[NatsUser, ...] = ()
     tls: NatsTlsConfig | None = None
+    extra: tuple[str, ...] = ()
+    probe_creds: Path | None = None
 
 
 def _quote(value: str | Path) -> str:
@@ -175,6 +181,7 @@ def render_config(cfg: NatsServerConfig) -> str:
             "}",
         ]
     lines += [
+        *cfg.extra,
         "jetstream {",
         f"  store_dir: {_quote(cfg.store_dir)}",
         "  sync_interval: always",
@@ -390,6 +397,7 @@ class NatsServer:
             self.url,
             user=account.user if account else None,
             password=account.password if account else None,
+            user_credentials=str(self._cfg.probe_creds) if self._cfg.probe_creds else None,
             tls=self._probe_tls(),
             allow_reconnect=False,
             connect_timeout=1,
