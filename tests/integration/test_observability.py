@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import httpx
 import pytest
@@ -38,6 +39,31 @@ async def test_metrics_count_tasks_latencies_and_rpcs(mesh_factory: MeshFactory)
     # Quick tasks never show RUNNING; their time in the queue counts all the same.
     assert 'llama_mesh_task_queue_seconds_count{deployment="testapp",service="echo"} 2.0' in text
     assert 'llama_mesh_queue_depth{deployment="testapp",service="echo"} 0.0' in text
+
+
+async def test_workers_log_one_line_per_quick_task_and_a_running_line_for_long_ones(
+    mesh_factory: MeshFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A quick task logs its end only, with its status, time and attempt; one that runs
+    past the start notice also logs when it shows RUNNING. Both carry the task's ids."""
+    caplog.set_level(logging.INFO, logger="llama_mesh.server.service.worker")
+    server = await mesh_factory(deploy=(TESTAPP,))
+    quick = await server.mesh.run_task("testapp", service_id="echo", session_id=None, input={})
+    slow = await server.mesh.run_task(
+        "testapp", service_id="slow", session_id=None, input={"seconds": 0.2}
+    )
+
+    def lines(task_id: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if getattr(r, "task_id", "") == task_id]
+
+    (end,) = lines(quick.task_id)
+    assert re.fullmatch(r"task succeeded in \d+\.\d ms \(attempt 1\)", end), end
+    running, end = lines(slow.task_id)
+    assert running == "task running (attempt 1)"
+    elapsed = float(end.split()[3])
+    assert end.startswith("task succeeded in ") and 200 <= elapsed < 5000, end
+    sessions = {getattr(r, "session_id", "") for r in caplog.records if r.getMessage() == end}
+    assert sessions == {slow.session_id}
 
 
 def _record(**extra: object) -> logging.LogRecord:

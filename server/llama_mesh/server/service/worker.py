@@ -243,10 +243,10 @@ class Worker:
             stored, context_read = read
             task = stored.task
             located = announced = asyncio.create_task(_known(stored))
+            _log_running(task, attempt)
+        context = _log_context(task)
         try:
             context_json = await context_read if context_read is not None else None
-            context = {"deployment": deployment, "task_id": task_id, "session_id": task.session_id}
-            logger.info("task started (attempt %d)", attempt, extra=context)
             outcome, count = await self._run(
                 task,
                 kwargs,
@@ -255,7 +255,13 @@ class Worker:
                 wanted=wanted,
                 context_json=context_json,
             )
-            logger.info("task %s", outcome.status.name.lower(), extra=context)
+            logger.info(
+                "task %s in %.1f ms (attempt %d)",
+                outcome.status.name.lower(),
+                (now() - began) * 1000,
+                attempt,
+                extra=context,
+            )
         except BaseException:
             await cancel_and_wait(located)  # the delivery goes back; nothing waits for it
             if not located.cancelled():
@@ -359,9 +365,12 @@ class Worker:
             async with asyncio.timeout(START_NOTICE):
                 await wanted.wait()
         task = stored.task
-        return await self._cp.change_task(
+        stored = await self._cp.change_task(
             task.deployment, task.task_id, self._starter(attempt), known=stored
         )
+        if stored.task.status is TaskStatus.RUNNING:
+            _log_running(stored.task, attempt)
+        return stored
 
     async def _run(
         self,
@@ -472,6 +481,15 @@ class Worker:
 
 async def _known(stored: StoredTask) -> StoredTask:
     return stored
+
+
+def _log_context(task: Task) -> dict[str, str]:
+    return {"deployment": task.deployment, "task_id": task.task_id, "session_id": task.session_id}
+
+
+def _log_running(task: Task, attempt: int) -> None:
+    """One line when a task shows RUNNING; a quick one logs only its end (with its time)."""
+    logger.info("task running (attempt %d)", attempt, extra=_log_context(task))
 
 
 def _queued_task(msg: messages_pb2.TaskMessage, input: dict[str, JsonValue]) -> Task:
