@@ -183,6 +183,38 @@ async def test_session_context_carries_over(mesh_factory: MeshFactory, queue_kin
 
 
 @QUEUES
+async def test_a_session_created_for_a_task_lists_it_first(
+    mesh_factory: MeshFactory, queue_kind: str
+) -> None:
+    """A task run without a session gets a new one that names it (kept in the session's
+    record, not its index); later tasks follow in order, in every listing; deleting the
+    session forgets them all."""
+    server = await start(mesh_factory, queue_kind)
+    mesh = server.mesh
+    first = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 2})
+    session_id = first.session_id
+    assert (await mesh.get_session(APP, session_id)).task_ids == [first.task_id]
+    later = [
+        await mesh.run_task(APP, service_id="tally", session_id=session_id, input={"amount": 1})
+        for _ in range(2)
+    ]
+    assert [t.result for t in later] == [3, 4]
+    ids = [first.task_id, *(t.task_id for t in later)]
+    assert (await mesh.get_session(APP, session_id)).task_ids == ids
+    assert await mesh.cp.session_task_ids(APP, session_id) == ids
+    listed = await mesh.list_tasks(APP, session_id)
+    assert [t.task_id for t in listed] == list(reversed(ids))
+    (summary,) = [s for s in await mesh.list_sessions(APP) if s.session_id == session_id]
+    assert summary.task_ids == []  # listings leave task ids out
+    (filled,) = await mesh.with_task_ids(APP, [summary])
+    assert filled.task_ids == ids
+    await mesh.delete_session(APP, session_id)
+    with pytest.raises(NotFoundError):
+        await mesh.get_session(APP, session_id)
+    assert await mesh.cp.session_task_ids(APP, session_id) == []
+
+
+@QUEUES
 async def test_cancel_a_running_task(mesh_factory: MeshFactory, queue_kind: str) -> None:
     """Cancelling a running task stops it; its stream ends with a cancelled event."""
     server = await start(mesh_factory, queue_kind)

@@ -119,7 +119,7 @@ class Mesh:
             await self.cp.get_session(deployment, session_id, task_ids=False)
         else:
             session_id = new_id()
-            writes.append(self.cp.create_session(deployment, session_id))
+            writes.append(self.cp.create_session(deployment, session_id, first_task=task_id))
         task = Task(
             task_id=task_id,
             deployment=deployment,
@@ -131,7 +131,7 @@ class Mesh:
         # writes: one round trip. A worker that gets the message before the record is
         # stored waits for the record (see the worker).
         generation = self.deployments.generation(deployment)
-        recorded = asyncio.ensure_future(self.cp.record_task(task))
+        recorded = asyncio.ensure_future(self.cp.record_task(task, index=not new_session))
         scheduled = asyncio.ensure_future(
             self.orchestrator.schedule(
                 task, generation=generation, new_session=new_session, input_json=input_json

@@ -1,13 +1,15 @@
 """The control plane's state, kept in key-value buckets of the message queue.
 
-One key per thing, never a growing document:
+One key per thing, never a growing document (a session's record names at most the task it
+was created for; its other tasks are in its index):
 
 =================  ==========================================  ===========================
 bucket             key                                         value
 =================  ==========================================  ===========================
 ``deployments``    ``<deployment>``                            ``types.Deployment``
 ``tasks``          ``<deployment>.<task_id>``                  ``types.Task``
-``sessions``       ``<deployment>.<session_id>``               ``types.Session`` (no task ids)
+``sessions``       ``<deployment>.<session_id>``               ``types.Session`` (task ids:
+                                                               the one it was created for)
 ``session_tasks``  ``<deployment>.<session_id>.<task_id>``     task creation time (text)
 ``session_state``  ``<deployment>.<session_id>``               ``SessionStateMessage``
 ``instances``      ``<deployment>.<service_id>.<instance_id>`` ``types.ServiceInstance`` (TTL)
@@ -121,9 +123,16 @@ class ControlPlane:
 
     # -- sessions ----------------------------------------------------------------------
 
-    async def create_session(self, deployment: str, session_id: str | None = None) -> Session:
-        """Store a new, empty session."""
-        session = Session(session_id=session_id or new_id(), deployment=deployment)
+    async def create_session(
+        self, deployment: str, session_id: str | None = None, *, first_task: str | None = None
+    ) -> Session:
+        """Store a new session; ``first_task``, the task it is created for, is kept in the
+        session's own record instead of an index entry (one write fewer for that task)."""
+        session = Session(
+            session_id=session_id or new_id(),
+            deployment=deployment,
+            task_ids=[first_task] if first_task else [],
+        )
         data = convert.session_to_proto(session).SerializeToString()
         try:
             await self._buckets["sessions"].create(f"{deployment}.{session.session_id}", data)
@@ -136,19 +145,34 @@ class ControlPlane:
     ) -> Session:
         """A session (with its task ids unless ``task_ids`` is false, which reads one key
         rather than the session's whole index); :class:`NotFoundError` when absent."""
-        entry = await self._buckets["sessions"].get(f"{deployment}.{session_id}")
+        record = self._buckets["sessions"].get(f"{deployment}.{session_id}")
+        if task_ids:
+            entry, indexed = await asyncio.gather(record, self._indexed(deployment, session_id))
+        else:
+            entry, indexed = await record, []
         if entry is None or entry.value is None:
             raise NotFoundError(
                 f"Session '{session_id}' not found in deployment '{deployment}'",
                 reason="SESSION_NOT_FOUND",
             )
         session = convert.session_from_proto(types_pb2.Session.FromString(entry.value))
-        if task_ids:
-            session.task_ids = await self.session_task_ids(deployment, session_id)
+        session.task_ids = _in_order(session.task_ids, indexed) if task_ids else []
         return session
 
     async def session_task_ids(self, deployment: str, session_id: str) -> list[str]:
-        """The session's task ids in creation order."""
+        """The session's task ids in creation order: the task it was created for (kept in
+        its record), then those of its index."""
+        entry, indexed = await asyncio.gather(
+            self._buckets["sessions"].get(f"{deployment}.{session_id}"),
+            self._indexed(deployment, session_id),
+        )
+        first: list[str] = []
+        if entry is not None and entry.value is not None:
+            first = list(types_pb2.Session.FromString(entry.value).task_ids)
+        return _in_order(first, indexed)
+
+    async def _indexed(self, deployment: str, session_id: str) -> list[str]:
+        """The task ids of a session's index, in creation order."""
         prefix = f"{deployment}.{session_id}."
         stamped = [
             (float(entry.value or b"0"), entry.key[len(prefix) :])
@@ -158,11 +182,14 @@ class ControlPlane:
 
     async def list_sessions(self, deployment: str) -> list[Session]:
         """The deployment's sessions, sorted by id (task ids not filled in)."""
-        return [
+        sessions = [
             convert.session_from_proto(types_pb2.Session.FromString(entry.value))
             for entry in await self._buckets["sessions"].entries(f"{deployment}.")
             if entry.value is not None
         ]
+        for session in sessions:
+            session.task_ids = []  # the record holds the first one only: leave them all out
+        return sessions
 
     async def delete_session(
         self, deployment: str, session_id: str, *, task_ids: list[str] | None = None
@@ -203,15 +230,17 @@ class ControlPlane:
 
     # -- tasks -------------------------------------------------------------------------
 
-    async def record_task(self, task: Task) -> StoredTask:
-        """Store a new task and add it to its session's index (both writes at once)."""
+    async def record_task(self, task: Task, *, index: bool = True) -> StoredTask:
+        """Store a new task and, with ``index``, add it to its session's index (both writes
+        at once; a session created for the task holds its id instead, see
+        :meth:`create_session`)."""
         data = convert.task_to_proto(task).SerializeToString()
+        key = f"{task.deployment}.{task.session_id}.{task.task_id}"
         created, indexed = await asyncio.gather(
             self._buckets["tasks"].create(f"{task.deployment}.{task.task_id}", data),
-            self._buckets["session_tasks"].put(
-                f"{task.deployment}.{task.session_id}.{task.task_id}",
-                repr(task.created_at).encode(),
-            ),
+            self._buckets["session_tasks"].put(key, repr(task.created_at).encode())
+            if index
+            else _nothing(),
             return_exceptions=True,
         )
         if isinstance(created, KeyExistsError):
@@ -359,3 +388,12 @@ async def _in_batches(act: Callable[[str], Awaitable[T]], keys: list[str]) -> li
     for start in range(0, len(keys), _BATCH):
         results += await asyncio.gather(*(act(key) for key in keys[start : start + _BATCH]))
     return results
+
+
+def _in_order(first: list[str], indexed: list[str]) -> list[str]:
+    """A session's task ids: those in its record (created with it), then its index's."""
+    return first + [task_id for task_id in indexed if task_id not in first]
+
+
+async def _nothing() -> None:
+    return None
