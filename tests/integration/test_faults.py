@@ -690,18 +690,18 @@ async def test_the_final_event_is_made_from_the_record_not_the_topic(
             await mesh.deployments.supervisor.shutdown()
 
 
-class RefusingIndexQueue(InProcessQueue):
-    """The in-process queue, its session-index bucket refusing every write: a broker that
-    fails part-way through a task's creation."""
+class RefusingSessionsQueue(InProcessQueue):
+    """The in-process queue, its sessions bucket refusing to create a key: a broker that
+    fails part-way through creating a task (and the session it comes with)."""
 
     async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
         store = await super().kv(bucket, ttl=ttl)
-        if bucket == "session_tasks":
+        if bucket == "sessions":
 
             async def refuse(key: str, value: bytes) -> int:
                 raise QueueUnavailableError("NATS is unavailable: NoRespondersError()")
 
-            store.put = refuse  # type: ignore[method-assign]
+            store.create = refuse  # type: ignore[method-assign]
         return store
 
 
@@ -709,10 +709,10 @@ class RefusingIndexQueue(InProcessQueue):
 async def test_a_task_whose_creation_fails_half_way_is_failed_not_left_queued(
     tmp_path: Path, waits: bool
 ) -> None:
-    """The task's message and record are stored but its session index entry is refused:
+    """The task's message and record are stored but its new session is refused:
     the caller gets UNAVAILABLE naming the cause, and the task is marked FAILED at once —
     not left QUEUED, and not run to its end by the worker that got its message."""
-    async with RefusingIndexQueue() as queue:
+    async with RefusingSessionsQueue() as queue:
         mesh = await open_mesh(queue, tmp_path)
         try:
             await deploy(mesh, SLOW_YAML)
