@@ -632,6 +632,48 @@ async def test_cluster_node_loss_loses_no_acknowledged_task(tmp_path: Path) -> N
         assert_own_results(await wait_all(mesh, after), after)
 
 
+STREAMING_TASKS = 8
+TICKS = 200
+
+
+async def test_streaming_tasks_survive_the_loss_of_the_event_streams_leader(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL of the node leading the event topics stream while tasks stream events and
+    callers follow them: the workers' publishes wait for the new leader instead of failing
+    the tasks (they used to fail every retry during the election, ending FAILED), so every
+    task succeeds on its first delivery and every caller gets every event, then the
+    result."""
+    async with clustered_mesh(tmp_path) as (nodes, queue, mesh):
+        await deploy(mesh, TESTAPP.read_text())
+        tasks = [
+            await mesh.create_task(
+                "testapp",
+                service_id="stream",
+                session_id=None,
+                input={"count": TICKS, "delay": 0.01},
+            )
+            for _ in range(STREAMING_TASKS)
+        ]
+
+        async def follow(task_id: str) -> list[EventKind]:
+            return [e.kind async for e in mesh.stream_events("testapp", task_id)]
+
+        async with asyncio.timeout(120):
+            followers = [asyncio.ensure_future(follow(t.task_id)) for t in tasks]
+            await asyncio.sleep(0.5)
+            leader = (await queue.js.stream_info(queue.topics_stream)).cluster
+            assert leader is not None and leader.leader
+            await next(n for n in nodes if n.config.server_name == leader.leader).kill()
+            seen = await asyncio.gather(*followers)
+            finals = await asyncio.gather(*(mesh.wait_task("testapp", t.task_id) for t in tasks))
+        for kinds in seen:
+            assert kinds == [EventKind.WORKFLOW] * TICKS + [EventKind.RESULT]
+        for final in finals:
+            assert (final.status, final.attempts) == (TaskStatus.SUCCEEDED, 1), final.error
+            assert final.result == {"ticks": TICKS}
+
+
 class FlakyEventsQueue(InProcessQueue):
     """The in-process queue, refusing the first ``failures`` publishes to event topics as
     NATS does while a cluster elects leaders."""

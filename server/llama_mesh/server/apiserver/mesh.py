@@ -238,9 +238,13 @@ class Mesh:
             subjects.inputs_topic(deployment, task_id), msg.SerializeToString()
         )
 
-    final_event_grace = 5.0
+    final_event_grace = 30.0
     """Seconds a stream of a finished task waits for workflow events still missing before
-    it ends with the final event anyway (see :meth:`stream_events`)."""
+    it ends with the final event anyway (see :meth:`stream_events`). A final record counts
+    only events the broker stored (a worker's publish waits out a failover, and one that
+    fails fails the delivery), so missing ones are late: this reader's subscription is
+    resuming after a failover (noticed within 5 s, then resubscribed once leaders are
+    elected), which takes longer than a few seconds."""
 
     async def stream_events(
         self, deployment: str, task_id: str, *, from_index: int = 0
@@ -252,8 +256,7 @@ class Mesh:
         skipped. The final event (result, failure or cancellation) is made from the task's
         record, which says how many workflow events came before it: once the record is
         final and those have been passed on, the stream ends with it. Should some never
-        arrive (a broker that refused them), it ends :attr:`final_event_grace` seconds after
-        the last one anyway.
+        arrive, it ends :attr:`final_event_grace` seconds after the last one anyway.
         """
         task = await self.get_task(deployment, task_id)
         if from_index < 0:

@@ -39,6 +39,7 @@ import re
 import ssl
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,9 @@ _RESUME_BACKOFF: Final = (0.1, 5.0)
 _LIVENESS_INTERVAL: Final = 5.0
 """How long a subscription may stay silent before its consumer is looked up."""
 _PATIENCE: Final = 20.0
-"""How long a read (a key, opening a subscription) is tried again while NATS answers
-"unavailable", as a cluster does while it elects leaders after losing a node."""
+"""How long a read (a key, opening a subscription), an acknowledgement or a publish to a
+topic is tried again while NATS answers "unavailable", as a cluster does while it elects
+leaders after losing a node."""
 _DRAIN_TIMEOUT: Final = 5.0
 _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
@@ -155,8 +157,9 @@ def _translated(*, conflict: type[QueueError] = RevisionMismatchError) -> Iterat
 
 
 async def _patiently(owner: NatsQueue, read: Callable[[], Awaitable[R]], what: str) -> R:
-    """Run ``read`` (idempotent), again after a pause while NATS is unavailable, for up to
-    :data:`_PATIENCE` seconds: a failover must not fail every caller that reads meanwhile."""
+    """Run ``read`` (safe to repeat: a read, an acknowledgement, or a publish the stream
+    de-duplicates), again after a pause while NATS is unavailable, for up to
+    :data:`_PATIENCE` seconds: a failover must not fail every caller meanwhile."""
     pause, longest = _RESUME_BACKOFF
     deadline = time.monotonic() + _PATIENCE
     while True:
@@ -334,8 +337,16 @@ class _NatsDelivery(Delivery):
         if settle and not self._released:
             self._released = True
             self._feed.release()
-        with _translated():
-            await self._feed.owner.nc.request(self._msg.reply, payload, timeout=_REQUEST_TIMEOUT)
+
+        async def send() -> None:
+            with _translated():
+                await self._feed.owner.nc.request(
+                    self._msg.reply, payload, timeout=_REQUEST_TIMEOUT
+                )
+
+        # Tried again while NATS is unavailable (the consumer's leader moving): settling a
+        # delivery twice is harmless, and a result already stored must not be redelivered.
+        await _patiently(self._feed.owner, send, "acknowledging a task message")
         if settle:
             self._settled = True
 
@@ -972,8 +983,16 @@ class NatsQueue(MessageQueue):
     async def publish(self, topic: str, data: bytes) -> None:
         self.check_open()
         subject = self.topic_subject(topic)
-        with _translated():
-            await self.js.publish(subject, data)
+        # Tried again while NATS is unavailable (a failover must not fail a task at its
+        # next event), under one message id: should an attempt whose answer was lost have
+        # been stored, the stream drops the copies (within _DUPLICATE_WINDOW).
+        headers: dict[str, str] = {api.Header.MSG_ID: uuid.uuid4().hex}
+
+        async def attempt() -> None:
+            with _translated():
+                await self.js.publish(subject, data, headers=headers)
+
+        await _patiently(self, attempt, f"publishing to {topic!r}")
 
     def subscribe(self, topic: str) -> AsyncIterator[bytes]:
         self.check_open()
