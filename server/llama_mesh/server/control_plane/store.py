@@ -145,31 +145,31 @@ class ControlPlane:
     ) -> Session:
         """A session (with its task ids unless ``task_ids`` is false, which reads one key
         rather than the session's whole index); :class:`NotFoundError` when absent."""
-        record = self._buckets["sessions"].get(f"{deployment}.{session_id}")
+        record = self._session_record(deployment, session_id)
         if task_ids:
-            entry, indexed = await asyncio.gather(record, self._indexed(deployment, session_id))
+            msg, indexed = await asyncio.gather(record, self._indexed(deployment, session_id))
         else:
-            entry, indexed = await record, []
-        if entry is None or entry.value is None:
-            raise NotFoundError(
-                f"Session '{session_id}' not found in deployment '{deployment}'",
-                reason="SESSION_NOT_FOUND",
-            )
-        session = convert.session_from_proto(types_pb2.Session.FromString(entry.value))
+            msg, indexed = await record, []
+        if msg is None:
+            raise _session_not_found(deployment, session_id)
+        session = convert.session_from_proto(msg)
         session.task_ids = _in_order(session.task_ids, indexed) if task_ids else []
         return session
 
     async def session_task_ids(self, deployment: str, session_id: str) -> list[str]:
         """The session's task ids in creation order: the task it was created for (kept in
         its record), then those of its index."""
-        entry, indexed = await asyncio.gather(
-            self._buckets["sessions"].get(f"{deployment}.{session_id}"),
-            self._indexed(deployment, session_id),
+        msg, indexed = await asyncio.gather(
+            self._session_record(deployment, session_id), self._indexed(deployment, session_id)
         )
-        first: list[str] = []
-        if entry is not None and entry.value is not None:
-            first = list(types_pb2.Session.FromString(entry.value).task_ids)
-        return _in_order(first, indexed)
+        return _in_order(list(msg.task_ids) if msg else [], indexed)
+
+    async def _session_record(self, deployment: str, session_id: str) -> types_pb2.Session | None:
+        """A session's stored record, ``None`` when absent."""
+        entry = await self._buckets["sessions"].get(f"{deployment}.{session_id}")
+        if entry is None or entry.value is None:
+            return None
+        return types_pb2.Session.FromString(entry.value)
 
     async def _indexed(self, deployment: str, session_id: str) -> list[str]:
         """The task ids of a session's index, in creation order."""
@@ -199,10 +199,15 @@ class ControlPlane:
         ``task_ids``, given when the caller knows the session's tasks, saves listing its
         index. The session's own key goes last: a deletion cut short can be repeated.
         """
-        await self.get_session(deployment, session_id, task_ids=False)
+        msg = await self._session_record(deployment, session_id)
+        if msg is None:
+            raise _session_not_found(deployment, session_id)
         index = self._buckets["session_tasks"]
         prefix = f"{deployment}.{session_id}."
-        keys = [prefix + t for t in task_ids] if task_ids is not None else await index.keys(prefix)
+        if task_ids is None:
+            keys = await index.keys(prefix)
+        else:  # the task the session was created for is in its record, not its index
+            keys = [prefix + t for t in task_ids if t not in msg.task_ids]
         await asyncio.gather(
             _in_batches(index.delete, keys),
             self._buckets["session_state"].delete(f"{deployment}.{session_id}"),
@@ -388,6 +393,13 @@ async def _in_batches(act: Callable[[str], Awaitable[T]], keys: list[str]) -> li
     for start in range(0, len(keys), _BATCH):
         results += await asyncio.gather(*(act(key) for key in keys[start : start + _BATCH]))
     return results
+
+
+def _session_not_found(deployment: str, session_id: str) -> NotFoundError:
+    return NotFoundError(
+        f"Session '{session_id}' not found in deployment '{deployment}'",
+        reason="SESSION_NOT_FOUND",
+    )
 
 
 def _in_order(first: list[str], indexed: list[str]) -> list[str]:
