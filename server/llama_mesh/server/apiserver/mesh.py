@@ -21,6 +21,7 @@ from llama_mesh.server.control_plane.store import ControlPlane, StoredTask
 from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import (
     ID_PATTERN,
+    EventKind,
     HumanEvent,
     JsonValue,
     Session,
@@ -39,7 +40,6 @@ from llama_mesh.server.errors import (
 )
 from llama_mesh.server.orchestrator import Orchestrator, choose_service
 from llama_mesh.server.queues.base import MessageQueue, QueueError
-from llama_mesh.server.service.worker import final_event
 from llama_mesh.v1 import messages_pb2
 
 MAX_INPUT_BYTES = 4 * 1024 * 1024
@@ -66,6 +66,22 @@ def json_within_limit(what: str, value: JsonValue) -> bytes:
             reason="PAYLOAD_TOO_LARGE",
         )
     return text
+
+
+def final_event(task: Task) -> TaskEvent:
+    """The event that ends a finished task's stream."""
+    if task.status is TaskStatus.SUCCEEDED:
+        kind, data = EventKind.RESULT, {"result": task.result}
+    elif task.status is TaskStatus.CANCELLED:
+        kind = EventKind.CANCELLED
+        data = {"reason": task.error.message if task.error else "cancelled"}
+    else:
+        kind = EventKind.FAILED
+        error = task.error or TaskError("Unknown", "the task failed")
+        data = {"error": error.message, "error_type": error.type}
+    return TaskEvent(
+        task_id=task.task_id, index=task.event_count, kind=kind, type=kind.name.lower(), data=data
+    )
 
 
 class Mesh:

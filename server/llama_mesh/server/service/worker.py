@@ -88,22 +88,6 @@ class WorkerSettings:
         )
 
 
-def final_event(task: Task) -> TaskEvent:
-    """The event that ends a finished task's stream."""
-    if task.status is TaskStatus.SUCCEEDED:
-        kind, data = EventKind.RESULT, {"result": task.result}
-    elif task.status is TaskStatus.CANCELLED:
-        kind = EventKind.CANCELLED
-        data = {"reason": task.error.message if task.error else "cancelled"}
-    else:
-        kind = EventKind.FAILED
-        error = task.error or TaskError("Unknown", "the task failed")
-        data = {"error": error.message, "error_type": error.type}
-    return TaskEvent(
-        task_id=task.task_id, index=task.event_count, kind=kind, type=kind.name.lower(), data=data
-    )
-
-
 class Worker:
     """Runs one service's tasks; ``run()`` until ``shutdown()``."""
 
