@@ -176,17 +176,15 @@ def task_segments(task: Any, sent: float, received: float) -> dict[str, float]:
     """Where one RunTask's time went, from the task's own timestamps (one machine clock).
 
     ``created_at`` is stamped by the API server when it builds the task (before it writes
-    the task, its index entry and a new session), ``started_at`` by the worker when the
-    delivery reaches it, ``finished_at`` before it writes the result.
+    the task, its new session or else its index entry, and its message), ``started_at`` by
+    the worker when the delivery reaches it, ``finished_at`` before it writes the result.
     """
     created = task.created_at.ToNanoseconds() / 1e9
     started = task.started_at.ToNanoseconds() / 1e9
     finished = task.finished_at.ToNanoseconds() / 1e9
     return {
         "client → task built (gRPC in)": created - sent,
-        "task built → worker starts it (record, session, index written; queued; delivered)": (
-            started - created
-        ),
+        "task built → worker starts it (written, queued, delivered)": (started - created),
         "worker: start → finished (run, context saved when there is any)": finished - started,
         "finished → client (result written, watch wakes API, gRPC out)": received - finished,
     }

@@ -143,9 +143,9 @@ class Mesh:
             session_id=session_id,
             input=input,
         )
-        # The task, its index entry, its new session and its message are independent
-        # writes: one round trip. A worker that gets the message before the record is
-        # stored waits for the record (see the worker).
+        # The task, its new session (which names it) or else its index entry, and its
+        # message are independent writes: one round trip. A worker that gets the message
+        # before the record is stored waits for the record (see the worker).
         generation = self.deployments.generation(deployment)
         recorded = asyncio.ensure_future(self.cp.record_task(task, index=not new_session))
         scheduled = asyncio.ensure_future(
