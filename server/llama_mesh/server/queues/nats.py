@@ -79,9 +79,9 @@ _RESUME_BACKOFF: Final = (0.1, 5.0)
 _LIVENESS_INTERVAL: Final = 5.0
 """How long a subscription may stay silent before its consumer is looked up."""
 _PATIENCE: Final = 20.0
-"""How long a read (a key, opening a subscription), an acknowledgement or a publish to a
-topic is tried again while NATS answers "unavailable", as a cluster does while it elects
-leaders after losing a node."""
+"""How long a read (a key, opening a subscription), a compare-and-set update, an
+acknowledgement or a publish to a topic is tried again while NATS answers "unavailable",
+as a cluster does while it elects leaders after losing a node."""
 _DRAIN_TIMEOUT: Final = 5.0
 _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
@@ -157,9 +157,9 @@ def _translated(*, conflict: type[QueueError] = RevisionMismatchError) -> Iterat
 
 
 async def _patiently(owner: NatsQueue, read: Callable[[], Awaitable[R]], what: str) -> R:
-    """Run ``read`` (safe to repeat: a read, an acknowledgement, or a publish the stream
-    de-duplicates), again after a pause while NATS is unavailable, for up to
-    :data:`_PATIENCE` seconds: a failover must not fail every caller meanwhile."""
+    """Run ``read`` (safe to repeat: a read, a compare-and-set, an acknowledgement, or a
+    publish the stream de-duplicates), again after a pause while NATS is unavailable, for
+    up to :data:`_PATIENCE` seconds: a failover must not fail every caller meanwhile."""
     pause, longest = _RESUME_BACKOFF
     deadline = time.monotonic() + _PATIENCE
     while True:
@@ -699,7 +699,14 @@ class NatsKeyValueStore(KeyValueStore):
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         self.owner.check_open()
         _check_key(key)
-        return await self._publish(key, value, last_revision=last_revision)
+        # Tried again while NATS is unavailable, like reads: a compare-and-set is safe to
+        # repeat (should a first attempt have landed, the next one is a revision conflict,
+        # which callers resolve by reading again).
+        return await _patiently(
+            self.owner,
+            lambda: self._publish(key, value, last_revision=last_revision),
+            f"updating key {key!r}",
+        )
 
     async def delete(self, key: str) -> None:
         self.owner.check_open()
