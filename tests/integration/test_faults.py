@@ -528,12 +528,12 @@ async def nats_cluster(store: Path, size: int = 3) -> AsyncIterator[list[NatsSer
             await server.stop()
 
 
-async def open_mesh(queue: MessageQueue, data_dir: Path, *, ack_wait: float = 2.0) -> Mesh:
+async def open_mesh(queue: MessageQueue, data_dir: Path) -> Mesh:
     """The mesh's core over ``queue``, with replicas as tasks of this process."""
     cp = await ControlPlane.open(queue)
     supervisor = InProcessSupervisor(queue, cp)
     deployments = DeploymentManager(
-        cp, queue, supervisor, DeploymentSettings(data_dir=data_dir, ack_wait=ack_wait)
+        cp, queue, supervisor, DeploymentSettings(data_dir=data_dir, ack_wait=2.0)
     )
     return Mesh(cp, queue, deployments, Orchestrator(queue))
 
@@ -571,9 +571,7 @@ services:
 
 
 @contextlib.asynccontextmanager
-async def clustered_mesh(
-    store: Path, *, ack_wait: float = 2.0
-) -> AsyncIterator[tuple[list[NatsServer], NatsQueue, Mesh]]:
+async def clustered_mesh(store: Path) -> AsyncIterator[tuple[list[NatsServer], NatsQueue, Mesh]]:
     """A three-node cluster, a queue on it with everything replicated three times (checked),
     and the mesh's core over that queue with `NAP_YAML` deployed (replicas in-process)."""
     source = store / "source"
@@ -582,7 +580,7 @@ async def clustered_mesh(
     async with nats_cluster(store / "cluster") as nodes:
         queue = await connect_nats([n.url for n in nodes], replicas=3)
         try:
-            mesh = await open_mesh(queue, store / "mesh", ack_wait=ack_wait)
+            mesh = await open_mesh(queue, store / "mesh")
             try:
                 await deploy(mesh, NAP_YAML, base_path=source)
                 for stream in (queue.tasks_stream, queue.topics_stream, "KV_mesh_tasks"):
@@ -645,10 +643,8 @@ async def test_streaming_tasks_survive_the_loss_of_the_event_streams_leader(
     callers follow them: the workers' publishes wait for the new leader instead of failing
     the tasks (they used to fail every retry during the election, ending FAILED), so every
     task succeeds on its first delivery and every caller gets every event, then the
-    result. The ack wait is longer than an election: with the mesh's usual 2 s, a dead
-    node that also led the work queue's consumer lets a running task be redelivered, which
-    is not what this test is about."""
-    async with clustered_mesh(tmp_path, ack_wait=30.0) as (nodes, queue, mesh):
+    result."""
+    async with clustered_mesh(tmp_path) as (nodes, queue, mesh):
         await deploy(mesh, TESTAPP.read_text())
         tasks = [
             await mesh.create_task(
