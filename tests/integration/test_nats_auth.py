@@ -20,6 +20,8 @@ from llama_mesh.server.domain import TaskStatus
 from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, NatsTlsConfig, NatsUser
 from llama_mesh.server.queues.base import QueueUnavailableError
 from llama_mesh.server.queues.nats import NatsLogin, connect_nats, redact_url
+from llama_mesh.server.serve import build_parser as serve_parser
+from llama_mesh.server.service.__main__ import build_parser as worker_parser
 from llama_mesh.server.service.__main__ import main as worker_main
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.fixtures.nats_jwt import JwtNats
@@ -164,6 +166,21 @@ def test_a_login_travels_to_workers_in_their_environment(pki: Pki) -> None:
     assert NatsLogin.from_environment({}) == NatsLogin()
     with pytest.raises(ValueError, match="key"):
         NatsLogin(tls_cert=pki.cert)
+
+
+@pytest.mark.parametrize("field", sorted(NatsLogin.VARIABLES))
+def test_serve_and_the_worker_read_the_same_login_variables(
+    field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    option = f"nats_{field}"
+    worker_args = ["--deployment", "d", "--service", "s"]
+    monkeypatch.setenv(NatsLogin.VARIABLES[field], "/login/file")
+    assert getattr(serve_parser().parse_args([]), option) == Path("/login/file")
+    assert getattr(worker_parser().parse_args(worker_args), option) == Path("/login/file")
+    # Compose files pass ${X:-}: an empty variable is unset, not the path ".".
+    monkeypatch.setenv(NatsLogin.VARIABLES[field], "")
+    assert getattr(serve_parser().parse_args([]), option) is None
+    assert getattr(worker_parser().parse_args(worker_args), option) is None
 
 
 def test_half_a_client_certificate_is_refused_naming_the_options(

@@ -24,7 +24,7 @@ from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.envvars import env_setting
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
-from llama_mesh.server.queues.nats import redact_url
+from llama_mesh.server.queues.nats import NatsLogin, redact_url
 
 logger = logging.getLogger("llama_mesh.serve")
 
@@ -67,22 +67,22 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--nats-creds",
         type=Path,
-        default=env_setting("NATS_CREDS"),
+        default=NatsLogin.setting("creds"),
         help="NATS user credentials file (JWT and seed) for --nats-url",
     )
     p.add_argument(
         "--nats-tls-ca",
         type=Path,
-        default=env_setting("NATS_TLS_CA"),
+        default=NatsLogin.setting("tls_ca"),
         help="CA to trust for NATS TLS",
     )
     p.add_argument(
         "--nats-tls-cert",
         type=Path,
-        default=env_setting("NATS_TLS_CERT"),
+        default=NatsLogin.setting("tls_cert"),
         help="client certificate for a NATS that requires one (mTLS), with --nats-tls-key",
     )
-    p.add_argument("--nats-tls-key", type=Path, default=env_setting("NATS_TLS_KEY"))
+    p.add_argument("--nats-tls-key", type=Path, default=NatsLogin.setting("tls_key"))
     p.add_argument(
         "--data-dir", type=Path, default=Path(env_setting("DATA_DIR") or default_data_dir())
     )

@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import re
 import ssl
 import time
@@ -1119,7 +1120,13 @@ class NatsLogin:
         "tls_cert": "LLAMA_MESH_NATS_TLS_CERT",
         "tls_key": "LLAMA_MESH_NATS_TLS_KEY",
     }
-    """The environment variable of each field, for the processes a server starts."""
+    """The environment variable of each field: read by ``serve`` and the worker command,
+    set for the worker processes a server starts."""
+
+    @classmethod
+    def setting(cls, name: str) -> str | None:
+        """The value of field ``name``'s variable; an empty one counts as unset."""
+        return os.environ.get(cls.VARIABLES[name]) or None
 
     def environment(self) -> dict[str, str]:
         """The variables that hand this login to a worker process."""

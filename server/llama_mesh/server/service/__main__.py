@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--nats-{field.replace('_', '-')}",
             type=Path,
-            default=os.environ.get(variable),
+            default=NatsLogin.setting(field),
             help=f"NATS {what} (default: ${variable})",
         )
     parser.add_argument(
