@@ -56,6 +56,8 @@ async def test_workers_log_one_line_per_quick_task_and_a_running_line_for_long_o
     def lines(task_id: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if getattr(r, "task_id", "") == task_id]
 
+    # A task's last line follows its acknowledgement, which follows the stored result.
+    await assert_eventually(lambda: len(lines(slow.task_id)) == 2)
     (end,) = lines(quick.task_id)
     assert re.fullmatch(r"task succeeded in \d+\.\d ms \(attempt 1\)", end), end
     running, end = lines(slow.task_id)

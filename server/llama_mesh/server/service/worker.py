@@ -239,13 +239,6 @@ class Worker:
                 wanted=wanted,
                 context_json=context_json,
             )
-            logger.info(
-                "task %s in %.1f ms (attempt %d)",
-                outcome.status.name.lower(),
-                (now() - began) * 1000,
-                attempt,
-                extra=context,
-            )
         except BaseException:
             await cancel_and_wait(located)  # the delivery goes back; nothing waits for it
             if not located.cancelled():
@@ -269,6 +262,15 @@ class Worker:
             )
         await self._finish(stored, outcome, event_count=count, attempt=attempt, began=began)
         await delivery.ack()
+        # Logged once the result is stored and acknowledged: off the way to the caller,
+        # and the time covers all this delivery's work.
+        logger.info(
+            "task %s in %.1f ms (attempt %d)",
+            outcome.status.name.lower(),
+            (now() - began) * 1000,
+            attempt,
+            extra=context,
+        )
 
     async def _locate(self, deployment: str, task_id: str) -> StoredTask:
         """The task's record, waiting a little for it: the API server writes it alongside
