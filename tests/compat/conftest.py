@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 
 from llama_mesh.server.app import MeshServer, ServerSettings
-from tests.fixtures.mesh import TESTAPP, free_port
+from tests.fixtures.mesh import TESTAPP
 
 REPO = Path(__file__).resolve().parents[2]
 COMPAT_REQUIREMENTS = ("llama-deploy==0.8.1", "llama-index-core==0.12.15")
@@ -127,7 +127,7 @@ async def compat_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
     with ``tests/data/testapp`` deployed."""
     settings = ServerSettings(
         data_dir=tmp_path_factory.mktemp("compat-mesh"),
-        port=free_port(),
+        port=0,  # the gateway takes a free port itself: no race for it
         queue="nats",
         nats_url=None,
         gateway=True,

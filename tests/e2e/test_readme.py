@@ -19,7 +19,6 @@ import pytest
 import pytest_asyncio
 
 from llama_mesh.server.app import MeshServer, ServerSettings
-from tests.fixtures.mesh import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -46,7 +45,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str
     server = await MeshServer.start(
         ServerSettings(
             data_dir=tmp_path_factory.mktemp("readme"),
-            port=free_port(),
+            port=0,  # the gateway takes a free port itself: no race for it
             queue="nats",
             gateway=True,
             ack_wait=5.0,
