@@ -9,6 +9,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from llama_mesh.server import nats_server
 from llama_mesh.server.nats_server import (
     NatsClusterConfig,
     NatsServer,
@@ -168,6 +169,32 @@ async def test_kill_loses_nothing_acknowledged(nats_server: NatsServer) -> None:
         await aclose(it)
     finally:
         await queue.close()
+
+
+async def test_a_picked_port_taken_before_the_bind_is_picked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between picking a free port and nats-server binding it, another process may take
+    it; the start then tries other ports instead of failing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = [taken.getsockname()[1]]
+        real_free_port = nats_server.free_port
+
+        def pick(host: str = "127.0.0.1") -> int:
+            return picks.pop() if picks else real_free_port(host)
+
+        monkeypatch.setattr(nats_server, "free_port", pick)
+        server = await NatsServer.start(NatsServerConfig(store_dir=tmp_path), ready_timeout=5.0)
+        try:
+            assert not picks  # the taken port was tried first
+            assert server.port != taken.getsockname()[1]
+            assert "address already in use" in server.log_tail()
+            queue = await connect_nats(server.url)
+            await queue.close()
+        finally:
+            await server.stop()
 
 
 async def test_start_failure_reports_the_log(tmp_path: Path) -> None:

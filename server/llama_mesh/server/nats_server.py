@@ -39,6 +39,8 @@ _BINARY = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 _LOG_NAME = "nats-server.log"
 _CONF_NAME = "nats.conf"
 _READY_RETRY_INTERVAL = 0.05
+_PORT_ATTEMPTS = 3
+"""Starts tried when a port picked here was taken before nats-server could bind it."""
 
 
 class NatsServerError(RuntimeError):
@@ -225,11 +227,29 @@ class NatsServer:
         """Start a server for ``cfg`` and wait until it accepts clients and JetStream works.
 
         Raises :class:`NatsServerError` (with the tail of the server's log) when it does not
-        become ready within ``ready_timeout`` seconds.
+        become ready within ``ready_timeout`` seconds. Ports left at 0 are picked here; one
+        taken by someone else before the server binds it is replaced (up to
+        :data:`_PORT_ATTEMPTS` starts).
         """
-        server = cls(_resolve_ports(cfg), find_nats_server_binary(), ready_timeout)
-        await server._spawn()
-        return server
+        binary = find_nats_server_binary()
+        picked = not cfg.port or (cfg.cluster is not None and not cfg.cluster.port)
+        attempt = 1
+        while True:
+            server = cls(_resolve_ports(cfg), binary, ready_timeout)
+            try:
+                await server._spawn()
+                return server
+            except NatsServerError as exc:
+                # A free port picked here can be taken by another process before
+                # nats-server binds it: pick again. A port the caller chose is kept.
+                if (
+                    not picked
+                    or attempt >= _PORT_ATTEMPTS
+                    or "address already in use" not in str(exc)
+                ):
+                    raise
+                logger.warning("nats-server: a port picked for it was taken; trying others")
+                attempt += 1
 
     def __repr__(self) -> str:
         return f"<NatsServer {self.url} pid={self.pid} store={self._cfg.store_dir}>"
