@@ -10,15 +10,16 @@ import httpx
 import pytest
 
 from llama_mesh.server.logs import JsonFormatter, PlainFormatter
-from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port
+from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
 
 
 async def test_metrics_count_tasks_latencies_and_rpcs(mesh_factory: MeshFactory) -> None:
     """/metrics reports tasks by status, task latencies (run and queue time), queue depth and
     gRPC requests."""
-    port = free_port()
-    server = await mesh_factory(metrics_port=port, deploy=(TESTAPP,))
+    server = await mesh_factory(metrics_port=0, deploy=(TESTAPP,))
+    port = server.metrics_port
+    assert port
     mesh = server.mesh
     for _ in range(2):
         await mesh.run_task("testapp", service_id="echo", session_id=None, input={})
@@ -39,6 +40,9 @@ async def test_metrics_count_tasks_latencies_and_rpcs(mesh_factory: MeshFactory)
     # Quick tasks never show RUNNING; their time in the queue counts all the same.
     assert 'llama_mesh_task_queue_seconds_count{deployment="testapp",service="echo"} 2.0' in text
     assert 'llama_mesh_queue_depth{deployment="testapp",service="echo"} 0.0' in text
+    await server.shutdown()  # closes the port: a server started again can have it
+    with pytest.raises(httpx.ConnectError):
+        await scrape()
 
 
 async def test_workers_log_one_line_per_quick_task_and_a_running_line_for_long_ones(

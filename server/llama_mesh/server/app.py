@@ -204,6 +204,8 @@ class MeshServer:
         self.grpc_port = 0
         self.nats_url: str | None = None
         self.gateway_url: str | None = None
+        self.metrics_port: int | None = None
+        """The port serving ``/metrics`` (``settings.metrics_port``, resolved when 0)."""
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._closed = False
@@ -266,7 +268,8 @@ class MeshServer:
         self._background.add(follower)
         self._stack.push_async_callback(self._stop_background)
         if s.metrics_port is not None:
-            self.metrics.serve(s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_port)
+            self._stack.push_async_callback(asyncio.to_thread, self.metrics.stop_serving)
         await deployments.restore()
         if s.gateway:
             await self._start_gateway()

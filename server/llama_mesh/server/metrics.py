@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -29,6 +30,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http: WSGIServer | None = None
         labels = ("deployment", "service")
         self.tasks = Counter(
             "llama_mesh_tasks",
@@ -129,9 +131,18 @@ class Metrics:
         if change.task is not None:
             self.observe_task(change.task)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        """Expose ``/metrics`` over HTTP (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose ``/metrics`` over HTTP (a daemon thread) until :meth:`stop_serving`;
+        returns the port (``port`` 0: one the system picked)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def stop_serving(self) -> None:
+        """Close the ``/metrics`` port (idempotent; blocks up to half a second)."""
+        http, self._http = self._http, None
+        if http is not None:
+            http.shutdown()
+            http.server_close()
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

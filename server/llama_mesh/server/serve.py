@@ -127,7 +127,7 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=_int_env("METRICS_PORT"),
-        help="serve Prometheus /metrics on 127.0.0.1:PORT",
+        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port)",
     )
     p.add_argument(
         "--tls-cert",
@@ -225,6 +225,8 @@ async def serve(settings: ServerSettings, files: list[Path]) -> int:
         )
         if server.gateway_url:
             _say(f"gateway  {server.gateway_url} (JSON /v1 and Llama Deploy 0.8 API, gRPC)")
+        if server.metrics_port is not None:
+            _say(f"metrics  http://127.0.0.1:{server.metrics_port}/metrics (Prometheus)")
         for path in files:
             try:
                 name = await server.deploy_file(path)
