@@ -776,7 +776,7 @@ async def accepted(mesh: Mesh, tag: str) -> dict[str, str]:
     right after a failover a publish may find no responder for a moment)."""
     try:
         return await create_slow_tasks(mesh, [tag], seconds=0.1)
-    except QueueError:
+    except (QueueError, UnavailableError):  # the Mesh reports a queue failure as UNAVAILABLE
         return {}
 
 

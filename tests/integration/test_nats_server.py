@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -18,8 +21,8 @@ from llama_mesh.server.nats_server import (
     find_nats_server_binary,
     render_config,
 )
-from llama_mesh.server.queues.base import ConsumerOptions
-from llama_mesh.server.queues.nats import connect_nats
+from llama_mesh.server.queues.base import ConsumerOptions, KeyExistsError, KeyValueEntry
+from llama_mesh.server.queues.nats import NatsKeyValueStore, connect_nats
 from tests.helpers import aclose, next_within
 
 WAIT = 10.0
@@ -167,6 +170,49 @@ async def test_kill_loses_nothing_acknowledged(nats_server: NatsServer) -> None:
         assert sorted(acked + rest) == sorted(f"t{i}".encode() for i in range(20))
         assert await queue.queue_depth("svc") == 0
         await aclose(it)
+    finally:
+        await queue.close()
+
+
+async def test_writes_whose_answer_was_lost_are_stored_once(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write stored by the server whose answer never came back (a failover, a timeout) is
+    tried again: a create recognises its own write, a put does not overwrite a value
+    written meanwhile, a task message is queued once."""
+    queue = await connect_nats(nats_server.url)
+    try:
+        kv = await queue.kv("lost")
+        assert isinstance(kv, NatsKeyValueStore)
+        real_publish = queue.js.publish
+        losses: list[Callable[[], Awaitable[object]]] = []
+        """For each answer to lose: what happens between the write and the lost answer."""
+
+        async def publish(*args: Any, **kwargs: Any) -> Any:
+            ack = await real_publish(*args, **kwargs)
+            if losses:
+                await losses.pop()()
+                raise nats.errors.TimeoutError
+            return ack
+
+        monkeypatch.setattr(queue.js, "publish", publish)
+        nothing = asyncio.sleep
+
+        losses.append(lambda: nothing(0))
+        revision = await kv.create("t.1", b"mine")
+        assert await kv.get("t.1") == KeyValueEntry("t.1", b"mine", revision)
+        with pytest.raises(KeyExistsError):  # someone else's key is still taken
+            await kv.create("t.1", b"again")
+
+        losses.append(lambda: real_publish(kv.subject_prefix + "t.2", b"newer"))
+        await kv.put("t.2", b"mine")
+        entry = await kv.get("t.2")
+        assert entry is not None and entry.value == b"newer"
+
+        losses.append(lambda: nothing(0))
+        await queue.publish_task("svc", b"task", msg_id="t3")
+        assert await queue.queue_depth("svc") == 1
+        assert not losses
     finally:
         await queue.close()
 

@@ -159,8 +159,9 @@ def _translated(*, conflict: type[QueueError] = RevisionMismatchError) -> Iterat
 
 async def _patiently(owner: NatsQueue, read: Callable[[], Awaitable[R]], what: str) -> R:
     """Run ``read`` (safe to repeat: a read, a compare-and-set, an acknowledgement, or a
-    publish the stream de-duplicates), again after a pause while NATS is unavailable, for
-    up to :data:`_PATIENCE` seconds: a failover must not fail every caller meanwhile."""
+    write under a message id the stream de-duplicates), again after a pause while NATS is
+    unavailable, for up to :data:`_PATIENCE` seconds: a failover must not fail every caller
+    meanwhile."""
     pause, longest = _RESUME_BACKOFF
     deadline = time.monotonic() + _PATIENCE
     while True:
@@ -201,6 +202,10 @@ def _is_deletion(headers: dict[str, str] | None) -> bool:
     if not headers:
         return False
     return headers.get(_KV_OPERATION) in _KV_DELETIONS or _MARKER_REASON in headers
+
+
+def _msg_id(headers: dict[str, str] | None) -> str | None:
+    return headers.get(api.Header.MSG_ID) if headers else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,28 +679,62 @@ class NatsKeyValueStore(KeyValueStore):
     async def put(self, key: str, value: bytes) -> int:
         self.owner.check_open()
         _check_key(key)
-        return await self._publish(key, value)
+        # Tried again while NATS is unavailable, under one message id: should an attempt
+        # whose answer was lost have been stored, the stream drops the repeat (it does not
+        # overwrite a newer value written meanwhile).
+        headers: dict[str, str] = {api.Header.MSG_ID: uuid.uuid4().hex}
+        return await _patiently(
+            self.owner,
+            lambda: self._publish(key, value, headers=headers),
+            f"writing key {key!r}",
+        )
 
     async def create(self, key: str, value: bytes) -> int:
         self.owner.check_open()
         _check_key(key)
-        try:
-            return await self._publish(key, value, last_revision=0, conflict=KeyExistsError)
-        except KeyExistsError:
-            # The key has a history; its latest message may be a deletion (or expiry) marker.
-            with _translated():
-                try:
-                    latest = await self.owner.js.get_msg(
-                        self.stream, subject=self.subject_prefix + key, direct=False
-                    )
-                except nats.js.errors.NotFoundError:
-                    latest = None  # the marker aged out meanwhile
-            if latest is not None and not _is_deletion(latest.headers):
-                raise
-            last_revision = 0 if latest is None else (latest.seq or 0)
-            return await self._publish(
-                key, value, last_revision=last_revision, conflict=KeyExistsError
-            )
+        # Tried again while NATS is unavailable. The stream checks the expected revision
+        # before it looks for duplicates, so a repeat of an attempt that was stored (its
+        # answer lost) finds the key taken: by this very write when the key's latest
+        # message carries its message id.
+        msg_id = uuid.uuid4().hex
+        headers: dict[str, str] = {api.Header.MSG_ID: msg_id}
+        attempts = 0
+
+        async def attempt() -> int:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return await self._publish(
+                    key, value, last_revision=0, headers=headers, conflict=KeyExistsError
+                )
+            except KeyExistsError:
+                latest = await self._latest(key)
+                if attempts > 1 and latest is not None and _msg_id(latest.headers) == msg_id:
+                    return latest.seq or 0
+                # The key has a history; its latest message may be a deletion (or expiry)
+                # marker.
+                if latest is not None and not _is_deletion(latest.headers):
+                    raise
+                last_revision = 0 if latest is None else (latest.seq or 0)
+                return await self._publish(
+                    key,
+                    value,
+                    last_revision=last_revision,
+                    headers=headers,
+                    conflict=KeyExistsError,
+                )
+
+        return await _patiently(self.owner, attempt, f"creating key {key!r}")
+
+    async def _latest(self, key: str) -> api.RawStreamMsg | None:
+        """The key's latest message, a deletion marker included; ``None`` when it has none."""
+        with _translated():
+            try:
+                return await self.owner.js.get_msg(
+                    self.stream, subject=self.subject_prefix + key, direct=False
+                )
+            except nats.js.errors.NotFoundError:
+                return None
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         self.owner.check_open()
@@ -958,8 +997,14 @@ class NatsQueue(MessageQueue):
     async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
         self.check_open()
         subject = self.task_subject(queue)
-        with _translated():
-            ack = await self.js.publish(subject, data, headers={api.Header.MSG_ID: msg_id})
+        headers: dict[str, str] = {api.Header.MSG_ID: msg_id}
+
+        async def attempt() -> api.PubAck:
+            with _translated():
+                return await self.js.publish(subject, data, headers=headers)
+
+        # Tried again while NATS is unavailable; the message id makes a repeat harmless.
+        ack = await _patiently(self, attempt, f"queueing task {msg_id!r}")
         if ack.duplicate:
             logger.debug("NATS dropped a duplicate of message %r on queue %r", msg_id, queue)
 
