@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import nats
 import pytest
 
-from llama_mesh.server import nats_server
+from llama_mesh.server import nats_server as nats_server_module
 from llama_mesh.server.nats_server import (
     NatsClusterConfig,
     NatsServer,
@@ -23,7 +25,7 @@ from llama_mesh.server.nats_server import (
 )
 from llama_mesh.server.queues.base import ConsumerOptions, KeyExistsError, KeyValueEntry
 from llama_mesh.server.queues.nats import NatsKeyValueStore, connect_nats
-from tests.helpers import aclose, next_within
+from tests.helpers import aclose, assert_eventually, next_within
 
 WAIT = 10.0
 RECOVER = 5.0
@@ -226,12 +228,12 @@ async def test_a_picked_port_taken_before_the_bind_is_picked_again(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         picks = [taken.getsockname()[1]]
-        real_free_port = nats_server.free_port
+        real_free_port = nats_server_module.free_port
 
         def pick(host: str = "127.0.0.1") -> int:
             return picks.pop() if picks else real_free_port(host)
 
-        monkeypatch.setattr(nats_server, "free_port", pick)
+        monkeypatch.setattr(nats_server_module, "free_port", pick)
         server = await NatsServer.start(NatsServerConfig(store_dir=tmp_path), ready_timeout=5.0)
         try:
             assert not picks  # the taken port was tried first
@@ -241,6 +243,59 @@ async def test_a_picked_port_taken_before_the_bind_is_picked_again(
             await queue.close()
         finally:
             await server.stop()
+
+
+async def test_a_store_serves_one_server_at_a_time(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second server on a store that a running one uses is refused, naming the store
+    and the holder; once the first stops, the store can be used."""
+    monkeypatch.setattr(nats_server_module, "_STORE_LOCK_WAIT", 0.3)
+    store = nats_server.config.store_dir
+    in_use = rf"store {re.escape(str(store))} is in use .*pid {nats_server.pid}"
+    with pytest.raises(NatsServerError, match=in_use):
+        await NatsServer.start(NatsServerConfig(store_dir=store))
+    await nats_server.stop()
+    second = await NatsServer.start(NatsServerConfig(store_dir=store))
+    await second.stop()
+
+
+async def test_the_server_stops_when_the_process_that_started_it_dies(tmp_path: Path) -> None:
+    """SIGKILL of the process that started a server (``serve`` killed) leaves no server
+    behind on the store: it gets SIGTERM, and a new one can start on that store."""
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from llama_mesh.server.nats_server import NatsServer, NatsServerConfig\n"
+        "async def main():\n"
+        "    server = await NatsServer.start(NatsServerConfig(store_dir=Path(sys.argv[1])))\n"
+        "    print(server.pid, flush=True)\n"
+        "    await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    starter = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(tmp_path), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert starter.stdout is not None
+        line = await asyncio.wait_for(starter.stdout.readline(), 30)
+        pid = int(line)
+        assert _alive(pid)
+    finally:
+        starter.kill()
+        await starter.wait()
+    await assert_eventually(lambda: not _alive(pid), timeout=15)
+    again = await NatsServer.start(NatsServerConfig(store_dir=tmp_path), ready_timeout=5.0)
+    await again.stop()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie left for its new parent to reap does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 async def test_start_failure_reports_the_log(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -33,12 +34,17 @@ from typing import Self
 import nats
 import nats.errors
 
+from llama_mesh.server.children import dying_with_parent
+
 logger = logging.getLogger(__name__)
 
 _BINARY = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 _LOG_NAME = "nats-server.log"
 _CONF_NAME = "nats.conf"
 _READY_RETRY_INTERVAL = 0.05
+_LOCK_NAME = "llama-mesh.lock"
+_STORE_LOCK_WAIT = 10.0
+"""Seconds to wait for the lock of a store whose server is still shutting down."""
 _PORT_ATTEMPTS = 3
 """Starts tried when a port picked here was taken before nats-server could bind it."""
 
@@ -213,6 +219,34 @@ def _resolve_ports(cfg: NatsServerConfig) -> NatsServerConfig:
     return cfg
 
 
+async def _lock_store(store_dir: Path) -> int:
+    """An open descriptor holding the exclusive lock of ``store_dir``: one server per store.
+
+    A server whose starter was killed gets SIGTERM and shuts down; its lock is waited for
+    (up to :data:`_STORE_LOCK_WAIT` seconds) before the store is reported in use.
+    """
+    path = store_dir / _LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _STORE_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if loop.time() >= deadline:
+                holder = path.read_text(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise NatsServerError(
+                    f"the JetStream store {store_dir} is in use by another nats-server "
+                    f"(pid {holder}); stop it, or use another --data-dir"
+                ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        await asyncio.sleep(0.1)
+
+
 class NatsServer:
     """A running ``nats-server`` process. Create it with :meth:`start`."""
 
@@ -343,16 +377,23 @@ class NatsServer:
         if self.running:
             raise NatsServerError(f"nats-server is already running (pid {self.pid})")
         self._cfg.store_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(render_config(self._cfg))
-        with self.log_path.open("ab") as log:
-            self._process = await asyncio.create_subprocess_exec(
-                self._binary,
-                "-c",
-                str(self.config_path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
+        lock = await _lock_store(self._cfg.store_dir)
+        try:
+            self.config_path.write_text(render_config(self._cfg))
+            with self.log_path.open("ab") as log:
+                # The server holds the store's lock (passed down) for as long as it runs,
+                # and gets SIGTERM should this process die without stopping it.
+                self._process = await asyncio.create_subprocess_exec(
+                    *dying_with_parent([self._binary, "-c", str(self.config_path)]),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=(lock,),
+                )
+            os.ftruncate(lock, 0)
+            os.pwrite(lock, str(self._process.pid).encode(), 0)
+        finally:
+            os.close(lock)
         logger.info("started nats-server (pid %s) on %s", self._process.pid, self.url)
         try:
             await self._wait_ready()

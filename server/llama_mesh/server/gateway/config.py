@@ -46,6 +46,8 @@ from typing import IO, Any, Self
 
 import yaml
 
+from llama_mesh.server.children import dying_with_parent
+
 __all__ = [
     "DEFAULT_DESCRIPTOR_PATH",
     "TRANSCODED_SERVICES",
@@ -655,31 +657,6 @@ def _validation_error(output: str) -> str:
     return "\n".join(output.splitlines()[-_LOG_TAIL_LINES:])
 
 
-# Run by a fresh interpreter between us and Envoy: it asks the kernel to SIGTERM it when its
-# parent (this process) dies, then becomes Envoy (exec keeps the PID and that request). A
-# preexec_fn would do the same in a forked copy of this process, but fork() with gRPC threads
-# running runs gRPC's fork handlers and crashes the child; posix_spawn/vfork do not.
-_LAUNCHER = """\
-import ctypes, ctypes.util, os, signal, sys
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-if os.getppid() != int(sys.argv[1]):  # the parent died before prctl took effect
-    sys.exit(1)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def _dying_with_parent(argv: list[str]) -> list[str]:
-    """Return ``argv`` wrapped so the process gets SIGTERM when this process dies (Linux).
-
-    Note the kernel sends it when the *thread* that started the child exits, so start the
-    gateway from a thread that lives as long as the process (the event loop's).
-    """
-    if not sys.platform.startswith("linux"):
-        return argv
-    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *argv]
-
-
 def _connect_host(host: str) -> str:
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"
@@ -779,7 +756,7 @@ class Gateway:
         logger.debug("starting envoy: %s", " ".join(args))
         try:
             process = await asyncio.create_subprocess_exec(
-                *_dying_with_parent(args),
+                *dying_with_parent(args),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
