@@ -229,22 +229,22 @@ async def _lock_store(store_dir: Path) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _STORE_LOCK_WAIT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if loop.time() >= deadline:
-                holder = path.read_text(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise NatsServerError(
-                    f"the JetStream store {store_dir} is in use by another nats-server "
-                    f"(pid {holder}); stop it, or use another --data-dir"
-                ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        await asyncio.sleep(0.1)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if loop.time() >= deadline:
+                    holder = path.read_text(errors="replace").strip() or "unknown"
+                    raise NatsServerError(
+                        f"the JetStream store {store_dir} is in use by another nats-server "
+                        f"(pid {holder}); stop it, or use another --data-dir"
+                    ) from None
+            await asyncio.sleep(0.1)
+    except BaseException:  # refused or cancelled: the descriptor is not handed out
+        os.close(fd)
+        raise
 
 
 class NatsServer:
