@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -284,7 +285,11 @@ async def test_the_server_stops_when_the_process_that_started_it_dies(tmp_path: 
     finally:
         starter.kill()
         await starter.wait()
-    await assert_eventually(lambda: not _alive(pid), timeout=15)
+    try:
+        await assert_eventually(lambda: not _alive(pid), timeout=15)
+    finally:
+        if _alive(pid):  # left behind: stop it (by its pid) before failing
+            os.kill(pid, signal.SIGKILL)
     again = await NatsServer.start(NatsServerConfig(store_dir=tmp_path), ready_timeout=5.0)
     await again.stop()
 
