@@ -32,6 +32,7 @@ from llama_mesh.server import convert, subjects
 from llama_mesh.server.apiserver.deployments import DeploymentManager, DeploymentSettings
 from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.apiserver.supervisor import InProcessSupervisor
+from llama_mesh.server.app import ServerSettings
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.domain import EventKind, Task, TaskStatus
 from llama_mesh.server.errors import UnavailableError
@@ -610,6 +611,39 @@ async def cluster_serves(queue: NatsQueue, mesh: Mesh, task_ids: Iterable[str]) 
     except (QueueError, nats.errors.Error):
         return False
     return True
+
+
+async def test_a_server_on_a_cluster_replicates_what_it_creates(
+    tmp_path: Path, mesh_factory: MeshFactory
+) -> None:
+    """``--nats-replicas 3`` against a three-node cluster: every stream and bucket the
+    server creates (work queue, topics, control-plane buckets) has three copies. (Tasks on
+    such streams: the node-loss tests below.)"""
+    async with nats_cluster(tmp_path / "cluster") as nodes:
+        server = await mesh_factory(
+            queue="nats", nats_url=",".join(n.url for n in nodes), nats_replicas=3
+        )
+        queue = server.mesh.queue
+        assert isinstance(queue, NatsQueue)
+        streams = {info.config.name: info.config for info in await queue.js.streams_info()}
+        assert {queue.tasks_stream, queue.topics_stream, "KV_mesh_tasks"} <= set(streams)
+        assert {name: config.num_replicas for name, config in streams.items()} == dict.fromkeys(
+            streams, 3
+        )
+        await server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"nats_replicas": 2}, "use 1, or 3 or 5"),
+        ({"nats_replicas": 3}, "needs a NATS cluster"),
+        ({"nats_replicas": 3, "queue": "inprocess", "nats_url": "nats://x"}, "needs a NATS"),
+    ],
+)
+def test_replicas_need_a_cluster(tmp_path: Path, settings: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ServerSettings(data_dir=tmp_path, **settings)
 
 
 async def test_cluster_node_loss_loses_no_acknowledged_task(tmp_path: Path) -> None:

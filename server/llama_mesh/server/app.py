@@ -77,6 +77,9 @@ class ServerSettings:
     nats_tls_cert: Path | None = None
     """Client certificate for an external NATS that requires one (mTLS); with its key."""
     nats_tls_key: Path | None = None
+    nats_replicas: int = 1
+    """Copies of each stream and bucket the server creates: 3 (or 5) on a NATS cluster, so
+    that losing a node loses nothing. Streams that exist keep theirs."""
     gateway: bool = True
     cors_origins: tuple[str, ...] = ()
     max_deployments: int = 10
@@ -105,6 +108,16 @@ class ServerSettings:
         if self.tls_cert is not None and not self.gateway:
             raise ValueError("tls_cert, tls_key (--tls-cert, --tls-key): need the gateway")
         self.nats_login  # noqa: B018 - NatsLogin refuses a certificate without its key
+        if self.nats_replicas not in (1, 3, 5):
+            raise ValueError(
+                f"nats_replicas (--nats-replicas) is {self.nats_replicas}: use 1, or 3 or 5 "
+                "on a NATS cluster of at least that many servers"
+            )
+        if self.nats_replicas > 1 and (self.queue != "nats" or self.nats_url is None):
+            raise ValueError(
+                "nats_replicas (--nats-replicas) above 1 needs a NATS cluster (--nats-url); "
+                "the embedded nats-server is a single node"
+            )
         internal = (self.internal_ca, self.internal_cert, self.internal_key)
         if None in internal and internal != (None, None, None):
             raise ValueError(
@@ -291,7 +304,9 @@ class MeshServer:
             self.nats_url = nats.url
         else:
             self.nats_url = s.nats_url
-        return await connect_nats(self.nats_url.split(","), login=s.nats_login)
+        return await connect_nats(
+            self.nats_url.split(","), login=s.nats_login, replicas=s.nats_replicas
+        )
 
     async def _start_gateway(self) -> None:
         from llama_mesh.server.gateway import Gateway, GatewayConfig

@@ -84,6 +84,12 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     )
     p.add_argument("--nats-tls-key", type=Path, default=NatsLogin.setting("tls_key"))
     p.add_argument(
+        "--nats-replicas",
+        type=int,
+        default=_int_env("NATS_REPLICAS") or 1,
+        help="copies of each stream on a NATS cluster (1, 3 or 5; with --nats-url)",
+    )
+    p.add_argument(
         "--data-dir", type=Path, default=Path(env_setting("DATA_DIR") or default_data_dir())
     )
     p.add_argument("--queue", choices=["nats", "inprocess"], default=env_setting("QUEUE", "nats"))
@@ -179,6 +185,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         nats_tls_ca=args.nats_tls_ca,
         nats_tls_cert=args.nats_tls_cert,
         nats_tls_key=args.nats_tls_key,
+        nats_replicas=args.nats_replicas,
         gateway=not args.no_gateway,
         cors_origins=tuple(args.cors_origin),
         max_deployments=args.max_deployments,
