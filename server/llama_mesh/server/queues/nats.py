@@ -80,9 +80,9 @@ _RESUME_BACKOFF: Final = (0.1, 5.0)
 _LIVENESS_INTERVAL: Final = 5.0
 """How long a subscription may stay silent before its consumer is looked up."""
 _PATIENCE: Final = 20.0
-"""How long a read (a key, opening a subscription), a compare-and-set update, an
-acknowledgement or a publish to a topic is tried again while NATS answers "unavailable",
-as a cluster does while it elects leaders after losing a node."""
+"""How long a read (a key, opening a subscription), a write or an acknowledgement is tried
+again while NATS answers "unavailable", as a cluster does while it elects leaders after
+losing a node."""
 _DRAIN_TIMEOUT: Final = 5.0
 _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
@@ -997,14 +997,7 @@ class NatsQueue(MessageQueue):
     async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
         self.check_open()
         subject = self.task_subject(queue)
-        headers: dict[str, str] = {api.Header.MSG_ID: msg_id}
-
-        async def attempt() -> api.PubAck:
-            with _translated():
-                return await self.js.publish(subject, data, headers=headers)
-
-        # Tried again while NATS is unavailable; the message id makes a repeat harmless.
-        ack = await _patiently(self, attempt, f"queueing task {msg_id!r}")
+        ack = await self._publish_patiently(subject, data, msg_id, f"queueing task {msg_id!r}")
         if ack.duplicate:
             logger.debug("NATS dropped a duplicate of message %r on queue %r", msg_id, queue)
 
@@ -1036,16 +1029,22 @@ class NatsQueue(MessageQueue):
     async def publish(self, topic: str, data: bytes) -> None:
         self.check_open()
         subject = self.topic_subject(topic)
-        # Tried again while NATS is unavailable (a failover must not fail a task at its
-        # next event), under one message id: should an attempt whose answer was lost have
-        # been stored, the stream drops the copies (within _DUPLICATE_WINDOW).
-        headers: dict[str, str] = {api.Header.MSG_ID: uuid.uuid4().hex}
+        # A failover must not fail a task at its next event.
+        await self._publish_patiently(subject, data, uuid.uuid4().hex, f"publishing to {topic!r}")
 
-        async def attempt() -> None:
+    async def _publish_patiently(
+        self, subject: str, data: bytes, msg_id: str, what: str
+    ) -> api.PubAck:
+        """Publish ``data`` under ``msg_id``, tried again while NATS is unavailable: should
+        an attempt whose answer was lost have been stored, the stream drops the repeats
+        (within :data:`_DUPLICATE_WINDOW`)."""
+        headers: dict[str, str] = {api.Header.MSG_ID: msg_id}
+
+        async def attempt() -> api.PubAck:
             with _translated():
-                await self.js.publish(subject, data, headers=headers)
+                return await self.js.publish(subject, data, headers=headers)
 
-        await _patiently(self, attempt, f"publishing to {topic!r}")
+        return await _patiently(self, attempt, what)
 
     def subscribe(self, topic: str) -> AsyncIterator[bytes]:
         self.check_open()
