@@ -695,21 +695,18 @@ class NatsKeyValueStore(KeyValueStore):
         # Tried again while NATS is unavailable. The stream checks the expected revision
         # before it looks for duplicates, so a repeat of an attempt that was stored (its
         # answer lost) finds the key taken: by this very write when the key's latest
-        # message carries its message id.
+        # message carries its (fresh, so nobody else's) message id.
         msg_id = uuid.uuid4().hex
         headers: dict[str, str] = {api.Header.MSG_ID: msg_id}
-        attempts = 0
 
         async def attempt() -> int:
-            nonlocal attempts
-            attempts += 1
             try:
                 return await self._publish(
                     key, value, last_revision=0, headers=headers, conflict=KeyExistsError
                 )
             except KeyExistsError:
                 latest = await self._latest(key)
-                if attempts > 1 and latest is not None and _msg_id(latest.headers) == msg_id:
+                if latest is not None and _msg_id(latest.headers) == msg_id:
                     return latest.seq or 0
                 # The key has a history; its latest message may be a deletion (or expiry)
                 # marker.
