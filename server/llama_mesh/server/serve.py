@@ -64,25 +64,7 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         default=env_setting("NATS_URL"),
         help="use this NATS (else embedded); a user and password go in it: nats://u:p@host:port",
     )
-    p.add_argument(
-        "--nats-creds",
-        type=Path,
-        default=NatsLogin.setting("creds"),
-        help="NATS user credentials file (JWT and seed) for --nats-url",
-    )
-    p.add_argument(
-        "--nats-tls-ca",
-        type=Path,
-        default=NatsLogin.setting("tls_ca"),
-        help="CA to trust for NATS TLS",
-    )
-    p.add_argument(
-        "--nats-tls-cert",
-        type=Path,
-        default=NatsLogin.setting("tls_cert"),
-        help="client certificate for a NATS that requires one (mTLS), with --nats-tls-key",
-    )
-    p.add_argument("--nats-tls-key", type=Path, default=NatsLogin.setting("tls_key"))
+    NatsLogin.add_options(p)  # for --nats-url
     p.add_argument(
         "--nats-replicas",
         type=int,

@@ -30,6 +30,7 @@ All nats-py errors are translated by :func:`translate_error` into the ``QueueErr
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime
@@ -1168,6 +1169,30 @@ class NatsLogin:
     def setting(cls, name: str) -> str | None:
         """The value of field ``name``'s variable; an empty one counts as unset."""
         return os.environ.get(cls.VARIABLES[name]) or None
+
+    _OPTION_HELP: ClassVar[dict[str, str]] = {
+        "creds": "user credentials file (JWT and seed)",
+        "tls_ca": "CA to trust for TLS",
+        "tls_cert": "client certificate, for a NATS that requires one (mTLS)",
+        "tls_key": "client certificate's key",
+    }
+
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
+        """``--nats-creds`` and ``--nats-tls-*`` (defaults from :attr:`VARIABLES`), for
+        :meth:`from_options`."""
+        for name, what in cls._OPTION_HELP.items():
+            parser.add_argument(
+                f"--nats-{name.replace('_', '-')}",
+                type=Path,
+                default=cls.setting(name),
+                help=f"NATS {what} (default: ${cls.VARIABLES[name]})",
+            )
+
+    @classmethod
+    def from_options(cls, args: argparse.Namespace) -> NatsLogin:
+        """The login :meth:`add_options` parsed."""
+        return cls(args.nats_creds, args.nats_tls_ca, args.nats_tls_cert, args.nats_tls_key)
 
     def environment(self) -> dict[str, str]:
         """The variables that hand this login to a worker process."""

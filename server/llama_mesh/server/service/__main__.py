@@ -48,19 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generation", type=int, default=0, help="deployment generation")
     parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
     parser.add_argument("--instance-id", help="replica id (default: random)")
-    for field, what in (
-        ("creds", "user credentials file"),
-        ("tls_ca", "CA to trust for TLS"),
-        ("tls_cert", "client certificate (mTLS)"),
-        ("tls_key", "client certificate's key"),
-    ):
-        variable = NatsLogin.VARIABLES[field]
-        parser.add_argument(
-            f"--nats-{field.replace('_', '-')}",
-            type=Path,
-            default=NatsLogin.setting(field),
-            help=f"NATS {what} (default: ${variable})",
-        )
+    NatsLogin.add_options(parser)
     parser.add_argument(
         "--exit-with-parent",
         type=int,
@@ -141,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.nats:
         parser.error(f"the NATS URL is needed: --nats URL or ${NATS_URL_VARIABLE}")
     try:
-        args.login = NatsLogin(
-            args.nats_creds, args.nats_tls_ca, args.nats_tls_cert, args.nats_tls_key
-        )
+        args.login = NatsLogin.from_options(args)
     except ValueError as exc:
         parser.error(str(exc))
     if args.exit_with_parent:
