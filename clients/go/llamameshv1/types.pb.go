@@ -149,19 +149,25 @@ func (TaskStatus) EnumDescriptor() ([]byte, []int) {
 	return file_llama_mesh_v1_types_proto_rawDescGZIP(), []int{1}
 }
 
-// EventKind says what a task event is.
+// EventKind says what a task event is. A task's events are zero or more workflow events,
+// then exactly one final event (result, failed or cancelled), whose `index` is the number of
+// workflow events before it.
 type EventKind int32
 
 const (
 	// EVENT_KIND_UNSPECIFIED is never set by the server.
 	EventKind_EVENT_KIND_UNSPECIFIED EventKind = 0
-	// EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream.
+	// EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream; `type` is its class
+	// (`module.ClassName`), `data` its fields.
 	EventKind_EVENT_KIND_WORKFLOW EventKind = 1
-	// EVENT_KIND_RESULT is the final event of a successful task; data holds the result.
+	// EVENT_KIND_RESULT is the final event of a successful task: `type` is `result`, `data` is
+	// `{"result": <the workflow's return value as JSON>}`.
 	EventKind_EVENT_KIND_RESULT EventKind = 2
-	// EVENT_KIND_FAILED is the final event of a failed task; data holds the error.
+	// EVENT_KIND_FAILED is the final event of a failed task: `type` is `failed`, `data` is
+	// `{"error": <message>, "error_type": <TaskError.type>}`.
 	EventKind_EVENT_KIND_FAILED EventKind = 3
-	// EVENT_KIND_CANCELLED is the final event of a cancelled task.
+	// EVENT_KIND_CANCELLED is the final event of a cancelled task: `type` is `cancelled`,
+	// `data` is `{"reason": <the reason given to CancelTask, or "cancelled">}`.
 	EventKind_EVENT_KIND_CANCELLED EventKind = 4
 )
 
@@ -576,7 +582,11 @@ func (x *ServiceInstance) GetStartedAt() *timestamppb.Timestamp {
 // TaskError describes why a task failed.
 type TaskError struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// type is the exception's class name, or a mesh reason such as `MaxRetriesExceeded`.
+	// type is the class name of the exception the workflow raised (`ValueError`, ...), or one
+	// of: `TimeoutError` (the service's `timeout` passed), `WorkflowTimeoutError` (the
+	// workflow's own timeout), `MaxRetriesExceeded` (delivered more than `max-retries` times
+	// without finishing, e.g. its workers died), `Unavailable` (the task could not be queued),
+	// `Cancelled` (with the cancel reason as message).
 	Type string `protobuf:"bytes,1,opt,name=type,proto3" json:"type,omitempty"`
 	// message is the human-readable error message.
 	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
@@ -884,7 +894,7 @@ type TaskEvent struct {
 	Kind EventKind `protobuf:"varint,3,opt,name=kind,proto3,enum=llama_mesh.v1.EventKind" json:"kind,omitempty"`
 	// type is the event's class, qualified (`module.ClassName`).
 	Type string `protobuf:"bytes,4,opt,name=type,proto3" json:"type,omitempty"`
-	// data is the event's fields as JSON (for the final event: `result` or `error`).
+	// data is the event's fields as JSON; for a final event, what `EventKind` says.
 	Data *structpb.Struct `protobuf:"bytes,5,opt,name=data,proto3" json:"data,omitempty"`
 	// timestamp is when the event was published.
 	Timestamp     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=timestamp,proto3" json:"timestamp,omitempty"`

@@ -259,7 +259,11 @@ export const ServiceInstanceSchema: GenMessage<ServiceInstance> = /*@__PURE__*/
  */
 export type TaskError = Message<"llama_mesh.v1.TaskError"> & {
   /**
-   * type is the exception's class name, or a mesh reason such as `MaxRetriesExceeded`.
+   * type is the class name of the exception the workflow raised (`ValueError`, ...), or one
+   * of: `TimeoutError` (the service's `timeout` passed), `WorkflowTimeoutError` (the
+   * workflow's own timeout), `MaxRetriesExceeded` (delivered more than `max-retries` times
+   * without finishing, e.g. its workers died), `Unavailable` (the task could not be queued),
+   * `Cancelled` (with the cancel reason as message).
    *
    * @generated from field: string type = 1;
    */
@@ -476,7 +480,7 @@ export type TaskEvent = Message<"llama_mesh.v1.TaskEvent"> & {
   type: string;
 
   /**
-   * data is the event's fields as JSON (for the final event: `result` or `error`).
+   * data is the event's fields as JSON; for a final event, what `EventKind` says.
    *
    * @generated from field: google.protobuf.Struct data = 5;
    */
@@ -601,7 +605,9 @@ export const TaskStatusSchema: GenEnum<TaskStatus> = /*@__PURE__*/
   enumDesc(file_llama_mesh_v1_types, 1);
 
 /**
- * EventKind says what a task event is.
+ * EventKind says what a task event is. A task's events are zero or more workflow events,
+ * then exactly one final event (result, failed or cancelled), whose `index` is the number of
+ * workflow events before it.
  *
  * @generated from enum llama_mesh.v1.EventKind
  */
@@ -614,28 +620,32 @@ export enum EventKind {
   UNSPECIFIED = 0,
 
   /**
-   * EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream.
+   * EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream; `type` is its class
+   * (`module.ClassName`), `data` its fields.
    *
    * @generated from enum value: EVENT_KIND_WORKFLOW = 1;
    */
   WORKFLOW = 1,
 
   /**
-   * EVENT_KIND_RESULT is the final event of a successful task; data holds the result.
+   * EVENT_KIND_RESULT is the final event of a successful task: `type` is `result`, `data` is
+   * `{"result": <the workflow's return value as JSON>}`.
    *
    * @generated from enum value: EVENT_KIND_RESULT = 2;
    */
   RESULT = 2,
 
   /**
-   * EVENT_KIND_FAILED is the final event of a failed task; data holds the error.
+   * EVENT_KIND_FAILED is the final event of a failed task: `type` is `failed`, `data` is
+   * `{"error": <message>, "error_type": <TaskError.type>}`.
    *
    * @generated from enum value: EVENT_KIND_FAILED = 3;
    */
   FAILED = 3,
 
   /**
-   * EVENT_KIND_CANCELLED is the final event of a cancelled task.
+   * EVENT_KIND_CANCELLED is the final event of a cancelled task: `type` is `cancelled`,
+   * `data` is `{"reason": <the reason given to CancelTask, or "cancelled">}`.
    *
    * @generated from enum value: EVENT_KIND_CANCELLED = 4;
    */
