@@ -7,9 +7,9 @@ The mesh needs three things from a message queue, and nothing else:
   redelivered when it is not acknowledged within ``ack_wait`` (unless the consumer keeps it
   alive with ``in_progress()``), and never delivered more than ``max_deliver`` times.
   Publishing twice with the same ``msg_id`` stores the message once.
-* **Topics** (``publish`` / ``subscribe``): ordered, retained logs (task events, human input
-  sent to a running task). A subscriber first receives everything already stored, then new
-  messages as they arrive, without polling.
+* **Topics** (``publish`` / ``subscribe`` / ``last_message``): ordered, retained logs (task
+  events, human input sent to a running task). A subscriber first receives everything
+  already stored, then new messages as they arrive, without polling.
 * **Key-value buckets** (``kv``): the control plane's state, with compare-and-set and watches.
 
 Payloads are opaque bytes (serialized protobuf from ``llama_mesh.v1.messages_pb2``).
@@ -190,6 +190,11 @@ class MessageQueue(abc.ABC):
 
         Ends only when the consumer stops iterating or the adapter closes.
         """
+
+    @abc.abstractmethod
+    async def last_message(self, topic: str) -> bytes | None:
+        """The latest message stored on ``topic`` (``None`` when it has none): how far a
+        log has come, without reading it all."""
 
     @abc.abstractmethod
     async def delete_topic(self, topic: str) -> None:

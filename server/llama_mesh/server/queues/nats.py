@@ -1048,6 +1048,20 @@ class NatsQueue(MessageQueue):
         self.check_open()
         return self.iterate(_TopicFeed(self, topic))
 
+    async def last_message(self, topic: str) -> bytes | None:
+        self.check_open()
+        subject = self.topic_subject(topic)
+
+        async def read() -> bytes | None:
+            with _translated():
+                try:
+                    msg = await self.js.get_last_msg(self.topics_stream, subject)
+                except nats.js.errors.NotFoundError:
+                    return None
+            return msg.data or b""
+
+        return await _patiently(self, read, f"reading the end of {topic!r}")
+
     async def delete_topic(self, topic: str) -> None:
         self.check_open()
         subject = self.topic_subject(topic)
