@@ -41,7 +41,7 @@ from llama_mesh.server.errors import (
     UnavailableError,
 )
 from llama_mesh.server.orchestrator import Orchestrator, choose_service
-from llama_mesh.server.queues.base import MessageQueue, QueueError
+from llama_mesh.server.queues.base import MessageQueue, MessageTooLargeError, QueueError
 from llama_mesh.v1 import messages_pb2
 
 MAX_INPUT_BYTES = 4 * 1024 * 1024
@@ -178,6 +178,12 @@ class Mesh:
 
         with contextlib.suppress(NotFoundError, QueueError):
             await self.cp.update_task(deployment, task.task_id, failed)
+        if isinstance(failure, MessageTooLargeError):
+            raise InvalidArgumentError(
+                f"the task with its input is {failure.size} bytes, more than the message "
+                f"queue's limit of {failure.limit} bytes (NATS max_payload)",
+                reason="PAYLOAD_TOO_LARGE",
+            ) from failure
         if isinstance(failure, QueueError):
             raise UnavailableError(reason) from failure
         raise failure

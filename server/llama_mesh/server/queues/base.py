@@ -21,6 +21,7 @@ Exceptions, all below :class:`QueueError`::
 
     QueueError
     ├── QueueUnavailableError   the broker cannot be reached / closed
+    ├── MessageTooLargeError    a message or value over the broker's size limit
     ├── KeyExistsError          KeyValueStore.create on an existing key
     └── RevisionMismatchError   KeyValueStore.update with a stale revision
 """
@@ -40,6 +41,19 @@ class QueueError(Exception):
 
 class QueueUnavailableError(QueueError):
     """The broker cannot be reached, or the adapter is closed."""
+
+
+class MessageTooLargeError(QueueError):
+    """A message or value larger than the broker takes in one message (NATS: its
+    ``max_payload``); nothing was written. Trying again cannot help."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{what} is {size} bytes, more than the message queue's limit of {limit} bytes "
+            "(NATS max_payload)"
+        )
+        self.size = size
+        self.limit = limit
 
 
 class KeyExistsError(QueueError):
