@@ -40,115 +40,172 @@ def _int_env(name: str) -> int | None:
     return int(value) if value else None
 
 
+DESCRIPTION = (
+    "Run the whole mesh in one command: an embedded nats-server (unless --nats-url names "
+    "one), the gRPC services, the Envoy gateway on --port and the workers of the given "
+    "deployment files. Every option can also come from the environment as "
+    "LLAMA_MESH_<OPTION> (LLAMA_MESH_PORT, LLAMA_MESH_DATA_DIR, ...); options win."
+)
+"""What ``serve --help`` says above the options."""
+
+
 def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     """The options of ``serve``."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("deployment_files", nargs="*", type=Path, metavar="DEPLOYMENT_FILE")
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     p.add_argument(
-        "--host", default=env_setting("HOST", "127.0.0.1"), help="gateway listen address"
+        "deployment_files",
+        nargs="*",
+        type=Path,
+        metavar="DEPLOYMENT_FILE",
+        help="deployment YAML files to deploy once the server is up",
     )
-    p.add_argument("--port", type=int, default=int(env_setting("PORT", "4501") or 4501))
+    p.add_argument(
+        "--host",
+        default=env_setting("HOST", "127.0.0.1"),
+        help="gateway listen address (default: 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(env_setting("PORT", "4501") or 4501),
+        help="gateway port: JSON, gRPC and gRPC-Web (default: 4501)",
+    )
     p.add_argument(
         "--grpc-host",
         default=env_setting("GRPC_HOST", "127.0.0.1"),
-        help="gRPC listen address (127.0.0.1 unless Envoy runs elsewhere)",
+        help="gRPC listen address; change it only when Envoy runs elsewhere (default: 127.0.0.1)",
     )
     p.add_argument(
         "--grpc-port",
         type=int,
         default=int(env_setting("GRPC_PORT", "0") or 0),
-        help="internal gRPC port on 127.0.0.1 (0: any free port)",
+        help="internal gRPC port (default: 0, any free port)",
     )
     p.add_argument(
         "--nats-url",
         default=env_setting("NATS_URL"),
-        help="use this NATS (else embedded); a user and password go in it: nats://u:p@host:port",
+        help="use this NATS, a user and password in it: nats://u:p@host:port "
+        "(default: none, an embedded nats-server)",
     )
     NatsLogin.add_options(p)  # for --nats-url
     p.add_argument(
         "--nats-replicas",
         type=int,
         default=_int_env("NATS_REPLICAS") or 1,
-        help="copies of each stream on a NATS cluster (1, 3 or 5; with --nats-url)",
+        help="copies of each stream on a NATS cluster: 1, 3 or 5, with --nats-url (default: 1)",
     )
     p.add_argument(
-        "--data-dir", type=Path, default=Path(env_setting("DATA_DIR") or default_data_dir())
+        "--data-dir",
+        type=Path,
+        default=Path(env_setting("DATA_DIR") or default_data_dir()),
+        help="JetStream store, logs and deployment sources "
+        "(default: $XDG_DATA_HOME/llama-mesh, else ~/.local/share/llama-mesh)",
     )
-    p.add_argument("--queue", choices=["nats", "inprocess"], default=env_setting("QUEUE", "nats"))
+    p.add_argument(
+        "--queue",
+        choices=["nats", "inprocess"],
+        default=env_setting("QUEUE", "nats"),
+        help="message queue: nats, or inprocess for one process without persistence "
+        "(default: nats)",
+    )
     p.add_argument("--no-gateway", action="store_true", help="serve gRPC only, no Envoy")
-    p.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin")
     p.add_argument(
-        "--max-deployments", type=int, default=int(env_setting("MAX_DEPLOYMENTS", "10") or 10)
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allowed CORS origin; repeat for more (default: none)",
+    )
+    p.add_argument(
+        "--max-deployments",
+        type=int,
+        default=int(env_setting("MAX_DEPLOYMENTS", "10") or 10),
+        help="how many deployments the server accepts (default: 10)",
     )
     p.add_argument(
         "--ack-wait",
         type=float,
         default=float(env_setting("ACK_WAIT", "10") or 10),
-        help="seconds before a task of a dead worker is redelivered",
+        help="seconds before a task of a dead worker is redelivered (default: 10)",
     )
     p.add_argument(
         "--allow-local-root",
         action="append",
         type=Path,
         default=None,
-        help="local sources must be inside one of these directories",
+        help="local sources must be inside one of these directories; repeat for more "
+        "(default: any directory)",
     )
     p.add_argument(
         "--allow-git-prefix",
         action="append",
         default=None,
-        help="git sources must start with one of these prefixes",
+        help="git sources must start with one of these prefixes; repeat for more "
+        "(default: any URL)",
     )
     p.add_argument(
         "--api-key",
         action="append",
         default=[env_setting("API_KEYS") or ""],
-        help="bearer key for running tasks (repeat; env LLAMA_MESH_API_KEYS)",
+        help="bearer key for running tasks; repeat for more "
+        "(default: none, from $LLAMA_MESH_API_KEYS)",
     )
     p.add_argument(
         "--admin-key",
         action="append",
         default=[env_setting("ADMIN_KEYS") or ""],
-        help="bearer key that may also deploy and delete (env LLAMA_MESH_ADMIN_KEYS)",
+        help="bearer key that may also deploy and delete; repeat for more "
+        "(default: none, from $LLAMA_MESH_ADMIN_KEYS)",
     )
     p.add_argument(
         "--metrics-port",
         type=int,
         default=_int_env("METRICS_PORT"),
-        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port)",
+        help="serve Prometheus /metrics on 127.0.0.1:PORT, 0 for any free port "
+        "(default: none, no metrics)",
     )
     p.add_argument(
         "--tls-cert",
         type=Path,
         default=env_setting("TLS_CERT"),
-        help="PEM certificate chain: the gateway serves HTTPS (with --tls-key)",
+        help="PEM certificate chain: the gateway serves HTTPS, with --tls-key "
+        "(default: none, plain HTTP)",
     )
     p.add_argument(
-        "--tls-key", type=Path, default=env_setting("TLS_KEY"), help="PEM private key of --tls-cert"
+        "--tls-key",
+        type=Path,
+        default=env_setting("TLS_KEY"),
+        help="PEM private key of --tls-cert (default: none)",
     )
     p.add_argument(
         "--internal-ca",
         type=Path,
         default=env_setting("INTERNAL_CA"),
-        help="PEM CA: the gRPC port requires mTLS, client certificates signed by it "
-        "(with --internal-cert, --internal-key)",
+        help="PEM CA: the gRPC port requires mTLS, client certificates signed by it, "
+        "with --internal-cert and --internal-key (default: none, no TLS on the gRPC port)",
     )
     p.add_argument(
         "--internal-cert",
         type=Path,
         default=env_setting("INTERNAL_CERT"),
         help="PEM certificate of the gRPC port, also the gateway's client certificate; "
-        "must name IP 127.0.0.1",
+        "must name IP 127.0.0.1 (default: none)",
     )
     p.add_argument(
         "--internal-key",
         type=Path,
         default=env_setting("INTERNAL_KEY"),
-        help="PEM private key of --internal-cert",
+        help="PEM private key of --internal-cert (default: none)",
     )
-    p.add_argument("--log-level", default=env_setting("LOG_LEVEL", "INFO"))
     p.add_argument(
-        "--log-format", choices=["plain", "json"], default=env_setting("LOG_FORMAT", "plain")
+        "--log-level",
+        default=env_setting("LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["plain", "json"],
+        default=env_setting("LOG_FORMAT", "plain"),
+        help="plain text lines, or one JSON object a line (default: plain)",
     )
     return p
 

@@ -34,9 +34,17 @@ EXIT_BAD_SERVICE = 3
 """Exit status when the service cannot be loaded (the supervisor does not retry fast)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+DESCRIPTION = (
+    "Run one replica of a workflow service. It needs only a NATS URL, the deployment and "
+    "the service id: the deployment's YAML is read from the control plane's store, its "
+    "source is synced unless --source-dir is given."
+)
+"""What ``worker --help`` says above the options."""
+
+
+def build_parser(prog: str = "llamactl worker") -> argparse.ArgumentParser:
     """Command-line options of a worker process."""
-    parser = argparse.ArgumentParser(prog="llama-mesh-worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     parser.add_argument(
         "--nats",
         default=os.environ.get(NATS_URL_VARIABLE),
@@ -44,18 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--deployment", required=True, help="deployment name")
     parser.add_argument("--service", required=True, help="service id in the deployment")
-    parser.add_argument("--source-dir", type=Path, help="service source directory (else synced)")
-    parser.add_argument("--generation", type=int, default=0, help="deployment generation")
-    parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
+    parser.add_argument(
+        "--source-dir",
+        type=Path,
+        help="service source directory (default: none, synced from the deployment)",
+    )
+    parser.add_argument(
+        "--generation", type=int, default=0, help="deployment generation (default: 0)"
+    )
+    parser.add_argument(
+        "--ack-wait",
+        type=float,
+        default=10.0,
+        help="seconds before a task of a dead worker is redelivered (default: 10)",
+    )
     parser.add_argument("--instance-id", help="replica id (default: random)")
     NatsLogin.add_options(parser)
     parser.add_argument(
         "--exit-with-parent",
         type=int,
         metavar="PID",
-        help="stop when the process PID (the supervising server) dies",
+        help="stop when the process PID, the supervising server, dies (default: none)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("LLAMA_MESH_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LLAMA_MESH_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO, from $LLAMA_MESH_LOG_LEVEL)",
+    )
     return parser
 
 
@@ -122,9 +145,9 @@ def exit_with_parent(parent: int) -> None:
         sys.exit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "llamactl worker") -> int:
+    """Entry point of a worker process (``prog``: the name its usage lines show)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not args.nats:
         parser.error(f"the NATS URL is needed: --nats URL or ${NATS_URL_VARIABLE}")
@@ -139,4 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m llama_mesh.server.service"))

@@ -21,7 +21,7 @@ from workflows.events import InputRequiredEvent, StopEvent
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.domain import HumanEvent, JsonValue, TaskError, TaskStatus
 from llama_mesh.server.errors import MeshError
-from llama_mesh.server.queues.base import QueueError
+from llama_mesh.server.queues.base import MessageTooLargeError, QueueError
 from llama_mesh.server.service.events import build_event, event_data, qualified_name, to_json_value
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,15 @@ async def run_workflow(
             TaskStatus.FAILED,
             error=TaskError("TimeoutError", f"the task did not finish within {timeout} s"),
         )
+    except MessageTooLargeError as exc:
+        # Too large now is too large on every delivery: fail once, saying why.
+        await handler.cancel_run()
+        error = TaskError(
+            "MessageTooLarge",
+            f"an event of the task is {exc.size} bytes, more than the message queue's limit "
+            f"of {exc.limit} bytes (NATS max_payload): it cannot be published",
+        )
+        outcome = RunOutcome(TaskStatus.FAILED, error=error)
     except QueueError:
         # The broker failed, not the workflow: let the worker give the task back.
         await handler.cancel_run()
