@@ -386,7 +386,9 @@ class Task(_message.Message):
     attempts: _builtins.int
     """attempts is how many times the task was delivered to a replica."""
     event_count: _builtins.int
-    """event_count is how many workflow events the task streamed; set when it finishes."""
+    """event_count is how many workflow events the task streamed: so far in GetTask while it
+    runs, and in every listing once it finishes (0 in listings before that).
+    """
     instance_id: _builtins.str
     """instance_id is the replica that ran (or runs) the task."""
     @_builtins.property

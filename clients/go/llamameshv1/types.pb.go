@@ -668,7 +668,8 @@ type Task struct {
 	Error *TaskError `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
 	// attempts is how many times the task was delivered to a replica.
 	Attempts int32 `protobuf:"varint,9,opt,name=attempts,proto3" json:"attempts,omitempty"`
-	// event_count is how many workflow events the task streamed; set when it finishes.
+	// event_count is how many workflow events the task streamed: so far in GetTask while it
+	// runs, and in every listing once it finishes (0 in listings before that).
 	EventCount int64 `protobuf:"varint,10,opt,name=event_count,json=eventCount,proto3" json:"event_count,omitempty"`
 	// created_at is when the task was created.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`

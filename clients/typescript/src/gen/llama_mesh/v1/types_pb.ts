@@ -361,7 +361,8 @@ export type Task = Message<"llama_mesh.v1.Task"> & {
   attempts: number;
 
   /**
-   * event_count is how many workflow events the task streamed; set when it finishes.
+   * event_count is how many workflow events the task streamed: so far in GetTask while it
+   * runs, and in every listing once it finishes (0 in listings before that).
    *
    * @generated from field: int64 event_count = 10;
    */
