@@ -13,7 +13,6 @@ Two deployments on one real server (embedded nats-server, worker processes, Envo
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest_asyncio
 
 from llama_mesh.client import AsyncClient, TaskStatus
 from llama_mesh.server.app import MeshServer, ServerSettings
-from tests.compat.conftest import REPO, CompatPython, CompatVenv, _run
+from tests.compat.conftest import REPO, CompatPython, CompatVenv, run_compat_script
 
 pytestmark = [pytest.mark.compat, pytest.mark.asyncio(loop_scope="module")]
 
@@ -83,13 +82,11 @@ async def test_the_0_8_example_runs_with_the_0_8_client(
     its YAML) runs on the default worker environment: its client.py, on the released
     client, gets the default service's result, streamed events, a human-in-the-loop answer
     taken by the running task, a session's context kept between runs, and an error."""
-    args = [str(compat_venv.python), str(EXAMPLE / "client.py"), gateway]
     cp_url = control_plane_url(server, "llama_deploy_08")
-    if cp_url is not None:
-        args.append(cp_url)
-    proc = await _run(args, client_home, 180.0)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    args = (gateway,) if cp_url is None else (gateway, cp_url)
+    out = await run_compat_script(
+        compat_venv, EXAMPLE / "client.py", *args, home=client_home, timeout=180.0
+    )
     assert out["echo"] == "Message received: hello"
     assert [e["step"] for e in out["events"] if "step" in e] == [0, 1, 2]
     assert out["streamed_result"] == "Message received: stream"

@@ -33,6 +33,16 @@ class Here(Workflow):
         return StopEvent(result=f"served here: {ev.get('message', '')}")
 
 
+def test_the_server_package_exports_workflow_service() -> None:
+    """``llama_mesh.server`` exports exactly its public API, WorkflowService."""
+    import llama_mesh.server
+
+    assert llama_mesh.server.__all__ == ["WorkflowService"]
+    assert llama_mesh.server.WorkflowService is WorkflowService
+    with pytest.raises(AttributeError):
+        llama_mesh.server.NoSuchThing  # noqa: B018
+
+
 async def instance_ids(server: MeshServer, service: str) -> set[str]:
     return {i.instance_id for i in await server.mesh.cp.list_instances(APP, service)}
 
