@@ -234,12 +234,13 @@ def test_control_plane_keys_keep_08_spelling() -> None:
     [
         ("name: d\n", "", 1, "missing required key 'services'"),
         ("name: 'my deployment'\n", "name", 1, "NATS subject token"),
+        ("name: ''\n", "name", 1, "must not be empty"),
         ("name: 12\n", "name", 1, 'quote it to use it as text: "12"'),
         ("name: [a]\n", "name", 1, "expected a string, got a list"),
     ],
 )
 def test_document_level_errors(text: str, key_path: str, line: int, fragment: str) -> None:
-    """Missing keys, empty services, bad names and wrong types name the key and the line."""
+    """Missing keys, empty or bad names and wrong types name the key and the line."""
     err = error_of(text)
     assert (err.key_path, err.line) == (key_path, line)
     assert fragment in err.message

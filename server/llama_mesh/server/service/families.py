@@ -1,11 +1,12 @@
 """Workflow families: what the runner needs from each library that defines a ``Workflow``.
 
 A worker runs ``workflows.Workflow`` objects (package ``llama-index-workflows``; the
-``llama_index.core.workflow`` of llama-index-core 0.13 and later re-exports it), and the
-``Workflow`` of an older llama-index-core (0.12.x) that a deployment pins in its
-``python-dependencies``. The two have the same shape (``run(ctx=..., **kwargs)`` returns a
-handler with ``ctx``, ``stream_events()`` and ``cancel_run()``; ``Context.to_dict`` /
-``Context.from_dict``) but their own classes for events, contexts and errors.
+``llama_index.core.workflow`` of llama-index-core from 0.12.4x on re-exports it: 1.x up to
+0.13, 2.x from 0.14), and the ``Workflow`` of an older llama-index-core (0.12.15, say) that a
+deployment pins in its ``python-dependencies``. The two have the same shape
+(``run(ctx=..., **kwargs)`` returns a handler with ``ctx``, ``stream_events()`` and
+``cancel_run()``; ``Context.to_dict`` / ``Context.from_dict``) but their own classes for
+events, contexts and errors.
 :class:`WorkflowFamily` names those classes once per library; :func:`family_of` tells which
 family a workflow object belongs to. The runner and the event decoding speak only to a
 family, never to one library directly.
