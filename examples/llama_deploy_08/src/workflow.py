@@ -48,8 +48,8 @@ class CounterWorkflow(Workflow):
 
     @step
     async def count(self, ctx: Context, ev: StartEvent) -> StopEvent:
-        runs = int(await ctx.store.get("runs", default=0)) + 1
-        await ctx.store.set("runs", runs)
+        runs = int(await ctx.get("runs", default=0)) + 1
+        await ctx.set("runs", runs)
         return StopEvent(result=str(runs))
 
 

@@ -11,6 +11,10 @@ events, contexts and errors.
 family a workflow object belongs to. The runner and the event decoding speak only to a
 family, never to one library directly.
 
+Llama Deploy 0.8 workflows keep session state with ``await ctx.get(key, default=...)`` and
+``await ctx.set(key, value)``, which llama-index-workflows 2 dropped for ``ctx.store``;
+importing this module gives ``workflows.Context`` those two back, over ``ctx.store``.
+
 The older library is never imported here: its family is built from the modules the
 service's own code imported, so a worker without it pays nothing.
 """
@@ -89,6 +93,32 @@ WORKFLOWS = WorkflowFamily(
     step_config=lambda step: getattr(step, "_step_config", None),
 )
 """``workflows.Workflow``, which current ``llama_index.core.workflow`` re-exports."""
+
+
+async def _context_get(self: workflows.Context, key: str, default: Any = ...) -> Any:
+    """``ctx.get(key, default)`` of llama-index-core 0.12: ``ctx.store.get``."""
+    return await self.store.get(key, default)
+
+
+async def _context_set(
+    self: workflows.Context, key: str, value: Any, make_private: bool = False
+) -> None:
+    """``ctx.set(key, value)`` of llama-index-core 0.12: ``ctx.store.set`` (``make_private``
+    is accepted and the value stored in the shared state all the same)."""
+    await self.store.set(key, value)
+
+
+def _restore_context_state_api() -> None:
+    """Give ``workflows.Context`` back the ``get``/``set`` coroutines llama-index-workflows
+    2 removed: Llama Deploy 0.8 workflows keep their session state with them. The values
+    land in ``ctx.store``, so they are saved and restored with the session's context."""
+    if not hasattr(workflows.Context, "get"):
+        workflows.Context.get = _context_get  # type: ignore[attr-defined]
+    if not hasattr(workflows.Context, "set"):
+        workflows.Context.set = _context_set  # type: ignore[attr-defined]
+
+
+_restore_context_state_api()
 
 _legacy: dict[int, WorkflowFamily] = {}
 
