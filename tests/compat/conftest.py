@@ -212,6 +212,28 @@ async def run_compat_python(
     return json.loads(lines[-1])
 
 
+async def run_compat_script(
+    venv: CompatVenv,
+    script: Path,
+    *args: str,
+    home: Path,
+    timeout: float = SUBPROCESS_TIMEOUT,
+) -> Any:
+    """Run the Python file ``script`` with the compat interpreter; the JSON it printed last.
+
+    Fails the test, with the script's output, when it exits non-zero or prints no JSON.
+    """
+    proc = await _run([str(venv.python), str(script), *args], home, timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        pytest.fail(
+            f"{script.name} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
+            f"\n--- stderr\n{proc.stderr}",
+            pytrace=False,
+        )
+    return json.loads(lines[-1])
+
+
 async def run_llamactl(
     venv: CompatVenv,
     server_url: str,

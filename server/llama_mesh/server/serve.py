@@ -6,7 +6,10 @@ deploys the given files, prints where everything listens and a ready line, and o
 or SIGTERM stops every child process cleanly.
 
 Every option can also come from the environment (``LLAMA_MESH_PORT``, ``LLAMA_MESH_HOST``,
-``LLAMA_MESH_NATS_URL``, ``LLAMA_MESH_DATA_DIR``, ...); flags win.
+``LLAMA_MESH_NATS_URL``, ``LLAMA_MESH_DATA_DIR``, ...); flags win. The Llama Deploy 0.8 API
+server's own variables (``LLAMA_DEPLOY_APISERVER_HOST``, ``_PORT``, ``_RC_PATH``,
+``_PROMETHEUS_ENABLED``, ``_PROMETHEUS_PORT``) are read after those, so 0.8 container images
+start unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from pathlib import Path
 
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
-from llama_mesh.server.envvars import env_setting
+from llama_mesh.server.envvars import (
+    LLAMA_DEPLOY_PREFIX,
+    env_setting,
+    llama_deploy_setting,
+    setting,
+)
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
 from llama_mesh.server.queues.nats import NatsLogin, redact_url
@@ -49,6 +57,31 @@ DESCRIPTION = (
 """What ``serve --help`` says above the options."""
 
 
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+IGNORED_LLAMA_DEPLOY_SETTINGS = {
+    "DEPLOYMENTS_PATH": "sources live under --data-dir",
+    "USE_TLS": "the gateway serves HTTPS with --tls-cert and --tls-key",
+}
+"""0.8 API server settings with no meaning here, and what to use instead."""
+
+
+def _prometheus_port() -> int | None:
+    """The metrics port 0.8's ``PROMETHEUS_ENABLED`` / ``PROMETHEUS_PORT`` ask for (9000
+    when only enabled); None when neither is set, or metrics are disabled."""
+    enabled = llama_deploy_setting("PROMETHEUS_ENABLED")
+    port = llama_deploy_setting("PROMETHEUS_PORT")
+    if enabled is None and port is None:
+        return None
+    if enabled is not None and enabled.strip().lower() in _FALSE:
+        return None
+    return int(port) if port else 9000
+
+
+def _metrics_port() -> int | None:
+    return _int_env("METRICS_PORT") if env_setting("METRICS_PORT") else _prometheus_port()
+
+
 def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     """The options of ``serve``."""
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
@@ -61,14 +94,20 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--host",
-        default=env_setting("HOST", "127.0.0.1"),
+        default=setting("HOST", "127.0.0.1"),
         help="gateway listen address (default: 127.0.0.1)",
     )
     p.add_argument(
         "--port",
         type=int,
-        default=int(env_setting("PORT", "4501") or 4501),
+        default=int(setting("PORT", "4501") or 4501),
         help="gateway port: JSON, gRPC and gRPC-Web (default: 4501)",
+    )
+    p.add_argument(
+        "--rc-path",
+        type=Path,
+        default=setting("RC_PATH"),
+        help="also deploy every *.yml and *.yaml file in this folder at start-up (default: none)",
     )
     p.add_argument(
         "--grpc-host",
@@ -159,7 +198,7 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=_int_env("METRICS_PORT"),
+        default=_metrics_port(),
         help="serve Prometheus /metrics on 127.0.0.1:PORT, 0 for any free port "
         "(default: none, no metrics)",
     )
@@ -253,8 +292,19 @@ def _say(line: str) -> None:
     print(f"llama-mesh: {line}", flush=True)
 
 
-async def serve(settings: ServerSettings, files: list[Path]) -> int:
-    """Run until SIGINT/SIGTERM; returns the exit status."""
+def rc_files(rc_path: Path) -> list[Path]:
+    """The deployment files of an rc folder, in name order (none if it does not exist)."""
+    if not rc_path.is_dir():
+        return []
+    return sorted(p for p in rc_path.iterdir() if p.suffix in (".yml", ".yaml") and p.is_file())
+
+
+async def serve(settings: ServerSettings, files: list[Path], rc_path: Path | None = None) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit status.
+
+    A file of ``files`` that cannot be deployed stops the server (exit 2); one of the
+    ``rc_path`` folder is reported and skipped, as the 0.8 server did.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -281,6 +331,17 @@ async def serve(settings: ServerSettings, files: list[Path]) -> int:
                 print(f"llama-mesh: cannot deploy {path}: {message}", file=sys.stderr)
                 return 2
             _say(f"deployed {name} from {path}")
+        if rc_path is not None:
+            found = rc_files(rc_path)
+            _say(f"rc folder {rc_path}: {len(found)} deployment file(s)")
+            for path in found:
+                try:
+                    name = await server.deploy_file(path)
+                except (MeshError, OSError) as exc:
+                    message = exc.message if isinstance(exc, MeshError) else str(exc)
+                    print(f"llama-mesh: cannot deploy {path}: {message}", file=sys.stderr)
+                    continue
+                _say(f"deployed {name} from {path}")
         _say(f"ready on {server.gateway_url or f'127.0.0.1:{server.grpc_port}'}")
         await stop.wait()
         _say("stopping")
@@ -299,4 +360,7 @@ def main(argv: list[str] | None = None, prog: str = "llamactl serve") -> int:
         parser.error(str(exc))
     configure_logging(args.log_level, args.log_format)
     os.environ["LLAMA_MESH_LOG_FORMAT"] = args.log_format  # workers log the same way
-    return asyncio.run(serve(settings, list(args.deployment_files)))
+    for name, instead in IGNORED_LLAMA_DEPLOY_SETTINGS.items():
+        if llama_deploy_setting(name):
+            _say(f"{LLAMA_DEPLOY_PREFIX}{name} is not used: {instead}")
+    return asyncio.run(serve(settings, list(args.deployment_files), args.rc_path))

@@ -208,6 +208,9 @@ class DeploymentManager:
         await self._cp.put_deployment(record)
         deploying = DeploymentStatus.DEPLOYING
         await self._say(name, f"deploying generation {record.generation}", deploying)
+        for warning in config.warnings:
+            logger.warning("deployment %s: %s", name, warning)
+            await self._say(name, f"warning: {warning}", deploying)
         try:
             specs = [await self._prepare(config, record, sid) for sid in config.services]
         except (SourceError, VenvError, DeploymentConfigError) as exc:
@@ -295,6 +298,8 @@ class DeploymentManager:
 
     async def _wait_ready(self, config: DeploymentConfig, generation: int) -> str:
         """Wait until every service has a live replica of ``generation``; '' or a problem."""
+        if not config.services:
+            return ""
 
         async def all_live() -> str:
             seen: set[str] = set()

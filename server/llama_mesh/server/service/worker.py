@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from workflows import Workflow
 
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
@@ -100,7 +99,7 @@ class Worker:
         self,
         queue: MessageQueue,
         control_plane: ControlPlane,
-        workflow: Workflow,
+        workflow: object,
         settings: WorkerSettings,
         *,
         address: str = "",
