@@ -48,6 +48,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str
             port=0,  # the gateway takes a free port itself: no race for it
             queue="nats",
             gateway=True,
+            control_planes=False,
             ack_wait=5.0,
         )
     )
