@@ -28,7 +28,7 @@ from llama_mesh.server.apiserver.compat import (
 )
 from llama_mesh.server.apiserver.mesh import Mesh, check_id, json_within_limit
 from llama_mesh.server.deployment_config import DeploymentConfig
-from llama_mesh.server.domain import EventKind, JsonValue, Task, TaskStatus
+from llama_mesh.server.domain import EventKind, JsonValue, Task
 from llama_mesh.server.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -40,6 +40,7 @@ from llama_mesh.server.orchestrator import choose_service
 from llama_mesh.server.service.events import parse_serialized_event
 from llama_mesh.v1 import control_plane_pb2 as cp
 from llama_mesh.v1 import control_plane_pb2_grpc as cp_grpc
+from llama_mesh.v1 import types_pb2
 
 _QUEUE_CONFIG_NAMES = {"nats": "NatsMessageQueueConfig", "inprocess": "SimpleMessageQueueConfig"}
 _QUEUE_TYPES = {"nats": "nats", "inprocess": "simple"}
@@ -124,17 +125,22 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServicer):
     ) -> cp.ControlPlaneRecordTaskResponse:
         if not request.HasField("task"):
             raise InvalidArgumentError("task: required", reason="MISSING_TASK")
-        task = convert.task_from_proto(request.task)
-        if task.status is not TaskStatus.QUEUED:
+        given = request.task
+        if given.status not in (types_pb2.TASK_STATUS_UNSPECIFIED, types_pb2.TASK_STATUS_QUEUED):
             raise InvalidArgumentError(
-                f"task.status: a new task is QUEUED, not {task.status.name}",
+                f"task.status: a new task is TASK_STATUS_QUEUED, not {given.status}",
                 reason="INVALID_STATUS",
             )
-        task.deployment = self._deployment(task.deployment, context)
-        check_id("task.task_id", task.task_id)
-        check_id("task.session_id", task.session_id)
-        config = self._mesh.deployments.config(task.deployment)
-        task.service_id = choose_service(config, task.service_id or None)
+        deployment = self._deployment(given.deployment, context)
+        config = self._mesh.deployments.config(deployment)
+        # A new task is what its caller asks for; its outcome fields are the server's.
+        task = Task(
+            task_id=check_id("task.task_id", given.task_id),
+            deployment=deployment,
+            service_id=choose_service(config, given.service_id or None),
+            session_id=check_id("task.session_id", given.session_id),
+            input=convert.from_struct(given.input),
+        )
         json_within_limit("task.input", task.input)
         await self._cp.get_session(task.deployment, task.session_id, task_ids=False)
         stored = await self._cp.record_task(task)
