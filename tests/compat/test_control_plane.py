@@ -258,7 +258,7 @@ async def test_second_deployment_on_the_same_port_is_told_and_still_works(
 ) -> None:
     """A deployment asking for a port another deployment's control plane has: its progress
     names the port and the holder, it still runs through the API server, and the port keeps
-    serving the first deployment."""
+    serving the first deployment (a client cannot name another one there)."""
     port = int(cp_url.rsplit(":", 1)[1])
     config = write_shout_deployment(tmp_path / "clash", "clash")
     yaml = config.read_text().replace("port: 8000", f"port: {port}")
@@ -273,7 +273,11 @@ async def test_second_deployment_on_the_same_port_is_told_and_still_works(
     assert ran.status_code == 200 and ran.json() == "v1: x"
     async with httpx.AsyncClient(base_url=cp_url) as http:
         services = (await http.get("/services")).json()
+        # The port's deployment is the listener's, whatever a client names.
+        spoofed = (await http.get("/services", params={"deployment": "clash"})).json()
+        spoofed_header = await http.get("/services", headers={"x-llama-mesh-deployment": "clash"})
     assert "echo" in services and "shout" not in services
+    assert spoofed == services and spoofed_header.json() == services
 
 
 async def test_port_held_by_another_process_is_told(
