@@ -131,6 +131,7 @@ async def compat_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         queue="nats",
         nats_url=None,
         gateway=True,
+        control_planes=False,  # testapp's port 8000 is not the tests' to take
         ack_wait=2.0,
         ready_timeout=60.0,
     )

@@ -316,3 +316,16 @@ def test_results_print_like_08(capsys: pytest.CaptureFixture[str]) -> None:
 def test_tables_align_columns() -> None:
     """Tables: headers first, columns padded to the widest cell, no trailing blanks."""
     assert table([["a", "bbb"], ["cccc", ""]], ["X", "Y"]) == "X     Y\na     bbb\ncccc"
+
+
+def test_control_planes_are_served_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` serves deployments' 0.8 control planes by default; ``--no-control-planes``
+    or ``LLAMA_MESH_NO_CONTROL_PLANES=1`` turns them off."""
+    from llama_mesh.server.serve import build_parser, settings_from_args
+
+    monkeypatch.delenv("LLAMA_MESH_NO_CONTROL_PLANES", raising=False)
+    assert settings_from_args(build_parser().parse_args([])).control_planes
+    off = build_parser().parse_args(["--no-control-planes"])
+    assert not settings_from_args(off).control_planes
+    monkeypatch.setenv("LLAMA_MESH_NO_CONTROL_PLANES", "1")
+    assert not settings_from_args(build_parser().parse_args([])).control_planes

@@ -278,6 +278,7 @@ class ServiceInstance(_message.Message):
     LAST_HEARTBEAT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
+    SERVICE_ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id identifies the replica (unique per process start)."""
     hostname: _builtins.str
@@ -290,6 +291,8 @@ class ServiceInstance(_message.Message):
     """in_flight is the number of tasks the replica is running."""
     generation: _builtins.int
     """generation is the deployment generation the replica runs."""
+    service_id: _builtins.str
+    """service_id is the service the replica runs."""
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp:
         """last_heartbeat is when the replica last reported."""
@@ -309,10 +312,11 @@ class ServiceInstance(_message.Message):
         last_heartbeat: _timestamp_pb2.Timestamp | None = ...,
         generation: _builtins.int = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
+        service_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "generation", b"generation", "hostname", b"hostname", "in_flight", b"in_flight", "instance_id", b"instance_id", "last_heartbeat", b"last_heartbeat", "pid", b"pid", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "generation", b"generation", "hostname", b"hostname", "in_flight", b"in_flight", "instance_id", b"instance_id", "last_heartbeat", b"last_heartbeat", "pid", b"pid", "service_id", b"service_id", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

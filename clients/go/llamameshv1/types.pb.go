@@ -488,7 +488,9 @@ type ServiceInstance struct {
 	// generation is the deployment generation the replica runs.
 	Generation int64 `protobuf:"varint,7,opt,name=generation,proto3" json:"generation,omitempty"`
 	// started_at is when the replica started.
-	StartedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	StartedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	// service_id is the service the replica runs.
+	ServiceId     string `protobuf:"bytes,9,opt,name=service_id,json=serviceId,proto3" json:"service_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -577,6 +579,13 @@ func (x *ServiceInstance) GetStartedAt() *timestamppb.Timestamp {
 		return x.StartedAt
 	}
 	return nil
+}
+
+func (x *ServiceInstance) GetServiceId() string {
+	if x != nil {
+		return x.ServiceId
+	}
+	return ""
 }
 
 // TaskError describes why a task failed.
@@ -1009,7 +1018,7 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"\vmax_retries\x18\a \x01(\x05R\n" +
 	"maxRetries\x12<\n" +
 	"\tinstances\x18\b \x03(\v2\x1e.llama_mesh.v1.ServiceInstanceR\tinstances\x12\x18\n" +
-	"\ahealthy\x18\t \x01(\bR\ahealthy\"\xb5\x02\n" +
+	"\ahealthy\x18\t \x01(\bR\ahealthy\"\xd4\x02\n" +
 	"\x0fServiceInstance\x12\x1f\n" +
 	"\vinstance_id\x18\x01 \x01(\tR\n" +
 	"instanceId\x12\x1a\n" +
@@ -1022,7 +1031,9 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"generation\x18\a \x01(\x03R\n" +
 	"generation\x129\n" +
 	"\n" +
-	"started_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\"W\n" +
+	"started_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12\x1d\n" +
+	"\n" +
+	"service_id\x18\t \x01(\tR\tserviceId\"W\n" +
 	"\tTaskError\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +

@@ -149,6 +149,13 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     )
     p.add_argument("--no-gateway", action="store_true", help="serve gRPC only, no Envoy")
     p.add_argument(
+        "--no-control-planes",
+        action="store_true",
+        default=env_setting("NO_CONTROL_PLANES", "") not in ("", "0", "false"),
+        help="do not serve deployments' Llama Deploy 0.8 control plane API on their "
+        "control-plane.port (default: served)",
+    )
+    p.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -265,6 +272,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         nats_tls_key=args.nats_tls_key,
         nats_replicas=args.nats_replicas,
         gateway=not args.no_gateway,
+        control_planes=not args.no_control_planes,
         cors_origins=tuple(args.cors_origin),
         max_deployments=args.max_deployments,
         ack_wait=args.ack_wait,

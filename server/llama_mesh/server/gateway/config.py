@@ -148,6 +148,9 @@ class GatewayConfig:
     upstream_tls_key: Path | None = None
     max_connections: int = 10000
     access_log: bool = False
+    control_plane_lds: Path | None = None
+    """A listener file Envoy watches for Llama Deploy 0.8 control plane listeners, which
+    come and go with deployments (see :mod:`.control_planes`); ``None``: no such listeners."""
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "upstream_port", "admin_port"):
@@ -205,6 +208,12 @@ def render_envoy_config(cfg: GatewayConfig) -> dict[str, Any]:
             ]
         },
     }
+    if cfg.control_plane_lds is not None:
+        from llama_mesh.server.gateway.control_planes import lds_config_source
+
+        bootstrap["dynamic_resources"] = {"lds_config": lds_config_source(cfg.control_plane_lds)}
+        # Envoy asks dynamic resources for a node identity, even from a file.
+        bootstrap["node"] = {"id": "llama-mesh-gateway", "cluster": "llama-mesh"}
     if cfg.admin_port is not None:
         bootstrap["admin"] = {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.admin_port}}
