@@ -24,6 +24,7 @@ import pytest_asyncio
 from llama_mesh.client import AsyncClient, TaskStatus
 from llama_mesh.server.app import MeshServer, ServerSettings
 from tests.compat.conftest import REPO, CompatPython, CompatVenv, run_compat_script
+from tests.fixtures.mesh import free_port
 
 pytestmark = [pytest.mark.compat, pytest.mark.asyncio(loop_scope="module")]
 
@@ -54,7 +55,15 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh
         )
     )
     try:
-        await server.deploy_file(EXAMPLE / "deployment.yml")
+        # The example asks for control plane port 8000; a test takes a free one instead.
+        text = (EXAMPLE / "deployment.yml").read_text()
+        assert "port: 8000" in text
+        await server.mesh.deployments.create(
+            text.replace("port: 8000", f"port: {free_port()}").encode(),
+            base_path=str(EXAMPLE),
+            reload=False,
+            local=True,
+        )
         yield server
     finally:
         await server.shutdown()
@@ -66,13 +75,11 @@ def gateway(server: MeshServer) -> str:
     return server.gateway_url
 
 
-def control_plane_url(server: MeshServer, deployment: str) -> str | None:
-    """Where ``deployment``'s 0.8 control plane routes (``control-plane.port``) answer.
-
-    None while the server does not serve them: the example's ``client.core`` part is then
-    not run. When it does, return that URL and the example runs it too.
-    """
-    return None
+def control_plane_url(server: MeshServer, deployment: str) -> str:
+    """Where ``deployment``'s 0.8 control plane routes (``control-plane.port``) answer."""
+    control_planes = server.mesh.deployments.control_planes
+    assert control_planes is not None
+    return f"http://127.0.0.1:{control_planes.served[deployment]}"
 
 
 async def test_the_0_8_example_runs_with_the_0_8_client(
@@ -83,9 +90,8 @@ async def test_the_0_8_example_runs_with_the_0_8_client(
     client, gets the default service's result, streamed events, a human-in-the-loop answer
     taken by the running task, a session's context kept between runs, and an error."""
     cp_url = control_plane_url(server, "llama_deploy_08")
-    args = (gateway,) if cp_url is None else (gateway, cp_url)
     out = await run_compat_script(
-        compat_venv, EXAMPLE / "client.py", *args, home=client_home, timeout=180.0
+        compat_venv, EXAMPLE / "client.py", gateway, cp_url, home=client_home, timeout=180.0
     )
     assert out["echo"] == "Message received: hello"
     assert [e["step"] for e in out["events"] if "step" in e] == [0, 1, 2]
@@ -94,9 +100,8 @@ async def test_the_0_8_example_runs_with_the_0_8_client(
     assert out["greeting"] == "Hello, Ada!"
     assert out["counts"] == ["1", "2"]
     assert "500" in out["failure"] or "asked to fail" in out["failure"]
-    if cp_url is not None:
-        assert out["services"] == ["counter_workflow", "echo_workflow", "greeter_workflow"]
-        assert out["core_echo"] == "Message received: from the control plane"
+    assert out["services"] == ["counter_workflow", "echo_workflow", "greeter_workflow"]
+    assert out["core_echo"] == "Message received: from the control plane"
 
 
 LEGACY_SNIPPET = """
