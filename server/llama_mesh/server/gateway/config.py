@@ -16,7 +16,8 @@ response *after* transcoding.
 
 Routes: gRPC requests (``content-type: application/grpc*``, which is also what the
 transcoder turns JSON requests into before the router matches again) go to the
-``apiserver`` cluster; everything else is a local 404. The v1 event stream route carries a
+``apiserver`` cluster; ``GET /`` and ``GET /console/*`` are the web console's files, answered
+by Envoy itself (:mod:`.console`); everything else is a local 404. The v1 event stream route carries a
 per-route transcoder config that frames the stream as Server-Sent Events; every other
 stream is NDJSON. Routes have no timeout: streams live as long as they need.
 
@@ -48,7 +49,7 @@ from typing import IO, Any, Self
 import yaml
 
 from llama_mesh.server.children import dying_with_parent
-from llama_mesh.server.gateway import v1_fields
+from llama_mesh.server.gateway import console, v1_fields
 
 __all__ = [
     "DEFAULT_DESCRIPTOR_PATH",
@@ -430,6 +431,7 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
                 }
             },
         },
+        *_console_routes(),
         {
             # Anything the transcoder does not know: Envoy's own 404 (JSON, see local
             # replies). A route to a cluster that does not exist rather than a direct
@@ -452,7 +454,14 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
         "virtual_hosts": [virtual_host],
         # The not-found route names a cluster that deliberately does not exist.
         "validate_clusters": False,
+        # Envoy's default cap (4 KiB) is smaller than the console's files.
+        "max_direct_response_body_size_bytes": max(4096, console.largest_console_file()),
     }
+
+
+def _console_routes() -> list[dict[str, Any]]:
+    """The web console's static files (``GET /`` and ``GET /console/*``), from Envoy itself."""
+    return console.console_routes()
 
 
 def _cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
