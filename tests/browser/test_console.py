@@ -6,6 +6,8 @@ and drives the page; expectations auto-wait (generous timeouts, no sleeps).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 from playwright.async_api import Page, expect
 
@@ -72,9 +74,7 @@ async def test_console_files_come_from_the_gateway(mesh_factory: MeshFactory) ->
         assert (await http.get("/console/nope.js")).status_code == 404
 
 
-async def test_deployments_page_lists_the_deployment(
-    mesh_factory: MeshFactory, page: Page
-) -> None:
+async def test_deployments_page_lists_the_deployment(mesh_factory: MeshFactory, page: Page) -> None:
     """The deployments page shows testapp, ready, with its services and their health."""
     server = await serve(mesh_factory)
     await open_console(page, server)
@@ -164,9 +164,7 @@ async def test_human_in_the_loop_is_answered_from_the_page(
     await expect(page.locator("#answer")).to_be_empty()
 
 
-async def test_a_wrong_api_key_shows_a_clear_message(
-    mesh_factory: MeshFactory, page: Page
-) -> None:
+async def test_a_wrong_api_key_shows_a_clear_message(mesh_factory: MeshFactory, page: Page) -> None:
     """No key, then a wrong key: the page says so and lists nothing; the right key works."""
     server = await serve(mesh_factory)
     await page.goto(url(server) + "/")
@@ -197,3 +195,26 @@ async def test_a_user_key_cannot_delete_and_an_admin_key_can(
     await page.click("text=Use key")
     await row.locator("text=Delete").click(timeout=WAIT)
     await expect(row).to_have_count(0, timeout=WAIT)
+
+
+async def test_a_deployment_created_from_an_uploaded_file_shows_why_it_failed(
+    mesh_factory: MeshFactory, page: Page, tmp_path: Path
+) -> None:
+    """Create uploads a YAML file; a deployment that fails says why, and the list shows it
+    failed with the reason; Reload asks the server again."""
+    server = await serve(mesh_factory)
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        "name: broken\nservices:\n  svc:\n    name: Svc\n    source: {type: local, name: .}\n"
+        "    path: nope:workflow\n"
+    )
+    await open_console(page, server)
+    await expect(page.locator("tr[data-deployment=testapp]")).to_be_visible()
+    await page.set_input_files("#deployment-file", str(broken))
+    await page.click("text=Create")
+    await expect(page.locator("#error")).to_contain_text("no module 'nope'")
+    row = page.locator("tr[data-deployment=broken]")
+    await expect(row).to_contain_text("FAILED")
+    await expect(row).to_contain_text("no module 'nope'")
+    await row.locator("text=Reload").click()
+    await expect(page.locator("#error")).to_contain_text("broken")
