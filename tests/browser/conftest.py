@@ -23,6 +23,7 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def _chromium() -> str:
+    """The system chromium; skips without it, or fails under CI=true."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found:
         return found

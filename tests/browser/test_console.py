@@ -88,11 +88,14 @@ async def test_deployments_page_lists_the_deployment(mesh_factory: MeshFactory, 
 async def test_running_a_task_from_the_form_shows_its_result(
     mesh_factory: MeshFactory, page: Page
 ) -> None:
-    """Service and JSON input from the form run a task; its page shows input and result,
-    and it is listed among the deployment's tasks."""
+    """The deployment page shows its deploy progress; service and JSON input from the form
+    run a task; its page shows input and result, and it is listed among the deployment's
+    tasks (filtered by status) and under its session."""
     server = await serve(mesh_factory)
     await open_console(page, server, at="/d/testapp")
     await expect(page.locator("#run-service option[value=echo]")).to_have_count(1, timeout=WAIT)
+    await expect(page.locator("#progress")).to_contain_text("starting 2 replica(s) of slow")
+    await expect(page.locator("#progress")).to_contain_text("ready  [READY]")
     await page.fill("#run-input", '{"message": "from the browser"}')
     await shoot(page, "deployment")
     await run_from_form(page, "echo", '{"message": "from the browser"}')
@@ -106,6 +109,9 @@ async def test_running_a_task_from_the_form_shows_its_result(
     await page.select_option("#task-filter", "SUCCEEDED")
     await expect(page.locator("#tasks tbody tr")).to_have_count(1, timeout=WAIT)
     await expect(page.locator("#tasks tbody tr")).to_contain_text("echo")
+    task_id = await page.locator("#tasks tbody tr").get_attribute("data-task")
+    assert task_id
+    await expect(page.locator("#sessions")).to_contain_text(task_id)
 
 
 async def test_a_failed_task_shows_its_traceback(mesh_factory: MeshFactory, page: Page) -> None:

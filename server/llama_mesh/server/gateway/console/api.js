@@ -83,3 +83,23 @@ export async function stream(path, onData, signal) {
     }
   }
 }
+
+/** Reads a newline-delimited JSON stream route; calls onData with each parsed line. */
+export async function lines(path, onData, signal) {
+  const response = await fetch(`/v1${path}`, { headers: headers(), signal });
+  if (!response.ok) throw await failure(response);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (value) buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, end).trim();
+      buffer = buffer.slice(end + 1);
+      if (line) onData(JSON.parse(line));
+    }
+    if (done) break;
+  }
+  if (buffer.trim()) onData(JSON.parse(buffer));
+}

@@ -1,6 +1,6 @@
 // The llama-mesh console: pages over the /v1 API only. Data is put in the page with
 // textContent (never as HTML).
-import { apiKey, call, setApiKey, stream } from "./api.js";
+import { apiKey, call, lines, setApiKey, stream } from "./api.js";
 
 const main = document.getElementById("main");
 const errorBox = document.getElementById("error");
@@ -143,6 +143,7 @@ async function deploymentPage(name, signal) {
     ["", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"].map((s) =>
       h("option", { value: s }, s || "all statuses")));
   const base = `/deployments/${enc(name)}`;
+  const progress = h("pre", { id: "progress" });
 
   const run = (ev) => {
     ev.preventDefault();
@@ -183,7 +184,10 @@ async function deploymentPage(name, signal) {
     h("h2", {}, "Sessions"),
     h("table", { id: "sessions" }, h("thead", {}, h("tr", {},
       ["Session", "Created", "Tasks"].map((t) => h("th", {}, t)))), sessions),
+    h("h2", {}, "Deploy progress"),
+    progress,
   );
+  followProgress(base, progress, signal);
 
   await attempt(async () => {
     const { services: list } = await call("GET", `${base}/services`, undefined, signal);
@@ -224,6 +228,17 @@ async function deploymentPage(name, signal) {
   every(async () => {
     await Promise.all([refreshServices(), refreshTasks(), refreshSessions()]);
   }, signal);
+}
+
+/** The last deploy's progress lines (dependency installs too), then new ones as they come. */
+async function followProgress(base, box, signal) {
+  try {
+    await lines(`${base}/progress`, ({ line, status }) => {
+      box.append(`${line}  [${short(status, "DEPLOYMENT_STATUS_")}]\n`);
+    }, signal);
+  } catch (err) {
+    showError(err);
+  }
 }
 
 // ---- One task: details, live events, answer, cancel ----------------------------------------
