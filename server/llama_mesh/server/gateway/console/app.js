@@ -1,6 +1,6 @@
 // The llama-mesh console: pages over the /v1 API only. Data is put in the page with
 // textContent (never as HTML).
-import { apiKey, call, lines, setApiKey, stream } from "./api.js";
+import { ApiError, apiKey, call, lines, setApiKey, stream } from "./api.js";
 
 const main = document.getElementById("main");
 const errorBox = document.getElementById("error");
@@ -311,30 +311,44 @@ async function taskPage(name, taskId, signal) {
       h("div", { class: "row" }, h("button", { type: "submit" }, "Send answer"))));
   };
 
+  let next = 0;
+  let ended = false;
   const onEvent = ({ event }) => {
     const kind = short(event.kind, "EVENT_KIND_");
+    next = Number(event.index) + 1;
+    if (kind !== "WORKFLOW") ended = true;
     events.append(h("li", { dataset: { index: event.index, type: event.type } },
       h("strong", {}, `#${event.index} ${event.type}`), h("span", { class: "kind" }, kind),
       h("span", { class: "kind" }, when(event.timestamp)),
       h("pre", {}, pretty(event.data ?? {}))));
     if (kind === "WORKFLOW" && (event.type || "").endsWith("InputRequiredEvent")) askForInput(event);
-    attempt(reload);
+    reload().catch(showError);
   };
 
   // Status and timings change without an event too (queued -> running, a retry).
   every(async () => {
     if (!finished) await reload();
   }, signal);
-  try {
-    streamState.textContent = "live";
-    await stream(`${base}/events?from_index=0`, onEvent, signal);
-    streamState.textContent = "ended";
-  } catch (err) {
-    if (err?.name === "AbortError") return;
-    streamState.textContent = "interrupted";
-    showError(err);
+  // The stream ends with the task's final event; a dropped connection resumes after the
+  // last event seen.
+  while (!ended && !signal.aborted) {
+    try {
+      streamState.textContent = "live";
+      await stream(`${base}/events?from_index=${next}`, onEvent, signal);
+    } catch (err) {
+      if (err?.name === "AbortError") return;
+      if (err instanceof ApiError) {
+        streamState.textContent = "interrupted";
+        showError(err);
+        return;
+      }
+    }
+    if (ended || signal.aborted) break;
+    streamState.textContent = "reconnecting…";
+    await new Promise((resolve) => setTimeout(resolve, REFRESH_MS));
   }
-  await attempt(reload);
+  streamState.textContent = "ended";
+  await reload().catch(showError);
 }
 
 // ---- Routing and the API key --------------------------------------------------------------
