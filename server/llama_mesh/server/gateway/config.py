@@ -5,7 +5,8 @@ Envoy fronts the API server's gRPC port and serves, on one listener (HTTP/1.1 an
 * the JSON HTTP API, transcoded from the ``google.api.http`` annotations of
   ``llama_mesh.v1.ApiServer`` (``/v1/...``) and ``llama_mesh.v1.LlamaDeployApi`` (the
   Llama Deploy 0.8 paths) by the gRPC-JSON transcoder;
-* raw gRPC and gRPC-Web, passed through to the API server.
+* raw gRPC and gRPC-Web, passed through to the API server;
+* ``/openapi.json`` and ``/docs``, answered by Envoy itself (:mod:`.docs`).
 
 HTTP filters, in order: ``cors`` (when origins are configured), ``grpc_web``, ``lua``
 (``compat_errors.lua``), ``buffer`` (caps JSON request bodies; off on the gRPC route),
@@ -48,7 +49,7 @@ from typing import IO, Any, Self
 import yaml
 
 from llama_mesh.server.children import dying_with_parent
-from llama_mesh.server.gateway import v1_fields
+from llama_mesh.server.gateway import docs, v1_fields
 
 __all__ = [
     "DEFAULT_DESCRIPTOR_PATH",
@@ -227,7 +228,10 @@ def render_envoy_yaml(cfg: GatewayConfig) -> str:
         "# Envoy bootstrap of the llama-mesh gateway, rendered by\n"
         "# llama_mesh.server.gateway.render_envoy_yaml; do not edit by hand.\n"
     )
-    return header + yaml.safe_dump(render_envoy_config(cfg), sort_keys=False, width=100)
+    # libyaml's emitter when there is one: the config inlines the /docs assets (a megabyte).
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    text = yaml.dump(render_envoy_config(cfg), Dumper=dumper, sort_keys=False, width=100)
+    return header + text
 
 
 def _lua_source() -> str:
@@ -430,6 +434,8 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
                 }
             },
         },
+        # /openapi.json and /docs, answered by Envoy itself (see docs.py).
+        *docs.docs_routes(),
         {
             # Anything the transcoder does not know: Envoy's own 404 (JSON, see local
             # replies). A route to a cluster that does not exist rather than a direct
@@ -452,6 +458,7 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
         "virtual_hosts": [virtual_host],
         # The not-found route names a cluster that deliberately does not exist.
         "validate_clusters": False,
+        "max_direct_response_body_size_bytes": docs.max_docs_body_bytes(),
     }
 
 
