@@ -18,8 +18,9 @@ names, every field present, enums as names, 64-bit integers as strings, the well
 in their proto3 JSON forms. Responses that carry a ``google.api.HttpBody`` as
 ``response_body`` are bare JSON (``application/json``), or NDJSON for streams; other server
 streams are newline-delimited JSON, except the routes the gateway frames as Server-Sent
-Events (``SSE_EVENTS_PATH_REGEX``). Errors are ``google.rpc.Status`` JSON, plus FastAPI's
-``detail`` outside ``/v1/`` (compat_errors.lua).
+Events (``SSE_EVENTS_PATH_REGEX``). The shape of a bare JSON answer is read from its
+HttpBody field's comment (``_Builder._bare_json``). Errors are ``google.rpc.Status`` JSON,
+plus FastAPI's ``detail`` outside ``/v1/`` (compat_errors.lua).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ SCALARS: dict[int, dict[str, Any]] = {
 }
 _TEMPLATE_VARIABLE = re.compile(r"\{([^}=]+)(?:=[^}]*)?\}")
 _VERBS = ("get", "put", "post", "delete", "patch")
+_BACKQUOTED = re.compile(r"`([A-Za-z][A-Za-z0-9_]*)`")
 _SECURITY_SCHEME = "apiKey"
 
 
@@ -506,6 +508,26 @@ class _Builder:
             **_description(comment),
         }
 
+    def _bare_json(self, comment: str) -> dict[str, Any]:
+        """The schema of a bare JSON answer, read from its HttpBody field's comment: the first
+        message of this package it names in backquotes (`` `X` `` or `` `X`s ``) is the shape,
+        in "a list of" them, "an object of" them by key, or alone; "`null`" makes it nullable;
+        "a JSON string" is a string. Anything else is any JSON value."""
+        for name in _BACKQUOTED.findall(comment):
+            if f".{PACKAGE}.{name}" not in self.index.messages:
+                continue
+            item = self.schemas.ref(f"{PACKAGE}.{name}")
+            if "list of" in comment:
+                return {"type": "array", "items": item}
+            if "object of" in comment:
+                return {"type": "object", "additionalProperties": item}
+            if "`null`" in comment:
+                return {"allOf": [item], "nullable": True}
+            return item
+        if "JSON string" in comment:
+            return {"type": "string"}
+        return {"nullable": True}
+
     def _success(
         self, method: _Method, response: _Message, response_body: str, verb: str, path: str
     ) -> dict[str, Any]:
@@ -527,7 +549,7 @@ class _Builder:
                     }
                 return {
                     "description": comment or "Bare JSON.",
-                    "content": {"application/json": {"schema": {"nullable": True}}},
+                    "content": {"application/json": {"schema": self._bare_json(comment)}},
                 }
             schema = self.schemas.field_schema(body_field, "")
             description = comment

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
+from openapi_schema_validator import OAS30Validator
 
 from llama_mesh.server.auth import ApiKeys
 from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.gateway.docs import DOCS_PATH, OPENAPI_DOCUMENT, OPENAPI_PATH
 from tests.fixtures.envoy import StartGateway
-from tests.fixtures.mesh import MeshFactory, free_port
+from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port
 
 USER = "user-key-0123456789abcdef"
 TIMEOUT = 30.0
@@ -79,3 +81,138 @@ async def test_docs_page_assets_all_load(start_gateway: StartGateway) -> None:
         # Only GET is served; other methods get the gateway's JSON 404.
         post = await http.post(OPENAPI_PATH)
         assert post.status_code == 404 and post.json()["code"] == 5
+
+
+# -- real responses match the document ------------------------------------------------------
+
+
+def strict(document: dict[str, Any], schema: Any, depth: int = 0, *, close: bool = True) -> Any:
+    """``schema`` with every ``$ref`` inlined and every message object closed
+    (``additionalProperties: false``), so that a field the document does not name fails; the
+    parts of a composition (``allOf`` of several) stay open, as each names only some fields."""
+    assert depth < 20, "recursive schema"
+    if isinstance(schema, list):
+        return [strict(document, item, depth, close=close) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return strict(document, document["components"]["schemas"][name], depth + 1, close=close)
+    out = {
+        key: strict(document, value, depth, close=not (key == "allOf" and len(value) > 1))
+        for key, value in schema.items()
+    }
+    if close and "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+class Described:
+    """Checks gateway responses against the document's schema for their route."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+        self.checked: set[tuple[str, str]] = set()
+
+    def schema(self, verb: str, template: str, media: str, status: int) -> Any:
+        operation = self.document["paths"][template][verb]
+        response = operation["responses"]["200" if status == 200 else "default"]
+        if "$ref" in response:
+            response = self.document["components"]["responses"][response["$ref"].rsplit("/")[-1]]
+        return strict(self.document, response["content"][media]["schema"])
+
+    def check(self, response: httpx.Response, verb: str, template: str) -> Any:
+        """Validate ``response`` (JSON) against the schema of ``verb template``; its body."""
+        media = response.headers["content-type"]
+        body = response.json()
+        OAS30Validator(self.schema(verb, template, media, response.status_code)).validate(body)
+        self.checked.add((verb, template))
+        return body
+
+    def check_lines(self, lines: list[Any], verb: str, template: str, media: str) -> None:
+        """Validate each message of a stream against the route's message schema."""
+        validator = OAS30Validator(self.schema(verb, template, media, 200))
+        for line in lines:
+            validator.validate(line)
+        self.checked.add((verb, template))
+
+
+async def test_real_responses_match_the_document(mesh_factory: MeshFactory) -> None:
+    """Responses of a real server through the gateway validate against the document's schemas,
+    closed to undocumented fields: v1 and 0.8 routes, errors, the SSE and NDJSON streams."""
+    document = json.loads(OPENAPI_DOCUMENT.read_text(encoding="utf-8"))
+    described = Described(document)
+    server = await mesh_factory(gateway=True, deploy=(TESTAPP,))
+    assert server.gateway_url is not None
+    async with httpx.AsyncClient(base_url=server.gateway_url, timeout=TIMEOUT) as http:
+        check = described.check
+        check(await http.get("/v1/status"), "get", "/v1/status")
+        check(await http.get("/v1/deployments"), "get", "/v1/deployments")
+        check(await http.get("/v1/deployments/testapp"), "get", "/v1/deployments/{name}")
+        services = "/v1/deployments/{deployment}/services"
+        check(await http.get("/v1/deployments/testapp/services"), "get", services)
+        run = await http.post(
+            "/v1/deployments/testapp/tasks:run", json={"service_id": "stream", "input": {}}
+        )
+        task = check(run, "post", "/v1/deployments/{deployment}/tasks:run")["task"]
+        tasks = "/v1/deployments/{deployment}/tasks"
+        check(await http.get("/v1/deployments/testapp/tasks"), "get", tasks)
+        one = f"/v1/deployments/testapp/tasks/{task['task_id']}"
+        check(await http.get(one), "get", tasks + "/{task_id}")
+        events = await http.get(f"{one}/events")
+        assert events.headers["content-type"] == "text/event-stream"
+        frames = [json.loads(f[len("data: ") :]) for f in events.text.split("\n\n") if f]
+        assert frames and all(f["event"]["task_id"] == task["task_id"] for f in frames)
+        described.check_lines(frames, "get", tasks + "/{task_id}/events", "application/json")
+        progress = await http.get("/v1/deployments/testapp/progress")
+        lines = [json.loads(line) for line in progress.text.splitlines() if line]
+        assert lines and lines[-1]["done"] is True
+        described.check_lines(
+            lines, "get", "/v1/deployments/{name}/progress", progress.headers["content-type"]
+        )
+        sessions = "/v1/deployments/{deployment}/sessions"
+        created = check(
+            await http.post("/v1/deployments/testapp/sessions", json={}), "post", sessions
+        )
+        check(await http.get("/v1/deployments/testapp/sessions"), "get", sessions)
+        session = f"/v1/deployments/testapp/sessions/{created['session']['session_id']}"
+        check(await http.get(session), "get", sessions + "/{session_id}")
+        check(await http.delete(session), "delete", sessions + "/{session_id}")
+        missing = await http.get("/v1/deployments/nope")
+        assert missing.status_code == 404
+        check(missing, "get", "/v1/deployments/{name}")
+
+        check(await http.get("/status/"), "get", "/status")
+        check(await http.get("/deployments/"), "get", "/deployments")
+        name = "/deployments/{deployment_name}"
+        check(await http.get("/deployments/testapp"), "get", name)
+        result = await http.post("/deployments/testapp/tasks/run", json={"input": "{}"})
+        assert check(result, "post", name + "/tasks/run") == "echo: "
+        created_task = await http.post("/deployments/testapp/tasks/create", json={"input": "{}"})
+        definition = check(created_task, "post", name + "/tasks/create")
+        check(await http.get("/deployments/testapp/tasks"), "get", name + "/tasks")
+        results = await http.get(
+            f"/deployments/testapp/tasks/{definition['task_id']}/results",
+            params={"session_id": definition["session_id"]},
+        )
+        check(results, "get", name + "/tasks/{task_id}/results")
+        compat_session = check(
+            await http.post("/deployments/testapp/sessions/create"),
+            "post",
+            name + "/sessions/create",
+        )
+        check(await http.get("/deployments/testapp/sessions"), "get", name + "/sessions")
+        check(
+            await http.get(f"/deployments/testapp/sessions/{compat_session['session_id']}"),
+            "get",
+            name + "/sessions/{session_id}",
+        )
+        deleted = await http.post(
+            "/deployments/testapp/sessions/delete",
+            params={"session_id": compat_session["session_id"]},
+        )
+        check(deleted, "post", name + "/sessions/delete")
+        compat_missing = await http.get("/deployments/nope")
+        assert compat_missing.status_code == 404
+        assert check(compat_missing, "get", name)["detail"]
+    assert len(described.checked) == 24  # every route exercised above
