@@ -310,10 +310,14 @@ class _Schemas:
             schema = {"type": "array", "items": self._single(f)}
         else:
             schema = self._single(f)
+        if "$ref" in schema and (comment or f.proto3_optional):
+            # OpenAPI 3.0 ignores siblings of $ref: wrap it to keep the description.
+            schema = {"allOf": [schema]}
+        if f.proto3_optional:
+            # Unset, it is absent from transcoded JSON, and null in the 0.8 routes' bare JSON
+            # (0.8's Optional fields).
+            schema["nullable"] = True
         if comment:
-            if "$ref" in schema:
-                # OpenAPI 3.0 ignores siblings of $ref: wrap it to keep the description.
-                schema = {"allOf": [schema]}
             schema["description"] = comment
         return schema
 

@@ -216,3 +216,53 @@ async def test_real_responses_match_the_document(mesh_factory: MeshFactory) -> N
         assert compat_missing.status_code == 404
         assert check(compat_missing, "get", name)["detail"]
     assert len(described.checked) == 24  # every route exercised above
+
+
+async def test_control_plane_responses_match_the_document(mesh_factory: MeshFactory) -> None:
+    """On a deployment's control plane port (the `servers` of those paths), the 0.8 control
+    plane routes answer as the document describes them, NDJSON result stream included."""
+    document = json.loads(OPENAPI_DOCUMENT.read_text(encoding="utf-8"))
+    described = Described(document)
+    server = await mesh_factory(gateway=True, control_planes=True)
+    text = TESTAPP.read_text()
+    assert "port: 8000" in text
+    await server.mesh.deployments.create(
+        text.replace("port: 8000", f"port: {free_port()}").encode(),
+        base_path=str(TESTAPP.parent),
+        reload=False,
+        local=True,
+    )
+    control_planes = server.mesh.deployments.control_planes
+    assert control_planes is not None
+    port = control_planes.served["testapp"]
+    assert document["paths"]["/services"]["servers"][0]["url"] == "{scheme}://{host}:{port}"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as http:
+        check = described.check
+        check(await http.get("/"), "get", "/")
+        check(await http.get("/queue_config"), "get", "/queue_config")
+        check(await http.get("/services"), "get", "/services")
+        check(await http.get("/services/echo"), "get", "/services/{service_name}")
+        session = check(await http.post("/sessions/create"), "post", "/sessions/create")
+        check(await http.get("/sessions"), "get", "/sessions")
+        one = "/sessions/{session_id}"
+        check(await http.get(f"/sessions/{session}"), "get", one)
+        task_id = check(
+            await http.post(f"/sessions/{session}/tasks", json={"input": "{}"}),
+            "post",
+            one + "/tasks",
+        )
+        check(await http.get(f"/sessions/{session}/tasks"), "get", one + "/tasks")
+        check(await http.get(f"/sessions/{session}/current_task"), "get", one + "/current_task")
+        stream = await http.get(f"/sessions/{session}/tasks/{task_id}/result_stream")
+        assert stream.status_code == 200
+        streamed = document["paths"][one + "/tasks/{task_id}/result_stream"]["get"]
+        assert stream.headers["content-type"] in streamed["responses"]["200"]["content"]
+        assert json.loads(stream.text.splitlines()[-1]) == {"result": "echo: "}
+        result = await http.get(f"/sessions/{session}/tasks/{task_id}/result")
+        check(result, "get", one + "/tasks/{task_id}/result")
+        check(await http.get(f"/sessions/{session}/state"), "get", one + "/state")
+        check(await http.post(f"/sessions/{session}/delete"), "post", one + "/delete")
+        missing = await http.get("/sessions/nope")
+        assert missing.status_code == 404
+        assert check(missing, "get", one)["detail"]
+    assert len(described.checked) == 13  # every route exercised above
