@@ -133,6 +133,7 @@ SCALARS: dict[int, dict[str, Any]] = {
 }
 _TEMPLATE_VARIABLE = re.compile(r"\{([^}=]+)(?:=[^}]*)?\}")
 _VERBS = ("get", "put", "post", "delete", "patch")
+_ROUTE_PREFIX = re.compile(r"^`[A-Z]+ [^`]*`(?::\s*|$)")
 _BACKQUOTED = re.compile(r"`([A-Za-z][A-Za-z0-9_]*)`")
 _SECURITY_SCHEME = "apiKey"
 
@@ -591,14 +592,18 @@ def _description(text: str) -> dict[str, str]:
 
 
 def _summary(comment: str, name: str) -> str:
-    """The first sentence of a comment, without the leading method name."""
+    """The first sentence of a comment, without the leading method name; for a comment that
+    starts by naming its route (`` `GET /x`: ...``, the 0.8 routes), the method name in words
+    (the comment is the operation's description)."""
     first = comment.split("\n\n", maxsplit=1)[0].replace("\n", " ")
     first = first.split(". ")[0].rstrip(".")
     if first.startswith(f"{name} is "):
         first = first[len(name) + 4 :]
     elif first.startswith(f"{name} "):
         first = first[len(name) + 1 :]
-    return (first[:1].upper() + first[1:]) if first else name
+    if not first or _ROUTE_PREFIX.match(first):
+        first = " ".join(re.findall(r"[A-Z][a-z0-9]*", name)).lower()
+    return first[:1].upper() + first[1:]
 
 
 def _operation_description(method: _Method) -> str:
