@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
-from llama_mesh.server.envvars import env_setting
+from llama_mesh.server.envvars import env_setting, split_list
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
 from llama_mesh.server.queues.nats import NatsLogin, redact_url
@@ -76,7 +76,19 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     )
     p.add_argument("--queue", choices=["nats", "inprocess"], default=env_setting("QUEUE", "nats"))
     p.add_argument("--no-gateway", action="store_true", help="serve gRPC only, no Envoy")
-    p.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allowed CORS origin (repeat; '*' for any); requests with another Origin are refused",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[env_setting("ALLOWED_HOSTS") or ""],
+        help="a host name the gateway answers to besides loopback and --host (repeat; '*' for "
+        "any; env LLAMA_MESH_ALLOWED_HOSTS, comma-separated); needed with --host 0.0.0.0",
+    )
     p.add_argument(
         "--max-deployments", type=int, default=int(env_setting("MAX_DEPLOYMENTS", "10") or 10)
     )
@@ -170,6 +182,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         nats_replicas=args.nats_replicas,
         gateway=not args.no_gateway,
         cors_origins=tuple(args.cors_origin),
+        allowed_hosts=split_list(args.allowed_host),
         max_deployments=args.max_deployments,
         ack_wait=args.ack_wait,
         allowed_local_roots=tuple(p.resolve() for p in args.allow_local_root)
