@@ -43,7 +43,8 @@ class Store:
     js: Any
 
     async def bucket(self, name: str) -> KeyValue:
-        return await self.js.key_value(f"mesh_{name}")
+        bucket: KeyValue = await self.js.key_value(f"mesh_{name}")
+        return bucket
 
 
 @pytest.fixture
