@@ -195,7 +195,7 @@ class GatewayConfig:
                 raise ValueError(f"allowed_hosts: {host!r} is not a host name or address")
         if self.listen_host in _WILDCARD_HOSTS and not self.allowed_hosts:
             raise ValueError(
-                f"allowed_hosts: listening on {self.listen_host or 'every address'!s}, the "
+                f"allowed_hosts: listening on {self.listen_host or 'every address'}, the "
                 "gateway would answer to any host name, which lets web pages reach it through "
                 "DNS rebinding; name the host names clients use, or '*' to accept any"
             )
@@ -222,7 +222,7 @@ def _host_name(host: str) -> str:
     host = host.strip().lower()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return host.rstrip(".") if host != "." else host
+    return host.removesuffix(".") if len(host) > 1 else host
 
 
 # -- rendering ---------------------------------------------------------------------------
