@@ -33,7 +33,7 @@ from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.server.gateway.config import request_guard_lua
 from llama_mesh.server.serve import build_parser, settings_from_args
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port
 
 APP = "testapp"
 ALLOWED_ORIGIN = "https://console.example"
@@ -344,6 +344,30 @@ async def test_any_host_when_the_operator_says_so(mesh_factory: MeshFactory) -> 
             "/status/", headers={"host": "anything.example", "origin": EVIL_ORIGIN}
         )
     assert response.status_code == 200, response.text
+
+
+async def test_the_0_8_control_plane_listeners_are_guarded_too(mesh_factory: MeshFactory) -> None:
+    """A deployment's 0.8 control plane port refuses a foreign Host or Origin (403) and a
+    text/plain body (415) like the main port, and answers its own clients."""
+    server = await mesh_factory(queue="inprocess", gateway=True, control_planes=True)
+    port = free_port()
+    config = TESTAPP.read_text().replace("port: 8000", f"port: {port}").encode()
+    await server.mesh.deployments.create(
+        config, base_path=str(TESTAPP.parent), reload=False, local=True
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as cp:
+        answered = await cp.get("/services")
+        assert answered.status_code == 200, answered.text
+        rebound = await cp.get("/services", headers={"host": f"evil.example:{port}"})
+        assert_refused(rebound, 403, "'evil.example:", compat=True)
+        cross_site = await cp.post("/sessions/create", headers={"origin": EVIL_ORIGIN})
+        assert_refused(cross_site, 403, f"'{EVIL_ORIGIN}'", compat=True)
+        plain = await cp.post(
+            "/services/register",
+            content=b'{"service_name": "x"}',
+            headers={"content-type": "text/plain"},
+        )
+        assert_refused(plain, 415, "send application/json", compat=True)
 
 
 # -- configuration --------------------------------------------------------------------------------
