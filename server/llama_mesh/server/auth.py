@@ -3,8 +3,8 @@
 Two roles. A *user* key runs tasks, streams events, manages sessions and reads state; an
 *admin* key additionally creates, reloads and deletes deployments and reaches the internal
 ``ControlPlane`` and ``Orchestrator`` services. When no key is configured, the server is
-open (it listens on 127.0.0.1 only, unless told otherwise). Health checks are always open so
-that probes work.
+open (it listens on 127.0.0.1 only, unless told otherwise). Health checks and the ``Probes``
+service (``/healthz``, ``/readyz``) are always open so that probes work.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import grpc
 from llama_mesh.server.errors import MeshError, PermissionDeniedError, UnauthenticatedError
 from llama_mesh.server.grpc_errors import to_rpc_status
 
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/llama_mesh.v1.Probes/")
 """Methods anyone may call."""
 ADMIN_METHODS = frozenset(
     {
