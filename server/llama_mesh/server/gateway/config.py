@@ -483,9 +483,9 @@ def _template_regex(template: str) -> str:
 def _method_not_allowed_routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
     """A 405 (with ``Allow``) for each known path asked with a method it does not take.
 
-    A request whose method and path the transcoder knows has been turned into gRPC by the
-    time these match, so only a wrong method on a known path gets here. OPTIONS is left to
-    the CORS filter (preflights) when origins are configured.
+    Each matches its path with the methods it does not take, so a request the transcoder
+    will turn into gRPC never matches one. OPTIONS is left to the CORS filter (preflights)
+    when origins are configured.
     """
     templates: dict[str, set[str]] = {}
     for method, template in http_bindings():
@@ -498,11 +498,19 @@ def _method_not_allowed_routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
         allowed = sorted(
             {m for t, ms in templates.items() if re.fullmatch(regexes[t], sample) for m in ms}
         )
-        match: dict[str, Any] = {"safe_regex": {"regex": regexes[template]}}
-        if cfg.cors_origins:
-            match["headers"] = [
-                {"name": ":method", "string_match": {"exact": "OPTIONS"}, "invert_match": True}
-            ]
+        # Only the methods the path does not take: a request that will be transcoded must
+        # not match here before the transcoder runs (the CORS filter looks at that route).
+        excluded = [*allowed, "OPTIONS"] if cfg.cors_origins else allowed
+        match = {
+            "safe_regex": {"regex": regexes[template]},
+            "headers": [
+                {
+                    "name": ":method",
+                    "string_match": {"safe_regex": {"regex": "|".join(excluded)}},
+                    "invert_match": True,
+                }
+            ],
+        }
         routes.append(
             {
                 "name": f"method-not-allowed {template}",
