@@ -85,8 +85,8 @@ async def test_a_deployment_that_fails_to_create_is_listed_failed_and_can_be_del
     mesh_factory: MeshFactory, tmp_path: Path
 ) -> None:
     """A create that fails (its source is missing) leaves the deployment listed as FAILED
-    with the reason (in /v1 and in the 0.8 list), refusing tasks with that reason; delete
-    then forgets it."""
+    with the reason (in /v1 and in the 0.8 list), refusing new tasks with that reason but
+    answering reads; delete then forgets it."""
     server = await mesh_factory()
     bad = write_app(tmp_path, "nosource", source="missing")
     with pytest.raises(FailedPreconditionError):
@@ -106,6 +106,7 @@ async def test_a_deployment_that_fails_to_create_is_listed_failed_and_can_be_del
     with pytest.raises(FailedPreconditionError, match="does not exist") as refused:
         await server.mesh.create_task("nosource", service_id=None, session_id=None, input={})
     assert refused.value.reason == "DEPLOYMENT_FAILED"
+    assert await server.mesh.list_tasks("nosource") == []  # reads still answer
 
     await deployments.delete("nosource")
     assert deployments.names() == []
