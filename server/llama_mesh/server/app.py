@@ -304,7 +304,8 @@ class MeshServer:
         # The gateway opens at once; saved deployments come back meanwhile, several at a
         # time, each listed as deploying (tasks for it: UNAVAILABLE) until it is ready.
         # `/readyz` answers once they all have.
-        self._restoring = asyncio.create_task(deployments.restore(), name="restore")
+        saved = await deployments.recall()  # listed at once: deploying, or failed
+        self._restoring = asyncio.create_task(deployments.restore(saved), name="restore")
         if s.gateway:
             await self._start_gateway()
         for name in ("", *SERVICE_NAMES):

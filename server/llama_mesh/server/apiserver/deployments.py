@@ -212,18 +212,11 @@ class DeploymentManager:
             self._generations.pop(name, None)
             self._failed.pop(name, None)
 
-    async def restore(self, concurrency: int = RESTORE_CONCURRENCY) -> None:
-        """Bring back every persisted deployment (after a server restart), ``concurrency`` at
-        a time; each is listed as deploying at once and answers tasks once it is ready.
-
-        A deployment that had failed is not run again (it is listed as failed until it is
-        reloaded or deleted); one that fails now is marked failed, with one warning.
-        """
-        try:
-            records = await self._cp.list_deployments()
-        except BaseException:
-            self.restored.set()
-            raise
+    async def recall(self) -> list[DeploymentRecord]:
+        """Read the saved deployments (after a server restart) and list them at once: those
+        that had failed as failed (they are not run again until reloaded or deleted), the
+        others as deploying. Returns the latter, for :meth:`restore`."""
+        records = await self._cp.list_deployments()
         # Deployed meanwhile (a `serve` file, an early client) means already being handled.
         known = set(self.names())
         records = [r for r in records if r.name not in known]
@@ -237,6 +230,24 @@ class DeploymentManager:
                 )
         waiting = [r for r in records if r.status is not DeploymentStatus.FAILED]
         self._pending.update(r.name for r in waiting)
+        return waiting
+
+    async def restore(
+        self,
+        waiting: list[DeploymentRecord] | None = None,
+        *,
+        concurrency: int = RESTORE_CONCURRENCY,
+    ) -> None:
+        """Bring back the saved deployments :meth:`recall` returned (it is called when
+        ``waiting`` is None), ``concurrency`` at a time; each answers tasks once it is ready.
+        One that fails now is marked failed, with one warning. Sets :attr:`restored`.
+        """
+        try:
+            if waiting is None:
+                waiting = await self.recall()
+        except BaseException:
+            self.restored.set()
+            raise
         slots = asyncio.Semaphore(max(1, concurrency))
 
         async def bring_back(record: DeploymentRecord) -> None:
