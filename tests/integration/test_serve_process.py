@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from llama_mesh.server.nats_server import NatsServer, NatsServerConfig
@@ -22,6 +23,8 @@ from tests.fixtures.mesh import free_port
 from tests.helpers import assert_eventually
 
 APP_MODULE = """\
+import asyncio
+
 from workflows import Workflow, step
 from workflows.events import StartEvent, StopEvent
 
@@ -32,15 +35,28 @@ class Echo(Workflow):
         return StopEvent(result=ev.get("message"))
 
 
+class Nap(Workflow):
+    @step
+    async def run_it(self, ev: StartEvent) -> StopEvent:
+        await asyncio.sleep(float(ev.get("seconds", 1)))
+        return StopEvent(result="rested")
+
+
 echo = Echo(timeout=60)
+nap = Nap(timeout=600)
 """
 APP_YAML = """\
 name: tiny
+default-service: echo
 services:
   echo:
     name: Echo
     source: {type: local, name: src}
     path: src/app:echo
+  nap:
+    name: Nap
+    source: {type: local, name: src}
+    path: src/app:nap
 """
 
 
@@ -60,6 +76,13 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def children(pid: int) -> dict[int, str]:
     """The live child processes of ``pid`` and their command lines."""
     found = {}
@@ -68,11 +91,10 @@ def children(pid: int) -> dict[int, str]:
             continue
         try:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError, IndexError):
             continue
         if ppid == pid and alive(int(entry.name)):
-            found[int(entry.name)] = cmdline
+            found[int(entry.name)] = cmdline(int(entry.name))
     return found
 
 
@@ -97,6 +119,18 @@ class Serve:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.lines: list[str] = []
+        self.seen: dict[int, str] = {}
+        """Child processes seen (killed at teardown should they outlive the test)."""
+
+    def children(self) -> dict[int, str]:
+        kids = children(self.proc.pid)
+        self.seen.update(kids)
+        return kids
+
+    def leftovers(self) -> list[int]:
+        """Children seen that still run the same command (not a reused PID)."""
+        self.children()
+        return [pid for pid, cmd in self.seen.items() if alive(pid) and cmdline(pid) == cmd]
 
     async def wait_for(self, text: str, timeout: float = 120) -> None:
         assert self.proc.stdout is not None
@@ -139,10 +173,10 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
     try:
         yield running
     finally:
-        leftovers = [proc.pid, *children(proc.pid)] if proc.returncode is None else []
-        for pid in leftovers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        if proc.returncode is None:
+            proc.kill()
+        for pid in running.leftovers():
+            os.kill(pid, signal.SIGKILL)
         if proc.returncode is None:
             await proc.wait()
 
@@ -152,7 +186,7 @@ async def test_ctrl_c_stops_serve_and_its_children_quietly(serve: Serve) -> None
     with status 0 and no error, warning or restart lines, and every child (nats-server,
     Envoy, the worker) is gone."""
     await serve.wait_for("ready on")
-    kids = children(serve.proc.pid)
+    kids = serve.children()
     assert any("nats-server" in c for c in kids.values())
     assert any("llama_mesh.server.service" in c for c in kids.values())
 
@@ -168,11 +202,24 @@ async def test_ctrl_c_stops_serve_and_its_children_quietly(serve: Serve) -> None
 
 async def test_a_killed_serve_leaves_no_worker_behind(serve: Serve) -> None:
     """After SIGKILL of serve, its worker processes (and nats-server, Envoy) exit by
-    themselves."""
+    themselves, within seconds even when a worker is running a long task (it used to finish
+    it first, retrying its dead NATS, for minutes)."""
     await serve.wait_for("ready on")
-    kids = children(serve.proc.pid)
+    kids = serve.children()
     workers = [pid for pid, cmd in kids.items() if "llama_mesh.server.service" in cmd]
-    assert workers
+    assert len(workers) == 2
+    gateway = serve.output.split("gateway  ", 1)[1].split()[0]
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+        created = await http.post(
+            "/v1/deployments/tiny/tasks", json={"service_id": "nap", "input": {"seconds": 600}}
+        )
+        task_id = created.json()["task"]["task_id"]
+
+        async def running() -> bool:
+            task = (await http.get(f"/v1/deployments/tiny/tasks/{task_id}")).json()["task"]
+            return bool(task["status"] == "TASK_STATUS_RUNNING")
+
+        await assert_eventually(running, timeout=60, interval=0.2)
 
     serve.proc.kill()
     await serve.proc.wait()
