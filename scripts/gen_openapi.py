@@ -7,7 +7,8 @@ scripts/gen.py writes it to ``server/llama_mesh/server/gateway/openapi.json``.
 What it describes, from the ``google.api.http`` rules of three services:
 
 * ``LlamaDeployApi``: the Llama Deploy 0.8 API server routes, on the gateway's port;
-* ``ApiServer``: ``/v1``, on the gateway's port;
+* ``ApiServer``: ``/v1``, on the gateway's port (and the other services the gateway
+  transcodes there: ``Probes``);
 * ``ControlPlane``: the 0.8 control plane routes, served on each deployment's
   ``control-plane.port``; their path items carry their own ``servers`` entry (that port).
 
@@ -33,7 +34,7 @@ from typing import Any
 from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
-from llama_mesh.server.auth import needs_admin
+from llama_mesh.server.auth import OPEN_PREFIXES, needs_admin
 from llama_mesh.server.gateway.config import SSE_EVENTS_PATH_REGEX, TRANSCODED_SERVICES
 from llama_mesh.server.gateway.control_planes import (
     CONTROL_PLANE_SERVICE,
@@ -52,6 +53,7 @@ TAGS = {
     "llama_mesh.v1.LlamaDeployApi": "Llama Deploy 0.8 API server",
     "llama_mesh.v1.ApiServer": "v1",
     CONTROL_PLANE_SERVICE: "Llama Deploy 0.8 control plane",
+    "llama_mesh.v1.Probes": "Probes",
 }
 DOCS_TAG = "Documentation"
 # Request fields the gateway fills in itself on a control plane port (the listener's
@@ -430,12 +432,14 @@ class _Builder:
             if f.name not in path_fields and f.name not in implied and f.name != rule.body
         ]
         operation: dict[str, Any] = {
-            "tags": [TAGS[method.service]],
+            "tags": [_tag(method.service)],
             "operationId": f"{method.service.rsplit('.', 1)[-1]}_{method.proto.name}"
             + (f"_{n}" if n else ""),
             "summary": _summary(method.comment, method.proto.name),
             "description": _operation_description(method),
         }
+        if _is_open(method):
+            operation["security"] = []
         if rule.body != "*":
             parameters += self._query_parameters(request, rest, "")
         if parameters:
@@ -606,12 +610,22 @@ def _summary(comment: str, name: str) -> str:
     return first[:1].upper() + first[1:]
 
 
+def _tag(service: str) -> str:
+    return TAGS.get(service, service.rsplit(".", 1)[-1])
+
+
+def _is_open(method: _Method) -> bool:
+    """Whether anyone may call ``method``, with or without an API key (auth.py)."""
+    return f"/{method.service}/{method.proto.name}".startswith(OPEN_PREFIXES)
+
+
 def _operation_description(method: _Method) -> str:
-    key = (
-        "**Needs an admin API key.**"
-        if needs_admin(f"/{method.service}/{method.proto.name}")
-        else "Needs an API key (user or admin)."
-    )
+    if _is_open(method):
+        key = "Needs no API key."
+    elif needs_admin(f"/{method.service}/{method.proto.name}"):
+        key = "**Needs an admin API key.**"
+    else:
+        key = "Needs an API key (user or admin)."
     return f"{method.comment}\n\n{key} gRPC: `{method.full_name}`."
 
 
@@ -620,7 +634,9 @@ def _control_plane_server() -> dict[str, Any]:
         "url": "{scheme}://{host}:{port}",
         "description": (
             "A deployment's Llama Deploy 0.8 control plane: its `control-plane.port` on the "
-            "gateway's host (each deployment its own port; the port names the deployment)."
+            "gateway's host (each deployment its own port; the port names the deployment). "
+            "Another port is another origin: to try these routes from the /docs page, allow "
+            "its origin with `llamactl serve --cors-origin`."
         ),
         "variables": {
             "scheme": {"default": "http", "enum": ["http", "https"]},
@@ -696,10 +712,10 @@ of the `llama_mesh.v1` protos:
   `control-plane.port` (8000 by default), not on the gateway's main port; the port tells which
   deployment a request is for.
 
-**API keys.** When the server has API keys, every route except `/openapi.json` and `/docs` needs
-one: `Authorization: Bearer <key>` (the *Authorize* button here). User keys run tasks and read;
-admin keys also create, reload and delete deployments. A server started without keys (it then
-listens on 127.0.0.1 only) accepts requests without one.
+**API keys.** When the server has API keys, every route except `/openapi.json`, `/docs` and the
+probes (`/healthz`, `/readyz`) needs one: `Authorization: Bearer <key>` (the *Authorize* button
+here). User keys run tasks and read; admin keys also create, reload and delete deployments. A
+server started without keys (it then listens on 127.0.0.1 only) accepts requests without one.
 
 **JSON.** Field names as in the protos (`snake_case`), every field present, enums as their
 names, 64-bit integers as strings, timestamps as RFC 3339 strings.
@@ -731,7 +747,7 @@ def build_document(
     component_schemas = {**schemas.components, **_status_schemas(schemas)}
     tags = [
         {
-            "name": TAGS[service],
+            "name": _tag(service),
             "description": index.services[service][0]
             + (
                 f"\n\nServed on each deployment's `control-plane.port` (see this path's "

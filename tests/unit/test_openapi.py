@@ -16,6 +16,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 from openapi_spec_validator import validate
 
+from llama_mesh.server.auth import OPEN_PREFIXES
 from llama_mesh.server.gateway import (
     DEFAULT_DESCRIPTOR_PATH,
     TRANSCODED_SERVICES,
@@ -85,7 +86,9 @@ def envoy_own_routes() -> set[tuple[str, str]]:
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     own = set()
     for route in routes:
-        if "direct_response" not in route:
+        # Envoy's own answers (200); its error replies (405 for a known path asked with a
+        # method it does not take) are not routes of their own.
+        if route.get("direct_response", {}).get("status") != 200:
             continue
         path = route["match"]["path"]
         (method,) = [
@@ -138,15 +141,23 @@ def test_operations_name_their_rpc_and_control_plane_routes_their_port(
             assert servers is None
 
 
-def test_api_key_is_required_except_for_the_documentation(document: dict[str, Any]) -> None:
-    """Bearer API keys guard every operation but /openapi.json and /docs; admin-only RPCs say
-    they need an admin key."""
+def test_api_key_is_required_except_for_open_routes(
+    document: dict[str, Any], descriptor_set: descriptor_pb2.FileDescriptorSet
+) -> None:
+    """Bearer API keys guard every operation but Envoy's own (/openapi.json, /docs) and the
+    RPCs auth.py leaves open (the probes); admin-only RPCs say they need an admin key."""
     scheme = document["components"]["securitySchemes"]["apiKey"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     assert document["security"] == [{"apiKey": []}]
     ops = operations(document)
     open_ops = {key for key, op in ops.items() if op.get("security") == []}
-    assert open_ops == {("get", "/openapi.json"), ("get", "/docs")}
+    open_rpcs = {
+        route_of(rule)
+        for service, method, rule in http_rules(descriptor_set)
+        if f"/{service}/{method.name}".startswith(OPEN_PREFIXES)
+    }
+    assert ("get", "/healthz") in open_rpcs
+    assert open_ops == envoy_own_routes() | open_rpcs
     assert "admin API key" in ops[("delete", "/v1/deployments/{name}")]["description"]
     assert "admin API key" not in ops[("post", "/v1/deployments/{deployment}/tasks")]["description"]
 
