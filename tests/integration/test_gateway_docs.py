@@ -139,13 +139,16 @@ class Described:
 
 async def test_real_responses_match_the_document(mesh_factory: MeshFactory) -> None:
     """Responses of a real server through the gateway validate against the document's schemas,
-    closed to undocumented fields: v1 and 0.8 routes, errors, the SSE and NDJSON streams."""
+    closed to undocumented fields: probes, v1 and 0.8 routes, errors, the SSE and NDJSON
+    streams."""
     document = json.loads(OPENAPI_DOCUMENT.read_text(encoding="utf-8"))
     described = Described(document)
     server = await mesh_factory(gateway=True, deploy=(TESTAPP,))
     assert server.gateway_url is not None
     async with httpx.AsyncClient(base_url=server.gateway_url, timeout=TIMEOUT) as http:
         check = described.check
+        check(await http.get("/healthz"), "get", "/healthz")
+        check(await http.get("/readyz"), "get", "/readyz")
         check(await http.get("/v1/status"), "get", "/v1/status")
         check(await http.get("/v1/deployments"), "get", "/v1/deployments")
         check(await http.get("/v1/deployments/testapp"), "get", "/v1/deployments/{name}")
@@ -215,7 +218,7 @@ async def test_real_responses_match_the_document(mesh_factory: MeshFactory) -> N
         compat_missing = await http.get("/deployments/nope")
         assert compat_missing.status_code == 404
         assert check(compat_missing, "get", name)["detail"]
-    assert len(described.checked) == 24  # every route exercised above
+    assert len(described.checked) == 26  # every route exercised above
 
 
 async def test_control_plane_responses_match_the_document(mesh_factory: MeshFactory) -> None:
