@@ -38,16 +38,21 @@ class ApiServerStub:
     - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
       `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
       `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
-      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`; and from the ControlPlane and
+      Orchestrator services `MISSING_DEPLOYMENT`, `MISSING_TASK`, `INVALID_STATUS`,
+      `MISSING_SERVICE_NAME`, `SESSION_MISMATCH`.
     - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
       `SESSION_NOT_FOUND`.
-    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`, `SERVICE_EXISTS`.
     - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
-      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`, `RECORD_UNREADABLE` (a stored record that
+      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`, `DEPLOYMENT_FAILED` (a task
+      for a deployment whose last deploy failed).
     - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
-    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
@@ -117,16 +122,21 @@ class ApiServerAsyncStub(ApiServerStub):
     - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
       `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
       `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
-      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`; and from the ControlPlane and
+      Orchestrator services `MISSING_DEPLOYMENT`, `MISSING_TASK`, `INVALID_STATUS`,
+      `MISSING_SERVICE_NAME`, `SESSION_MISMATCH`.
     - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
       `SESSION_NOT_FOUND`.
-    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`, `SERVICE_EXISTS`.
     - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
-      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`, `RECORD_UNREADABLE` (a stored record that
+      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`, `DEPLOYMENT_FAILED` (a task
+      for a deployment whose last deploy failed).
     - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
-    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
@@ -192,16 +202,21 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
     - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
       `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
       `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
-      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`; and from the ControlPlane and
+      Orchestrator services `MISSING_DEPLOYMENT`, `MISSING_TASK`, `INVALID_STATUS`,
+      `MISSING_SERVICE_NAME`, `SESSION_MISMATCH`.
     - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
       `SESSION_NOT_FOUND`.
-    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`, `SERVICE_EXISTS`.
     - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
-      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`, `RECORD_UNREADABLE` (a stored record that
+      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`, `DEPLOYMENT_FAILED` (a task
+      for a deployment whose last deploy failed).
     - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
-    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).

@@ -22,13 +22,14 @@ import signal
 import sys
 from pathlib import Path
 
-from llama_mesh.server.app import MeshServer, ServerSettings
+from llama_mesh.server.app import MeshServer, ServerSettings, StartupError
 from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.envvars import (
     LLAMA_DEPLOY_PREFIX,
     env_setting,
     llama_deploy_setting,
     setting,
+    split_list,
 )
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
@@ -159,7 +160,16 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         "--cors-origin",
         action="append",
         default=[],
-        help="allowed CORS origin; repeat for more (default: none)",
+        help="allowed CORS origin; repeat for more, '*' for any; requests with another Origin "
+        "are refused (default: none)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[env_setting("ALLOWED_HOSTS") or ""],
+        help="a host name the gateway answers to besides loopback and --host; repeat for more, "
+        "'*' for any; env LLAMA_MESH_ALLOWED_HOSTS is comma-separated; needed with --host "
+        "0.0.0.0 (default: none)",
     )
     p.add_argument(
         "--max-deployments",
@@ -274,6 +284,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         gateway=not args.no_gateway,
         control_planes=not args.no_control_planes,
         cors_origins=tuple(args.cors_origin),
+        allowed_hosts=split_list(args.allowed_host),
         max_deployments=args.max_deployments,
         ack_wait=args.ack_wait,
         allowed_local_roots=tuple(p.resolve() for p in args.allow_local_root)
@@ -317,7 +328,11 @@ async def serve(settings: ServerSettings, files: list[Path], rc_path: Path | Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = await MeshServer.start(settings)
+    try:
+        server = await MeshServer.start(settings)
+    except StartupError as exc:
+        print(f"llama-mesh: cannot start: {exc}", file=sys.stderr)
+        return 2
     try:
         if server.nats_url:
             origin = "external" if settings.nats_url else f"embedded, store {settings.data_dir}"
