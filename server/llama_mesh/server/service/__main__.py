@@ -18,15 +18,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llama_mesh.server.allowlist import SourcePolicy
 from llama_mesh.server.control_plane.store import ControlPlane
-from llama_mesh.server.deployment_config import parse_deployment_config
+from llama_mesh.server.deployment_config import (
+    ServiceConfig,
+    SourceConfig,
+    parse_deployment_config,
+)
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
 from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin, connect_nats
 from llama_mesh.server.service.loader import load_workflow
 from llama_mesh.server.service.servicer import start_info_server
 from llama_mesh.server.service.worker import Worker, WorkerSettings
-from llama_mesh.server.sources import SourcePolicy, sync_source
+from llama_mesh.server.sources import sync_source
 
 logger = logging.getLogger("llama_mesh.worker")
 
@@ -45,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deployment", required=True, help="deployment name")
     parser.add_argument("--service", required=True, help="service id in the deployment")
     parser.add_argument("--source-dir", type=Path, help="service source directory (else synced)")
+    parser.add_argument(
+        "--path",
+        help="the workflow (dir/module:attr; with --source-dir): the service's settings then "
+        "come from these options, not from the deployment's stored record",
+    )
+    parser.add_argument("--max-concurrent-tasks", type=int, default=1, help="with --path")
+    parser.add_argument("--max-retries", type=int, default=2, help="with --path")
+    parser.add_argument("--timeout", type=float, help="workflow timeout in seconds, with --path")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only load the workflow (with --source-dir and --path): exit 0, or print why not "
+        f"and exit {EXIT_BAD_SERVICE}; needs no NATS",
+    )
     parser.add_argument("--generation", type=int, default=0, help="deployment generation")
     parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
     parser.add_argument("--instance-id", help="replica id (default: random)")
@@ -59,19 +78,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check(args: argparse.Namespace) -> int:
+    """``--check``: load the workflow and say whether that worked."""
+    try:
+        load_workflow(args.source_dir, args.path)
+    except (MeshError, ValueError) as exc:
+        print(f"llama-mesh worker: cannot load {args.service}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SERVICE
+    return 0
+
+
 async def run(args: argparse.Namespace) -> int:
     """Connect, load the workflow, run until SIGTERM/SIGINT; returns the exit status."""
     queue = await connect_nats(args.nats.split(","), login=args.login)
     try:
         cp = await ControlPlane.open(queue)
         try:
-            record = await cp.get_deployment(args.deployment)
-            config = parse_deployment_config(record.config_yaml)
-            if args.service not in config.services:
-                raise MeshError(f"service '{args.service}' is not in '{args.deployment}'")
-            service = config.services[args.service]
+            if args.path is not None:
+                service = ServiceConfig(
+                    id=args.service,
+                    name=args.service,
+                    source=SourceConfig("local", "."),
+                    path=args.path,
+                    max_concurrent_tasks=args.max_concurrent_tasks,
+                    max_retries=args.max_retries,
+                    timeout=args.timeout,
+                )
+            else:
+                service = await _stored_service(cp, args)
             source_dir = args.source_dir
             if source_dir is None:
+                record = await cp.get_deployment(args.deployment)
                 dest = Path(tempfile.mkdtemp(prefix=f"llama-mesh-{args.deployment}-"))
                 source_dir = await sync_source(
                     service.source,
@@ -112,6 +149,14 @@ async def run(args: argparse.Namespace) -> int:
                 await queue.close()
 
 
+async def _stored_service(cp: ControlPlane, args: argparse.Namespace) -> ServiceConfig:
+    record = await cp.get_deployment(args.deployment)
+    config = parse_deployment_config(record.config_yaml)
+    if args.service not in config.services:
+        raise MeshError(f"service '{args.service}' is not in '{args.deployment}'")
+    return config.services[args.service]
+
+
 def exit_with_parent(parent: int) -> None:
     """Have the kernel send SIGTERM when the parent dies (Linux), so a killed server leaves
     no orphaned replicas behind; exit at once if it is already gone."""
@@ -126,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.path is not None and args.source_dir is None:
+        parser.error("--path needs --source-dir")
+    if args.check:
+        if args.path is None:
+            parser.error("--check needs --source-dir and --path")
+        return check(args)
     if not args.nats:
         parser.error(f"the NATS URL is needed: --nats URL or ${NATS_URL_VARIABLE}")
     try:
