@@ -13,8 +13,8 @@ import httpx
 
 from llama_mesh.server.app import MeshServer
 from llama_mesh.server.domain import DeploymentStatus
+from llama_mesh.server.nats_server import NatsServer
 from tests.fixtures.mesh import MeshFactory
-from tests.fixtures.nats import NatsServer
 
 NAME = "reloadable"
 TASK_TIMEOUT = 90.0
