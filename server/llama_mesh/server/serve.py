@@ -81,6 +81,12 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         "--max-deployments", type=int, default=int(env_setting("MAX_DEPLOYMENTS", "10") or 10)
     )
     p.add_argument(
+        "--max-replicas",
+        type=int,
+        default=int(env_setting("MAX_REPLICAS", "16") or 16),
+        help="most replicas a service may ask for (env LLAMA_MESH_MAX_REPLICAS)",
+    )
+    p.add_argument(
         "--ack-wait",
         type=float,
         default=float(env_setting("ACK_WAIT", "10") or 10),
@@ -91,13 +97,13 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         action="append",
         type=Path,
         default=None,
-        help="local sources must be inside one of these directories",
+        help="local sources and dependency paths must be inside one of these directories",
     )
     p.add_argument(
         "--allow-git-prefix",
         action="append",
         default=None,
-        help="git sources must start with one of these prefixes",
+        help="git sources and dependency URLs must be within one of these URL prefixes",
     )
     p.add_argument(
         "--api-key",
@@ -171,6 +177,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         gateway=not args.no_gateway,
         cors_origins=tuple(args.cors_origin),
         max_deployments=args.max_deployments,
+        max_replicas=args.max_replicas,
         ack_wait=args.ack_wait,
         allowed_local_roots=tuple(p.resolve() for p in args.allow_local_root)
         if args.allow_local_root
