@@ -282,9 +282,8 @@ class DeploymentManager:
         await self._say(name, f"reloading: generation {record.generation}", deploying)
         try:
             specs = [await self._prepare(config, record, sid) for sid in config.services]
-            for spec in specs:
-                await self._say(name, f"loading the workflow of {spec.service_id}", deploying)
-                await self._supervisor.check(spec, timeout=self.settings.ready_timeout)
+            await self._say(name, "loading the workflows in their environments", deploying)
+            await self._supervisor.check(specs, timeout=self.settings.ready_timeout)
             for spec in specs:
                 await self._say(
                     name, f"starting {spec.replicas} replica(s) of {spec.service_id}", deploying

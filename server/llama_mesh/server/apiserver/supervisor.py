@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +105,11 @@ class Supervisor(abc.ABC):
         await self._stop_where(deployment, lambda _, generation: generation != keep)
 
     @abc.abstractmethod
-    async def check(self, spec: ReplicaSpec, *, timeout: float) -> None:
-        """Load the service's workflow as a replica would, without starting one.
+    async def check(self, specs: Sequence[ReplicaSpec], *, timeout: float) -> None:
+        """Load the services' workflows as their replicas would, without starting any.
 
         Raises:
-            StartupFailure: it cannot be loaded (with the error output), or not in time.
+            StartupFailure: one cannot be loaded (with the error output), or not in time.
         """
 
     @abc.abstractmethod
@@ -300,24 +300,38 @@ class ProcessSupervisor(Supervisor):
         self._replicas[deployment] = [r for r in running if r not in old]
         await asyncio.gather(*(r.stop() for r in old))
 
-    async def check(self, spec: ReplicaSpec, *, timeout: float) -> None:
-        # The worker's own entry point, interpreter, directory and variables (no NATS):
-        # what a replica would import, where it would import it.
-        argv = [*_worker_command(spec), "--check"]
+    async def check(self, specs: Sequence[ReplicaSpec], *, timeout: float) -> None:
+        # What a replica would import, where, with which interpreter and variables (no
+        # NATS): one process for the services that share all of these, all at once.
+        groups: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[ReplicaSpec]] = {}
+        for spec in specs:
+            key = (str(spec.python), str(spec.source_dir), tuple(sorted(spec.env.items())))
+            groups.setdefault(key, []).append(spec)
+        checks = [self._check(same, timeout) for same in groups.values()]
+        for outcome in await asyncio.gather(*checks, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    @staticmethod
+    async def _check(specs: list[ReplicaSpec], timeout: float) -> None:
+        first = specs[0]
+        argv = [str(first.python), "-m", "llama_mesh.server.service.check"]
+        argv += ["--source-dir", str(first.source_dir)]
+        argv += [f"{spec.service_id}={spec.path}" for spec in specs]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=_worker_environment(spec, {}),
-            cwd=str(spec.source_dir),
+            env=_worker_environment(first, {}),
+            cwd=str(first.source_dir),
             start_new_session=True,
         )
         try:
             async with asyncio.timeout(timeout):
                 output, _ = await proc.communicate()
         except TimeoutError:
-            raise StartupFailure(f"loading the workflow took more than {timeout:g} s") from None
+            raise StartupFailure(f"loading the workflows took more than {timeout:g} s") from None
         finally:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -380,12 +394,13 @@ class InProcessSupervisor(Supervisor):
         self._workers[deployment] = [pair for pair in running if pair not in old]
         await self._stop_pairs(old)
 
-    async def check(self, spec: ReplicaSpec, *, timeout: float) -> None:
+    async def check(self, specs: Sequence[ReplicaSpec], *, timeout: float) -> None:
         del timeout  # an in-process import cannot be interrupted
-        try:
-            load_workflow(spec.source_dir, spec.path)
-        except Exception as exc:
-            raise StartupFailure(str(exc)) from exc
+        for spec in specs:
+            try:
+                load_workflow(spec.source_dir, spec.path)
+            except Exception as exc:
+                raise StartupFailure(f"service '{spec.service_id}': {exc}") from exc
 
     async def stop(self, deployment: str) -> None:
         await self._stop_pairs(self._workers.pop(deployment, []))

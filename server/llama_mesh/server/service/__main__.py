@@ -58,12 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent-tasks", type=int, default=1, help="with --path")
     parser.add_argument("--max-retries", type=int, default=2, help="with --path")
     parser.add_argument("--timeout", type=float, help="workflow timeout in seconds, with --path")
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="only load the workflow (with --source-dir and --path): exit 0, or print why not "
-        f"and exit {EXIT_BAD_SERVICE}; needs no NATS",
-    )
     parser.add_argument("--generation", type=int, default=0, help="deployment generation")
     parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
     parser.add_argument("--instance-id", help="replica id (default: random)")
@@ -76,16 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default=os.environ.get("LLAMA_MESH_LOG_LEVEL", "INFO"))
     return parser
-
-
-def check(args: argparse.Namespace) -> int:
-    """``--check``: load the workflow and say whether that worked."""
-    try:
-        load_workflow(args.source_dir, args.path)
-    except (MeshError, ValueError) as exc:
-        print(f"llama-mesh worker: cannot load {args.service}: {exc}", file=sys.stderr)
-        return EXIT_BAD_SERVICE
-    return 0
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -173,10 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.path is not None and args.source_dir is None:
         parser.error("--path needs --source-dir")
-    if args.check:
-        if args.path is None:
-            parser.error("--check needs --source-dir and --path")
-        return check(args)
     if not args.nats:
         parser.error(f"the NATS URL is needed: --nats URL or ${NATS_URL_VARIABLE}")
     try:
