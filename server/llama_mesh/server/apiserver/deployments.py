@@ -234,9 +234,10 @@ class DeploymentManager:
             _confine(service, service_id, root, policy)
 
     async def _next_generation(self, name: str, stored: DeploymentRecord | None) -> int:
-        """A generation no replica has had: above the stored one, any tried before (a failed
-        reload's replicas may still be in the registry) and any replica's."""
+        """A generation no replica has had: above the stored and the running one, any tried
+        before (a failed reload's replicas may still be in the registry) and any replica's."""
         seen = [stored.generation if stored else 0, self._tried.get(name, 0)]
+        seen.append(self._generations.get(name, 0))
         seen += [i.generation for i in await self._cp.list_instances(name)]
         self._tried[name] = max(seen) + 1
         return self._tried[name]
