@@ -62,6 +62,7 @@ LEGITIMATE = [
     ("http://host/allowed/./x.git", "http://host/allowed/x.git"),
     ("http://host/allowed/my%20repo.git", "http://host/allowed/my%20repo.git"),
     ("http://host/allowed/%78.git", "http://host/allowed/x.git"),
+    ("http://host/allowed/a%40b.git", "http://host/allowed/a%40b.git"),
     ("http://host/allowed", "http://host/allowed"),
 ]
 

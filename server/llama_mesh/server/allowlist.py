@@ -36,7 +36,7 @@ URL_PREFIX_OPTION = "--allow-git-prefix"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _SCP = re.compile(r"(?:(?P<user>[^@/:\s]+)@)?(?P<host>\[[^\]/]+\]|[^@/:\s\[\]]+):(?P<path>.*)")
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
-_SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
+_SEGMENT_SAFE = "!$&'()*+,;=-._~"  # not '@' or ':', which other parsers read as more
 
 
 class LocationError(ValueError):
