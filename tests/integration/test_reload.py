@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from llama_mesh.server.app import MeshServer
 from llama_mesh.server.domain import DeploymentStatus
+from llama_mesh.server.errors import FailedPreconditionError
 from llama_mesh.server.nats_server import NatsServer
 from tests.fixtures.mesh import MeshFactory
 
@@ -178,3 +180,30 @@ async def test_a_failed_v1_reload_keeps_the_old_version(
     async with http:
         assert await results(http) == {"a": "v1:a", "b": "v1:b"}
         assert (await server.mesh.cp.get_deployment(NAME)).generation == stored.generation
+
+
+async def test_a_failed_in_process_reload_keeps_the_old_version(
+    mesh_factory: MeshFactory, tmp_path: Path
+) -> None:
+    """With workers inside the server (in-process queue) a reload is all or nothing too:
+    a typo in one service's path fails it naming the path, tasks still run on the old
+    version and the record stays; a good reload then replaces it."""
+    server = await mesh_factory()
+    deployments = server.mesh.deployments
+    v1 = write_app(tmp_path / "v1", "v1")
+    await deployments.create(v1, base_path=str(tmp_path / "v1"), reload=False, local=True)
+    stored = await server.mesh.cp.get_deployment(NAME)
+    typo = write_app(tmp_path / "v2", "v2", b_path="bb")
+    with pytest.raises(FailedPreconditionError, match="'bb'"):
+        await deployments.create(typo, base_path=str(tmp_path / "v2"), reload=True, local=True)
+
+    async def run(service: str) -> Any:
+        async with asyncio.timeout(TASK_TIMEOUT):
+            task = await server.mesh.run_task(NAME, service_id=service, session_id=None, input={})
+        return task.result
+
+    assert (await run("a"), await run("b")) == ("v1:a", "v1:b")
+    assert (await server.mesh.cp.get_deployment(NAME)).generation == stored.generation
+    good = write_app(tmp_path / "v3", "v3")
+    await deployments.create(good, base_path=str(tmp_path / "v3"), reload=True, local=True)
+    assert (await run("a"), await run("b")) == ("v3:a", "v3:b")
