@@ -12,7 +12,7 @@ import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,6 +48,9 @@ from llama_mesh.v1 import (
     orchestrator_pb2_grpc,
 )
 
+if TYPE_CHECKING:
+    from llama_mesh.server.gateway import GatewayConfig
+
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -81,7 +84,12 @@ class ServerSettings:
     """Copies of each stream and bucket the server creates: 3 (or 5) on a NATS cluster, so
     that losing a node loses nothing. Streams that exist keep theirs."""
     gateway: bool = True
+    control_planes: bool = True
+    """Whether the gateway serves each deployment's Llama Deploy 0.8 control plane API on
+    its ``control-plane.port``."""
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names the gateway answers to besides loopback and ``host`` (``"*"``: any)."""
     max_deployments: int = 10
     max_replicas: int = 16
     """Most replicas one service may ask for (``replicas``)."""
@@ -119,6 +127,12 @@ class ServerSettings:
             raise ValueError(
                 "nats_replicas (--nats-replicas) above 1 needs a NATS cluster (--nats-url); "
                 "the embedded nats-server is a single node"
+            )
+        if self.gateway and self.host in ("0.0.0.0", "::", "") and not self.allowed_hosts:
+            raise ValueError(
+                f"allowed_hosts (--allowed-host): the gateway listens on {self.host or 'every'}"
+                " address; name the host names its clients use (--allowed-host NAME, repeat), "
+                "or '*' to answer to any name (web pages can then reach it by DNS rebinding)"
             )
         if self.max_replicas < 1:
             raise ValueError(f"max_replicas (--max-replicas) is {self.max_replicas}: use 1 or more")
@@ -174,10 +188,10 @@ def create_grpc_server(
         LlamaDeployApiServicer(mesh), server
     )
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(
-        ControlPlaneServicer(mesh.cp, mesh.watcher), server
+        ControlPlaneServicer(mesh, queue_kind=queue_kind), server
     )
     orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
-        OrchestratorServicer(mesh.orchestrator, mesh.deployments.config), server
+        OrchestratorServicer(mesh.orchestrator, mesh.deployments), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -289,9 +303,16 @@ class MeshServer:
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port)
             self._stack.push_async_callback(asyncio.to_thread, self.metrics.stop_serving)
+        gateway_config = self._gateway_config() if s.gateway else None
+        if gateway_config is not None and gateway_config.control_plane_lds is not None:
+            from llama_mesh.server.gateway.control_planes import ControlPlanePorts
+
+            deployments.control_planes = ControlPlanePorts(gateway_config)
         await deployments.restore()
-        if s.gateway:
-            await self._start_gateway()
+        if gateway_config is not None:
+            await self._start_gateway(gateway_config)
+            if deployments.control_planes is not None:
+                await deployments.control_planes.attach()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -314,23 +335,31 @@ class MeshServer:
             self.nats_url.split(","), login=s.nats_login, replicas=s.nats_replicas
         )
 
-    async def _start_gateway(self) -> None:
-        from llama_mesh.server.gateway import Gateway, GatewayConfig
+    def _gateway_config(self) -> GatewayConfig:
+        from llama_mesh.server.gateway import GatewayConfig
+        from llama_mesh.server.gateway.control_planes import LDS_FILE
 
         s = self.settings
-        cfg = GatewayConfig(
+        work_dir = s.data_dir / "gateway"
+        return GatewayConfig(
             listen_host=s.host,
             listen_port=s.port,
             upstream_port=self.grpc_port,
             cors_origins=s.cors_origins,
+            allowed_hosts=s.allowed_hosts,
             tls_cert=s.tls_cert,
             tls_key=s.tls_key,
             # The gateway is an mTLS client of the gRPC port, with the server's own certificate.
             upstream_tls_ca=s.internal_ca,
             upstream_tls_cert=s.internal_cert,
             upstream_tls_key=s.internal_key,
+            control_plane_lds=work_dir / "control-planes" / LDS_FILE if s.control_planes else None,
         )
-        work_dir = s.data_dir / "gateway"
+
+    async def _start_gateway(self, cfg: GatewayConfig) -> None:
+        from llama_mesh.server.gateway import Gateway
+
+        work_dir = self.settings.data_dir / "gateway"
         work_dir.mkdir(parents=True, exist_ok=True)
         gateway = await Gateway.start(cfg, work_dir=work_dir)
         self._stack.push_async_callback(gateway.stop)
