@@ -226,7 +226,7 @@ class DeploymentManager:
                 raise InvalidArgumentError(
                     f"{key} is {service.replicas}, more than this server allows: {limit} "
                     "(serve --max-replicas, LLAMA_MESH_MAX_REPLICAS)",
-                    reason="TOO_MANY_REPLICAS",
+                    reason="INVALID_DEPLOYMENT",
                     metadata={"key": key},
                 )
 
@@ -242,7 +242,7 @@ class DeploymentManager:
             except SourceNotAllowedError as exc:
                 raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
             except SourceError as exc:
-                raise InvalidArgumentError(str(exc), reason="INVALID_SOURCE") from exc
+                raise InvalidArgumentError(str(exc), reason="INVALID_DEPLOYMENT") from exc
             local = service.source.type == "local"
             root = base if local else self._source_dest(record, service_id)
             _confine(service, service_id, root, policy)
@@ -322,7 +322,7 @@ class DeploymentManager:
             if isinstance(exc, MeshError):
                 raise
             raise FailedPreconditionError(
-                f"Deployment '{name}': {message}", reason="RELOAD_FAILED"
+                f"Deployment '{name}': {message}", reason="DEPLOY_FAILED"
             ) from exc
         record.status, record.status_message, record.updated_at = (
             DeploymentStatus.READY,
@@ -532,9 +532,9 @@ def _confine(
             key_path=f"services.{service_id}.python-dependencies",
         )
     except DependencyNotAllowedError as exc:
-        raise PermissionDeniedError(str(exc), reason="DEPENDENCY_NOT_ALLOWED") from exc
+        raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
     except DependencyError as exc:
-        raise InvalidArgumentError(str(exc), reason="INVALID_DEPENDENCY") from exc
+        raise InvalidArgumentError(str(exc), reason="INVALID_DEPLOYMENT") from exc
 
 
 def _last_lines(text: str, count: int = 6) -> str:
