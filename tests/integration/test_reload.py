@@ -77,6 +77,7 @@ async def start(
         queue="nats", nats_url=nats_server.url, gateway=True, data_dir=data_dir
     )
     assert server.gateway_url is not None
+    await server.wait_restored()  # a restarted server brings deployments back in the background
     return server, httpx.AsyncClient(base_url=server.gateway_url, timeout=TASK_TIMEOUT + 60)
 
 
