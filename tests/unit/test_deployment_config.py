@@ -16,6 +16,8 @@ from llama_mesh.server.deployment_config import (
     SourceConfig,
     parse_deployment_config,
 )
+from llama_mesh.server.errors import FailedPreconditionError
+from llama_mesh.server.orchestrator import choose_service
 
 FULL_08 = """\
 name: MyDeployment
@@ -358,6 +360,19 @@ def test_default_service_naming_no_service_is_a_warning() -> None:
     assert "(did you mean 'echo'?)" in warning
     good = parse(MINIMAL + "default-service: echo\n")
     assert (good.default_service, good.unknown_default_service, good.warnings) == ("echo", None, ())
+
+
+def test_task_needing_a_default_service_that_names_no_service_is_refused() -> None:
+    """Every path that picks a service (ApiServer, ControlPlane.RecordTask) goes through
+    choose_service: with no service named, a default-service naming none is a
+    FailedPreconditionError naming it; a service named explicitly still works. Since the
+    MINIMAL deployment has one service, this also pins that the unknown default is not
+    silently replaced by the only service."""
+    config = parse(MINIMAL + "default-service: ech\n")
+    with pytest.raises(FailedPreconditionError, match="'ech', names no service") as info:
+        choose_service(config, None)
+    assert info.value.reason == "DEFAULT_SERVICE_NOT_FOUND"
+    assert choose_service(config, "echo") == "echo"
 
 
 def test_no_services_is_a_warning() -> None:
