@@ -79,6 +79,7 @@ TRANSCODED_SERVICES = (
 )
 UPSTREAM_CLUSTER = "apiserver"
 NOT_FOUND_CLUSTER = "no-such-route"
+
 # Where compat_errors.lua records what it learnt about the request (keys "compat", "grpc").
 LUA_METADATA_NAMESPACE = "llama_mesh.gateway"
 SSE_EVENTS_PATH_REGEX = r"/v1/deployments/[^/]+/tasks/[^/]+/events"
@@ -497,6 +498,30 @@ def _lua_value(value: object) -> str:
     raise TypeError(f"no Lua literal for {type(value).__name__}")
 
 
+def buffer_off() -> dict[str, Any]:
+    """A route's filter config that turns the body buffer off (gRPC: streams, no JSON cap).
+
+    A new dict each call, so that the YAML emitter never writes anchors and aliases."""
+    return {
+        "envoy.filters.http.buffer": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+            "disabled": True,
+        }
+    }
+
+
+def not_found_route() -> dict[str, Any]:
+    """The last route of every listener's table: anything the transcoder does not know gets
+    Envoy's own 404 (JSON, see local replies). A route to a cluster that does not exist
+    rather than a direct response, because the CORS filter only acts on routes with a route
+    entry."""
+    return {
+        "name": "not-found",
+        "match": {"prefix": "/"},
+        "route": {"cluster": NOT_FOUND_CLUSTER, "cluster_not_found_response_code": "NOT_FOUND"},
+    }
+
+
 def _upstream_route() -> dict[str, Any]:
     return {"cluster": UPSTREAM_CLUSTER, "timeout": "0s", "idle_timeout": "0s"}
 
@@ -529,30 +554,13 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
                 ],
             },
             "route": _upstream_route(),
-            "typed_per_filter_config": {
-                "envoy.filters.http.buffer": {
-                    "@type": (
-                        "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute"
-                    ),
-                    "disabled": True,
-                }
-            },
+            "typed_per_filter_config": buffer_off(),
         },
         *_console_routes(),
         # /openapi.json and /docs, answered by Envoy itself (see docs.py).
         *docs.docs_routes(),
         *_method_not_allowed_routes(cfg),
-        {
-            # Anything the transcoder does not know: Envoy's own 404 (JSON, see local
-            # replies). A route to a cluster that does not exist rather than a direct
-            # response, because the CORS filter only acts on routes with a route entry.
-            "name": "not-found",
-            "match": {"prefix": "/"},
-            "route": {
-                "cluster": NOT_FOUND_CLUSTER,
-                "cluster_not_found_response_code": "NOT_FOUND",
-            },
-        },
+        not_found_route(),
     ]
     virtual_host: dict[str, Any] = {"name": "gateway", "domains": ["*"], "routes": routes}
     if cfg.cors_origins:

@@ -101,23 +101,9 @@ def _route_config(cfg: gw.GatewayConfig, deployment: str) -> dict[str, Any]:
                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                 }
             ],
-            "typed_per_filter_config": {
-                "envoy.filters.http.buffer": {
-                    "@type": (
-                        "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute"
-                    ),
-                    "disabled": True,
-                }
-            },
+            "typed_per_filter_config": gw.buffer_off(),
         },
-        {
-            "name": "not-found",
-            "match": {"prefix": "/"},
-            "route": {
-                "cluster": gw.NOT_FOUND_CLUSTER,
-                "cluster_not_found_response_code": "NOT_FOUND",
-            },
-        },
+        gw.not_found_route(),
     ]
     virtual_host: dict[str, Any] = {"name": name, "domains": ["*"], "routes": routes}
     if cfg.cors_origins:
