@@ -14,7 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from llama_mesh.server.app import MeshServer
 from llama_mesh.server.serve import build_parser, main, settings_from_args
+
+
+@pytest.fixture(autouse=True)
+def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tripwire: ``main()`` reaching the start of a server fails the test at once instead
+    of serving (on a non-loopback address) until someone stops it."""
+
+    async def started(*args: object, **kwargs: object) -> MeshServer:
+        raise AssertionError("serve went on to start a server")
+
+    monkeypatch.setattr(MeshServer, "start", started)
 
 
 @pytest.mark.parametrize(
@@ -79,19 +91,20 @@ def test_loopback_keys_or_the_explicit_opt_out_are_accepted(args: list[str]) -> 
 
 
 async def test_the_serve_command_refuses_and_exits(tmp_path: Path) -> None:
-    """``python -m llama_mesh.server --host 0.0.0.0`` exits with status 2 and says why on
-    stderr, before it binds or starts anything."""
+    """``python -m llama_mesh.server --grpc-host 192.0.2.7`` (an address of no host here, so
+    that nothing could listen on it anyway) exits with status 2 and says why on stderr,
+    before it starts anything."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "llama_mesh.server",
-        *("--host", "0.0.0.0", "--data-dir", str(tmp_path / "data")),
+        *("--grpc-host", "192.0.2.7", "--no-gateway", "--data-dir", str(tmp_path / "data")),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2, (out, err)
-    assert b"--host 0.0.0.0 listens beyond this machine" in err
+    assert b"--grpc-host 192.0.2.7 listens beyond this machine" in err
     assert b"ready" not in out
     assert not (tmp_path / "data").exists()

@@ -16,7 +16,6 @@ import nats.errors
 import pytest
 
 from llama_mesh.server.app import MeshServer
-from llama_mesh.server.nats_server import CREDENTIALS_NAME
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 
 
@@ -64,7 +63,7 @@ async def test_the_login_is_private_and_kept_with_the_store(
     data_dir = tmp_path / "data"
     first = await mesh_factory(queue="nats", data_dir=data_dir)
     store = data_dir / "nats"
-    credentials = store / CREDENTIALS_NAME
+    credentials = store / "credentials.json"
     assert _mode(credentials) == 0o600
     assert _mode(store / "nats.conf") == 0o600
     saved = json.loads(credentials.read_text())
