@@ -210,7 +210,8 @@ class ServeProcess:
 
 
 async def start_serve(data_dir: Path, stderr_path: Path) -> ServeProcess:
-    """Start ``serve`` with its embedded nats-server and gateway; wait for its ready line."""
+    """Start ``serve`` with its embedded nats-server and gateway, in its own process group
+    (as a shell runs a command); wait for its ready line."""
     port, grpc_port = free_port(), free_port()
     with stderr_path.open("ab") as stderr:
         process = await asyncio.create_subprocess_exec(
@@ -221,6 +222,7 @@ async def start_serve(data_dir: Path, stderr_path: Path) -> ServeProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
+            process_group=0,
         )
     assert process.stdout is not None
     try:
@@ -275,6 +277,23 @@ async def test_health_says_nats_is_down_and_serve_ends_when_it_cannot_restart_it
         assert code == 1, err
         assert "cannot go on: nats-server could not be restarted (5 attempts)" in err
         assert "jetstream" in err  # nats-server's own reason, from its log
+    finally:
+        await serve.stop()
+
+
+async def test_ctrl_c_stops_serve_without_restarting_its_children(tmp_path: Path) -> None:
+    """SIGINT to serve's whole process group (Ctrl-C in a terminal) reaches serve only: it
+    stops its nats-server and Envoy itself and exits 0, restarting neither."""
+    data_dir = tmp_path / "data"
+    serve = await start_serve(data_dir, tmp_path / "serve.err")
+    try:
+        nats = nats_pid(data_dir / "nats")
+        os.killpg(serve.process.pid, signal.SIGINT)
+        code = await asyncio.wait_for(serve.process.wait(), WAIT)
+        err = serve.stderr_path.read_text()
+        assert code == 0, err
+        assert "restarting" not in err
+        assert f"stopping nats-server (pid {nats})" in err
     finally:
         await serve.stop()
 

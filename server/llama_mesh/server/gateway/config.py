@@ -810,6 +810,9 @@ class Gateway:
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
+                    # Its own session: a Ctrl-C meant for the server must not stop it (the
+                    # server stops it, and would restart an Envoy that died on its own).
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise GatewayStartError(f"could not start {self._binary}: {exc}") from exc
