@@ -16,6 +16,9 @@ import nats.errors
 import pytest
 
 from llama_mesh.server.app import MeshServer
+from llama_mesh.server.gateway.__main__ import parse_config
+from llama_mesh.server.gateway.config import render_envoy_config
+from llama_mesh.server.nats_server import store_login
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 
 
@@ -138,3 +141,30 @@ async def test_the_envoy_admin_is_an_owner_only_unix_socket(mesh_factory: MeshFa
     async with httpx.AsyncClient(transport=transport, timeout=10) as admin:
         ready = await admin.get("http://admin/ready")
         assert (ready.status_code, ready.text.strip()) == (200, "LIVE")
+
+
+def test_a_stored_login_left_readable_is_made_private_and_a_broken_one_replaced(
+    tmp_path: Path,
+) -> None:
+    """A credentials file found with a looser mode is tightened to 0600 and kept; one that
+    cannot be read as a login is replaced by a new one (also 0600)."""
+    first = store_login(tmp_path)
+    credentials = tmp_path / "credentials.json"
+    credentials.chmod(0o644)
+    assert store_login(tmp_path) == first
+    assert _mode(credentials) == 0o600
+    credentials.write_text("{not json")
+    fresh = store_login(tmp_path)
+    assert fresh.password != first.password
+    assert _mode(credentials) == 0o600
+    assert store_login(tmp_path) == fresh
+
+
+def test_a_separately_run_envoy_gets_its_admin_on_a_socket_too(tmp_path: Path) -> None:
+    """``python -m llama_mesh.server.gateway --admin-socket PATH`` renders the admin on that
+    socket (made absolute) with mode 0600, and no admin at all without the option."""
+    cfg = parse_config(["--upstream", "127.0.0.1:50051", "--admin-socket", "run/admin.sock"])
+    assert cfg.admin_socket == Path.cwd() / "run" / "admin.sock"
+    admin = render_envoy_config(cfg)["admin"]["address"]
+    assert admin == {"pipe": {"path": str(cfg.admin_socket), "mode": 0o600}}
+    assert "admin" not in render_envoy_config(parse_config(["--upstream", "127.0.0.1:50051"]))

@@ -96,8 +96,6 @@ class KeepAlive:
         self._backoff = tuple(backoff)
         self._attempts = attempts
         self._task: asyncio.Task[None] | None = None
-        self.restarts = 0
-        """How many times the child was started again."""
 
     def start(self) -> None:
         """Begin watching the (running) child."""
@@ -147,6 +145,5 @@ class KeepAlive:
                         self._on_give_up(message)
                         return
                     self._on_down(f"{reason}; restarting (attempt {failed_starts} failed)")
-            self.restarts += 1
             logger.info("%s restarted (pid %s)", self.name, self.child.pid)
             self._on_up()
