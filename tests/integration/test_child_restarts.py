@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llama_mesh.server.app import MeshServer
-from llama_mesh.server.nats_server import free_port
+from llama_mesh.server.nats_server import NatsServer, free_port
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
 
@@ -65,6 +65,8 @@ class Tally:
     lost: list[str] = field(default_factory=list)
     broken_waits: int = 0
     """Waiting calls (event streams) that ended without the task's final event."""
+    redelivered: int = 0
+    """Tasks that ran more than once (in flight when NATS died)."""
 
 
 async def healthy(http: httpx.AsyncClient) -> bool:
@@ -116,6 +118,9 @@ async def run_one(http: httpx.AsyncClient, tag: str, tally: Tally) -> None:
         return
     assert task is not None
     tally.finished += 1
+    attempts = task.get("attempts")
+    if isinstance(attempts, int) and attempts > 1:
+        tally.redelivered += 1
     result = task.get("result")
     succeeded = task["status"] == "TASK_STATUS_SUCCEEDED"
     if succeeded and isinstance(result, dict) and result.get("tag") == tag:
@@ -166,7 +171,8 @@ async def test_sigkilled_embedded_nats_under_load_loses_nothing(
             f"\nnats-server SIGKILLed after {KILL_AFTER} of {total} tasks: accepted "
             f"{tally.accepted}, finished correctly {tally.correct}, lost {len(tally.lost)}, "
             f"wrong {len(tally.wrong)} (creations refused while down and tried again: "
-            f"{tally.refused}; waits without their final event: {tally.broken_waits})"
+            f"{tally.refused}; waits without their final event: {tally.broken_waits}; "
+            f"run again after the kill: {tally.redelivered})"
         )
         assert server.nats_server is not None and server.nats_server.port == port
         assert tally.accepted == total
@@ -351,3 +357,36 @@ async def test_an_envoy_that_cannot_restart_is_reported_and_fails_the_server(
     await asyncio.wait_for(server.failed.wait(), WAIT)
     assert "envoy could not be restarted (5 attempts)" in server.failure
     assert "gateway" in server.mesh.health.problems  # still says what is down
+
+
+async def test_health_follows_an_external_nats_going_down_and_back(
+    nats_server: NatsServer, mesh_factory: MeshFactory
+) -> None:
+    """With ``--nats-url`` (a NATS the server does not run), the status routes and gRPC
+    health say NATS is down from the moment the connection is lost until it is back."""
+    server = await mesh_factory(queue="nats", nats_url=nats_server.url, gateway=True)
+    assert server.gateway_url is not None
+    async with httpx.AsyncClient(base_url=server.gateway_url, timeout=30) as http:
+
+        async def status() -> dict[str, str]:
+            reply: dict[str, str] = (await http.get("/status/")).json()
+            return reply
+
+        assert (await status())["status"] == "Healthy"
+        await nats_server.kill()
+
+        async def down() -> bool:
+            now = await status()
+            return now["status"] == "Unhealthy" and "nats is down" in now["status_message"]
+
+        await assert_eventually(down, timeout=WAIT)
+        assert await grpc_health(server.grpc_port, "llama_mesh.nats") == NOT_SERVING
+        assert await grpc_health(server.grpc_port) == NOT_SERVING
+        await nats_server.restart()
+
+        async def up() -> bool:
+            return (await status())["status"] == "Healthy"
+
+        await assert_eventually(up, timeout=WAIT)
+        assert await grpc_health(server.grpc_port, "llama_mesh.nats") == SERVING
+        assert await grpc_health(server.grpc_port) == SERVING
