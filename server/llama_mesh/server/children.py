@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol
 
 from llama_mesh.server.aio import cancel_and_wait
@@ -85,16 +85,12 @@ class KeepAlive:
         on_down: Callable[[str], None] = lambda reason: None,
         on_up: Callable[[], None] = lambda: None,
         on_give_up: Callable[[str], None] = lambda reason: None,
-        backoff: Sequence[float] = RESTART_BACKOFF,
-        attempts: int = RESTART_ATTEMPTS,
     ) -> None:
         self.name = name
         self.child = child
         self._on_down = on_down
         self._on_up = on_up
         self._on_give_up = on_give_up
-        self._backoff = tuple(backoff)
-        self._attempts = attempts
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -108,10 +104,18 @@ class KeepAlive:
             await cancel_and_wait(self._task)
         await self.child.stop()
 
-    def _delay(self, failures: int) -> float:
-        return self._backoff[min(failures, len(self._backoff) - 1)]
+    @staticmethod
+    def _delay(failures: int) -> float:
+        return RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)]
 
     async def _watch(self) -> None:
+        try:
+            await self._keep_alive()
+        except Exception as exc:  # a bug here must not leave the child unwatched unseen
+            logger.exception("supervising %s failed", self.name)
+            self._on_give_up(f"supervising {self.name} failed: {exc!r}")
+
+    async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
         quick_exits = 0
         while True:
@@ -133,10 +137,10 @@ class KeepAlive:
                         "%s did not start (attempt %d of %d): %s",
                         self.name,
                         failed_starts,
-                        self._attempts,
+                        RESTART_ATTEMPTS,
                         exc,
                     )
-                    if failed_starts >= self._attempts:
+                    if failed_starts >= RESTART_ATTEMPTS:
                         message = (
                             f"{self.name} could not be restarted ({failed_starts} attempts); "
                             f"last error: {exc}"
