@@ -32,6 +32,7 @@ async def serve(args: argparse.Namespace) -> int:
         queue="nats",
         nats_url=None,
         gateway=True,
+        control_planes=False,
         ack_wait=10.0,
         ready_timeout=120.0,
     )

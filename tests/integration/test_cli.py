@@ -16,9 +16,10 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from llama_mesh.client import AsyncClient
+from llama_mesh.client import AsyncClient, TaskStatus
 from llama_mesh.client.cli import llamactl
 from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.helpers import assert_eventually
 
 DEPLOYMENT = "testapp"
 Invoke = Callable[..., Awaitable[Result]]
@@ -131,6 +132,63 @@ async def test_tasks_and_events(mesh: tuple[Invoke, AsyncClient]) -> None:
     assert json.loads(result.stdout) == {"ticks": 3}
 
 
+async def test_events_so_far_show_the_question(mesh: tuple[Invoke, AsyncClient]) -> None:
+    """``tasks events`` without --follow prints the events written so far of a task waiting
+    for an answer (its question), and returns; ``tasks get`` counts them."""
+    invoke, client = mesh
+    task = await client.tasks.create(DEPLOYMENT, {}, service="hitl")
+    await asyncio.wait_for(wait_running(client, task.task_id), 30)
+    shown = await invoke("tasks", "events", "-d", DEPLOYMENT, task.task_id)
+    assert shown.exit_code == 0, shown.output
+    events = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [(e["index"], e["type"].rsplit(".", 1)[-1]) for e in events] == [
+        (0, "InputRequiredEvent")
+    ]
+    assert events[0]["data"]["prefix"] == "name?"
+    got = json.loads((await invoke("tasks", "get", "-d", DEPLOYMENT, task.task_id)).stdout)
+    assert (got["status"], got["event_count"]) == ("running", 1)
+    await client.tasks.send_event(DEPLOYMENT, task.task_id, "HumanResponseEvent", {"response": "x"})
+    assert await client.tasks.result(DEPLOYMENT, task.task_id) == "hi x"
+
+
+async def test_final_event_time_is_when_the_task_finished(
+    mesh: tuple[Invoke, AsyncClient],
+) -> None:
+    """The final event carries the time the task finished, the same on every read."""
+    invoke, client = mesh
+    task = await client.tasks.create(DEPLOYMENT, {"message": "t"})
+    assert await client.tasks.result(DEPLOYMENT, task.task_id) == "echo: t"
+    reads = [await invoke("tasks", "events", "-d", DEPLOYMENT, task.task_id) for _ in range(2)]
+    finals = [json.loads(r.stdout.splitlines()[-1]) for r in reads]
+    got = json.loads((await invoke("tasks", "get", "-d", DEPLOYMENT, task.task_id)).stdout)
+    assert finals[0]["kind"] == "result"
+    assert finals[0]["timestamp"] == finals[1]["timestamp"] == got["finished_at"]
+
+
+async def test_run_no_wait_prints_the_task_id(mesh: tuple[Invoke, AsyncClient]) -> None:
+    """``run --no-wait`` queues the task and prints its id (the task with -o json)."""
+    invoke, _ = mesh
+    queued = await invoke("run", "-d", DEPLOYMENT, "-a", "message", "later", "--no-wait")
+    assert queued.exit_code == 0, queued.output
+    task_id = queued.stdout.strip()
+    assert queued.stdout == f"{task_id}\n" and task_id
+    result = await invoke("tasks", "result", "-d", DEPLOYMENT, task_id)
+    assert result.stdout == "echo: later\n"
+    as_json = await invoke("run", "-d", DEPLOYMENT, "-s", "tally", "--no-wait", "-o", "json")
+    task = json.loads(as_json.stdout)
+    assert task["service_id"] == "tally" and task["status"] == "queued"
+
+
+async def test_output_option_after_the_command(mesh: tuple[Invoke, AsyncClient]) -> None:
+    """``-o`` works after the command as well as before it."""
+    invoke, _ = mesh
+    listed = await invoke("deployments", "list", "-o", "table")
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.startswith("NAME") and DEPLOYMENT in listed.stdout
+    status = await invoke("status", "-o", "json")
+    assert json.loads(status.stdout)["healthy"] is True
+
+
 async def test_human_in_the_loop(mesh: tuple[Invoke, AsyncClient]) -> None:
     """``send-event`` answers a waiting task; ``tasks result`` then prints its result."""
     invoke, client = mesh
@@ -148,11 +206,19 @@ async def test_human_in_the_loop(mesh: tuple[Invoke, AsyncClient]) -> None:
 
 
 async def test_cancel(mesh: tuple[Invoke, AsyncClient]) -> None:
-    """``tasks cancel`` stops a running task; its result then exits with status 3."""
+    """``tasks cancel`` stops a running task and prints it cancelled; its result then exits
+    with status 3."""
     invoke, client = mesh
     task = await client.tasks.create(DEPLOYMENT, {"seconds": 60}, service="slow")
     await asyncio.wait_for(wait_running(client, task.task_id), 30)
-    assert (await invoke("tasks", "cancel", "-d", DEPLOYMENT, task.task_id)).exit_code == 0
+
+    async def recorded_running() -> bool:  # cancelled by its replica, not while queued
+        return (await client.tasks.get(DEPLOYMENT, task.task_id)).status is TaskStatus.RUNNING
+
+    await assert_eventually(recorded_running, timeout=30)
+    cancelled = await invoke("tasks", "cancel", "-d", DEPLOYMENT, task.task_id)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"  # as it is afterwards
     result = await invoke("tasks", "result", "-d", DEPLOYMENT, task.task_id)
     assert result.exit_code == 3 and "cancelled" in result.stderr
 

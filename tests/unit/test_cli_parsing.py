@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 from click.testing import CliRunner, Result
@@ -16,6 +18,8 @@ from llama_mesh.client import __version__
 from llama_mesh.client._cli_output import emit_result, table
 from llama_mesh.client._cli_state import State
 from llama_mesh.client.cli import llamactl
+from llama_mesh.server import serve as serve_module
+from llama_mesh.server.service import __main__ as worker_module
 
 CLOSED = "http://127.0.0.1:1"
 """A server URL where nothing listens: connection refused at once."""
@@ -52,6 +56,68 @@ def test_help_lists_every_command() -> None:
         "worker",
     ):
         assert f"  {command} " in result.stdout, command
+
+
+def _commands(command: click.Command, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The path of ``command`` and of every command below it."""
+    found = [path]
+    if isinstance(command, click.Group):
+        for name, sub in sorted(command.commands.items()):
+            found += _commands(sub, (*path, name))
+    return found
+
+
+def _command_at(path: tuple[str, ...]) -> click.Command:
+    command: click.Command = llamactl
+    for name in path:
+        assert isinstance(command, click.Group)
+        command = command.commands[name]
+    return command
+
+
+@pytest.mark.parametrize("path", _commands(llamactl), ids=lambda p: " ".join(p) or "llamactl")
+def test_every_help_text_is_whole(path: tuple[str, ...]) -> None:
+    """Every command's --help: no summary cut off with '...', no raw RST markup, a help
+    text for every option; ``serve`` and ``worker`` show their own usage under their
+    llamactl names."""
+    result = invoke(*path, "--help")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "``" not in text
+    if path in (("serve",), ("worker",)):
+        assert text.startswith(f"usage: llamactl {path[0]} ")
+        return
+    listing = text.partition("\nCommands:\n")[2]
+    assert not [line for line in listing.splitlines() if line.rstrip().endswith("...")]
+    for param in _command_at(path).params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{' '.join(path)} {param.opts[0]} has no help"
+
+
+@pytest.mark.parametrize("name", ["serve", "worker"])
+def test_serve_and_worker_options_say_what_and_default(name: str) -> None:
+    """Every option of ``serve`` and ``worker`` has a help text, and every one that takes a
+    value and is not required names its default."""
+    parser = serve_module.build_parser() if name == "serve" else worker_module.build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        label = action.option_strings[0] if action.option_strings else action.dest
+        assert action.help, f"{name} {label} has no help"
+        if action.option_strings and action.nargs != 0 and not action.required:
+            assert "default" in action.help, f"{name} {label} does not name its default"
+
+
+def test_output_option_after_the_command_too(tmp_path: Path) -> None:
+    """``-o`` is accepted after the command as well as before it; after it wins."""
+    config = str(tmp_path / "profiles.yaml")
+    after = invoke("-c", config, "config", "get-profiles", "-o", "json")
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.stdout)[0]["name"] == "default"
+    both = invoke("-c", config, "-o", "json", "config", "get-profiles", "-o", "yaml")
+    assert both.exit_code == 0, both.output
+    assert yaml.safe_load(both.stdout)[0]["name"] == "default"
+    assert invoke("-c", config, "config", "get-profiles", "-o", "xml").exit_code == 2
 
 
 def test_version() -> None:
@@ -231,7 +297,10 @@ def test_serve_and_worker_pass_their_arguments_through(monkeypatch: pytest.Monke
     assert worker.exit_code == 3
     assert calls == [
         ("serve", (["app.yml", "--port", "9", "--help"], "llamactl serve")),
-        ("worker", (["--nats", "nats://x", "--deployment", "d", "--service", "s"], None)),
+        (
+            "worker",
+            (["--nats", "nats://x", "--deployment", "d", "--service", "s"], "llamactl worker"),
+        ),
     ]
 
 
@@ -247,3 +316,16 @@ def test_results_print_like_08(capsys: pytest.CaptureFixture[str]) -> None:
 def test_tables_align_columns() -> None:
     """Tables: headers first, columns padded to the widest cell, no trailing blanks."""
     assert table([["a", "bbb"], ["cccc", ""]], ["X", "Y"]) == "X     Y\na     bbb\ncccc"
+
+
+def test_control_planes_are_served_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` serves deployments' 0.8 control planes by default; ``--no-control-planes``
+    or ``LLAMA_MESH_NO_CONTROL_PLANES=1`` turns them off."""
+    from llama_mesh.server.serve import build_parser, settings_from_args
+
+    monkeypatch.delenv("LLAMA_MESH_NO_CONTROL_PLANES", raising=False)
+    assert settings_from_args(build_parser().parse_args([])).control_planes
+    off = build_parser().parse_args(["--no-control-planes"])
+    assert not settings_from_args(off).control_planes
+    monkeypatch.setenv("LLAMA_MESH_NO_CONTROL_PLANES", "1")
+    assert not settings_from_args(build_parser().parse_args([])).control_planes

@@ -233,14 +233,14 @@ def test_control_plane_keys_keep_08_spelling() -> None:
     ("text", "key_path", "line", "fragment"),
     [
         ("name: d\n", "", 1, "missing required key 'services'"),
-        ("services: {}\nname: d\n", "services", 1, "at least one service is required"),
         ("name: 'my deployment'\n", "name", 1, "NATS subject token"),
+        ("name: ''\n", "name", 1, "must not be empty"),
         ("name: 12\n", "name", 1, 'quote it to use it as text: "12"'),
         ("name: [a]\n", "name", 1, "expected a string, got a list"),
     ],
 )
 def test_document_level_errors(text: str, key_path: str, line: int, fragment: str) -> None:
-    """Missing keys, empty services, bad names and wrong types name the key and the line."""
+    """Missing keys, empty or bad names and wrong types name the key and the line."""
     err = error_of(text)
     assert (err.key_path, err.line) == (key_path, line)
     assert fragment in err.message
@@ -339,24 +339,50 @@ def test_service_id_must_be_a_subject_token() -> None:
     assert "invalid service id 'my.echo'" in err.message
 
 
-def test_default_service_must_name_a_service() -> None:
-    """default-service naming no service is an error with a suggestion."""
-    err = error_of(MINIMAL + "default-service: ech\n")
-    assert (err.key_path, err.line) == ("default-service", 9)
-    assert "no service with id 'ech' (did you mean 'echo'?)" in err.message
-    assert parse(MINIMAL + "default-service: echo\n").default_service == "echo"
+def test_default_service_naming_no_service_is_a_warning() -> None:
+    """default-service naming no service is accepted (as Llama Deploy 0.8.1 does) with a
+    warning naming it, its line and a suggestion; the config has no default then."""
+    config = parse(MINIMAL + "default-service: ech\n")
+    assert config.default_service is None
+    assert config.unknown_default_service == "ech"
+    (warning,) = config.warnings
+    assert warning.startswith("deployment.yml:9: default-service: no service with id 'ech'")
+    assert "(did you mean 'echo'?)" in warning
+    good = parse(MINIMAL + "default-service: echo\n")
+    assert (good.default_service, good.unknown_default_service, good.warnings) == ("echo", None, ())
+
+
+def test_no_services_is_a_warning() -> None:
+    """An empty services mapping is accepted (as 0.8.1 does) with a warning."""
+    config = parse("services: {}\nname: d\n")
+    assert dict(config.services) == {}
+    assert config.warnings == (
+        "deployment.yml:1: services: no services: this deployment runs nothing",
+    )
 
 
 def test_message_queue_types() -> None:
-    """nats/simple are supported, rabbitmq/redis parse unsupported, aws/kafka are refused."""
+    """nats/simple are supported; rabbitmq/redis parse with their fields checked, and
+    aws/kafka/solace with their fields kept unchecked, each with a warning; an unknown type
+    is an error."""
     nats = parse(MINIMAL + "message-queue: {type: nats, url: 'nats://h:4222'}\n").message_queue
     assert nats == MessageQueueConfig("nats", MappingProxyType({"url": "nats://h:4222"}))
     redis = parse(MINIMAL + "message-queue:\n  type: redis\n  host: redis\n  port: 6379\n")
     assert redis.message_queue is not None and not redis.message_queue.supported
     assert dict(redis.message_queue.fields) == {"host": "redis", "port": 6379}
-    err = error_of(MINIMAL + "message-queue: {type: kafka}\n")
+    assert redis.warnings == (
+        "deployment.yml:10: message-queue.type: llama-mesh does not run 'redis' queues: "
+        "this deployment's tasks go over the server's own broker",
+    )
+    assert nats is not None and nats.supported
+    kafka = parse(MINIMAL + "message-queue: {type: kafka, url: 'k:9092', extra: [1]}\n")
+    assert kafka.message_queue == MessageQueueConfig(
+        "kafka", MappingProxyType({"url": "k:9092", "extra": (1,)})
+    )
+    assert len(kafka.warnings) == 1 and "'kafka'" in kafka.warnings[0]
+    err = error_of(MINIMAL + "message-queue: {type: kafak}\n")
     assert (err.key_path, err.line) == ("message-queue.type", 9)
-    assert "not supported" in err.message
+    assert "unknown message-queue type 'kafak' (did you mean 'kafka'?)" in err.message
     err = error_of(MINIMAL + "message-queue:\n  type: rabbitmq\n  exchange-name: x\n")
     assert (err.key_path, err.line) == ("message-queue", 11)
     assert "did you mean 'exchange_name'?" in err.message

@@ -179,7 +179,7 @@ def test_pathological_json_is_invalid_argument(text: str) -> None:
 @example("stream", "app_workflows.Tick", {"step": "x"})
 @example("stream", "Tick", {"step": 1})
 @example("echo", "app_workflows.Echo", {})
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 def test_build_event_builds_or_is_invalid_argument(
     workflow: str, type_name: str, data: dict[str, Any]
 ) -> None:
@@ -323,7 +323,7 @@ def _decodes(data: bytes) -> bool:
 @given(st.one_of(st.binary(max_size=200), _task_message_bytes()))
 @example(b"\xff\xff\xff")
 @example(b"\x0a\x02\xff\xfe")
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 def test_worker_settles_any_bytes_once_without_raising(data: bytes) -> None:
     """Whatever bytes arrive as a task message, ``Worker._handle`` returns normally having
     settled the delivery exactly once; undecodable bytes are terminated (dead-lettered)."""

@@ -340,6 +340,18 @@ async def test_delete_topic_forgets_its_messages(queue: MessageQueue) -> None:
     await aclose(other)
 
 
+async def test_last_message_of_a_topic(queue: MessageQueue) -> None:
+    """``last_message`` gives the latest message of its topic only (``None`` for one with
+    none, or once deleted), without subscribing."""
+    assert await queue.last_message("ev.last") is None
+    await queue.publish("ev.last", b"first")
+    await queue.publish("ev.last", b"second")
+    await queue.publish("ev.last.b", b"neighbour")
+    assert await queue.last_message("ev.last") == b"second"
+    await queue.delete_topic("ev.last")
+    assert await queue.last_message("ev.last") is None
+
+
 # --------------------------------------------------------------------------------------------
 # Key-value buckets
 

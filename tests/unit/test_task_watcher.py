@@ -53,7 +53,14 @@ class BreakableControlPlane(ControlPlane):
 async def cp() -> AsyncIterator[BreakableControlPlane]:
     async with InProcessQueue() as queue:
         store = BreakableControlPlane(queue)
-        for name in ("deployments", "tasks", "sessions", "session_tasks", "session_state"):
+        for name in (
+            "deployments",
+            "tasks",
+            "sessions",
+            "session_tasks",
+            "session_state",
+            "services",
+        ):
             store._buckets[name] = await queue.kv(name)
         yield store
 

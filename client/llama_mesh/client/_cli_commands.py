@@ -155,7 +155,10 @@ def tasks_get(ctx: click.Context, deployment: str, task_id: str) -> None:
 @click.argument("task_id")
 @click.pass_context
 def tasks_result(ctx: click.Context, deployment: str, task_id: str) -> None:
-    """Wait for a task to finish and print its result (exit status 3 when it failed)."""
+    """Wait for a task to finish and print its result.
+
+    Exit status 3 when the task failed or was cancelled.
+    """
     state = pass_state(ctx)
     emit_result(call(state, lambda c: c.tasks.result(deployment, task_id)), state.output)
 
@@ -166,7 +169,11 @@ def tasks_result(ctx: click.Context, deployment: str, task_id: str) -> None:
 @click.option("--reason", default="", help="Recorded as the task's error message")
 @click.pass_context
 def tasks_cancel(ctx: click.Context, deployment: str, task_id: str, reason: str) -> None:
-    """Cancel a queued or running task."""
+    """Cancel a queued or running task.
+
+    Prints the task as it is afterwards: cancelled, or the state it reached first (still
+    running only when its worker did not stop it within a few seconds).
+    """
     state = pass_state(ctx)
     emit(call(state, lambda c: c.tasks.cancel(deployment, task_id, reason=reason)), state.fmt)
 
@@ -180,7 +187,11 @@ def tasks_cancel(ctx: click.Context, deployment: str, task_id: str, reason: str)
 def tasks_events(
     ctx: click.Context, deployment: str, task_id: str, from_index: int, follow: bool
 ) -> None:
-    """Print a task's events as JSON lines (with --follow, until its final event)."""
+    """Print a task's events as JSON lines.
+
+    Without --follow, the events written so far (of a running task, or one waiting for an
+    answer: the question it asks); with it, every event until the final one.
+    """
 
     async def run(client: AsyncClient) -> None:
         limit: int | None = None

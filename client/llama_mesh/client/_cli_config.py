@@ -95,12 +95,12 @@ def use_profile(ctx: click.Context, profile: str) -> None:
 @click.argument("value")
 @click.pass_context
 def set_profile_vars(ctx: click.Context, param: str, value: str) -> None:
-    """Set a variable (server, insecure, timeout, tls_ca, tls_cert, tls_key) of the current
-    profile.
+    """Set a variable of the current profile.
 
-    With the global ``-p NAME``, set it on that profile instead, creating it if needed. The
-    tls_* variables are PEM files (a CA to trust; a client certificate and its key, for a
-    server requiring mTLS); an empty value unsets one.
+    PARAM is server, insecure, timeout, tls_ca, tls_cert or tls_key. With the global
+    -p NAME, set it on that profile instead, creating it if needed. The tls_* variables are
+    PEM files (a CA to trust; a client certificate and its key, for a server requiring
+    mTLS); an empty value unsets one.
     """
     cfg = _config(ctx)
     name = pass_state(ctx).profile or cfg.current_profile

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 import click
 
-from llama_mesh.client._cli_output import Format, note
+from llama_mesh.client._cli_output import FORMATS, Format, note
 from llama_mesh.client._client import AsyncClient
 from llama_mesh.client._config import ConfigFile
 from llama_mesh.client._exceptions import LlamaMeshError, TaskFailedError, UnavailableError
@@ -121,6 +121,32 @@ def call(state: State, action: Callable[[AsyncClient], Awaitable[T]]) -> T:
     except KeyboardInterrupt:
         note("Interrupted.")
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+def _set_output(ctx: click.Context, param: click.Parameter, value: Format | None) -> None:
+    if value is not None:
+        ctx.obj = replace(pass_state(ctx), output=value)
+
+
+def add_output_option(command: click.Command, *, skip: tuple[click.Command, ...] = ()) -> None:
+    """Give every command below ``command`` its own ``-o/--output``, so that the output
+    format may come after the command too (``llamactl deployments list -o json``); given
+    in both places, the one after the command wins. ``skip``: commands that parse their
+    own arguments."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_output_option(sub, skip=skip)
+        return
+    if command in skip or any(p.name == "output" for p in command.params):
+        return
+    option = click.Option(
+        ["-o", "--output"],
+        type=click.Choice(FORMATS),
+        expose_value=False,
+        callback=_set_output,
+        help="Output format, as the global -o (table, json, yaml or jsonl)",
+    )
+    command.params.append(option)
 
 
 def pass_state(ctx: click.Context) -> State:

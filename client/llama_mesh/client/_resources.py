@@ -185,7 +185,9 @@ class Tasks:
                 return out
 
     async def cancel(self, deployment: str, task_id: str, *, reason: str = "") -> Task:
-        """Ask for a task to be cancelled; returns the task as it is now."""
+        """Cancel a task; returns it as it is afterwards: cancelled (or the final state it
+        reached first), still running only if its worker did not stop it within the
+        server's wait (10 s)."""
         request = apiserver_pb2.CancelTaskRequest(
             deployment=deployment, task_id=task_id, reason=reason
         )

@@ -278,7 +278,7 @@ class SyncTasks(_Namespace):
         )
 
     def cancel(self, deployment: str, task_id: str, *, reason: str = "") -> Task:
-        """Ask for a task to be cancelled."""
+        """Cancel a task; returns it as it is afterwards (see AsyncClient's tasks.cancel)."""
         return self._portal.call(self._client.tasks.cancel(deployment, task_id, reason=reason))
 
     def send_event(

@@ -1,6 +1,7 @@
 """``llamactl``: the command line of llama-mesh (Llama Deploy 0.8's verbs, and more).
 
-Global options come first (``llamactl -s http://host:4501 -o json status``). Data goes to
+Global options come first (``llamactl -s http://host:4501 -o json status``); ``-o`` is also
+accepted after the command (``llamactl deployments list -o json``). Data goes to
 stdout, messages and progress to stderr. Exit statuses: 0 ok, 1 API or configuration error,
 2 usage error, 3 task failed or cancelled. ``serve`` and ``worker`` need the server package
 (``llama-mesh``), imported only when they run.
@@ -22,7 +23,7 @@ from llama_mesh.client import __version__
 from llama_mesh.client._cli_commands import deployments, send_event, services, sessions, tasks
 from llama_mesh.client._cli_config import config
 from llama_mesh.client._cli_output import FORMATS, emit, emit_result, note
-from llama_mesh.client._cli_state import CliError, State, call, pass_state
+from llama_mesh.client._cli_state import CliError, State, add_output_option, call, pass_state
 from llama_mesh.client._client import AsyncClient
 from llama_mesh.client._config import ENV_API_KEY, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY
 from llama_mesh.client._exceptions import DeadlineExceededError, LlamaMeshError
@@ -178,16 +179,37 @@ async def _show_progress(client: AsyncClient, name: str | None) -> None:
 )
 @click.option("-s", "--service", help="Service name")
 @click.option("-i", "--session-id", help="Session ID")
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Print the task id at once instead of waiting for the result "
+    "(the whole task with -o json|yaml|jsonl)",
+)
 @click.pass_context
-def run(
+def run(  # noqa: PLR0917 (one parameter per option)
     ctx: click.Context,
     deployment: str,
     args: tuple[tuple[str, str], ...],
     service: str | None,
     session_id: str | None,
+    no_wait: bool,
 ) -> None:
-    """Run a task and print its result (exit status 3 when it fails)."""
+    """Run a task and print its result.
+
+    Exit status 3 when the task fails. With --no-wait the task is only queued: follow it
+    with 'llamactl tasks events --follow' or 'llamactl tasks result'.
+    """
     state = pass_state(ctx)
+    if no_wait:
+        task = call(
+            state,
+            lambda c: c.tasks.create(deployment, dict(args), service=service, session=session_id),
+        )
+        if state.output in (None, "table"):
+            click.echo(task.task_id)
+        else:
+            emit(task, state.fmt)
+        return
     result = call(
         state, lambda c: c.run(deployment, service=service, session=session_id, **dict(args))
     )
@@ -195,10 +217,20 @@ def run(
 
 
 @llamactl.command()
-@click.option("--timeout", "wait_timeout", type=float, default=30.0, show_default=True)
+@click.option(
+    "--timeout",
+    "wait_timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the server",
+)
 @click.pass_context
 def wait(ctx: click.Context, wait_timeout: float) -> None:
-    """Wait until the server answers (exit status 0), or time out (1)."""
+    """Wait until the server answers.
+
+    Exit status 0 once it does, 1 when it did not within the timeout.
+    """
     state = pass_state(ctx)
     try:
         result: ServerStatus = call(state, lambda c: c.wait_ready(wait_timeout))
@@ -221,7 +253,10 @@ _PASS_THROUGH: dict[str, Any] = {
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def serve(ctx: click.Context, args: tuple[str, ...]) -> None:
-    """Run the server in the foreground (``llamactl serve --help`` for its options)."""
+    """Run the server in the foreground.
+
+    Its options: llamactl serve --help.
+    """
     module = _server_module("llama_mesh.server.serve", "serve")
     ctx.exit(module.main(list(args), prog="llamactl serve"))
 
@@ -230,9 +265,12 @@ def serve(ctx: click.Context, args: tuple[str, ...]) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def worker(ctx: click.Context, args: tuple[str, ...]) -> None:
-    """Run one worker of a service: --nats URL --deployment D --service S [...]."""
+    """Run one worker of a service, anywhere NATS is reachable.
+
+    Its options: llamactl worker --help.
+    """
     module = _server_module("llama_mesh.server.service.__main__", "worker")
-    ctx.exit(module.main(list(args)))
+    ctx.exit(module.main(list(args), prog="llamactl worker"))
 
 
 def _server_module(name: str, command: str) -> Any:
@@ -256,6 +294,7 @@ llamactl.add_command(services)
 llamactl.add_command(sessions)
 llamactl.add_command(tasks)
 llamactl.add_command(send_event)
+add_output_option(llamactl, skip=(serve, worker))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -27,6 +27,30 @@ if _version_not_supported:
 
 class ApiServerStub:
     """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`.
+
+    Errors. A call that fails ends with a gRPC status code, a message for people, and in the
+    status details a `google.rpc.ErrorInfo` whose `domain` is `llama-mesh` and whose `reason`
+    is what a program should match (the JSON API sends the same status as `{"code",
+    "message", "details"}`). Every service of this package uses these reasons (the full table,
+    with when each is sent, is in docs/clients.md):
+
+    - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
+    `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
+    `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
+    `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+    - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
+    `SESSION_NOT_FOUND`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
+    `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+    - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
+    - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
+    - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
+    - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
+    `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
+    - INTERNAL: `INTERNAL` (a server bug; the server log has the traceback).
     """
 
     def __init__(self, channel):
@@ -134,6 +158,30 @@ class ApiServerStub:
 
 class ApiServerServicer:
     """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`.
+
+    Errors. A call that fails ends with a gRPC status code, a message for people, and in the
+    status details a `google.rpc.ErrorInfo` whose `domain` is `llama-mesh` and whose `reason`
+    is what a program should match (the JSON API sends the same status as `{"code",
+    "message", "details"}`). Every service of this package uses these reasons (the full table,
+    with when each is sent, is in docs/clients.md):
+
+    - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
+    `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
+    `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
+    `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+    - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
+    `SESSION_NOT_FOUND`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
+    `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+    - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
+    - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
+    - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
+    - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
+    `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
+    - INTERNAL: `INTERNAL` (a server bug; the server log has the traceback).
     """
 
     def GetStatus(self, request, context):
@@ -231,6 +279,9 @@ class ApiServerServicer:
 
     def StreamEvents(self, request, context):
         """StreamEvents streams a task's events from `from_index`, ending with the final event.
+        The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
+        `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
+        client needs neither trailers nor a second call to learn how the task ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -379,6 +430,30 @@ def add_ApiServerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ApiServer:
     """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`.
+
+    Errors. A call that fails ends with a gRPC status code, a message for people, and in the
+    status details a `google.rpc.ErrorInfo` whose `domain` is `llama-mesh` and whose `reason`
+    is what a program should match (the JSON API sends the same status as `{"code",
+    "message", "details"}`). Every service of this package uses these reasons (the full table,
+    with when each is sent, is in docs/clients.md):
+
+    - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
+    `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
+    `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
+    `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+    - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
+    `SESSION_NOT_FOUND`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
+    `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+    - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
+    - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
+    - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
+    - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
+    `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
+    - INTERNAL: `INTERNAL` (a server bug; the server log has the traceback).
     """
 
     @staticmethod

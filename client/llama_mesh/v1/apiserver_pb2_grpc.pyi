@@ -27,7 +27,32 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ApiServerStub:
-    """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`."""
+    """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`.
+
+    Errors. A call that fails ends with a gRPC status code, a message for people, and in the
+    status details a `google.rpc.ErrorInfo` whose `domain` is `llama-mesh` and whose `reason`
+    is what a program should match (the JSON API sends the same status as `{"code",
+    "message", "details"}`). Every service of this package uses these reasons (the full table,
+    with when each is sent, is in docs/clients.md):
+
+    - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
+      `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
+      `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
+      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+    - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
+      `SESSION_NOT_FOUND`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
+      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+    - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
+    - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
+    - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
+    - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
+      `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
+    - INTERNAL: `INTERNAL` (a server bug; the server log has the traceback).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -63,7 +88,11 @@ class ApiServerStub:
     CancelTask: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.CancelTaskRequest, _apiserver_pb2.CancelTaskResponse]
     """CancelTask cancels a queued or running task."""
     StreamEvents: _grpc.UnaryStreamMultiCallable[_apiserver_pb2.StreamEventsRequest, _apiserver_pb2.StreamEventsResponse]
-    """StreamEvents streams a task's events from `from_index`, ending with the final event."""
+    """StreamEvents streams a task's events from `from_index`, ending with the final event.
+    The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
+    `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
+    client needs neither trailers nor a second call to learn how the task ended.
+    """
     SendEvent: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.SendEventRequest, _apiserver_pb2.SendEventResponse]
     """SendEvent sends an event into a running task (human in the loop)."""
     CreateSession: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.CreateSessionRequest, _apiserver_pb2.CreateSessionResponse]
@@ -77,7 +106,32 @@ class ApiServerStub:
 
 @_typing.type_check_only
 class ApiServerAsyncStub(ApiServerStub):
-    """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`."""
+    """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`.
+
+    Errors. A call that fails ends with a gRPC status code, a message for people, and in the
+    status details a `google.rpc.ErrorInfo` whose `domain` is `llama-mesh` and whose `reason`
+    is what a program should match (the JSON API sends the same status as `{"code",
+    "message", "details"}`). Every service of this package uses these reasons (the full table,
+    with when each is sent, is in docs/clients.md):
+
+    - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
+      `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
+      `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
+      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+    - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
+      `SESSION_NOT_FOUND`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
+      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+    - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
+    - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
+    - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
+    - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
+      `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
+    - INTERNAL: `INTERNAL` (a server bug; the server log has the traceback).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.GetStatusRequest, _apiserver_pb2.GetStatusResponse]  # type: ignore[assignment]
@@ -110,7 +164,11 @@ class ApiServerAsyncStub(ApiServerStub):
     CancelTask: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.CancelTaskRequest, _apiserver_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """CancelTask cancels a queued or running task."""
     StreamEvents: _aio.UnaryStreamMultiCallable[_apiserver_pb2.StreamEventsRequest, _apiserver_pb2.StreamEventsResponse]  # type: ignore[assignment]
-    """StreamEvents streams a task's events from `from_index`, ending with the final event."""
+    """StreamEvents streams a task's events from `from_index`, ending with the final event.
+    The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
+    `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
+    client needs neither trailers nor a second call to learn how the task ended.
+    """
     SendEvent: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.SendEventRequest, _apiserver_pb2.SendEventResponse]  # type: ignore[assignment]
     """SendEvent sends an event into a running task (human in the loop)."""
     CreateSession: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.CreateSessionRequest, _apiserver_pb2.CreateSessionResponse]  # type: ignore[assignment]
@@ -123,7 +181,32 @@ class ApiServerAsyncStub(ApiServerStub):
     """DeleteSession deletes a session and its stored workflow context."""
 
 class ApiServerServicer(metaclass=_abc_1.ABCMeta):
-    """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`."""
+    """ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`.
+
+    Errors. A call that fails ends with a gRPC status code, a message for people, and in the
+    status details a `google.rpc.ErrorInfo` whose `domain` is `llama-mesh` and whose `reason`
+    is what a program should match (the JSON API sends the same status as `{"code",
+    "message", "details"}`). Every service of this package uses these reasons (the full table,
+    with when each is sent, is in docs/clients.md):
+
+    - INVALID_ARGUMENT: `INVALID_ARGUMENT`, `MALFORMED_REQUEST` (metadata `message_type`),
+      `INVALID_DEPLOYMENT` (metadata `key`, for a YAML error), `INVALID_NAME`, `INVALID_ID`,
+      `INVALID_INPUT`, `INVALID_EVENT`, `UNKNOWN_EVENT_TYPE`, `INVALID_INDEX`, `INVALID_PAGE`,
+      `INVALID_UPLOAD`, `MISSING_SESSION_ID`, `PAYLOAD_TOO_LARGE`.
+    - NOT_FOUND: `NOT_FOUND`, `DEPLOYMENT_NOT_FOUND`, `SERVICE_NOT_FOUND`, `TASK_NOT_FOUND`,
+      `SESSION_NOT_FOUND`.
+    - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`.
+    - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
+      `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`.
+    - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
+    - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
+    - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
+    - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
+      `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
+    - INTERNAL: `INTERNAL` (a server bug; the server log has the traceback).
+    """
 
     @_abc_1.abstractmethod
     def GetStatus(
@@ -238,7 +321,11 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
         request: _apiserver_pb2.StreamEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_apiserver_pb2.StreamEventsResponse], _abc.AsyncIterator[_apiserver_pb2.StreamEventsResponse]]:
-        """StreamEvents streams a task's events from `from_index`, ending with the final event."""
+        """StreamEvents streams a task's events from `from_index`, ending with the final event.
+        The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
+        `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
+        client needs neither trailers nor a second call to learn how the task ended.
+        """
 
     @_abc_1.abstractmethod
     def SendEvent(

@@ -4,10 +4,12 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from llama_mesh.v1 import llama_deploy_api_pb2 as _llama_deploy_api_pb2
 from llama_mesh.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -169,56 +171,6 @@ class ControlPlaneWatchTaskResponse(_message.Message):
 Global___ControlPlaneWatchTaskResponse: _TypeAlias = ControlPlaneWatchTaskResponse  # noqa: Y015
 
 @_typing.final
-class ControlPlaneGetSessionStateRequest(_message.Message):
-    """ControlPlaneGetSessionStateRequest names a session."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DEPLOYMENT_FIELD_NUMBER: _builtins.int
-    SESSION_ID_FIELD_NUMBER: _builtins.int
-    deployment: _builtins.str
-    """deployment is the deployment's name."""
-    session_id: _builtins.str
-    """session_id identifies the session."""
-    def __init__(
-        self,
-        *,
-        deployment: _builtins.str = ...,
-        session_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "session_id", b"session_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ControlPlaneGetSessionStateRequest: _TypeAlias = ControlPlaneGetSessionStateRequest  # noqa: Y015
-
-@_typing.final
-class ControlPlaneGetSessionStateResponse(_message.Message):
-    """ControlPlaneGetSessionStateResponse returns a session's stored workflow context."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CONTEXT_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def context(self) -> _struct_pb2.Struct:
-        """context is the serialized workflow context, or unset when none was saved yet."""
-
-    def __init__(
-        self,
-        *,
-        context: _struct_pb2.Struct | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ControlPlaneGetSessionStateResponse: _TypeAlias = ControlPlaneGetSessionStateResponse  # noqa: Y015
-
-@_typing.final
 class ControlPlaneGetTaskRequest(_message.Message):
     """ControlPlaneGetTaskRequest names a task."""
 
@@ -319,14 +271,304 @@ class ControlPlaneListTasksResponse(_message.Message):
 Global___ControlPlaneListTasksResponse: _TypeAlias = ControlPlaneListTasksResponse  # noqa: Y015
 
 @_typing.final
-class ControlPlaneCreateSessionRequest(_message.Message):
-    """ControlPlaneCreateSessionRequest names a deployment."""
+class ControlPlaneGetInfoRequest(_message.Message):
+    """ControlPlaneGetInfoRequest is the request of GetInfo."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
-    """deployment is the deployment's name."""
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetInfoRequest: _TypeAlias = ControlPlaneGetInfoRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetInfoResponse(_message.Message):
+    """ControlPlaneGetInfoResponse is the answer of GetInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: an object of the control plane's settings."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetInfoResponse: _TypeAlias = ControlPlaneGetInfoResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetQueueConfigRequest(_message.Message):
+    """ControlPlaneGetQueueConfigRequest is the request of GetQueueConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetQueueConfigRequest: _TypeAlias = ControlPlaneGetQueueConfigRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetQueueConfigResponse(_message.Message):
+    """ControlPlaneGetQueueConfigResponse is the answer of GetQueueConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: an object with one key, the queue's 0.8 config class name."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetQueueConfigResponse: _TypeAlias = ControlPlaneGetQueueConfigResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneListServicesRequest(_message.Message):
+    """ControlPlaneListServicesRequest is the request of ListServices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneListServicesRequest: _TypeAlias = ControlPlaneListServicesRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneListServicesResponse(_message.Message):
+    """ControlPlaneListServicesResponse is the answer of ListServices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: an object of `LlamaDeployServiceDefinition`s by name."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneListServicesResponse: _TypeAlias = ControlPlaneListServicesResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetServiceRequest(_message.Message):
+    """ControlPlaneGetServiceRequest is the request of GetService."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    service_name: _builtins.str
+    """service_name names the service."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        service_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "service_name", b"service_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetServiceRequest: _TypeAlias = ControlPlaneGetServiceRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetServiceResponse(_message.Message):
+    """ControlPlaneGetServiceResponse is the answer of GetService."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: a `LlamaDeployServiceDefinition`."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetServiceResponse: _TypeAlias = ControlPlaneGetServiceResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneRegisterServiceRequest(_message.Message):
+    """ControlPlaneRegisterServiceRequest is the request of RegisterService."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SERVICE_DEFINITION_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    @_builtins.property
+    def service_definition(self) -> Global___LlamaDeployServiceDefinition:
+        """service_definition is the service to record (the JSON body)."""
+
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        service_definition: Global___LlamaDeployServiceDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["service_definition", b"service_definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "service_definition", b"service_definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneRegisterServiceRequest: _TypeAlias = ControlPlaneRegisterServiceRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneRegisterServiceResponse(_message.Message):
+    """ControlPlaneRegisterServiceResponse is the answer of RegisterService."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: the control plane's settings, as `GetInfo` returns them."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneRegisterServiceResponse: _TypeAlias = ControlPlaneRegisterServiceResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneDeregisterServiceRequest(_message.Message):
+    """ControlPlaneDeregisterServiceRequest is the request of DeregisterService."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    service_name: _builtins.str
+    """service_name names the registered service to forget (a query parameter)."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        service_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "service_name", b"service_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneDeregisterServiceRequest: _TypeAlias = ControlPlaneDeregisterServiceRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneDeregisterServiceResponse(_message.Message):
+    """ControlPlaneDeregisterServiceResponse is the answer of DeregisterService."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: the JSON `null`."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneDeregisterServiceResponse: _TypeAlias = ControlPlaneDeregisterServiceResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneCreateSessionRequest(_message.Message):
+    """ControlPlaneCreateSessionRequest is the request of CreateSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
     def __init__(
         self,
         *,
@@ -342,38 +584,84 @@ Global___ControlPlaneCreateSessionRequest: _TypeAlias = ControlPlaneCreateSessio
 
 @_typing.final
 class ControlPlaneCreateSessionResponse(_message.Message):
-    """ControlPlaneCreateSessionResponse returns the session."""
+    """ControlPlaneCreateSessionResponse is the answer of CreateSession."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSION_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def session(self) -> _types_pb2.Session:
-        """session is the created session."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: the new session's id as a JSON string."""
 
     def __init__(
         self,
         *,
-        session: _types_pb2.Session | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ControlPlaneCreateSessionResponse: _TypeAlias = ControlPlaneCreateSessionResponse  # noqa: Y015
 
 @_typing.final
+class ControlPlaneListSessionsRequest(_message.Message):
+    """ControlPlaneListSessionsRequest is the request of ListSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneListSessionsRequest: _TypeAlias = ControlPlaneListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneListSessionsResponse(_message.Message):
+    """ControlPlaneListSessionsResponse is the answer of ListSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: an object of `LlamaDeploySessionDefinition`s by id."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneListSessionsResponse: _TypeAlias = ControlPlaneListSessionsResponse  # noqa: Y015
+
+@_typing.final
 class ControlPlaneGetSessionRequest(_message.Message):
-    """ControlPlaneGetSessionRequest names a session."""
+    """ControlPlaneGetSessionRequest is the request of GetSession."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
-    """deployment is the deployment's name."""
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
     session_id: _builtins.str
     """session_id identifies the session."""
     def __init__(
@@ -392,84 +680,38 @@ Global___ControlPlaneGetSessionRequest: _TypeAlias = ControlPlaneGetSessionReque
 
 @_typing.final
 class ControlPlaneGetSessionResponse(_message.Message):
-    """ControlPlaneGetSessionResponse returns a session."""
+    """ControlPlaneGetSessionResponse is the answer of GetSession."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSION_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def session(self) -> _types_pb2.Session:
-        """session is the session."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: a `LlamaDeploySessionDefinition`."""
 
     def __init__(
         self,
         *,
-        session: _types_pb2.Session | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ControlPlaneGetSessionResponse: _TypeAlias = ControlPlaneGetSessionResponse  # noqa: Y015
 
 @_typing.final
-class ControlPlaneListSessionsRequest(_message.Message):
-    """ControlPlaneListSessionsRequest names a deployment."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DEPLOYMENT_FIELD_NUMBER: _builtins.int
-    deployment: _builtins.str
-    """deployment is the deployment's name."""
-    def __init__(
-        self,
-        *,
-        deployment: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ControlPlaneListSessionsRequest: _TypeAlias = ControlPlaneListSessionsRequest  # noqa: Y015
-
-@_typing.final
-class ControlPlaneListSessionsResponse(_message.Message):
-    """ControlPlaneListSessionsResponse lists sessions."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SESSIONS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Session]:
-        """sessions are sorted by id."""
-
-    def __init__(
-        self,
-        *,
-        sessions: _abc.Iterable[_types_pb2.Session] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ControlPlaneListSessionsResponse: _TypeAlias = ControlPlaneListSessionsResponse  # noqa: Y015
-
-@_typing.final
 class ControlPlaneDeleteSessionRequest(_message.Message):
-    """ControlPlaneDeleteSessionRequest names a session."""
+    """ControlPlaneDeleteSessionRequest is the request of DeleteSession."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
-    """deployment is the deployment's name."""
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
     session_id: _builtins.str
     """session_id identifies the session."""
     def __init__(
@@ -488,17 +730,445 @@ Global___ControlPlaneDeleteSessionRequest: _TypeAlias = ControlPlaneDeleteSessio
 
 @_typing.final
 class ControlPlaneDeleteSessionResponse(_message.Message):
-    """ControlPlaneDeleteSessionResponse has no fields."""
+    """ControlPlaneDeleteSessionResponse is the answer of DeleteSession."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: the JSON `null`."""
+
     def __init__(
         self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ControlPlaneDeleteSessionResponse: _TypeAlias = ControlPlaneDeleteSessionResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneCreateSessionTaskRequest(_message.Message):
+    """ControlPlaneCreateSessionTaskRequest is the request of CreateSessionTask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASK_DEFINITION_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    session_id: _builtins.str
+    """session_id identifies the session."""
+    @_builtins.property
+    def task_definition(self) -> _llama_deploy_api_pb2.LlamaDeployTaskDefinition:
+        """task_definition is the task (the JSON body); its task_id is assigned by the server."""
+
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        task_definition: _llama_deploy_api_pb2.LlamaDeployTaskDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task_definition", b"task_definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "session_id", b"session_id", "task_definition", b"task_definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneCreateSessionTaskRequest: _TypeAlias = ControlPlaneCreateSessionTaskRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneCreateSessionTaskResponse(_message.Message):
+    """ControlPlaneCreateSessionTaskResponse is the answer of CreateSessionTask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: the new task's id as a JSON string."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneCreateSessionTaskResponse: _TypeAlias = ControlPlaneCreateSessionTaskResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneListSessionTasksRequest(_message.Message):
+    """ControlPlaneListSessionTasksRequest is the request of ListSessionTasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    session_id: _builtins.str
+    """session_id identifies the session."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneListSessionTasksRequest: _TypeAlias = ControlPlaneListSessionTasksRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneListSessionTasksResponse(_message.Message):
+    """ControlPlaneListSessionTasksResponse is the answer of ListSessionTasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: a JSON list of `LlamaDeployTaskDefinition`s."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneListSessionTasksResponse: _TypeAlias = ControlPlaneListSessionTasksResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetCurrentTaskRequest(_message.Message):
+    """ControlPlaneGetCurrentTaskRequest is the request of GetCurrentTask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    session_id: _builtins.str
+    """session_id identifies the session."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetCurrentTaskRequest: _TypeAlias = ControlPlaneGetCurrentTaskRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetCurrentTaskResponse(_message.Message):
+    """ControlPlaneGetCurrentTaskResponse is the answer of GetCurrentTask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: a `LlamaDeployTaskDefinition`, or `null` when the session has no task."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetCurrentTaskResponse: _TypeAlias = ControlPlaneGetCurrentTaskResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetTaskResultRequest(_message.Message):
+    """ControlPlaneGetTaskResultRequest is the request of GetTaskResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    session_id: _builtins.str
+    """session_id identifies the session."""
+    task_id: _builtins.str
+    """task_id identifies the task."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetTaskResultRequest: _TypeAlias = ControlPlaneGetTaskResultRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetTaskResultResponse(_message.Message):
+    """ControlPlaneGetTaskResultResponse is the answer of GetTaskResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: `{"task_id", "history", "result", "data"}`, or `null` while the task runs."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetTaskResultResponse: _TypeAlias = ControlPlaneGetTaskResultResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneStreamTaskResultRequest(_message.Message):
+    """ControlPlaneStreamTaskResultRequest is the request of StreamTaskResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    session_id: _builtins.str
+    """session_id identifies the session."""
+    task_id: _builtins.str
+    """task_id identifies the task."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneStreamTaskResultRequest: _TypeAlias = ControlPlaneStreamTaskResultRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneStreamTaskResultResponse(_message.Message):
+    """ControlPlaneStreamTaskResultResponse is the answer of StreamTaskResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: one NDJSON line (`application/x-ndjson`, ending in a newline)."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneStreamTaskResultResponse: _TypeAlias = ControlPlaneStreamTaskResultResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneSendEventRequest(_message.Message):
+    """ControlPlaneSendEventRequest is the request of SendEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    EVENT_DEFINITION_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    session_id: _builtins.str
+    """session_id identifies the session."""
+    task_id: _builtins.str
+    """task_id identifies the task."""
+    @_builtins.property
+    def event_definition(self) -> _llama_deploy_api_pb2.LlamaDeployEventDefinition:
+        """event_definition is the event (the JSON body)."""
+
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        event_definition: _llama_deploy_api_pb2.LlamaDeployEventDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_definition", b"event_definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "event_definition", b"event_definition", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneSendEventRequest: _TypeAlias = ControlPlaneSendEventRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneSendEventResponse(_message.Message):
+    """ControlPlaneSendEventResponse is the answer of SendEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: the JSON `null`."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneSendEventResponse: _TypeAlias = ControlPlaneSendEventResponse  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetSessionStateRequest(_message.Message):
+    """ControlPlaneGetSessionStateRequest is the request of GetSessionState."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name (on a control plane port, the gateway's header)."""
+    session_id: _builtins.str
+    """session_id identifies the session."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetSessionStateRequest: _TypeAlias = ControlPlaneGetSessionStateRequest  # noqa: Y015
+
+@_typing.final
+class ControlPlaneGetSessionStateResponse(_message.Message):
+    """ControlPlaneGetSessionStateResponse is the answer of GetSessionState."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """body is the JSON answer: the session state object."""
+
+    def __init__(
+        self,
+        *,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlPlaneGetSessionStateResponse: _TypeAlias = ControlPlaneGetSessionStateResponse  # noqa: Y015
+
+@_typing.final
+class LlamaDeployServiceDefinition(_message.Message):
+    """LlamaDeployServiceDefinition is 0.8's `ServiceDefinition`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    service_name: _builtins.str
+    """service_name is the service's name."""
+    description: _builtins.str
+    """description says what the service does."""
+    host: _builtins.str
+    """host is the service's host, if it is a network service."""
+    port: _builtins.int
+    """port is the service's port, if it is a network service."""
+    @_builtins.property
+    def prompt(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
+        """prompt is 0.8's list of chat messages (kept as given)."""
+
+    def __init__(
+        self,
+        *,
+        service_name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        prompt: _abc.Iterable[_struct_pb2.Value] | None = ...,
+        host: _builtins.str | None = ...,
+        port: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_host", b"_host", "_port", b"_port", "host", b"host", "port", b"port"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_host", b"_host", "_port", b"_port", "description", b"description", "host", b"host", "port", b"port", "prompt", b"prompt", "service_name", b"service_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__host: _TypeAlias = _typing.Literal["host"]  # noqa: Y015
+    _WhichOneofArgType__host: _TypeAlias = _typing.Literal["_host", b"_host"]  # noqa: Y015
+    _WhichOneofReturnType__port: _TypeAlias = _typing.Literal["port"]  # noqa: Y015
+    _WhichOneofArgType__port: _TypeAlias = _typing.Literal["_port", b"_port"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__host) -> _WhichOneofReturnType__host | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__port) -> _WhichOneofReturnType__port | None: ...
+
+Global___LlamaDeployServiceDefinition: _TypeAlias = LlamaDeployServiceDefinition  # noqa: Y015

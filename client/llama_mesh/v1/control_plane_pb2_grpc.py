@@ -27,8 +27,12 @@ if _version_not_supported:
 
 class ControlPlaneStub:
     """ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
-    their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
-    It runs inside the API server process by default and can be served on its own.
+    their results and per-session workflow state, kept in the state store. Its first RPCs
+    let components in other processes record, schedule (see Orchestrator) and follow tasks;
+    the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+    their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+    deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+    field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
     """
 
     def __init__(self, channel):
@@ -62,25 +66,85 @@ class ControlPlaneStub:
                 request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneWatchTaskRequest.SerializeToString,
                 response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneWatchTaskResponse.FromString,
                 _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/GetInfo',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetInfoRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetInfoResponse.FromString,
+                _registered_method=True)
+        self.GetQueueConfig = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/GetQueueConfig',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetQueueConfigRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetQueueConfigResponse.FromString,
+                _registered_method=True)
+        self.ListServices = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/ListServices',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListServicesRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListServicesResponse.FromString,
+                _registered_method=True)
+        self.GetService = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/GetService',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetServiceRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetServiceResponse.FromString,
+                _registered_method=True)
+        self.RegisterService = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/RegisterService',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneRegisterServiceRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneRegisterServiceResponse.FromString,
+                _registered_method=True)
+        self.DeregisterService = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/DeregisterService',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeregisterServiceRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeregisterServiceResponse.FromString,
+                _registered_method=True)
         self.CreateSession = channel.unary_unary(
                 '/llama_mesh.v1.ControlPlane/CreateSession',
                 request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionRequest.SerializeToString,
                 response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionResponse.FromString,
-                _registered_method=True)
-        self.GetSession = channel.unary_unary(
-                '/llama_mesh.v1.ControlPlane/GetSession',
-                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionRequest.SerializeToString,
-                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionResponse.FromString,
                 _registered_method=True)
         self.ListSessions = channel.unary_unary(
                 '/llama_mesh.v1.ControlPlane/ListSessions',
                 request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionsRequest.SerializeToString,
                 response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionsResponse.FromString,
                 _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/GetSession',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionResponse.FromString,
+                _registered_method=True)
         self.DeleteSession = channel.unary_unary(
                 '/llama_mesh.v1.ControlPlane/DeleteSession',
                 request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeleteSessionRequest.SerializeToString,
                 response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeleteSessionResponse.FromString,
+                _registered_method=True)
+        self.CreateSessionTask = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/CreateSessionTask',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionTaskRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionTaskResponse.FromString,
+                _registered_method=True)
+        self.ListSessionTasks = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/ListSessionTasks',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionTasksRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionTasksResponse.FromString,
+                _registered_method=True)
+        self.GetCurrentTask = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/GetCurrentTask',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetCurrentTaskRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetCurrentTaskResponse.FromString,
+                _registered_method=True)
+        self.GetTaskResult = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/GetTaskResult',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetTaskResultRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetTaskResultResponse.FromString,
+                _registered_method=True)
+        self.StreamTaskResult = channel.unary_stream(
+                '/llama_mesh.v1.ControlPlane/StreamTaskResult',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneStreamTaskResultRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneStreamTaskResultResponse.FromString,
+                _registered_method=True)
+        self.SendEvent = channel.unary_unary(
+                '/llama_mesh.v1.ControlPlane/SendEvent',
+                request_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneSendEventRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneSendEventResponse.FromString,
                 _registered_method=True)
         self.GetSessionState = channel.unary_unary(
                 '/llama_mesh.v1.ControlPlane/GetSessionState',
@@ -91,8 +155,12 @@ class ControlPlaneStub:
 
 class ControlPlaneServicer:
     """ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
-    their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
-    It runs inside the API server process by default and can be served on its own.
+    their results and per-session workflow state, kept in the state store. Its first RPCs
+    let components in other processes record, schedule (see Orchestrator) and follow tasks;
+    the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+    their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+    deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+    field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
     """
 
     def ListServiceInstances(self, request, context):
@@ -103,7 +171,8 @@ class ControlPlaneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RecordTask(self, request, context):
-        """RecordTask stores a new task (status QUEUED) and links it to its session.
+        """RecordTask stores a new task (status QUEUED) and links it to its session, which must
+        exist; Orchestrator.ScheduleTask then queues it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,36 +199,130 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CreateSession(self, request, context):
-        """CreateSession stores a new session.
+    def GetInfo(self, request, context):
+        """GetInfo is `GET /`: the control plane's settings as 0.8 named them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetSession(self, request, context):
-        """GetSession returns a session.
+    def GetQueueConfig(self, request, context):
+        """GetQueueConfig is `GET /queue_config`: the deployment's message queue kind, without
+        connection details.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServices(self, request, context):
+        """ListServices is `GET /services`: an object of 0.8 `ServiceDefinition`s by service name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetService(self, request, context):
+        """GetService is `GET /services/{service_name}`: one 0.8 `ServiceDefinition`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterService(self, request, context):
+        """RegisterService is `POST /services/register`: records a 0.8 `ServiceDefinition` (listed
+        with the deployment's own services; tasks still go to the deployment's services).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterService(self, request, context):
+        """DeregisterService is `POST /services/deregister?service_name=`: forgets a registered
+        service (the deployment's own services cannot be deregistered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSession(self, request, context):
+        """CreateSession is `POST /sessions/create`: the new session's id as a JSON string.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """ListSessions lists a deployment's sessions.
+        """ListSessions is `GET /sessions`: an object of 0.8 `SessionDefinition`s by session id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """GetSession is `GET /sessions/{session_id}`: one 0.8 `SessionDefinition`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """DeleteSession deletes a session and its workflow state.
+        """DeleteSession is `POST /sessions/{session_id}/delete`: the JSON `null`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSessionTask(self, request, context):
+        """CreateSessionTask is `POST /sessions/{session_id}/tasks`: queues a task in the session and
+        returns its id as a JSON string.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessionTasks(self, request, context):
+        """ListSessionTasks is `GET /sessions/{session_id}/tasks`: the session's 0.8
+        `TaskDefinition`s in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCurrentTask(self, request, context):
+        """GetCurrentTask is `GET /sessions/{session_id}/current_task`: the session's latest
+        `TaskDefinition`, or `null`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaskResult(self, request, context):
+        """GetTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result`: 0.8's `TaskResult`,
+        or `null` while the task runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamTaskResult(self, request, context):
+        """StreamTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result_stream`: NDJSON,
+        one line per streamed workflow event, the last one holding the result or the error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendEvent(self, request, context):
+        """SendEvent is `POST /sessions/{session_id}/tasks/{task_id}/send_event`: sends an event
+        (0.8 `EventDefinition`) into the running task; the JSON `null`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSessionState(self, request, context):
-        """GetSessionState returns the workflow context stored for a session.
+        """GetSessionState is `GET /sessions/{session_id}/state`: the session's state as 0.8 kept it
+        (`result_<task_id>` entries, and the stored workflow context under the session id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,25 +356,85 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneWatchTaskRequest.FromString,
                     response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneWatchTaskResponse.SerializeToString,
             ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetInfoRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetInfoResponse.SerializeToString,
+            ),
+            'GetQueueConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueConfig,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetQueueConfigRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetQueueConfigResponse.SerializeToString,
+            ),
+            'ListServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServices,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListServicesRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListServicesResponse.SerializeToString,
+            ),
+            'GetService': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetService,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetServiceRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetServiceResponse.SerializeToString,
+            ),
+            'RegisterService': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterService,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneRegisterServiceRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneRegisterServiceResponse.SerializeToString,
+            ),
+            'DeregisterService': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterService,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeregisterServiceRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeregisterServiceResponse.SerializeToString,
+            ),
             'CreateSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSession,
                     request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionRequest.FromString,
                     response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionResponse.SerializeToString,
-            ),
-            'GetSession': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetSession,
-                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionRequest.FromString,
-                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionResponse.SerializeToString,
             ),
             'ListSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSessions,
                     request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionsRequest.FromString,
                     response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionsResponse.SerializeToString,
             ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionResponse.SerializeToString,
+            ),
             'DeleteSession': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSession,
                     request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeleteSessionRequest.FromString,
                     response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeleteSessionResponse.SerializeToString,
+            ),
+            'CreateSessionTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSessionTask,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionTaskRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionTaskResponse.SerializeToString,
+            ),
+            'ListSessionTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessionTasks,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionTasksRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionTasksResponse.SerializeToString,
+            ),
+            'GetCurrentTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCurrentTask,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetCurrentTaskRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetCurrentTaskResponse.SerializeToString,
+            ),
+            'GetTaskResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskResult,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetTaskResultRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetTaskResultResponse.SerializeToString,
+            ),
+            'StreamTaskResult': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamTaskResult,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneStreamTaskResultRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneStreamTaskResultResponse.SerializeToString,
+            ),
+            'SendEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendEvent,
+                    request_deserializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneSendEventRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneSendEventResponse.SerializeToString,
             ),
             'GetSessionState': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSessionState,
@@ -228,8 +451,12 @@ def add_ControlPlaneServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ControlPlane:
     """ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
-    their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
-    It runs inside the API server process by default and can be served on its own.
+    their results and per-session workflow state, kept in the state store. Its first RPCs
+    let components in other processes record, schedule (see Orchestrator) and follow tasks;
+    the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+    their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+    deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+    field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
     """
 
     @staticmethod
@@ -368,6 +595,168 @@ class ControlPlane:
             _registered_method=True)
 
     @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/GetInfo',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetInfoRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/GetQueueConfig',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetQueueConfigRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetQueueConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/ListServices',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListServicesRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/GetService',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetServiceRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/RegisterService',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneRegisterServiceRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneRegisterServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/DeregisterService',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeregisterServiceRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeregisterServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateSession(request,
             target,
             options=(),
@@ -384,33 +773,6 @@ class ControlPlane:
             '/llama_mesh.v1.ControlPlane/CreateSession',
             llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionRequest.SerializeToString,
             llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetSession(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/llama_mesh.v1.ControlPlane/GetSession',
-            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionRequest.SerializeToString,
-            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -449,6 +811,33 @@ class ControlPlane:
             _registered_method=True)
 
     @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/GetSession',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeleteSession(request,
             target,
             options=(),
@@ -465,6 +854,168 @@ class ControlPlane:
             '/llama_mesh.v1.ControlPlane/DeleteSession',
             llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeleteSessionRequest.SerializeToString,
             llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneDeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSessionTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/CreateSessionTask',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionTaskRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneCreateSessionTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessionTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/ListSessionTasks',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionTasksRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneListSessionTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCurrentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/GetCurrentTask',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetCurrentTaskRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetCurrentTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/GetTaskResult',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetTaskResultRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneGetTaskResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamTaskResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/StreamTaskResult',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneStreamTaskResultRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneStreamTaskResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama_mesh.v1.ControlPlane/SendEvent',
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneSendEventRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_control__plane__pb2.ControlPlaneSendEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,8 +28,12 @@ GRPC_VERSION: str
 
 class ControlPlaneStub:
     """ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
-    their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
-    It runs inside the API server process by default and can be served on its own.
+    their results and per-session workflow state, kept in the state store. Its first RPCs
+    let components in other processes record, schedule (see Orchestrator) and follow tasks;
+    the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+    their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+    deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+    field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
     """
 
     @_typing.overload
@@ -39,57 +43,157 @@ class ControlPlaneStub:
     ListServiceInstances: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListServiceInstancesRequest, _control_plane_pb2.ControlPlaneListServiceInstancesResponse]
     """ListServiceInstances lists the live replicas (recent heartbeat) of a deployment."""
     RecordTask: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneRecordTaskRequest, _control_plane_pb2.ControlPlaneRecordTaskResponse]
-    """RecordTask stores a new task (status QUEUED) and links it to its session."""
+    """RecordTask stores a new task (status QUEUED) and links it to its session, which must
+    exist; Orchestrator.ScheduleTask then queues it.
+    """
     GetTask: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetTaskRequest, _control_plane_pb2.ControlPlaneGetTaskResponse]
     """GetTask returns a task."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListTasksRequest, _control_plane_pb2.ControlPlaneListTasksResponse]
     """ListTasks lists a deployment's tasks (optionally of one session)."""
     WatchTask: _grpc.UnaryStreamMultiCallable[_control_plane_pb2.ControlPlaneWatchTaskRequest, _control_plane_pb2.ControlPlaneWatchTaskResponse]
     """WatchTask streams a task's record each time it changes, until it is final."""
+    GetInfo: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetInfoRequest, _control_plane_pb2.ControlPlaneGetInfoResponse]
+    """GetInfo is `GET /`: the control plane's settings as 0.8 named them."""
+    GetQueueConfig: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetQueueConfigRequest, _control_plane_pb2.ControlPlaneGetQueueConfigResponse]
+    """GetQueueConfig is `GET /queue_config`: the deployment's message queue kind, without
+    connection details.
+    """
+    ListServices: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListServicesRequest, _control_plane_pb2.ControlPlaneListServicesResponse]
+    """ListServices is `GET /services`: an object of 0.8 `ServiceDefinition`s by service name."""
+    GetService: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetServiceRequest, _control_plane_pb2.ControlPlaneGetServiceResponse]
+    """GetService is `GET /services/{service_name}`: one 0.8 `ServiceDefinition`."""
+    RegisterService: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneRegisterServiceRequest, _control_plane_pb2.ControlPlaneRegisterServiceResponse]
+    """RegisterService is `POST /services/register`: records a 0.8 `ServiceDefinition` (listed
+    with the deployment's own services; tasks still go to the deployment's services).
+    """
+    DeregisterService: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneDeregisterServiceRequest, _control_plane_pb2.ControlPlaneDeregisterServiceResponse]
+    """DeregisterService is `POST /services/deregister?service_name=`: forgets a registered
+    service (the deployment's own services cannot be deregistered).
+    """
     CreateSession: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneCreateSessionRequest, _control_plane_pb2.ControlPlaneCreateSessionResponse]
-    """CreateSession stores a new session."""
-    GetSession: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetSessionRequest, _control_plane_pb2.ControlPlaneGetSessionResponse]
-    """GetSession returns a session."""
+    """CreateSession is `POST /sessions/create`: the new session's id as a JSON string."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListSessionsRequest, _control_plane_pb2.ControlPlaneListSessionsResponse]
-    """ListSessions lists a deployment's sessions."""
+    """ListSessions is `GET /sessions`: an object of 0.8 `SessionDefinition`s by session id."""
+    GetSession: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetSessionRequest, _control_plane_pb2.ControlPlaneGetSessionResponse]
+    """GetSession is `GET /sessions/{session_id}`: one 0.8 `SessionDefinition`."""
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneDeleteSessionRequest, _control_plane_pb2.ControlPlaneDeleteSessionResponse]
-    """DeleteSession deletes a session and its workflow state."""
+    """DeleteSession is `POST /sessions/{session_id}/delete`: the JSON `null`."""
+    CreateSessionTask: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneCreateSessionTaskRequest, _control_plane_pb2.ControlPlaneCreateSessionTaskResponse]
+    """CreateSessionTask is `POST /sessions/{session_id}/tasks`: queues a task in the session and
+    returns its id as a JSON string.
+    """
+    ListSessionTasks: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListSessionTasksRequest, _control_plane_pb2.ControlPlaneListSessionTasksResponse]
+    """ListSessionTasks is `GET /sessions/{session_id}/tasks`: the session's 0.8
+    `TaskDefinition`s in order.
+    """
+    GetCurrentTask: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetCurrentTaskRequest, _control_plane_pb2.ControlPlaneGetCurrentTaskResponse]
+    """GetCurrentTask is `GET /sessions/{session_id}/current_task`: the session's latest
+    `TaskDefinition`, or `null`.
+    """
+    GetTaskResult: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetTaskResultRequest, _control_plane_pb2.ControlPlaneGetTaskResultResponse]
+    """GetTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result`: 0.8's `TaskResult`,
+    or `null` while the task runs.
+    """
+    StreamTaskResult: _grpc.UnaryStreamMultiCallable[_control_plane_pb2.ControlPlaneStreamTaskResultRequest, _control_plane_pb2.ControlPlaneStreamTaskResultResponse]
+    """StreamTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result_stream`: NDJSON,
+    one line per streamed workflow event, the last one holding the result or the error.
+    """
+    SendEvent: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneSendEventRequest, _control_plane_pb2.ControlPlaneSendEventResponse]
+    """SendEvent is `POST /sessions/{session_id}/tasks/{task_id}/send_event`: sends an event
+    (0.8 `EventDefinition`) into the running task; the JSON `null`.
+    """
     GetSessionState: _grpc.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetSessionStateRequest, _control_plane_pb2.ControlPlaneGetSessionStateResponse]
-    """GetSessionState returns the workflow context stored for a session."""
+    """GetSessionState is `GET /sessions/{session_id}/state`: the session's state as 0.8 kept it
+    (`result_<task_id>` entries, and the stored workflow context under the session id).
+    """
 
 @_typing.type_check_only
 class ControlPlaneAsyncStub(ControlPlaneStub):
     """ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
-    their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
-    It runs inside the API server process by default and can be served on its own.
+    their results and per-session workflow state, kept in the state store. Its first RPCs
+    let components in other processes record, schedule (see Orchestrator) and follow tasks;
+    the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+    their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+    deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+    field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListServiceInstances: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListServiceInstancesRequest, _control_plane_pb2.ControlPlaneListServiceInstancesResponse]  # type: ignore[assignment]
     """ListServiceInstances lists the live replicas (recent heartbeat) of a deployment."""
     RecordTask: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneRecordTaskRequest, _control_plane_pb2.ControlPlaneRecordTaskResponse]  # type: ignore[assignment]
-    """RecordTask stores a new task (status QUEUED) and links it to its session."""
+    """RecordTask stores a new task (status QUEUED) and links it to its session, which must
+    exist; Orchestrator.ScheduleTask then queues it.
+    """
     GetTask: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetTaskRequest, _control_plane_pb2.ControlPlaneGetTaskResponse]  # type: ignore[assignment]
     """GetTask returns a task."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListTasksRequest, _control_plane_pb2.ControlPlaneListTasksResponse]  # type: ignore[assignment]
     """ListTasks lists a deployment's tasks (optionally of one session)."""
     WatchTask: _aio.UnaryStreamMultiCallable[_control_plane_pb2.ControlPlaneWatchTaskRequest, _control_plane_pb2.ControlPlaneWatchTaskResponse]  # type: ignore[assignment]
     """WatchTask streams a task's record each time it changes, until it is final."""
+    GetInfo: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetInfoRequest, _control_plane_pb2.ControlPlaneGetInfoResponse]  # type: ignore[assignment]
+    """GetInfo is `GET /`: the control plane's settings as 0.8 named them."""
+    GetQueueConfig: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetQueueConfigRequest, _control_plane_pb2.ControlPlaneGetQueueConfigResponse]  # type: ignore[assignment]
+    """GetQueueConfig is `GET /queue_config`: the deployment's message queue kind, without
+    connection details.
+    """
+    ListServices: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListServicesRequest, _control_plane_pb2.ControlPlaneListServicesResponse]  # type: ignore[assignment]
+    """ListServices is `GET /services`: an object of 0.8 `ServiceDefinition`s by service name."""
+    GetService: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetServiceRequest, _control_plane_pb2.ControlPlaneGetServiceResponse]  # type: ignore[assignment]
+    """GetService is `GET /services/{service_name}`: one 0.8 `ServiceDefinition`."""
+    RegisterService: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneRegisterServiceRequest, _control_plane_pb2.ControlPlaneRegisterServiceResponse]  # type: ignore[assignment]
+    """RegisterService is `POST /services/register`: records a 0.8 `ServiceDefinition` (listed
+    with the deployment's own services; tasks still go to the deployment's services).
+    """
+    DeregisterService: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneDeregisterServiceRequest, _control_plane_pb2.ControlPlaneDeregisterServiceResponse]  # type: ignore[assignment]
+    """DeregisterService is `POST /services/deregister?service_name=`: forgets a registered
+    service (the deployment's own services cannot be deregistered).
+    """
     CreateSession: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneCreateSessionRequest, _control_plane_pb2.ControlPlaneCreateSessionResponse]  # type: ignore[assignment]
-    """CreateSession stores a new session."""
-    GetSession: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetSessionRequest, _control_plane_pb2.ControlPlaneGetSessionResponse]  # type: ignore[assignment]
-    """GetSession returns a session."""
+    """CreateSession is `POST /sessions/create`: the new session's id as a JSON string."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListSessionsRequest, _control_plane_pb2.ControlPlaneListSessionsResponse]  # type: ignore[assignment]
-    """ListSessions lists a deployment's sessions."""
+    """ListSessions is `GET /sessions`: an object of 0.8 `SessionDefinition`s by session id."""
+    GetSession: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetSessionRequest, _control_plane_pb2.ControlPlaneGetSessionResponse]  # type: ignore[assignment]
+    """GetSession is `GET /sessions/{session_id}`: one 0.8 `SessionDefinition`."""
     DeleteSession: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneDeleteSessionRequest, _control_plane_pb2.ControlPlaneDeleteSessionResponse]  # type: ignore[assignment]
-    """DeleteSession deletes a session and its workflow state."""
+    """DeleteSession is `POST /sessions/{session_id}/delete`: the JSON `null`."""
+    CreateSessionTask: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneCreateSessionTaskRequest, _control_plane_pb2.ControlPlaneCreateSessionTaskResponse]  # type: ignore[assignment]
+    """CreateSessionTask is `POST /sessions/{session_id}/tasks`: queues a task in the session and
+    returns its id as a JSON string.
+    """
+    ListSessionTasks: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneListSessionTasksRequest, _control_plane_pb2.ControlPlaneListSessionTasksResponse]  # type: ignore[assignment]
+    """ListSessionTasks is `GET /sessions/{session_id}/tasks`: the session's 0.8
+    `TaskDefinition`s in order.
+    """
+    GetCurrentTask: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetCurrentTaskRequest, _control_plane_pb2.ControlPlaneGetCurrentTaskResponse]  # type: ignore[assignment]
+    """GetCurrentTask is `GET /sessions/{session_id}/current_task`: the session's latest
+    `TaskDefinition`, or `null`.
+    """
+    GetTaskResult: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetTaskResultRequest, _control_plane_pb2.ControlPlaneGetTaskResultResponse]  # type: ignore[assignment]
+    """GetTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result`: 0.8's `TaskResult`,
+    or `null` while the task runs.
+    """
+    StreamTaskResult: _aio.UnaryStreamMultiCallable[_control_plane_pb2.ControlPlaneStreamTaskResultRequest, _control_plane_pb2.ControlPlaneStreamTaskResultResponse]  # type: ignore[assignment]
+    """StreamTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result_stream`: NDJSON,
+    one line per streamed workflow event, the last one holding the result or the error.
+    """
+    SendEvent: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneSendEventRequest, _control_plane_pb2.ControlPlaneSendEventResponse]  # type: ignore[assignment]
+    """SendEvent is `POST /sessions/{session_id}/tasks/{task_id}/send_event`: sends an event
+    (0.8 `EventDefinition`) into the running task; the JSON `null`.
+    """
     GetSessionState: _aio.UnaryUnaryMultiCallable[_control_plane_pb2.ControlPlaneGetSessionStateRequest, _control_plane_pb2.ControlPlaneGetSessionStateResponse]  # type: ignore[assignment]
-    """GetSessionState returns the workflow context stored for a session."""
+    """GetSessionState is `GET /sessions/{session_id}/state`: the session's state as 0.8 kept it
+    (`result_<task_id>` entries, and the stored workflow context under the session id).
+    """
 
 class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
     """ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
-    their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
-    It runs inside the API server process by default and can be served on its own.
+    their results and per-session workflow state, kept in the state store. Its first RPCs
+    let components in other processes record, schedule (see Orchestrator) and follow tasks;
+    the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+    their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+    deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+    field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
     """
 
     @_abc_1.abstractmethod
@@ -106,7 +210,9 @@ class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
         request: _control_plane_pb2.ControlPlaneRecordTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.ControlPlaneRecordTaskResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneRecordTaskResponse]]:
-        """RecordTask stores a new task (status QUEUED) and links it to its session."""
+        """RecordTask stores a new task (status QUEUED) and links it to its session, which must
+        exist; Orchestrator.ScheduleTask then queues it.
+        """
 
     @_abc_1.abstractmethod
     def GetTask(
@@ -133,20 +239,66 @@ class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
         """WatchTask streams a task's record each time it changes, until it is final."""
 
     @_abc_1.abstractmethod
+    def GetInfo(
+        self,
+        request: _control_plane_pb2.ControlPlaneGetInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneGetInfoResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneGetInfoResponse]]:
+        """GetInfo is `GET /`: the control plane's settings as 0.8 named them."""
+
+    @_abc_1.abstractmethod
+    def GetQueueConfig(
+        self,
+        request: _control_plane_pb2.ControlPlaneGetQueueConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneGetQueueConfigResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneGetQueueConfigResponse]]:
+        """GetQueueConfig is `GET /queue_config`: the deployment's message queue kind, without
+        connection details.
+        """
+
+    @_abc_1.abstractmethod
+    def ListServices(
+        self,
+        request: _control_plane_pb2.ControlPlaneListServicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneListServicesResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneListServicesResponse]]:
+        """ListServices is `GET /services`: an object of 0.8 `ServiceDefinition`s by service name."""
+
+    @_abc_1.abstractmethod
+    def GetService(
+        self,
+        request: _control_plane_pb2.ControlPlaneGetServiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneGetServiceResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneGetServiceResponse]]:
+        """GetService is `GET /services/{service_name}`: one 0.8 `ServiceDefinition`."""
+
+    @_abc_1.abstractmethod
+    def RegisterService(
+        self,
+        request: _control_plane_pb2.ControlPlaneRegisterServiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneRegisterServiceResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneRegisterServiceResponse]]:
+        """RegisterService is `POST /services/register`: records a 0.8 `ServiceDefinition` (listed
+        with the deployment's own services; tasks still go to the deployment's services).
+        """
+
+    @_abc_1.abstractmethod
+    def DeregisterService(
+        self,
+        request: _control_plane_pb2.ControlPlaneDeregisterServiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneDeregisterServiceResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneDeregisterServiceResponse]]:
+        """DeregisterService is `POST /services/deregister?service_name=`: forgets a registered
+        service (the deployment's own services cannot be deregistered).
+        """
+
+    @_abc_1.abstractmethod
     def CreateSession(
         self,
         request: _control_plane_pb2.ControlPlaneCreateSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.ControlPlaneCreateSessionResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneCreateSessionResponse]]:
-        """CreateSession stores a new session."""
-
-    @_abc_1.abstractmethod
-    def GetSession(
-        self,
-        request: _control_plane_pb2.ControlPlaneGetSessionRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_control_plane_pb2.ControlPlaneGetSessionResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneGetSessionResponse]]:
-        """GetSession returns a session."""
+        """CreateSession is `POST /sessions/create`: the new session's id as a JSON string."""
 
     @_abc_1.abstractmethod
     def ListSessions(
@@ -154,7 +306,15 @@ class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
         request: _control_plane_pb2.ControlPlaneListSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.ControlPlaneListSessionsResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneListSessionsResponse]]:
-        """ListSessions lists a deployment's sessions."""
+        """ListSessions is `GET /sessions`: an object of 0.8 `SessionDefinition`s by session id."""
+
+    @_abc_1.abstractmethod
+    def GetSession(
+        self,
+        request: _control_plane_pb2.ControlPlaneGetSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneGetSessionResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneGetSessionResponse]]:
+        """GetSession is `GET /sessions/{session_id}`: one 0.8 `SessionDefinition`."""
 
     @_abc_1.abstractmethod
     def DeleteSession(
@@ -162,7 +322,67 @@ class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
         request: _control_plane_pb2.ControlPlaneDeleteSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.ControlPlaneDeleteSessionResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneDeleteSessionResponse]]:
-        """DeleteSession deletes a session and its workflow state."""
+        """DeleteSession is `POST /sessions/{session_id}/delete`: the JSON `null`."""
+
+    @_abc_1.abstractmethod
+    def CreateSessionTask(
+        self,
+        request: _control_plane_pb2.ControlPlaneCreateSessionTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneCreateSessionTaskResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneCreateSessionTaskResponse]]:
+        """CreateSessionTask is `POST /sessions/{session_id}/tasks`: queues a task in the session and
+        returns its id as a JSON string.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessionTasks(
+        self,
+        request: _control_plane_pb2.ControlPlaneListSessionTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneListSessionTasksResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneListSessionTasksResponse]]:
+        """ListSessionTasks is `GET /sessions/{session_id}/tasks`: the session's 0.8
+        `TaskDefinition`s in order.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCurrentTask(
+        self,
+        request: _control_plane_pb2.ControlPlaneGetCurrentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneGetCurrentTaskResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneGetCurrentTaskResponse]]:
+        """GetCurrentTask is `GET /sessions/{session_id}/current_task`: the session's latest
+        `TaskDefinition`, or `null`.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTaskResult(
+        self,
+        request: _control_plane_pb2.ControlPlaneGetTaskResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneGetTaskResultResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneGetTaskResultResponse]]:
+        """GetTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result`: 0.8's `TaskResult`,
+        or `null` while the task runs.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamTaskResult(
+        self,
+        request: _control_plane_pb2.ControlPlaneStreamTaskResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_plane_pb2.ControlPlaneStreamTaskResultResponse], _abc.AsyncIterator[_control_plane_pb2.ControlPlaneStreamTaskResultResponse]]:
+        """StreamTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result_stream`: NDJSON,
+        one line per streamed workflow event, the last one holding the result or the error.
+        """
+
+    @_abc_1.abstractmethod
+    def SendEvent(
+        self,
+        request: _control_plane_pb2.ControlPlaneSendEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_plane_pb2.ControlPlaneSendEventResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneSendEventResponse]]:
+        """SendEvent is `POST /sessions/{session_id}/tasks/{task_id}/send_event`: sends an event
+        (0.8 `EventDefinition`) into the running task; the JSON `null`.
+        """
 
     @_abc_1.abstractmethod
     def GetSessionState(
@@ -170,6 +390,8 @@ class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
         request: _control_plane_pb2.ControlPlaneGetSessionStateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_plane_pb2.ControlPlaneGetSessionStateResponse, _abc.Awaitable[_control_plane_pb2.ControlPlaneGetSessionStateResponse]]:
-        """GetSessionState returns the workflow context stored for a session."""
+        """GetSessionState is `GET /sessions/{session_id}/state`: the session's state as 0.8 kept it
+        (`result_<task_id>` entries, and the stored workflow context under the session id).
+        """
 
 def add_ControlPlaneServicer_to_server(servicer: ControlPlaneServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -34,6 +34,8 @@ class LlamaDeployApiStub:
     `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
     trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
     drops trailing empty segments of request paths, so 0.8's paths still match).
+    Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+    adds 0.8's `detail`.
     """
 
     def __init__(self, channel):
@@ -123,6 +125,8 @@ class LlamaDeployApiServicer:
     `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
     trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
     drops trailing empty segments of request paths, so 0.8's paths still match).
+    Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+    adds 0.8's `detail`.
     """
 
     def GetStatus(self, request, context):
@@ -316,6 +320,8 @@ class LlamaDeployApi:
     `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
     trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
     drops trailing empty segments of request paths, so 0.8's paths still match).
+    Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+    adds 0.8's `detail`.
     """
 
     @staticmethod

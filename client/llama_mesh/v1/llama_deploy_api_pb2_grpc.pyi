@@ -35,6 +35,8 @@ class LlamaDeployApiStub:
     `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
     trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
     drops trailing empty segments of request paths, so 0.8's paths still match).
+    Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+    adds 0.8's `detail`.
     """
 
     @_typing.overload
@@ -86,6 +88,8 @@ class LlamaDeployApiAsyncStub(LlamaDeployApiStub):
     `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
     trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
     drops trailing empty segments of request paths, so 0.8's paths still match).
+    Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+    adds 0.8's `detail`.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -133,6 +137,8 @@ class LlamaDeployApiServicer(metaclass=_abc_1.ABCMeta):
     `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
     trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
     drops trailing empty segments of request paths, so 0.8's paths still match).
+    Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+    adds 0.8's `detail`.
     """
 
     @_abc_1.abstractmethod

@@ -23,22 +23,23 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
-from llama_mesh.v1 import types_pb2 as llama__mesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n llama_mesh/v1/orchestrator.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19llama_mesh/v1/types.proto\">\n\x13ScheduleTaskRequest\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x13.llama_mesh.v1.TaskB\x04\xe2\x41\x01\x02\"9\n\x14ScheduleTaskResponse\x12\x12\n\nservice_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t2g\n\x0cOrchestrator\x12W\n\x0cScheduleTask\x12\".llama_mesh.v1.ScheduleTaskRequest\x1a#.llama_mesh.v1.ScheduleTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n llama_mesh/v1/orchestrator.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/api/field_behavior.proto\"F\n\x13ScheduleTaskRequest\x12\x18\n\ndeployment\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07task_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x14ScheduleTaskResponse\x12\x12\n\nservice_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t2g\n\x0cOrchestrator\x12W\n\x0cScheduleTask\x12\".llama_mesh.v1.ScheduleTaskRequest\x1a#.llama_mesh.v1.ScheduleTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llama_mesh.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCHEDULETASKREQUEST'].fields_by_name['task']._loaded_options = None
-  _globals['_SCHEDULETASKREQUEST'].fields_by_name['task']._serialized_options = b'\342A\001\002'
-  _globals['_SCHEDULETASKREQUEST']._serialized_start=111
-  _globals['_SCHEDULETASKREQUEST']._serialized_end=173
-  _globals['_SCHEDULETASKRESPONSE']._serialized_start=175
-  _globals['_SCHEDULETASKRESPONSE']._serialized_end=232
-  _globals['_ORCHESTRATOR']._serialized_start=234
-  _globals['_ORCHESTRATOR']._serialized_end=337
+  _globals['_SCHEDULETASKREQUEST'].fields_by_name['deployment']._loaded_options = None
+  _globals['_SCHEDULETASKREQUEST'].fields_by_name['deployment']._serialized_options = b'\342A\001\002'
+  _globals['_SCHEDULETASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_SCHEDULETASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\342A\001\002'
+  _globals['_SCHEDULETASKREQUEST']._serialized_start=84
+  _globals['_SCHEDULETASKREQUEST']._serialized_end=154
+  _globals['_SCHEDULETASKRESPONSE']._serialized_start=156
+  _globals['_SCHEDULETASKRESPONSE']._serialized_end=213
+  _globals['_ORCHESTRATOR']._serialized_start=215
+  _globals['_ORCHESTRATOR']._serialized_end=318
 # @@protoc_insertion_point(module_scope)

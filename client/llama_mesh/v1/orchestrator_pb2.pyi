@@ -5,7 +5,6 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from llama_mesh.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,23 +18,25 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ScheduleTaskRequest(_message.Message):
-    """ScheduleTaskRequest carries a recorded task."""
+    """ScheduleTaskRequest names a recorded task."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def task(self) -> _types_pb2.Task:
-        """task is the task to schedule; an empty service_id means the default service."""
-
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name."""
+    task_id: _builtins.str
+    """task_id identifies the recorded task."""
     def __init__(
         self,
         *,
-        task: _types_pb2.Task | None = ...,
+        deployment: _builtins.str = ...,
+        task_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

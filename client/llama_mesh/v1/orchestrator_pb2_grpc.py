@@ -49,7 +49,10 @@ class OrchestratorServicer:
     """
 
     def ScheduleTask(self, request, context):
-        """ScheduleTask picks the task's service and publishes the task message.
+        """ScheduleTask queues a task that ControlPlane.RecordTask stored: it picks the task's
+        service (the one recorded, else the deployment's default) and publishes the task message.
+        A task that is not recorded is NOT_FOUND; one that is no longer QUEUED is
+        FAILED_PRECONDITION. Scheduling a task twice queues it once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

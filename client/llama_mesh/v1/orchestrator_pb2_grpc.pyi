@@ -36,7 +36,11 @@ class OrchestratorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrchestratorAsyncStub: ...
     ScheduleTask: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ScheduleTaskRequest, _orchestrator_pb2.ScheduleTaskResponse]
-    """ScheduleTask picks the task's service and publishes the task message."""
+    """ScheduleTask queues a task that ControlPlane.RecordTask stored: it picks the task's
+    service (the one recorded, else the deployment's default) and publishes the task message.
+    A task that is not recorded is NOT_FOUND; one that is no longer QUEUED is
+    FAILED_PRECONDITION. Scheduling a task twice queues it once.
+    """
 
 @_typing.type_check_only
 class OrchestratorAsyncStub(OrchestratorStub):
@@ -46,7 +50,11 @@ class OrchestratorAsyncStub(OrchestratorStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ScheduleTask: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ScheduleTaskRequest, _orchestrator_pb2.ScheduleTaskResponse]  # type: ignore[assignment]
-    """ScheduleTask picks the task's service and publishes the task message."""
+    """ScheduleTask queues a task that ControlPlane.RecordTask stored: it picks the task's
+    service (the one recorded, else the deployment's default) and publishes the task message.
+    A task that is not recorded is NOT_FOUND; one that is no longer QUEUED is
+    FAILED_PRECONDITION. Scheduling a task twice queues it once.
+    """
 
 class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
     """Orchestrator decides which service handles a task and hands the task to that service's
@@ -59,6 +67,10 @@ class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.ScheduleTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ScheduleTaskResponse, _abc.Awaitable[_orchestrator_pb2.ScheduleTaskResponse]]:
-        """ScheduleTask picks the task's service and publishes the task message."""
+        """ScheduleTask queues a task that ControlPlane.RecordTask stored: it picks the task's
+        service (the one recorded, else the deployment's default) and publishes the task message.
+        A task that is not recorded is NOT_FOUND; one that is no longer QUEUED is
+        FAILED_PRECONDITION. Scheduling a task twice queues it once.
+        """
 
 def add_OrchestratorServicer_to_server(servicer: OrchestratorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -98,27 +98,46 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
     """EVENT_KIND_UNSPECIFIED is never set by the server."""
     EVENT_KIND_WORKFLOW: _EventKind.ValueType  # 1
-    """EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream."""
+    """EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream; `type` is its class
+    (`module.ClassName`), `data` its fields.
+    """
     EVENT_KIND_RESULT: _EventKind.ValueType  # 2
-    """EVENT_KIND_RESULT is the final event of a successful task; data holds the result."""
+    """EVENT_KIND_RESULT is the final event of a successful task: `type` is `result`, `data` is
+    `{"result": <the workflow's return value as JSON>}`.
+    """
     EVENT_KIND_FAILED: _EventKind.ValueType  # 3
-    """EVENT_KIND_FAILED is the final event of a failed task; data holds the error."""
+    """EVENT_KIND_FAILED is the final event of a failed task: `type` is `failed`, `data` is
+    `{"error": <message>, "error_type": <TaskError.type>}`.
+    """
     EVENT_KIND_CANCELLED: _EventKind.ValueType  # 4
-    """EVENT_KIND_CANCELLED is the final event of a cancelled task."""
+    """EVENT_KIND_CANCELLED is the final event of a cancelled task: `type` is `cancelled`,
+    `data` is `{"reason": <the reason given to CancelTask, or "cancelled">}`.
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
-    """EventKind says what a task event is."""
+    """EventKind says what a task event is. A task's events are zero or more workflow events,
+    then exactly one final event (result, failed or cancelled), whose `index` is the number of
+    workflow events before it.
+    """
 
 EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
 """EVENT_KIND_UNSPECIFIED is never set by the server."""
 EVENT_KIND_WORKFLOW: EventKind.ValueType  # 1
-"""EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream."""
+"""EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream; `type` is its class
+(`module.ClassName`), `data` its fields.
+"""
 EVENT_KIND_RESULT: EventKind.ValueType  # 2
-"""EVENT_KIND_RESULT is the final event of a successful task; data holds the result."""
+"""EVENT_KIND_RESULT is the final event of a successful task: `type` is `result`, `data` is
+`{"result": <the workflow's return value as JSON>}`.
+"""
 EVENT_KIND_FAILED: EventKind.ValueType  # 3
-"""EVENT_KIND_FAILED is the final event of a failed task; data holds the error."""
+"""EVENT_KIND_FAILED is the final event of a failed task: `type` is `failed`, `data` is
+`{"error": <message>, "error_type": <TaskError.type>}`.
+"""
 EVENT_KIND_CANCELLED: EventKind.ValueType  # 4
-"""EVENT_KIND_CANCELLED is the final event of a cancelled task."""
+"""EVENT_KIND_CANCELLED is the final event of a cancelled task: `type` is `cancelled`,
+`data` is `{"reason": <the reason given to CancelTask, or "cancelled">}`.
+"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -259,6 +278,7 @@ class ServiceInstance(_message.Message):
     LAST_HEARTBEAT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
+    SERVICE_ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id identifies the replica (unique per process start)."""
     hostname: _builtins.str
@@ -271,6 +291,8 @@ class ServiceInstance(_message.Message):
     """in_flight is the number of tasks the replica is running."""
     generation: _builtins.int
     """generation is the deployment generation the replica runs."""
+    service_id: _builtins.str
+    """service_id is the service the replica runs."""
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp:
         """last_heartbeat is when the replica last reported."""
@@ -290,10 +312,11 @@ class ServiceInstance(_message.Message):
         last_heartbeat: _timestamp_pb2.Timestamp | None = ...,
         generation: _builtins.int = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
+        service_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "generation", b"generation", "hostname", b"hostname", "in_flight", b"in_flight", "instance_id", b"instance_id", "last_heartbeat", b"last_heartbeat", "pid", b"pid", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "generation", b"generation", "hostname", b"hostname", "in_flight", b"in_flight", "instance_id", b"instance_id", "last_heartbeat", b"last_heartbeat", "pid", b"pid", "service_id", b"service_id", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -309,7 +332,12 @@ class TaskError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TRACEBACK_FIELD_NUMBER: _builtins.int
     type: _builtins.str
-    """type is the exception's class name, or a mesh reason such as `MaxRetriesExceeded`."""
+    """type is the class name of the exception the workflow raised (`ValueError`, ...), or one
+    of: `TimeoutError` (the service's `timeout` passed), `WorkflowTimeoutError` (the
+    workflow's own timeout), `MaxRetriesExceeded` (delivered more than `max-retries` times
+    without finishing, e.g. its workers died), `Unavailable` (the task could not be queued),
+    `Cancelled` (with the cancel reason as message).
+    """
     message: _builtins.str
     """message is the human-readable error message."""
     traceback: _builtins.str
@@ -362,7 +390,9 @@ class Task(_message.Message):
     attempts: _builtins.int
     """attempts is how many times the task was delivered to a replica."""
     event_count: _builtins.int
-    """event_count is how many workflow events the task streamed; set when it finishes."""
+    """event_count is how many workflow events the task streamed: so far in GetTask while it
+    runs, and in every listing once it finishes (0 in listings before that).
+    """
     instance_id: _builtins.str
     """instance_id is the replica that ran (or runs) the task."""
     @_builtins.property
@@ -475,7 +505,7 @@ class TaskEvent(_message.Message):
     """type is the event's class, qualified (`module.ClassName`)."""
     @_builtins.property
     def data(self) -> _struct_pb2.Struct:
-        """data is the event's fields as JSON (for the final event: `result` or `error`)."""
+        """data is the event's fields as JSON; for a final event, what `EventKind` says."""
 
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:

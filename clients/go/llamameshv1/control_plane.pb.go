@@ -8,6 +8,7 @@ package llamameshv1
 
 import (
 	_ "google.golang.org/genproto/googleapis/api/annotations"
+	httpbody "google.golang.org/genproto/googleapis/api/httpbody"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	structpb "google.golang.org/protobuf/types/known/structpb"
@@ -317,107 +318,6 @@ func (x *ControlPlaneWatchTaskResponse) GetTask() *Task {
 	return nil
 }
 
-// ControlPlaneGetSessionStateRequest names a session.
-type ControlPlaneGetSessionStateRequest struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// deployment is the deployment's name.
-	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
-	// session_id identifies the session.
-	SessionId     string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *ControlPlaneGetSessionStateRequest) Reset() {
-	*x = ControlPlaneGetSessionStateRequest{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[6]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ControlPlaneGetSessionStateRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ControlPlaneGetSessionStateRequest) ProtoMessage() {}
-
-func (x *ControlPlaneGetSessionStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[6]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ControlPlaneGetSessionStateRequest.ProtoReflect.Descriptor instead.
-func (*ControlPlaneGetSessionStateRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{6}
-}
-
-func (x *ControlPlaneGetSessionStateRequest) GetDeployment() string {
-	if x != nil {
-		return x.Deployment
-	}
-	return ""
-}
-
-func (x *ControlPlaneGetSessionStateRequest) GetSessionId() string {
-	if x != nil {
-		return x.SessionId
-	}
-	return ""
-}
-
-// ControlPlaneGetSessionStateResponse returns a session's stored workflow context.
-type ControlPlaneGetSessionStateResponse struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// context is the serialized workflow context, or unset when none was saved yet.
-	Context       *structpb.Struct `protobuf:"bytes,1,opt,name=context,proto3" json:"context,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *ControlPlaneGetSessionStateResponse) Reset() {
-	*x = ControlPlaneGetSessionStateResponse{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[7]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ControlPlaneGetSessionStateResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ControlPlaneGetSessionStateResponse) ProtoMessage() {}
-
-func (x *ControlPlaneGetSessionStateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[7]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ControlPlaneGetSessionStateResponse.ProtoReflect.Descriptor instead.
-func (*ControlPlaneGetSessionStateResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{7}
-}
-
-func (x *ControlPlaneGetSessionStateResponse) GetContext() *structpb.Struct {
-	if x != nil {
-		return x.Context
-	}
-	return nil
-}
-
 // ControlPlaneGetTaskRequest names a task.
 type ControlPlaneGetTaskRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -431,7 +331,7 @@ type ControlPlaneGetTaskRequest struct {
 
 func (x *ControlPlaneGetTaskRequest) Reset() {
 	*x = ControlPlaneGetTaskRequest{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[8]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -443,7 +343,7 @@ func (x *ControlPlaneGetTaskRequest) String() string {
 func (*ControlPlaneGetTaskRequest) ProtoMessage() {}
 
 func (x *ControlPlaneGetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[8]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -456,7 +356,7 @@ func (x *ControlPlaneGetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlPlaneGetTaskRequest.ProtoReflect.Descriptor instead.
 func (*ControlPlaneGetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{8}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ControlPlaneGetTaskRequest) GetDeployment() string {
@@ -484,7 +384,7 @@ type ControlPlaneGetTaskResponse struct {
 
 func (x *ControlPlaneGetTaskResponse) Reset() {
 	*x = ControlPlaneGetTaskResponse{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[9]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -496,7 +396,7 @@ func (x *ControlPlaneGetTaskResponse) String() string {
 func (*ControlPlaneGetTaskResponse) ProtoMessage() {}
 
 func (x *ControlPlaneGetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[9]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -509,7 +409,7 @@ func (x *ControlPlaneGetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlPlaneGetTaskResponse.ProtoReflect.Descriptor instead.
 func (*ControlPlaneGetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{9}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ControlPlaneGetTaskResponse) GetTask() *Task {
@@ -532,7 +432,7 @@ type ControlPlaneListTasksRequest struct {
 
 func (x *ControlPlaneListTasksRequest) Reset() {
 	*x = ControlPlaneListTasksRequest{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[10]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -544,7 +444,7 @@ func (x *ControlPlaneListTasksRequest) String() string {
 func (*ControlPlaneListTasksRequest) ProtoMessage() {}
 
 func (x *ControlPlaneListTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[10]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -557,7 +457,7 @@ func (x *ControlPlaneListTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlPlaneListTasksRequest.ProtoReflect.Descriptor instead.
 func (*ControlPlaneListTasksRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{10}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ControlPlaneListTasksRequest) GetDeployment() string {
@@ -585,7 +485,7 @@ type ControlPlaneListTasksResponse struct {
 
 func (x *ControlPlaneListTasksResponse) Reset() {
 	*x = ControlPlaneListTasksResponse{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[11]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -597,7 +497,7 @@ func (x *ControlPlaneListTasksResponse) String() string {
 func (*ControlPlaneListTasksResponse) ProtoMessage() {}
 
 func (x *ControlPlaneListTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[11]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -610,7 +510,7 @@ func (x *ControlPlaneListTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlPlaneListTasksResponse.ProtoReflect.Descriptor instead.
 func (*ControlPlaneListTasksResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{11}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ControlPlaneListTasksResponse) GetTasks() []*Task {
@@ -620,10 +520,589 @@ func (x *ControlPlaneListTasksResponse) GetTasks() []*Task {
 	return nil
 }
 
-// ControlPlaneCreateSessionRequest names a deployment.
+// ControlPlaneGetInfoRequest is the request of GetInfo.
+type ControlPlaneGetInfoRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment    string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetInfoRequest) Reset() {
+	*x = ControlPlaneGetInfoRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetInfoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetInfoRequest) ProtoMessage() {}
+
+func (x *ControlPlaneGetInfoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetInfoRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetInfoRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *ControlPlaneGetInfoRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+// ControlPlaneGetInfoResponse is the answer of GetInfo.
+type ControlPlaneGetInfoResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: an object of the control plane's settings.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetInfoResponse) Reset() {
+	*x = ControlPlaneGetInfoResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetInfoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetInfoResponse) ProtoMessage() {}
+
+func (x *ControlPlaneGetInfoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetInfoResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetInfoResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ControlPlaneGetInfoResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneGetQueueConfigRequest is the request of GetQueueConfig.
+type ControlPlaneGetQueueConfigRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment    string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetQueueConfigRequest) Reset() {
+	*x = ControlPlaneGetQueueConfigRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetQueueConfigRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetQueueConfigRequest) ProtoMessage() {}
+
+func (x *ControlPlaneGetQueueConfigRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetQueueConfigRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetQueueConfigRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ControlPlaneGetQueueConfigRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+// ControlPlaneGetQueueConfigResponse is the answer of GetQueueConfig.
+type ControlPlaneGetQueueConfigResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: an object with one key, the queue's 0.8 config class name.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetQueueConfigResponse) Reset() {
+	*x = ControlPlaneGetQueueConfigResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetQueueConfigResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetQueueConfigResponse) ProtoMessage() {}
+
+func (x *ControlPlaneGetQueueConfigResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetQueueConfigResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetQueueConfigResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ControlPlaneGetQueueConfigResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneListServicesRequest is the request of ListServices.
+type ControlPlaneListServicesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment    string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneListServicesRequest) Reset() {
+	*x = ControlPlaneListServicesRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneListServicesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneListServicesRequest) ProtoMessage() {}
+
+func (x *ControlPlaneListServicesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneListServicesRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneListServicesRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ControlPlaneListServicesRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+// ControlPlaneListServicesResponse is the answer of ListServices.
+type ControlPlaneListServicesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: an object of `LlamaDeployServiceDefinition`s by name.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneListServicesResponse) Reset() {
+	*x = ControlPlaneListServicesResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneListServicesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneListServicesResponse) ProtoMessage() {}
+
+func (x *ControlPlaneListServicesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneListServicesResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneListServicesResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ControlPlaneListServicesResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneGetServiceRequest is the request of GetService.
+type ControlPlaneGetServiceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// service_name names the service.
+	ServiceName   string `protobuf:"bytes,2,opt,name=service_name,json=serviceName,proto3" json:"service_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetServiceRequest) Reset() {
+	*x = ControlPlaneGetServiceRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetServiceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetServiceRequest) ProtoMessage() {}
+
+func (x *ControlPlaneGetServiceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetServiceRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetServiceRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ControlPlaneGetServiceRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneGetServiceRequest) GetServiceName() string {
+	if x != nil {
+		return x.ServiceName
+	}
+	return ""
+}
+
+// ControlPlaneGetServiceResponse is the answer of GetService.
+type ControlPlaneGetServiceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: a `LlamaDeployServiceDefinition`.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetServiceResponse) Reset() {
+	*x = ControlPlaneGetServiceResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetServiceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetServiceResponse) ProtoMessage() {}
+
+func (x *ControlPlaneGetServiceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetServiceResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetServiceResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ControlPlaneGetServiceResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneRegisterServiceRequest is the request of RegisterService.
+type ControlPlaneRegisterServiceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// service_definition is the service to record (the JSON body).
+	ServiceDefinition *LlamaDeployServiceDefinition `protobuf:"bytes,2,opt,name=service_definition,json=serviceDefinition,proto3" json:"service_definition,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *ControlPlaneRegisterServiceRequest) Reset() {
+	*x = ControlPlaneRegisterServiceRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneRegisterServiceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneRegisterServiceRequest) ProtoMessage() {}
+
+func (x *ControlPlaneRegisterServiceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneRegisterServiceRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneRegisterServiceRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ControlPlaneRegisterServiceRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneRegisterServiceRequest) GetServiceDefinition() *LlamaDeployServiceDefinition {
+	if x != nil {
+		return x.ServiceDefinition
+	}
+	return nil
+}
+
+// ControlPlaneRegisterServiceResponse is the answer of RegisterService.
+type ControlPlaneRegisterServiceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: the control plane's settings, as `GetInfo` returns them.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneRegisterServiceResponse) Reset() {
+	*x = ControlPlaneRegisterServiceResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneRegisterServiceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneRegisterServiceResponse) ProtoMessage() {}
+
+func (x *ControlPlaneRegisterServiceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneRegisterServiceResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneRegisterServiceResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ControlPlaneRegisterServiceResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneDeregisterServiceRequest is the request of DeregisterService.
+type ControlPlaneDeregisterServiceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// service_name names the registered service to forget (a query parameter).
+	ServiceName   string `protobuf:"bytes,2,opt,name=service_name,json=serviceName,proto3" json:"service_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneDeregisterServiceRequest) Reset() {
+	*x = ControlPlaneDeregisterServiceRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneDeregisterServiceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneDeregisterServiceRequest) ProtoMessage() {}
+
+func (x *ControlPlaneDeregisterServiceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneDeregisterServiceRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneDeregisterServiceRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ControlPlaneDeregisterServiceRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneDeregisterServiceRequest) GetServiceName() string {
+	if x != nil {
+		return x.ServiceName
+	}
+	return ""
+}
+
+// ControlPlaneDeregisterServiceResponse is the answer of DeregisterService.
+type ControlPlaneDeregisterServiceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: the JSON `null`.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneDeregisterServiceResponse) Reset() {
+	*x = ControlPlaneDeregisterServiceResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneDeregisterServiceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneDeregisterServiceResponse) ProtoMessage() {}
+
+func (x *ControlPlaneDeregisterServiceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneDeregisterServiceResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneDeregisterServiceResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ControlPlaneDeregisterServiceResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneCreateSessionRequest is the request of CreateSession.
 type ControlPlaneCreateSessionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// deployment is the deployment's name.
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
 	Deployment    string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -631,7 +1110,7 @@ type ControlPlaneCreateSessionRequest struct {
 
 func (x *ControlPlaneCreateSessionRequest) Reset() {
 	*x = ControlPlaneCreateSessionRequest{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[12]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -643,7 +1122,7 @@ func (x *ControlPlaneCreateSessionRequest) String() string {
 func (*ControlPlaneCreateSessionRequest) ProtoMessage() {}
 
 func (x *ControlPlaneCreateSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[12]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -656,7 +1135,7 @@ func (x *ControlPlaneCreateSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlPlaneCreateSessionRequest.ProtoReflect.Descriptor instead.
 func (*ControlPlaneCreateSessionRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{12}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ControlPlaneCreateSessionRequest) GetDeployment() string {
@@ -666,18 +1145,18 @@ func (x *ControlPlaneCreateSessionRequest) GetDeployment() string {
 	return ""
 }
 
-// ControlPlaneCreateSessionResponse returns the session.
+// ControlPlaneCreateSessionResponse is the answer of CreateSession.
 type ControlPlaneCreateSessionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// session is the created session.
-	Session       *Session `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
+	// body is the JSON answer: the new session's id as a JSON string.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ControlPlaneCreateSessionResponse) Reset() {
 	*x = ControlPlaneCreateSessionResponse{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[13]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -689,7 +1168,7 @@ func (x *ControlPlaneCreateSessionResponse) String() string {
 func (*ControlPlaneCreateSessionResponse) ProtoMessage() {}
 
 func (x *ControlPlaneCreateSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[13]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -702,20 +1181,112 @@ func (x *ControlPlaneCreateSessionResponse) ProtoReflect() protoreflect.Message 
 
 // Deprecated: Use ControlPlaneCreateSessionResponse.ProtoReflect.Descriptor instead.
 func (*ControlPlaneCreateSessionResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{13}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{23}
 }
 
-func (x *ControlPlaneCreateSessionResponse) GetSession() *Session {
+func (x *ControlPlaneCreateSessionResponse) GetBody() *httpbody.HttpBody {
 	if x != nil {
-		return x.Session
+		return x.Body
 	}
 	return nil
 }
 
-// ControlPlaneGetSessionRequest names a session.
+// ControlPlaneListSessionsRequest is the request of ListSessions.
+type ControlPlaneListSessionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment    string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneListSessionsRequest) Reset() {
+	*x = ControlPlaneListSessionsRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneListSessionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneListSessionsRequest) ProtoMessage() {}
+
+func (x *ControlPlaneListSessionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneListSessionsRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneListSessionsRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ControlPlaneListSessionsRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+// ControlPlaneListSessionsResponse is the answer of ListSessions.
+type ControlPlaneListSessionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: an object of `LlamaDeploySessionDefinition`s by id.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneListSessionsResponse) Reset() {
+	*x = ControlPlaneListSessionsResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneListSessionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneListSessionsResponse) ProtoMessage() {}
+
+func (x *ControlPlaneListSessionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneListSessionsResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneListSessionsResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ControlPlaneListSessionsResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneGetSessionRequest is the request of GetSession.
 type ControlPlaneGetSessionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// deployment is the deployment's name.
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
 	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
 	// session_id identifies the session.
 	SessionId     string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -725,7 +1296,7 @@ type ControlPlaneGetSessionRequest struct {
 
 func (x *ControlPlaneGetSessionRequest) Reset() {
 	*x = ControlPlaneGetSessionRequest{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[14]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -737,7 +1308,7 @@ func (x *ControlPlaneGetSessionRequest) String() string {
 func (*ControlPlaneGetSessionRequest) ProtoMessage() {}
 
 func (x *ControlPlaneGetSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[14]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -750,7 +1321,7 @@ func (x *ControlPlaneGetSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlPlaneGetSessionRequest.ProtoReflect.Descriptor instead.
 func (*ControlPlaneGetSessionRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{14}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ControlPlaneGetSessionRequest) GetDeployment() string {
@@ -767,18 +1338,18 @@ func (x *ControlPlaneGetSessionRequest) GetSessionId() string {
 	return ""
 }
 
-// ControlPlaneGetSessionResponse returns a session.
+// ControlPlaneGetSessionResponse is the answer of GetSession.
 type ControlPlaneGetSessionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// session is the session.
-	Session       *Session `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
+	// body is the JSON answer: a `LlamaDeploySessionDefinition`.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ControlPlaneGetSessionResponse) Reset() {
 	*x = ControlPlaneGetSessionResponse{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[15]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -790,7 +1361,7 @@ func (x *ControlPlaneGetSessionResponse) String() string {
 func (*ControlPlaneGetSessionResponse) ProtoMessage() {}
 
 func (x *ControlPlaneGetSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[15]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -803,112 +1374,20 @@ func (x *ControlPlaneGetSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlPlaneGetSessionResponse.ProtoReflect.Descriptor instead.
 func (*ControlPlaneGetSessionResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{15}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{27}
 }
 
-func (x *ControlPlaneGetSessionResponse) GetSession() *Session {
+func (x *ControlPlaneGetSessionResponse) GetBody() *httpbody.HttpBody {
 	if x != nil {
-		return x.Session
+		return x.Body
 	}
 	return nil
 }
 
-// ControlPlaneListSessionsRequest names a deployment.
-type ControlPlaneListSessionsRequest struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// deployment is the deployment's name.
-	Deployment    string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *ControlPlaneListSessionsRequest) Reset() {
-	*x = ControlPlaneListSessionsRequest{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[16]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ControlPlaneListSessionsRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ControlPlaneListSessionsRequest) ProtoMessage() {}
-
-func (x *ControlPlaneListSessionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[16]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ControlPlaneListSessionsRequest.ProtoReflect.Descriptor instead.
-func (*ControlPlaneListSessionsRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{16}
-}
-
-func (x *ControlPlaneListSessionsRequest) GetDeployment() string {
-	if x != nil {
-		return x.Deployment
-	}
-	return ""
-}
-
-// ControlPlaneListSessionsResponse lists sessions.
-type ControlPlaneListSessionsResponse struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// sessions are sorted by id.
-	Sessions      []*Session `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *ControlPlaneListSessionsResponse) Reset() {
-	*x = ControlPlaneListSessionsResponse{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[17]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ControlPlaneListSessionsResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ControlPlaneListSessionsResponse) ProtoMessage() {}
-
-func (x *ControlPlaneListSessionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[17]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ControlPlaneListSessionsResponse.ProtoReflect.Descriptor instead.
-func (*ControlPlaneListSessionsResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{17}
-}
-
-func (x *ControlPlaneListSessionsResponse) GetSessions() []*Session {
-	if x != nil {
-		return x.Sessions
-	}
-	return nil
-}
-
-// ControlPlaneDeleteSessionRequest names a session.
+// ControlPlaneDeleteSessionRequest is the request of DeleteSession.
 type ControlPlaneDeleteSessionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// deployment is the deployment's name.
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
 	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
 	// session_id identifies the session.
 	SessionId     string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -918,7 +1397,7 @@ type ControlPlaneDeleteSessionRequest struct {
 
 func (x *ControlPlaneDeleteSessionRequest) Reset() {
 	*x = ControlPlaneDeleteSessionRequest{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[18]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -930,7 +1409,7 @@ func (x *ControlPlaneDeleteSessionRequest) String() string {
 func (*ControlPlaneDeleteSessionRequest) ProtoMessage() {}
 
 func (x *ControlPlaneDeleteSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[18]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -943,7 +1422,7 @@ func (x *ControlPlaneDeleteSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControlPlaneDeleteSessionRequest.ProtoReflect.Descriptor instead.
 func (*ControlPlaneDeleteSessionRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{18}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ControlPlaneDeleteSessionRequest) GetDeployment() string {
@@ -960,16 +1439,18 @@ func (x *ControlPlaneDeleteSessionRequest) GetSessionId() string {
 	return ""
 }
 
-// ControlPlaneDeleteSessionResponse has no fields.
+// ControlPlaneDeleteSessionResponse is the answer of DeleteSession.
 type ControlPlaneDeleteSessionResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: the JSON `null`.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ControlPlaneDeleteSessionResponse) Reset() {
 	*x = ControlPlaneDeleteSessionResponse{}
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[19]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -981,7 +1462,7 @@ func (x *ControlPlaneDeleteSessionResponse) String() string {
 func (*ControlPlaneDeleteSessionResponse) ProtoMessage() {}
 
 func (x *ControlPlaneDeleteSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[19]
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -994,14 +1475,855 @@ func (x *ControlPlaneDeleteSessionResponse) ProtoReflect() protoreflect.Message 
 
 // Deprecated: Use ControlPlaneDeleteSessionResponse.ProtoReflect.Descriptor instead.
 func (*ControlPlaneDeleteSessionResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{19}
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ControlPlaneDeleteSessionResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneCreateSessionTaskRequest is the request of CreateSessionTask.
+type ControlPlaneCreateSessionTaskRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// session_id identifies the session.
+	SessionId string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// task_definition is the task (the JSON body); its task_id is assigned by the server.
+	TaskDefinition *LlamaDeployTaskDefinition `protobuf:"bytes,3,opt,name=task_definition,json=taskDefinition,proto3" json:"task_definition,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ControlPlaneCreateSessionTaskRequest) Reset() {
+	*x = ControlPlaneCreateSessionTaskRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneCreateSessionTaskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneCreateSessionTaskRequest) ProtoMessage() {}
+
+func (x *ControlPlaneCreateSessionTaskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneCreateSessionTaskRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneCreateSessionTaskRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ControlPlaneCreateSessionTaskRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneCreateSessionTaskRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *ControlPlaneCreateSessionTaskRequest) GetTaskDefinition() *LlamaDeployTaskDefinition {
+	if x != nil {
+		return x.TaskDefinition
+	}
+	return nil
+}
+
+// ControlPlaneCreateSessionTaskResponse is the answer of CreateSessionTask.
+type ControlPlaneCreateSessionTaskResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: the new task's id as a JSON string.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneCreateSessionTaskResponse) Reset() {
+	*x = ControlPlaneCreateSessionTaskResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneCreateSessionTaskResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneCreateSessionTaskResponse) ProtoMessage() {}
+
+func (x *ControlPlaneCreateSessionTaskResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneCreateSessionTaskResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneCreateSessionTaskResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ControlPlaneCreateSessionTaskResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneListSessionTasksRequest is the request of ListSessionTasks.
+type ControlPlaneListSessionTasksRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// session_id identifies the session.
+	SessionId     string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneListSessionTasksRequest) Reset() {
+	*x = ControlPlaneListSessionTasksRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneListSessionTasksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneListSessionTasksRequest) ProtoMessage() {}
+
+func (x *ControlPlaneListSessionTasksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneListSessionTasksRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneListSessionTasksRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ControlPlaneListSessionTasksRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneListSessionTasksRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+// ControlPlaneListSessionTasksResponse is the answer of ListSessionTasks.
+type ControlPlaneListSessionTasksResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: a JSON list of `LlamaDeployTaskDefinition`s.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneListSessionTasksResponse) Reset() {
+	*x = ControlPlaneListSessionTasksResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneListSessionTasksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneListSessionTasksResponse) ProtoMessage() {}
+
+func (x *ControlPlaneListSessionTasksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneListSessionTasksResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneListSessionTasksResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ControlPlaneListSessionTasksResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneGetCurrentTaskRequest is the request of GetCurrentTask.
+type ControlPlaneGetCurrentTaskRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// session_id identifies the session.
+	SessionId     string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetCurrentTaskRequest) Reset() {
+	*x = ControlPlaneGetCurrentTaskRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetCurrentTaskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetCurrentTaskRequest) ProtoMessage() {}
+
+func (x *ControlPlaneGetCurrentTaskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetCurrentTaskRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetCurrentTaskRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *ControlPlaneGetCurrentTaskRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneGetCurrentTaskRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+// ControlPlaneGetCurrentTaskResponse is the answer of GetCurrentTask.
+type ControlPlaneGetCurrentTaskResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: a `LlamaDeployTaskDefinition`, or `null` when the session has no task.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetCurrentTaskResponse) Reset() {
+	*x = ControlPlaneGetCurrentTaskResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetCurrentTaskResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetCurrentTaskResponse) ProtoMessage() {}
+
+func (x *ControlPlaneGetCurrentTaskResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetCurrentTaskResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetCurrentTaskResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *ControlPlaneGetCurrentTaskResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneGetTaskResultRequest is the request of GetTaskResult.
+type ControlPlaneGetTaskResultRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// session_id identifies the session.
+	SessionId string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// task_id identifies the task.
+	TaskId        string `protobuf:"bytes,3,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetTaskResultRequest) Reset() {
+	*x = ControlPlaneGetTaskResultRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetTaskResultRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetTaskResultRequest) ProtoMessage() {}
+
+func (x *ControlPlaneGetTaskResultRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetTaskResultRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetTaskResultRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *ControlPlaneGetTaskResultRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneGetTaskResultRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *ControlPlaneGetTaskResultRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+// ControlPlaneGetTaskResultResponse is the answer of GetTaskResult.
+type ControlPlaneGetTaskResultResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: `{"task_id", "history", "result", "data"}`, or `null` while the task runs.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetTaskResultResponse) Reset() {
+	*x = ControlPlaneGetTaskResultResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetTaskResultResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetTaskResultResponse) ProtoMessage() {}
+
+func (x *ControlPlaneGetTaskResultResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetTaskResultResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetTaskResultResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *ControlPlaneGetTaskResultResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneStreamTaskResultRequest is the request of StreamTaskResult.
+type ControlPlaneStreamTaskResultRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// session_id identifies the session.
+	SessionId string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// task_id identifies the task.
+	TaskId        string `protobuf:"bytes,3,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneStreamTaskResultRequest) Reset() {
+	*x = ControlPlaneStreamTaskResultRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneStreamTaskResultRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneStreamTaskResultRequest) ProtoMessage() {}
+
+func (x *ControlPlaneStreamTaskResultRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneStreamTaskResultRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneStreamTaskResultRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *ControlPlaneStreamTaskResultRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneStreamTaskResultRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *ControlPlaneStreamTaskResultRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+// ControlPlaneStreamTaskResultResponse is the answer of StreamTaskResult.
+type ControlPlaneStreamTaskResultResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: one NDJSON line (`application/x-ndjson`, ending in a newline).
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneStreamTaskResultResponse) Reset() {
+	*x = ControlPlaneStreamTaskResultResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneStreamTaskResultResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneStreamTaskResultResponse) ProtoMessage() {}
+
+func (x *ControlPlaneStreamTaskResultResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneStreamTaskResultResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneStreamTaskResultResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *ControlPlaneStreamTaskResultResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneSendEventRequest is the request of SendEvent.
+type ControlPlaneSendEventRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// session_id identifies the session.
+	SessionId string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// task_id identifies the task.
+	TaskId string `protobuf:"bytes,3,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	// event_definition is the event (the JSON body).
+	EventDefinition *LlamaDeployEventDefinition `protobuf:"bytes,4,opt,name=event_definition,json=eventDefinition,proto3" json:"event_definition,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ControlPlaneSendEventRequest) Reset() {
+	*x = ControlPlaneSendEventRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneSendEventRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneSendEventRequest) ProtoMessage() {}
+
+func (x *ControlPlaneSendEventRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneSendEventRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneSendEventRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ControlPlaneSendEventRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneSendEventRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *ControlPlaneSendEventRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *ControlPlaneSendEventRequest) GetEventDefinition() *LlamaDeployEventDefinition {
+	if x != nil {
+		return x.EventDefinition
+	}
+	return nil
+}
+
+// ControlPlaneSendEventResponse is the answer of SendEvent.
+type ControlPlaneSendEventResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: the JSON `null`.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneSendEventResponse) Reset() {
+	*x = ControlPlaneSendEventResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneSendEventResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneSendEventResponse) ProtoMessage() {}
+
+func (x *ControlPlaneSendEventResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneSendEventResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneSendEventResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *ControlPlaneSendEventResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// ControlPlaneGetSessionStateRequest is the request of GetSessionState.
+type ControlPlaneGetSessionStateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name (on a control plane port, the gateway's header).
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// session_id identifies the session.
+	SessionId     string `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetSessionStateRequest) Reset() {
+	*x = ControlPlaneGetSessionStateRequest{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetSessionStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetSessionStateRequest) ProtoMessage() {}
+
+func (x *ControlPlaneGetSessionStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetSessionStateRequest.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetSessionStateRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *ControlPlaneGetSessionStateRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+func (x *ControlPlaneGetSessionStateRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+// ControlPlaneGetSessionStateResponse is the answer of GetSessionState.
+type ControlPlaneGetSessionStateResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// body is the JSON answer: the session state object.
+	Body          *httpbody.HttpBody `protobuf:"bytes,1,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ControlPlaneGetSessionStateResponse) Reset() {
+	*x = ControlPlaneGetSessionStateResponse{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ControlPlaneGetSessionStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ControlPlaneGetSessionStateResponse) ProtoMessage() {}
+
+func (x *ControlPlaneGetSessionStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ControlPlaneGetSessionStateResponse.ProtoReflect.Descriptor instead.
+func (*ControlPlaneGetSessionStateResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *ControlPlaneGetSessionStateResponse) GetBody() *httpbody.HttpBody {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// LlamaDeployServiceDefinition is 0.8's `ServiceDefinition`.
+type LlamaDeployServiceDefinition struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// service_name is the service's name.
+	ServiceName string `protobuf:"bytes,1,opt,name=service_name,json=serviceName,proto3" json:"service_name,omitempty"`
+	// description says what the service does.
+	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// prompt is 0.8's list of chat messages (kept as given).
+	Prompt []*structpb.Value `protobuf:"bytes,3,rep,name=prompt,proto3" json:"prompt,omitempty"`
+	// host is the service's host, if it is a network service.
+	Host *string `protobuf:"bytes,4,opt,name=host,proto3,oneof" json:"host,omitempty"`
+	// port is the service's port, if it is a network service.
+	Port          *int32 `protobuf:"varint,5,opt,name=port,proto3,oneof" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LlamaDeployServiceDefinition) Reset() {
+	*x = LlamaDeployServiceDefinition{}
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LlamaDeployServiceDefinition) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LlamaDeployServiceDefinition) ProtoMessage() {}
+
+func (x *LlamaDeployServiceDefinition) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_control_plane_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LlamaDeployServiceDefinition.ProtoReflect.Descriptor instead.
+func (*LlamaDeployServiceDefinition) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_control_plane_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *LlamaDeployServiceDefinition) GetServiceName() string {
+	if x != nil {
+		return x.ServiceName
+	}
+	return ""
+}
+
+func (x *LlamaDeployServiceDefinition) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *LlamaDeployServiceDefinition) GetPrompt() []*structpb.Value {
+	if x != nil {
+		return x.Prompt
+	}
+	return nil
+}
+
+func (x *LlamaDeployServiceDefinition) GetHost() string {
+	if x != nil && x.Host != nil {
+		return *x.Host
+	}
+	return ""
+}
+
+func (x *LlamaDeployServiceDefinition) GetPort() int32 {
+	if x != nil && x.Port != nil {
+		return *x.Port
+	}
+	return 0
 }
 
 var File_llama_mesh_v1_control_plane_proto protoreflect.FileDescriptor
 
 const file_llama_mesh_v1_control_plane_proto_rawDesc = "" +
 	"\n" +
-	"!llama_mesh/v1/control_plane.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19llama_mesh/v1/types.proto\"n\n" +
+	"!llama_mesh/v1/control_plane.proto\x12\rllama_mesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a$llama_mesh/v1/llama_deploy_api.proto\x1a\x19llama_mesh/v1/types.proto\"n\n" +
 	"'ControlPlaneListServiceInstancesRequest\x12$\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
@@ -1020,15 +2342,7 @@ const file_llama_mesh_v1_control_plane_proto_rawDesc = "" +
 	"deployment\x12\x1d\n" +
 	"\atask_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x06taskId\"H\n" +
 	"\x1dControlPlaneWatchTaskResponse\x12'\n" +
-	"\x04task\x18\x01 \x01(\v2\x13.llama_mesh.v1.TaskR\x04task\"o\n" +
-	"\"ControlPlaneGetSessionStateRequest\x12$\n" +
-	"\n" +
-	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
-	"deployment\x12#\n" +
-	"\n" +
-	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"X\n" +
-	"#ControlPlaneGetSessionStateResponse\x121\n" +
-	"\acontext\x18\x01 \x01(\v2\x17.google.protobuf.StructR\acontext\"a\n" +
+	"\x04task\x18\x01 \x01(\v2\x13.llama_mesh.v1.TaskR\x04task\"a\n" +
 	"\x1aControlPlaneGetTaskRequest\x12$\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
@@ -1043,47 +2357,169 @@ const file_llama_mesh_v1_control_plane_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x02 \x01(\tR\tsessionId\"J\n" +
 	"\x1dControlPlaneListTasksResponse\x12)\n" +
-	"\x05tasks\x18\x01 \x03(\v2\x13.llama_mesh.v1.TaskR\x05tasks\"H\n" +
-	" ControlPlaneCreateSessionRequest\x12$\n" +
+	"\x05tasks\x18\x01 \x03(\v2\x13.llama_mesh.v1.TaskR\x05tasks\"<\n" +
+	"\x1aControlPlaneGetInfoRequest\x12\x1e\n" +
 	"\n" +
-	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
-	"deployment\"U\n" +
-	"!ControlPlaneCreateSessionResponse\x120\n" +
-	"\asession\x18\x01 \x01(\v2\x16.llama_mesh.v1.SessionR\asession\"j\n" +
-	"\x1dControlPlaneGetSessionRequest\x12$\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\"G\n" +
+	"\x1bControlPlaneGetInfoResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"C\n" +
+	"!ControlPlaneGetQueueConfigRequest\x12\x1e\n" +
 	"\n" +
-	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\"N\n" +
+	"\"ControlPlaneGetQueueConfigResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"A\n" +
+	"\x1fControlPlaneListServicesRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\"L\n" +
+	" ControlPlaneListServicesResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"h\n" +
+	"\x1dControlPlaneGetServiceRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12'\n" +
+	"\fservice_name\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\vserviceName\"J\n" +
+	"\x1eControlPlaneGetServiceResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"\xa0\x01\n" +
+	"\"ControlPlaneRegisterServiceRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12Z\n" +
+	"\x12service_definition\x18\x02 \x01(\v2+.llama_mesh.v1.LlamaDeployServiceDefinitionR\x11serviceDefinition\"O\n" +
+	"#ControlPlaneRegisterServiceResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"i\n" +
+	"$ControlPlaneDeregisterServiceRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12!\n" +
+	"\fservice_name\x18\x02 \x01(\tR\vserviceName\"Q\n" +
+	"%ControlPlaneDeregisterServiceResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"B\n" +
+	" ControlPlaneCreateSessionRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\"M\n" +
+	"!ControlPlaneCreateSessionResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"A\n" +
+	"\x1fControlPlaneListSessionsRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\"L\n" +
+	" ControlPlaneListSessionsResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"d\n" +
+	"\x1dControlPlaneGetSessionRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
 	"deployment\x12#\n" +
 	"\n" +
-	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"R\n" +
-	"\x1eControlPlaneGetSessionResponse\x120\n" +
-	"\asession\x18\x01 \x01(\v2\x16.llama_mesh.v1.SessionR\asession\"G\n" +
-	"\x1fControlPlaneListSessionsRequest\x12$\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"J\n" +
+	"\x1eControlPlaneGetSessionResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"g\n" +
+	" ControlPlaneDeleteSessionRequest\x12\x1e\n" +
 	"\n" +
-	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
-	"deployment\"V\n" +
-	" ControlPlaneListSessionsResponse\x122\n" +
-	"\bsessions\x18\x01 \x03(\v2\x16.llama_mesh.v1.SessionR\bsessions\"m\n" +
-	" ControlPlaneDeleteSessionRequest\x12$\n" +
-	"\n" +
-	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
 	"deployment\x12#\n" +
 	"\n" +
-	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"#\n" +
-	"!ControlPlaneDeleteSessionResponse2\xf5\b\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"M\n" +
+	"!ControlPlaneDeleteSessionResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"\xbe\x01\n" +
+	"$ControlPlaneCreateSessionTaskRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12#\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\x12Q\n" +
+	"\x0ftask_definition\x18\x03 \x01(\v2(.llama_mesh.v1.LlamaDeployTaskDefinitionR\x0etaskDefinition\"Q\n" +
+	"%ControlPlaneCreateSessionTaskResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"j\n" +
+	"#ControlPlaneListSessionTasksRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12#\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"P\n" +
+	"$ControlPlaneListSessionTasksResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"h\n" +
+	"!ControlPlaneGetCurrentTaskRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12#\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"N\n" +
+	"\"ControlPlaneGetCurrentTaskResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"\x86\x01\n" +
+	" ControlPlaneGetTaskResultRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12#\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\x12\x1d\n" +
+	"\atask_id\x18\x03 \x01(\tB\x04\xe2A\x01\x02R\x06taskId\"M\n" +
+	"!ControlPlaneGetTaskResultResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"\x89\x01\n" +
+	"#ControlPlaneStreamTaskResultRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12#\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\x12\x1d\n" +
+	"\atask_id\x18\x03 \x01(\tB\x04\xe2A\x01\x02R\x06taskId\"P\n" +
+	"$ControlPlaneStreamTaskResultResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"\xd8\x01\n" +
+	"\x1cControlPlaneSendEventRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12#\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\x12\x1d\n" +
+	"\atask_id\x18\x03 \x01(\tB\x04\xe2A\x01\x02R\x06taskId\x12T\n" +
+	"\x10event_definition\x18\x04 \x01(\v2).llama_mesh.v1.LlamaDeployEventDefinitionR\x0feventDefinition\"I\n" +
+	"\x1dControlPlaneSendEventResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"i\n" +
+	"\"ControlPlaneGetSessionStateRequest\x12\x1e\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tR\n" +
+	"deployment\x12#\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"O\n" +
+	"#ControlPlaneGetSessionStateResponse\x12(\n" +
+	"\x04body\x18\x01 \x01(\v2\x14.google.api.HttpBodyR\x04body\"\xd7\x01\n" +
+	"\x1cLlamaDeployServiceDefinition\x12!\n" +
+	"\fservice_name\x18\x01 \x01(\tR\vserviceName\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\x12.\n" +
+	"\x06prompt\x18\x03 \x03(\v2\x16.google.protobuf.ValueR\x06prompt\x12\x17\n" +
+	"\x04host\x18\x04 \x01(\tH\x00R\x04host\x88\x01\x01\x12\x17\n" +
+	"\x04port\x18\x05 \x01(\x05H\x01R\x04port\x88\x01\x01B\a\n" +
+	"\x05_hostB\a\n" +
+	"\x05_port2\xf4\x19\n" +
 	"\fControlPlane\x12\x87\x01\n" +
 	"\x14ListServiceInstances\x126.llama_mesh.v1.ControlPlaneListServiceInstancesRequest\x1a7.llama_mesh.v1.ControlPlaneListServiceInstancesResponse\x12i\n" +
 	"\n" +
 	"RecordTask\x12,.llama_mesh.v1.ControlPlaneRecordTaskRequest\x1a-.llama_mesh.v1.ControlPlaneRecordTaskResponse\x12`\n" +
 	"\aGetTask\x12).llama_mesh.v1.ControlPlaneGetTaskRequest\x1a*.llama_mesh.v1.ControlPlaneGetTaskResponse\x12f\n" +
 	"\tListTasks\x12+.llama_mesh.v1.ControlPlaneListTasksRequest\x1a,.llama_mesh.v1.ControlPlaneListTasksResponse\x12h\n" +
-	"\tWatchTask\x12+.llama_mesh.v1.ControlPlaneWatchTaskRequest\x1a,.llama_mesh.v1.ControlPlaneWatchTaskResponse0\x01\x12r\n" +
-	"\rCreateSession\x12/.llama_mesh.v1.ControlPlaneCreateSessionRequest\x1a0.llama_mesh.v1.ControlPlaneCreateSessionResponse\x12i\n" +
+	"\tWatchTask\x12+.llama_mesh.v1.ControlPlaneWatchTaskRequest\x1a,.llama_mesh.v1.ControlPlaneWatchTaskResponse0\x01\x12q\n" +
+	"\aGetInfo\x12).llama_mesh.v1.ControlPlaneGetInfoRequest\x1a*.llama_mesh.v1.ControlPlaneGetInfoResponse\"\x0f\x82\xd3\xe4\x93\x02\tb\x04body\x12\x01/\x12\x92\x01\n" +
+	"\x0eGetQueueConfig\x120.llama_mesh.v1.ControlPlaneGetQueueConfigRequest\x1a1.llama_mesh.v1.ControlPlaneGetQueueConfigResponse\"\x1b\x82\xd3\xe4\x93\x02\x15b\x04body\x12\r/queue_config\x12\x88\x01\n" +
+	"\fListServices\x12..llama_mesh.v1.ControlPlaneListServicesRequest\x1a/.llama_mesh.v1.ControlPlaneListServicesResponse\"\x17\x82\xd3\xe4\x93\x02\x11b\x04body\x12\t/services\x12\x91\x01\n" +
 	"\n" +
-	"GetSession\x12,.llama_mesh.v1.ControlPlaneGetSessionRequest\x1a-.llama_mesh.v1.ControlPlaneGetSessionResponse\x12o\n" +
-	"\fListSessions\x12..llama_mesh.v1.ControlPlaneListSessionsRequest\x1a/.llama_mesh.v1.ControlPlaneListSessionsResponse\x12r\n" +
-	"\rDeleteSession\x12/.llama_mesh.v1.ControlPlaneDeleteSessionRequest\x1a0.llama_mesh.v1.ControlPlaneDeleteSessionResponse\x12x\n" +
-	"\x0fGetSessionState\x121.llama_mesh.v1.ControlPlaneGetSessionStateRequest\x1a2.llama_mesh.v1.ControlPlaneGetSessionStateResponseb\x06proto3"
+	"GetService\x12,.llama_mesh.v1.ControlPlaneGetServiceRequest\x1a-.llama_mesh.v1.ControlPlaneGetServiceResponse\"&\x82\xd3\xe4\x93\x02 b\x04body\x12\x18/services/{service_name}\x12\xae\x01\n" +
+	"\x0fRegisterService\x121.llama_mesh.v1.ControlPlaneRegisterServiceRequest\x1a2.llama_mesh.v1.ControlPlaneRegisterServiceResponse\"4\x82\xd3\xe4\x93\x02.:\x12service_definitionb\x04body\"\x12/services/register\x12\xa2\x01\n" +
+	"\x11DeregisterService\x123.llama_mesh.v1.ControlPlaneDeregisterServiceRequest\x1a4.llama_mesh.v1.ControlPlaneDeregisterServiceResponse\"\"\x82\xd3\xe4\x93\x02\x1cb\x04body\"\x14/services/deregister\x12\x92\x01\n" +
+	"\rCreateSession\x12/.llama_mesh.v1.ControlPlaneCreateSessionRequest\x1a0.llama_mesh.v1.ControlPlaneCreateSessionResponse\"\x1e\x82\xd3\xe4\x93\x02\x18b\x04body\"\x10/sessions/create\x12\x88\x01\n" +
+	"\fListSessions\x12..llama_mesh.v1.ControlPlaneListSessionsRequest\x1a/.llama_mesh.v1.ControlPlaneListSessionsResponse\"\x17\x82\xd3\xe4\x93\x02\x11b\x04body\x12\t/sessions\x12\x8f\x01\n" +
+	"\n" +
+	"GetSession\x12,.llama_mesh.v1.ControlPlaneGetSessionRequest\x1a-.llama_mesh.v1.ControlPlaneGetSessionResponse\"$\x82\xd3\xe4\x93\x02\x1eb\x04body\x12\x16/sessions/{session_id}\x12\x9f\x01\n" +
+	"\rDeleteSession\x12/.llama_mesh.v1.ControlPlaneDeleteSessionRequest\x1a0.llama_mesh.v1.ControlPlaneDeleteSessionResponse\"+\x82\xd3\xe4\x93\x02%b\x04body\"\x1d/sessions/{session_id}/delete\x12\xbb\x01\n" +
+	"\x11CreateSessionTask\x123.llama_mesh.v1.ControlPlaneCreateSessionTaskRequest\x1a4.llama_mesh.v1.ControlPlaneCreateSessionTaskResponse\";\x82\xd3\xe4\x93\x025:\x0ftask_definitionb\x04body\"\x1c/sessions/{session_id}/tasks\x12\xa7\x01\n" +
+	"\x10ListSessionTasks\x122.llama_mesh.v1.ControlPlaneListSessionTasksRequest\x1a3.llama_mesh.v1.ControlPlaneListSessionTasksResponse\"*\x82\xd3\xe4\x93\x02$b\x04body\x12\x1c/sessions/{session_id}/tasks\x12\xa8\x01\n" +
+	"\x0eGetCurrentTask\x120.llama_mesh.v1.ControlPlaneGetCurrentTaskRequest\x1a1.llama_mesh.v1.ControlPlaneGetCurrentTaskResponse\"1\x82\xd3\xe4\x93\x02+b\x04body\x12#/sessions/{session_id}/current_task\x12\xaf\x01\n" +
+	"\rGetTaskResult\x12/.llama_mesh.v1.ControlPlaneGetTaskResultRequest\x1a0.llama_mesh.v1.ControlPlaneGetTaskResultResponse\";\x82\xd3\xe4\x93\x025b\x04body\x12-/sessions/{session_id}/tasks/{task_id}/result\x12\xc1\x01\n" +
+	"\x10StreamTaskResult\x122.llama_mesh.v1.ControlPlaneStreamTaskResultRequest\x1a3.llama_mesh.v1.ControlPlaneStreamTaskResultResponse\"B\x82\xd3\xe4\x93\x02<b\x04body\x124/sessions/{session_id}/tasks/{task_id}/result_stream0\x01\x12\xb9\x01\n" +
+	"\tSendEvent\x12+.llama_mesh.v1.ControlPlaneSendEventRequest\x1a,.llama_mesh.v1.ControlPlaneSendEventResponse\"Q\x82\xd3\xe4\x93\x02K:\x10event_definitionb\x04body\"1/sessions/{session_id}/tasks/{task_id}/send_event\x12\xa4\x01\n" +
+	"\x0fGetSessionState\x121.llama_mesh.v1.ControlPlaneGetSessionStateRequest\x1a2.llama_mesh.v1.ControlPlaneGetSessionStateResponse\"*\x82\xd3\xe4\x93\x02$b\x04body\x12\x1c/sessions/{session_id}/stateb\x06proto3"
 
 var (
 	file_llama_mesh_v1_control_plane_proto_rawDescOnce sync.Once
@@ -1097,7 +2533,7 @@ func file_llama_mesh_v1_control_plane_proto_rawDescGZIP() []byte {
 	return file_llama_mesh_v1_control_plane_proto_rawDescData
 }
 
-var file_llama_mesh_v1_control_plane_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_llama_mesh_v1_control_plane_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
 var file_llama_mesh_v1_control_plane_proto_goTypes = []any{
 	(*ControlPlaneListServiceInstancesRequest)(nil),  // 0: llama_mesh.v1.ControlPlaneListServiceInstancesRequest
 	(*ControlPlaneListServiceInstancesResponse)(nil), // 1: llama_mesh.v1.ControlPlaneListServiceInstancesResponse
@@ -1105,61 +2541,129 @@ var file_llama_mesh_v1_control_plane_proto_goTypes = []any{
 	(*ControlPlaneRecordTaskResponse)(nil),           // 3: llama_mesh.v1.ControlPlaneRecordTaskResponse
 	(*ControlPlaneWatchTaskRequest)(nil),             // 4: llama_mesh.v1.ControlPlaneWatchTaskRequest
 	(*ControlPlaneWatchTaskResponse)(nil),            // 5: llama_mesh.v1.ControlPlaneWatchTaskResponse
-	(*ControlPlaneGetSessionStateRequest)(nil),       // 6: llama_mesh.v1.ControlPlaneGetSessionStateRequest
-	(*ControlPlaneGetSessionStateResponse)(nil),      // 7: llama_mesh.v1.ControlPlaneGetSessionStateResponse
-	(*ControlPlaneGetTaskRequest)(nil),               // 8: llama_mesh.v1.ControlPlaneGetTaskRequest
-	(*ControlPlaneGetTaskResponse)(nil),              // 9: llama_mesh.v1.ControlPlaneGetTaskResponse
-	(*ControlPlaneListTasksRequest)(nil),             // 10: llama_mesh.v1.ControlPlaneListTasksRequest
-	(*ControlPlaneListTasksResponse)(nil),            // 11: llama_mesh.v1.ControlPlaneListTasksResponse
-	(*ControlPlaneCreateSessionRequest)(nil),         // 12: llama_mesh.v1.ControlPlaneCreateSessionRequest
-	(*ControlPlaneCreateSessionResponse)(nil),        // 13: llama_mesh.v1.ControlPlaneCreateSessionResponse
-	(*ControlPlaneGetSessionRequest)(nil),            // 14: llama_mesh.v1.ControlPlaneGetSessionRequest
-	(*ControlPlaneGetSessionResponse)(nil),           // 15: llama_mesh.v1.ControlPlaneGetSessionResponse
-	(*ControlPlaneListSessionsRequest)(nil),          // 16: llama_mesh.v1.ControlPlaneListSessionsRequest
-	(*ControlPlaneListSessionsResponse)(nil),         // 17: llama_mesh.v1.ControlPlaneListSessionsResponse
-	(*ControlPlaneDeleteSessionRequest)(nil),         // 18: llama_mesh.v1.ControlPlaneDeleteSessionRequest
-	(*ControlPlaneDeleteSessionResponse)(nil),        // 19: llama_mesh.v1.ControlPlaneDeleteSessionResponse
-	(*ServiceInstance)(nil),                          // 20: llama_mesh.v1.ServiceInstance
-	(*Task)(nil),                                     // 21: llama_mesh.v1.Task
-	(*structpb.Struct)(nil),                          // 22: google.protobuf.Struct
-	(*Session)(nil),                                  // 23: llama_mesh.v1.Session
+	(*ControlPlaneGetTaskRequest)(nil),               // 6: llama_mesh.v1.ControlPlaneGetTaskRequest
+	(*ControlPlaneGetTaskResponse)(nil),              // 7: llama_mesh.v1.ControlPlaneGetTaskResponse
+	(*ControlPlaneListTasksRequest)(nil),             // 8: llama_mesh.v1.ControlPlaneListTasksRequest
+	(*ControlPlaneListTasksResponse)(nil),            // 9: llama_mesh.v1.ControlPlaneListTasksResponse
+	(*ControlPlaneGetInfoRequest)(nil),               // 10: llama_mesh.v1.ControlPlaneGetInfoRequest
+	(*ControlPlaneGetInfoResponse)(nil),              // 11: llama_mesh.v1.ControlPlaneGetInfoResponse
+	(*ControlPlaneGetQueueConfigRequest)(nil),        // 12: llama_mesh.v1.ControlPlaneGetQueueConfigRequest
+	(*ControlPlaneGetQueueConfigResponse)(nil),       // 13: llama_mesh.v1.ControlPlaneGetQueueConfigResponse
+	(*ControlPlaneListServicesRequest)(nil),          // 14: llama_mesh.v1.ControlPlaneListServicesRequest
+	(*ControlPlaneListServicesResponse)(nil),         // 15: llama_mesh.v1.ControlPlaneListServicesResponse
+	(*ControlPlaneGetServiceRequest)(nil),            // 16: llama_mesh.v1.ControlPlaneGetServiceRequest
+	(*ControlPlaneGetServiceResponse)(nil),           // 17: llama_mesh.v1.ControlPlaneGetServiceResponse
+	(*ControlPlaneRegisterServiceRequest)(nil),       // 18: llama_mesh.v1.ControlPlaneRegisterServiceRequest
+	(*ControlPlaneRegisterServiceResponse)(nil),      // 19: llama_mesh.v1.ControlPlaneRegisterServiceResponse
+	(*ControlPlaneDeregisterServiceRequest)(nil),     // 20: llama_mesh.v1.ControlPlaneDeregisterServiceRequest
+	(*ControlPlaneDeregisterServiceResponse)(nil),    // 21: llama_mesh.v1.ControlPlaneDeregisterServiceResponse
+	(*ControlPlaneCreateSessionRequest)(nil),         // 22: llama_mesh.v1.ControlPlaneCreateSessionRequest
+	(*ControlPlaneCreateSessionResponse)(nil),        // 23: llama_mesh.v1.ControlPlaneCreateSessionResponse
+	(*ControlPlaneListSessionsRequest)(nil),          // 24: llama_mesh.v1.ControlPlaneListSessionsRequest
+	(*ControlPlaneListSessionsResponse)(nil),         // 25: llama_mesh.v1.ControlPlaneListSessionsResponse
+	(*ControlPlaneGetSessionRequest)(nil),            // 26: llama_mesh.v1.ControlPlaneGetSessionRequest
+	(*ControlPlaneGetSessionResponse)(nil),           // 27: llama_mesh.v1.ControlPlaneGetSessionResponse
+	(*ControlPlaneDeleteSessionRequest)(nil),         // 28: llama_mesh.v1.ControlPlaneDeleteSessionRequest
+	(*ControlPlaneDeleteSessionResponse)(nil),        // 29: llama_mesh.v1.ControlPlaneDeleteSessionResponse
+	(*ControlPlaneCreateSessionTaskRequest)(nil),     // 30: llama_mesh.v1.ControlPlaneCreateSessionTaskRequest
+	(*ControlPlaneCreateSessionTaskResponse)(nil),    // 31: llama_mesh.v1.ControlPlaneCreateSessionTaskResponse
+	(*ControlPlaneListSessionTasksRequest)(nil),      // 32: llama_mesh.v1.ControlPlaneListSessionTasksRequest
+	(*ControlPlaneListSessionTasksResponse)(nil),     // 33: llama_mesh.v1.ControlPlaneListSessionTasksResponse
+	(*ControlPlaneGetCurrentTaskRequest)(nil),        // 34: llama_mesh.v1.ControlPlaneGetCurrentTaskRequest
+	(*ControlPlaneGetCurrentTaskResponse)(nil),       // 35: llama_mesh.v1.ControlPlaneGetCurrentTaskResponse
+	(*ControlPlaneGetTaskResultRequest)(nil),         // 36: llama_mesh.v1.ControlPlaneGetTaskResultRequest
+	(*ControlPlaneGetTaskResultResponse)(nil),        // 37: llama_mesh.v1.ControlPlaneGetTaskResultResponse
+	(*ControlPlaneStreamTaskResultRequest)(nil),      // 38: llama_mesh.v1.ControlPlaneStreamTaskResultRequest
+	(*ControlPlaneStreamTaskResultResponse)(nil),     // 39: llama_mesh.v1.ControlPlaneStreamTaskResultResponse
+	(*ControlPlaneSendEventRequest)(nil),             // 40: llama_mesh.v1.ControlPlaneSendEventRequest
+	(*ControlPlaneSendEventResponse)(nil),            // 41: llama_mesh.v1.ControlPlaneSendEventResponse
+	(*ControlPlaneGetSessionStateRequest)(nil),       // 42: llama_mesh.v1.ControlPlaneGetSessionStateRequest
+	(*ControlPlaneGetSessionStateResponse)(nil),      // 43: llama_mesh.v1.ControlPlaneGetSessionStateResponse
+	(*LlamaDeployServiceDefinition)(nil),             // 44: llama_mesh.v1.LlamaDeployServiceDefinition
+	(*ServiceInstance)(nil),                          // 45: llama_mesh.v1.ServiceInstance
+	(*Task)(nil),                                     // 46: llama_mesh.v1.Task
+	(*httpbody.HttpBody)(nil),                        // 47: google.api.HttpBody
+	(*LlamaDeployTaskDefinition)(nil),                // 48: llama_mesh.v1.LlamaDeployTaskDefinition
+	(*LlamaDeployEventDefinition)(nil),               // 49: llama_mesh.v1.LlamaDeployEventDefinition
+	(*structpb.Value)(nil),                           // 50: google.protobuf.Value
 }
 var file_llama_mesh_v1_control_plane_proto_depIdxs = []int32{
-	20, // 0: llama_mesh.v1.ControlPlaneListServiceInstancesResponse.instances:type_name -> llama_mesh.v1.ServiceInstance
-	21, // 1: llama_mesh.v1.ControlPlaneRecordTaskRequest.task:type_name -> llama_mesh.v1.Task
-	21, // 2: llama_mesh.v1.ControlPlaneRecordTaskResponse.task:type_name -> llama_mesh.v1.Task
-	21, // 3: llama_mesh.v1.ControlPlaneWatchTaskResponse.task:type_name -> llama_mesh.v1.Task
-	22, // 4: llama_mesh.v1.ControlPlaneGetSessionStateResponse.context:type_name -> google.protobuf.Struct
-	21, // 5: llama_mesh.v1.ControlPlaneGetTaskResponse.task:type_name -> llama_mesh.v1.Task
-	21, // 6: llama_mesh.v1.ControlPlaneListTasksResponse.tasks:type_name -> llama_mesh.v1.Task
-	23, // 7: llama_mesh.v1.ControlPlaneCreateSessionResponse.session:type_name -> llama_mesh.v1.Session
-	23, // 8: llama_mesh.v1.ControlPlaneGetSessionResponse.session:type_name -> llama_mesh.v1.Session
-	23, // 9: llama_mesh.v1.ControlPlaneListSessionsResponse.sessions:type_name -> llama_mesh.v1.Session
-	0,  // 10: llama_mesh.v1.ControlPlane.ListServiceInstances:input_type -> llama_mesh.v1.ControlPlaneListServiceInstancesRequest
-	2,  // 11: llama_mesh.v1.ControlPlane.RecordTask:input_type -> llama_mesh.v1.ControlPlaneRecordTaskRequest
-	8,  // 12: llama_mesh.v1.ControlPlane.GetTask:input_type -> llama_mesh.v1.ControlPlaneGetTaskRequest
-	10, // 13: llama_mesh.v1.ControlPlane.ListTasks:input_type -> llama_mesh.v1.ControlPlaneListTasksRequest
-	4,  // 14: llama_mesh.v1.ControlPlane.WatchTask:input_type -> llama_mesh.v1.ControlPlaneWatchTaskRequest
-	12, // 15: llama_mesh.v1.ControlPlane.CreateSession:input_type -> llama_mesh.v1.ControlPlaneCreateSessionRequest
-	14, // 16: llama_mesh.v1.ControlPlane.GetSession:input_type -> llama_mesh.v1.ControlPlaneGetSessionRequest
-	16, // 17: llama_mesh.v1.ControlPlane.ListSessions:input_type -> llama_mesh.v1.ControlPlaneListSessionsRequest
-	18, // 18: llama_mesh.v1.ControlPlane.DeleteSession:input_type -> llama_mesh.v1.ControlPlaneDeleteSessionRequest
-	6,  // 19: llama_mesh.v1.ControlPlane.GetSessionState:input_type -> llama_mesh.v1.ControlPlaneGetSessionStateRequest
-	1,  // 20: llama_mesh.v1.ControlPlane.ListServiceInstances:output_type -> llama_mesh.v1.ControlPlaneListServiceInstancesResponse
-	3,  // 21: llama_mesh.v1.ControlPlane.RecordTask:output_type -> llama_mesh.v1.ControlPlaneRecordTaskResponse
-	9,  // 22: llama_mesh.v1.ControlPlane.GetTask:output_type -> llama_mesh.v1.ControlPlaneGetTaskResponse
-	11, // 23: llama_mesh.v1.ControlPlane.ListTasks:output_type -> llama_mesh.v1.ControlPlaneListTasksResponse
-	5,  // 24: llama_mesh.v1.ControlPlane.WatchTask:output_type -> llama_mesh.v1.ControlPlaneWatchTaskResponse
-	13, // 25: llama_mesh.v1.ControlPlane.CreateSession:output_type -> llama_mesh.v1.ControlPlaneCreateSessionResponse
-	15, // 26: llama_mesh.v1.ControlPlane.GetSession:output_type -> llama_mesh.v1.ControlPlaneGetSessionResponse
-	17, // 27: llama_mesh.v1.ControlPlane.ListSessions:output_type -> llama_mesh.v1.ControlPlaneListSessionsResponse
-	19, // 28: llama_mesh.v1.ControlPlane.DeleteSession:output_type -> llama_mesh.v1.ControlPlaneDeleteSessionResponse
-	7,  // 29: llama_mesh.v1.ControlPlane.GetSessionState:output_type -> llama_mesh.v1.ControlPlaneGetSessionStateResponse
-	20, // [20:30] is the sub-list for method output_type
-	10, // [10:20] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	45, // 0: llama_mesh.v1.ControlPlaneListServiceInstancesResponse.instances:type_name -> llama_mesh.v1.ServiceInstance
+	46, // 1: llama_mesh.v1.ControlPlaneRecordTaskRequest.task:type_name -> llama_mesh.v1.Task
+	46, // 2: llama_mesh.v1.ControlPlaneRecordTaskResponse.task:type_name -> llama_mesh.v1.Task
+	46, // 3: llama_mesh.v1.ControlPlaneWatchTaskResponse.task:type_name -> llama_mesh.v1.Task
+	46, // 4: llama_mesh.v1.ControlPlaneGetTaskResponse.task:type_name -> llama_mesh.v1.Task
+	46, // 5: llama_mesh.v1.ControlPlaneListTasksResponse.tasks:type_name -> llama_mesh.v1.Task
+	47, // 6: llama_mesh.v1.ControlPlaneGetInfoResponse.body:type_name -> google.api.HttpBody
+	47, // 7: llama_mesh.v1.ControlPlaneGetQueueConfigResponse.body:type_name -> google.api.HttpBody
+	47, // 8: llama_mesh.v1.ControlPlaneListServicesResponse.body:type_name -> google.api.HttpBody
+	47, // 9: llama_mesh.v1.ControlPlaneGetServiceResponse.body:type_name -> google.api.HttpBody
+	44, // 10: llama_mesh.v1.ControlPlaneRegisterServiceRequest.service_definition:type_name -> llama_mesh.v1.LlamaDeployServiceDefinition
+	47, // 11: llama_mesh.v1.ControlPlaneRegisterServiceResponse.body:type_name -> google.api.HttpBody
+	47, // 12: llama_mesh.v1.ControlPlaneDeregisterServiceResponse.body:type_name -> google.api.HttpBody
+	47, // 13: llama_mesh.v1.ControlPlaneCreateSessionResponse.body:type_name -> google.api.HttpBody
+	47, // 14: llama_mesh.v1.ControlPlaneListSessionsResponse.body:type_name -> google.api.HttpBody
+	47, // 15: llama_mesh.v1.ControlPlaneGetSessionResponse.body:type_name -> google.api.HttpBody
+	47, // 16: llama_mesh.v1.ControlPlaneDeleteSessionResponse.body:type_name -> google.api.HttpBody
+	48, // 17: llama_mesh.v1.ControlPlaneCreateSessionTaskRequest.task_definition:type_name -> llama_mesh.v1.LlamaDeployTaskDefinition
+	47, // 18: llama_mesh.v1.ControlPlaneCreateSessionTaskResponse.body:type_name -> google.api.HttpBody
+	47, // 19: llama_mesh.v1.ControlPlaneListSessionTasksResponse.body:type_name -> google.api.HttpBody
+	47, // 20: llama_mesh.v1.ControlPlaneGetCurrentTaskResponse.body:type_name -> google.api.HttpBody
+	47, // 21: llama_mesh.v1.ControlPlaneGetTaskResultResponse.body:type_name -> google.api.HttpBody
+	47, // 22: llama_mesh.v1.ControlPlaneStreamTaskResultResponse.body:type_name -> google.api.HttpBody
+	49, // 23: llama_mesh.v1.ControlPlaneSendEventRequest.event_definition:type_name -> llama_mesh.v1.LlamaDeployEventDefinition
+	47, // 24: llama_mesh.v1.ControlPlaneSendEventResponse.body:type_name -> google.api.HttpBody
+	47, // 25: llama_mesh.v1.ControlPlaneGetSessionStateResponse.body:type_name -> google.api.HttpBody
+	50, // 26: llama_mesh.v1.LlamaDeployServiceDefinition.prompt:type_name -> google.protobuf.Value
+	0,  // 27: llama_mesh.v1.ControlPlane.ListServiceInstances:input_type -> llama_mesh.v1.ControlPlaneListServiceInstancesRequest
+	2,  // 28: llama_mesh.v1.ControlPlane.RecordTask:input_type -> llama_mesh.v1.ControlPlaneRecordTaskRequest
+	6,  // 29: llama_mesh.v1.ControlPlane.GetTask:input_type -> llama_mesh.v1.ControlPlaneGetTaskRequest
+	8,  // 30: llama_mesh.v1.ControlPlane.ListTasks:input_type -> llama_mesh.v1.ControlPlaneListTasksRequest
+	4,  // 31: llama_mesh.v1.ControlPlane.WatchTask:input_type -> llama_mesh.v1.ControlPlaneWatchTaskRequest
+	10, // 32: llama_mesh.v1.ControlPlane.GetInfo:input_type -> llama_mesh.v1.ControlPlaneGetInfoRequest
+	12, // 33: llama_mesh.v1.ControlPlane.GetQueueConfig:input_type -> llama_mesh.v1.ControlPlaneGetQueueConfigRequest
+	14, // 34: llama_mesh.v1.ControlPlane.ListServices:input_type -> llama_mesh.v1.ControlPlaneListServicesRequest
+	16, // 35: llama_mesh.v1.ControlPlane.GetService:input_type -> llama_mesh.v1.ControlPlaneGetServiceRequest
+	18, // 36: llama_mesh.v1.ControlPlane.RegisterService:input_type -> llama_mesh.v1.ControlPlaneRegisterServiceRequest
+	20, // 37: llama_mesh.v1.ControlPlane.DeregisterService:input_type -> llama_mesh.v1.ControlPlaneDeregisterServiceRequest
+	22, // 38: llama_mesh.v1.ControlPlane.CreateSession:input_type -> llama_mesh.v1.ControlPlaneCreateSessionRequest
+	24, // 39: llama_mesh.v1.ControlPlane.ListSessions:input_type -> llama_mesh.v1.ControlPlaneListSessionsRequest
+	26, // 40: llama_mesh.v1.ControlPlane.GetSession:input_type -> llama_mesh.v1.ControlPlaneGetSessionRequest
+	28, // 41: llama_mesh.v1.ControlPlane.DeleteSession:input_type -> llama_mesh.v1.ControlPlaneDeleteSessionRequest
+	30, // 42: llama_mesh.v1.ControlPlane.CreateSessionTask:input_type -> llama_mesh.v1.ControlPlaneCreateSessionTaskRequest
+	32, // 43: llama_mesh.v1.ControlPlane.ListSessionTasks:input_type -> llama_mesh.v1.ControlPlaneListSessionTasksRequest
+	34, // 44: llama_mesh.v1.ControlPlane.GetCurrentTask:input_type -> llama_mesh.v1.ControlPlaneGetCurrentTaskRequest
+	36, // 45: llama_mesh.v1.ControlPlane.GetTaskResult:input_type -> llama_mesh.v1.ControlPlaneGetTaskResultRequest
+	38, // 46: llama_mesh.v1.ControlPlane.StreamTaskResult:input_type -> llama_mesh.v1.ControlPlaneStreamTaskResultRequest
+	40, // 47: llama_mesh.v1.ControlPlane.SendEvent:input_type -> llama_mesh.v1.ControlPlaneSendEventRequest
+	42, // 48: llama_mesh.v1.ControlPlane.GetSessionState:input_type -> llama_mesh.v1.ControlPlaneGetSessionStateRequest
+	1,  // 49: llama_mesh.v1.ControlPlane.ListServiceInstances:output_type -> llama_mesh.v1.ControlPlaneListServiceInstancesResponse
+	3,  // 50: llama_mesh.v1.ControlPlane.RecordTask:output_type -> llama_mesh.v1.ControlPlaneRecordTaskResponse
+	7,  // 51: llama_mesh.v1.ControlPlane.GetTask:output_type -> llama_mesh.v1.ControlPlaneGetTaskResponse
+	9,  // 52: llama_mesh.v1.ControlPlane.ListTasks:output_type -> llama_mesh.v1.ControlPlaneListTasksResponse
+	5,  // 53: llama_mesh.v1.ControlPlane.WatchTask:output_type -> llama_mesh.v1.ControlPlaneWatchTaskResponse
+	11, // 54: llama_mesh.v1.ControlPlane.GetInfo:output_type -> llama_mesh.v1.ControlPlaneGetInfoResponse
+	13, // 55: llama_mesh.v1.ControlPlane.GetQueueConfig:output_type -> llama_mesh.v1.ControlPlaneGetQueueConfigResponse
+	15, // 56: llama_mesh.v1.ControlPlane.ListServices:output_type -> llama_mesh.v1.ControlPlaneListServicesResponse
+	17, // 57: llama_mesh.v1.ControlPlane.GetService:output_type -> llama_mesh.v1.ControlPlaneGetServiceResponse
+	19, // 58: llama_mesh.v1.ControlPlane.RegisterService:output_type -> llama_mesh.v1.ControlPlaneRegisterServiceResponse
+	21, // 59: llama_mesh.v1.ControlPlane.DeregisterService:output_type -> llama_mesh.v1.ControlPlaneDeregisterServiceResponse
+	23, // 60: llama_mesh.v1.ControlPlane.CreateSession:output_type -> llama_mesh.v1.ControlPlaneCreateSessionResponse
+	25, // 61: llama_mesh.v1.ControlPlane.ListSessions:output_type -> llama_mesh.v1.ControlPlaneListSessionsResponse
+	27, // 62: llama_mesh.v1.ControlPlane.GetSession:output_type -> llama_mesh.v1.ControlPlaneGetSessionResponse
+	29, // 63: llama_mesh.v1.ControlPlane.DeleteSession:output_type -> llama_mesh.v1.ControlPlaneDeleteSessionResponse
+	31, // 64: llama_mesh.v1.ControlPlane.CreateSessionTask:output_type -> llama_mesh.v1.ControlPlaneCreateSessionTaskResponse
+	33, // 65: llama_mesh.v1.ControlPlane.ListSessionTasks:output_type -> llama_mesh.v1.ControlPlaneListSessionTasksResponse
+	35, // 66: llama_mesh.v1.ControlPlane.GetCurrentTask:output_type -> llama_mesh.v1.ControlPlaneGetCurrentTaskResponse
+	37, // 67: llama_mesh.v1.ControlPlane.GetTaskResult:output_type -> llama_mesh.v1.ControlPlaneGetTaskResultResponse
+	39, // 68: llama_mesh.v1.ControlPlane.StreamTaskResult:output_type -> llama_mesh.v1.ControlPlaneStreamTaskResultResponse
+	41, // 69: llama_mesh.v1.ControlPlane.SendEvent:output_type -> llama_mesh.v1.ControlPlaneSendEventResponse
+	43, // 70: llama_mesh.v1.ControlPlane.GetSessionState:output_type -> llama_mesh.v1.ControlPlaneGetSessionStateResponse
+	49, // [49:71] is the sub-list for method output_type
+	27, // [27:49] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_llama_mesh_v1_control_plane_proto_init() }
@@ -1167,14 +2671,16 @@ func file_llama_mesh_v1_control_plane_proto_init() {
 	if File_llama_mesh_v1_control_plane_proto != nil {
 		return
 	}
+	file_llama_mesh_v1_llama_deploy_api_proto_init()
 	file_llama_mesh_v1_types_proto_init()
+	file_llama_mesh_v1_control_plane_proto_msgTypes[44].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llama_mesh_v1_control_plane_proto_rawDesc), len(file_llama_mesh_v1_control_plane_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   20,
+			NumMessages:   45,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

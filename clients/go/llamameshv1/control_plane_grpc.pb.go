@@ -24,10 +24,22 @@ const (
 	ControlPlane_GetTask_FullMethodName              = "/llama_mesh.v1.ControlPlane/GetTask"
 	ControlPlane_ListTasks_FullMethodName            = "/llama_mesh.v1.ControlPlane/ListTasks"
 	ControlPlane_WatchTask_FullMethodName            = "/llama_mesh.v1.ControlPlane/WatchTask"
+	ControlPlane_GetInfo_FullMethodName              = "/llama_mesh.v1.ControlPlane/GetInfo"
+	ControlPlane_GetQueueConfig_FullMethodName       = "/llama_mesh.v1.ControlPlane/GetQueueConfig"
+	ControlPlane_ListServices_FullMethodName         = "/llama_mesh.v1.ControlPlane/ListServices"
+	ControlPlane_GetService_FullMethodName           = "/llama_mesh.v1.ControlPlane/GetService"
+	ControlPlane_RegisterService_FullMethodName      = "/llama_mesh.v1.ControlPlane/RegisterService"
+	ControlPlane_DeregisterService_FullMethodName    = "/llama_mesh.v1.ControlPlane/DeregisterService"
 	ControlPlane_CreateSession_FullMethodName        = "/llama_mesh.v1.ControlPlane/CreateSession"
-	ControlPlane_GetSession_FullMethodName           = "/llama_mesh.v1.ControlPlane/GetSession"
 	ControlPlane_ListSessions_FullMethodName         = "/llama_mesh.v1.ControlPlane/ListSessions"
+	ControlPlane_GetSession_FullMethodName           = "/llama_mesh.v1.ControlPlane/GetSession"
 	ControlPlane_DeleteSession_FullMethodName        = "/llama_mesh.v1.ControlPlane/DeleteSession"
+	ControlPlane_CreateSessionTask_FullMethodName    = "/llama_mesh.v1.ControlPlane/CreateSessionTask"
+	ControlPlane_ListSessionTasks_FullMethodName     = "/llama_mesh.v1.ControlPlane/ListSessionTasks"
+	ControlPlane_GetCurrentTask_FullMethodName       = "/llama_mesh.v1.ControlPlane/GetCurrentTask"
+	ControlPlane_GetTaskResult_FullMethodName        = "/llama_mesh.v1.ControlPlane/GetTaskResult"
+	ControlPlane_StreamTaskResult_FullMethodName     = "/llama_mesh.v1.ControlPlane/StreamTaskResult"
+	ControlPlane_SendEvent_FullMethodName            = "/llama_mesh.v1.ControlPlane/SendEvent"
 	ControlPlane_GetSessionState_FullMethodName      = "/llama_mesh.v1.ControlPlane/GetSessionState"
 )
 
@@ -36,12 +48,17 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
 // ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
-// their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
-// It runs inside the API server process by default and can be served on its own.
+// their results and per-session workflow state, kept in the state store. Its first RPCs
+// let components in other processes record, schedule (see Orchestrator) and follow tasks;
+// the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+// their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+// deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+// field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
 type ControlPlaneClient interface {
 	// ListServiceInstances lists the live replicas (recent heartbeat) of a deployment.
 	ListServiceInstances(ctx context.Context, in *ControlPlaneListServiceInstancesRequest, opts ...grpc.CallOption) (*ControlPlaneListServiceInstancesResponse, error)
-	// RecordTask stores a new task (status QUEUED) and links it to its session.
+	// RecordTask stores a new task (status QUEUED) and links it to its session, which must
+	// exist; Orchestrator.ScheduleTask then queues it.
 	RecordTask(ctx context.Context, in *ControlPlaneRecordTaskRequest, opts ...grpc.CallOption) (*ControlPlaneRecordTaskResponse, error)
 	// GetTask returns a task.
 	GetTask(ctx context.Context, in *ControlPlaneGetTaskRequest, opts ...grpc.CallOption) (*ControlPlaneGetTaskResponse, error)
@@ -49,15 +66,49 @@ type ControlPlaneClient interface {
 	ListTasks(ctx context.Context, in *ControlPlaneListTasksRequest, opts ...grpc.CallOption) (*ControlPlaneListTasksResponse, error)
 	// WatchTask streams a task's record each time it changes, until it is final.
 	WatchTask(ctx context.Context, in *ControlPlaneWatchTaskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ControlPlaneWatchTaskResponse], error)
-	// CreateSession stores a new session.
+	// GetInfo is `GET /`: the control plane's settings as 0.8 named them.
+	GetInfo(ctx context.Context, in *ControlPlaneGetInfoRequest, opts ...grpc.CallOption) (*ControlPlaneGetInfoResponse, error)
+	// GetQueueConfig is `GET /queue_config`: the deployment's message queue kind, without
+	// connection details.
+	GetQueueConfig(ctx context.Context, in *ControlPlaneGetQueueConfigRequest, opts ...grpc.CallOption) (*ControlPlaneGetQueueConfigResponse, error)
+	// ListServices is `GET /services`: an object of 0.8 `ServiceDefinition`s by service name.
+	ListServices(ctx context.Context, in *ControlPlaneListServicesRequest, opts ...grpc.CallOption) (*ControlPlaneListServicesResponse, error)
+	// GetService is `GET /services/{service_name}`: one 0.8 `ServiceDefinition`.
+	GetService(ctx context.Context, in *ControlPlaneGetServiceRequest, opts ...grpc.CallOption) (*ControlPlaneGetServiceResponse, error)
+	// RegisterService is `POST /services/register`: records a 0.8 `ServiceDefinition` (listed
+	// with the deployment's own services; tasks still go to the deployment's services).
+	RegisterService(ctx context.Context, in *ControlPlaneRegisterServiceRequest, opts ...grpc.CallOption) (*ControlPlaneRegisterServiceResponse, error)
+	// DeregisterService is `POST /services/deregister?service_name=`: forgets a registered
+	// service (the deployment's own services cannot be deregistered).
+	DeregisterService(ctx context.Context, in *ControlPlaneDeregisterServiceRequest, opts ...grpc.CallOption) (*ControlPlaneDeregisterServiceResponse, error)
+	// CreateSession is `POST /sessions/create`: the new session's id as a JSON string.
 	CreateSession(ctx context.Context, in *ControlPlaneCreateSessionRequest, opts ...grpc.CallOption) (*ControlPlaneCreateSessionResponse, error)
-	// GetSession returns a session.
-	GetSession(ctx context.Context, in *ControlPlaneGetSessionRequest, opts ...grpc.CallOption) (*ControlPlaneGetSessionResponse, error)
-	// ListSessions lists a deployment's sessions.
+	// ListSessions is `GET /sessions`: an object of 0.8 `SessionDefinition`s by session id.
 	ListSessions(ctx context.Context, in *ControlPlaneListSessionsRequest, opts ...grpc.CallOption) (*ControlPlaneListSessionsResponse, error)
-	// DeleteSession deletes a session and its workflow state.
+	// GetSession is `GET /sessions/{session_id}`: one 0.8 `SessionDefinition`.
+	GetSession(ctx context.Context, in *ControlPlaneGetSessionRequest, opts ...grpc.CallOption) (*ControlPlaneGetSessionResponse, error)
+	// DeleteSession is `POST /sessions/{session_id}/delete`: the JSON `null`.
 	DeleteSession(ctx context.Context, in *ControlPlaneDeleteSessionRequest, opts ...grpc.CallOption) (*ControlPlaneDeleteSessionResponse, error)
-	// GetSessionState returns the workflow context stored for a session.
+	// CreateSessionTask is `POST /sessions/{session_id}/tasks`: queues a task in the session and
+	// returns its id as a JSON string.
+	CreateSessionTask(ctx context.Context, in *ControlPlaneCreateSessionTaskRequest, opts ...grpc.CallOption) (*ControlPlaneCreateSessionTaskResponse, error)
+	// ListSessionTasks is `GET /sessions/{session_id}/tasks`: the session's 0.8
+	// `TaskDefinition`s in order.
+	ListSessionTasks(ctx context.Context, in *ControlPlaneListSessionTasksRequest, opts ...grpc.CallOption) (*ControlPlaneListSessionTasksResponse, error)
+	// GetCurrentTask is `GET /sessions/{session_id}/current_task`: the session's latest
+	// `TaskDefinition`, or `null`.
+	GetCurrentTask(ctx context.Context, in *ControlPlaneGetCurrentTaskRequest, opts ...grpc.CallOption) (*ControlPlaneGetCurrentTaskResponse, error)
+	// GetTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result`: 0.8's `TaskResult`,
+	// or `null` while the task runs.
+	GetTaskResult(ctx context.Context, in *ControlPlaneGetTaskResultRequest, opts ...grpc.CallOption) (*ControlPlaneGetTaskResultResponse, error)
+	// StreamTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result_stream`: NDJSON,
+	// one line per streamed workflow event, the last one holding the result or the error.
+	StreamTaskResult(ctx context.Context, in *ControlPlaneStreamTaskResultRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ControlPlaneStreamTaskResultResponse], error)
+	// SendEvent is `POST /sessions/{session_id}/tasks/{task_id}/send_event`: sends an event
+	// (0.8 `EventDefinition`) into the running task; the JSON `null`.
+	SendEvent(ctx context.Context, in *ControlPlaneSendEventRequest, opts ...grpc.CallOption) (*ControlPlaneSendEventResponse, error)
+	// GetSessionState is `GET /sessions/{session_id}/state`: the session's state as 0.8 kept it
+	// (`result_<task_id>` entries, and the stored workflow context under the session id).
 	GetSessionState(ctx context.Context, in *ControlPlaneGetSessionStateRequest, opts ...grpc.CallOption) (*ControlPlaneGetSessionStateResponse, error)
 }
 
@@ -128,20 +179,70 @@ func (c *controlPlaneClient) WatchTask(ctx context.Context, in *ControlPlaneWatc
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ControlPlane_WatchTaskClient = grpc.ServerStreamingClient[ControlPlaneWatchTaskResponse]
 
-func (c *controlPlaneClient) CreateSession(ctx context.Context, in *ControlPlaneCreateSessionRequest, opts ...grpc.CallOption) (*ControlPlaneCreateSessionResponse, error) {
+func (c *controlPlaneClient) GetInfo(ctx context.Context, in *ControlPlaneGetInfoRequest, opts ...grpc.CallOption) (*ControlPlaneGetInfoResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(ControlPlaneCreateSessionResponse)
-	err := c.cc.Invoke(ctx, ControlPlane_CreateSession_FullMethodName, in, out, cOpts...)
+	out := new(ControlPlaneGetInfoResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_GetInfo_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-func (c *controlPlaneClient) GetSession(ctx context.Context, in *ControlPlaneGetSessionRequest, opts ...grpc.CallOption) (*ControlPlaneGetSessionResponse, error) {
+func (c *controlPlaneClient) GetQueueConfig(ctx context.Context, in *ControlPlaneGetQueueConfigRequest, opts ...grpc.CallOption) (*ControlPlaneGetQueueConfigResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(ControlPlaneGetSessionResponse)
-	err := c.cc.Invoke(ctx, ControlPlane_GetSession_FullMethodName, in, out, cOpts...)
+	out := new(ControlPlaneGetQueueConfigResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_GetQueueConfig_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) ListServices(ctx context.Context, in *ControlPlaneListServicesRequest, opts ...grpc.CallOption) (*ControlPlaneListServicesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneListServicesResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_ListServices_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) GetService(ctx context.Context, in *ControlPlaneGetServiceRequest, opts ...grpc.CallOption) (*ControlPlaneGetServiceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneGetServiceResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_GetService_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) RegisterService(ctx context.Context, in *ControlPlaneRegisterServiceRequest, opts ...grpc.CallOption) (*ControlPlaneRegisterServiceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneRegisterServiceResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_RegisterService_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) DeregisterService(ctx context.Context, in *ControlPlaneDeregisterServiceRequest, opts ...grpc.CallOption) (*ControlPlaneDeregisterServiceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneDeregisterServiceResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_DeregisterService_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) CreateSession(ctx context.Context, in *ControlPlaneCreateSessionRequest, opts ...grpc.CallOption) (*ControlPlaneCreateSessionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneCreateSessionResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_CreateSession_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -158,10 +259,89 @@ func (c *controlPlaneClient) ListSessions(ctx context.Context, in *ControlPlaneL
 	return out, nil
 }
 
+func (c *controlPlaneClient) GetSession(ctx context.Context, in *ControlPlaneGetSessionRequest, opts ...grpc.CallOption) (*ControlPlaneGetSessionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneGetSessionResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_GetSession_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *controlPlaneClient) DeleteSession(ctx context.Context, in *ControlPlaneDeleteSessionRequest, opts ...grpc.CallOption) (*ControlPlaneDeleteSessionResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ControlPlaneDeleteSessionResponse)
 	err := c.cc.Invoke(ctx, ControlPlane_DeleteSession_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) CreateSessionTask(ctx context.Context, in *ControlPlaneCreateSessionTaskRequest, opts ...grpc.CallOption) (*ControlPlaneCreateSessionTaskResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneCreateSessionTaskResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_CreateSessionTask_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) ListSessionTasks(ctx context.Context, in *ControlPlaneListSessionTasksRequest, opts ...grpc.CallOption) (*ControlPlaneListSessionTasksResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneListSessionTasksResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_ListSessionTasks_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) GetCurrentTask(ctx context.Context, in *ControlPlaneGetCurrentTaskRequest, opts ...grpc.CallOption) (*ControlPlaneGetCurrentTaskResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneGetCurrentTaskResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_GetCurrentTask_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) GetTaskResult(ctx context.Context, in *ControlPlaneGetTaskResultRequest, opts ...grpc.CallOption) (*ControlPlaneGetTaskResultResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneGetTaskResultResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_GetTaskResult_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlPlaneClient) StreamTaskResult(ctx context.Context, in *ControlPlaneStreamTaskResultRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ControlPlaneStreamTaskResultResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ControlPlane_ServiceDesc.Streams[1], ControlPlane_StreamTaskResult_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ControlPlaneStreamTaskResultRequest, ControlPlaneStreamTaskResultResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ControlPlane_StreamTaskResultClient = grpc.ServerStreamingClient[ControlPlaneStreamTaskResultResponse]
+
+func (c *controlPlaneClient) SendEvent(ctx context.Context, in *ControlPlaneSendEventRequest, opts ...grpc.CallOption) (*ControlPlaneSendEventResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ControlPlaneSendEventResponse)
+	err := c.cc.Invoke(ctx, ControlPlane_SendEvent_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -183,12 +363,17 @@ func (c *controlPlaneClient) GetSessionState(ctx context.Context, in *ControlPla
 // for forward compatibility.
 //
 // ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
-// their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
-// It runs inside the API server process by default and can be served on its own.
+// their results and per-session workflow state, kept in the state store. Its first RPCs
+// let components in other processes record, schedule (see Orchestrator) and follow tasks;
+// the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+// their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+// deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+// field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
 type ControlPlaneServer interface {
 	// ListServiceInstances lists the live replicas (recent heartbeat) of a deployment.
 	ListServiceInstances(context.Context, *ControlPlaneListServiceInstancesRequest) (*ControlPlaneListServiceInstancesResponse, error)
-	// RecordTask stores a new task (status QUEUED) and links it to its session.
+	// RecordTask stores a new task (status QUEUED) and links it to its session, which must
+	// exist; Orchestrator.ScheduleTask then queues it.
 	RecordTask(context.Context, *ControlPlaneRecordTaskRequest) (*ControlPlaneRecordTaskResponse, error)
 	// GetTask returns a task.
 	GetTask(context.Context, *ControlPlaneGetTaskRequest) (*ControlPlaneGetTaskResponse, error)
@@ -196,15 +381,49 @@ type ControlPlaneServer interface {
 	ListTasks(context.Context, *ControlPlaneListTasksRequest) (*ControlPlaneListTasksResponse, error)
 	// WatchTask streams a task's record each time it changes, until it is final.
 	WatchTask(*ControlPlaneWatchTaskRequest, grpc.ServerStreamingServer[ControlPlaneWatchTaskResponse]) error
-	// CreateSession stores a new session.
+	// GetInfo is `GET /`: the control plane's settings as 0.8 named them.
+	GetInfo(context.Context, *ControlPlaneGetInfoRequest) (*ControlPlaneGetInfoResponse, error)
+	// GetQueueConfig is `GET /queue_config`: the deployment's message queue kind, without
+	// connection details.
+	GetQueueConfig(context.Context, *ControlPlaneGetQueueConfigRequest) (*ControlPlaneGetQueueConfigResponse, error)
+	// ListServices is `GET /services`: an object of 0.8 `ServiceDefinition`s by service name.
+	ListServices(context.Context, *ControlPlaneListServicesRequest) (*ControlPlaneListServicesResponse, error)
+	// GetService is `GET /services/{service_name}`: one 0.8 `ServiceDefinition`.
+	GetService(context.Context, *ControlPlaneGetServiceRequest) (*ControlPlaneGetServiceResponse, error)
+	// RegisterService is `POST /services/register`: records a 0.8 `ServiceDefinition` (listed
+	// with the deployment's own services; tasks still go to the deployment's services).
+	RegisterService(context.Context, *ControlPlaneRegisterServiceRequest) (*ControlPlaneRegisterServiceResponse, error)
+	// DeregisterService is `POST /services/deregister?service_name=`: forgets a registered
+	// service (the deployment's own services cannot be deregistered).
+	DeregisterService(context.Context, *ControlPlaneDeregisterServiceRequest) (*ControlPlaneDeregisterServiceResponse, error)
+	// CreateSession is `POST /sessions/create`: the new session's id as a JSON string.
 	CreateSession(context.Context, *ControlPlaneCreateSessionRequest) (*ControlPlaneCreateSessionResponse, error)
-	// GetSession returns a session.
-	GetSession(context.Context, *ControlPlaneGetSessionRequest) (*ControlPlaneGetSessionResponse, error)
-	// ListSessions lists a deployment's sessions.
+	// ListSessions is `GET /sessions`: an object of 0.8 `SessionDefinition`s by session id.
 	ListSessions(context.Context, *ControlPlaneListSessionsRequest) (*ControlPlaneListSessionsResponse, error)
-	// DeleteSession deletes a session and its workflow state.
+	// GetSession is `GET /sessions/{session_id}`: one 0.8 `SessionDefinition`.
+	GetSession(context.Context, *ControlPlaneGetSessionRequest) (*ControlPlaneGetSessionResponse, error)
+	// DeleteSession is `POST /sessions/{session_id}/delete`: the JSON `null`.
 	DeleteSession(context.Context, *ControlPlaneDeleteSessionRequest) (*ControlPlaneDeleteSessionResponse, error)
-	// GetSessionState returns the workflow context stored for a session.
+	// CreateSessionTask is `POST /sessions/{session_id}/tasks`: queues a task in the session and
+	// returns its id as a JSON string.
+	CreateSessionTask(context.Context, *ControlPlaneCreateSessionTaskRequest) (*ControlPlaneCreateSessionTaskResponse, error)
+	// ListSessionTasks is `GET /sessions/{session_id}/tasks`: the session's 0.8
+	// `TaskDefinition`s in order.
+	ListSessionTasks(context.Context, *ControlPlaneListSessionTasksRequest) (*ControlPlaneListSessionTasksResponse, error)
+	// GetCurrentTask is `GET /sessions/{session_id}/current_task`: the session's latest
+	// `TaskDefinition`, or `null`.
+	GetCurrentTask(context.Context, *ControlPlaneGetCurrentTaskRequest) (*ControlPlaneGetCurrentTaskResponse, error)
+	// GetTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result`: 0.8's `TaskResult`,
+	// or `null` while the task runs.
+	GetTaskResult(context.Context, *ControlPlaneGetTaskResultRequest) (*ControlPlaneGetTaskResultResponse, error)
+	// StreamTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result_stream`: NDJSON,
+	// one line per streamed workflow event, the last one holding the result or the error.
+	StreamTaskResult(*ControlPlaneStreamTaskResultRequest, grpc.ServerStreamingServer[ControlPlaneStreamTaskResultResponse]) error
+	// SendEvent is `POST /sessions/{session_id}/tasks/{task_id}/send_event`: sends an event
+	// (0.8 `EventDefinition`) into the running task; the JSON `null`.
+	SendEvent(context.Context, *ControlPlaneSendEventRequest) (*ControlPlaneSendEventResponse, error)
+	// GetSessionState is `GET /sessions/{session_id}/state`: the session's state as 0.8 kept it
+	// (`result_<task_id>` entries, and the stored workflow context under the session id).
 	GetSessionState(context.Context, *ControlPlaneGetSessionStateRequest) (*ControlPlaneGetSessionStateResponse, error)
 	mustEmbedUnimplementedControlPlaneServer()
 }
@@ -231,17 +450,53 @@ func (UnimplementedControlPlaneServer) ListTasks(context.Context, *ControlPlaneL
 func (UnimplementedControlPlaneServer) WatchTask(*ControlPlaneWatchTaskRequest, grpc.ServerStreamingServer[ControlPlaneWatchTaskResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchTask not implemented")
 }
+func (UnimplementedControlPlaneServer) GetInfo(context.Context, *ControlPlaneGetInfoRequest) (*ControlPlaneGetInfoResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetInfo not implemented")
+}
+func (UnimplementedControlPlaneServer) GetQueueConfig(context.Context, *ControlPlaneGetQueueConfigRequest) (*ControlPlaneGetQueueConfigResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetQueueConfig not implemented")
+}
+func (UnimplementedControlPlaneServer) ListServices(context.Context, *ControlPlaneListServicesRequest) (*ControlPlaneListServicesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListServices not implemented")
+}
+func (UnimplementedControlPlaneServer) GetService(context.Context, *ControlPlaneGetServiceRequest) (*ControlPlaneGetServiceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetService not implemented")
+}
+func (UnimplementedControlPlaneServer) RegisterService(context.Context, *ControlPlaneRegisterServiceRequest) (*ControlPlaneRegisterServiceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RegisterService not implemented")
+}
+func (UnimplementedControlPlaneServer) DeregisterService(context.Context, *ControlPlaneDeregisterServiceRequest) (*ControlPlaneDeregisterServiceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeregisterService not implemented")
+}
 func (UnimplementedControlPlaneServer) CreateSession(context.Context, *ControlPlaneCreateSessionRequest) (*ControlPlaneCreateSessionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateSession not implemented")
-}
-func (UnimplementedControlPlaneServer) GetSession(context.Context, *ControlPlaneGetSessionRequest) (*ControlPlaneGetSessionResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method GetSession not implemented")
 }
 func (UnimplementedControlPlaneServer) ListSessions(context.Context, *ControlPlaneListSessionsRequest) (*ControlPlaneListSessionsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListSessions not implemented")
 }
+func (UnimplementedControlPlaneServer) GetSession(context.Context, *ControlPlaneGetSessionRequest) (*ControlPlaneGetSessionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetSession not implemented")
+}
 func (UnimplementedControlPlaneServer) DeleteSession(context.Context, *ControlPlaneDeleteSessionRequest) (*ControlPlaneDeleteSessionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteSession not implemented")
+}
+func (UnimplementedControlPlaneServer) CreateSessionTask(context.Context, *ControlPlaneCreateSessionTaskRequest) (*ControlPlaneCreateSessionTaskResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateSessionTask not implemented")
+}
+func (UnimplementedControlPlaneServer) ListSessionTasks(context.Context, *ControlPlaneListSessionTasksRequest) (*ControlPlaneListSessionTasksResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListSessionTasks not implemented")
+}
+func (UnimplementedControlPlaneServer) GetCurrentTask(context.Context, *ControlPlaneGetCurrentTaskRequest) (*ControlPlaneGetCurrentTaskResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetCurrentTask not implemented")
+}
+func (UnimplementedControlPlaneServer) GetTaskResult(context.Context, *ControlPlaneGetTaskResultRequest) (*ControlPlaneGetTaskResultResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetTaskResult not implemented")
+}
+func (UnimplementedControlPlaneServer) StreamTaskResult(*ControlPlaneStreamTaskResultRequest, grpc.ServerStreamingServer[ControlPlaneStreamTaskResultResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamTaskResult not implemented")
+}
+func (UnimplementedControlPlaneServer) SendEvent(context.Context, *ControlPlaneSendEventRequest) (*ControlPlaneSendEventResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SendEvent not implemented")
 }
 func (UnimplementedControlPlaneServer) GetSessionState(context.Context, *ControlPlaneGetSessionStateRequest) (*ControlPlaneGetSessionStateResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetSessionState not implemented")
@@ -350,6 +605,114 @@ func _ControlPlane_WatchTask_Handler(srv interface{}, stream grpc.ServerStream) 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ControlPlane_WatchTaskServer = grpc.ServerStreamingServer[ControlPlaneWatchTaskResponse]
 
+func _ControlPlane_GetInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneGetInfoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).GetInfo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_GetInfo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).GetInfo(ctx, req.(*ControlPlaneGetInfoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_GetQueueConfig_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneGetQueueConfigRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).GetQueueConfig(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_GetQueueConfig_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).GetQueueConfig(ctx, req.(*ControlPlaneGetQueueConfigRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_ListServices_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneListServicesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).ListServices(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_ListServices_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).ListServices(ctx, req.(*ControlPlaneListServicesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_GetService_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneGetServiceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).GetService(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_GetService_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).GetService(ctx, req.(*ControlPlaneGetServiceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_RegisterService_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneRegisterServiceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).RegisterService(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_RegisterService_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).RegisterService(ctx, req.(*ControlPlaneRegisterServiceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_DeregisterService_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneDeregisterServiceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).DeregisterService(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_DeregisterService_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).DeregisterService(ctx, req.(*ControlPlaneDeregisterServiceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ControlPlane_CreateSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ControlPlaneCreateSessionRequest)
 	if err := dec(in); err != nil {
@@ -364,24 +727,6 @@ func _ControlPlane_CreateSession_Handler(srv interface{}, ctx context.Context, d
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ControlPlaneServer).CreateSession(ctx, req.(*ControlPlaneCreateSessionRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
-func _ControlPlane_GetSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(ControlPlaneGetSessionRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(ControlPlaneServer).GetSession(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: ControlPlane_GetSession_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(ControlPlaneServer).GetSession(ctx, req.(*ControlPlaneGetSessionRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -404,6 +749,24 @@ func _ControlPlane_ListSessions_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ControlPlane_GetSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneGetSessionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).GetSession(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_GetSession_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).GetSession(ctx, req.(*ControlPlaneGetSessionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ControlPlane_DeleteSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ControlPlaneDeleteSessionRequest)
 	if err := dec(in); err != nil {
@@ -418,6 +781,107 @@ func _ControlPlane_DeleteSession_Handler(srv interface{}, ctx context.Context, d
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ControlPlaneServer).DeleteSession(ctx, req.(*ControlPlaneDeleteSessionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_CreateSessionTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneCreateSessionTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).CreateSessionTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_CreateSessionTask_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).CreateSessionTask(ctx, req.(*ControlPlaneCreateSessionTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_ListSessionTasks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneListSessionTasksRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).ListSessionTasks(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_ListSessionTasks_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).ListSessionTasks(ctx, req.(*ControlPlaneListSessionTasksRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_GetCurrentTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneGetCurrentTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).GetCurrentTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_GetCurrentTask_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).GetCurrentTask(ctx, req.(*ControlPlaneGetCurrentTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_GetTaskResult_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneGetTaskResultRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).GetTaskResult(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_GetTaskResult_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).GetTaskResult(ctx, req.(*ControlPlaneGetTaskResultRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ControlPlane_StreamTaskResult_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ControlPlaneStreamTaskResultRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ControlPlaneServer).StreamTaskResult(m, &grpc.GenericServerStream[ControlPlaneStreamTaskResultRequest, ControlPlaneStreamTaskResultResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ControlPlane_StreamTaskResultServer = grpc.ServerStreamingServer[ControlPlaneStreamTaskResultResponse]
+
+func _ControlPlane_SendEvent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ControlPlaneSendEventRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlPlaneServer).SendEvent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ControlPlane_SendEvent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlPlaneServer).SendEvent(ctx, req.(*ControlPlaneSendEventRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -464,20 +928,64 @@ var ControlPlane_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _ControlPlane_ListTasks_Handler,
 		},
 		{
-			MethodName: "CreateSession",
-			Handler:    _ControlPlane_CreateSession_Handler,
+			MethodName: "GetInfo",
+			Handler:    _ControlPlane_GetInfo_Handler,
 		},
 		{
-			MethodName: "GetSession",
-			Handler:    _ControlPlane_GetSession_Handler,
+			MethodName: "GetQueueConfig",
+			Handler:    _ControlPlane_GetQueueConfig_Handler,
+		},
+		{
+			MethodName: "ListServices",
+			Handler:    _ControlPlane_ListServices_Handler,
+		},
+		{
+			MethodName: "GetService",
+			Handler:    _ControlPlane_GetService_Handler,
+		},
+		{
+			MethodName: "RegisterService",
+			Handler:    _ControlPlane_RegisterService_Handler,
+		},
+		{
+			MethodName: "DeregisterService",
+			Handler:    _ControlPlane_DeregisterService_Handler,
+		},
+		{
+			MethodName: "CreateSession",
+			Handler:    _ControlPlane_CreateSession_Handler,
 		},
 		{
 			MethodName: "ListSessions",
 			Handler:    _ControlPlane_ListSessions_Handler,
 		},
 		{
+			MethodName: "GetSession",
+			Handler:    _ControlPlane_GetSession_Handler,
+		},
+		{
 			MethodName: "DeleteSession",
 			Handler:    _ControlPlane_DeleteSession_Handler,
+		},
+		{
+			MethodName: "CreateSessionTask",
+			Handler:    _ControlPlane_CreateSessionTask_Handler,
+		},
+		{
+			MethodName: "ListSessionTasks",
+			Handler:    _ControlPlane_ListSessionTasks_Handler,
+		},
+		{
+			MethodName: "GetCurrentTask",
+			Handler:    _ControlPlane_GetCurrentTask_Handler,
+		},
+		{
+			MethodName: "GetTaskResult",
+			Handler:    _ControlPlane_GetTaskResult_Handler,
+		},
+		{
+			MethodName: "SendEvent",
+			Handler:    _ControlPlane_SendEvent_Handler,
 		},
 		{
 			MethodName: "GetSessionState",
@@ -488,6 +996,11 @@ var ControlPlane_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchTask",
 			Handler:       _ControlPlane_WatchTask_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "StreamTaskResult",
+			Handler:       _ControlPlane_StreamTaskResult_Handler,
 			ServerStreams: true,
 		},
 	},

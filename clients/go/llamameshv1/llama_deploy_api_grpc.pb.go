@@ -47,6 +47,8 @@ const (
 // `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
 // trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
 // drops trailing empty segments of request paths, so 0.8's paths still match).
+// Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+// adds 0.8's `detail`.
 type LlamaDeployApiClient interface {
 	// GetStatus is `GET /status/`.
 	GetStatus(ctx context.Context, in *LlamaDeployApiGetStatusRequest, opts ...grpc.CallOption) (*LlamaDeployApiGetStatusResponse, error)
@@ -250,6 +252,8 @@ func (c *llamaDeployApiClient) DeleteSession(ctx context.Context, in *LlamaDeplo
 // `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
 // trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
 // drops trailing empty segments of request paths, so 0.8's paths still match).
+// Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+// adds 0.8's `detail`.
 type LlamaDeployApiServer interface {
 	// GetStatus is `GET /status/`.
 	GetStatus(context.Context, *LlamaDeployApiGetStatusRequest) (*LlamaDeployApiGetStatusResponse, error)

@@ -22,11 +22,13 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// ScheduleTaskRequest carries a recorded task.
+// ScheduleTaskRequest names a recorded task.
 type ScheduleTaskRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// task is the task to schedule; an empty service_id means the default service.
-	Task          *Task `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
+	// deployment is the deployment's name.
+	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	// task_id identifies the recorded task.
+	TaskId        string `protobuf:"bytes,2,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -61,11 +63,18 @@ func (*ScheduleTaskRequest) Descriptor() ([]byte, []int) {
 	return file_llama_mesh_v1_orchestrator_proto_rawDescGZIP(), []int{0}
 }
 
-func (x *ScheduleTaskRequest) GetTask() *Task {
+func (x *ScheduleTaskRequest) GetDeployment() string {
 	if x != nil {
-		return x.Task
+		return x.Deployment
 	}
-	return nil
+	return ""
+}
+
+func (x *ScheduleTaskRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
 }
 
 // ScheduleTaskResponse says where the task went.
@@ -127,9 +136,12 @@ var File_llama_mesh_v1_orchestrator_proto protoreflect.FileDescriptor
 
 const file_llama_mesh_v1_orchestrator_proto_rawDesc = "" +
 	"\n" +
-	" llama_mesh/v1/orchestrator.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19llama_mesh/v1/types.proto\"D\n" +
-	"\x13ScheduleTaskRequest\x12-\n" +
-	"\x04task\x18\x01 \x01(\v2\x13.llama_mesh.v1.TaskB\x04\xe2A\x01\x02R\x04task\"K\n" +
+	" llama_mesh/v1/orchestrator.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/api/field_behavior.proto\"Z\n" +
+	"\x13ScheduleTaskRequest\x12$\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
+	"deployment\x12\x1d\n" +
+	"\atask_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\x06taskId\"K\n" +
 	"\x14ScheduleTaskResponse\x12\x1d\n" +
 	"\n" +
 	"service_id\x18\x01 \x01(\tR\tserviceId\x12\x14\n" +
@@ -153,17 +165,15 @@ var file_llama_mesh_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInf
 var file_llama_mesh_v1_orchestrator_proto_goTypes = []any{
 	(*ScheduleTaskRequest)(nil),  // 0: llama_mesh.v1.ScheduleTaskRequest
 	(*ScheduleTaskResponse)(nil), // 1: llama_mesh.v1.ScheduleTaskResponse
-	(*Task)(nil),                 // 2: llama_mesh.v1.Task
 }
 var file_llama_mesh_v1_orchestrator_proto_depIdxs = []int32{
-	2, // 0: llama_mesh.v1.ScheduleTaskRequest.task:type_name -> llama_mesh.v1.Task
-	0, // 1: llama_mesh.v1.Orchestrator.ScheduleTask:input_type -> llama_mesh.v1.ScheduleTaskRequest
-	1, // 2: llama_mesh.v1.Orchestrator.ScheduleTask:output_type -> llama_mesh.v1.ScheduleTaskResponse
-	2, // [2:3] is the sub-list for method output_type
-	1, // [1:2] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	0, // 0: llama_mesh.v1.Orchestrator.ScheduleTask:input_type -> llama_mesh.v1.ScheduleTaskRequest
+	1, // 1: llama_mesh.v1.Orchestrator.ScheduleTask:output_type -> llama_mesh.v1.ScheduleTaskResponse
+	1, // [1:2] is the sub-list for method output_type
+	0, // [0:1] is the sub-list for method input_type
+	0, // [0:0] is the sub-list for extension type_name
+	0, // [0:0] is the sub-list for extension extendee
+	0, // [0:0] is the sub-list for field type_name
 }
 
 func init() { file_llama_mesh_v1_orchestrator_proto_init() }
@@ -171,7 +181,6 @@ func file_llama_mesh_v1_orchestrator_proto_init() {
 	if File_llama_mesh_v1_orchestrator_proto != nil {
 		return
 	}
-	file_llama_mesh_v1_types_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

@@ -29,7 +29,10 @@ const (
 // Orchestrator decides which service handles a task and hands the task to that service's
 // work queue. It runs next to the control plane by default.
 type OrchestratorClient interface {
-	// ScheduleTask picks the task's service and publishes the task message.
+	// ScheduleTask queues a task that ControlPlane.RecordTask stored: it picks the task's
+	// service (the one recorded, else the deployment's default) and publishes the task message.
+	// A task that is not recorded is NOT_FOUND; one that is no longer QUEUED is
+	// FAILED_PRECONDITION. Scheduling a task twice queues it once.
 	ScheduleTask(ctx context.Context, in *ScheduleTaskRequest, opts ...grpc.CallOption) (*ScheduleTaskResponse, error)
 }
 
@@ -58,7 +61,10 @@ func (c *orchestratorClient) ScheduleTask(ctx context.Context, in *ScheduleTaskR
 // Orchestrator decides which service handles a task and hands the task to that service's
 // work queue. It runs next to the control plane by default.
 type OrchestratorServer interface {
-	// ScheduleTask picks the task's service and publishes the task message.
+	// ScheduleTask queues a task that ControlPlane.RecordTask stored: it picks the task's
+	// service (the one recorded, else the deployment's default) and publishes the task message.
+	// A task that is not recorded is NOT_FOUND; one that is no longer QUEUED is
+	// FAILED_PRECONDITION. Scheduling a task twice queues it once.
 	ScheduleTask(context.Context, *ScheduleTaskRequest) (*ScheduleTaskResponse, error)
 	mustEmbedUnimplementedOrchestratorServer()
 }

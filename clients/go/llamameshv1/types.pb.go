@@ -149,19 +149,25 @@ func (TaskStatus) EnumDescriptor() ([]byte, []int) {
 	return file_llama_mesh_v1_types_proto_rawDescGZIP(), []int{1}
 }
 
-// EventKind says what a task event is.
+// EventKind says what a task event is. A task's events are zero or more workflow events,
+// then exactly one final event (result, failed or cancelled), whose `index` is the number of
+// workflow events before it.
 type EventKind int32
 
 const (
 	// EVENT_KIND_UNSPECIFIED is never set by the server.
 	EventKind_EVENT_KIND_UNSPECIFIED EventKind = 0
-	// EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream.
+	// EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream; `type` is its class
+	// (`module.ClassName`), `data` its fields.
 	EventKind_EVENT_KIND_WORKFLOW EventKind = 1
-	// EVENT_KIND_RESULT is the final event of a successful task; data holds the result.
+	// EVENT_KIND_RESULT is the final event of a successful task: `type` is `result`, `data` is
+	// `{"result": <the workflow's return value as JSON>}`.
 	EventKind_EVENT_KIND_RESULT EventKind = 2
-	// EVENT_KIND_FAILED is the final event of a failed task; data holds the error.
+	// EVENT_KIND_FAILED is the final event of a failed task: `type` is `failed`, `data` is
+	// `{"error": <message>, "error_type": <TaskError.type>}`.
 	EventKind_EVENT_KIND_FAILED EventKind = 3
-	// EVENT_KIND_CANCELLED is the final event of a cancelled task.
+	// EVENT_KIND_CANCELLED is the final event of a cancelled task: `type` is `cancelled`,
+	// `data` is `{"reason": <the reason given to CancelTask, or "cancelled">}`.
 	EventKind_EVENT_KIND_CANCELLED EventKind = 4
 )
 
@@ -482,7 +488,9 @@ type ServiceInstance struct {
 	// generation is the deployment generation the replica runs.
 	Generation int64 `protobuf:"varint,7,opt,name=generation,proto3" json:"generation,omitempty"`
 	// started_at is when the replica started.
-	StartedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	StartedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	// service_id is the service the replica runs.
+	ServiceId     string `protobuf:"bytes,9,opt,name=service_id,json=serviceId,proto3" json:"service_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -573,10 +581,21 @@ func (x *ServiceInstance) GetStartedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ServiceInstance) GetServiceId() string {
+	if x != nil {
+		return x.ServiceId
+	}
+	return ""
+}
+
 // TaskError describes why a task failed.
 type TaskError struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// type is the exception's class name, or a mesh reason such as `MaxRetriesExceeded`.
+	// type is the class name of the exception the workflow raised (`ValueError`, ...), or one
+	// of: `TimeoutError` (the service's `timeout` passed), `WorkflowTimeoutError` (the
+	// workflow's own timeout), `MaxRetriesExceeded` (delivered more than `max-retries` times
+	// without finishing, e.g. its workers died), `Unavailable` (the task could not be queued),
+	// `Cancelled` (with the cancel reason as message).
 	Type string `protobuf:"bytes,1,opt,name=type,proto3" json:"type,omitempty"`
 	// message is the human-readable error message.
 	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
@@ -658,7 +677,8 @@ type Task struct {
 	Error *TaskError `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
 	// attempts is how many times the task was delivered to a replica.
 	Attempts int32 `protobuf:"varint,9,opt,name=attempts,proto3" json:"attempts,omitempty"`
-	// event_count is how many workflow events the task streamed; set when it finishes.
+	// event_count is how many workflow events the task streamed: so far in GetTask while it
+	// runs, and in every listing once it finishes (0 in listings before that).
 	EventCount int64 `protobuf:"varint,10,opt,name=event_count,json=eventCount,proto3" json:"event_count,omitempty"`
 	// created_at is when the task was created.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
@@ -884,7 +904,7 @@ type TaskEvent struct {
 	Kind EventKind `protobuf:"varint,3,opt,name=kind,proto3,enum=llama_mesh.v1.EventKind" json:"kind,omitempty"`
 	// type is the event's class, qualified (`module.ClassName`).
 	Type string `protobuf:"bytes,4,opt,name=type,proto3" json:"type,omitempty"`
-	// data is the event's fields as JSON (for the final event: `result` or `error`).
+	// data is the event's fields as JSON; for a final event, what `EventKind` says.
 	Data *structpb.Struct `protobuf:"bytes,5,opt,name=data,proto3" json:"data,omitempty"`
 	// timestamp is when the event was published.
 	Timestamp     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=timestamp,proto3" json:"timestamp,omitempty"`
@@ -998,7 +1018,7 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"\vmax_retries\x18\a \x01(\x05R\n" +
 	"maxRetries\x12<\n" +
 	"\tinstances\x18\b \x03(\v2\x1e.llama_mesh.v1.ServiceInstanceR\tinstances\x12\x18\n" +
-	"\ahealthy\x18\t \x01(\bR\ahealthy\"\xb5\x02\n" +
+	"\ahealthy\x18\t \x01(\bR\ahealthy\"\xd4\x02\n" +
 	"\x0fServiceInstance\x12\x1f\n" +
 	"\vinstance_id\x18\x01 \x01(\tR\n" +
 	"instanceId\x12\x1a\n" +
@@ -1011,7 +1031,9 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"generation\x18\a \x01(\x03R\n" +
 	"generation\x129\n" +
 	"\n" +
-	"started_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\"W\n" +
+	"started_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12\x1d\n" +
+	"\n" +
+	"service_id\x18\t \x01(\tR\tserviceId\"W\n" +
 	"\tTaskError\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +

@@ -12,7 +12,7 @@ import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -51,6 +51,9 @@ from llama_mesh.v1 import (
     orchestrator_pb2_grpc,
 )
 
+if TYPE_CHECKING:
+    from llama_mesh.server.gateway import GatewayConfig
+
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -84,6 +87,9 @@ class ServerSettings:
     """Copies of each stream and bucket the server creates: 3 (or 5) on a NATS cluster, so
     that losing a node loses nothing. Streams that exist keep theirs."""
     gateway: bool = True
+    control_planes: bool = True
+    """Whether the gateway serves each deployment's Llama Deploy 0.8 control plane API on
+    its ``control-plane.port``."""
     cors_origins: tuple[str, ...] = ()
     max_deployments: int = 10
     ack_wait: float = 10.0
@@ -172,10 +178,10 @@ def create_grpc_server(
         LlamaDeployApiServicer(mesh), server
     )
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(
-        ControlPlaneServicer(mesh.cp, mesh.watcher), server
+        ControlPlaneServicer(mesh, queue_kind=queue_kind), server
     )
     orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
-        OrchestratorServicer(mesh.orchestrator, mesh.deployments.config), server
+        OrchestratorServicer(mesh.orchestrator, mesh.deployments), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -294,9 +300,16 @@ class MeshServer:
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port)
             self._stack.push_async_callback(asyncio.to_thread, self.metrics.stop_serving)
+        gateway_config = self._gateway_config() if s.gateway else None
+        if gateway_config is not None and gateway_config.control_plane_lds is not None:
+            from llama_mesh.server.gateway.control_planes import ControlPlanePorts
+
+            deployments.control_planes = ControlPlanePorts(gateway_config)
         await deployments.restore()
-        if s.gateway:
-            await self._start_gateway()
+        if gateway_config is not None:
+            await self._start_gateway(gateway_config)
+            if deployments.control_planes is not None:
+                await deployments.control_planes.attach()
         # From now on gRPC health says what is down (and SERVING while nothing is).
         publisher = asyncio.create_task(
             self.mesh.health.publish(self._health, SERVICE_NAMES), name="health"
@@ -342,11 +355,13 @@ class MeshServer:
             self.nats_url.split(","), login=s.nats_login, replicas=s.nats_replicas
         )
 
-    async def _start_gateway(self) -> None:
+    def _gateway_config(self) -> GatewayConfig:
         from llama_mesh.server.gateway import GatewayConfig
+        from llama_mesh.server.gateway.control_planes import LDS_FILE
 
         s = self.settings
-        cfg = GatewayConfig(
+        work_dir = s.data_dir / "gateway"
+        return GatewayConfig(
             listen_host=s.host,
             listen_port=s.port,
             upstream_port=self.grpc_port,
@@ -357,8 +372,11 @@ class MeshServer:
             upstream_tls_ca=s.internal_ca,
             upstream_tls_cert=s.internal_cert,
             upstream_tls_key=s.internal_key,
+            control_plane_lds=work_dir / "control-planes" / LDS_FILE if s.control_planes else None,
         )
-        work_dir = s.data_dir / "gateway"
+
+    async def _start_gateway(self, cfg: GatewayConfig) -> None:
+        work_dir = self.settings.data_dir / "gateway"
         work_dir.mkdir(parents=True, exist_ok=True)
         gateway = await Gateway.start(cfg, work_dir=work_dir)
         self.gateway = gateway

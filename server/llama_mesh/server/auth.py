@@ -1,8 +1,9 @@
 """API keys: bearer tokens checked on every RPC by one interceptor (and so through the gateway).
 
 Two roles. A *user* key runs tasks, streams events, manages sessions and reads state; an
-*admin* key additionally creates, reloads and deletes deployments and reaches the internal
-``ControlPlane`` and ``Orchestrator`` services. When no key is configured, the server is
+*admin* key additionally creates, reloads and deletes deployments, registers services with
+a deployment's 0.8 control plane, and reaches the internal RPCs of the ``ControlPlane``
+(task records) and ``Orchestrator`` services. When no key is configured, the server is
 open (it listens on 127.0.0.1 only, unless told otherwise). Health checks are always open so
 that probes work.
 """
@@ -31,6 +32,28 @@ ADMIN_METHODS = frozenset(
 )
 """Methods that need an admin key (plus every method of the services below)."""
 ADMIN_SERVICES = ("/llama_mesh.v1.ControlPlane/", "/llama_mesh.v1.Orchestrator/")
+USER_METHODS = frozenset(
+    f"/llama_mesh.v1.ControlPlane/{name}"
+    for name in (
+        "GetInfo",
+        "GetQueueConfig",
+        "ListServices",
+        "GetService",
+        "CreateSession",
+        "ListSessions",
+        "GetSession",
+        "DeleteSession",
+        "CreateSessionTask",
+        "ListSessionTasks",
+        "GetCurrentTask",
+        "GetTaskResult",
+        "StreamTaskResult",
+        "SendEvent",
+        "GetSessionState",
+    )
+)
+"""Methods of the services above that a user key may call: Llama Deploy 0.8's control plane
+routes that run tasks and manage sessions, as the API server's routes do."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +89,8 @@ def parse_keys(values: Sequence[str]) -> tuple[str, ...]:
 
 def needs_admin(method: str) -> bool:
     """Whether ``method`` (``/package.Service/Method``) needs an admin key."""
+    if method in USER_METHODS:
+        return False
     return method in ADMIN_METHODS or method.startswith(ADMIN_SERVICES)
 
 

@@ -192,6 +192,7 @@ def instance_to_proto(instance: ServiceInstance) -> types_pb2.ServiceInstance:
     """The wire form of a service replica's heartbeat."""
     msg = types_pb2.ServiceInstance(
         instance_id=instance.instance_id,
+        service_id=instance.service_id,
         hostname=instance.hostname,
         pid=instance.pid,
         address=instance.address,

@@ -4,7 +4,10 @@ The schema is Llama Deploy 0.8's (``name``, ``control-plane``, ``message-queue``
 ``default-service``, ``services``, ``ui``) with llama-mesh's per-service extensions
 (``replicas``, ``max-concurrent-tasks``, ``timeout``, ``max-retries``). Deployment and service
 keys are hyphenated; ``control-plane`` and ``message-queue`` keep 0.8's underscored field names.
-Unknown keys are errors with a did-you-mean hint.
+Unknown keys are errors with a did-you-mean hint. Where Llama Deploy 0.8.1 accepted a file
+that llama-mesh cannot honour as written (a ``default-service`` naming no service, a
+message-queue type the server does not run, no services), the file is accepted and the
+config carries a warning for the deploy progress (:attr:`DeploymentConfig.warnings`).
 
 The parser walks PyYAML's composed node tree (not ``safe_load``'s result) so that every error
 names the key path and the line it is about::
@@ -37,7 +40,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 """Deployment names and service ids: they become NATS subject tokens."""
 
 SUPPORTED_QUEUE_TYPES = frozenset({"nats", "simple"})
-"""Message-queue types the server can run; ``rabbitmq`` and ``redis`` only parse."""
+"""Message-queue types the server can run; the others parse, with a warning."""
 
 _T = "tag:yaml.org,2002:"
 _STR, _INT, _FLOAT, _BOOL, _NULL, _MAP, _SEQ = (
@@ -72,7 +75,8 @@ _QUEUE_FIELDS = {
         "exclusive_mode:bool"
     ),
 }
-_UNSUPPORTED_QUEUES = ("aws", "kafka", "solace")
+_UNCHECKED_QUEUES = ("aws", "kafka", "solace")
+"""Llama Deploy 0.8 queue types llama-mesh never runs: their fields are kept unchecked."""
 _TOP_KEYS = ("name", "control-plane", "message-queue", "default-service", "services", "ui")
 _SOURCE_KEYS = ("type", "name", "location")
 _SERVICE_KEYS = (
@@ -162,7 +166,7 @@ class ServiceConfig:
 class MessageQueueConfig:
     """The ``message-queue`` section: its ``type`` and the other fields as written."""
 
-    type: Literal["nats", "simple", "rabbitmq", "redis"]
+    type: Literal["nats", "simple", "rabbitmq", "redis", "aws", "kafka", "solace"]
     fields: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -182,6 +186,12 @@ class DeploymentConfig:
     control_plane: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
     ui: ServiceConfig | None = None
     raw_yaml: str = ""
+    unknown_default_service: str | None = None
+    """A ``default-service`` naming no service (``default_service`` is then None): a task
+    that needs the default is refused naming it."""
+    warnings: tuple[str, ...] = ()
+    """What was accepted but will not work as written, one line each (``file:line: key:
+    message``), for the deploy progress."""
 
 
 def parse_deployment_config(
@@ -234,6 +244,11 @@ class _Parser:
         self._source = source_name
         self._constructor = yaml.constructor.SafeConstructor()
         self._budget = _MAX_NODES
+        self._warnings: list[str] = []
+
+    def _warn(self, node: Node, path: str, message: str) -> None:
+        where = f"{self._source}:{_line(node)}"
+        self._warnings.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
 
     def _error(self, node: Node | None, path: str, message: str) -> DeploymentConfigError:
         line = None if node is None else _line(node)
@@ -250,18 +265,22 @@ class _Parser:
         services_node = self._require(top, root, "", "services")
         services_entries = self._entries(services_node, "services")
         if not services_entries:
-            raise self._error(services_node, "services", "at least one service is required")
+            self._warn(services_node, "services", "no services: this deployment runs nothing")
         services: dict[str, ServiceConfig] = {}
         for sid, (key_node, value) in services_entries.items():
             self._identifier(key_node, "services", "service id")
             services[sid] = self._service(sid, value, _join("services", sid), workflow=True)
         default = self._optional(top, "default-service")
         default_service = None if default is None else self._str(default, "default-service")
-        if default_service is not None and default_service not in services:
-            raise self._error(
+        unknown_default = None
+        if default is not None and default_service not in services:
+            unknown_default, default_service = default_service, None
+            hint = _suggest(cast(str, unknown_default), services) if services else ""
+            self._warn(
                 default,
                 "default-service",
-                f"no service with id {default_service!r}{_suggest(default_service, services)}",
+                f"no service with id {unknown_default!r}{hint}: "
+                "tasks that name no service will be refused",
             )
         cp = self._optional(top, "control-plane")
         mq = self._optional(top, "message-queue")
@@ -274,6 +293,8 @@ class _Parser:
             control_plane=self._fields(cp, "control-plane", _CONTROL_PLANE_FIELDS),
             ui=None if ui is None else self._service("ui", ui, "ui", workflow=False),
             raw_yaml=raw,
+            unknown_default_service=unknown_default,
+            warnings=tuple(self._warnings),
         )
 
     def _decode(self, text: str | bytes) -> str:
@@ -378,14 +399,24 @@ class _Parser:
         entries = self._entries(node, path)
         type_node = self._require(entries, node, path, "type")
         kind = self._str(type_node, _join(path, "type"))
-        if kind in _UNSUPPORTED_QUEUES:
-            message = f"message-queue type {kind!r} is not supported (use one of: nats, simple)"
+        known = (*_QUEUE_FIELDS, *_UNCHECKED_QUEUES)
+        if kind not in known:
+            message = f"unknown message-queue type {kind!r}{_suggest(kind, known)}"
             raise self._error(type_node, _join(path, "type"), message)
-        if kind not in _QUEUE_FIELDS:
-            message = f"unknown message-queue type {kind!r}{_suggest(kind, _QUEUE_FIELDS)}"
-            raise self._error(type_node, _join(path, "type"), message)
+        if kind not in SUPPORTED_QUEUE_TYPES:
+            self._warn(
+                type_node,
+                _join(path, "type"),
+                f"llama-mesh does not run {kind!r} queues: this deployment's tasks go over "
+                "the server's own broker",
+            )
         del entries["type"]
-        fields = self._fields_of(entries, path, _QUEUE_FIELDS[kind])
+        fields: Mapping[str, object]
+        if kind in _UNCHECKED_QUEUES:
+            plain = {k: self._plain(v, _join(path, k), depth=0) for k, (_, v) in entries.items()}
+            fields = MappingProxyType(plain)
+        else:
+            fields = self._fields_of(entries, path, _QUEUE_FIELDS[kind])
         return MessageQueueConfig(cast(Any, kind), fields)
 
     def _fields(

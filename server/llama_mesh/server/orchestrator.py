@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.deployment_config import DeploymentConfig
-from llama_mesh.server.domain import Task
-from llama_mesh.server.errors import FailedPreconditionError, NotFoundError
+from llama_mesh.server.domain import ID_PATTERN, Task, TaskStatus
+from llama_mesh.server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.v1 import messages_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+
+if TYPE_CHECKING:
+    from llama_mesh.server.apiserver.deployments import DeploymentManager
 
 
 def choose_service(config: DeploymentConfig, service_id: str | None) -> str:
@@ -76,18 +83,33 @@ class Orchestrator:
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
-    """The ``Orchestrator`` gRPC service: schedules tasks recorded by another process."""
+    """The ``Orchestrator`` gRPC service: queues tasks another process recorded
+    (``ControlPlane.RecordTask``)."""
 
-    def __init__(
-        self, orchestrator: Orchestrator, configs: Callable[[str], DeploymentConfig]
-    ) -> None:
+    def __init__(self, orchestrator: Orchestrator, deployments: DeploymentManager) -> None:
         self._orchestrator = orchestrator
-        self._configs = configs
+        self._deployments = deployments
 
     async def ScheduleTask(
         self, request: orchestrator_pb2.ScheduleTaskRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ScheduleTaskResponse:
-        task = convert.task_from_proto(request.task)
-        task.service_id = choose_service(self._configs(task.deployment), task.service_id or None)
-        queue = await self._orchestrator.schedule(task)
+        if not request.deployment:
+            raise InvalidArgumentError("deployment: required", reason="MISSING_DEPLOYMENT")
+        config = self._deployments.config(request.deployment)
+        if not ID_PATTERN.fullmatch(request.task_id):
+            raise InvalidArgumentError(
+                f"invalid task_id {request.task_id!r}: use letters, digits, '-' and '_'",
+                reason="INVALID_ID",
+            )
+        task = await self._deployments.control_plane.get_task(config.name, request.task_id)
+        if task.status is not TaskStatus.QUEUED:
+            raise FailedPreconditionError(
+                f"Task '{task.task_id}' is {task.status.name}, not QUEUED: "
+                "only a recorded, queued task is scheduled",
+                reason="TASK_NOT_QUEUED",
+            )
+        task.service_id = choose_service(config, task.service_id or None)
+        queue = await self._orchestrator.schedule(
+            task, generation=self._deployments.generation(config.name)
+        )
         return orchestrator_pb2.ScheduleTaskResponse(service_id=task.service_id, queue=queue)

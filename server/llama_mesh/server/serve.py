@@ -6,7 +6,10 @@ deploys the given files, prints where everything listens and a ready line, and o
 or SIGTERM stops every child process cleanly.
 
 Every option can also come from the environment (``LLAMA_MESH_PORT``, ``LLAMA_MESH_HOST``,
-``LLAMA_MESH_NATS_URL``, ``LLAMA_MESH_DATA_DIR``, ...); flags win.
+``LLAMA_MESH_NATS_URL``, ``LLAMA_MESH_DATA_DIR``, ...); flags win. The Llama Deploy 0.8 API
+server's own variables (``LLAMA_DEPLOY_APISERVER_HOST``, ``_PORT``, ``_RC_PATH``,
+``_PROMETHEUS_ENABLED``, ``_PROMETHEUS_PORT``) are read after those, so 0.8 container images
+start unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from pathlib import Path
 
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
-from llama_mesh.server.envvars import env_setting
+from llama_mesh.server.envvars import (
+    LLAMA_DEPLOY_PREFIX,
+    env_setting,
+    llama_deploy_setting,
+    setting,
+)
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
 from llama_mesh.server.queues.nats import NatsLogin, redact_url
@@ -41,76 +49,159 @@ def _int_env(name: str) -> int | None:
     return int(value) if value else None
 
 
+DESCRIPTION = (
+    "Run the whole mesh in one command: an embedded nats-server (unless --nats-url names "
+    "one), the gRPC services, the Envoy gateway on --port and the workers of the given "
+    "deployment files. Every option can also come from the environment as "
+    "LLAMA_MESH_<OPTION> (LLAMA_MESH_PORT, LLAMA_MESH_DATA_DIR, ...); options win."
+)
+"""What ``serve --help`` says above the options."""
+
+
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+IGNORED_LLAMA_DEPLOY_SETTINGS = {
+    "DEPLOYMENTS_PATH": "sources live under --data-dir",
+    "USE_TLS": "the gateway serves HTTPS with --tls-cert and --tls-key",
+}
+"""0.8 API server settings with no meaning here, and what to use instead."""
+
+
+def _prometheus_port() -> int | None:
+    """The metrics port 0.8's ``PROMETHEUS_ENABLED`` / ``PROMETHEUS_PORT`` ask for (9000
+    when only enabled); None when neither is set, or metrics are disabled."""
+    enabled = llama_deploy_setting("PROMETHEUS_ENABLED")
+    port = llama_deploy_setting("PROMETHEUS_PORT")
+    if enabled is None and port is None:
+        return None
+    if enabled is not None and enabled.strip().lower() in _FALSE:
+        return None
+    return int(port) if port else 9000
+
+
+def _metrics_port() -> int | None:
+    return _int_env("METRICS_PORT") if env_setting("METRICS_PORT") else _prometheus_port()
+
+
 def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     """The options of ``serve``."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("deployment_files", nargs="*", type=Path, metavar="DEPLOYMENT_FILE")
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     p.add_argument(
-        "--host", default=env_setting("HOST", "127.0.0.1"), help="gateway listen address"
+        "deployment_files",
+        nargs="*",
+        type=Path,
+        metavar="DEPLOYMENT_FILE",
+        help="deployment YAML files to deploy once the server is up",
     )
-    p.add_argument("--port", type=int, default=int(env_setting("PORT", "4501") or 4501))
+    p.add_argument(
+        "--host",
+        default=setting("HOST", "127.0.0.1"),
+        help="gateway listen address (default: 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(setting("PORT", "4501") or 4501),
+        help="gateway port: JSON, gRPC and gRPC-Web (default: 4501)",
+    )
+    p.add_argument(
+        "--rc-path",
+        type=Path,
+        default=setting("RC_PATH"),
+        help="also deploy every *.yml and *.yaml file in this folder at start-up (default: none)",
+    )
     p.add_argument(
         "--grpc-host",
         default=env_setting("GRPC_HOST", "127.0.0.1"),
-        help="gRPC listen address (127.0.0.1 unless Envoy runs elsewhere)",
+        help="gRPC listen address; change it only when Envoy runs elsewhere (default: 127.0.0.1)",
     )
     p.add_argument(
         "--grpc-port",
         type=int,
         default=int(env_setting("GRPC_PORT", "0") or 0),
-        help="internal gRPC port on 127.0.0.1 (0: any free port)",
+        help="internal gRPC port (default: 0, any free port)",
     )
     p.add_argument(
         "--nats-url",
         default=env_setting("NATS_URL"),
-        help="use this NATS (else embedded); a user and password go in it: nats://u:p@host:port",
+        help="use this NATS, a user and password in it: nats://u:p@host:port "
+        "(default: none, an embedded nats-server)",
     )
     NatsLogin.add_options(p)  # for --nats-url
     p.add_argument(
         "--nats-replicas",
         type=int,
         default=_int_env("NATS_REPLICAS") or 1,
-        help="copies of each stream on a NATS cluster (1, 3 or 5; with --nats-url)",
+        help="copies of each stream on a NATS cluster: 1, 3 or 5, with --nats-url (default: 1)",
     )
     p.add_argument(
-        "--data-dir", type=Path, default=Path(env_setting("DATA_DIR") or default_data_dir())
+        "--data-dir",
+        type=Path,
+        default=Path(env_setting("DATA_DIR") or default_data_dir()),
+        help="JetStream store, logs and deployment sources "
+        "(default: $XDG_DATA_HOME/llama-mesh, else ~/.local/share/llama-mesh)",
     )
-    p.add_argument("--queue", choices=["nats", "inprocess"], default=env_setting("QUEUE", "nats"))
+    p.add_argument(
+        "--queue",
+        choices=["nats", "inprocess"],
+        default=env_setting("QUEUE", "nats"),
+        help="message queue: nats, or inprocess for one process without persistence "
+        "(default: nats)",
+    )
     p.add_argument("--no-gateway", action="store_true", help="serve gRPC only, no Envoy")
-    p.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin")
     p.add_argument(
-        "--max-deployments", type=int, default=int(env_setting("MAX_DEPLOYMENTS", "10") or 10)
+        "--no-control-planes",
+        action="store_true",
+        default=env_setting("NO_CONTROL_PLANES", "") not in ("", "0", "false"),
+        help="do not serve deployments' Llama Deploy 0.8 control plane API on their "
+        "control-plane.port (default: served)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allowed CORS origin; repeat for more (default: none)",
+    )
+    p.add_argument(
+        "--max-deployments",
+        type=int,
+        default=int(env_setting("MAX_DEPLOYMENTS", "10") or 10),
+        help="how many deployments the server accepts (default: 10)",
     )
     p.add_argument(
         "--ack-wait",
         type=float,
         default=float(env_setting("ACK_WAIT", "10") or 10),
-        help="seconds before a task of a dead worker is redelivered",
+        help="seconds before a task of a dead worker is redelivered (default: 10)",
     )
     p.add_argument(
         "--allow-local-root",
         action="append",
         type=Path,
         default=None,
-        help="local sources must be inside one of these directories",
+        help="local sources must be inside one of these directories; repeat for more "
+        "(default: any directory)",
     )
     p.add_argument(
         "--allow-git-prefix",
         action="append",
         default=None,
-        help="git sources must start with one of these prefixes",
+        help="git sources must start with one of these prefixes; repeat for more "
+        "(default: any URL)",
     )
     p.add_argument(
         "--api-key",
         action="append",
         default=[env_setting("API_KEYS") or ""],
-        help="bearer key for running tasks (repeat; env LLAMA_MESH_API_KEYS)",
+        help="bearer key for running tasks; repeat for more "
+        "(default: none, from $LLAMA_MESH_API_KEYS)",
     )
     p.add_argument(
         "--admin-key",
         action="append",
         default=[env_setting("ADMIN_KEYS") or ""],
-        help="bearer key that may also deploy and delete (env LLAMA_MESH_ADMIN_KEYS)",
+        help="bearer key that may also deploy and delete; repeat for more "
+        "(default: none, from $LLAMA_MESH_ADMIN_KEYS)",
     )
     p.add_argument(
         "--insecure-no-auth",
@@ -122,41 +213,53 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=_int_env("METRICS_PORT"),
-        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port)",
+        default=_metrics_port(),
+        help="serve Prometheus /metrics on 127.0.0.1:PORT, 0 for any free port "
+        "(default: none, no metrics)",
     )
     p.add_argument(
         "--tls-cert",
         type=Path,
         default=env_setting("TLS_CERT"),
-        help="PEM certificate chain: the gateway serves HTTPS (with --tls-key)",
+        help="PEM certificate chain: the gateway serves HTTPS, with --tls-key "
+        "(default: none, plain HTTP)",
     )
     p.add_argument(
-        "--tls-key", type=Path, default=env_setting("TLS_KEY"), help="PEM private key of --tls-cert"
+        "--tls-key",
+        type=Path,
+        default=env_setting("TLS_KEY"),
+        help="PEM private key of --tls-cert (default: none)",
     )
     p.add_argument(
         "--internal-ca",
         type=Path,
         default=env_setting("INTERNAL_CA"),
-        help="PEM CA: the gRPC port requires mTLS, client certificates signed by it "
-        "(with --internal-cert, --internal-key)",
+        help="PEM CA: the gRPC port requires mTLS, client certificates signed by it, "
+        "with --internal-cert and --internal-key (default: none, no TLS on the gRPC port)",
     )
     p.add_argument(
         "--internal-cert",
         type=Path,
         default=env_setting("INTERNAL_CERT"),
         help="PEM certificate of the gRPC port, also the gateway's client certificate; "
-        "must name IP 127.0.0.1",
+        "must name IP 127.0.0.1 (default: none)",
     )
     p.add_argument(
         "--internal-key",
         type=Path,
         default=env_setting("INTERNAL_KEY"),
-        help="PEM private key of --internal-cert",
+        help="PEM private key of --internal-cert (default: none)",
     )
-    p.add_argument("--log-level", default=env_setting("LOG_LEVEL", "INFO"))
     p.add_argument(
-        "--log-format", choices=["plain", "json"], default=env_setting("LOG_FORMAT", "plain")
+        "--log-level",
+        default=env_setting("LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["plain", "json"],
+        default=env_setting("LOG_FORMAT", "plain"),
+        help="plain text lines, or one JSON object a line (default: plain)",
     )
     return p
 
@@ -210,6 +313,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         nats_tls_key=args.nats_tls_key,
         nats_replicas=args.nats_replicas,
         gateway=not args.no_gateway,
+        control_planes=not args.no_control_planes,
         cors_origins=tuple(args.cors_origin),
         max_deployments=args.max_deployments,
         ack_wait=args.ack_wait,
@@ -237,8 +341,19 @@ def _say(line: str) -> None:
     print(f"llama-mesh: {line}", flush=True)
 
 
-async def serve(settings: ServerSettings, files: list[Path]) -> int:
-    """Run until SIGINT/SIGTERM; returns the exit status."""
+def rc_files(rc_path: Path) -> list[Path]:
+    """The deployment files of an rc folder, in name order (none if it does not exist)."""
+    if not rc_path.is_dir():
+        return []
+    return sorted(p for p in rc_path.iterdir() if p.suffix in (".yml", ".yaml") and p.is_file())
+
+
+async def serve(settings: ServerSettings, files: list[Path], rc_path: Path | None = None) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit status.
+
+    A file of ``files`` that cannot be deployed stops the server (exit 2); one of the
+    ``rc_path`` folder is reported and skipped, as the 0.8 server did.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -265,6 +380,17 @@ async def serve(settings: ServerSettings, files: list[Path]) -> int:
                 print(f"llama-mesh: cannot deploy {path}: {message}", file=sys.stderr)
                 return 2
             _say(f"deployed {name} from {path}")
+        if rc_path is not None:
+            found = rc_files(rc_path)
+            _say(f"rc folder {rc_path}: {len(found)} deployment file(s)")
+            for path in found:
+                try:
+                    name = await server.deploy_file(path)
+                except (MeshError, OSError) as exc:
+                    message = exc.message if isinstance(exc, MeshError) else str(exc)
+                    print(f"llama-mesh: cannot deploy {path}: {message}", file=sys.stderr)
+                    continue
+                _say(f"deployed {name} from {path}")
         _say(f"ready on {server.gateway_url or f'127.0.0.1:{server.grpc_port}'}")
         stopping = asyncio.ensure_future(stop.wait())
         failing = asyncio.ensure_future(server.failed.wait())
@@ -292,4 +418,7 @@ def main(argv: list[str] | None = None, prog: str = "llamactl serve") -> int:
         parser.error(str(exc))
     configure_logging(args.log_level, args.log_format)
     os.environ["LLAMA_MESH_LOG_FORMAT"] = args.log_format  # workers log the same way
-    return asyncio.run(serve(settings, list(args.deployment_files)))
+    for name, instead in IGNORED_LLAMA_DEPLOY_SETTINGS.items():
+        if llama_deploy_setting(name):
+            _say(f"{LLAMA_DEPLOY_PREFIX}{name} is not used: {instead}")
+    return asyncio.run(serve(settings, list(args.deployment_files), args.rc_path))

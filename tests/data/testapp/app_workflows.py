@@ -19,14 +19,25 @@ class Tick(Event):
     step: int
 
 
+class Note(Event):
+    """A streamed text."""
+
+    text: str
+
+
 class Echo(Workflow):
-    """Returns ``message``; ``env`` returns an environment variable of the worker."""
+    """Returns ``message`` (``repeat`` times; with ``as_event``, streams it as a Note and
+    returns "sent"); ``env`` returns an environment variable of the worker."""
 
     @step
-    async def run_it(self, ev: StartEvent) -> StopEvent:
+    async def run_it(self, ctx: Context, ev: StartEvent) -> StopEvent:
         if ev.get("env"):
             return StopEvent(result=os.environ.get(str(ev.get("env")), "<unset>"))
-        return StopEvent(result=f"echo: {ev.get('message', '')}")
+        text = str(ev.get("message", "")) * int(ev.get("repeat", 1))
+        if ev.get("as_event"):
+            ctx.write_event_to_stream(Note(text=text))
+            return StopEvent(result="sent")
+        return StopEvent(result=f"echo: {text}")
 
 
 class Stream(Workflow):

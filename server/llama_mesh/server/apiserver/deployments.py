@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llama_mesh.server import subjects
 from llama_mesh.server.aio import cancel_and_wait
@@ -42,6 +43,9 @@ from llama_mesh.server.sources import (
 )
 from llama_mesh.server.venvs import VenvError, VenvManager
 from llama_mesh.v1 import apiserver_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from llama_mesh.server.gateway.control_planes import ControlPlanePorts
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,13 @@ class DeploymentManager:
         self._configs: dict[str, DeploymentConfig] = {}
         self._generations: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.control_planes: ControlPlanePorts | None = None
+        """Where the gateway serves deployments' 0.8 control planes; ``None``: nowhere."""
+
+    @property
+    def control_plane(self) -> ControlPlane:
+        """The store of this server's deployments, tasks and sessions."""
+        return self._cp
 
     @property
     def supervisor(self) -> Supervisor:
@@ -142,6 +153,8 @@ class DeploymentManager:
             await self._supervisor.stop(name)
             for service_id in config.services:
                 await self._queue.purge_queue(subjects.task_queue(name, service_id))
+            if self.control_planes is not None:
+                await self.control_planes.release(name)
             await self._cp.delete_deployment(name)
             await self._queue.delete_topic(subjects.progress_topic(name))
             self._configs.pop(name, None)
@@ -208,6 +221,9 @@ class DeploymentManager:
         await self._cp.put_deployment(record)
         deploying = DeploymentStatus.DEPLOYING
         await self._say(name, f"deploying generation {record.generation}", deploying)
+        for warning in config.warnings:
+            logger.warning("deployment %s: %s", name, warning)
+            await self._say(name, f"warning: {warning}", deploying)
         try:
             specs = [await self._prepare(config, record, sid) for sid in config.services]
         except (SourceError, VenvError, DeploymentConfigError) as exc:
@@ -229,10 +245,27 @@ class DeploymentManager:
             raise FailedPreconditionError(
                 f"Deployment '{name}' failed: {problem}", reason="DEPLOY_FAILED"
             )
+        await self._serve_control_plane(config)
         record.status = DeploymentStatus.READY
         await self._cp.put_deployment(record)
         await self._say(name, "ready", DeploymentStatus.READY, done=True)
         return record
+
+    async def _serve_control_plane(self, config: DeploymentConfig) -> None:
+        """Have the gateway serve the deployment's 0.8 control plane on its port, or say
+        in the progress why it does not (the deployment works without it)."""
+        if self.control_planes is None:
+            return
+        from llama_mesh.server.gateway.control_planes import DEFAULT_CONTROL_PLANE_PORT
+
+        port = config.control_plane.get("port", DEFAULT_CONTROL_PLANE_PORT)
+        problem = await self.control_planes.claim(config.name, port)
+        if problem is None:
+            line = f"0.8 control plane API on port {port}"
+        else:
+            line = f"warning: {problem}"
+            logger.warning("deployment %s: %s", config.name, problem)
+        await self._say(config.name, line, DeploymentStatus.DEPLOYING)
 
     async def _fail(self, record: DeploymentRecord, message: str) -> None:
         record.status, record.status_message = DeploymentStatus.FAILED, message
@@ -295,6 +328,8 @@ class DeploymentManager:
 
     async def _wait_ready(self, config: DeploymentConfig, generation: int) -> str:
         """Wait until every service has a live replica of ``generation``; '' or a problem."""
+        if not config.services:
+            return ""
 
         async def all_live() -> str:
             seen: set[str] = set()

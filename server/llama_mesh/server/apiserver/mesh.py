@@ -14,6 +14,8 @@ import json
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.deployments import DeploymentManager
@@ -40,7 +42,7 @@ from llama_mesh.server.errors import (
 )
 from llama_mesh.server.health import Health
 from llama_mesh.server.orchestrator import Orchestrator, choose_service
-from llama_mesh.server.queues.base import MessageQueue, QueueError
+from llama_mesh.server.queues.base import MessageQueue, MessageTooLargeError, QueueError
 from llama_mesh.v1 import messages_pb2
 
 MAX_INPUT_BYTES = 4 * 1024 * 1024
@@ -70,7 +72,8 @@ def json_within_limit(what: str, value: JsonValue) -> bytes:
 
 
 def final_event(task: Task) -> TaskEvent:
-    """The event that ends a finished task's stream."""
+    """The event that ends a finished task's stream, stamped with the time the task
+    finished (stored with its result), so that every read gives the same event."""
     if task.status is TaskStatus.SUCCEEDED:
         kind, data = EventKind.RESULT, {"result": task.result}
     elif task.status is TaskStatus.CANCELLED:
@@ -81,7 +84,12 @@ def final_event(task: Task) -> TaskEvent:
         error = task.error or TaskError("Unknown", "the task failed")
         data = {"error": error.message, "error_type": error.type}
     return TaskEvent(
-        task_id=task.task_id, index=task.event_count, kind=kind, type=kind.name.lower(), data=data
+        task_id=task.task_id,
+        index=task.event_count,
+        kind=kind,
+        type=kind.name.lower(),
+        data=data,
+        timestamp=task.finished_at if task.finished_at is not None else task.created_at,
     )
 
 
@@ -129,6 +137,13 @@ class Mesh:
         input: dict[str, JsonValue],
     ) -> StoredTask:
         config = self.deployments.config(deployment)
+        if not service_id and config.unknown_default_service:
+            raise FailedPreconditionError(
+                f"No service given and the default-service of deployment '{deployment}', "
+                f"'{config.unknown_default_service}', names no service "
+                f"(services: {', '.join(sorted(config.services)) or 'none'})",
+                reason="DEFAULT_SERVICE_NOT_FOUND",
+            )
         service = choose_service(config, service_id)
         input_json = json_within_limit("the task input", input)
         writes: list[Awaitable[object]] = []
@@ -173,6 +188,12 @@ class Mesh:
 
         with contextlib.suppress(NotFoundError, QueueError):
             await self.cp.update_task(deployment, task.task_id, failed)
+        if isinstance(failure, MessageTooLargeError):
+            raise InvalidArgumentError(
+                f"the task with its input is {failure.size} bytes, more than the message "
+                f"queue's limit of {failure.limit} bytes (NATS max_payload)",
+                reason="PAYLOAD_TOO_LARGE",
+            ) from failure
         if isinstance(failure, QueueError):
             raise UnavailableError(reason) from failure
         raise failure
@@ -206,13 +227,35 @@ class Mesh:
         self.deployments.config(deployment)
         return await self.cp.get_task(deployment, check_id("task id", task_id))
 
+    async def task_so_far(self, deployment: str, task_id: str) -> Task:
+        """A task as :meth:`get_task` gives it, but while it has not finished its
+        ``event_count`` counts the workflow events published so far (its record counts
+        them only once it finishes): what a reader of the events up to now needs."""
+        task = await self.get_task(deployment, task_id)
+        if task.status.is_final:
+            return task
+        raw = await self.queue.last_message(subjects.events_topic(deployment, task_id))
+        if raw is not None:
+            try:
+                last = messages_pb2.EventMessage.FromString(raw)
+            except DecodeError:
+                return task
+            task.event_count = max(task.event_count, last.index + 1)
+        return task
+
     async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
         """A deployment's tasks, newest first."""
         self.deployments.config(deployment)
         return await self.cp.list_tasks(deployment, session_id or None)
 
+    cancel_wait = 10.0
+    """Seconds :meth:`cancel_task` waits for the replica running a task to stop it (or
+    for whatever final state it reaches first) before answering with the task as it is."""
+
     async def cancel_task(self, deployment: str, task_id: str, reason: str = "") -> Task:
-        """Cancel a task: at once when queued, via its replica when running."""
+        """Cancel a task: at once when queued, via its replica when running; the task as
+        it is afterwards (final, unless its replica did not stop it within
+        :attr:`cancel_wait`)."""
         task = await self.get_task(deployment, task_id)
         if task.status.is_final:
             return task
@@ -229,13 +272,18 @@ class Mesh:
             return t
 
         task = await self.cp.update_task(deployment, task_id, cancel_queued)
-        if task.status is not TaskStatus.CANCELLED:
-            msg = messages_pb2.TaskInputMessage(cancel=messages_pb2.CancelMessage(reason=reason))
-            msg.cancel.requested_at.CopyFrom(convert.to_timestamp(now()))
-            await self.queue.publish(
-                subjects.inputs_topic(deployment, task_id), msg.SerializeToString()
-            )
-        return task
+        if task.status.is_final:
+            return task
+        msg = messages_pb2.TaskInputMessage(cancel=messages_pb2.CancelMessage(reason=reason))
+        msg.cancel.requested_at.CopyFrom(convert.to_timestamp(now()))
+        await self.queue.publish(
+            subjects.inputs_topic(deployment, task_id), msg.SerializeToString()
+        )
+        try:
+            async with asyncio.timeout(self.cancel_wait):
+                return await self.watcher.wait_final(deployment, task_id)
+        except TimeoutError:
+            return await self.task_so_far(deployment, task_id)
 
     async def send_event(self, deployment: str, task_id: str, event: HumanEvent) -> None:
         """Send an event into a task (queued ones receive it when they start)."""

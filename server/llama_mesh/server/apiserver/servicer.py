@@ -177,7 +177,7 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
     async def GetTask(
         self, request: apiserver_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> apiserver_pb2.GetTaskResponse:
-        task = await self._mesh.get_task(request.deployment, request.task_id)
+        task = await self._mesh.task_so_far(request.deployment, request.task_id)
         return apiserver_pb2.GetTaskResponse(task=convert.task_to_proto(task))
 
     async def CancelTask(

@@ -13,6 +13,8 @@ bucket             key                                         value
 ``session_tasks``  ``<deployment>.<session_id>.<task_id>``     task creation time (text)
 ``session_state``  ``<deployment>.<session_id>``               ``SessionStateMessage``
 ``instances``      ``<deployment>.<service_id>.<instance_id>`` ``types.ServiceInstance`` (TTL)
+``services``       ``<deployment>.<service_name>``             a service a 0.8 client
+                                                               registered (JSON)
 =================  ==========================================  ===========================
 
 Workers and the API server both use this class: it is the library form of the
@@ -86,7 +88,14 @@ class ControlPlane:
     async def open(cls, queue: MessageQueue) -> ControlPlane:
         """Open (creating when needed) every bucket the control plane uses."""
         self = cls(queue)
-        for name in ("deployments", "tasks", "sessions", "session_tasks", "session_state"):
+        for name in (
+            "deployments",
+            "tasks",
+            "sessions",
+            "session_tasks",
+            "session_state",
+            "services",
+        ):
             self._buckets[name] = await queue.kv(name)
         self._buckets["instances"] = await queue.kv("instances", ttl=INSTANCE_TTL)
         return self
@@ -116,10 +125,34 @@ class ControlPlane:
 
     async def delete_deployment(self, name: str) -> None:
         """Forget a deployment with its tasks, sessions and session state."""
-        for bucket in ("tasks", "sessions", "session_tasks", "session_state"):
+        for bucket in ("tasks", "sessions", "session_tasks", "session_state", "services"):
             store = self._buckets[bucket]
             await _in_batches(store.delete, await store.keys(f"{name}."))
         await self._buckets["deployments"].delete(name)
+
+    # -- services registered by 0.8 clients ----------------------------------------------
+
+    async def put_registered_service(self, deployment: str, name: str, definition: bytes) -> None:
+        """Record (or replace) a service a Llama Deploy 0.8 client registered."""
+        await self._buckets["services"].put(f"{deployment}.{name}", definition)
+
+    async def registered_services(self, deployment: str) -> dict[str, bytes]:
+        """The services 0.8 clients registered with a deployment, by name."""
+        prefix = f"{deployment}."
+        return {
+            entry.key[len(prefix) :]: entry.value
+            for entry in await self._buckets["services"].entries(prefix)
+            if entry.value is not None
+        }
+
+    async def delete_registered_service(self, deployment: str, name: str) -> bool:
+        """Forget a registered service; whether there was one."""
+        key = f"{deployment}.{name}"
+        entry = await self._buckets["services"].get(key)
+        if entry is None or entry.value is None:
+            return False
+        await self._buckets["services"].delete(key)
+        return True
 
     # -- sessions ----------------------------------------------------------------------
 

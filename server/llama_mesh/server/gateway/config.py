@@ -9,6 +9,7 @@ Envoy fronts the API server's gRPC port and serves, on one listener (HTTP/1.1 an
 
 HTTP filters, in order: ``cors`` (when origins are configured), ``grpc_web``, ``lua``
 (``compat_errors.lua``), ``buffer`` (caps JSON request bodies; off on the gRPC route),
+``lua`` (``v1_fields.lua``: ``/v1`` bodies with unknown fields get 400),
 ``grpc_json_transcoder``, ``router``. The Lua filter sits *before* the transcoder because
 Envoy runs encoders in reverse order: so it sees the request's original path, and the
 response *after* transcoding.
@@ -47,6 +48,7 @@ from typing import Any, Self
 import yaml
 
 from llama_mesh.server.children import dying_with_parent
+from llama_mesh.server.gateway import v1_fields
 
 __all__ = [
     "DEFAULT_DESCRIPTOR_PATH",
@@ -151,6 +153,9 @@ class GatewayConfig:
     upstream_tls_key: Path | None = None
     max_connections: int = 10000
     access_log: bool = False
+    control_plane_lds: Path | None = None
+    """A listener file Envoy watches for Llama Deploy 0.8 control plane listeners, which
+    come and go with deployments (see :mod:`.control_planes`); ``None``: no such listeners."""
 
     def __post_init__(self) -> None:
         if self.admin_socket is not None and len(os.fsencode(self.admin_socket)) > (
@@ -215,6 +220,12 @@ def render_envoy_config(cfg: GatewayConfig) -> dict[str, Any]:
             ]
         },
     }
+    if cfg.control_plane_lds is not None:
+        from llama_mesh.server.gateway.control_planes import lds_config_source
+
+        bootstrap["dynamic_resources"] = {"lds_config": lds_config_source(cfg.control_plane_lds)}
+        # Envoy asks dynamic resources for a node identity, even from a file.
+        bootstrap["node"] = {"id": "llama-mesh-gateway", "cluster": "llama-mesh"}
     if cfg.admin_socket is not None:
         # A Unix socket that only its owner may use: the admin interface can stop Envoy.
         bootstrap["admin"] = {
@@ -367,6 +378,14 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
                 "max_request_bytes": cfg.max_request_bytes,
+            },
+        },
+        {
+            # After the buffer filter, so that the body it reads is whole and capped.
+            "name": "llama_mesh.v1_fields",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": v1_fields.lua_source(cfg.descriptor_path)},
             },
         },
         {

@@ -7,9 +7,9 @@ The mesh needs three things from a message queue, and nothing else:
   redelivered when it is not acknowledged within ``ack_wait`` (unless the consumer keeps it
   alive with ``in_progress()``), and never delivered more than ``max_deliver`` times.
   Publishing twice with the same ``msg_id`` stores the message once.
-* **Topics** (``publish`` / ``subscribe``): ordered, retained logs (task events, human input
-  sent to a running task). A subscriber first receives everything already stored, then new
-  messages as they arrive, without polling.
+* **Topics** (``publish`` / ``subscribe`` / ``last_message``): ordered, retained logs (task
+  events, human input sent to a running task). A subscriber first receives everything
+  already stored, then new messages as they arrive, without polling.
 * **Key-value buckets** (``kv``): the control plane's state, with compare-and-set and watches.
 
 Payloads are opaque bytes (serialized protobuf from ``llama_mesh.v1.messages_pb2``).
@@ -21,6 +21,7 @@ Exceptions, all below :class:`QueueError`::
 
     QueueError
     ├── QueueUnavailableError   the broker cannot be reached / closed
+    ├── MessageTooLargeError    a message or value over the broker's size limit
     ├── KeyExistsError          KeyValueStore.create on an existing key
     └── RevisionMismatchError   KeyValueStore.update with a stale revision
 """
@@ -40,6 +41,19 @@ class QueueError(Exception):
 
 class QueueUnavailableError(QueueError):
     """The broker cannot be reached, or the adapter is closed."""
+
+
+class MessageTooLargeError(QueueError):
+    """A message or value larger than the broker takes in one message (NATS: its
+    ``max_payload``); nothing was written. Trying again cannot help."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{what} is {size} bytes, more than the message queue's limit of {limit} bytes "
+            "(NATS max_payload)"
+        )
+        self.size = size
+        self.limit = limit
 
 
 class KeyExistsError(QueueError):
@@ -190,6 +204,11 @@ class MessageQueue(abc.ABC):
 
         Ends only when the consumer stops iterating or the adapter closes.
         """
+
+    @abc.abstractmethod
+    async def last_message(self, topic: str) -> bytes | None:
+        """The latest message stored on ``topic`` (``None`` when it has none): how far a
+        log has come, without reading it all."""
 
     @abc.abstractmethod
     async def delete_topic(self, topic: str) -> None:

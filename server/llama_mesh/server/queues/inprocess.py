@@ -560,6 +560,11 @@ class InProcessQueue(MessageQueue):
         self.check_open()
         return _TopicSubscription(self, self._topic(topic))
 
+    async def last_message(self, topic: str) -> bytes | None:
+        self.check_open()
+        found = self._topic(topic)
+        return found.log[-1] if found.log else None
+
     async def delete_topic(self, topic: str) -> None:
         self.check_open()
         found = self._topic(topic)

@@ -62,6 +62,7 @@ from llama_mesh.server.queues.base import (
     KeyValueEntry,
     KeyValueStore,
     MessageQueue,
+    MessageTooLargeError,
     QueueError,
     QueueUnavailableError,
     RevisionMismatchError,
@@ -89,6 +90,9 @@ _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
 _TOPICS_MAX_AGE: Final = 7 * 24 * 3600.0
 _DELETE_RETRIES: Final = 10
+_HEADER_ROOM: Final = 1024
+"""Bytes of a message's ``max_payload`` left for its headers (message id, expected
+revision): NATS counts them too."""
 
 _KV_OPERATION: Final = "KV-Operation"
 _KV_DELETIONS: Final = frozenset({"DEL", "PURGE"})
@@ -825,6 +829,7 @@ class NatsKeyValueStore(KeyValueStore):
         headers: dict[str, str] | None = None,
         conflict: type[QueueError] = RevisionMismatchError,
     ) -> int:
+        self.owner.check_size(value, f"the value of key {key!r}")
         headers = dict(headers or {})
         if last_revision is not None:
             headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last_revision)
@@ -864,6 +869,14 @@ class NatsQueue(MessageQueue):
         """Raise :class:`QueueUnavailableError` when closed."""
         if self.closed:
             raise QueueUnavailableError("the NATS queue is closed")
+
+    def check_size(self, data: bytes, what: str) -> None:
+        """Refuse ``data`` larger than NATS takes in one message (the server's
+        ``max_payload``, less room for headers) with an error naming both sizes; NATS itself
+        would refuse it with no sizes, or close the connection."""
+        limit = self.nc.max_payload - _HEADER_ROOM
+        if len(data) > limit:
+            raise MessageTooLargeError(what, len(data), limit)
 
     def iterate(self, feed: _Feed[T]) -> _FeedIterator[T]:
         """An iterator over ``feed``, which :meth:`close` shuts down."""
@@ -1006,6 +1019,7 @@ class NatsQueue(MessageQueue):
     async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
         self.check_open()
         subject = self.task_subject(queue)
+        self.check_size(data, f"task message {msg_id!r}")
         ack = await self._publish_patiently(subject, data, msg_id, f"queueing task {msg_id!r}")
         if ack.duplicate:
             logger.debug("NATS dropped a duplicate of message %r on queue %r", msg_id, queue)
@@ -1038,6 +1052,7 @@ class NatsQueue(MessageQueue):
     async def publish(self, topic: str, data: bytes) -> None:
         self.check_open()
         subject = self.topic_subject(topic)
+        self.check_size(data, f"a message to {topic!r}")
         # A failover must not fail a task at its next event.
         await self._publish_patiently(subject, data, uuid.uuid4().hex, f"publishing to {topic!r}")
 
@@ -1058,6 +1073,20 @@ class NatsQueue(MessageQueue):
     def subscribe(self, topic: str) -> AsyncIterator[bytes]:
         self.check_open()
         return self.iterate(_TopicFeed(self, topic))
+
+    async def last_message(self, topic: str) -> bytes | None:
+        self.check_open()
+        subject = self.topic_subject(topic)
+
+        async def read() -> bytes | None:
+            with _translated():
+                try:
+                    msg = await self.js.get_last_msg(self.topics_stream, subject)
+                except nats.js.errors.NotFoundError:
+                    return None
+            return msg.data or b""
+
+        return await _patiently(self, read, f"reading the end of {topic!r}")
 
     async def delete_topic(self, topic: str) -> None:
         self.check_open()

@@ -2,31 +2,25 @@
 
 Needs only a NATS URL, the deployment and the service id: the deployment's YAML is read
 from the control plane's store, the source is synced unless ``--source-dir`` is given.
-``llamactl worker`` runs the same entrypoint.
+``llamactl worker`` runs the same entrypoint; both are :class:`~.serving.WorkflowService`,
+which serves a workflow object from any process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
-from llama_mesh.server.control_plane.store import ControlPlane
-from llama_mesh.server.deployment_config import parse_deployment_config
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
-from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin, connect_nats
-from llama_mesh.server.service.loader import load_workflow
-from llama_mesh.server.service.servicer import start_info_server
-from llama_mesh.server.service.worker import Worker, WorkerSettings
-from llama_mesh.server.sources import SourcePolicy, sync_source
+from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin
+from llama_mesh.server.service.serving import WorkflowService
 
 logger = logging.getLogger("llama_mesh.worker")
 
@@ -34,9 +28,17 @@ EXIT_BAD_SERVICE = 3
 """Exit status when the service cannot be loaded (the supervisor does not retry fast)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+DESCRIPTION = (
+    "Run one replica of a workflow service. It needs only a NATS URL, the deployment and "
+    "the service id: the deployment's YAML is read from the control plane's store, its "
+    "source is synced unless --source-dir is given."
+)
+"""What ``worker --help`` says above the options."""
+
+
+def build_parser(prog: str = "llamactl worker") -> argparse.ArgumentParser:
     """Command-line options of a worker process."""
-    parser = argparse.ArgumentParser(prog="llama-mesh-worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     parser.add_argument(
         "--nats",
         default=os.environ.get(NATS_URL_VARIABLE),
@@ -44,72 +46,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--deployment", required=True, help="deployment name")
     parser.add_argument("--service", required=True, help="service id in the deployment")
-    parser.add_argument("--source-dir", type=Path, help="service source directory (else synced)")
-    parser.add_argument("--generation", type=int, default=0, help="deployment generation")
-    parser.add_argument("--ack-wait", type=float, default=10.0, help="seconds before redelivery")
+    parser.add_argument(
+        "--source-dir",
+        type=Path,
+        help="service source directory (default: none, synced from the deployment)",
+    )
+    parser.add_argument(
+        "--generation", type=int, default=0, help="deployment generation (default: 0)"
+    )
+    parser.add_argument(
+        "--ack-wait",
+        type=float,
+        default=10.0,
+        help="seconds before a task of a dead worker is redelivered (default: 10)",
+    )
     parser.add_argument("--instance-id", help="replica id (default: random)")
     NatsLogin.add_options(parser)
     parser.add_argument(
         "--exit-with-parent",
         type=int,
         metavar="PID",
-        help="stop when the process PID (the supervising server) dies",
+        help="stop when the process PID, the supervising server, dies (default: none)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("LLAMA_MESH_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LLAMA_MESH_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO, from $LLAMA_MESH_LOG_LEVEL)",
+    )
     return parser
 
 
 async def run(args: argparse.Namespace) -> int:
-    """Connect, load the workflow, run until SIGTERM/SIGINT; returns the exit status."""
-    queue = await connect_nats(args.nats.split(","), login=args.login)
+    """Join the mesh as a replica of the service, until SIGTERM/SIGINT; the exit status."""
     try:
-        cp = await ControlPlane.open(queue)
-        try:
-            record = await cp.get_deployment(args.deployment)
-            config = parse_deployment_config(record.config_yaml)
-            if args.service not in config.services:
-                raise MeshError(f"service '{args.service}' is not in '{args.deployment}'")
-            service = config.services[args.service]
-            source_dir = args.source_dir
-            if source_dir is None:
-                dest = Path(tempfile.mkdtemp(prefix=f"llama-mesh-{args.deployment}-"))
-                source_dir = await sync_source(
-                    service.source,
-                    base_path=Path(record.base_path or "."),
-                    dest=dest,
-                    policy=SourcePolicy(allowed_local_roots=None, allowed_git_prefixes=None),
-                    local=record.local,
-                )
-            workflow = load_workflow(source_dir, service.path or "")
-        except (MeshError, ValueError) as exc:
-            print(f"llama-mesh worker: cannot start {args.service}: {exc}", file=sys.stderr)
-            return EXIT_BAD_SERVICE
-        settings = WorkerSettings(
+        service = await WorkflowService.connect(
             deployment=args.deployment,
-            service_id=args.service,
-            max_concurrent_tasks=service.max_concurrent_tasks,
-            max_retries=service.max_retries,
-            timeout=service.timeout,
+            service=args.service,
+            nats=args.nats,
+            login=args.login,
+            source_dir=args.source_dir,
             ack_wait=args.ack_wait,
             generation=args.generation,
-            **({"instance_id": args.instance_id} if args.instance_id else {}),
+            instance_id=args.instance_id,
         )
-        worker = Worker(queue, cp, workflow, settings)
-        server, health_servicer, port = await start_info_server(worker, workflow)
-        worker.instance.address = f"127.0.0.1:{port}"
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop_soon)
-        try:
-            await worker.run()
-        finally:
-            await health_servicer.enter_graceful_shutdown()
-            await server.stop(grace=2.0)
-        return 0
-    finally:
-        with contextlib.suppress(Exception):  # a broker that is gone must not keep us alive
-            async with asyncio.timeout(10):
-                await queue.close()
+    except (MeshError, ValueError) as exc:
+        print(f"llama-mesh worker: cannot start {args.service}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SERVICE
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop_soon)
+    await service.run()
+    return 0
 
 
 def exit_with_parent(parent: int) -> None:
@@ -122,9 +109,9 @@ def exit_with_parent(parent: int) -> None:
         sys.exit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "llamactl worker") -> int:
+    """Entry point of a worker process (``prog``: the name its usage lines show)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not args.nats:
         parser.error(f"the NATS URL is needed: --nats URL or ${NATS_URL_VARIABLE}")
@@ -139,4 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m llama_mesh.server.service"))

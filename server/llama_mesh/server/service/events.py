@@ -10,7 +10,7 @@ the text llama-index's ``JsonSerializer`` produced (``{"__is_pydantic": true, "v
 "qualified_name": ..}``), which is what Llama Deploy 0.8 clients send. The type is mapped
 onto a class that exists in the worker: first the exact class when it is importable here,
 then a class of the same name among the events the workflow's steps accept, then the
-framework's own events (``workflows.events``).
+events of the workflow's own library (its :class:`~.families.WorkflowFamily`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import json
 import sys
 from typing import Any
 
-from workflows import Workflow
-from workflows import events as wf_events
-from workflows.events import Event
-
 from llama_mesh.server.domain import HumanEvent, JsonValue
 from llama_mesh.server.errors import InvalidArgumentError
 from llama_mesh.server.jsontext import parse_json_text
+from llama_mesh.server.service.families import WorkflowFamily, family_of
 
 
 def qualified_name(obj: object) -> str:
@@ -52,7 +49,7 @@ def to_json_value(value: Any) -> JsonValue:
     return value
 
 
-def event_data(event: Event) -> dict[str, JsonValue]:
+def event_data(event: Any) -> dict[str, JsonValue]:
     """The fields of an event as a JSON object."""
     dumped = event.model_dump(mode="json")
     extra = dumped.pop("_data", None)
@@ -85,17 +82,7 @@ def parse_serialized_event(text: str) -> HumanEvent:
     )
 
 
-def _accepted_event_classes(workflow: Workflow) -> list[type[Event]]:
-    classes: list[type[Event]] = []
-    for step in workflow._get_steps().values():
-        config = getattr(step, "_step_config", None)
-        for accepted in getattr(config, "accepted_events", []) or []:
-            if isinstance(accepted, type) and issubclass(accepted, Event):
-                classes.append(accepted)
-    return classes
-
-
-def _import_class(name: str) -> type[Event] | None:
+def _import_class(name: str, family: WorkflowFamily) -> type[Any] | None:
     # Only modules already imported in the worker: a client-supplied type name must never
     # make the worker import (and so run) a module it names.
     module_name, _, class_name = name.rpartition(".")
@@ -103,29 +90,36 @@ def _import_class(name: str) -> type[Event] | None:
     if module is None:
         return None
     cls = getattr(module, class_name, None)
-    return cls if isinstance(cls, type) and issubclass(cls, Event) else None
+    return cls if isinstance(cls, type) and issubclass(cls, family.event) else None
 
 
-def resolve_event_class(type_name: str, workflow: Workflow) -> type[Event]:
-    """The worker's class for an incoming event type; :class:`InvalidArgumentError` if none."""
-    exact = _import_class(type_name)
+def resolve_event_class(type_name: str, workflow: object) -> type[Any]:
+    """The worker's class for an incoming event type; :class:`InvalidArgumentError` if none.
+
+    Only classes of the workflow's own family qualify: a 0.8 client's
+    ``llama_index.core.workflow.events.HumanResponseEvent`` becomes the
+    ``HumanResponseEvent`` the workflow's library defines.
+    """
+    family = family_of(workflow)
+    exact = _import_class(type_name, family)
     if exact is not None:
         return exact
     bare = type_name.rpartition(".")[2]
-    for cls in _accepted_event_classes(workflow):
+    accepted = family.accepted_events(workflow)
+    for cls in accepted:
         if cls.__name__ == bare:
             return cls
-    builtin = getattr(wf_events, bare, None)
-    if isinstance(builtin, type) and issubclass(builtin, Event):
+    builtin = getattr(family.events_module, bare, None)
+    if isinstance(builtin, type) and issubclass(builtin, family.event):
         return builtin
     raise InvalidArgumentError(
         f"unknown event type '{type_name}': the workflow accepts "
-        + ", ".join(sorted({c.__name__ for c in _accepted_event_classes(workflow)})),
+        + ", ".join(sorted({c.__name__ for c in accepted})),
         reason="UNKNOWN_EVENT_TYPE",
     )
 
 
-def build_event(event: HumanEvent, workflow: Workflow) -> Event:
+def build_event(event: HumanEvent, workflow: object) -> Any:
     """Instantiate an incoming event as the worker's class; field errors name the field."""
     cls = resolve_event_class(event.type, workflow)
     try:

@@ -7,20 +7,21 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
-
-from workflows import Workflow
+from typing import Any
 
 from llama_mesh.server.errors import InvalidArgumentError
+from llama_mesh.server.service.families import family_of
 
 
-def load_workflow(source_dir: Path, path: str) -> Workflow:
-    """The ``Workflow`` named by ``path`` (``dir/module:attr`` or ``module:attr``).
+def load_workflow(source_dir: Path, path: str) -> Any:
+    """The workflow named by ``path`` (``dir/module:attr`` or ``module:attr``).
 
     ``dir`` is relative to ``source_dir`` and is put first on ``sys.path``, so the
     service's own modules import as they do when run by hand. The module itself is loaded
     from its file, so a service module may share its name with an installed package (a
     ``workflows.py`` next to the ``workflows`` library). A ``Workflow`` subclass (rather than
-    an instance) is instantiated without arguments.
+    an instance) is instantiated without arguments. The object is a workflow of one of the
+    families in :mod:`~llama_mesh.server.service.families`.
     """
     location, sep, attr = path.rpartition(":")
     if not sep or not location or not attr:
@@ -41,13 +42,15 @@ def load_workflow(source_dir: Path, path: str) -> Workflow:
     obj = getattr(module, attr, None)
     if obj is None:
         raise InvalidArgumentError(f"module '{module_name}' has no attribute '{attr}'")
-    if isinstance(obj, type) and issubclass(obj, Workflow):
-        obj = obj()
-    if not isinstance(obj, Workflow):
+    try:
+        family_of(obj)
+    except InvalidArgumentError:
+        what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
         raise InvalidArgumentError(
-            f"'{path}' is a {type(obj).__name__}, not a workflows.Workflow instance"
-        )
-    return obj
+            f"'{path}' is a {what}, not a workflows.Workflow "
+            "(nor a llama_index.core.workflow.Workflow) instance"
+        ) from None
+    return obj() if isinstance(obj, type) else obj
 
 
 def _import(module_dir: Path, name: str) -> ModuleType:

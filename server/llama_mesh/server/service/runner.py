@@ -1,6 +1,8 @@
 """Run one task's workflow: restore context, stream events, take input, save context.
 
-Nothing here knows about queues: the worker hands in callbacks and an input iterator.
+Nothing here knows about queues: the worker hands in callbacks and an input iterator; nor
+about one workflow library: the workflow's :class:`~.families.WorkflowFamily` names the
+classes to look for.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workflows import Context, Workflow
-from workflows.errors import WorkflowCancelledByUser, WorkflowTimeoutError
-from workflows.events import InputRequiredEvent, StopEvent
-
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.domain import HumanEvent, JsonValue, TaskError, TaskStatus
 from llama_mesh.server.errors import MeshError
-from llama_mesh.server.queues.base import QueueError
+from llama_mesh.server.queues.base import MessageTooLargeError, QueueError
 from llama_mesh.server.service.events import build_event, event_data, qualified_name, to_json_value
+from llama_mesh.server.service.families import WorkflowFamily, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class RunOutcome:
 
 
 async def run_workflow(
-    workflow: Workflow,
+    workflow: object,
     kwargs: dict[str, JsonValue],
     *,
     context_json: bytes | None,
@@ -72,8 +71,8 @@ async def run_workflow(
     workflow writes an ``InputRequiredEvent`` (it is about to wait for an input).
     """
     try:
-        ctx = Context.from_dict(workflow, json.loads(context_json)) if context_json else None
-        handler = workflow.run(ctx=ctx, **kwargs)
+        family = family_of(workflow)
+        handler = family.start(workflow, json.loads(context_json) if context_json else None, kwargs)
     except Exception as exc:
         return RunOutcome(TaskStatus.FAILED, error=_error_of(exc))
 
@@ -93,9 +92,9 @@ async def run_workflow(
 
     async def stream() -> JsonValue:
         async for event in handler.stream_events():
-            if isinstance(event, InputRequiredEvent) and on_input_required is not None:
+            if isinstance(event, family.input_required_event) and on_input_required is not None:
                 on_input_required()
-            if not isinstance(event, StopEvent):
+            if not isinstance(event, family.stop_event):
                 await on_event(qualified_name(event), event_data(event))
         return to_json_value(await handler)
 
@@ -104,7 +103,7 @@ async def run_workflow(
         async with asyncio.timeout(timeout):
             result = await stream()
         outcome = RunOutcome(TaskStatus.SUCCEEDED, result=result)
-    except WorkflowCancelledByUser:
+    except family.cancelled_error:
         reason = cancelled[0].reason if cancelled else "cancelled"
         outcome = RunOutcome(TaskStatus.CANCELLED, error=TaskError("Cancelled", reason))
     except TimeoutError:
@@ -113,18 +112,27 @@ async def run_workflow(
             TaskStatus.FAILED,
             error=TaskError("TimeoutError", f"the task did not finish within {timeout} s"),
         )
+    except MessageTooLargeError as exc:
+        # Too large now is too large on every delivery: fail once, saying why.
+        await handler.cancel_run()
+        error = TaskError(
+            "MessageTooLarge",
+            f"an event of the task is {exc.size} bytes, more than the message queue's limit "
+            f"of {exc.limit} bytes (NATS max_payload): it cannot be published",
+        )
+        outcome = RunOutcome(TaskStatus.FAILED, error=error)
     except QueueError:
         # The broker failed, not the workflow: let the worker give the task back.
         await handler.cancel_run()
         raise
-    except WorkflowTimeoutError as exc:
+    except family.timeout_error as exc:
         outcome = RunOutcome(TaskStatus.FAILED, error=TaskError("WorkflowTimeoutError", str(exc)))
     except Exception as exc:
         outcome = RunOutcome(TaskStatus.FAILED, error=_error_of(exc))
     finally:
         await _stop(pump)
     saved = _save_context(handler.ctx)
-    blank = saved is not None and _is_blank(workflow, saved[1])
+    blank = saved is not None and _is_blank(family, workflow, saved[1])
     return RunOutcome(
         outcome.status,
         outcome.result,
@@ -148,7 +156,7 @@ def _error_of(exc: BaseException) -> TaskError:
     )
 
 
-def _save_context(ctx: Context) -> tuple[bytes, dict[str, Any]] | None:
+def _save_context(ctx: Any) -> tuple[bytes, dict[str, Any]] | None:
     try:
         data = ctx.to_dict()
         return json.dumps(data).encode(), data
@@ -179,7 +187,7 @@ _EMPTY_STATES: tuple[dict[str, Any], ...] = (
     },
 )
 
-_blank_contexts: weakref.WeakKeyDictionary[Workflow, dict[str, Any]] = weakref.WeakKeyDictionary()
+_blank_contexts: weakref.WeakKeyDictionary[object, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _essence(data: dict[str, Any]) -> dict[str, Any]:
@@ -189,13 +197,13 @@ def _essence(data: dict[str, Any]) -> dict[str, Any]:
     return essence
 
 
-def _is_blank(workflow: Workflow, data: dict[str, Any]) -> bool:
+def _is_blank(family: WorkflowFamily, workflow: object, data: dict[str, Any]) -> bool:
     """Whether ``data`` (a context after a run) equals a fresh context of ``workflow`` but
     for run counters: an empty state store and no queued, running or awaited work."""
     blank = _blank_contexts.get(workflow)
     if blank is None:
         try:
-            blank = _essence(Context(workflow).to_dict())
+            blank = _essence(family.fresh_context(workflow))
         except Exception:
             return False
         _blank_contexts[workflow] = blank

@@ -7,9 +7,10 @@ registry as the instance's ``address``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from workflows import Workflow
 
 from llama_mesh.server import convert
 from llama_mesh.server.grpc_errors import ErrorInterceptor
@@ -22,7 +23,7 @@ SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_n
 class WorkflowServiceServicer(service_pb2_grpc.WorkflowServiceServicer):
     """Describes one replica and the workflow it runs."""
 
-    def __init__(self, worker: Worker, workflow: Workflow) -> None:
+    def __init__(self, worker: Worker, workflow: Any) -> None:
         self._worker = worker
         self._workflow = workflow
 
@@ -45,7 +46,7 @@ class WorkflowServiceServicer(service_pb2_grpc.WorkflowServiceServicer):
 
 
 async def start_info_server(
-    worker: Worker, workflow: Workflow
+    worker: Worker, workflow: Any
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Start the replica's gRPC server on 127.0.0.1; returns it, its health and its port."""
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])

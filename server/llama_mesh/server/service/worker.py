@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from workflows import Workflow
 
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
@@ -52,7 +51,12 @@ from llama_mesh.server.domain import (
     now,
 )
 from llama_mesh.server.errors import NotFoundError
-from llama_mesh.server.queues.base import ConsumerOptions, Delivery, MessageQueue
+from llama_mesh.server.queues.base import (
+    ConsumerOptions,
+    Delivery,
+    MessageQueue,
+    MessageTooLargeError,
+)
 from llama_mesh.server.service.runner import CancelRequest, RunOutcome, TaskInput, run_workflow
 from llama_mesh.v1 import messages_pb2
 
@@ -95,7 +99,7 @@ class Worker:
         self,
         queue: MessageQueue,
         control_plane: ControlPlane,
-        workflow: Workflow,
+        workflow: object,
         settings: WorkerSettings,
         *,
         address: str = "",
@@ -256,11 +260,23 @@ class Worker:
                 logger.warning("task %s has no record; dropping it", task_id, extra=context)
                 await delivery.term()
                 return
-        if outcome.context_json is not None and not (msg.new_session and outcome.context_blank):
-            await self._cp.put_session_state(
-                deployment, task.session_id, outcome.context_json, task_id=task_id
-            )
-        await self._finish(stored, outcome, event_count=count, attempt=attempt, began=began)
+        try:
+            if outcome.context_json is not None and not (msg.new_session and outcome.context_blank):
+                try:
+                    await self._cp.put_session_state(
+                        deployment, task.session_id, outcome.context_json, task_id=task_id
+                    )
+                except MessageTooLargeError as exc:
+                    raise _TooLarge("the session's workflow context", exc) from exc
+            try:
+                await self._finish(stored, outcome, event_count=count, attempt=attempt, began=began)
+            except MessageTooLargeError as exc:
+                raise _TooLarge("the task's record with its result", exc) from exc
+        except _TooLarge as exc:
+            # Too large now is too large on every delivery: fail once, saying why.
+            logger.warning("task %s: %s", task_id, exc.error.message, extra=context)
+            outcome = RunOutcome(TaskStatus.FAILED, error=exc.error)
+            await self._finish(stored, outcome, event_count=count, attempt=attempt, began=began)
         await delivery.ack()
         # Logged once the result is stored and acknowledged: off the way to the caller,
         # and the time covers all this delivery's work.
@@ -493,3 +509,15 @@ def _queued_task(msg: messages_pb2.TaskMessage, input: dict[str, JsonValue]) -> 
 
 class _Stop(Exception):
     """Ends the worker's task group on shutdown."""
+
+
+class _TooLarge(Exception):
+    """What a task produced is too large for the message queue: the task's error."""
+
+    def __init__(self, what: str, exc: MessageTooLargeError) -> None:
+        super().__init__(what)
+        self.error = TaskError(
+            "MessageTooLarge",
+            f"{what} is {exc.size} bytes, more than the message queue's limit of "
+            f"{exc.limit} bytes (NATS max_payload): it cannot be stored",
+        )

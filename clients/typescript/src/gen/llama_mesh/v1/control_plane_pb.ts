@@ -4,17 +4,23 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import { file_google_api_annotations } from "../../google/api/annotations_pb.js";
 import { file_google_api_field_behavior } from "../../google/api/field_behavior_pb.js";
+import type { HttpBody } from "../../google/api/httpbody_pb.js";
+import { file_google_api_httpbody } from "../../google/api/httpbody_pb.js";
+import type { Value } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
-import type { ServiceInstance, Session, Task } from "./types_pb.js";
+import type { LlamaDeployEventDefinition, LlamaDeployTaskDefinition } from "./llama_deploy_api_pb.js";
+import { file_llama_mesh_v1_llama_deploy_api } from "./llama_deploy_api_pb.js";
+import type { ServiceInstance, Task } from "./types_pb.js";
 import { file_llama_mesh_v1_types } from "./types_pb.js";
-import type { JsonObject, Message } from "@bufbuild/protobuf";
+import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file llama_mesh/v1/control_plane.proto.
  */
 export const file_llama_mesh_v1_control_plane: GenFile = /*@__PURE__*/
-  fileDesc("CiFsbGFtYV9tZXNoL3YxL2NvbnRyb2xfcGxhbmUucHJvdG8SDWxsYW1hX21lc2gudjEiVwonQ29udHJvbFBsYW5lTGlzdFNlcnZpY2VJbnN0YW5jZXNSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISEgoKc2VydmljZV9pZBgCIAEoCSJdCihDb250cm9sUGxhbmVMaXN0U2VydmljZUluc3RhbmNlc1Jlc3BvbnNlEjEKCWluc3RhbmNlcxgBIAMoCzIeLmxsYW1hX21lc2gudjEuU2VydmljZUluc3RhbmNlIkIKHUNvbnRyb2xQbGFuZVJlY29yZFRhc2tSZXF1ZXN0EiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siQwoeQ29udHJvbFBsYW5lUmVjb3JkVGFza1Jlc3BvbnNlEiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siTwocQ29udHJvbFBsYW5lV2F0Y2hUYXNrUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhUKB3Rhc2tfaWQYAiABKAlCBOJBAQIiQgodQ29udHJvbFBsYW5lV2F0Y2hUYXNrUmVzcG9uc2USIQoEdGFzaxgBIAEoCzITLmxsYW1hX21lc2gudjEuVGFzayJYCiJDb250cm9sUGxhbmVHZXRTZXNzaW9uU3RhdGVSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISGAoKc2Vzc2lvbl9pZBgCIAEoCUIE4kEBAiJPCiNDb250cm9sUGxhbmVHZXRTZXNzaW9uU3RhdGVSZXNwb25zZRIoCgdjb250ZXh0GAEgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCJNChpDb250cm9sUGxhbmVHZXRUYXNrUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhUKB3Rhc2tfaWQYAiABKAlCBOJBAQIiQAobQ29udHJvbFBsYW5lR2V0VGFza1Jlc3BvbnNlEiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siTAocQ29udHJvbFBsYW5lTGlzdFRhc2tzUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhIKCnNlc3Npb25faWQYAiABKAkiQwodQ29udHJvbFBsYW5lTGlzdFRhc2tzUmVzcG9uc2USIgoFdGFza3MYASADKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siPAogQ29udHJvbFBsYW5lQ3JlYXRlU2Vzc2lvblJlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAiJMCiFDb250cm9sUGxhbmVDcmVhdGVTZXNzaW9uUmVzcG9uc2USJwoHc2Vzc2lvbhgBIAEoCzIWLmxsYW1hX21lc2gudjEuU2Vzc2lvbiJTCh1Db250cm9sUGxhbmVHZXRTZXNzaW9uUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhgKCnNlc3Npb25faWQYAiABKAlCBOJBAQIiSQoeQ29udHJvbFBsYW5lR2V0U2Vzc2lvblJlc3BvbnNlEicKB3Nlc3Npb24YASABKAsyFi5sbGFtYV9tZXNoLnYxLlNlc3Npb24iOwofQ29udHJvbFBsYW5lTGlzdFNlc3Npb25zUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECIkwKIENvbnRyb2xQbGFuZUxpc3RTZXNzaW9uc1Jlc3BvbnNlEigKCHNlc3Npb25zGAEgAygLMhYubGxhbWFfbWVzaC52MS5TZXNzaW9uIlYKIENvbnRyb2xQbGFuZURlbGV0ZVNlc3Npb25SZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISGAoKc2Vzc2lvbl9pZBgCIAEoCUIE4kEBAiIjCiFDb250cm9sUGxhbmVEZWxldGVTZXNzaW9uUmVzcG9uc2Uy9QgKDENvbnRyb2xQbGFuZRKHAQoUTGlzdFNlcnZpY2VJbnN0YW5jZXMSNi5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUxpc3RTZXJ2aWNlSW5zdGFuY2VzUmVxdWVzdBo3LmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lTGlzdFNlcnZpY2VJbnN0YW5jZXNSZXNwb25zZRJpCgpSZWNvcmRUYXNrEiwubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVSZWNvcmRUYXNrUmVxdWVzdBotLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lUmVjb3JkVGFza1Jlc3BvbnNlEmAKB0dldFRhc2sSKS5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUdldFRhc2tSZXF1ZXN0GioubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRUYXNrUmVzcG9uc2USZgoJTGlzdFRhc2tzEisubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVMaXN0VGFza3NSZXF1ZXN0GiwubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVMaXN0VGFza3NSZXNwb25zZRJoCglXYXRjaFRhc2sSKy5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZVdhdGNoVGFza1JlcXVlc3QaLC5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZVdhdGNoVGFza1Jlc3BvbnNlMAEScgoNQ3JlYXRlU2Vzc2lvbhIvLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lQ3JlYXRlU2Vzc2lvblJlcXVlc3QaMC5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUNyZWF0ZVNlc3Npb25SZXNwb25zZRJpCgpHZXRTZXNzaW9uEiwubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRTZXNzaW9uUmVxdWVzdBotLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lR2V0U2Vzc2lvblJlc3BvbnNlEm8KDExpc3RTZXNzaW9ucxIuLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lTGlzdFNlc3Npb25zUmVxdWVzdBovLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lTGlzdFNlc3Npb25zUmVzcG9uc2UScgoNRGVsZXRlU2Vzc2lvbhIvLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lRGVsZXRlU2Vzc2lvblJlcXVlc3QaMC5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZURlbGV0ZVNlc3Npb25SZXNwb25zZRJ4Cg9HZXRTZXNzaW9uU3RhdGUSMS5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUdldFNlc3Npb25TdGF0ZVJlcXVlc3QaMi5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUdldFNlc3Npb25TdGF0ZVJlc3BvbnNlYgZwcm90bzM", [file_google_api_field_behavior, file_google_protobuf_struct, file_llama_mesh_v1_types]);
+  fileDesc("CiFsbGFtYV9tZXNoL3YxL2NvbnRyb2xfcGxhbmUucHJvdG8SDWxsYW1hX21lc2gudjEiVwonQ29udHJvbFBsYW5lTGlzdFNlcnZpY2VJbnN0YW5jZXNSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISEgoKc2VydmljZV9pZBgCIAEoCSJdCihDb250cm9sUGxhbmVMaXN0U2VydmljZUluc3RhbmNlc1Jlc3BvbnNlEjEKCWluc3RhbmNlcxgBIAMoCzIeLmxsYW1hX21lc2gudjEuU2VydmljZUluc3RhbmNlIkIKHUNvbnRyb2xQbGFuZVJlY29yZFRhc2tSZXF1ZXN0EiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siQwoeQ29udHJvbFBsYW5lUmVjb3JkVGFza1Jlc3BvbnNlEiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siTwocQ29udHJvbFBsYW5lV2F0Y2hUYXNrUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhUKB3Rhc2tfaWQYAiABKAlCBOJBAQIiQgodQ29udHJvbFBsYW5lV2F0Y2hUYXNrUmVzcG9uc2USIQoEdGFzaxgBIAEoCzITLmxsYW1hX21lc2gudjEuVGFzayJNChpDb250cm9sUGxhbmVHZXRUYXNrUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhUKB3Rhc2tfaWQYAiABKAlCBOJBAQIiQAobQ29udHJvbFBsYW5lR2V0VGFza1Jlc3BvbnNlEiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siTAocQ29udHJvbFBsYW5lTGlzdFRhc2tzUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhIKCnNlc3Npb25faWQYAiABKAkiQwodQ29udHJvbFBsYW5lTGlzdFRhc2tzUmVzcG9uc2USIgoFdGFza3MYASADKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siMAoaQ29udHJvbFBsYW5lR2V0SW5mb1JlcXVlc3QSEgoKZGVwbG95bWVudBgBIAEoCSJBChtDb250cm9sUGxhbmVHZXRJbmZvUmVzcG9uc2USIgoEYm9keRgBIAEoCzIULmdvb2dsZS5hcGkuSHR0cEJvZHkiNwohQ29udHJvbFBsYW5lR2V0UXVldWVDb25maWdSZXF1ZXN0EhIKCmRlcGxveW1lbnQYASABKAkiSAoiQ29udHJvbFBsYW5lR2V0UXVldWVDb25maWdSZXNwb25zZRIiCgRib2R5GAEgASgLMhQuZ29vZ2xlLmFwaS5IdHRwQm9keSI1Ch9Db250cm9sUGxhbmVMaXN0U2VydmljZXNSZXF1ZXN0EhIKCmRlcGxveW1lbnQYASABKAkiRgogQ29udHJvbFBsYW5lTGlzdFNlcnZpY2VzUmVzcG9uc2USIgoEYm9keRgBIAEoCzIULmdvb2dsZS5hcGkuSHR0cEJvZHkiTwodQ29udHJvbFBsYW5lR2V0U2VydmljZVJlcXVlc3QSEgoKZGVwbG95bWVudBgBIAEoCRIaCgxzZXJ2aWNlX25hbWUYAiABKAlCBOJBAQIiRAoeQ29udHJvbFBsYW5lR2V0U2VydmljZVJlc3BvbnNlEiIKBGJvZHkYASABKAsyFC5nb29nbGUuYXBpLkh0dHBCb2R5IoEBCiJDb250cm9sUGxhbmVSZWdpc3RlclNlcnZpY2VSZXF1ZXN0EhIKCmRlcGxveW1lbnQYASABKAkSRwoSc2VydmljZV9kZWZpbml0aW9uGAIgASgLMisubGxhbWFfbWVzaC52MS5MbGFtYURlcGxveVNlcnZpY2VEZWZpbml0aW9uIkkKI0NvbnRyb2xQbGFuZVJlZ2lzdGVyU2VydmljZVJlc3BvbnNlEiIKBGJvZHkYASABKAsyFC5nb29nbGUuYXBpLkh0dHBCb2R5IlAKJENvbnRyb2xQbGFuZURlcmVnaXN0ZXJTZXJ2aWNlUmVxdWVzdBISCgpkZXBsb3ltZW50GAEgASgJEhQKDHNlcnZpY2VfbmFtZRgCIAEoCSJLCiVDb250cm9sUGxhbmVEZXJlZ2lzdGVyU2VydmljZVJlc3BvbnNlEiIKBGJvZHkYASABKAsyFC5nb29nbGUuYXBpLkh0dHBCb2R5IjYKIENvbnRyb2xQbGFuZUNyZWF0ZVNlc3Npb25SZXF1ZXN0EhIKCmRlcGxveW1lbnQYASABKAkiRwohQ29udHJvbFBsYW5lQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEiIKBGJvZHkYASABKAsyFC5nb29nbGUuYXBpLkh0dHBCb2R5IjUKH0NvbnRyb2xQbGFuZUxpc3RTZXNzaW9uc1JlcXVlc3QSEgoKZGVwbG95bWVudBgBIAEoCSJGCiBDb250cm9sUGxhbmVMaXN0U2Vzc2lvbnNSZXNwb25zZRIiCgRib2R5GAEgASgLMhQuZ29vZ2xlLmFwaS5IdHRwQm9keSJNCh1Db250cm9sUGxhbmVHZXRTZXNzaW9uUmVxdWVzdBISCgpkZXBsb3ltZW50GAEgASgJEhgKCnNlc3Npb25faWQYAiABKAlCBOJBAQIiRAoeQ29udHJvbFBsYW5lR2V0U2Vzc2lvblJlc3BvbnNlEiIKBGJvZHkYASABKAsyFC5nb29nbGUuYXBpLkh0dHBCb2R5IlAKIENvbnRyb2xQbGFuZURlbGV0ZVNlc3Npb25SZXF1ZXN0EhIKCmRlcGxveW1lbnQYASABKAkSGAoKc2Vzc2lvbl9pZBgCIAEoCUIE4kEBAiJHCiFDb250cm9sUGxhbmVEZWxldGVTZXNzaW9uUmVzcG9uc2USIgoEYm9keRgBIAEoCzIULmdvb2dsZS5hcGkuSHR0cEJvZHkilwEKJENvbnRyb2xQbGFuZUNyZWF0ZVNlc3Npb25UYXNrUmVxdWVzdBISCgpkZXBsb3ltZW50GAEgASgJEhgKCnNlc3Npb25faWQYAiABKAlCBOJBAQISQQoPdGFza19kZWZpbml0aW9uGAMgASgLMigubGxhbWFfbWVzaC52MS5MbGFtYURlcGxveVRhc2tEZWZpbml0aW9uIksKJUNvbnRyb2xQbGFuZUNyZWF0ZVNlc3Npb25UYXNrUmVzcG9uc2USIgoEYm9keRgBIAEoCzIULmdvb2dsZS5hcGkuSHR0cEJvZHkiUwojQ29udHJvbFBsYW5lTGlzdFNlc3Npb25UYXNrc1JlcXVlc3QSEgoKZGVwbG95bWVudBgBIAEoCRIYCgpzZXNzaW9uX2lkGAIgASgJQgTiQQECIkoKJENvbnRyb2xQbGFuZUxpc3RTZXNzaW9uVGFza3NSZXNwb25zZRIiCgRib2R5GAEgASgLMhQuZ29vZ2xlLmFwaS5IdHRwQm9keSJRCiFDb250cm9sUGxhbmVHZXRDdXJyZW50VGFza1JlcXVlc3QSEgoKZGVwbG95bWVudBgBIAEoCRIYCgpzZXNzaW9uX2lkGAIgASgJQgTiQQECIkgKIkNvbnRyb2xQbGFuZUdldEN1cnJlbnRUYXNrUmVzcG9uc2USIgoEYm9keRgBIAEoCzIULmdvb2dsZS5hcGkuSHR0cEJvZHkiZwogQ29udHJvbFBsYW5lR2V0VGFza1Jlc3VsdFJlcXVlc3QSEgoKZGVwbG95bWVudBgBIAEoCRIYCgpzZXNzaW9uX2lkGAIgASgJQgTiQQECEhUKB3Rhc2tfaWQYAyABKAlCBOJBAQIiRwohQ29udHJvbFBsYW5lR2V0VGFza1Jlc3VsdFJlc3BvbnNlEiIKBGJvZHkYASABKAsyFC5nb29nbGUuYXBpLkh0dHBCb2R5ImoKI0NvbnRyb2xQbGFuZVN0cmVhbVRhc2tSZXN1bHRSZXF1ZXN0EhIKCmRlcGxveW1lbnQYASABKAkSGAoKc2Vzc2lvbl9pZBgCIAEoCUIE4kEBAhIVCgd0YXNrX2lkGAMgASgJQgTiQQECIkoKJENvbnRyb2xQbGFuZVN0cmVhbVRhc2tSZXN1bHRSZXNwb25zZRIiCgRib2R5GAEgASgLMhQuZ29vZ2xlLmFwaS5IdHRwQm9keSKoAQocQ29udHJvbFBsYW5lU2VuZEV2ZW50UmVxdWVzdBISCgpkZXBsb3ltZW50GAEgASgJEhgKCnNlc3Npb25faWQYAiABKAlCBOJBAQISFQoHdGFza19pZBgDIAEoCUIE4kEBAhJDChBldmVudF9kZWZpbml0aW9uGAQgASgLMikubGxhbWFfbWVzaC52MS5MbGFtYURlcGxveUV2ZW50RGVmaW5pdGlvbiJDCh1Db250cm9sUGxhbmVTZW5kRXZlbnRSZXNwb25zZRIiCgRib2R5GAEgASgLMhQuZ29vZ2xlLmFwaS5IdHRwQm9keSJSCiJDb250cm9sUGxhbmVHZXRTZXNzaW9uU3RhdGVSZXF1ZXN0EhIKCmRlcGxveW1lbnQYASABKAkSGAoKc2Vzc2lvbl9pZBgCIAEoCUIE4kEBAiJJCiNDb250cm9sUGxhbmVHZXRTZXNzaW9uU3RhdGVSZXNwb25zZRIiCgRib2R5GAEgASgLMhQuZ29vZ2xlLmFwaS5IdHRwQm9keSKpAQocTGxhbWFEZXBsb3lTZXJ2aWNlRGVmaW5pdGlvbhIUCgxzZXJ2aWNlX25hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSJgoGcHJvbXB0GAMgAygLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEhEKBGhvc3QYBCABKAlIAIgBARIRCgRwb3J0GAUgASgFSAGIAQFCBwoFX2hvc3RCBwoFX3BvcnQy9BkKDENvbnRyb2xQbGFuZRKHAQoUTGlzdFNlcnZpY2VJbnN0YW5jZXMSNi5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUxpc3RTZXJ2aWNlSW5zdGFuY2VzUmVxdWVzdBo3LmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lTGlzdFNlcnZpY2VJbnN0YW5jZXNSZXNwb25zZRJpCgpSZWNvcmRUYXNrEiwubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVSZWNvcmRUYXNrUmVxdWVzdBotLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lUmVjb3JkVGFza1Jlc3BvbnNlEmAKB0dldFRhc2sSKS5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUdldFRhc2tSZXF1ZXN0GioubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRUYXNrUmVzcG9uc2USZgoJTGlzdFRhc2tzEisubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVMaXN0VGFza3NSZXF1ZXN0GiwubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVMaXN0VGFza3NSZXNwb25zZRJoCglXYXRjaFRhc2sSKy5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZVdhdGNoVGFza1JlcXVlc3QaLC5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZVdhdGNoVGFza1Jlc3BvbnNlMAEScQoHR2V0SW5mbxIpLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lR2V0SW5mb1JlcXVlc3QaKi5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUdldEluZm9SZXNwb25zZSIPgtPkkwIJEgEvYgRib2R5EpIBCg5HZXRRdWV1ZUNvbmZpZxIwLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lR2V0UXVldWVDb25maWdSZXF1ZXN0GjEubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRRdWV1ZUNvbmZpZ1Jlc3BvbnNlIhuC0+STAhUSDS9xdWV1ZV9jb25maWdiBGJvZHkSiAEKDExpc3RTZXJ2aWNlcxIuLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lTGlzdFNlcnZpY2VzUmVxdWVzdBovLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lTGlzdFNlcnZpY2VzUmVzcG9uc2UiF4LT5JMCERIJL3NlcnZpY2VzYgRib2R5EpEBCgpHZXRTZXJ2aWNlEiwubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRTZXJ2aWNlUmVxdWVzdBotLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lR2V0U2VydmljZVJlc3BvbnNlIiaC0+STAiASGC9zZXJ2aWNlcy97c2VydmljZV9uYW1lfWIEYm9keRKuAQoPUmVnaXN0ZXJTZXJ2aWNlEjEubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVSZWdpc3RlclNlcnZpY2VSZXF1ZXN0GjIubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVSZWdpc3RlclNlcnZpY2VSZXNwb25zZSI0gtPkkwIuIhIvc2VydmljZXMvcmVnaXN0ZXI6EnNlcnZpY2VfZGVmaW5pdGlvbmIEYm9keRKiAQoRRGVyZWdpc3RlclNlcnZpY2USMy5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZURlcmVnaXN0ZXJTZXJ2aWNlUmVxdWVzdBo0LmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lRGVyZWdpc3RlclNlcnZpY2VSZXNwb25zZSIigtPkkwIcIhQvc2VydmljZXMvZGVyZWdpc3RlcmIEYm9keRKSAQoNQ3JlYXRlU2Vzc2lvbhIvLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lQ3JlYXRlU2Vzc2lvblJlcXVlc3QaMC5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUNyZWF0ZVNlc3Npb25SZXNwb25zZSIegtPkkwIYIhAvc2Vzc2lvbnMvY3JlYXRlYgRib2R5EogBCgxMaXN0U2Vzc2lvbnMSLi5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUxpc3RTZXNzaW9uc1JlcXVlc3QaLy5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUxpc3RTZXNzaW9uc1Jlc3BvbnNlIheC0+STAhESCS9zZXNzaW9uc2IEYm9keRKPAQoKR2V0U2Vzc2lvbhIsLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lR2V0U2Vzc2lvblJlcXVlc3QaLS5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUdldFNlc3Npb25SZXNwb25zZSIkgtPkkwIeEhYvc2Vzc2lvbnMve3Nlc3Npb25faWR9YgRib2R5Ep8BCg1EZWxldGVTZXNzaW9uEi8ubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVEZWxldGVTZXNzaW9uUmVxdWVzdBowLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lRGVsZXRlU2Vzc2lvblJlc3BvbnNlIiuC0+STAiUiHS9zZXNzaW9ucy97c2Vzc2lvbl9pZH0vZGVsZXRlYgRib2R5ErsBChFDcmVhdGVTZXNzaW9uVGFzaxIzLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lQ3JlYXRlU2Vzc2lvblRhc2tSZXF1ZXN0GjQubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVDcmVhdGVTZXNzaW9uVGFza1Jlc3BvbnNlIjuC0+STAjUiHC9zZXNzaW9ucy97c2Vzc2lvbl9pZH0vdGFza3M6D3Rhc2tfZGVmaW5pdGlvbmIEYm9keRKnAQoQTGlzdFNlc3Npb25UYXNrcxIyLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lTGlzdFNlc3Npb25UYXNrc1JlcXVlc3QaMy5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZUxpc3RTZXNzaW9uVGFza3NSZXNwb25zZSIqgtPkkwIkEhwvc2Vzc2lvbnMve3Nlc3Npb25faWR9L3Rhc2tzYgRib2R5EqgBCg5HZXRDdXJyZW50VGFzaxIwLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lR2V0Q3VycmVudFRhc2tSZXF1ZXN0GjEubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRDdXJyZW50VGFza1Jlc3BvbnNlIjGC0+STAisSIy9zZXNzaW9ucy97c2Vzc2lvbl9pZH0vY3VycmVudF90YXNrYgRib2R5Eq8BCg1HZXRUYXNrUmVzdWx0Ei8ubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRUYXNrUmVzdWx0UmVxdWVzdBowLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lR2V0VGFza1Jlc3VsdFJlc3BvbnNlIjuC0+STAjUSLS9zZXNzaW9ucy97c2Vzc2lvbl9pZH0vdGFza3Mve3Rhc2tfaWR9L3Jlc3VsdGIEYm9keRLBAQoQU3RyZWFtVGFza1Jlc3VsdBIyLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lU3RyZWFtVGFza1Jlc3VsdFJlcXVlc3QaMy5sbGFtYV9tZXNoLnYxLkNvbnRyb2xQbGFuZVN0cmVhbVRhc2tSZXN1bHRSZXNwb25zZSJCgtPkkwI8EjQvc2Vzc2lvbnMve3Nlc3Npb25faWR9L3Rhc2tzL3t0YXNrX2lkfS9yZXN1bHRfc3RyZWFtYgRib2R5MAESuQEKCVNlbmRFdmVudBIrLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lU2VuZEV2ZW50UmVxdWVzdBosLmxsYW1hX21lc2gudjEuQ29udHJvbFBsYW5lU2VuZEV2ZW50UmVzcG9uc2UiUYLT5JMCSyIxL3Nlc3Npb25zL3tzZXNzaW9uX2lkfS90YXNrcy97dGFza19pZH0vc2VuZF9ldmVudDoQZXZlbnRfZGVmaW5pdGlvbmIEYm9keRKkAQoPR2V0U2Vzc2lvblN0YXRlEjEubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRTZXNzaW9uU3RhdGVSZXF1ZXN0GjIubGxhbWFfbWVzaC52MS5Db250cm9sUGxhbmVHZXRTZXNzaW9uU3RhdGVSZXNwb25zZSIqgtPkkwIkEhwvc2Vzc2lvbnMve3Nlc3Npb25faWR9L3N0YXRlYgRib2R5YgZwcm90bzM", [file_google_api_annotations, file_google_api_field_behavior, file_google_api_httpbody, file_google_protobuf_struct, file_llama_mesh_v1_llama_deploy_api, file_llama_mesh_v1_types]);
 
 /**
  * ControlPlaneListServiceInstancesRequest names a deployment.
@@ -157,55 +163,6 @@ export const ControlPlaneWatchTaskResponseSchema: GenMessage<ControlPlaneWatchTa
   messageDesc(file_llama_mesh_v1_control_plane, 5);
 
 /**
- * ControlPlaneGetSessionStateRequest names a session.
- *
- * @generated from message llama_mesh.v1.ControlPlaneGetSessionStateRequest
- */
-export type ControlPlaneGetSessionStateRequest = Message<"llama_mesh.v1.ControlPlaneGetSessionStateRequest"> & {
-  /**
-   * deployment is the deployment's name.
-   *
-   * @generated from field: string deployment = 1;
-   */
-  deployment: string;
-
-  /**
-   * session_id identifies the session.
-   *
-   * @generated from field: string session_id = 2;
-   */
-  sessionId: string;
-};
-
-/**
- * Describes the message llama_mesh.v1.ControlPlaneGetSessionStateRequest.
- * Use `create(ControlPlaneGetSessionStateRequestSchema)` to create a new message.
- */
-export const ControlPlaneGetSessionStateRequestSchema: GenMessage<ControlPlaneGetSessionStateRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 6);
-
-/**
- * ControlPlaneGetSessionStateResponse returns a session's stored workflow context.
- *
- * @generated from message llama_mesh.v1.ControlPlaneGetSessionStateResponse
- */
-export type ControlPlaneGetSessionStateResponse = Message<"llama_mesh.v1.ControlPlaneGetSessionStateResponse"> & {
-  /**
-   * context is the serialized workflow context, or unset when none was saved yet.
-   *
-   * @generated from field: google.protobuf.Struct context = 1;
-   */
-  context?: JsonObject | undefined;
-};
-
-/**
- * Describes the message llama_mesh.v1.ControlPlaneGetSessionStateResponse.
- * Use `create(ControlPlaneGetSessionStateResponseSchema)` to create a new message.
- */
-export const ControlPlaneGetSessionStateResponseSchema: GenMessage<ControlPlaneGetSessionStateResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 7);
-
-/**
  * ControlPlaneGetTaskRequest names a task.
  *
  * @generated from message llama_mesh.v1.ControlPlaneGetTaskRequest
@@ -231,7 +188,7 @@ export type ControlPlaneGetTaskRequest = Message<"llama_mesh.v1.ControlPlaneGetT
  * Use `create(ControlPlaneGetTaskRequestSchema)` to create a new message.
  */
 export const ControlPlaneGetTaskRequestSchema: GenMessage<ControlPlaneGetTaskRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 8);
+  messageDesc(file_llama_mesh_v1_control_plane, 6);
 
 /**
  * ControlPlaneGetTaskResponse returns a task.
@@ -252,7 +209,7 @@ export type ControlPlaneGetTaskResponse = Message<"llama_mesh.v1.ControlPlaneGet
  * Use `create(ControlPlaneGetTaskResponseSchema)` to create a new message.
  */
 export const ControlPlaneGetTaskResponseSchema: GenMessage<ControlPlaneGetTaskResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 9);
+  messageDesc(file_llama_mesh_v1_control_plane, 7);
 
 /**
  * ControlPlaneListTasksRequest names a deployment.
@@ -280,7 +237,7 @@ export type ControlPlaneListTasksRequest = Message<"llama_mesh.v1.ControlPlaneLi
  * Use `create(ControlPlaneListTasksRequestSchema)` to create a new message.
  */
 export const ControlPlaneListTasksRequestSchema: GenMessage<ControlPlaneListTasksRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 10);
+  messageDesc(file_llama_mesh_v1_control_plane, 8);
 
 /**
  * ControlPlaneListTasksResponse lists tasks.
@@ -301,16 +258,289 @@ export type ControlPlaneListTasksResponse = Message<"llama_mesh.v1.ControlPlaneL
  * Use `create(ControlPlaneListTasksResponseSchema)` to create a new message.
  */
 export const ControlPlaneListTasksResponseSchema: GenMessage<ControlPlaneListTasksResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 9);
+
+/**
+ * ControlPlaneGetInfoRequest is the request of GetInfo.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetInfoRequest
+ */
+export type ControlPlaneGetInfoRequest = Message<"llama_mesh.v1.ControlPlaneGetInfoRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetInfoRequest.
+ * Use `create(ControlPlaneGetInfoRequestSchema)` to create a new message.
+ */
+export const ControlPlaneGetInfoRequestSchema: GenMessage<ControlPlaneGetInfoRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 10);
+
+/**
+ * ControlPlaneGetInfoResponse is the answer of GetInfo.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetInfoResponse
+ */
+export type ControlPlaneGetInfoResponse = Message<"llama_mesh.v1.ControlPlaneGetInfoResponse"> & {
+  /**
+   * body is the JSON answer: an object of the control plane's settings.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetInfoResponse.
+ * Use `create(ControlPlaneGetInfoResponseSchema)` to create a new message.
+ */
+export const ControlPlaneGetInfoResponseSchema: GenMessage<ControlPlaneGetInfoResponse> = /*@__PURE__*/
   messageDesc(file_llama_mesh_v1_control_plane, 11);
 
 /**
- * ControlPlaneCreateSessionRequest names a deployment.
+ * ControlPlaneGetQueueConfigRequest is the request of GetQueueConfig.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetQueueConfigRequest
+ */
+export type ControlPlaneGetQueueConfigRequest = Message<"llama_mesh.v1.ControlPlaneGetQueueConfigRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetQueueConfigRequest.
+ * Use `create(ControlPlaneGetQueueConfigRequestSchema)` to create a new message.
+ */
+export const ControlPlaneGetQueueConfigRequestSchema: GenMessage<ControlPlaneGetQueueConfigRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 12);
+
+/**
+ * ControlPlaneGetQueueConfigResponse is the answer of GetQueueConfig.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetQueueConfigResponse
+ */
+export type ControlPlaneGetQueueConfigResponse = Message<"llama_mesh.v1.ControlPlaneGetQueueConfigResponse"> & {
+  /**
+   * body is the JSON answer: an object with one key, the queue's 0.8 config class name.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetQueueConfigResponse.
+ * Use `create(ControlPlaneGetQueueConfigResponseSchema)` to create a new message.
+ */
+export const ControlPlaneGetQueueConfigResponseSchema: GenMessage<ControlPlaneGetQueueConfigResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 13);
+
+/**
+ * ControlPlaneListServicesRequest is the request of ListServices.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneListServicesRequest
+ */
+export type ControlPlaneListServicesRequest = Message<"llama_mesh.v1.ControlPlaneListServicesRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneListServicesRequest.
+ * Use `create(ControlPlaneListServicesRequestSchema)` to create a new message.
+ */
+export const ControlPlaneListServicesRequestSchema: GenMessage<ControlPlaneListServicesRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 14);
+
+/**
+ * ControlPlaneListServicesResponse is the answer of ListServices.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneListServicesResponse
+ */
+export type ControlPlaneListServicesResponse = Message<"llama_mesh.v1.ControlPlaneListServicesResponse"> & {
+  /**
+   * body is the JSON answer: an object of `LlamaDeployServiceDefinition`s by name.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneListServicesResponse.
+ * Use `create(ControlPlaneListServicesResponseSchema)` to create a new message.
+ */
+export const ControlPlaneListServicesResponseSchema: GenMessage<ControlPlaneListServicesResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 15);
+
+/**
+ * ControlPlaneGetServiceRequest is the request of GetService.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetServiceRequest
+ */
+export type ControlPlaneGetServiceRequest = Message<"llama_mesh.v1.ControlPlaneGetServiceRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * service_name names the service.
+   *
+   * @generated from field: string service_name = 2;
+   */
+  serviceName: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetServiceRequest.
+ * Use `create(ControlPlaneGetServiceRequestSchema)` to create a new message.
+ */
+export const ControlPlaneGetServiceRequestSchema: GenMessage<ControlPlaneGetServiceRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 16);
+
+/**
+ * ControlPlaneGetServiceResponse is the answer of GetService.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetServiceResponse
+ */
+export type ControlPlaneGetServiceResponse = Message<"llama_mesh.v1.ControlPlaneGetServiceResponse"> & {
+  /**
+   * body is the JSON answer: a `LlamaDeployServiceDefinition`.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetServiceResponse.
+ * Use `create(ControlPlaneGetServiceResponseSchema)` to create a new message.
+ */
+export const ControlPlaneGetServiceResponseSchema: GenMessage<ControlPlaneGetServiceResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 17);
+
+/**
+ * ControlPlaneRegisterServiceRequest is the request of RegisterService.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneRegisterServiceRequest
+ */
+export type ControlPlaneRegisterServiceRequest = Message<"llama_mesh.v1.ControlPlaneRegisterServiceRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * service_definition is the service to record (the JSON body).
+   *
+   * @generated from field: llama_mesh.v1.LlamaDeployServiceDefinition service_definition = 2;
+   */
+  serviceDefinition?: LlamaDeployServiceDefinition | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneRegisterServiceRequest.
+ * Use `create(ControlPlaneRegisterServiceRequestSchema)` to create a new message.
+ */
+export const ControlPlaneRegisterServiceRequestSchema: GenMessage<ControlPlaneRegisterServiceRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 18);
+
+/**
+ * ControlPlaneRegisterServiceResponse is the answer of RegisterService.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneRegisterServiceResponse
+ */
+export type ControlPlaneRegisterServiceResponse = Message<"llama_mesh.v1.ControlPlaneRegisterServiceResponse"> & {
+  /**
+   * body is the JSON answer: the control plane's settings, as `GetInfo` returns them.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneRegisterServiceResponse.
+ * Use `create(ControlPlaneRegisterServiceResponseSchema)` to create a new message.
+ */
+export const ControlPlaneRegisterServiceResponseSchema: GenMessage<ControlPlaneRegisterServiceResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 19);
+
+/**
+ * ControlPlaneDeregisterServiceRequest is the request of DeregisterService.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneDeregisterServiceRequest
+ */
+export type ControlPlaneDeregisterServiceRequest = Message<"llama_mesh.v1.ControlPlaneDeregisterServiceRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * service_name names the registered service to forget (a query parameter).
+   *
+   * @generated from field: string service_name = 2;
+   */
+  serviceName: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneDeregisterServiceRequest.
+ * Use `create(ControlPlaneDeregisterServiceRequestSchema)` to create a new message.
+ */
+export const ControlPlaneDeregisterServiceRequestSchema: GenMessage<ControlPlaneDeregisterServiceRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 20);
+
+/**
+ * ControlPlaneDeregisterServiceResponse is the answer of DeregisterService.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneDeregisterServiceResponse
+ */
+export type ControlPlaneDeregisterServiceResponse = Message<"llama_mesh.v1.ControlPlaneDeregisterServiceResponse"> & {
+  /**
+   * body is the JSON answer: the JSON `null`.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneDeregisterServiceResponse.
+ * Use `create(ControlPlaneDeregisterServiceResponseSchema)` to create a new message.
+ */
+export const ControlPlaneDeregisterServiceResponseSchema: GenMessage<ControlPlaneDeregisterServiceResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 21);
+
+/**
+ * ControlPlaneCreateSessionRequest is the request of CreateSession.
  *
  * @generated from message llama_mesh.v1.ControlPlaneCreateSessionRequest
  */
 export type ControlPlaneCreateSessionRequest = Message<"llama_mesh.v1.ControlPlaneCreateSessionRequest"> & {
   /**
-   * deployment is the deployment's name.
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
    *
    * @generated from field: string deployment = 1;
    */
@@ -322,20 +552,20 @@ export type ControlPlaneCreateSessionRequest = Message<"llama_mesh.v1.ControlPla
  * Use `create(ControlPlaneCreateSessionRequestSchema)` to create a new message.
  */
 export const ControlPlaneCreateSessionRequestSchema: GenMessage<ControlPlaneCreateSessionRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 12);
+  messageDesc(file_llama_mesh_v1_control_plane, 22);
 
 /**
- * ControlPlaneCreateSessionResponse returns the session.
+ * ControlPlaneCreateSessionResponse is the answer of CreateSession.
  *
  * @generated from message llama_mesh.v1.ControlPlaneCreateSessionResponse
  */
 export type ControlPlaneCreateSessionResponse = Message<"llama_mesh.v1.ControlPlaneCreateSessionResponse"> & {
   /**
-   * session is the created session.
+   * body is the JSON answer: the new session's id as a JSON string.
    *
-   * @generated from field: llama_mesh.v1.Session session = 1;
+   * @generated from field: google.api.HttpBody body = 1;
    */
-  session?: Session | undefined;
+  body?: HttpBody | undefined;
 };
 
 /**
@@ -343,16 +573,58 @@ export type ControlPlaneCreateSessionResponse = Message<"llama_mesh.v1.ControlPl
  * Use `create(ControlPlaneCreateSessionResponseSchema)` to create a new message.
  */
 export const ControlPlaneCreateSessionResponseSchema: GenMessage<ControlPlaneCreateSessionResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 13);
+  messageDesc(file_llama_mesh_v1_control_plane, 23);
 
 /**
- * ControlPlaneGetSessionRequest names a session.
+ * ControlPlaneListSessionsRequest is the request of ListSessions.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneListSessionsRequest
+ */
+export type ControlPlaneListSessionsRequest = Message<"llama_mesh.v1.ControlPlaneListSessionsRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneListSessionsRequest.
+ * Use `create(ControlPlaneListSessionsRequestSchema)` to create a new message.
+ */
+export const ControlPlaneListSessionsRequestSchema: GenMessage<ControlPlaneListSessionsRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 24);
+
+/**
+ * ControlPlaneListSessionsResponse is the answer of ListSessions.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneListSessionsResponse
+ */
+export type ControlPlaneListSessionsResponse = Message<"llama_mesh.v1.ControlPlaneListSessionsResponse"> & {
+  /**
+   * body is the JSON answer: an object of `LlamaDeploySessionDefinition`s by id.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneListSessionsResponse.
+ * Use `create(ControlPlaneListSessionsResponseSchema)` to create a new message.
+ */
+export const ControlPlaneListSessionsResponseSchema: GenMessage<ControlPlaneListSessionsResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 25);
+
+/**
+ * ControlPlaneGetSessionRequest is the request of GetSession.
  *
  * @generated from message llama_mesh.v1.ControlPlaneGetSessionRequest
  */
 export type ControlPlaneGetSessionRequest = Message<"llama_mesh.v1.ControlPlaneGetSessionRequest"> & {
   /**
-   * deployment is the deployment's name.
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
    *
    * @generated from field: string deployment = 1;
    */
@@ -371,20 +643,20 @@ export type ControlPlaneGetSessionRequest = Message<"llama_mesh.v1.ControlPlaneG
  * Use `create(ControlPlaneGetSessionRequestSchema)` to create a new message.
  */
 export const ControlPlaneGetSessionRequestSchema: GenMessage<ControlPlaneGetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 14);
+  messageDesc(file_llama_mesh_v1_control_plane, 26);
 
 /**
- * ControlPlaneGetSessionResponse returns a session.
+ * ControlPlaneGetSessionResponse is the answer of GetSession.
  *
  * @generated from message llama_mesh.v1.ControlPlaneGetSessionResponse
  */
 export type ControlPlaneGetSessionResponse = Message<"llama_mesh.v1.ControlPlaneGetSessionResponse"> & {
   /**
-   * session is the session.
+   * body is the JSON answer: a `LlamaDeploySessionDefinition`.
    *
-   * @generated from field: llama_mesh.v1.Session session = 1;
+   * @generated from field: google.api.HttpBody body = 1;
    */
-  session?: Session | undefined;
+  body?: HttpBody | undefined;
 };
 
 /**
@@ -392,58 +664,16 @@ export type ControlPlaneGetSessionResponse = Message<"llama_mesh.v1.ControlPlane
  * Use `create(ControlPlaneGetSessionResponseSchema)` to create a new message.
  */
 export const ControlPlaneGetSessionResponseSchema: GenMessage<ControlPlaneGetSessionResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 15);
+  messageDesc(file_llama_mesh_v1_control_plane, 27);
 
 /**
- * ControlPlaneListSessionsRequest names a deployment.
- *
- * @generated from message llama_mesh.v1.ControlPlaneListSessionsRequest
- */
-export type ControlPlaneListSessionsRequest = Message<"llama_mesh.v1.ControlPlaneListSessionsRequest"> & {
-  /**
-   * deployment is the deployment's name.
-   *
-   * @generated from field: string deployment = 1;
-   */
-  deployment: string;
-};
-
-/**
- * Describes the message llama_mesh.v1.ControlPlaneListSessionsRequest.
- * Use `create(ControlPlaneListSessionsRequestSchema)` to create a new message.
- */
-export const ControlPlaneListSessionsRequestSchema: GenMessage<ControlPlaneListSessionsRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 16);
-
-/**
- * ControlPlaneListSessionsResponse lists sessions.
- *
- * @generated from message llama_mesh.v1.ControlPlaneListSessionsResponse
- */
-export type ControlPlaneListSessionsResponse = Message<"llama_mesh.v1.ControlPlaneListSessionsResponse"> & {
-  /**
-   * sessions are sorted by id.
-   *
-   * @generated from field: repeated llama_mesh.v1.Session sessions = 1;
-   */
-  sessions: Session[];
-};
-
-/**
- * Describes the message llama_mesh.v1.ControlPlaneListSessionsResponse.
- * Use `create(ControlPlaneListSessionsResponseSchema)` to create a new message.
- */
-export const ControlPlaneListSessionsResponseSchema: GenMessage<ControlPlaneListSessionsResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 17);
-
-/**
- * ControlPlaneDeleteSessionRequest names a session.
+ * ControlPlaneDeleteSessionRequest is the request of DeleteSession.
  *
  * @generated from message llama_mesh.v1.ControlPlaneDeleteSessionRequest
  */
 export type ControlPlaneDeleteSessionRequest = Message<"llama_mesh.v1.ControlPlaneDeleteSessionRequest"> & {
   /**
-   * deployment is the deployment's name.
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
    *
    * @generated from field: string deployment = 1;
    */
@@ -462,14 +692,20 @@ export type ControlPlaneDeleteSessionRequest = Message<"llama_mesh.v1.ControlPla
  * Use `create(ControlPlaneDeleteSessionRequestSchema)` to create a new message.
  */
 export const ControlPlaneDeleteSessionRequestSchema: GenMessage<ControlPlaneDeleteSessionRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 18);
+  messageDesc(file_llama_mesh_v1_control_plane, 28);
 
 /**
- * ControlPlaneDeleteSessionResponse has no fields.
+ * ControlPlaneDeleteSessionResponse is the answer of DeleteSession.
  *
  * @generated from message llama_mesh.v1.ControlPlaneDeleteSessionResponse
  */
 export type ControlPlaneDeleteSessionResponse = Message<"llama_mesh.v1.ControlPlaneDeleteSessionResponse"> & {
+  /**
+   * body is the JSON answer: the JSON `null`.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
 };
 
 /**
@@ -477,12 +713,443 @@ export type ControlPlaneDeleteSessionResponse = Message<"llama_mesh.v1.ControlPl
  * Use `create(ControlPlaneDeleteSessionResponseSchema)` to create a new message.
  */
 export const ControlPlaneDeleteSessionResponseSchema: GenMessage<ControlPlaneDeleteSessionResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_control_plane, 19);
+  messageDesc(file_llama_mesh_v1_control_plane, 29);
+
+/**
+ * ControlPlaneCreateSessionTaskRequest is the request of CreateSessionTask.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneCreateSessionTaskRequest
+ */
+export type ControlPlaneCreateSessionTaskRequest = Message<"llama_mesh.v1.ControlPlaneCreateSessionTaskRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * session_id identifies the session.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * task_definition is the task (the JSON body); its task_id is assigned by the server.
+   *
+   * @generated from field: llama_mesh.v1.LlamaDeployTaskDefinition task_definition = 3;
+   */
+  taskDefinition?: LlamaDeployTaskDefinition | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneCreateSessionTaskRequest.
+ * Use `create(ControlPlaneCreateSessionTaskRequestSchema)` to create a new message.
+ */
+export const ControlPlaneCreateSessionTaskRequestSchema: GenMessage<ControlPlaneCreateSessionTaskRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 30);
+
+/**
+ * ControlPlaneCreateSessionTaskResponse is the answer of CreateSessionTask.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneCreateSessionTaskResponse
+ */
+export type ControlPlaneCreateSessionTaskResponse = Message<"llama_mesh.v1.ControlPlaneCreateSessionTaskResponse"> & {
+  /**
+   * body is the JSON answer: the new task's id as a JSON string.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneCreateSessionTaskResponse.
+ * Use `create(ControlPlaneCreateSessionTaskResponseSchema)` to create a new message.
+ */
+export const ControlPlaneCreateSessionTaskResponseSchema: GenMessage<ControlPlaneCreateSessionTaskResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 31);
+
+/**
+ * ControlPlaneListSessionTasksRequest is the request of ListSessionTasks.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneListSessionTasksRequest
+ */
+export type ControlPlaneListSessionTasksRequest = Message<"llama_mesh.v1.ControlPlaneListSessionTasksRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * session_id identifies the session.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneListSessionTasksRequest.
+ * Use `create(ControlPlaneListSessionTasksRequestSchema)` to create a new message.
+ */
+export const ControlPlaneListSessionTasksRequestSchema: GenMessage<ControlPlaneListSessionTasksRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 32);
+
+/**
+ * ControlPlaneListSessionTasksResponse is the answer of ListSessionTasks.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneListSessionTasksResponse
+ */
+export type ControlPlaneListSessionTasksResponse = Message<"llama_mesh.v1.ControlPlaneListSessionTasksResponse"> & {
+  /**
+   * body is the JSON answer: a JSON list of `LlamaDeployTaskDefinition`s.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneListSessionTasksResponse.
+ * Use `create(ControlPlaneListSessionTasksResponseSchema)` to create a new message.
+ */
+export const ControlPlaneListSessionTasksResponseSchema: GenMessage<ControlPlaneListSessionTasksResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 33);
+
+/**
+ * ControlPlaneGetCurrentTaskRequest is the request of GetCurrentTask.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetCurrentTaskRequest
+ */
+export type ControlPlaneGetCurrentTaskRequest = Message<"llama_mesh.v1.ControlPlaneGetCurrentTaskRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * session_id identifies the session.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetCurrentTaskRequest.
+ * Use `create(ControlPlaneGetCurrentTaskRequestSchema)` to create a new message.
+ */
+export const ControlPlaneGetCurrentTaskRequestSchema: GenMessage<ControlPlaneGetCurrentTaskRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 34);
+
+/**
+ * ControlPlaneGetCurrentTaskResponse is the answer of GetCurrentTask.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetCurrentTaskResponse
+ */
+export type ControlPlaneGetCurrentTaskResponse = Message<"llama_mesh.v1.ControlPlaneGetCurrentTaskResponse"> & {
+  /**
+   * body is the JSON answer: a `LlamaDeployTaskDefinition`, or `null` when the session has no task.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetCurrentTaskResponse.
+ * Use `create(ControlPlaneGetCurrentTaskResponseSchema)` to create a new message.
+ */
+export const ControlPlaneGetCurrentTaskResponseSchema: GenMessage<ControlPlaneGetCurrentTaskResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 35);
+
+/**
+ * ControlPlaneGetTaskResultRequest is the request of GetTaskResult.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetTaskResultRequest
+ */
+export type ControlPlaneGetTaskResultRequest = Message<"llama_mesh.v1.ControlPlaneGetTaskResultRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * session_id identifies the session.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * task_id identifies the task.
+   *
+   * @generated from field: string task_id = 3;
+   */
+  taskId: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetTaskResultRequest.
+ * Use `create(ControlPlaneGetTaskResultRequestSchema)` to create a new message.
+ */
+export const ControlPlaneGetTaskResultRequestSchema: GenMessage<ControlPlaneGetTaskResultRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 36);
+
+/**
+ * ControlPlaneGetTaskResultResponse is the answer of GetTaskResult.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetTaskResultResponse
+ */
+export type ControlPlaneGetTaskResultResponse = Message<"llama_mesh.v1.ControlPlaneGetTaskResultResponse"> & {
+  /**
+   * body is the JSON answer: `{"task_id", "history", "result", "data"}`, or `null` while the task runs.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetTaskResultResponse.
+ * Use `create(ControlPlaneGetTaskResultResponseSchema)` to create a new message.
+ */
+export const ControlPlaneGetTaskResultResponseSchema: GenMessage<ControlPlaneGetTaskResultResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 37);
+
+/**
+ * ControlPlaneStreamTaskResultRequest is the request of StreamTaskResult.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneStreamTaskResultRequest
+ */
+export type ControlPlaneStreamTaskResultRequest = Message<"llama_mesh.v1.ControlPlaneStreamTaskResultRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * session_id identifies the session.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * task_id identifies the task.
+   *
+   * @generated from field: string task_id = 3;
+   */
+  taskId: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneStreamTaskResultRequest.
+ * Use `create(ControlPlaneStreamTaskResultRequestSchema)` to create a new message.
+ */
+export const ControlPlaneStreamTaskResultRequestSchema: GenMessage<ControlPlaneStreamTaskResultRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 38);
+
+/**
+ * ControlPlaneStreamTaskResultResponse is the answer of StreamTaskResult.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneStreamTaskResultResponse
+ */
+export type ControlPlaneStreamTaskResultResponse = Message<"llama_mesh.v1.ControlPlaneStreamTaskResultResponse"> & {
+  /**
+   * body is the JSON answer: one NDJSON line (`application/x-ndjson`, ending in a newline).
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneStreamTaskResultResponse.
+ * Use `create(ControlPlaneStreamTaskResultResponseSchema)` to create a new message.
+ */
+export const ControlPlaneStreamTaskResultResponseSchema: GenMessage<ControlPlaneStreamTaskResultResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 39);
+
+/**
+ * ControlPlaneSendEventRequest is the request of SendEvent.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneSendEventRequest
+ */
+export type ControlPlaneSendEventRequest = Message<"llama_mesh.v1.ControlPlaneSendEventRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * session_id identifies the session.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * task_id identifies the task.
+   *
+   * @generated from field: string task_id = 3;
+   */
+  taskId: string;
+
+  /**
+   * event_definition is the event (the JSON body).
+   *
+   * @generated from field: llama_mesh.v1.LlamaDeployEventDefinition event_definition = 4;
+   */
+  eventDefinition?: LlamaDeployEventDefinition | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneSendEventRequest.
+ * Use `create(ControlPlaneSendEventRequestSchema)` to create a new message.
+ */
+export const ControlPlaneSendEventRequestSchema: GenMessage<ControlPlaneSendEventRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 40);
+
+/**
+ * ControlPlaneSendEventResponse is the answer of SendEvent.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneSendEventResponse
+ */
+export type ControlPlaneSendEventResponse = Message<"llama_mesh.v1.ControlPlaneSendEventResponse"> & {
+  /**
+   * body is the JSON answer: the JSON `null`.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneSendEventResponse.
+ * Use `create(ControlPlaneSendEventResponseSchema)` to create a new message.
+ */
+export const ControlPlaneSendEventResponseSchema: GenMessage<ControlPlaneSendEventResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 41);
+
+/**
+ * ControlPlaneGetSessionStateRequest is the request of GetSessionState.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetSessionStateRequest
+ */
+export type ControlPlaneGetSessionStateRequest = Message<"llama_mesh.v1.ControlPlaneGetSessionStateRequest"> & {
+  /**
+   * deployment is the deployment's name (on a control plane port, the gateway's header).
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * session_id identifies the session.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetSessionStateRequest.
+ * Use `create(ControlPlaneGetSessionStateRequestSchema)` to create a new message.
+ */
+export const ControlPlaneGetSessionStateRequestSchema: GenMessage<ControlPlaneGetSessionStateRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 42);
+
+/**
+ * ControlPlaneGetSessionStateResponse is the answer of GetSessionState.
+ *
+ * @generated from message llama_mesh.v1.ControlPlaneGetSessionStateResponse
+ */
+export type ControlPlaneGetSessionStateResponse = Message<"llama_mesh.v1.ControlPlaneGetSessionStateResponse"> & {
+  /**
+   * body is the JSON answer: the session state object.
+   *
+   * @generated from field: google.api.HttpBody body = 1;
+   */
+  body?: HttpBody | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.ControlPlaneGetSessionStateResponse.
+ * Use `create(ControlPlaneGetSessionStateResponseSchema)` to create a new message.
+ */
+export const ControlPlaneGetSessionStateResponseSchema: GenMessage<ControlPlaneGetSessionStateResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 43);
+
+/**
+ * LlamaDeployServiceDefinition is 0.8's `ServiceDefinition`.
+ *
+ * @generated from message llama_mesh.v1.LlamaDeployServiceDefinition
+ */
+export type LlamaDeployServiceDefinition = Message<"llama_mesh.v1.LlamaDeployServiceDefinition"> & {
+  /**
+   * service_name is the service's name.
+   *
+   * @generated from field: string service_name = 1;
+   */
+  serviceName: string;
+
+  /**
+   * description says what the service does.
+   *
+   * @generated from field: string description = 2;
+   */
+  description: string;
+
+  /**
+   * prompt is 0.8's list of chat messages (kept as given).
+   *
+   * @generated from field: repeated google.protobuf.Value prompt = 3;
+   */
+  prompt: Value[];
+
+  /**
+   * host is the service's host, if it is a network service.
+   *
+   * @generated from field: optional string host = 4;
+   */
+  host?: string | undefined;
+
+  /**
+   * port is the service's port, if it is a network service.
+   *
+   * @generated from field: optional int32 port = 5;
+   */
+  port?: number | undefined;
+};
+
+/**
+ * Describes the message llama_mesh.v1.LlamaDeployServiceDefinition.
+ * Use `create(LlamaDeployServiceDefinitionSchema)` to create a new message.
+ */
+export const LlamaDeployServiceDefinitionSchema: GenMessage<LlamaDeployServiceDefinition> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_control_plane, 44);
 
 /**
  * ControlPlane is the source of truth of the mesh: the service registry, sessions, tasks,
- * their results and per-session workflow state, all kept in NATS JetStream key-value buckets.
- * It runs inside the API server process by default and can be served on its own.
+ * their results and per-session workflow state, kept in the state store. Its first RPCs
+ * let components in other processes record, schedule (see Orchestrator) and follow tasks;
+ * the others are Llama Deploy 0.8's control plane API, path for path: the gateway serves
+ * their `google.api.http` bindings on each deployment's `control-plane.port`, naming the
+ * deployment in the `x-llama-mesh-deployment` header (which wins over the `deployment`
+ * field). Bare JSON answers travel in `google.api.HttpBody body` fields, as in LlamaDeployApi.
  *
  * @generated from service llama_mesh.v1.ControlPlane
  */
@@ -498,7 +1165,8 @@ export const ControlPlane: GenService<{
     output: typeof ControlPlaneListServiceInstancesResponseSchema;
   },
   /**
-   * RecordTask stores a new task (status QUEUED) and links it to its session.
+   * RecordTask stores a new task (status QUEUED) and links it to its session, which must
+   * exist; Orchestrator.ScheduleTask then queues it.
    *
    * @generated from rpc llama_mesh.v1.ControlPlane.RecordTask
    */
@@ -538,7 +1206,70 @@ export const ControlPlane: GenService<{
     output: typeof ControlPlaneWatchTaskResponseSchema;
   },
   /**
-   * CreateSession stores a new session.
+   * GetInfo is `GET /`: the control plane's settings as 0.8 named them.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.GetInfo
+   */
+  getInfo: {
+    methodKind: "unary";
+    input: typeof ControlPlaneGetInfoRequestSchema;
+    output: typeof ControlPlaneGetInfoResponseSchema;
+  },
+  /**
+   * GetQueueConfig is `GET /queue_config`: the deployment's message queue kind, without
+   * connection details.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.GetQueueConfig
+   */
+  getQueueConfig: {
+    methodKind: "unary";
+    input: typeof ControlPlaneGetQueueConfigRequestSchema;
+    output: typeof ControlPlaneGetQueueConfigResponseSchema;
+  },
+  /**
+   * ListServices is `GET /services`: an object of 0.8 `ServiceDefinition`s by service name.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.ListServices
+   */
+  listServices: {
+    methodKind: "unary";
+    input: typeof ControlPlaneListServicesRequestSchema;
+    output: typeof ControlPlaneListServicesResponseSchema;
+  },
+  /**
+   * GetService is `GET /services/{service_name}`: one 0.8 `ServiceDefinition`.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.GetService
+   */
+  getService: {
+    methodKind: "unary";
+    input: typeof ControlPlaneGetServiceRequestSchema;
+    output: typeof ControlPlaneGetServiceResponseSchema;
+  },
+  /**
+   * RegisterService is `POST /services/register`: records a 0.8 `ServiceDefinition` (listed
+   * with the deployment's own services; tasks still go to the deployment's services).
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.RegisterService
+   */
+  registerService: {
+    methodKind: "unary";
+    input: typeof ControlPlaneRegisterServiceRequestSchema;
+    output: typeof ControlPlaneRegisterServiceResponseSchema;
+  },
+  /**
+   * DeregisterService is `POST /services/deregister?service_name=`: forgets a registered
+   * service (the deployment's own services cannot be deregistered).
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.DeregisterService
+   */
+  deregisterService: {
+    methodKind: "unary";
+    input: typeof ControlPlaneDeregisterServiceRequestSchema;
+    output: typeof ControlPlaneDeregisterServiceResponseSchema;
+  },
+  /**
+   * CreateSession is `POST /sessions/create`: the new session's id as a JSON string.
    *
    * @generated from rpc llama_mesh.v1.ControlPlane.CreateSession
    */
@@ -548,17 +1279,7 @@ export const ControlPlane: GenService<{
     output: typeof ControlPlaneCreateSessionResponseSchema;
   },
   /**
-   * GetSession returns a session.
-   *
-   * @generated from rpc llama_mesh.v1.ControlPlane.GetSession
-   */
-  getSession: {
-    methodKind: "unary";
-    input: typeof ControlPlaneGetSessionRequestSchema;
-    output: typeof ControlPlaneGetSessionResponseSchema;
-  },
-  /**
-   * ListSessions lists a deployment's sessions.
+   * ListSessions is `GET /sessions`: an object of 0.8 `SessionDefinition`s by session id.
    *
    * @generated from rpc llama_mesh.v1.ControlPlane.ListSessions
    */
@@ -568,7 +1289,17 @@ export const ControlPlane: GenService<{
     output: typeof ControlPlaneListSessionsResponseSchema;
   },
   /**
-   * DeleteSession deletes a session and its workflow state.
+   * GetSession is `GET /sessions/{session_id}`: one 0.8 `SessionDefinition`.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.GetSession
+   */
+  getSession: {
+    methodKind: "unary";
+    input: typeof ControlPlaneGetSessionRequestSchema;
+    output: typeof ControlPlaneGetSessionResponseSchema;
+  },
+  /**
+   * DeleteSession is `POST /sessions/{session_id}/delete`: the JSON `null`.
    *
    * @generated from rpc llama_mesh.v1.ControlPlane.DeleteSession
    */
@@ -578,7 +1309,74 @@ export const ControlPlane: GenService<{
     output: typeof ControlPlaneDeleteSessionResponseSchema;
   },
   /**
-   * GetSessionState returns the workflow context stored for a session.
+   * CreateSessionTask is `POST /sessions/{session_id}/tasks`: queues a task in the session and
+   * returns its id as a JSON string.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.CreateSessionTask
+   */
+  createSessionTask: {
+    methodKind: "unary";
+    input: typeof ControlPlaneCreateSessionTaskRequestSchema;
+    output: typeof ControlPlaneCreateSessionTaskResponseSchema;
+  },
+  /**
+   * ListSessionTasks is `GET /sessions/{session_id}/tasks`: the session's 0.8
+   * `TaskDefinition`s in order.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.ListSessionTasks
+   */
+  listSessionTasks: {
+    methodKind: "unary";
+    input: typeof ControlPlaneListSessionTasksRequestSchema;
+    output: typeof ControlPlaneListSessionTasksResponseSchema;
+  },
+  /**
+   * GetCurrentTask is `GET /sessions/{session_id}/current_task`: the session's latest
+   * `TaskDefinition`, or `null`.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.GetCurrentTask
+   */
+  getCurrentTask: {
+    methodKind: "unary";
+    input: typeof ControlPlaneGetCurrentTaskRequestSchema;
+    output: typeof ControlPlaneGetCurrentTaskResponseSchema;
+  },
+  /**
+   * GetTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result`: 0.8's `TaskResult`,
+   * or `null` while the task runs.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.GetTaskResult
+   */
+  getTaskResult: {
+    methodKind: "unary";
+    input: typeof ControlPlaneGetTaskResultRequestSchema;
+    output: typeof ControlPlaneGetTaskResultResponseSchema;
+  },
+  /**
+   * StreamTaskResult is `GET /sessions/{session_id}/tasks/{task_id}/result_stream`: NDJSON,
+   * one line per streamed workflow event, the last one holding the result or the error.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.StreamTaskResult
+   */
+  streamTaskResult: {
+    methodKind: "server_streaming";
+    input: typeof ControlPlaneStreamTaskResultRequestSchema;
+    output: typeof ControlPlaneStreamTaskResultResponseSchema;
+  },
+  /**
+   * SendEvent is `POST /sessions/{session_id}/tasks/{task_id}/send_event`: sends an event
+   * (0.8 `EventDefinition`) into the running task; the JSON `null`.
+   *
+   * @generated from rpc llama_mesh.v1.ControlPlane.SendEvent
+   */
+  sendEvent: {
+    methodKind: "unary";
+    input: typeof ControlPlaneSendEventRequestSchema;
+    output: typeof ControlPlaneSendEventResponseSchema;
+  },
+  /**
+   * GetSessionState is `GET /sessions/{session_id}/state`: the session's state as 0.8 kept it
+   * (`result_<task_id>` entries, and the stored workflow context under the session id).
    *
    * @generated from rpc llama_mesh.v1.ControlPlane.GetSessionState
    */

@@ -862,6 +862,8 @@ export const LlamaDeployApiDeleteSessionResponseSchema: GenMessage<LlamaDeployAp
  * `response_body` on HttpBody fields (envoyproxy/envoy#11136), and rejects templates with a
  * trailing slash, so `/status/` and `/deployments/` are declared without it (the transcoder
  * drops trailing empty segments of request paths, so 0.8's paths still match).
+ * Errors carry a `google.rpc.ErrorInfo` with the reasons listed on `ApiServer`; the JSON body
+ * adds 0.8's `detail`.
  *
  * @generated from service llama_mesh.v1.LlamaDeployApi
  */

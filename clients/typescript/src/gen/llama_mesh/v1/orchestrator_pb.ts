@@ -5,28 +5,33 @@
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_field_behavior } from "../../google/api/field_behavior_pb.js";
-import type { Task } from "./types_pb.js";
-import { file_llama_mesh_v1_types } from "./types_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file llama_mesh/v1/orchestrator.proto.
  */
 export const file_llama_mesh_v1_orchestrator: GenFile = /*@__PURE__*/
-  fileDesc("CiBsbGFtYV9tZXNoL3YxL29yY2hlc3RyYXRvci5wcm90bxINbGxhbWFfbWVzaC52MSI+ChNTY2hlZHVsZVRhc2tSZXF1ZXN0EicKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2tCBOJBAQIiOQoUU2NoZWR1bGVUYXNrUmVzcG9uc2USEgoKc2VydmljZV9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCTJnCgxPcmNoZXN0cmF0b3ISVwoMU2NoZWR1bGVUYXNrEiIubGxhbWFfbWVzaC52MS5TY2hlZHVsZVRhc2tSZXF1ZXN0GiMubGxhbWFfbWVzaC52MS5TY2hlZHVsZVRhc2tSZXNwb25zZWIGcHJvdG8z", [file_google_api_field_behavior, file_llama_mesh_v1_types]);
+  fileDesc("CiBsbGFtYV9tZXNoL3YxL29yY2hlc3RyYXRvci5wcm90bxINbGxhbWFfbWVzaC52MSJGChNTY2hlZHVsZVRhc2tSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISFQoHdGFza19pZBgCIAEoCUIE4kEBAiI5ChRTY2hlZHVsZVRhc2tSZXNwb25zZRISCgpzZXJ2aWNlX2lkGAEgASgJEg0KBXF1ZXVlGAIgASgJMmcKDE9yY2hlc3RyYXRvchJXCgxTY2hlZHVsZVRhc2sSIi5sbGFtYV9tZXNoLnYxLlNjaGVkdWxlVGFza1JlcXVlc3QaIy5sbGFtYV9tZXNoLnYxLlNjaGVkdWxlVGFza1Jlc3BvbnNlYgZwcm90bzM", [file_google_api_field_behavior]);
 
 /**
- * ScheduleTaskRequest carries a recorded task.
+ * ScheduleTaskRequest names a recorded task.
  *
  * @generated from message llama_mesh.v1.ScheduleTaskRequest
  */
 export type ScheduleTaskRequest = Message<"llama_mesh.v1.ScheduleTaskRequest"> & {
   /**
-   * task is the task to schedule; an empty service_id means the default service.
+   * deployment is the deployment's name.
    *
-   * @generated from field: llama_mesh.v1.Task task = 1;
+   * @generated from field: string deployment = 1;
    */
-  task?: Task | undefined;
+  deployment: string;
+
+  /**
+   * task_id identifies the recorded task.
+   *
+   * @generated from field: string task_id = 2;
+   */
+  taskId: string;
 };
 
 /**
@@ -72,7 +77,10 @@ export const ScheduleTaskResponseSchema: GenMessage<ScheduleTaskResponse> = /*@_
  */
 export const Orchestrator: GenService<{
   /**
-   * ScheduleTask picks the task's service and publishes the task message.
+   * ScheduleTask queues a task that ControlPlane.RecordTask stored: it picks the task's
+   * service (the one recorded, else the deployment's default) and publishes the task message.
+   * A task that is not recorded is NOT_FOUND; one that is no longer QUEUED is
+   * FAILED_PRECONDITION. Scheduling a task twice queues it once.
    *
    * @generated from rpc llama_mesh.v1.Orchestrator.ScheduleTask
    */

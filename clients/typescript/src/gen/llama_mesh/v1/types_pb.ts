@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file llama_mesh/v1/types.proto.
  */
 export const file_llama_mesh_v1_types: GenFile = /*@__PURE__*/
-  fileDesc("ChlsbGFtYV9tZXNoL3YxL3R5cGVzLnByb3RvEg1sbGFtYV9tZXNoLnYxItECCgpEZXBsb3ltZW50EgwKBG5hbWUYASABKAkSLwoGc3RhdHVzGAIgASgOMh8ubGxhbWFfbWVzaC52MS5EZXBsb3ltZW50U3RhdHVzEhYKDnN0YXR1c19tZXNzYWdlGAMgASgJEhcKD2RlZmF1bHRfc2VydmljZRgEIAEoCRIoCghzZXJ2aWNlcxgFIAMoCzIWLmxsYW1hX21lc2gudjEuU2VydmljZRITCgtjb25maWdfeWFtbBgGIAEoCRIRCgliYXNlX3BhdGgYByABKAkSLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKZ2VuZXJhdGlvbhgKIAEoAxINCgVsb2NhbBgLIAEoCCLTAQoHU2VydmljZRIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEgwKBHBhdGgYAyABKAkSEAoIcmVwbGljYXMYBCABKAUSHAoUbWF4X2NvbmN1cnJlbnRfdGFza3MYBSABKAUSFwoPdGltZW91dF9zZWNvbmRzGAYgASgBEhMKC21heF9yZXRyaWVzGAcgASgFEjEKCWluc3RhbmNlcxgIIAMoCzIeLmxsYW1hX21lc2gudjEuU2VydmljZUluc3RhbmNlEg8KB2hlYWx0aHkYCSABKAgi4QEKD1NlcnZpY2VJbnN0YW5jZRITCgtpbnN0YW5jZV9pZBgBIAEoCRIQCghob3N0bmFtZRgCIAEoCRILCgNwaWQYAyABKAUSDwoHYWRkcmVzcxgEIAEoCRIRCglpbl9mbGlnaHQYBSABKAUSMgoObGFzdF9oZWFydGJlYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmdlbmVyYXRpb24YByABKAMSLgoKc3RhcnRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiPQoJVGFza0Vycm9yEgwKBHR5cGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCgl0cmFjZWJhY2sYAyABKAkixAMKBFRhc2sSDwoHdGFza19pZBgBIAEoCRISCgpkZXBsb3ltZW50GAIgASgJEhIKCnNlc3Npb25faWQYAyABKAkSEgoKc2VydmljZV9pZBgEIAEoCRImCgVpbnB1dBgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSKQoGc3RhdHVzGAYgASgOMhkubGxhbWFfbWVzaC52MS5UYXNrU3RhdHVzEiYKBnJlc3VsdBgHIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRInCgVlcnJvchgIIAEoCzIYLmxsYW1hX21lc2gudjEuVGFza0Vycm9yEhAKCGF0dGVtcHRzGAkgASgFEhMKC2V2ZW50X2NvdW50GAogASgDEi4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtpbnN0YW5jZV9pZBgOIAEoCSJzCgdTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSEgoKZGVwbG95bWVudBgCIAEoCRIuCgpjcmVhdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgh0YXNrX2lkcxgEIAMoCSK3AQoJVGFza0V2ZW50Eg8KB3Rhc2tfaWQYASABKAkSDQoFaW5kZXgYAiABKAMSJgoEa2luZBgDIAEoDjIYLmxsYW1hX21lc2gudjEuRXZlbnRLaW5kEgwKBHR5cGUYBCABKAkSJQoEZGF0YRgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSLQoJdGltZXN0YW1wGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCqxAQoQRGVwbG95bWVudFN0YXR1cxIhCh1ERVBMT1lNRU5UX1NUQVRVU19VTlNQRUNJRklFRBAAEh8KG0RFUExPWU1FTlRfU1RBVFVTX0RFUExPWUlORxABEhsKF0RFUExPWU1FTlRfU1RBVFVTX1JFQURZEAISHgoaREVQTE9ZTUVOVF9TVEFUVVNfREVHUkFERUQQAxIcChhERVBMT1lNRU5UX1NUQVRVU19GQUlMRUQQBCqoAQoKVGFza1N0YXR1cxIbChdUQVNLX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKElRBU0tfU1RBVFVTX1FVRVVFRBABEhcKE1RBU0tfU1RBVFVTX1JVTk5JTkcQAhIZChVUQVNLX1NUQVRVU19TVUNDRUVERUQQAxIWChJUQVNLX1NUQVRVU19GQUlMRUQQBBIZChVUQVNLX1NUQVRVU19DQU5DRUxMRUQQBSqIAQoJRXZlbnRLaW5kEhoKFkVWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABIXChNFVkVOVF9LSU5EX1dPUktGTE9XEAESFQoRRVZFTlRfS0lORF9SRVNVTFQQAhIVChFFVkVOVF9LSU5EX0ZBSUxFRBADEhgKFEVWRU5UX0tJTkRfQ0FOQ0VMTEVEEARiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlsbGFtYV9tZXNoL3YxL3R5cGVzLnByb3RvEg1sbGFtYV9tZXNoLnYxItECCgpEZXBsb3ltZW50EgwKBG5hbWUYASABKAkSLwoGc3RhdHVzGAIgASgOMh8ubGxhbWFfbWVzaC52MS5EZXBsb3ltZW50U3RhdHVzEhYKDnN0YXR1c19tZXNzYWdlGAMgASgJEhcKD2RlZmF1bHRfc2VydmljZRgEIAEoCRIoCghzZXJ2aWNlcxgFIAMoCzIWLmxsYW1hX21lc2gudjEuU2VydmljZRITCgtjb25maWdfeWFtbBgGIAEoCRIRCgliYXNlX3BhdGgYByABKAkSLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKZ2VuZXJhdGlvbhgKIAEoAxINCgVsb2NhbBgLIAEoCCLTAQoHU2VydmljZRIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEgwKBHBhdGgYAyABKAkSEAoIcmVwbGljYXMYBCABKAUSHAoUbWF4X2NvbmN1cnJlbnRfdGFza3MYBSABKAUSFwoPdGltZW91dF9zZWNvbmRzGAYgASgBEhMKC21heF9yZXRyaWVzGAcgASgFEjEKCWluc3RhbmNlcxgIIAMoCzIeLmxsYW1hX21lc2gudjEuU2VydmljZUluc3RhbmNlEg8KB2hlYWx0aHkYCSABKAgi9QEKD1NlcnZpY2VJbnN0YW5jZRITCgtpbnN0YW5jZV9pZBgBIAEoCRIQCghob3N0bmFtZRgCIAEoCRILCgNwaWQYAyABKAUSDwoHYWRkcmVzcxgEIAEoCRIRCglpbl9mbGlnaHQYBSABKAUSMgoObGFzdF9oZWFydGJlYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmdlbmVyYXRpb24YByABKAMSLgoKc3RhcnRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKc2VydmljZV9pZBgJIAEoCSI9CglUYXNrRXJyb3ISDAoEdHlwZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhEKCXRyYWNlYmFjaxgDIAEoCSLEAwoEVGFzaxIPCgd0YXNrX2lkGAEgASgJEhIKCmRlcGxveW1lbnQYAiABKAkSEgoKc2Vzc2lvbl9pZBgDIAEoCRISCgpzZXJ2aWNlX2lkGAQgASgJEiYKBWlucHV0GAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIpCgZzdGF0dXMYBiABKA4yGS5sbGFtYV9tZXNoLnYxLlRhc2tTdGF0dXMSJgoGcmVzdWx0GAcgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEicKBWVycm9yGAggASgLMhgubGxhbWFfbWVzaC52MS5UYXNrRXJyb3ISEAoIYXR0ZW1wdHMYCSABKAUSEwoLZXZlbnRfY291bnQYCiABKAMSLgoKY3JlYXRlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2luc3RhbmNlX2lkGA4gASgJInMKB1Nlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRISCgpkZXBsb3ltZW50GAIgASgJEi4KCmNyZWF0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHRhc2tfaWRzGAQgAygJIrcBCglUYXNrRXZlbnQSDwoHdGFza19pZBgBIAEoCRINCgVpbmRleBgCIAEoAxImCgRraW5kGAMgASgOMhgubGxhbWFfbWVzaC52MS5FdmVudEtpbmQSDAoEdHlwZRgEIAEoCRIlCgRkYXRhGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBItCgl0aW1lc3RhbXAYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKrEBChBEZXBsb3ltZW50U3RhdHVzEiEKHURFUExPWU1FTlRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASHwobREVQTE9ZTUVOVF9TVEFUVVNfREVQTE9ZSU5HEAESGwoXREVQTE9ZTUVOVF9TVEFUVVNfUkVBRFkQAhIeChpERVBMT1lNRU5UX1NUQVRVU19ERUdSQURFRBADEhwKGERFUExPWU1FTlRfU1RBVFVTX0ZBSUxFRBAEKqgBCgpUYXNrU3RhdHVzEhsKF1RBU0tfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFUVVNfUVVFVUVEEAESFwoTVEFTS19TVEFUVVNfUlVOTklORxACEhkKFVRBU0tfU1RBVFVTX1NVQ0NFRURFRBADEhYKElRBU0tfU1RBVFVTX0ZBSUxFRBAEEhkKFVRBU0tfU1RBVFVTX0NBTkNFTExFRBAFKogBCglFdmVudEtpbmQSGgoWRVZFTlRfS0lORF9VTlNQRUNJRklFRBAAEhcKE0VWRU5UX0tJTkRfV09SS0ZMT1cQARIVChFFVkVOVF9LSU5EX1JFU1VMVBACEhUKEUVWRU5UX0tJTkRfRkFJTEVEEAMSGAoURVZFTlRfS0lORF9DQU5DRUxMRUQQBGIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * Deployment is a named set of workflow services created from one deployment YAML file.
@@ -243,6 +243,13 @@ export type ServiceInstance = Message<"llama_mesh.v1.ServiceInstance"> & {
    * @generated from field: google.protobuf.Timestamp started_at = 8;
    */
   startedAt?: Timestamp | undefined;
+
+  /**
+   * service_id is the service the replica runs.
+   *
+   * @generated from field: string service_id = 9;
+   */
+  serviceId: string;
 };
 
 /**
@@ -259,7 +266,11 @@ export const ServiceInstanceSchema: GenMessage<ServiceInstance> = /*@__PURE__*/
  */
 export type TaskError = Message<"llama_mesh.v1.TaskError"> & {
   /**
-   * type is the exception's class name, or a mesh reason such as `MaxRetriesExceeded`.
+   * type is the class name of the exception the workflow raised (`ValueError`, ...), or one
+   * of: `TimeoutError` (the service's `timeout` passed), `WorkflowTimeoutError` (the
+   * workflow's own timeout), `MaxRetriesExceeded` (delivered more than `max-retries` times
+   * without finishing, e.g. its workers died), `Unavailable` (the task could not be queued),
+   * `Cancelled` (with the cancel reason as message).
    *
    * @generated from field: string type = 1;
    */
@@ -357,7 +368,8 @@ export type Task = Message<"llama_mesh.v1.Task"> & {
   attempts: number;
 
   /**
-   * event_count is how many workflow events the task streamed; set when it finishes.
+   * event_count is how many workflow events the task streamed: so far in GetTask while it
+   * runs, and in every listing once it finishes (0 in listings before that).
    *
    * @generated from field: int64 event_count = 10;
    */
@@ -476,7 +488,7 @@ export type TaskEvent = Message<"llama_mesh.v1.TaskEvent"> & {
   type: string;
 
   /**
-   * data is the event's fields as JSON (for the final event: `result` or `error`).
+   * data is the event's fields as JSON; for a final event, what `EventKind` says.
    *
    * @generated from field: google.protobuf.Struct data = 5;
    */
@@ -601,7 +613,9 @@ export const TaskStatusSchema: GenEnum<TaskStatus> = /*@__PURE__*/
   enumDesc(file_llama_mesh_v1_types, 1);
 
 /**
- * EventKind says what a task event is.
+ * EventKind says what a task event is. A task's events are zero or more workflow events,
+ * then exactly one final event (result, failed or cancelled), whose `index` is the number of
+ * workflow events before it.
  *
  * @generated from enum llama_mesh.v1.EventKind
  */
@@ -614,28 +628,32 @@ export enum EventKind {
   UNSPECIFIED = 0,
 
   /**
-   * EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream.
+   * EVENT_KIND_WORKFLOW is an event the workflow wrote to its stream; `type` is its class
+   * (`module.ClassName`), `data` its fields.
    *
    * @generated from enum value: EVENT_KIND_WORKFLOW = 1;
    */
   WORKFLOW = 1,
 
   /**
-   * EVENT_KIND_RESULT is the final event of a successful task; data holds the result.
+   * EVENT_KIND_RESULT is the final event of a successful task: `type` is `result`, `data` is
+   * `{"result": <the workflow's return value as JSON>}`.
    *
    * @generated from enum value: EVENT_KIND_RESULT = 2;
    */
   RESULT = 2,
 
   /**
-   * EVENT_KIND_FAILED is the final event of a failed task; data holds the error.
+   * EVENT_KIND_FAILED is the final event of a failed task: `type` is `failed`, `data` is
+   * `{"error": <message>, "error_type": <TaskError.type>}`.
    *
    * @generated from enum value: EVENT_KIND_FAILED = 3;
    */
   FAILED = 3,
 
   /**
-   * EVENT_KIND_CANCELLED is the final event of a cancelled task.
+   * EVENT_KIND_CANCELLED is the final event of a cancelled task: `type` is `cancelled`,
+   * `data` is `{"reason": <the reason given to CancelTask, or "cancelled">}`.
    *
    * @generated from enum value: EVENT_KIND_CANCELLED = 4;
    */
