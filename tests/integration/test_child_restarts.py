@@ -20,8 +20,15 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llama_mesh.server import convert
 from llama_mesh.server.app import MeshServer
+from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.domain import Task, TaskStatus
+from llama_mesh.server.errors import AlreadyExistsError
 from llama_mesh.server.nats_server import NatsServer, free_port
+from llama_mesh.server.queues.base import KeyExistsError, KeyValueStore
+from llama_mesh.server.queues.inprocess import InProcessQueue
+from llama_mesh.v1 import types_pb2
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
 
@@ -390,3 +397,38 @@ async def test_health_follows_an_external_nats_going_down_and_back(
         await assert_eventually(up, timeout=WAIT)
         assert await grpc_health(server.grpc_port, "llama_mesh.nats") == SERVING
         assert await grpc_health(server.grpc_port) == SERVING
+
+
+class LostCreateAnswerQueue(InProcessQueue):
+    """The in-process queue, its tasks bucket storing a new record, then seeing it updated
+    (a worker marking the task RUNNING) before it answers "key exists": what a create tried
+    again after NATS came back finds when its first attempt was stored but the answer lost."""
+
+    async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
+        store = await super().kv(bucket, ttl=ttl)
+        if bucket == "tasks":
+            create = store.create
+
+            async def stored_then_taken(key: str, value: bytes) -> int:
+                await create(key, value)
+                running = convert.task_from_proto(types_pb2.Task.FromString(value))
+                running.status = TaskStatus.RUNNING
+                await store.put(key, convert.task_to_proto(running).SerializeToString())
+                raise KeyExistsError(key)
+
+            store.create = stored_then_taken  # type: ignore[method-assign]
+        return store
+
+
+async def test_a_create_whose_answer_was_lost_is_the_task_not_a_conflict() -> None:
+    """Recording a task whose key turns out taken by that very task (its first attempt
+    stored, then updated by a worker) answers the stored record, not ALREADY_EXISTS (a 409
+    for a task that runs); a different task under the same id is still refused."""
+    async with LostCreateAnswerQueue() as queue:
+        cp = await ControlPlane.open(queue)
+        task = Task(task_id="t-1", deployment="d", service_id="s", session_id="x", input={"n": 1})
+        stored = await cp.record_task(task, index=False)
+        assert (stored.task.task_id, stored.task.status) == ("t-1", TaskStatus.RUNNING)
+        other = Task(task_id="t-1", deployment="d", service_id="s", session_id="x", input={"n": 2})
+        with pytest.raises(AlreadyExistsError, match="Task 't-1' already exists"):
+            await cp.record_task(other, index=False)
