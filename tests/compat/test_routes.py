@@ -267,7 +267,7 @@ async def test_create_deployment(http: httpx.AsyncClient) -> None:
     broken = b"name: [x\n"
     assert_error(await http.post(create, files={"config_file": broken}), 400, "invalid YAML")
     plain = await http.post(create, content=b"name: x", headers={"content-type": "text/plain"})
-    assert_error(plain, 400, "multipart")
+    assert_error(plain, 415, "multipart")  # refused by the gateway
 
     upload = {"config_file": TESTAPP.read_bytes()}
     params: dict[str, Any] = {"base_path": str(TESTAPP.parent), "local": True}

@@ -9,7 +9,11 @@ the real ones with random values, raw bytes). What is pinned:
   503/504 for an unavailable upstream;
 * every error is JSON with an integer ``code`` and a string ``message``;
 * the server stays up (``/status/`` answers 200 after every request), also after oversized
-  bodies and garbage bytes on the gateway port and on the raw gRPC port.
+  bodies and garbage bytes on the gateway port and on the raw gRPC port;
+* content types (JSON, gRPC-Web, text, multipart, form, missing, garbage) and body sizes
+  (just under, at, just over and far over the gateway's limit, with a length or chunked)
+  are answered with a 4xx JSON error when wrong, never a 5xx or a reset; raw gRPC on a
+  JSON route is answered in gRPC (UNIMPLEMENTED), as a gRPC client expects.
 """
 
 from __future__ import annotations
@@ -73,10 +77,33 @@ def error_reasons(body: dict[str, Any]) -> list[str]:
     return [d.get("reason", "") for d in details if isinstance(d, dict)]
 
 
-def assert_well_formed(response: httpx.Response, method: str) -> None:
-    """No unexpected 5xx; every error a JSON body with ``code`` and ``message``."""
+RAW_GRPC = ("application/grpc", "application/grpc+proto")
+"""Content types of raw gRPC: Envoy answers such requests in gRPC, whatever the path."""
+
+
+def is_raw_grpc(content_type: str | None) -> bool:
+    """Whether ``content_type`` is raw gRPC's (not gRPC-Web's)."""
+    return (content_type or "").split(";")[0].strip().lower() in RAW_GRPC
+
+
+def assert_grpc_refusal(response: httpx.Response) -> None:
+    """A gRPC answer (HTTP 200, trailers-only) with a non-OK ``grpc-status``."""
+    described = f"{response.request.url} -> {response.status_code}: {response.headers}"
+    assert response.status_code == 200, described
+    assert response.headers.get("content-type", "").startswith("application/grpc"), described
+    assert response.headers.get("grpc-status", "0") != "0", described
+
+
+def assert_well_formed(
+    response: httpx.Response, method: str, content_type: str | None = None
+) -> None:
+    """No unexpected 5xx; every error a JSON body with ``code`` and ``message`` (a gRPC
+    status for raw gRPC requests)."""
     status = response.status_code
     described = f"{method} {response.request.url} -> {status}: {response.text[:500]!r}"
+    if is_raw_grpc(content_type):
+        assert_grpc_refusal(response)
+        return
     if status < 400 or method == "HEAD":
         assert status < 500 or status in (503, 504), described
         return
@@ -246,6 +273,13 @@ content_types = st.sampled_from(
         "multipart/form-data",
         "application/octet-stream",
         "garbage",
+        "application/grpc-web",
+        "application/grpc-web+proto",
+        "application/grpc-web-text",
+        "application/grpc-web+json",
+        "application/grpc",
+        "application/json-seq",
+        "",
     ]
 )
 methods = st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"])
@@ -301,7 +335,7 @@ async def send(app: App, call: Call) -> httpx.Response:
         body = _resolve(body.decode("utf-8", "surrogateescape"), app.ids).encode(
             "utf-8", "surrogateescape"
         )
-    headers = {"content-type": call.content_type} if call.content_type else {}
+    headers = {"content-type": call.content_type} if call.content_type is not None else {}
     url = _resolve(call.path, app.ids)
     return await app.http.request(call.method, url, params=query, content=body, headers=headers)
 
@@ -342,7 +376,7 @@ async def test_random_requests_get_json_errors_and_no_unexpected_5xx(app: App, c
     """Any request to any route: a success, a 4xx, 500 only for a workflow's failure, or
     503/504; every error is JSON with ``code`` and ``message``; the server stays up."""
     response = await send(app, call)
-    assert_well_formed(response, call.method)
+    assert_well_formed(response, call.method, call.content_type)
     await assert_alive(app)
 
 
@@ -358,22 +392,36 @@ class RawResponse:
         return json.loads(self.body)
 
 
-async def post_streaming(port: int, path: str, body: bytes) -> RawResponse:
+async def post_streaming(
+    port: int,
+    path: str,
+    body: bytes,
+    *,
+    chunked: bool = False,
+    content_type: str | None = "application/json",
+) -> RawResponse:
     """POST ``body`` over a raw connection, reading the response while still uploading.
 
     A client library that writes the whole body before reading fails with a reset when the
-    gateway refuses early; this one stops uploading once the answer is there.
+    gateway refuses early (HTTP/1.1 lets a server stop reading and close); this one, like
+    browsers and curl, stops uploading once the answer is there. ``chunked`` sends the body
+    in chunks instead of with a length.
     """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
+    typed = f"Content-Type: {content_type}\r\n" if content_type is not None else ""
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{typed}{framing}\r\nConnection: close\r\n\r\n"
     ).encode()
 
     async def upload() -> None:
         writer.write(head)
         for start in range(0, len(body), 256 * 1024):
-            writer.write(body[start : start + 256 * 1024])
+            piece = body[start : start + 256 * 1024]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            await writer.drain()
+        if chunked:
+            writer.write(b"0\r\n\r\n")
             await writer.drain()
 
     uploading = asyncio.create_task(upload())
@@ -402,6 +450,117 @@ def _gateway_port(app: App) -> int:
     port = urllib.parse.urlsplit(app.server.gateway_url).port
     assert port is not None
     return port
+
+
+SIZED_BODIES = {
+    f"/v1/deployments/{APP}/tasks": (b'{"input": {"message": "', b'"}}'),
+    f"/deployments/{APP}/tasks/create": (b'{"input": "{\\"message\\": \\"', b'\\"}"}'),
+}
+"""Task routes of both surfaces, with the JSON around a long message of their bodies."""
+
+
+def sized(path: str, size: int) -> bytes:
+    """A valid task body for ``path`` of exactly ``size`` bytes."""
+    prefix, suffix = SIZED_BODIES[path]
+    body = prefix + b"x" * (size - len(prefix) - len(suffix)) + suffix
+    json.loads(body)
+    return body
+
+
+LIMIT = 8 * MIB
+"""The gateway's default cap on request bodies."""
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize(
+    ("size", "over"),
+    [
+        (LIMIT - 1, False),
+        (LIMIT, False),
+        (LIMIT + 1, True),
+        (LIMIT + 64 * 1024, True),
+        (4 * LIMIT, True),
+    ],
+    ids=["just-under", "at", "just-over", "over", "much-over"],
+)
+async def test_body_sizes_around_the_limit_are_4xx_json(
+    app: App, size: int, over: bool, chunked: bool
+) -> None:
+    """Bodies up to the gateway's limit reach the server (whose own input limit makes
+    them a 400); beyond it they are a 413 naming the limit, with a length or chunked, on
+    both surfaces; never a 5xx or a reset; the server stays up."""
+    port = _gateway_port(app)
+    for path in SIZED_BODIES:
+        body = sized(path, size)
+        response = await post_streaming(port, path, body, chunked=chunked)
+        described = f"{path} {len(body)} bytes: {response.status} {response.body[:300]!r}"
+        assert response.headers.get("content-type") == "application/json", described
+        error = response.json()
+        if over:
+            assert (response.status, error["code"]) == (413, 8), described
+            assert str(LIMIT) in error["message"], described
+        else:
+            assert response.status == 400, described
+            assert "the limit is" in error["message"], described
+    await assert_alive(app)
+
+
+NOT_JSON = [
+    "application/grpc-web",
+    "application/grpc-web+proto",
+    "application/grpc-web-text",
+    "text/plain",
+    "text/plain;charset=UTF-8",
+    "multipart/form-data; boundary=x",
+    "application/x-www-form-urlencoded",
+    "garbage",
+    "",
+    None,
+]
+"""Content types a JSON route refuses (``None``: no content type, with a body)."""
+
+
+@pytest.mark.parametrize("content_type", NOT_JSON)
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/v1/deployments/{APP}/tasks:run",
+        f"/deployments/{APP}/tasks/run",
+        "/v1/deployments",
+        f"/deployments/{APP}/sessions/create",
+    ],
+)
+async def test_wrong_content_types_are_415_json(
+    app: App, path: str, content_type: str | None
+) -> None:
+    """A JSON route called with another content type (or none, with a body) is a 415 JSON
+    error that says what to send, never the 503 of a gRPC-Web request sent upstream; no
+    task is created."""
+    before = len(await app.server.mesh.list_tasks(APP))
+    body = b'{"input": {"message": "x"}}'
+    response = await post_streaming(_gateway_port(app), path, body, content_type=content_type)
+    described = f"{content_type!r} -> {response.status}: {response.body[:300]!r}"
+    assert response.status == 415, described
+    assert response.headers.get("content-type") == "application/json", described
+    error = response.json()
+    assert error["code"] == 3, described
+    assert "application/json" in error["message"], described
+    assert len(await app.server.mesh.list_tasks(APP)) == before
+
+
+@pytest.mark.parametrize("content_type", RAW_GRPC)
+async def test_raw_grpc_on_a_json_route_is_a_grpc_error(app: App, content_type: str) -> None:
+    """Raw gRPC sent to a JSON route gets a gRPC answer (UNIMPLEMENTED: no such method),
+    not a 5xx, and no task is created."""
+    before = len(await app.server.mesh.list_tasks(APP))
+    response = await app.http.post(
+        f"/v1/deployments/{APP}/tasks:run",
+        content=b"\x00\x00\x00\x00\x00",
+        headers={"content-type": content_type},
+    )
+    assert_grpc_refusal(response)
+    assert response.headers["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+    assert len(await app.server.mesh.list_tasks(APP)) == before
 
 
 HUGE = json.dumps({"input": {"message": "x" * (20 * MIB)}}).encode()

@@ -91,6 +91,8 @@ class ServerSettings:
     """Whether the gateway serves each deployment's Llama Deploy 0.8 control plane API on
     its ``control-plane.port``."""
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names the gateway answers to besides loopback and ``host`` (``"*"``: any)."""
     max_deployments: int = 10
     ack_wait: float = 10.0
     ready_timeout: float = 120.0
@@ -126,6 +128,12 @@ class ServerSettings:
             raise ValueError(
                 "nats_replicas (--nats-replicas) above 1 needs a NATS cluster (--nats-url); "
                 "the embedded nats-server is a single node"
+            )
+        if self.gateway and self.host in ("0.0.0.0", "::", "") and not self.allowed_hosts:
+            raise ValueError(
+                f"allowed_hosts (--allowed-host): the gateway listens on {self.host or 'every'}"
+                " address; name the host names its clients use (--allowed-host NAME, repeat), "
+                "or '*' to answer to any name (web pages can then reach it by DNS rebinding)"
             )
         internal = (self.internal_ca, self.internal_cert, self.internal_key)
         if None in internal and internal != (None, None, None):
@@ -366,6 +374,7 @@ class MeshServer:
             listen_port=s.port,
             upstream_port=self.grpc_port,
             cors_origins=s.cors_origins,
+            allowed_hosts=s.allowed_hosts,
             tls_cert=s.tls_cert,
             tls_key=s.tls_key,
             # The gateway is an mTLS client of the gRPC port, with the server's own certificate.

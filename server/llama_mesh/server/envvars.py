@@ -24,3 +24,9 @@ def llama_deploy_setting(name: str) -> str | None:
 def setting(name: str, default: str | None = None) -> str | None:
     """``$LLAMA_MESH_<name>``, else ``$LLAMA_DEPLOY_APISERVER_<name>``, else ``default``."""
     return env_setting(name) or llama_deploy_setting(name) or default
+
+
+def split_list(values: list[str]) -> tuple[str, ...]:
+    """The items of a repeated option whose values (and environment variable) may also be
+    comma-separated lists; blanks dropped."""
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())

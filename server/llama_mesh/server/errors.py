@@ -7,6 +7,7 @@
     ├── NotFoundError               NOT_FOUND (deployment, service, task, session)
     ├── AlreadyExistsError          ALREADY_EXISTS (deployment created twice without reload)
     ├── FailedPreconditionError     FAILED_PRECONDITION (task not running, no default service)
+    │   └── UnreadableRecordError   a stored record that does not parse (RECORD_UNREADABLE)
     ├── ResourceExhaustedError      RESOURCE_EXHAUSTED (too many deployments, payload too big)
     ├── UnauthenticatedError        UNAUTHENTICATED (missing or unknown API key)
     ├── PermissionDeniedError       PERMISSION_DENIED (key lacks the admin role, path not allowed)
@@ -59,6 +60,18 @@ class FailedPreconditionError(MeshError):
     """The request is valid but the system is not in a state to carry it out."""
 
     default_reason = "FAILED_PRECONDITION"
+
+
+class UnreadableRecordError(FailedPreconditionError):
+    """A stored record (task, session, deployment) does not parse: written by another
+    version, a bug or another client of the store.
+
+    FAILED_PRECONDITION (HTTP 400), not DATA_LOSS: DATA_LOSS is an HTTP 500, and asking
+    again does not help until the record is rewritten or deleted, which is what
+    FAILED_PRECONDITION says. Listings skip such records (and log them) instead.
+    """
+
+    default_reason = "RECORD_UNREADABLE"
 
 
 class ResourceExhaustedError(MeshError):

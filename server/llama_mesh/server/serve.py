@@ -30,6 +30,7 @@ from llama_mesh.server.envvars import (
     env_setting,
     llama_deploy_setting,
     setting,
+    split_list,
 )
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
@@ -160,7 +161,16 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         "--cors-origin",
         action="append",
         default=[],
-        help="allowed CORS origin; repeat for more (default: none)",
+        help="allowed CORS origin; repeat for more, '*' for any; requests with another Origin "
+        "are refused (default: none)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[env_setting("ALLOWED_HOSTS") or ""],
+        help="a host name the gateway answers to besides loopback and --host; repeat for more, "
+        "'*' for any; env LLAMA_MESH_ALLOWED_HOSTS is comma-separated; needed with --host "
+        "0.0.0.0 (default: none)",
     )
     p.add_argument(
         "--max-deployments",
@@ -315,6 +325,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         gateway=not args.no_gateway,
         control_planes=not args.no_control_planes,
         cors_origins=tuple(args.cors_origin),
+        allowed_hosts=split_list(args.allowed_host),
         max_deployments=args.max_deployments,
         ack_wait=args.ack_wait,
         allowed_local_roots=tuple(p.resolve() for p in args.allow_local_root)

@@ -32,6 +32,7 @@ from llama_mesh.server.errors import (
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    UnreadableRecordError,
 )
 from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.server.sources import (
@@ -194,9 +195,11 @@ class DeploymentManager:
             await stream.aclose()  # type: ignore[attr-defined]
 
     async def _stored(self, name: str) -> DeploymentRecord | None:
+        """The stored record of ``name``; ``None`` when there is none or it cannot be read
+        (a deployment created under that name replaces it)."""
         try:
             return await self._cp.get_deployment(name)
-        except NotFoundError:
+        except (NotFoundError, UnreadableRecordError):
             return None
 
     async def _say(

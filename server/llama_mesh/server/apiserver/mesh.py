@@ -246,6 +246,8 @@ class Mesh:
     async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
         """A deployment's tasks, newest first."""
         self.deployments.config(deployment)
+        if session_id:
+            check_id("session id", session_id)
         return await self.cp.list_tasks(deployment, session_id or None)
 
     cancel_wait = 10.0

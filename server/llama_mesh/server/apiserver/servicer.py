@@ -99,9 +99,11 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
         names = self._mesh.deployments.names()
         page, token = paginate(names, request.page_size, request.page_token)
         out = apiserver_pb2.ListDeploymentsResponse(next_page_token=token)
+        # Records that cannot be read are left out (and logged) by list_deployments.
+        records = {record.name: record for record in await self._mesh.cp.list_deployments()}
         for name in page:
-            record = await self._mesh.cp.get_deployment(name)
-            out.deployments.append(await self.deployment_proto(record))
+            if name in records:
+                out.deployments.append(await self.deployment_proto(records[name]))
         return out
 
     async def GetDeployment(

@@ -1,5 +1,9 @@
 """The control plane's state, kept in key-value buckets of the message queue.
 
+A record that does not parse (written by another version, a bug or another client of the
+store) never fails a listing or a watch: it is skipped and logged. Reading it alone is an
+:class:`UnreadableRecordError` naming it.
+
 One key per thing, never a growing document (a session's record names at most the task it
 was created for; its other tasks are in its index):
 
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TypeVar
+
+from google.protobuf.message import DecodeError
 
 from llama_mesh.server import convert
 from llama_mesh.server.domain import (
@@ -38,7 +44,7 @@ from llama_mesh.server.domain import (
     new_id,
     now,
 )
-from llama_mesh.server.errors import AlreadyExistsError, NotFoundError
+from llama_mesh.server.errors import AlreadyExistsError, NotFoundError, UnreadableRecordError
 from llama_mesh.server.queues.base import (
     KeyExistsError,
     KeyValueEntry,
@@ -50,6 +56,7 @@ from llama_mesh.v1 import messages_pb2, types_pb2
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+T_in = TypeVar("T_in")
 
 HEARTBEAT_INTERVAL = 2.0
 """Seconds between a replica's heartbeats."""
@@ -112,16 +119,13 @@ class ControlPlane:
         entry = await self._buckets["deployments"].get(name)
         if entry is None or entry.value is None:
             raise NotFoundError(f"Deployment '{name}' not found", reason="DEPLOYMENT_NOT_FOUND")
-        msg = types_pb2.Deployment.FromString(entry.value)
-        return convert.deployment_record_from_proto(msg)
+        return _decode("deployment", entry, _read_deployment)
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         """Every stored deployment, sorted by name."""
-        return [
-            convert.deployment_record_from_proto(types_pb2.Deployment.FromString(entry.value))
-            for entry in await self._buckets["deployments"].entries()
-            if entry.value is not None
-        ]
+        return _decode_all(
+            "deployment", await self._buckets["deployments"].entries(), _read_deployment
+        )
 
     async def delete_deployment(self, name: str) -> None:
         """Forget a deployment with its tasks, sessions and session state."""
@@ -185,7 +189,7 @@ class ControlPlane:
             msg, indexed = await record, []
         if msg is None:
             raise _session_not_found(deployment, session_id)
-        session = convert.session_from_proto(msg)
+        session = _decode_value("session", f"{deployment}.{session_id}", msg, _read_session)
         session.task_ids = _in_order(session.task_ids, indexed) if task_ids else []
         return session
 
@@ -202,24 +206,22 @@ class ControlPlane:
         entry = await self._buckets["sessions"].get(f"{deployment}.{session_id}")
         if entry is None or entry.value is None:
             return None
-        return types_pb2.Session.FromString(entry.value)
+        return _decode("session", entry, lambda _, value: types_pb2.Session.FromString(value))
 
     async def _indexed(self, deployment: str, session_id: str) -> list[str]:
         """The task ids of a session's index, in creation order."""
         prefix = f"{deployment}.{session_id}."
-        stamped = [
-            (float(entry.value or b"0"), entry.key[len(prefix) :])
-            for entry in await self._buckets["session_tasks"].entries(prefix)
-        ]
+        stamped = _decode_all(
+            "session index",
+            await self._buckets["session_tasks"].entries(prefix),
+            lambda key, value: (float(value or b"0"), key[len(prefix) :]),
+        )
         return [task_id for _, task_id in sorted(stamped)]
 
     async def list_sessions(self, deployment: str) -> list[Session]:
         """The deployment's sessions, sorted by id (task ids not filled in)."""
-        sessions = [
-            convert.session_from_proto(types_pb2.Session.FromString(entry.value))
-            for entry in await self._buckets["sessions"].entries(f"{deployment}.")
-            if entry.value is not None
-        ]
+        entries = await self._buckets["sessions"].entries(f"{deployment}.")
+        sessions = _decode_all("session", entries, _read_session)
         for session in sessions:
             session.task_ids = []  # the record holds the first one only: leave them all out
         return sessions
@@ -232,7 +234,10 @@ class ControlPlane:
         ``task_ids``, given when the caller knows the session's tasks, saves listing its
         index. The session's own key goes last: a deletion cut short can be repeated.
         """
-        msg = await self._session_record(deployment, session_id)
+        try:
+            msg = await self._session_record(deployment, session_id)
+        except UnreadableRecordError:  # delete it all the same, listing its index
+            msg, task_ids = types_pb2.Session(), None
         if msg is None:
             raise _session_not_found(deployment, session_id)
         index = self._buckets["session_tasks"]
@@ -252,7 +257,11 @@ class ControlPlane:
         entry = await self._buckets["session_state"].get(f"{deployment}.{session_id}")
         if entry is None or entry.value is None:
             return None
-        return messages_pb2.SessionStateMessage.FromString(entry.value).context_json
+        return _decode(
+            "session state",
+            entry,
+            lambda _, value: messages_pb2.SessionStateMessage.FromString(value).context_json,
+        )
 
     async def put_session_state(
         self, deployment: str, session_id: str, context_json: bytes, *, task_id: str
@@ -281,17 +290,21 @@ class ControlPlane:
             else _nothing(),
             return_exceptions=True,
         )
-        if isinstance(indexed, BaseException):
-            raise indexed
+        stored: StoredTask | None = None
         if isinstance(created, KeyExistsError):
             # A create tried again after NATS came back, whose first attempt was stored (its
             # answer lost) and a worker has since updated: the record is this very task.
-            own = await self._own_record(task)
-            if own is None:
+            stored = await self._own_record(task)
+            if stored is None:
                 raise AlreadyExistsError(f"Task '{task.task_id}' already exists") from created
-            return own
-        if isinstance(created, BaseException):
-            raise created
+        for outcome in (created, indexed):
+            if isinstance(outcome, BaseException) and stored is None:
+                raise outcome
+        if isinstance(indexed, BaseException):
+            raise indexed
+        if stored is not None:
+            return stored
+        assert isinstance(created, int)
         return StoredTask(task, created)
 
     async def _own_record(self, task: Task) -> StoredTask | None:
@@ -322,8 +335,7 @@ class ControlPlane:
                 f"Task '{task_id}' not found in deployment '{deployment}'",
                 reason="TASK_NOT_FOUND",
             )
-        task = convert.task_from_proto(types_pb2.Task.FromString(entry.value))
-        return StoredTask(task, entry.revision)
+        return StoredTask(_decode("task", entry, _read_task), entry.revision)
 
     async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
         """The deployment's tasks (of one session when given), newest first."""
@@ -335,11 +347,7 @@ class ControlPlane:
             entries = await _in_batches(store.get, keys)
         else:
             entries = list(await store.entries(f"{deployment}."))
-        tasks = [
-            convert.task_from_proto(types_pb2.Task.FromString(entry.value))
-            for entry in entries
-            if entry is not None and entry.value is not None
-        ]
+        tasks = _decode_all("task", entries, _read_task)
         tasks.sort(key=lambda t: t.created_at, reverse=True)
         return tasks
 
@@ -403,11 +411,8 @@ class ControlPlane:
         watch = self._buckets["instances"].watch(f"{deployment}.")
         try:
             async for entry in watch:
-                if entry.value is None:
-                    continue
-                _, svc, _ = entry.key.split(".", 2)
-                msg = types_pb2.ServiceInstance.FromString(entry.value)
-                yield convert.instance_from_proto(msg, deployment=deployment, service_id=svc)
+                for instance in _decode_all("instance", [entry], _read_instance):
+                    yield instance
         finally:
             await watch.aclose()  # type: ignore[attr-defined]
 
@@ -417,16 +422,11 @@ class ControlPlane:
         """Live replicas of a deployment (of one service when given)."""
         store = self._buckets["instances"]
         prefix = f"{deployment}.{service_id}." if service_id else f"{deployment}."
-        instances = []
-        for entry in await store.entries(prefix):
-            if entry.value is None:
-                continue
-            _, svc, _ = entry.key.split(".", 2)
-            msg = types_pb2.ServiceInstance.FromString(entry.value)
-            instance = convert.instance_from_proto(msg, deployment=deployment, service_id=svc)
-            if now() - instance.last_heartbeat <= INSTANCE_TTL:
-                instances.append(instance)
-        return instances
+        return [
+            instance
+            for instance in _decode_all("instance", await store.entries(prefix), _read_instance)
+            if now() - instance.last_heartbeat <= INSTANCE_TTL
+        ]
 
 
 async def _task_changes(watch: AsyncIterator[KeyValueEntry]) -> AsyncGenerator[TaskChange, None]:
@@ -435,10 +435,82 @@ async def _task_changes(watch: AsyncIterator[KeyValueEntry]) -> AsyncGenerator[T
             deployment, _, task_id = entry.key.partition(".")
             task = None
             if entry.value is not None:
-                task = convert.task_from_proto(types_pb2.Task.FromString(entry.value))
+                readable = _decode_all("task", [entry], _read_task)
+                if not readable:
+                    continue
+                task = readable[0]
             yield TaskChange(deployment, task_id, task, entry.revision)
     finally:
         await watch.aclose()  # type: ignore[attr-defined]
+
+
+_UNREADABLE = (DecodeError, ValueError, TypeError, KeyError, OverflowError)
+"""What reading a record that is not one raises (protobuf, enums, numbers, keys)."""
+
+
+def _decode(kind: str, entry: KeyValueEntry, read: Callable[[str, bytes], T]) -> T:
+    """``read(key, value)`` of a stored entry that has a value."""
+    assert entry.value is not None
+    return _decode_value(kind, entry.key, entry.value, read)
+
+
+def _decode_value(kind: str, key: str, value: T_in, read: Callable[[str, T_in], T]) -> T:
+    """``read(key, value)``; :class:`UnreadableRecordError` naming the record when it is
+    not one (its content is never quoted)."""
+    try:
+        return read(key, value)
+    except _UNREADABLE as exc:
+        raise UnreadableRecordError(
+            f"the stored {kind} record '{key}' cannot be read ({type(exc).__name__}): it was "
+            "written by another version, a bug or another client; rewrite or delete it",
+            metadata={"record": kind, "key": key},
+        ) from exc
+
+
+def _decode_all(
+    kind: str, entries: Iterable[KeyValueEntry | None], read: Callable[[str, bytes], T]
+) -> list[T]:
+    """The readable records among ``entries``; the others are skipped and logged."""
+    records = []
+    for entry in entries:
+        if entry is None or entry.value is None:
+            continue
+        try:
+            records.append(_decode(kind, entry, read))
+        except UnreadableRecordError as exc:
+            logger.warning("skipped: %s", exc.message)
+    return records
+
+
+def _check_key(key: str, deployment: str, name: str) -> None:
+    """A record of ``<deployment>.<name>`` (or of ``name`` alone) must be stored there."""
+    if key not in (f"{deployment}.{name}", name):
+        raise ValueError("the record is not the one of its key")
+
+
+def _read_task(key: str, value: bytes) -> Task:
+    task = convert.task_from_proto(types_pb2.Task.FromString(value))
+    _check_key(key, task.deployment, task.task_id)
+    return task
+
+
+def _read_session(key: str, value: bytes | types_pb2.Session) -> Session:
+    msg = value if isinstance(value, types_pb2.Session) else types_pb2.Session.FromString(value)
+    session = convert.session_from_proto(msg)
+    _check_key(key, session.deployment, session.session_id)
+    return session
+
+
+def _read_deployment(key: str, value: bytes) -> DeploymentRecord:
+    record = convert.deployment_record_from_proto(types_pb2.Deployment.FromString(value))
+    _check_key(key, "", record.name)
+    return record
+
+
+def _read_instance(key: str, value: bytes) -> ServiceInstance:
+    deployment, service_id, _ = key.split(".", 2)
+    msg = types_pb2.ServiceInstance.FromString(value)
+    return convert.instance_from_proto(msg, deployment=deployment, service_id=service_id)
 
 
 async def _in_batches(act: Callable[[str], Awaitable[T]], keys: list[str]) -> list[T]:

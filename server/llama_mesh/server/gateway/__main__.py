@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from llama_mesh.server.envvars import env_setting
+from llama_mesh.server.envvars import env_setting, split_list
 from llama_mesh.server.gateway.config import (
     DEFAULT_DESCRIPTOR_PATH,
     GatewayConfig,
@@ -35,6 +35,7 @@ _OPTION_BY_FIELD = {
     "listen_port": "--port",
     "admin_socket": "--admin-socket",
     "cors_origins": "--cors-origin",
+    "allowed_hosts": "--allowed-host",
     "tls_cert": "--tls-cert",
     "tls_key": "--tls-key",
     "upstream_tls_ca": "--upstream-tls-ca",
@@ -63,7 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="Unix socket of Envoy's admin interface (mode 0600; default: no admin)",
     )
-    parser.add_argument("--cors-origin", action="append", default=[])
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allowed CORS origin (repeat; '*' for any); requests with another Origin are refused",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[env_setting("ALLOWED_HOSTS") or ""],
+        help="a host name the gateway answers to besides loopback and --host (repeat; '*' for "
+        "any; env LLAMA_MESH_ALLOWED_HOSTS, comma-separated); needed with --host 0.0.0.0",
+    )
     parser.add_argument(
         "--descriptor",
         type=Path,
@@ -130,6 +143,7 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
             listen_port=args.port,
             admin_socket=_absolute(args.admin_socket),
             cors_origins=tuple(args.cors_origin),
+            allowed_hosts=split_list(args.allowed_host),
             descriptor_path=args.descriptor,
             tls_cert=_absolute(args.tls_cert),
             tls_key=_absolute(args.tls_key),

@@ -117,8 +117,8 @@ function envoy_on_request(request_handle)
   if string.sub(path, 1, 4) ~= "/v1/" then
     metadata:set(NAMESPACE, "compat", true)
   end
-  -- gRPC-Web is gRPC by now (the grpc_web filter runs first). The local reply mappers leave
-  -- gRPC requests alone, so gRPC clients keep Envoy's plain grpc-message.
+  -- gRPC and gRPC-Web (application/grpc-web*: the grpc_web filter runs later). The local
+  -- reply mappers leave gRPC requests alone, so gRPC clients keep Envoy's plain grpc-message.
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "application/grpc", 1, true) == 1 then
     metadata:set(NAMESPACE, "grpc", true)

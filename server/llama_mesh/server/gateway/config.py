@@ -7,12 +7,13 @@ Envoy fronts the API server's gRPC port and serves, on one listener (HTTP/1.1 an
   Llama Deploy 0.8 paths) by the gRPC-JSON transcoder;
 * raw gRPC and gRPC-Web, passed through to the API server.
 
-HTTP filters, in order: ``cors`` (when origins are configured), ``grpc_web``, ``lua``
-(``compat_errors.lua``), ``buffer`` (caps JSON request bodies; off on the gRPC route),
-``lua`` (``v1_fields.lua``: ``/v1`` bodies with unknown fields get 400),
-``grpc_json_transcoder``, ``router``. The Lua filter sits *before* the transcoder because
-Envoy runs encoders in reverse order: so it sees the request's original path, and the
-response *after* transcoding.
+HTTP filters, in order: ``cors`` (when origins are configured), ``lua``
+(``compat_errors.lua``), the request guard (``request_guard.lua``: Host, Origin and
+content type, see ``_request_guard_filter``), ``grpc_web``, ``buffer`` (caps JSON request
+bodies; off on the gRPC route), ``lua`` (``v1_fields.lua``: ``/v1`` bodies with unknown
+fields get 400), ``grpc_json_transcoder``, ``router``. The Lua filter sits *before* the
+transcoder because Envoy runs encoders in reverse order: so it sees the request's original
+path, and the response *after* transcoding.
 
 Routes: gRPC requests (``content-type: application/grpc*``, which is also what the
 transcoder turns JSON requests into before the router matches again) go to the
@@ -34,6 +35,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +83,15 @@ _MAX_SOCKET_PATH = 107
 """The longest path of a Unix socket (``sun_path`` is 108 bytes with its NUL)."""
 _UINT32_MAX = 2**32 - 1
 _LUA_SOURCE = "compat_errors.lua"
+_GUARD_SOURCE = "request_guard.lua"
+REQUEST_GUARD_FILTER = "llama_mesh.request_guard"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""Host names every gateway answers to: a web page cannot make a browser send them for its
+own origin, whatever its DNS says."""
+MULTIPART_PATHS = ("/deployments/create",)
+"""The JSON routes that also take ``multipart/form-data`` (0.8's deployment upload)."""
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+_HOST_PATTERN = re.compile(r"[a-z0-9_.:-]+")
 _TRANSCODER_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
 )
@@ -94,6 +105,7 @@ _GRPC_CODE_BY_HTTP_STATUS = {
     408: 4,  # DEADLINE_EXCEEDED
     409: 10,  # ABORTED
     413: 8,  # RESOURCE_EXHAUSTED
+    415: 3,  # INVALID_ARGUMENT
     429: 8,  # RESOURCE_EXHAUSTED
     431: 8,  # RESOURCE_EXHAUSTED
     499: 1,  # CANCELLED
@@ -132,9 +144,12 @@ class GatewayConfig:
     interface listens only on the Unix socket ``admin_socket`` (mode 0600: its owner's);
     ``None`` renders none (``Gateway`` then gives its Envoy one in its work dir, to know when
     it is ready). ``cors_origins`` are exact origins, or
-    ``"*"`` for any. TLS on the listener is on when both ``tls_cert`` and ``tls_key`` are
-    set; TLS to the upstream when ``upstream_tls_ca`` is set (with an optional client
-    certificate for mTLS).
+    ``"*"`` for any: a request carrying any other ``Origin`` (but its own) is refused.
+    ``allowed_hosts`` are the host names (``Host`` header, port aside) the gateway answers
+    to besides the loopback names and ``listen_host``, or ``"*"`` for any; a gateway
+    listening on every address (``0.0.0.0``, ``::``) needs them named. TLS on the listener
+    is on when both ``tls_cert`` and ``tls_key`` are set; TLS to the upstream when
+    ``upstream_tls_ca`` is set (with an optional client certificate for mTLS).
     """
 
     upstream_port: int
@@ -143,6 +158,7 @@ class GatewayConfig:
     upstream_host: str = "127.0.0.1"
     admin_socket: Path | None = None
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     descriptor_path: Path = DEFAULT_DESCRIPTOR_PATH
     max_request_bytes: int = 8 * MIB
     max_response_bytes: int = 64 * MIB
@@ -186,13 +202,44 @@ class GatewayConfig:
         if isinstance(self.cors_origins, str):
             raise ValueError("cors_origins: a tuple of origins, not a string")
         for origin in self.cors_origins:
-            if not origin or origin != origin.strip():
+            plain = origin.isascii() and origin.isprintable()
+            if not origin or not plain or any(c in origin for c in ' "\\'):
                 raise ValueError(f"cors_origins: {origin!r} is not an origin")
+        if isinstance(self.allowed_hosts, str):
+            raise ValueError("allowed_hosts: a tuple of host names, not a string")
+        for host in self.allowed_hosts:
+            if host != "*" and not _HOST_PATTERN.fullmatch(_host_name(host)):
+                raise ValueError(f"allowed_hosts: {host!r} is not a host name or address")
+        if self.listen_host in _WILDCARD_HOSTS and not self.allowed_hosts:
+            raise ValueError(
+                f"allowed_hosts: listening on {self.listen_host or 'every address'}, the "
+                "gateway would answer to any host name, which lets web pages reach it through "
+                "DNS rebinding; name the host names clients use, or '*' to accept any"
+            )
 
     @property
     def listener_tls(self) -> bool:
         """Whether the listener serves TLS."""
         return self.tls_cert is not None
+
+    @property
+    def answered_hosts(self) -> tuple[str, ...]:
+        """The host names (lower case, no port, no brackets) requests may carry, or
+        ``("*",)`` for any."""
+        if "*" in self.allowed_hosts:
+            return ("*",)
+        names = [*LOOPBACK_HOSTS, *self.allowed_hosts]
+        if self.listen_host not in _WILDCARD_HOSTS:
+            names.append(self.listen_host)
+        return tuple(dict.fromkeys(_host_name(name) for name in names))
+
+
+def _host_name(host: str) -> str:
+    """``host`` as the request guard compares it: lower case, no brackets or final dot."""
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host.removesuffix(".") if len(host) > 1 else host
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -359,16 +406,18 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
         )
     filters += [
         {
-            "name": "envoy.filters.http.grpc_web",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"
-            },
-        },
-        {
             "name": "envoy.filters.http.lua",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
                 "default_source_code": {"inline_string": _lua_source()},
+            },
+        },
+        _request_guard_filter(cfg),
+        {
+            # After the Lua filters: they see gRPC-Web requests as they came.
+            "name": "envoy.filters.http.grpc_web",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"
             },
         },
         {
@@ -400,6 +449,56 @@ def _http_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
         },
     ]
     return filters
+
+
+def _request_guard_filter(cfg: GatewayConfig) -> dict[str, Any]:
+    """The Lua filter that refuses what a web page could send from someone's browser.
+
+    It answers 403 to a ``Host`` the gateway does not answer to (DNS rebinding) and to an
+    ``Origin`` that is neither an allowed CORS origin nor the gateway's own, and 415 to a
+    body that is not JSON (``multipart/form-data`` on :data:`MULTIPART_PATHS`) on a JSON
+    route; gRPC and gRPC-Web pass the content type check. It belongs on every listener
+    that serves the JSON API, after ``compat_errors.lua`` (which adds ``detail`` to its
+    replies on 0.8 paths).
+    """
+    return {
+        "name": REQUEST_GUARD_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": request_guard_lua(cfg)},
+        },
+    }
+
+
+def request_guard_lua(cfg: GatewayConfig) -> str:
+    """``request_guard.lua`` with its settings (a ``GUARD`` table) for ``cfg`` in front."""
+    hosts = cfg.answered_hosts
+    settings = {
+        "any_host": hosts == ("*",),
+        "hosts": [] if hosts == ("*",) else list(hosts),
+        "any_origin": "*" in cfg.cors_origins,
+        "origins": [origin for origin in cfg.cors_origins if origin != "*"],
+        "scheme": "https" if cfg.listener_tls else "http",
+        "multipart_paths": list(MULTIPART_PATHS),
+    }
+    source = resources.files(__package__).joinpath(_GUARD_SOURCE).read_text(encoding="utf-8")
+    return f"local GUARD = {_lua_value(settings)}\n{source}"
+
+
+def _lua_value(value: object) -> str:
+    """A Lua literal of ``value``: booleans, strings (printable ASCII, no quote or
+    backslash: GatewayConfig checks them), lists (as sets), and string-keyed tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if not (value.isascii() and value.isprintable()) or '"' in value or "\\" in value:
+            raise ValueError(f"{value!r} cannot be a request guard setting")
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "{" + ", ".join(f"[{_lua_value(item)}] = true" for item in value) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_lua_value(item)}" for key, item in value.items()) + "}"
+    raise TypeError(f"no Lua literal for {type(value).__name__}")
 
 
 def _upstream_route() -> dict[str, Any]:
