@@ -65,6 +65,7 @@ def test_the_environment_cannot_expose_it_either(
     with pytest.raises(SystemExit):
         main(["--data-dir", str(tmp_path)])
     assert "--host 0.0.0.0" in capsys.readouterr().err
+    monkeypatch.setenv("LLAMA_MESH_ALLOWED_HOSTS", "mesh.example.com")
     monkeypatch.setenv("LLAMA_MESH_API_KEYS", "k-0123456789abcdef")
     assert settings_from_args(build_parser().parse_args([])).host == "0.0.0.0"
     monkeypatch.delenv("LLAMA_MESH_API_KEYS")
@@ -78,9 +79,16 @@ def test_the_environment_cannot_expose_it_either(
         [],
         ["--host", "localhost", "--grpc-host", "::1"],
         ["--host", "127.0.0.2"],
-        ["--host", "0.0.0.0", "--api-key", "user-0123456789abcdef"],
-        ["--host", "0.0.0.0", "--admin-key", "admin-0123456789abcdef"],
-        ["--host", "0.0.0.0", "--grpc-host", "0.0.0.0", "--insecure-no-auth"],
+        ["--host", "0.0.0.0", "--allowed-host", "m.example", "--api-key", "user-0123456789abcdef"],
+        [
+            "--host",
+            "0.0.0.0",
+            "--allowed-host",
+            "m.example",
+            "--admin-key",
+            "admin-0123456789abcdef",
+        ],
+        ["--host", "::", "--allowed-host", "*", "--grpc-host", "0.0.0.0", "--insecure-no-auth"],
         ["--host", "0.0.0.0", "--no-gateway"],  # no gateway: --host binds nothing
     ],
 )

@@ -284,14 +284,15 @@ def is_loopback(host: str) -> bool:
         return False  # another name: it may resolve to anything
 
 
-def check_exposure(settings: ServerSettings, *, insecure_no_auth: bool) -> None:
+def check_exposure(args: argparse.Namespace) -> None:
     """Refuse (``ValueError`` saying why) to listen beyond loopback without API keys."""
-    if settings.api_keys.enabled or insecure_no_auth:
+    keys = ApiKeys(user=parse_keys(args.api_key), admin=parse_keys(args.admin_key))
+    if keys.enabled or args.insecure_no_auth:
         return
     exposed = [
         f"{option} {host}"
-        for option, host in (("--host", settings.host), ("--grpc-host", settings.grpc_host))
-        if (option == "--grpc-host" or settings.gateway) and not is_loopback(host)
+        for option, host in (("--host", args.host), ("--grpc-host", args.grpc_host))
+        if (option == "--grpc-host" or not args.no_gateway) and not is_loopback(host)
     ]
     if exposed:
         raise ValueError(
@@ -302,10 +303,10 @@ def check_exposure(settings: ServerSettings, *, insecure_no_auth: bool) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """The typed, frozen settings of a parsed command line."""
-    settings = _settings(args)
-    check_exposure(settings, insecure_no_auth=args.insecure_no_auth)
-    return settings
+    """The typed, frozen settings of a parsed command line (keys checked first: nothing
+    else matters about a server anyone could deploy code on)."""
+    check_exposure(args)
+    return _settings(args)
 
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
