@@ -6,6 +6,9 @@ Outputs (committed; never edit them by hand):
 * ``server/llama_mesh/server/gateway/llama_mesh.binpb``: the descriptor set Envoy's
   gRPC-JSON transcoder reads (with imports, and ``google/rpc`` status and error details so
   that gRPC errors can be rendered as JSON).
+* ``server/llama_mesh/server/gateway/openapi.json``: the OpenAPI 3 document of the JSON API
+  (the ``google.api.http`` bindings and their comments; see gen_openapi.py), which the
+  gateway serves at ``/openapi.json``.
 * ``clients/typescript/src/gen/**/*_pb.ts``: messages and service descriptors for
   Connect-ES (protoc-gen-es), with the ``google/api`` files our protos import.
 * ``clients/go/llamameshv1/*.pb.go``, ``*_grpc.pb.go``: Go messages and gRPC clients
@@ -37,6 +40,7 @@ import argparse
 import filecmp
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +55,8 @@ PROTO_DIR = ROOT / "proto"
 PY_OUT = ROOT / "client"
 PY_PACKAGE = Path("llama_mesh") / "v1"
 DESCRIPTOR = Path("server") / "llama_mesh" / "server" / "gateway" / "llama_mesh.binpb"
+OPENAPI = Path("server") / "llama_mesh" / "server" / "gateway" / "openapi.json"
+SERVER_PYPROJECT = ROOT / "server" / "pyproject.toml"
 GOOGLE_DEPS = (
     "google/api/annotations.proto",
     "google/api/http.proto",
@@ -284,6 +290,36 @@ def generate_python(out_root: Path) -> None:
     )
 
 
+def generate_openapi(out_root: Path) -> None:
+    """Write the OpenAPI document below ``out_root``, from the protos compiled with comments."""
+    import tomllib
+
+    from google.api import annotations_pb2, field_behavior_pb2  # noqa: F401  (extensions)
+    from google.protobuf import descriptor_pb2
+
+    if str(ROOT) not in sys.path:  # run as a script: sys.path has scripts/, not the root
+        sys.path.insert(0, str(ROOT))
+    from scripts.gen_openapi import build_document
+
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = Path(tmp) / "with_comments.binpb"
+        _protoc(
+            [
+                f"--descriptor_set_out={compiled}",
+                "--include_imports",
+                "--include_source_info",
+                *_protos(),
+                *DESCRIPTOR_EXTRAS,
+            ]
+        )
+        descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(compiled.read_bytes())
+    version = tomllib.loads(SERVER_PYPROJECT.read_text())["project"]["version"]
+    document = build_document(descriptor_set, version=version)
+    out = out_root / OPENAPI
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def generate_typescript(out_root: Path) -> None:
     """Write the TypeScript messages and services below ``out_root`` (protoc-gen-es)."""
     out = out_root / TS_OUT
@@ -346,6 +382,7 @@ class Targets:
 def generate(out_root: Path, targets: Targets = Targets()) -> None:
     """Write every generated file of ``targets`` below ``out_root`` (the repository layout)."""
     generate_python(out_root)
+    generate_openapi(out_root)
     if targets.typescript:
         generate_typescript(out_root)
     if targets.go:
@@ -355,8 +392,9 @@ def generate(out_root: Path, targets: Targets = Targets()) -> None:
 def _generated_files(root: Path, targets: Targets) -> set[Path]:
     pkg = root / PY_OUT.relative_to(ROOT) / PY_PACKAGE
     files = {p.relative_to(root) for p in pkg.iterdir() if p.is_file()} if pkg.exists() else set()
-    if (root / DESCRIPTOR).exists():
-        files.add(DESCRIPTOR)
+    for single in (DESCRIPTOR, OPENAPI):
+        if (root / single).exists():
+            files.add(single)
     if targets.typescript and (root / TS_OUT).exists():
         files |= {p.relative_to(root) for p in (root / TS_OUT).rglob("*") if p.is_file()}
     if targets.go and (root / GO_OUT).exists():

@@ -354,7 +354,6 @@ def with_examples(test: Any) -> Any:
 @given(call=calls())
 @settings(
     max_examples=400,
-    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 async def test_random_requests_to_every_rpc_get_clear_answers(

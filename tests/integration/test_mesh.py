@@ -382,6 +382,7 @@ async def test_restart_keeps_deployments_sessions_and_results(
     second = await mesh_factory(queue="nats", nats_url=nats_server.url, data_dir=tmp_path / "a")
     mesh = second.mesh
     assert mesh.deployments.names() == [APP]
+    await second.wait_restored()
     kept = await mesh.get_task(APP, done.task_id)
     assert (kept.status, kept.result) == (TaskStatus.SUCCEEDED, 5)
     again = await mesh.run_task(

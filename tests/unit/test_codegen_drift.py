@@ -57,3 +57,18 @@ def test_changed_proto_without_regeneration_fails(
     err = capsys.readouterr().err
     assert "out of date" in err
     assert "differs: client/llama_mesh/v1/types_pb2.py" in err
+
+
+def test_changed_proto_comment_makes_the_openapi_document_stale(
+    gen: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The OpenAPI document is generated too: a changed comment of an RPC with an HTTP route
+    (which changes no Python stub) is reported as a stale openapi.json."""
+    api = gen.PROTO_DIR / "llama_mesh" / "v1" / "apiserver.proto"
+    old = "  // CancelTask cancels a queued or running task.\n"
+    text = api.read_text()
+    assert old in text
+    api.write_text(text.replace(old, "  // CancelTask cancels a queued or running task, now.\n"))
+    assert gen.check() == 1
+    err = capsys.readouterr().err
+    assert "differs: server/llama_mesh/server/gateway/openapi.json" in err

@@ -159,6 +159,8 @@ class Service:
     max_retries: int
     healthy: bool
     instances: tuple[ServiceInstance, ...]
+    failure: str = ""
+    """Why the service was given up on (its replicas kept crashing), with their last output."""
 
     @classmethod
     def _from_proto(cls, msg: types_pb2.Service) -> Service:
@@ -172,6 +174,7 @@ class Service:
             max_retries=msg.max_retries,
             healthy=msg.healthy,
             instances=tuple(ServiceInstance._from_proto(i) for i in msg.instances),
+            failure=msg.failure,
         )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from llama_mesh.client._exceptions import TaskFailedError, UnavailableError
+from llama_mesh.client._exceptions import ConfigError, TaskFailedError, UnavailableError
 from llama_mesh.client._models import (
     Deployment,
     EventKind,
@@ -40,6 +40,21 @@ def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
     if data:
         struct.update(dict(data))
     return struct
+
+
+def read_deployment_file(path: Path) -> str:
+    """The text of a deployment file; :class:`ConfigError` when it is unreadable or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the deployment file {path}: {exc.strerror}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte {exc.start}); save the deployment file as UTF-8"
+        ) from exc
 
 
 def result_of(task: Task) -> Any:
@@ -68,14 +83,20 @@ class Deployments:
         ``base_path`` is a directory on the server's machine; ``reload`` replaces a deployment
         of the same name; ``local`` uses local sources in place instead of copying them.
         """
+        file_name = ""
         if isinstance(config, Path):
-            text = config.read_text()
+            text = read_deployment_file(config)
+            file_name = config.name
             if base_path is None:
                 base_path = config.resolve().parent
         else:
             text = config
         request = apiserver_pb2.CreateDeploymentRequest(
-            config_yaml=text, base_path=str(base_path or ""), reload=reload, local=local
+            config_yaml=text,
+            base_path=str(base_path or ""),
+            reload=reload,
+            local=local,
+            file_name=file_name,
         )
         response = await self._t.unary("CreateDeployment", request)
         return Deployment._from_proto(response.deployment)

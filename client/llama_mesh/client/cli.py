@@ -26,8 +26,9 @@ from llama_mesh.client._cli_output import FORMATS, emit, emit_result, note
 from llama_mesh.client._cli_state import CliError, State, add_output_option, call, pass_state
 from llama_mesh.client._client import AsyncClient
 from llama_mesh.client._config import ENV_API_KEY, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY
-from llama_mesh.client._exceptions import DeadlineExceededError, LlamaMeshError
+from llama_mesh.client._exceptions import ConfigError, DeadlineExceededError, LlamaMeshError
 from llama_mesh.client._models import Deployment, ServerStatus
+from llama_mesh.client._resources import read_deployment_file
 
 PROGRESS_GRACE = 2.0
 """Seconds ``deploy`` waits for the last progress line after the deployment is ready."""
@@ -126,13 +127,19 @@ def deploy(
 ) -> None:
     """Create or reload a deployment; progress is shown on stderr."""
     state = pass_state(ctx)
-    text = deployment_file.read_text()
+    try:
+        text = read_deployment_file(deployment_file)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
 
     async def run(client: AsyncClient) -> Deployment:
         progress = asyncio.create_task(_show_progress(client, _deployment_name(text)))
         try:
             deployment = await client.deployments.create(
-                text, base_path=base_path or deployment_file.parent, reload=reload, local=local
+                deployment_file,
+                base_path=base_path or deployment_file.parent,
+                reload=reload,
+                local=local,
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(progress), PROGRESS_GRACE)

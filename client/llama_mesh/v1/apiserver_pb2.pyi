@@ -87,6 +87,7 @@ class CreateDeploymentRequest(_message.Message):
     BASE_PATH_FIELD_NUMBER: _builtins.int
     RELOAD_FIELD_NUMBER: _builtins.int
     LOCAL_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
     config_yaml: _builtins.str
     """config_yaml is the deployment file's text."""
     base_path: _builtins.str
@@ -95,6 +96,10 @@ class CreateDeploymentRequest(_message.Message):
     """reload replaces an existing deployment of the same name instead of failing."""
     local: _builtins.bool
     """local uses local sources in place without syncing (Llama Deploy compatibility)."""
+    file_name: _builtins.str
+    """file_name is the deployment file's name, which errors in it are reported under
+    (default `deployment.yml`).
+    """
     def __init__(
         self,
         *,
@@ -102,10 +107,11 @@ class CreateDeploymentRequest(_message.Message):
         base_path: _builtins.str = ...,
         reload: _builtins.bool = ...,
         local: _builtins.bool = ...,
+        file_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_path", b"base_path", "config_yaml", b"config_yaml", "local", b"local", "reload", b"reload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_path", b"base_path", "config_yaml", b"config_yaml", "file_name", b"file_name", "local", b"local", "reload", b"reload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

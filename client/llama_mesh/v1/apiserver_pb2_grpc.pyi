@@ -46,11 +46,13 @@ class ApiServerStub:
     - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`, `SERVICE_EXISTS`.
     - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
       `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`, `RECORD_UNREADABLE` (a stored record that
-      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`.
+      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`, `DEPLOYMENT_FAILED` (a task
+      for a deployment whose last deploy failed).
     - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
-    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
@@ -128,11 +130,13 @@ class ApiServerAsyncStub(ApiServerStub):
     - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`, `SERVICE_EXISTS`.
     - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
       `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`, `RECORD_UNREADABLE` (a stored record that
-      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`.
+      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`, `DEPLOYMENT_FAILED` (a task
+      for a deployment whose last deploy failed).
     - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
-    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
@@ -206,11 +210,13 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
     - ALREADY_EXISTS: `ALREADY_EXISTS`, `DEPLOYMENT_EXISTS`, `SERVICE_EXISTS`.
     - FAILED_PRECONDITION: `FAILED_PRECONDITION`, `DEPLOY_FAILED`, `NO_DEFAULT_SERVICE`,
       `DEFAULT_SERVICE_NOT_FOUND`, `TASK_FINISHED`, `RECORD_UNREADABLE` (a stored record that
-      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`.
+      does not parse), `SERVICE_FROM_DEPLOYMENT`, `TASK_NOT_QUEUED`, `DEPLOYMENT_FAILED` (a task
+      for a deployment whose last deploy failed).
     - RESOURCE_EXHAUSTED: `RESOURCE_EXHAUSTED`, `TOO_MANY_DEPLOYMENTS`.
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
-    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry).
+    - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).

@@ -223,6 +223,7 @@ class Service(_message.Message):
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the key of the service under `services` in the deployment YAML."""
     name: _builtins.str
@@ -239,6 +240,11 @@ class Service(_message.Message):
     """max_retries is how many times a task is redelivered after a worker failure."""
     healthy: _builtins.bool
     """healthy is true when at least one instance is live."""
+    failure: _builtins.str
+    """failure says why the service was given up on (its replicas crashed too many times in a
+    row), with their last error output; empty while it runs or is restarted. Reloading the
+    deployment starts it again.
+    """
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceInstance]:
         """instances are the replicas that sent a heartbeat recently."""
@@ -255,10 +261,11 @@ class Service(_message.Message):
         max_retries: _builtins.int = ...,
         instances: _abc.Iterable[Global___ServiceInstance] | None = ...,
         healthy: _builtins.bool = ...,
+        failure: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["healthy", b"healthy", "id", b"id", "instances", b"instances", "max_concurrent_tasks", b"max_concurrent_tasks", "max_retries", b"max_retries", "name", b"name", "path", b"path", "replicas", b"replicas", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "healthy", b"healthy", "id", b"id", "instances", b"instances", "max_concurrent_tasks", b"max_concurrent_tasks", "max_retries", b"max_retries", "name", b"name", "path", b"path", "replicas", b"replicas", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -152,7 +152,10 @@ type CreateDeploymentRequest struct {
 	// reload replaces an existing deployment of the same name instead of failing.
 	Reload bool `protobuf:"varint,3,opt,name=reload,proto3" json:"reload,omitempty"`
 	// local uses local sources in place without syncing (Llama Deploy compatibility).
-	Local         bool `protobuf:"varint,4,opt,name=local,proto3" json:"local,omitempty"`
+	Local bool `protobuf:"varint,4,opt,name=local,proto3" json:"local,omitempty"`
+	// file_name is the deployment file's name, which errors in it are reported under
+	// (default `deployment.yml`).
+	FileName      string `protobuf:"bytes,5,opt,name=file_name,json=fileName,proto3" json:"file_name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -213,6 +216,13 @@ func (x *CreateDeploymentRequest) GetLocal() bool {
 		return x.Local
 	}
 	return false
+}
+
+func (x *CreateDeploymentRequest) GetFileName() string {
+	if x != nil {
+		return x.FileName
+	}
+	return ""
 }
 
 // CreateDeploymentResponse returns the deployment once it is ready.
@@ -2061,13 +2071,14 @@ const file_llama_mesh_v1_apiserver_proto_rawDesc = "" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12 \n" +
 	"\vdeployments\x18\x03 \x03(\tR\vdeployments\x12'\n" +
 	"\x0fmax_deployments\x18\x04 \x01(\x05R\x0emaxDeployments\x12#\n" +
-	"\rmessage_queue\x18\x05 \x01(\tR\fmessageQueue\"\x8b\x01\n" +
+	"\rmessage_queue\x18\x05 \x01(\tR\fmessageQueue\"\xa8\x01\n" +
 	"\x17CreateDeploymentRequest\x12%\n" +
 	"\vconfig_yaml\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
 	"configYaml\x12\x1b\n" +
 	"\tbase_path\x18\x02 \x01(\tR\bbasePath\x12\x16\n" +
 	"\x06reload\x18\x03 \x01(\bR\x06reload\x12\x14\n" +
-	"\x05local\x18\x04 \x01(\bR\x05local\"U\n" +
+	"\x05local\x18\x04 \x01(\bR\x05local\x12\x1b\n" +
+	"\tfile_name\x18\x05 \x01(\tR\bfileName\"U\n" +
 	"\x18CreateDeploymentResponse\x129\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\v2\x19.llama_mesh.v1.DeploymentR\n" +

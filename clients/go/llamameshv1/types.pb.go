@@ -372,7 +372,11 @@ type Service struct {
 	// instances are the replicas that sent a heartbeat recently.
 	Instances []*ServiceInstance `protobuf:"bytes,8,rep,name=instances,proto3" json:"instances,omitempty"`
 	// healthy is true when at least one instance is live.
-	Healthy       bool `protobuf:"varint,9,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Healthy bool `protobuf:"varint,9,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	// failure says why the service was given up on (its replicas crashed too many times in a
+	// row), with their last error output; empty while it runs or is restarted. Reloading the
+	// deployment starts it again.
+	Failure       string `protobuf:"bytes,10,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -468,6 +472,13 @@ func (x *Service) GetHealthy() bool {
 		return x.Healthy
 	}
 	return false
+}
+
+func (x *Service) GetFailure() string {
+	if x != nil {
+		return x.Failure
+	}
+	return ""
 }
 
 // ServiceInstance is one running worker process (replica) of a service.
@@ -1007,7 +1018,7 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"generation\x18\n" +
 	" \x01(\x03R\n" +
 	"generation\x12\x14\n" +
-	"\x05local\x18\v \x01(\bR\x05local\"\xb1\x02\n" +
+	"\x05local\x18\v \x01(\bR\x05local\"\xcb\x02\n" +
 	"\aService\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -1018,7 +1029,9 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"\vmax_retries\x18\a \x01(\x05R\n" +
 	"maxRetries\x12<\n" +
 	"\tinstances\x18\b \x03(\v2\x1e.llama_mesh.v1.ServiceInstanceR\tinstances\x12\x18\n" +
-	"\ahealthy\x18\t \x01(\bR\ahealthy\"\xd4\x02\n" +
+	"\ahealthy\x18\t \x01(\bR\ahealthy\x12\x18\n" +
+	"\afailure\x18\n" +
+	" \x01(\tR\afailure\"\xd4\x02\n" +
 	"\x0fServiceInstance\x12\x1f\n" +
 	"\vinstance_id\x18\x01 \x01(\tR\n" +
 	"instanceId\x12\x1a\n" +

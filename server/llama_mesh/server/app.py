@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from llama_mesh.server.grpc_errors import ErrorInterceptor
 from llama_mesh.server.metrics import Metrics, MetricsInterceptor
 from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, store_login
 from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
+from llama_mesh.server.probes import ProbesServicer
 from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.server.queues.nats import NatsLogin
 from llama_mesh.server.sources import SourcePolicy
@@ -49,6 +51,8 @@ from llama_mesh.v1 import (
     llama_deploy_api_pb2_grpc,
     orchestrator_pb2,
     orchestrator_pb2_grpc,
+    probes_pb2,
+    probes_pb2_grpc,
 )
 
 if TYPE_CHECKING:
@@ -62,6 +66,7 @@ SERVICE_NAMES = (
     llama_deploy_api_pb2.DESCRIPTOR.services_by_name["LlamaDeployApi"].full_name,
     control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
     orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name,
+    probes_pb2.DESCRIPTOR.services_by_name["Probes"].full_name,
 )
 
 
@@ -191,15 +196,19 @@ def create_grpc_server(
     orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
         OrchestratorServicer(mesh.orchestrator, mesh.deployments), server
     )
+    probes_pb2_grpc.add_ProbesServicer_to_server(ProbesServicer(mesh), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        raise OSError(f"cannot listen on {address}: the address is in use") from exc
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port, health_servicer
@@ -222,6 +231,11 @@ def internal_server_credentials(settings: ServerSettings) -> grpc.ServerCredenti
     )
 
 
+class StartupError(Exception):
+    """The server cannot start for a reason its user can fix; the message says which (one
+    line, naming the option)."""
+
+
 class MeshServer:
     """Every part of a running server; :meth:`start` then :meth:`shutdown`."""
 
@@ -241,6 +255,7 @@ class MeshServer:
         self._closed = False
         self.metrics = Metrics()
         self._background: set[asyncio.Task[None]] = set()
+        self._restoring: asyncio.Task[None] | None = None
         self.nats_server: NatsServer | None = None
         """The embedded nats-server (``None`` with ``--nats-url`` or the in-process queue)."""
         self.gateway: Gateway | None = None
@@ -255,8 +270,11 @@ class MeshServer:
         self = cls(settings)
         try:
             await self._start()
-        except BaseException:
+        except BaseException as exc:
             await self.shutdown()
+            problem = _startup_problem(exc, settings)
+            if problem is not None:
+                raise StartupError(problem) from exc
             raise
         return self
 
@@ -313,7 +331,12 @@ class MeshServer:
             from llama_mesh.server.gateway.control_planes import ControlPlanePorts
 
             deployments.control_planes = ControlPlanePorts(gateway_config)
-        await deployments.restore()
+        # The gateway opens at once; saved deployments come back meanwhile, several at a
+        # time, each listed as deploying (tasks for it: UNAVAILABLE) until it is ready.
+        # `/readyz` answers once they all have. Control plane ports claimed before the
+        # gateway runs are in its listener file when it starts.
+        saved = await deployments.recall()  # listed at once: deploying, or failed
+        self._restoring = asyncio.create_task(deployments.restore(saved), name="restore")
         if gateway_config is not None:
             await self._start_gateway(gateway_config)
             if deployments.control_planes is not None:
@@ -335,6 +358,10 @@ class MeshServer:
         if not self.failed.is_set():
             self.failure = reason
             self.failed.set()
+
+    async def wait_restored(self) -> None:
+        """Wait until every saved deployment has been restored or marked failed."""
+        await self.mesh.deployments.restored.wait()
 
     async def _open_queue(self) -> MessageQueue:
         s = self.settings
@@ -414,14 +441,50 @@ class MeshServer:
     async def deploy_file(self, path: Path, *, reload: bool = True) -> str:
         """Deploy a YAML file from disk (local sources relative to its directory)."""
         record = await self.mesh.deployments.create(
-            path.read_bytes(), base_path=str(path.resolve().parent), reload=reload, local=True
+            path.read_bytes(),
+            base_path=str(path.resolve().parent),
+            reload=reload,
+            local=True,
+            file_name=path.name,
         )
         return record.name
 
     async def shutdown(self) -> None:
-        """Stop everything in reverse order of start (idempotent)."""
+        """Stop everything (idempotent): the restore under way, then the workers, then the
+        rest in reverse order of start (gateway, gRPC, the queue and nats-server last)."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(Exception):
+            if self._restoring is not None:
+                await cancel_and_wait(self._restoring)
+        with contextlib.suppress(Exception):
+            if hasattr(self, "supervisor"):
+                await self.supervisor.shutdown()
+        with contextlib.suppress(Exception):
             await self._stack.aclose()
+
+
+def _startup_problem(exc: BaseException, settings: ServerSettings) -> str | None:
+    """The one-line reason of a start-up failure its user can fix, or ``None``."""
+    from llama_mesh.server.gateway import GatewayStartError
+    from llama_mesh.server.nats_server import NatsServerError
+
+    if isinstance(exc, GatewayStartError) and "Address already in use" in str(exc):
+        where = f"{settings.host}:{settings.port}"
+        return f"cannot listen on {where} (--port): the address is in use"
+    if isinstance(exc, OSError) and _address_in_use(exc):
+        if isinstance(exc.__cause__, RuntimeError) or "cannot listen on" in str(exc):
+            where = f"{settings.grpc_host}:{settings.grpc_port}"
+            return f"cannot listen on {where} (--grpc-port): the address is in use"
+        return (
+            f"cannot listen on 127.0.0.1:{settings.metrics_port} (--metrics-port): "
+            "the address is in use"
+        )
+    if isinstance(exc, NatsServerError) and "is in use by another nats-server" in str(exc):
+        return str(exc).splitlines()[0].replace("; stop it,", " (another llama-mesh?); stop it,")
+    return None
+
+
+def _address_in_use(exc: OSError) -> bool:
+    return exc.errno == errno.EADDRINUSE or "the address is in use" in str(exc)

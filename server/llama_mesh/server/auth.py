@@ -4,8 +4,8 @@ Two roles. A *user* key runs tasks, streams events, manages sessions and reads s
 *admin* key additionally creates, reloads and deletes deployments, registers services with
 a deployment's 0.8 control plane, and reaches the internal RPCs of the ``ControlPlane``
 (task records) and ``Orchestrator`` services. When no key is configured, the server is
-open (it listens on 127.0.0.1 only, unless told otherwise). Health checks are always open so
-that probes work.
+open (it listens on 127.0.0.1 only, unless told otherwise). Health checks and the ``Probes``
+service (``/healthz``, ``/readyz``) are always open so that probes work.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import grpc
 from llama_mesh.server.errors import MeshError, PermissionDeniedError, UnauthenticatedError
 from llama_mesh.server.grpc_errors import to_rpc_status
 
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/llama_mesh.v1.Probes/")
 """Methods anyone may call."""
 ADMIN_METHODS = frozenset(
     {

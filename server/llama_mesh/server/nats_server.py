@@ -446,15 +446,13 @@ class NatsServer:
             _write_private(self.config_path, render_config(self._cfg))
             with self.log_path.open("ab") as log:
                 # The server holds the store's lock (passed down) for as long as it runs,
-                # and gets SIGTERM should this process die without stopping it. Its own
-                # session: a Ctrl-C meant for ``serve`` must not stop it before its clients.
+                # and gets SIGTERM should this process die without stopping it.
                 self._process = await asyncio.create_subprocess_exec(
                     *dying_with_parent([self._binary, "-c", str(self.config_path)]),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
                     pass_fds=(lock,),
-                    start_new_session=True,
                 )
             os.ftruncate(lock, 0)
             os.pwrite(lock, str(self._process.pid).encode(), 0)

@@ -23,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from llama_mesh.server.app import MeshServer, ServerSettings
+from llama_mesh.server.app import MeshServer, ServerSettings, StartupError
 from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.envvars import (
     LLAMA_DEPLOY_PREFIX,
@@ -370,7 +370,11 @@ async def serve(settings: ServerSettings, files: list[Path], rc_path: Path | Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = await MeshServer.start(settings)
+    try:
+        server = await MeshServer.start(settings)
+    except StartupError as exc:
+        print(f"llama-mesh: cannot start: {exc}", file=sys.stderr)
+        return 2
     try:
         if server.nats_url:
             origin = "external" if settings.nats_url else f"embedded, store {settings.data_dir}"

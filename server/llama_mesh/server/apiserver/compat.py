@@ -25,8 +25,8 @@ from llama_mesh.v1 import llama_deploy_api_pb2 as ld
 from llama_mesh.v1 import llama_deploy_api_pb2_grpc as ld_grpc
 
 
-def config_file_from_multipart(content_type: str, body: bytes) -> bytes:
-    """The ``config_file`` part of a multipart/form-data upload."""
+def config_file_from_multipart(content_type: str, body: bytes) -> tuple[bytes, str]:
+    """The ``config_file`` part of a multipart/form-data upload and its file name ('' if none)."""
     if not content_type.lower().startswith("multipart/form-data"):
         raise InvalidArgumentError(
             f"expected a multipart/form-data upload with a 'config_file' part, "
@@ -41,7 +41,7 @@ def config_file_from_multipart(content_type: str, body: bytes) -> bytes:
         if part.get_param("name", header="content-disposition") == "config_file":
             payload = part.get_payload(decode=True)
             if isinstance(payload, bytes):
-                return payload
+                return payload, part.get_filename() or ""
     raise InvalidArgumentError("the upload has no 'config_file' part", reason="INVALID_UPLOAD")
 
 
@@ -146,17 +146,25 @@ class LlamaDeployApiServicer(ld_grpc.LlamaDeployApiServicer):
     async def GetDeployment(
         self, request: ld.LlamaDeployApiGetDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> ld.LlamaDeployApiGetDeploymentResponse:
-        config = self._mesh.deployments.config(request.deployment_name)
-        return ld.LlamaDeployApiGetDeploymentResponse(name=config.name)
+        self._mesh.deployments.check_exists(request.deployment_name)
+        return ld.LlamaDeployApiGetDeploymentResponse(name=request.deployment_name)
 
     async def CreateDeployment(
         self,
         request: ld.LlamaDeployApiCreateDeploymentRequest,
         context: grpc.aio.ServicerContext,
     ) -> ld.LlamaDeployApiCreateDeploymentResponse:
-        yaml_bytes = config_file_from_multipart(request.upload.content_type, request.upload.data)
+        yaml_bytes, file_name = config_file_from_multipart(
+            request.upload.content_type, request.upload.data
+        )
+        if not yaml_bytes.strip():
+            named = f" {file_name}" if file_name else ""
+            raise InvalidArgumentError(
+                f"the deployment file{named} is empty", reason="INVALID_DEPLOYMENT"
+            )
         record = await self._mesh.deployments.create(
             yaml_bytes,
+            file_name=file_name,
             base_path=request.base_path or ".",
             reload=request.reload,
             local=request.local,

@@ -8,6 +8,7 @@ Progress of a (re)deploy is published on the deployment's progress topic as it h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,9 +30,11 @@ from llama_mesh.server.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
+    MeshError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    UnavailableError,
     UnreadableRecordError,
 )
 from llama_mesh.server.queues.base import MessageQueue
@@ -49,6 +52,9 @@ if TYPE_CHECKING:
     from llama_mesh.server.gateway.control_planes import ControlPlanePorts
 
 logger = logging.getLogger(__name__)
+
+RESTORE_CONCURRENCY = 4
+"""Deployments restored at once after a restart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,12 @@ class DeploymentManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self.control_planes: ControlPlanePorts | None = None
         """Where the gateway serves deployments' 0.8 control planes; ``None``: nowhere."""
+        # Deployments that run nothing: those being brought up for the first time (created,
+        # or restored after a restart), and those whose last deploy failed (with the reason).
+        self._pending: set[str] = set()
+        self._failed: dict[str, str] = {}
+        self.restored = asyncio.Event()
+        """Set once :meth:`restore` has brought back (or marked failed) every deployment."""
 
     @property
     def control_plane(self) -> ControlPlane:
@@ -94,8 +106,26 @@ class DeploymentManager:
         return self._supervisor
 
     def names(self) -> list[str]:
-        """Names of the deployments this server runs, sorted."""
-        return sorted(self._configs)
+        """Names of every deployment this server knows (ready, deploying or failed), sorted."""
+        return sorted(set(self._configs) | self._pending | set(self._failed))
+
+    def check_exists(self, name: str) -> None:
+        """:class:`NotFoundError` unless ``name`` is a deployment (ready, deploying or failed)."""
+        if name not in self._configs and name not in self._pending and name not in self._failed:
+            raise NotFoundError(f"Deployment '{name}' not found", reason="DEPLOYMENT_NOT_FOUND")
+
+    def is_pending(self, name: str) -> bool:
+        """Whether ``name`` is being deployed for the first time (or restored) right now."""
+        return name in self._pending
+
+    def described_config(self, name: str, config_yaml: str) -> DeploymentConfig | None:
+        """The configuration to describe a deployment with: the running one, else its file's."""
+        if name in self._configs:
+            return self._configs[name]
+        try:
+            return parse(config_yaml)
+        except InvalidArgumentError:
+            return None
 
     def generation(self, name: str) -> int:
         """The generation of a deployment this server runs (no store read: tasks ask often)."""
@@ -103,7 +133,21 @@ class DeploymentManager:
         return self._generations[name]
 
     def config(self, name: str) -> DeploymentConfig:
-        """The parsed configuration of a deployment; :class:`NotFoundError` when absent."""
+        """The parsed configuration of a deployment that runs.
+
+        :class:`NotFoundError` when absent, :class:`UnavailableError` while it is deployed for
+        the first time (or restored), :class:`FailedPreconditionError` when it failed.
+        """
+        if name in self._pending:
+            raise UnavailableError(
+                f"Deployment '{name}' is still deploying; try again once it is ready",
+                reason="DEPLOYMENT_NOT_READY",
+            )
+        if name in self._failed:
+            raise FailedPreconditionError(
+                f"Deployment '{name}' failed: {self._failed[name]} (reload or delete it)",
+                reason="DEPLOYMENT_FAILED",
+            )
         try:
             return self._configs[name]
         except KeyError:
@@ -112,10 +156,20 @@ class DeploymentManager:
             ) from None
 
     async def create(
-        self, config_yaml: str | bytes, *, base_path: str, reload: bool, local: bool
+        self,
+        config_yaml: str | bytes,
+        *,
+        base_path: str,
+        reload: bool,
+        local: bool,
+        file_name: str = "",
     ) -> DeploymentRecord:
-        """Create (or with ``reload``, replace) a deployment and wait until it is ready."""
-        config = parse(config_yaml)
+        """Create (or with ``reload``, replace) a deployment and wait until it is ready.
+
+        A deployment whose last deploy failed is replaced without ``reload``: it runs nothing.
+        ``file_name`` is what errors in the YAML call the file.
+        """
+        config = parse(config_yaml, file_name=file_name)
         async with self._locks.setdefault(config.name, asyncio.Lock()):
             exists = config.name in self._configs
             if exists and not reload:
@@ -123,9 +177,10 @@ class DeploymentManager:
                     f"Deployment '{config.name}' already exists; deploy with reload to replace it",
                     reason="DEPLOYMENT_EXISTS",
                 )
-            if not exists and len(self._configs) >= self.settings.max_deployments:
+            if not exists and self._running_count(config.name) >= self.settings.max_deployments:
                 raise ResourceExhaustedError(
-                    f"This server runs at most {self.settings.max_deployments} deployments",
+                    f"This server runs at most {self.settings.max_deployments} deployments "
+                    "(--max-deployments); failed ones do not count: delete one to make room",
                     reason="TOO_MANY_DEPLOYMENTS",
                 )
             previous = await self._stored(config.name)
@@ -137,20 +192,29 @@ class DeploymentManager:
                 generation=(previous.generation + 1) if previous else 1,
                 created_at=previous.created_at if previous else now(),
             )
+            if not exists:
+                return await self._first_bring_up(config, record)
             return await self._bring_up(config, record)
 
     async def reload(self, name: str) -> DeploymentRecord:
         """Re-sync sources and restart the workers of a deployment (a new generation)."""
         async with self._locks.setdefault(name, asyncio.Lock()):
+            if name in self._failed:
+                failed = await self._cp.get_deployment(name)
+                failed.generation += 1
+                return await self._first_bring_up(parse(failed.config_yaml), failed)
             self.config(name)
             record = await self._cp.get_deployment(name)
             record.generation += 1
             return await self._bring_up(parse(record.config_yaml), record)
 
     async def delete(self, name: str) -> None:
-        """Stop a deployment's workers, drop its queued tasks and forget it."""
+        """Stop a deployment's workers, drop its queued tasks and forget it (failed ones too)."""
         async with self._locks.setdefault(name, asyncio.Lock()):
-            config = self.config(name)
+            if name in self._failed:
+                config = parse((await self._cp.get_deployment(name)).config_yaml)
+            else:
+                config = self.config(name)
             await self._supervisor.stop(name)
             for service_id in config.services:
                 await self._queue.purge_queue(subjects.task_queue(name, service_id))
@@ -160,16 +224,106 @@ class DeploymentManager:
             await self._queue.delete_topic(subjects.progress_topic(name))
             self._configs.pop(name, None)
             self._generations.pop(name, None)
+            self._failed.pop(name, None)
 
-    async def restore(self) -> None:
-        """Bring back every persisted deployment (after a server restart)."""
-        for record in await self._cp.list_deployments():
-            try:
-                config = parse(record.config_yaml)
-                async with self._locks.setdefault(record.name, asyncio.Lock()):
-                    await self._bring_up(config, record)
-            except Exception as exc:
-                logger.error("could not restore deployment %s: %s", record.name, exc)
+    async def recall(self) -> list[DeploymentRecord]:
+        """Read the saved deployments (after a server restart) and list them at once: those
+        that had failed as failed (they are not run again until reloaded or deleted), the
+        others as deploying. Returns the latter, for :meth:`restore`."""
+        records = await self._cp.list_deployments()
+        # Deployed meanwhile (a `serve` file, an early client) means already being handled.
+        known = set(self.names())
+        records = [r for r in records if r.name not in known]
+        for record in records:
+            if record.status is DeploymentStatus.FAILED:
+                self._failed[record.name] = record.status_message or "failed"
+                logger.info(
+                    "deployment %s is not restored: it failed (%s); reload or delete it",
+                    record.name,
+                    record.status_message.splitlines()[0] if record.status_message else "",
+                )
+        waiting = [r for r in records if r.status is not DeploymentStatus.FAILED]
+        self._pending.update(r.name for r in waiting)
+        return waiting
+
+    async def restore(
+        self,
+        waiting: list[DeploymentRecord] | None = None,
+        *,
+        concurrency: int = RESTORE_CONCURRENCY,
+    ) -> None:
+        """Bring back the saved deployments :meth:`recall` returned (it is called when
+        ``waiting`` is None), ``concurrency`` at a time; each answers tasks once it is ready.
+        One that fails now is marked failed, with one warning. Sets :attr:`restored`.
+        """
+        try:
+            if waiting is None:
+                waiting = await self.recall()
+        except BaseException:
+            self.restored.set()
+            raise
+        slots = asyncio.Semaphore(max(1, concurrency))
+
+        async def bring_back(record: DeploymentRecord) -> None:
+            async with slots, self._locks.setdefault(record.name, asyncio.Lock()):
+                if record.name in self._configs or record.name in self._failed:
+                    self._pending.discard(record.name)  # deployed (or failed) meanwhile
+                    return
+                try:
+                    await self._first_bring_up(parse(record.config_yaml), record)
+                except Exception as exc:
+                    if record.status is not DeploymentStatus.FAILED:
+                        with contextlib.suppress(Exception):
+                            await self._fail(record, _reason(exc))
+                    self._failed[record.name] = record.status_message or _reason(exc)
+                    logger.warning(
+                        "deployment %s could not be restored and is marked failed: %s",
+                        record.name,
+                        _reason(exc).splitlines()[0],
+                    )
+                finally:
+                    self._pending.discard(record.name)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for record in waiting:
+                    group.create_task(bring_back(record), name=f"restore-{record.name}")
+        finally:
+            self.restored.set()
+
+    def _running_count(self, besides: str) -> int:
+        """Deployments other than ``besides`` that count against ``max_deployments``:
+        running or deploying (failed ones run nothing)."""
+        return len((set(self._configs) | self._pending) - set(self._failed) - {besides})
+
+    async def _first_bring_up(
+        self, config: DeploymentConfig, record: DeploymentRecord
+    ) -> DeploymentRecord:
+        """Bring up a deployment that runs nothing yet (new, restored, or failed before).
+
+        Meanwhile it is listed as deploying and refuses tasks as unavailable; when it fails,
+        its workers are stopped and it is listed as failed, with the reason, until it is
+        deployed again or deleted.
+        """
+        name = record.name
+        self._pending.add(name)
+        self._failed.pop(name, None)
+        try:
+            return await self._bring_up(config, record)
+        except Exception as exc:
+            self._configs.pop(name, None)
+            self._generations.pop(name, None)
+            await self._supervisor.stop(name)
+            if record.status is not DeploymentStatus.FAILED:
+                await self._fail(record, _reason(exc))
+            self._failed[name] = record.status_message
+            raise
+        except BaseException:  # cancelled (the server stops): it stays as it was stored
+            self._configs.pop(name, None)
+            self._generations.pop(name, None)
+            raise
+        finally:
+            self._pending.discard(name)
 
     async def progress(
         self, name: str
@@ -360,15 +514,23 @@ class DeploymentManager:
                 await cancel_and_wait(task)
 
 
-def parse(config_yaml: str | bytes) -> DeploymentConfig:
-    """Parse a deployment file; errors become :class:`InvalidArgumentError` naming the key."""
+def parse(config_yaml: str | bytes, *, file_name: str = "") -> DeploymentConfig:
+    """Parse a deployment file; errors become :class:`InvalidArgumentError` naming the key.
+
+    ``file_name`` is what the errors call the file (``deployment.yml`` when it is unknown).
+    """
     try:
-        return parse_deployment_config(config_yaml, source_name="deployment.yml")
+        return parse_deployment_config(config_yaml, source_name=file_name or "deployment.yml")
     except DeploymentConfigError as exc:
         raise InvalidArgumentError(
             str(exc), reason="INVALID_DEPLOYMENT", metadata={"key": exc.key_path}
         ) from exc
 
 
-def _last_lines(text: str, count: int = 6) -> str:
+def _reason(exc: BaseException) -> str:
+    """Why a deploy failed, in the words of the error (without the gRPC wrapping)."""
+    return exc.message if isinstance(exc, MeshError) else (str(exc) or type(exc).__name__)
+
+
+def _last_lines(text: str, count: int = 20) -> str:
     return "\n".join(text.strip().splitlines()[-count:])

@@ -224,7 +224,7 @@ class Mesh:
 
     async def get_task(self, deployment: str, task_id: str) -> Task:
         """A task of a deployment."""
-        self.deployments.config(deployment)
+        self.deployments.check_exists(deployment)  # readable while deploying or failed
         return await self.cp.get_task(deployment, check_id("task id", task_id))
 
     async def task_so_far(self, deployment: str, task_id: str) -> Task:
@@ -245,7 +245,7 @@ class Mesh:
 
     async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
         """A deployment's tasks, newest first."""
-        self.deployments.config(deployment)
+        self.deployments.check_exists(deployment)  # readable while deploying or failed
         if session_id:
             check_id("session id", session_id)
         return await self.cp.list_tasks(deployment, session_id or None)
@@ -398,12 +398,12 @@ class Mesh:
 
     async def get_session(self, deployment: str, session_id: str) -> Session:
         """A session with its task ids."""
-        self.deployments.config(deployment)
+        self.deployments.check_exists(deployment)  # readable while deploying or failed
         return await self.cp.get_session(deployment, check_id("session id", session_id))
 
     async def list_sessions(self, deployment: str) -> list[Session]:
         """A deployment's sessions."""
-        self.deployments.config(deployment)
+        self.deployments.check_exists(deployment)  # readable while deploying or failed
         return await self.cp.list_sessions(deployment)
 
     async def with_task_ids(self, deployment: str, sessions: list[Session]) -> list[Session]:

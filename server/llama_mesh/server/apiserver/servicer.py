@@ -46,7 +46,12 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
     async def deployment_proto(self, record: DeploymentRecord) -> types_pb2.Deployment:
         """A deployment with its services and their live replicas."""
         msg = convert.deployment_record_to_proto(record)
-        config = self._mesh.deployments.config(record.name)
+        deployments = self._mesh.deployments
+        if deployments.is_pending(record.name):  # restored after a restart, in turn
+            msg.status = types_pb2.DEPLOYMENT_STATUS_DEPLOYING
+        config = deployments.described_config(record.name, record.config_yaml)
+        if config is None:
+            return msg
         msg.default_service = config.default_service or ""
         instances = await self._mesh.cp.list_instances(record.name)
         for sid, svc in config.services.items():
@@ -62,8 +67,18 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
                     max_retries=svc.max_retries,
                     instances=[convert.instance_to_proto(i) for i in live],
                     healthy=bool(live),
+                    failure=deployments.supervisor.failure(record.name, sid),
                 )
             )
+        given_up = [s for s in msg.services if s.failure]
+        if given_up and msg.status == types_pb2.DEPLOYMENT_STATUS_READY:
+            every = len(given_up) == len(msg.services)
+            msg.status = (
+                types_pb2.DEPLOYMENT_STATUS_FAILED
+                if every
+                else types_pb2.DEPLOYMENT_STATUS_DEGRADED
+            )
+            msg.status_message = "\n".join(f"service '{s.id}': {s.failure}" for s in given_up)
         return msg
 
     async def GetStatus(
@@ -82,12 +97,16 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
         self, request: apiserver_pb2.CreateDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> apiserver_pb2.CreateDeploymentResponse:
         if not request.config_yaml.strip():
-            raise InvalidArgumentError("config_yaml is empty", reason="INVALID_DEPLOYMENT")
+            named = f" {request.file_name}" if request.file_name else ""
+            raise InvalidArgumentError(
+                f"the deployment file{named} is empty", reason="INVALID_DEPLOYMENT"
+            )
         record = await self._mesh.deployments.create(
             request.config_yaml,
             base_path=request.base_path,
             reload=request.reload,
             local=request.local,
+            file_name=request.file_name,
         )
         return apiserver_pb2.CreateDeploymentResponse(
             deployment=await self.deployment_proto(record)
@@ -109,7 +128,7 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
     async def GetDeployment(
         self, request: apiserver_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> apiserver_pb2.GetDeploymentResponse:
-        self._mesh.deployments.config(request.name)
+        self._mesh.deployments.check_exists(request.name)
         record = await self._mesh.cp.get_deployment(request.name)
         return apiserver_pb2.GetDeploymentResponse(deployment=await self.deployment_proto(record))
 
@@ -138,7 +157,7 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
     async def ListServices(
         self, request: apiserver_pb2.ListServicesRequest, context: grpc.aio.ServicerContext
     ) -> apiserver_pb2.ListServicesResponse:
-        self._mesh.deployments.config(request.deployment)
+        self._mesh.deployments.check_exists(request.deployment)
         record = await self._mesh.cp.get_deployment(request.deployment)
         deployment = await self.deployment_proto(record)
         return apiserver_pb2.ListServicesResponse(services=deployment.services)

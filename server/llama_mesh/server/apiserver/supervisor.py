@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT")
 """The only variables of the server's environment a worker inherits (plus its own)."""
+MAX_CRASH_LOOPS = 6
+"""A replica that exits this many times in a row, each sooner than STABLE_AFTER, is given
+up on: its service is marked failed (with the last error output) until the next deploy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,21 @@ class Supervisor(abc.ABC):
 
     def __init__(self) -> None:
         self._failure_queues: dict[str, asyncio.Queue[tuple[str, str]]] = {}
+        self._given_up: dict[tuple[str, str], str] = {}
+        self.closing = False
+        """Set by :meth:`shutdown`: replicas that exit now are not restarted."""
+
+    def _give_up(self, deployment: str, service_id: str, reason: str) -> None:
+        self._given_up[(deployment, service_id)] = reason
+
+    def failure(self, deployment: str, service_id: str) -> str:
+        """Why a service was given up on (its replicas kept crashing), or ''."""
+        return self._given_up.get((deployment, service_id), "")
+
+    def _forget_failures(self, deployment: str, service_id: str | None = None) -> None:
+        for key in list(self._given_up):
+            if key[0] == deployment and service_id in (None, key[1]):
+                del self._given_up[key]
 
     def _report_failure(self, deployment: str, service_id: str, output: str) -> None:
         self._failure_queues.setdefault(deployment, asyncio.Queue()).put_nowait(
@@ -90,9 +108,9 @@ class Supervisor(abc.ABC):
         """Operating-system pids of a service's running replicas."""
 
     async def shutdown(self) -> None:
-        """Stop everything (idempotent)."""
-        for deployment in list(self._deployments()):
-            await self.stop(deployment)
+        """Stop everything, every deployment at once (idempotent)."""
+        self.closing = True
+        await asyncio.gather(*(self.stop(d) for d in list(self._deployments())))
 
     @abc.abstractmethod
     def _deployments(self) -> list[str]: ...
@@ -100,6 +118,10 @@ class Supervisor(abc.ABC):
 
 _TAIL_LINES = 40
 _TAIL_BYTES = 16 * 1024
+
+
+def _last_lines(text: str, count: int) -> str:
+    return "\n".join(text.splitlines()[-count:])
 
 
 def _log_tail(path: Path, offset: int) -> str:
@@ -121,18 +143,18 @@ class _Replica:
         self,
         spec: ReplicaSpec,
         index: int,
-        nats_env: dict[str, str],
         log_dir: Path,
-        on_failure: Callable[[str, str, str], None],
+        supervisor: ProcessSupervisor,
     ) -> None:
         self.spec = spec
         self.index = index
-        self._nats_env = nats_env
+        self._nats_env = supervisor.nats_env
         self._log_dir = log_dir
         self.process: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._on_failure = on_failure
+        self._on_failure = supervisor._report_failure
+        self._supervisor = supervisor
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise())
@@ -191,19 +213,31 @@ class _Replica:
                     start_new_session=True,
                 )
             code = await self.process.wait()
-            if self._stopping:
+            if self._stopping or self._supervisor.closing:
                 return
             tail = _log_tail(log_path, offset) or f"exit {code}"
             self._on_failure(self.spec.deployment, self.spec.service_id, tail)
-            logger.warning(
-                "replica %s/%s#%d exited with %s; restarting",
-                self.spec.deployment,
-                self.spec.service_id,
-                self.index,
-                code,
-            )
             failures = 0 if loop.time() - started > STABLE_AFTER else failures + 1
-            await asyncio.sleep(RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)])
+            where = f"{self.spec.deployment}/{self.spec.service_id}#{self.index}"
+            if failures >= self._supervisor.max_crash_loops:
+                reason = (
+                    f"replica {self.index} exited {failures} times in a row (last: status "
+                    f"{code}); not restarted until the deployment is reloaded. Its last output:"
+                    f"\n{tail}"
+                )
+                self._supervisor._give_up(self.spec.deployment, self.spec.service_id, reason)
+                logger.error("replica %s given up on: %s", where, reason)
+                return
+            backoff = self._supervisor.restart_backoff
+            delay = backoff[min(failures, len(backoff) - 1)]
+            logger.warning(
+                "replica %s exited with %s; restarting in %g s; its last output:\n%s",
+                where,
+                code,
+                delay,
+                _last_lines(tail, 10),
+            )
+            await asyncio.sleep(delay)
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
@@ -226,10 +260,21 @@ class _Replica:
 class ProcessSupervisor(Supervisor):
     """Replicas as worker processes connected to NATS."""
 
-    def __init__(self, nats_url: str, log_dir: Path, *, login: NatsLogin | None = None) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        log_dir: Path,
+        *,
+        login: NatsLogin | None = None,
+        restart_backoff: Sequence[float] = RESTART_BACKOFF,
+        max_crash_loops: int = MAX_CRASH_LOOPS,
+    ) -> None:
         super().__init__()
-        self._nats_env = {NATS_URL_VARIABLE: nats_url}
-        self._nats_env.update((login or NatsLogin()).environment())
+        self.restart_backoff = tuple(restart_backoff)
+        """Seconds before the 1st, 2nd, ... restart of a replica that keeps exiting."""
+        self.max_crash_loops = max_crash_loops
+        self.nats_env = {NATS_URL_VARIABLE: nats_url}
+        self.nats_env.update((login or NatsLogin()).environment())
         self._log_dir = log_dir
         self._replicas: dict[str, list[_Replica]] = {}
 
@@ -241,10 +286,8 @@ class ProcessSupervisor(Supervisor):
         ]
         log_dir = self._log_dir / spec.deployment
         log_dir.mkdir(parents=True, exist_ok=True)
-        new = [
-            _Replica(spec, i, self._nats_env, log_dir, self._report_failure)
-            for i in range(spec.replicas)
-        ]
+        self._forget_failures(spec.deployment, spec.service_id)
+        new = [_Replica(spec, i, log_dir, self) for i in range(spec.replicas)]
         for replica in new:
             replica.start()
         kept = [r for r in self._replicas.get(spec.deployment, []) if r not in old]
@@ -252,6 +295,7 @@ class ProcessSupervisor(Supervisor):
         await asyncio.gather(*(r.stop() for r in old))
 
     async def stop(self, deployment: str) -> None:
+        self._forget_failures(deployment)
         replicas = self._replicas.pop(deployment, [])
         await asyncio.gather(*(r.stop() for r in replicas))
 

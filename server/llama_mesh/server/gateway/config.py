@@ -5,7 +5,8 @@ Envoy fronts the API server's gRPC port and serves, on one listener (HTTP/1.1 an
 * the JSON HTTP API, transcoded from the ``google.api.http`` annotations of
   ``llama_mesh.v1.ApiServer`` (``/v1/...``) and ``llama_mesh.v1.LlamaDeployApi`` (the
   Llama Deploy 0.8 paths) by the gRPC-JSON transcoder;
-* raw gRPC and gRPC-Web, passed through to the API server.
+* raw gRPC and gRPC-Web, passed through to the API server;
+* ``/openapi.json`` and ``/docs``, answered by Envoy itself (:mod:`.docs`).
 
 HTTP filters, in order: ``cors`` (when origins are configured), ``lua``
 (``compat_errors.lua``), the request guard (``request_guard.lua``: Host, Origin and
@@ -50,7 +51,7 @@ from typing import Any, Self
 import yaml
 
 from llama_mesh.server.children import dying_with_parent
-from llama_mesh.server.gateway import v1_fields
+from llama_mesh.server.gateway import docs, v1_fields
 
 __all__ = [
     "DEFAULT_DESCRIPTOR_PATH",
@@ -70,7 +71,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_DESCRIPTOR_PATH = Path(__file__).resolve().parent / "llama_mesh.binpb"
-TRANSCODED_SERVICES = ("llama_mesh.v1.ApiServer", "llama_mesh.v1.LlamaDeployApi")
+TRANSCODED_SERVICES = (
+    "llama_mesh.v1.ApiServer",
+    "llama_mesh.v1.LlamaDeployApi",
+    "llama_mesh.v1.Probes",
+)
 UPSTREAM_CLUSTER = "apiserver"
 NOT_FOUND_CLUSTER = "no-such-route"
 # Where compat_errors.lua records what it learnt about the request (keys "compat", "grpc").
@@ -287,7 +292,10 @@ def render_envoy_yaml(cfg: GatewayConfig) -> str:
         "# Envoy bootstrap of the llama-mesh gateway, rendered by\n"
         "# llama_mesh.server.gateway.render_envoy_yaml; do not edit by hand.\n"
     )
-    return header + yaml.safe_dump(render_envoy_config(cfg), sort_keys=False, width=100)
+    # libyaml's emitter when there is one: the config inlines the /docs assets (a megabyte).
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    text = yaml.dump(render_envoy_config(cfg), Dumper=dumper, sort_keys=False, width=100)
+    return header + text
 
 
 def _lua_source() -> str:
@@ -542,6 +550,9 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
                 }
             },
         },
+        # /openapi.json and /docs, answered by Envoy itself (see docs.py).
+        *docs.docs_routes(),
+        *_method_not_allowed_routes(cfg),
         {
             # Anything the transcoder does not know: Envoy's own 404 (JSON, see local
             # replies). A route to a cluster that does not exist rather than a direct
@@ -564,7 +575,93 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
         "virtual_hosts": [virtual_host],
         # The not-found route names a cluster that deliberately does not exist.
         "validate_clusters": False,
+        "max_direct_response_body_size_bytes": docs.max_docs_body_bytes(),
     }
+
+
+def http_bindings() -> list[tuple[str, str]]:
+    """Every (HTTP method, path template) the transcoder serves, from the annotations."""
+    from google.api import annotations_pb2, http_pb2
+    from google.protobuf import descriptor_pool
+
+    import llama_mesh.v1.apiserver_pb2
+    import llama_mesh.v1.llama_deploy_api_pb2
+    import llama_mesh.v1.probes_pb2  # noqa: F401 - registers the services in the pool
+
+    pool = descriptor_pool.Default()
+    bindings: list[tuple[str, str]] = []
+    for service_name in TRANSCODED_SERVICES:
+        for method in pool.FindServiceByName(service_name).methods:
+            rule = method.GetOptions().Extensions[annotations_pb2.http]
+            for one in (rule, *rule.additional_bindings):
+                kind = one.WhichOneof("pattern")
+                if kind is None:
+                    continue
+                if kind == "custom":
+                    custom: http_pb2.CustomHttpPattern = one.custom
+                    bindings.append((custom.kind.upper(), custom.path))
+                else:
+                    bindings.append((kind.upper(), getattr(one, kind)))
+    return bindings
+
+
+def _template_regex(template: str) -> str:
+    """An RE2 regex matching the paths of a ``google.api.http`` path template."""
+    out = []
+    for part in re.split(r"(\{[^}]*\})", template):
+        if part.startswith("{"):
+            out.append(".+" if part.endswith("=**}") else "[^/]+")
+        else:
+            out.append(re.escape(part))
+    # The transcoder drops a trailing empty segment: `/status/` is `/status`.
+    return "".join(out) + "/?"
+
+
+def _method_not_allowed_routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
+    """A 405 (with ``Allow``) for each known path asked with a method it does not take.
+
+    Each matches its path with the methods it does not take, so a request the transcoder
+    will turn into gRPC never matches one. OPTIONS is left to the CORS filter (preflights)
+    when origins are configured.
+    """
+    templates: dict[str, set[str]] = {}
+    for method, template in http_bindings():
+        templates.setdefault(template, set()).add(method)
+    regexes = {t: _template_regex(t) for t in templates}
+    routes = []
+    # Literal paths first: "/deployments/create" before "/deployments/{name}".
+    for template in sorted(templates, key=lambda t: (t.count("{"), -len(t), t)):
+        sample = re.sub(r"\{[^}]*\}", "x", template)
+        allowed = sorted(
+            {m for t, ms in templates.items() if re.fullmatch(regexes[t], sample) for m in ms}
+        )
+        # Only the methods the path does not take: a request that will be transcoded must
+        # not match here before the transcoder runs (the CORS filter looks at that route).
+        excluded = [*allowed, "OPTIONS"] if cfg.cors_origins else allowed
+        match = {
+            "safe_regex": {"regex": regexes[template]},
+            "headers": [
+                {
+                    "name": ":method",
+                    "string_match": {"safe_regex": {"regex": "|".join(excluded)}},
+                    "invert_match": True,
+                }
+            ],
+        }
+        routes.append(
+            {
+                "name": f"method-not-allowed {template}",
+                "match": match,
+                "direct_response": {"status": 405},
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": "allow", "value": ", ".join(allowed)},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            }
+        )
+    return routes
 
 
 def _cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
@@ -928,9 +1025,6 @@ class Gateway:
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
-                    # Its own session: a Ctrl-C meant for the server must not stop it (the
-                    # server stops it, and would restart an Envoy that died on its own).
-                    start_new_session=True,
                 )
             except OSError as exc:
                 raise GatewayStartError(f"could not start {self._binary}: {exc}") from exc

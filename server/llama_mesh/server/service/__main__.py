@@ -26,6 +26,10 @@ logger = logging.getLogger("llama_mesh.worker")
 
 EXIT_BAD_SERVICE = 3
 """Exit status when the service cannot be loaded (the supervisor does not retry fast)."""
+EXIT_ORPHANED = 4
+"""Exit status when the supervising server died with tasks still running."""
+ORPHAN_GRACE = 2.0
+"""Seconds an orphaned replica gives itself to stop cleanly before it exits regardless."""
 
 
 DESCRIPTION = (
@@ -93,8 +97,18 @@ async def run(args: argparse.Namespace) -> int:
         print(f"llama-mesh worker: cannot start {args.service}: {exc}", file=sys.stderr)
         return EXIT_BAD_SERVICE
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        service.stop_soon()
+        if args.exit_with_parent and os.getppid() != args.exit_with_parent:
+            # The server that started this replica was killed (this is its death signal)
+            # and its nats-server with it: running tasks could not store their results,
+            # and they are redelivered once a server is back. Do not wait for them.
+            logger.warning("the server (pid %s) is gone; exiting", args.exit_with_parent)
+            loop.call_later(ORPHAN_GRACE, os._exit, EXIT_ORPHANED)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.stop_soon)
+        loop.add_signal_handler(sig, stop)
     await service.run()
     return 0
 

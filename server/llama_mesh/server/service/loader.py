@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,7 +38,8 @@ def load_workflow(source_dir: Path, path: str) -> Any:
         raise
     except Exception as exc:
         raise InvalidArgumentError(
-            f"cannot import module '{module_name}' from {module_dir}: {type(exc).__name__}: {exc}"
+            f"cannot import module '{module_name}' from {module_dir}: {type(exc).__name__}: "
+            f"{exc}\n{_user_traceback(exc)}"
         ) from exc
     obj = getattr(module, attr, None)
     if obj is None:
@@ -51,6 +53,19 @@ def load_workflow(source_dir: Path, path: str) -> Any:
             "(nor a llama_index.core.workflow.Workflow) instance"
         ) from None
     return obj() if isinstance(obj, type) else obj
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of an error raised while importing a service module, without the
+    frames of this loader and of importlib."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename != __file__ and not frame.filename.startswith("<frozen ")
+    ]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    lines += traceback.format_exception_only(exc)
+    return "".join(lines).rstrip()
 
 
 def _import(module_dir: Path, name: str) -> ModuleType:
