@@ -16,11 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llama_mesh.client import AsyncClient, UnavailableError
 from llama_mesh.client.cli import llamactl
+from llama_mesh.server.allowlist import SourcePolicy
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.errors import PermissionDeniedError
 from llama_mesh.server.serve import build_parser, settings_from_args
-from llama_mesh.server.sources import SourcePolicy
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.fixtures.pki import Pki

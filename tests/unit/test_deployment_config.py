@@ -16,6 +16,8 @@ from llama_mesh.server.deployment_config import (
     SourceConfig,
     parse_deployment_config,
 )
+from llama_mesh.server.errors import FailedPreconditionError
+from llama_mesh.server.orchestrator import choose_service
 
 FULL_08 = """\
 name: MyDeployment
@@ -255,10 +257,18 @@ def test_document_level_errors(text: str, key_path: str, line: int, fragment: st
         ("replicas: true", "services.echo.replicas", "expected an integer, got a boolean"),
         ("max-concurrent-tasks: 0", "services.echo.max-concurrent-tasks", "at least 1"),
         ("max-retries: -1", "services.echo.max-retries", "must be at least 0"),
+        ("max-retries: 101", "services.echo.max-retries", "must be at most 100, got 101"),
+        (
+            "max-concurrent-tasks: 1000000",
+            "services.echo.max-concurrent-tasks",
+            "must be at most 1000, got 1000000",
+        ),
+        ("timeout: 604801", "services.echo.timeout", "at most 604800 seconds"),
+        ("timeout: 1.0e+300", "services.echo.timeout", "at most 604800 seconds"),
         ("timeout: 0", "services.echo.timeout", "greater than 0"),
         ("timeout: .inf", "services.echo.timeout", "finite"),
         ("timeout: soon", "services.echo.timeout", "expected a number"),
-        ("env: {A: 1}", "services.echo.env.A", 'quote it to use it as text: "1"'),
+        ("env: {A: 1}", "services.echo.env.A", "got an integer; quote the value"),
         ("env: {A: yes}", "services.echo.env.A", "got a boolean"),
         ("env: {A: null}", "services.echo.env.A", "got null"),
         ("env: {1A: x}", "services.echo.env", "invalid environment variable name"),
@@ -352,6 +362,19 @@ def test_default_service_naming_no_service_is_a_warning() -> None:
     assert (good.default_service, good.unknown_default_service, good.warnings) == ("echo", None, ())
 
 
+def test_task_needing_a_default_service_that_names_no_service_is_refused() -> None:
+    """Every path that picks a service (ApiServer, ControlPlane.RecordTask) goes through
+    choose_service: with no service named, a default-service naming none is a
+    FailedPreconditionError naming it; a service named explicitly still works. Since the
+    MINIMAL deployment has one service, this also pins that the unknown default is not
+    silently replaced by the only service."""
+    config = parse(MINIMAL + "default-service: ech\n")
+    with pytest.raises(FailedPreconditionError, match="'ech', names no service") as info:
+        choose_service(config, None)
+    assert info.value.reason == "DEFAULT_SERVICE_NOT_FOUND"
+    assert choose_service(config, "echo") == "echo"
+
+
 def test_no_services_is_a_warning() -> None:
     """An empty services mapping is accepted (as 0.8.1 does) with a warning."""
     config = parse("services: {}\nname: d\n")
@@ -427,6 +450,19 @@ def test_malformed_documents(text: str, line: int, fragment: str) -> None:
     err = error_of(text)
     assert err.line == line
     assert fragment in err.message
+
+
+def test_errors_quote_no_other_file_and_no_secret() -> None:
+    """A file that is not a deployment (a password file) is described without its text; an
+    ``env`` value of the wrong type is not quoted (it may be a secret); other quoted values
+    are shortened."""
+    for text in ("root:*:19000:0:99999:7:::\n", "root:*:19000:0:99999:7::\ndaemon:*:1::\n"):
+        assert "root" not in error_of(text).message
+    assert error_of("root:*:1:2\nx\n").message == "the document must be a mapping, got a string"
+    secret = error_of(with_service_lines("env: {TOKEN: 8675309123}"))
+    assert "8675309123" not in str(secret)
+    long = error_of(with_service_lines(f"replicas: {'x' * 200}"))
+    assert "x" * 37 + "..." in long.message and "x" * 41 not in long.message
 
 
 def test_bytes_input_and_bad_utf8() -> None:

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama_mesh.server.deployment_config import (
+    MAX_TIMEOUT,
     DeploymentConfigError,
     parse_deployment_config,
 )
@@ -106,7 +107,7 @@ services = st.dictionaries(
             "env-files": st.lists(plain_text, max_size=2),
             "replicas": st.integers(1, 64),
             "max-concurrent-tasks": st.integers(1, 64),
-            "timeout": st.floats(0.001, 1e6),
+            "timeout": st.floats(0.001, MAX_TIMEOUT),
             "max-retries": st.integers(0, 10),
         },
     ),

@@ -23,6 +23,7 @@ from llama_mesh.server.gateway import (
     GatewayConfig,
     render_envoy_config,
 )
+from llama_mesh.server.gateway.console import console_routes
 from llama_mesh.server.gateway.control_planes import CONTROL_PLANE_SERVICE
 from llama_mesh.server.gateway.docs import DOCS_ASSET_PREFIX, OPENAPI_DOCUMENT
 
@@ -79,11 +80,13 @@ def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]
 
 def envoy_own_routes() -> set[tuple[str, str]]:
     """``(method, path)`` of the routes Envoy answers itself (direct responses), except the
-    assets of the /docs page (checked by the gateway test: the page loads them)."""
+    assets of the /docs page (checked by the gateway test: the page loads them) and the web
+    console's files (a client of the API, not part of it; tests/browser loads them)."""
     config = render_envoy_config(GatewayConfig(upstream_port=1))
     listener = config["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    console_route_names = {route["name"] for route in console_routes()}
     own = set()
     for route in routes:
         # Envoy's own answers (200); its error replies (405 for a known path asked with a
@@ -94,6 +97,8 @@ def envoy_own_routes() -> set[tuple[str, str]]:
         (method,) = [
             h["string_match"]["exact"] for h in route["match"]["headers"] if h["name"] == ":method"
         ]
+        if route["name"] in console_route_names:
+            continue
         if not path.startswith(DOCS_ASSET_PREFIX):
             own.add((method.lower(), path))
     return own

@@ -115,7 +115,7 @@ async def test_local_allow_list(tmp_path: Path) -> None:
     policy = SourcePolicy(allowed_local_roots=(tmp_path / "a",))
     base_a, base_b = tmp_path / "a", tmp_path / "b"
     assert await sync_source(local("src"), base_path=base_a, dest=tmp_path, policy=policy)
-    with pytest.raises(SourceError, match="not inside an allowed root"):
+    with pytest.raises(SourceError, match="outside the allowed roots"):
         await sync_source(local("src"), base_path=base_b, dest=tmp_path, policy=policy)
 
 
@@ -207,15 +207,16 @@ async def test_git_allow_list(origin: str, tmp_path: Path) -> None:
     await sync_source(SourceConfig("git", origin), base_path=tmp_path, dest=dest, policy=allowed)
     assert (dest / "wf.py").exists()
     other = SourcePolicy(allowed_git_prefixes=("https://github.com/run-llama/",))
-    with pytest.raises(SourceError, match="is not allowed"):
+    with pytest.raises(SourceError, match="not within an allowed prefix"):
         await sync_source(
             SourceConfig("git", origin), base_path=tmp_path, dest=tmp_path / "x", policy=other
         )
     assert not (tmp_path / "x").exists()
-    sneaky = f"{tmp_path.as_uri()}/../{tmp_path.name}/origin.git"
-    with pytest.raises(SourceError, match="is not allowed"):
+    inside = SourcePolicy(allowed_git_prefixes=((tmp_path / "inside").as_uri(),))
+    sneaky = f"{tmp_path.as_uri()}/inside/%2e%2e/origin.git"
+    with pytest.raises(SourceError, match="not within an allowed prefix"):
         await sync_source(
-            SourceConfig("git", sneaky), base_path=tmp_path, dest=tmp_path / "x", policy=allowed
+            SourceConfig("git", sneaky), base_path=tmp_path, dest=tmp_path / "x", policy=inside
         )
 
 
@@ -262,8 +263,8 @@ def test_env_file_syntax(tmp_path: Path) -> None:
     ("content", "fragment"),
     [
         ("OK=1\nnot a pair\n", ":2: expected KEY=VALUE"),
-        ("A='open\n", ":1: A: unterminated ' quote"),
-        ('A="x" trailing\n', ":1: A: unexpected text after the closing quote"),
+        ("A='open\n", ":1: unterminated ' quote"),
+        ('A="x" trailing\n', ":1: unexpected text after the closing quote"),
         ("1A=x\n", ":1: expected KEY=VALUE"),
     ],
 )

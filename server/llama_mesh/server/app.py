@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llama_mesh.server.aio import cancel_and_wait
+from llama_mesh.server.allowlist import SourcePolicy
 from llama_mesh.server.apiserver.compat import LlamaDeployApiServicer
 from llama_mesh.server.apiserver.deployments import DeploymentManager, DeploymentSettings
 from llama_mesh.server.apiserver.mesh import Mesh
@@ -41,7 +42,6 @@ from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
 from llama_mesh.server.probes import ProbesServicer
 from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.server.queues.nats import NatsLogin
-from llama_mesh.server.sources import SourcePolicy
 from llama_mesh.v1 import (
     apiserver_pb2,
     apiserver_pb2_grpc,
@@ -99,6 +99,8 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()
     """Host names the gateway answers to besides loopback and ``host`` (``"*"``: any)."""
     max_deployments: int = 10
+    max_replicas: int = 16
+    """Most replicas one service may ask for (``replicas``)."""
     ack_wait: float = 10.0
     ready_timeout: float = 120.0
     allowed_local_roots: tuple[Path, ...] | None = None
@@ -140,6 +142,9 @@ class ServerSettings:
                 " address; name the host names its clients use (--allowed-host NAME, repeat), "
                 "or '*' to answer to any name (web pages can then reach it by DNS rebinding)"
             )
+        if self.max_replicas < 1:
+            raise ValueError(f"max_replicas (--max-replicas) is {self.max_replicas}: use 1 or more")
+        SourcePolicy(self.allowed_local_roots, self.allowed_git_prefixes)  # refuses bad prefixes
         internal = (self.internal_ca, self.internal_cert, self.internal_key)
         if None in internal and internal != (None, None, None):
             raise ValueError(
@@ -299,6 +304,7 @@ class MeshServer:
             DeploymentSettings(
                 data_dir=s.data_dir,
                 max_deployments=s.max_deployments,
+                max_replicas=s.max_replicas,
                 ready_timeout=s.ready_timeout,
                 ack_wait=s.ack_wait,
                 policy=SourcePolicy(s.allowed_local_roots, s.allowed_git_prefixes),

@@ -49,6 +49,14 @@ _STR, _INT, _FLOAT, _BOOL, _NULL, _MAP, _SEQ = (
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MAX_DEPTH = 32
 _MAX_NODES = 10_000
+_MAX_QUOTED = 40
+_KEY_LIKE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+MAX_CONCURRENT_TASKS = 1000
+"""Most tasks one replica may run at once (``max-concurrent-tasks``)."""
+MAX_RETRIES = 100
+"""Most redeliveries of a task (``max-retries``)."""
+MAX_TIMEOUT = 7 * 24 * 3600.0
+"""Longest ``timeout`` in seconds (a week); leave ``timeout`` out for the workflow's own."""
 
 
 def _kinds(spec: str) -> dict[str, str]:
@@ -213,7 +221,13 @@ def _line(node: Node) -> int:
     return int(node.start_mark.line) + 1
 
 
-def _describe(node: Node) -> str:
+def _describe(node: Node, *, quote: bool = True) -> str:
+    """What ``node`` is, for an error; with ``quote``, a scalar's text, shortened.
+
+    Errors quote only values the document gives for keys the schema knows; a document that
+    is not a mapping at all (another kind of file: a password file, a ``.env``) is described
+    without its text, and so are ``env`` values, which are often secrets.
+    """
     if isinstance(node, MappingNode | SequenceNode):
         kind = "a mapping" if isinstance(node, MappingNode) else "a list"
         return kind if node.tag in (_MAP, _SEQ) else f"{kind} tagged {node.tag}"
@@ -221,7 +235,18 @@ def _describe(node: Node) -> str:
         return "null"
     kinds = {_STR: "a string", _INT: "an integer", _FLOAT: "a number", _BOOL: "a boolean"}
     kinds[_T + "timestamp"] = "a date"
-    return f"{kinds.get(node.tag, f'a value tagged {node.tag}')} ({node.value!r})"
+    kind = kinds.get(node.tag, f"a value tagged {node.tag}")
+    if not quote:
+        return kind
+    text = str(node.value)
+    shown = text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
+    return f"{kind} ({shown!r})"
+
+
+def _key(key: str) -> str:
+    """A key for an error: quoted when it looks like one, else not shown (the "key" of a
+    file that is no deployment file is a line of that file)."""
+    return repr(key) if _KEY_LIKE.fullmatch(key) else "(not shown: not a key name)"
 
 
 def _suggest(word: str, choices: Collection[str]) -> str:
@@ -334,7 +359,8 @@ class _Parser:
         if root is None:
             raise DeploymentConfigError("empty document", line=1, source_name=self._source)
         if not isinstance(root, MappingNode):
-            raise self._error(root, "", f"the document must be a mapping, got {_describe(root)}")
+            what = _describe(root, quote=False)
+            raise self._error(root, "", f"the document must be a mapping, got {what}")
         return cast(Node, root)
 
     # -- sections ---------------------------------------------------------------------------
@@ -367,9 +393,13 @@ class _Parser:
             if env_files is None
             else self._str_list(env_files, _join(path, "env-files")),
             replicas=self._int_key(entries, path, "replicas", 1, minimum=1),
-            max_concurrent_tasks=self._int_key(entries, path, "max-concurrent-tasks", 1, minimum=1),
+            max_concurrent_tasks=self._int_key(
+                entries, path, "max-concurrent-tasks", 1, minimum=1, maximum=MAX_CONCURRENT_TASKS
+            ),
             timeout=None if timeout is None else self._seconds(timeout, _join(path, "timeout")),
-            max_retries=self._int_key(entries, path, "max-retries", 2, minimum=0),
+            max_retries=self._int_key(
+                entries, path, "max-retries", 2, minimum=0, maximum=MAX_RETRIES
+            ),
         )
 
     def _source_config(self, node: Node, service_path: str) -> SourceConfig:
@@ -474,20 +504,31 @@ class _Parser:
             hint = f'; quote it to use it as text: "{node.value}"'
         raise self._error(node, path, f"expected a string, got {_describe(node)}{hint}")
 
-    def _int(self, node: Node, path: str, *, minimum: int | None) -> int:
+    def _int(
+        self, node: Node, path: str, *, minimum: int | None, maximum: int | None = None
+    ) -> int:
         if not (isinstance(node, ScalarNode) and node.tag == _INT):
             raise self._error(node, path, f"expected an integer, got {_describe(node)}")
         value = cast(int, self._scalar(node, path))
         if minimum is not None and value < minimum:
             raise self._error(node, path, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self._error(node, path, f"must be at most {maximum}, got {value}")
         return value
 
     def _int_key(
-        self, entries: _Entries, path: str, key: str, default: int, *, minimum: int
+        self,
+        entries: _Entries,
+        path: str,
+        key: str,
+        default: int,
+        *,
+        minimum: int,
+        maximum: int | None = None,
     ) -> int:
         if key not in entries:
             return default
-        return self._int(entries[key][1], _join(path, key), minimum=minimum)
+        return self._int(entries[key][1], _join(path, key), minimum=minimum, maximum=maximum)
 
     def _number(self, node: Node, path: str) -> float:
         if not (isinstance(node, ScalarNode) and node.tag in (_INT, _FLOAT)):
@@ -506,6 +547,10 @@ class _Parser:
             raise self._error(
                 node, path, f"must be a number of seconds greater than 0, got {value}"
             )
+        if value > MAX_TIMEOUT:
+            raise self._error(
+                node, path, f"must be at most {MAX_TIMEOUT:.0f} seconds (a week), got {value:g}"
+            )
         return value
 
     def _str_list(self, node: Node, path: str) -> tuple[str, ...]:
@@ -519,12 +564,16 @@ class _Parser:
         result: dict[str, str] = {}
         for key, (key_node, value) in self._entries(node, path).items():
             if env and not _ENV_NAME.fullmatch(key):
-                message = f"invalid environment variable name {key!r} (letters, digits, '_')"
+                message = f"invalid environment variable name {_key(key)} (letters, digits, '_')"
                 raise self._error(key_node, path, message)
             if isinstance(value, ScalarNode) and value.tag == _STR:
                 result[key] = str(value.value)  # empty strings are fine here
                 if "\x00" in result[key]:
                     raise self._error(value, _join(path, key), "must not contain NUL characters")
+            elif env:  # a variable's value may be a secret: not quoted
+                what = _describe(value, quote=False)
+                message = f"expected a string, got {what}; quote the value to use it as text"
+                raise self._error(value, _join(path, key), message)
             else:
                 result[key] = self._str(value, _join(path, key))  # raises with a quoting hint
         return MappingProxyType(result)
@@ -565,8 +614,8 @@ class _Parser:
         value = self._str(node, path)
         if not NAME_PATTERN.fullmatch(value):
             message = (
-                f"invalid {what} {value!r}: use 1-63 letters, digits, '_' or '-', starting with a "
-                "letter or digit (it becomes a NATS subject token)"
+                f"invalid {what} {_key(value)}: use 1-63 letters, digits, '_' or '-', "
+                "starting with a letter or digit (it becomes a NATS subject token)"
             )
             raise self._error(node, path, message)
         return value
@@ -621,14 +670,16 @@ class _Parser:
             key = str(key_node.value)
             if key in entries:
                 first = _line(entries[key][0])
-                raise self._error(key_node, path, f"duplicate key {key!r} (first on line {first})")
+                message = f"duplicate key {_key(key)} (first on line {first})"
+                raise self._error(key_node, path, message)
             entries[key] = (key_node, value_node)
         return entries
 
     def _reject_unknown(self, entries: _Entries, known: Collection[str], path: str) -> None:
         for key, (key_node, _) in entries.items():
             if key not in known:
-                raise self._error(key_node, path, f"unknown key {key!r}{_suggest(key, known)}")
+                hint = _suggest(key, known) if _KEY_LIKE.fullmatch(key) else ""
+                raise self._error(key_node, path, f"unknown key {_key(key)}{hint}")
 
     def _require(self, entries: _Entries, node: Node, path: str, key: str) -> Node:
         if key not in entries:

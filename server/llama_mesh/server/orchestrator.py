@@ -26,7 +26,9 @@ def choose_service(config: DeploymentConfig, service_id: str | None) -> str:
     """The service a task goes to: the one named, else the default service.
 
     A deployment with a single service uses it when no default is set. An unknown
-    service is a :class:`NotFoundError` at once, never a task that waits forever.
+    service is a :class:`NotFoundError` at once, never a task that waits forever; a
+    ``default-service`` that names no service (accepted at deploy time, as Llama Deploy 0.8
+    did) is a :class:`FailedPreconditionError` when a task needs it.
     """
     if service_id:
         if service_id not in config.services:
@@ -36,6 +38,13 @@ def choose_service(config: DeploymentConfig, service_id: str | None) -> str:
                 reason="SERVICE_NOT_FOUND",
             )
         return service_id
+    if config.unknown_default_service:
+        raise FailedPreconditionError(
+            f"No service given and the default-service of deployment '{config.name}', "
+            f"'{config.unknown_default_service}', names no service "
+            f"(services: {', '.join(sorted(config.services)) or 'none'})",
+            reason="DEFAULT_SERVICE_NOT_FOUND",
+        )
     if config.default_service:
         return config.default_service
     if len(config.services) == 1:

@@ -179,6 +179,12 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         help="how many deployments the server accepts (default: 10)",
     )
     p.add_argument(
+        "--max-replicas",
+        type=int,
+        default=int(env_setting("MAX_REPLICAS", "16") or 16),
+        help="most replicas a service may ask for (default: 16)",
+    )
+    p.add_argument(
         "--ack-wait",
         type=float,
         default=float(env_setting("ACK_WAIT", "10") or 10),
@@ -189,15 +195,15 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         action="append",
         type=Path,
         default=None,
-        help="local sources must be inside one of these directories; repeat for more "
-        "(default: any directory)",
+        help="local sources and dependency paths must be inside one of these directories; "
+        "repeat for more (default: any directory)",
     )
     p.add_argument(
         "--allow-git-prefix",
         action="append",
         default=None,
-        help="git sources must start with one of these prefixes; repeat for more "
-        "(default: any URL)",
+        help="git sources and dependency URLs must lie within one of these URL prefixes, "
+        "compared by parsed parts; repeat for more (default: any URL)",
     )
     p.add_argument(
         "--api-key",
@@ -328,6 +334,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         cors_origins=tuple(args.cors_origin),
         allowed_hosts=split_list(args.allowed_host),
         max_deployments=args.max_deployments,
+        max_replicas=args.max_replicas,
         ack_wait=args.ack_wait,
         allowed_local_roots=tuple(p.resolve() for p in args.allow_local_root)
         if args.allow_local_root

@@ -26,9 +26,10 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
+from llama_mesh.server.allowlist import LocationError, NotAllowedError, parse_url
+from llama_mesh.server.allowlist import SourcePolicy as SourcePolicy  # noqa: PLC0414 (re-export)
 from llama_mesh.server.deployment_config import ServiceConfig, SourceConfig
 
 logger = logging.getLogger(__name__)
@@ -48,22 +49,6 @@ class SourceError(ValueError):
 
 class SourceNotAllowedError(SourceError):
     """A source the server's policy refuses: outside the allowed roots or git prefixes."""
-
-
-@dataclass(frozen=True, slots=True)
-class SourcePolicy:
-    """Which sources a server accepts; None means unrestricted.
-
-    Attributes:
-        allowed_local_roots: the deployment directory (``base_path``) of a local source, and
-            so the source itself, must lie inside one of these directories.
-        allowed_git_prefixes: git URLs (without ``@ref``) must start with one of these (end
-            a prefix with ``/``: ``https://github.com/org`` also admits ``.../org-other``);
-            URLs with ``..`` segments are refused when this is set.
-    """
-
-    allowed_local_roots: tuple[Path, ...] | None = None
-    allowed_git_prefixes: tuple[str, ...] | None = None
 
 
 async def sync_source(
@@ -93,17 +78,40 @@ async def sync_source(
     del local  # local sources are always used in place, see the module docstring
     if source.type == "local":
         return _local_root(source.name, base_path, policy)
-    url, ref = parse_git_source(source.name)
-    prefixes = policy.allowed_git_prefixes
-    if prefixes is not None and (
-        ".." in url.split("/") or not any(url.startswith(p) for p in prefixes)
-    ):
-        allowed = ", ".join(prefixes)
-        raise SourceNotAllowedError(
-            f"git source {url!r} is not allowed (allowed prefixes: {allowed})"
-        )
+    url, ref = parse_git_source(check_source(source, base_path=base_path, policy=policy).name)
     await _clone(url, ref, dest, clone_timeout)
     return dest
+
+
+def check_source(source: SourceConfig, *, base_path: Path, policy: SourcePolicy) -> SourceConfig:
+    """``source`` as it will be fetched, when ``policy`` admits it; nothing is fetched.
+
+    A git URL is checked (and then cloned) in its canonical form when an allow-list applies
+    to it (see :mod:`llama_mesh.server.allowlist`); without one it is used as written.
+
+    Raises:
+        SourceNotAllowedError: refused by ``policy`` or escaping ``base_path``.
+        SourceError: a git source that cannot be parsed.
+    """
+    if source.type == "local":
+        _local_root(source.name, base_path, policy, must_exist=False)
+        return source
+    url, ref = parse_git_source(source.name)
+    if policy.allowed_git_prefixes is None and policy.allowed_local_roots is None:
+        return source
+    what = f"git source {url!r}"
+    try:
+        parsed = parse_url(url)
+    except LocationError as exc:
+        remote = "://" in url and not url.lower().startswith("file:")
+        if remote and policy.allowed_git_prefixes is None:
+            return source  # only local code is confined, and this names none
+        raise SourceNotAllowedError(f"{what} cannot be checked against the policy: {exc}") from None
+    try:
+        canonical = policy.check_url(parsed, what).text()
+    except NotAllowedError as exc:
+        raise SourceNotAllowedError(str(exc)) from None
+    return SourceConfig("git", canonical if ref is None else f"{canonical}@{ref}")
 
 
 def parse_git_source(name: str) -> tuple[str, str | None]:
@@ -135,20 +143,22 @@ def parse_git_source(name: str) -> tuple[str, str | None]:
     return url, ref
 
 
-def _local_root(name: str, base_path: Path, policy: SourcePolicy) -> Path:
+def _local_root(
+    name: str, base_path: Path, policy: SourcePolicy, *, must_exist: bool = True
+) -> Path:
     base = base_path.resolve()
     target = (base / name).resolve()
     if not target.is_relative_to(base):
         raise SourceNotAllowedError(
             f"local source {name!r} resolves to {target}, outside the deployment directory {base}"
         )
-    roots = policy.allowed_local_roots
-    if roots is not None and not any(base.is_relative_to(r.resolve()) for r in roots):
+    try:
         # base, not just target: the service's path and env-files are relative to base
-        allowed = ", ".join(str(r) for r in roots)
-        raise SourceNotAllowedError(
-            f"deployment directory {base} is not inside an allowed root ({allowed})"
-        )
+        policy.check_path(base, f"the deployment directory of local source {name!r}")
+    except NotAllowedError as exc:
+        raise SourceNotAllowedError(str(exc)) from None
+    if not must_exist:
+        return base
     if not target.is_dir():
         what = "is not a directory" if target.exists() else "does not exist"
         raise SourceError(f"local source {name!r} ({target}) {what}")
@@ -238,13 +248,19 @@ def read_env_file(path: Path) -> dict[str, str]:
     Unquoted values end at `` #`` (a comment) and are stripped; single-quoted values are
     literal; double-quoted values understand ``\\n \\t \\r \\" \\\\ \\$``. Values span one
     line and ``${VAR}`` is not expanded.
+
+    Errors name the file and the line but never quote the file: an env file holds secrets,
+    and a path that names some other file (``/etc/shadow``) must not leak it through the
+    error, which is stored with the deployment and shown to its users.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise SourceError(f"env file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"cannot read env file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise SourceError(f"env file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read env file {path}: {exc.strerror or 'error'}") from None
     values: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
@@ -252,11 +268,11 @@ def read_env_file(path: Path) -> dict[str, str]:
             continue
         match = _ENV_LINE.fullmatch(stripped)
         if match is None:
-            raise SourceError(f"{path}:{number}: expected KEY=VALUE, got {stripped!r}")
+            raise SourceError(f"{path}:{number}: expected KEY=VALUE (the line is not shown)")
         try:
             values[match[1]] = _env_value(match[2])
         except ValueError as exc:
-            raise SourceError(f"{path}:{number}: {match[1]}: {exc}") from None
+            raise SourceError(f"{path}:{number}: {exc}") from None
     return values
 
 
@@ -276,7 +292,7 @@ def _env_value(raw: str) -> str:
             raise ValueError(f"unterminated {quote} quote")
         rest = raw[i + 1 :].strip()
         if rest and not rest.startswith("#"):
-            raise ValueError(f"unexpected text after the closing quote: {rest!r}")
+            raise ValueError("unexpected text after the closing quote")
         value = "".join(chars)
     else:
         value = re.split(r"(?:^|\s)#", raw, maxsplit=1)[0].strip()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,19 @@ from typing import TYPE_CHECKING
 
 from llama_mesh.server import subjects
 from llama_mesh.server.aio import cancel_and_wait
-from llama_mesh.server.apiserver.supervisor import ReplicaSpec, Supervisor
+from llama_mesh.server.allowlist import SourcePolicy
+from llama_mesh.server.apiserver.supervisor import ReplicaSpec, StartupFailure, Supervisor
 from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.dependencies import (
+    DependencyError,
+    DependencyNotAllowedError,
+    confine_dependencies,
+)
 from llama_mesh.server.deployment_config import (
     NAME_PATTERN,
     DeploymentConfig,
     DeploymentConfigError,
+    ServiceConfig,
     parse_deployment_config,
 )
 from llama_mesh.server.domain import DeploymentRecord, DeploymentStatus, now
@@ -41,7 +49,7 @@ from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.server.sources import (
     SourceError,
     SourceNotAllowedError,
-    SourcePolicy,
+    check_source,
     resolve_env,
     sync_source,
 )
@@ -63,6 +71,7 @@ class DeploymentSettings:
 
     data_dir: Path
     max_deployments: int = 10
+    max_replicas: int = 16
     ready_timeout: float = 120.0
     ack_wait: float = 10.0
     policy: SourcePolicy = field(default_factory=SourcePolicy)
@@ -86,6 +95,7 @@ class DeploymentManager:
         self._configs: dict[str, DeploymentConfig] = {}
         self._generations: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._tried: dict[str, int] = {}
         self.control_planes: ControlPlanePorts | None = None
         """Where the gateway serves deployments' 0.8 control planes; ``None``: nowhere."""
         # Deployments that run nothing: those being brought up for the first time (created,
@@ -167,9 +177,11 @@ class DeploymentManager:
         """Create (or with ``reload``, replace) a deployment and wait until it is ready.
 
         A deployment whose last deploy failed is replaced without ``reload``: it runs nothing.
+        Replacing a running deployment is all or nothing (see :meth:`_replace`).
         ``file_name`` is what errors in the YAML call the file.
         """
         config = parse(config_yaml, file_name=file_name)
+        self._check_limits(config)
         async with self._locks.setdefault(config.name, asyncio.Lock()):
             exists = config.name in self._configs
             if exists and not reload:
@@ -189,24 +201,32 @@ class DeploymentManager:
                 config_yaml=config.raw_yaml,
                 base_path=str(Path(base_path or ".").resolve()),
                 local=local,
-                generation=(previous.generation + 1) if previous else 1,
+                generation=await self._next_generation(config.name, previous),
                 created_at=previous.created_at if previous else now(),
             )
+            self._check_policy(config, record)
             if not exists:
                 return await self._first_bring_up(config, record)
-            return await self._bring_up(config, record)
+            return await self._replace(config, record)
 
     async def reload(self, name: str) -> DeploymentRecord:
-        """Re-sync sources and restart the workers of a deployment (a new generation)."""
+        """Re-sync sources and restart the workers of a deployment (a new generation), all
+        or nothing (see :meth:`_replace`)."""
         async with self._locks.setdefault(name, asyncio.Lock()):
             if name in self._failed:
                 failed = await self._cp.get_deployment(name)
-                failed.generation += 1
-                return await self._first_bring_up(parse(failed.config_yaml), failed)
+                failed.generation = await self._next_generation(name, failed)
+                config = parse(failed.config_yaml)
+                self._check_limits(config)
+                self._check_policy(config, failed)
+                return await self._first_bring_up(config, failed)
             self.config(name)
             record = await self._cp.get_deployment(name)
-            record.generation += 1
-            return await self._bring_up(parse(record.config_yaml), record)
+            record.generation = await self._next_generation(name, record)
+            config = parse(record.config_yaml)
+            self._check_limits(config)
+            self._check_policy(config, record)
+            return await self._replace(config, record)
 
     async def delete(self, name: str) -> None:
         """Stop a deployment's workers, drop its queued tasks and forget it (failed ones too)."""
@@ -348,6 +368,135 @@ class DeploymentManager:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
+    # -- checks before anything is fetched, built or stored --------------------------------
+
+    def _check_limits(self, config: DeploymentConfig) -> None:
+        limit = self.settings.max_replicas
+        for service_id, service in config.services.items():
+            if service.replicas > limit:
+                key = f"services.{service_id}.replicas"
+                raise InvalidArgumentError(
+                    f"{key} is {service.replicas}, more than this server allows: {limit} "
+                    "(serve --max-replicas, LLAMA_MESH_MAX_REPLICAS)",
+                    reason="INVALID_DEPLOYMENT",
+                    metadata={"key": key},
+                )
+
+    def _check_policy(self, config: DeploymentConfig, record: DeploymentRecord) -> None:
+        """Refuse what the server's allow-lists do not admit: every service's source, and
+        every dependency that can be judged before its source is fetched (the rest, paths
+        relative to a git clone, are judged again once it is)."""
+        policy = self.settings.policy
+        base = Path(record.base_path)
+        for service_id, service in config.services.items():
+            try:
+                check_source(service.source, base_path=base, policy=policy)
+            except SourceNotAllowedError as exc:
+                raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
+            except SourceError as exc:
+                raise InvalidArgumentError(str(exc), reason="INVALID_DEPLOYMENT") from exc
+            local = service.source.type == "local"
+            root = base if local else self._source_dest(record, service_id)
+            _confine(service, service_id, root, policy)
+
+    async def _next_generation(self, name: str, stored: DeploymentRecord | None) -> int:
+        """A generation no replica has had: above the stored and the running one, any tried
+        before (a failed reload's replicas may still be in the registry) and any replica's."""
+        seen = [stored.generation if stored else 0, self._tried.get(name, 0)]
+        seen.append(self._generations.get(name, 0))
+        seen += [i.generation for i in await self._cp.list_instances(name)]
+        self._tried[name] = max(seen) + 1
+        return self._tried[name]
+
+    def _source_dest(self, record: DeploymentRecord, service_id: str) -> Path:
+        """Where a git source of this generation is cloned: each generation has its own, so
+        a reload never touches the sources the running version was loaded from."""
+        return self._generation_dir(record.name, record.generation) / service_id
+
+    def _generation_dir(self, name: str, generation: int) -> Path:
+        return self.settings.data_dir / "sources" / name / f"g{generation}"
+
+    async def _remove_sources(self, name: str, *, keep: int) -> None:
+        """Remove the cloned sources of every generation but ``keep``."""
+        parent = self.settings.data_dir / "sources" / name
+        keep_dir = self._generation_dir(name, keep)
+
+        def remove() -> None:
+            for child in parent.glob("g*") if parent.is_dir() else ():
+                if child != keep_dir:
+                    shutil.rmtree(child, ignore_errors=True)
+
+        await asyncio.to_thread(remove)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def _replace(
+        self, config: DeploymentConfig, record: DeploymentRecord
+    ) -> DeploymentRecord:
+        """Replace a running deployment by ``record``'s version, all or nothing.
+
+        The new version is prepared (sources, dependencies), every service's workflow is
+        loaded once in its own environment, and its replicas start beside the running ones;
+        only when every service has a live replica of the new generation is the record
+        replaced and the old replicas stopped. Until then nothing of the running version is
+        touched, and on any failure the new replicas are stopped: the old version keeps
+        serving, and stays the stored one.
+        """
+        name = record.name
+        running = self._generations[name]
+        deploying = DeploymentStatus.DEPLOYING
+        await self._queue.delete_topic(subjects.progress_topic(name))
+        await self._say(name, f"reloading: generation {record.generation}", deploying)
+        for warning in config.warnings:
+            logger.warning("deployment %s: %s", name, warning)
+            await self._say(name, f"warning: {warning}", deploying)
+        try:
+            specs = [await self._prepare(config, record, sid) for sid in config.services]
+            await self._say(name, "loading the workflows in their environments", deploying)
+            await self._supervisor.check(specs, timeout=self.settings.ready_timeout)
+            for spec in specs:
+                await self._say(
+                    name, f"starting {spec.replicas} replica(s) of {spec.service_id}", deploying
+                )
+                await self._supervisor.add(spec)
+            problem = await self._wait_ready(config, record.generation)
+            if problem:
+                raise StartupFailure(problem)
+        except BaseException as exc:
+            await asyncio.shield(self._roll_back(name, running, record.generation))
+            if not isinstance(
+                exc, MeshError | SourceError | VenvError | DeploymentConfigError | StartupFailure
+            ):
+                raise  # cancelled, or a bug: rolled back all the same
+            reason = exc.message if isinstance(exc, MeshError) else str(exc)
+            message = f"reload failed, generation {running} keeps serving: {reason}"
+            await self._say(name, message, DeploymentStatus.FAILED, done=True)
+            if isinstance(exc, MeshError):
+                raise
+            raise FailedPreconditionError(
+                f"Deployment '{name}': {message}", reason="DEPLOY_FAILED"
+            ) from exc
+        record.status, record.status_message, record.updated_at = (
+            DeploymentStatus.READY,
+            "",
+            now(),
+        )
+        await self._cp.put_deployment(record)
+        self._configs[name] = config
+        self._generations[name] = record.generation
+        await self._supervisor.retire(name, keep=record.generation)
+        await self._remove_sources(name, keep=record.generation)
+        await self._serve_control_plane(config)
+        await self._say(name, "ready", DeploymentStatus.READY, done=True)
+        return record
+
+    async def _roll_back(self, name: str, running: int, failed: int) -> None:
+        logger.warning(
+            "deployment %s: generation %d failed; %d keeps serving", name, failed, running
+        )
+        await self._supervisor.retire(name, keep=running)
+        await asyncio.to_thread(shutil.rmtree, self._generation_dir(name, failed), True)
+
     async def _stored(self, name: str) -> DeploymentRecord | None:
         """The stored record of ``name``; ``None`` when there is none or it cannot be read
         (a deployment created under that name replaces it)."""
@@ -440,7 +589,7 @@ class DeploymentManager:
         name = record.name
         deploying = DeploymentStatus.DEPLOYING
         await self._say(name, f"syncing source of {service_id} ({service.source.type})", deploying)
-        dest = self.settings.data_dir / "sources" / name / service_id
+        dest = self._source_dest(record, service_id)
         try:
             source_dir = await sync_source(
                 service.source,
@@ -463,11 +612,10 @@ class DeploymentManager:
         async def report(line: str) -> None:
             await self._say(name, f"{service_id}: {line}", deploying)
 
-        if service.python_dependencies:
-            await self._say(
-                name, f"installing {len(service.python_dependencies)} dependencies", deploying
-            )
-        python = await self._venvs.ensure(service.python_dependencies, progress=report)
+        dependencies = _confine(service, service_id, code_root, self.settings.policy)
+        if dependencies:
+            await self._say(name, f"installing {len(dependencies)} dependencies", deploying)
+        python = await self._venvs.ensure(dependencies, progress=report)
         return ReplicaSpec(
             deployment=name,
             service_id=service_id,
@@ -498,7 +646,7 @@ class DeploymentManager:
             return "the registry closed"
 
         async def first_failure() -> str:
-            service_id, output = await self._supervisor.next_failure(config.name)
+            service_id, output = await self._supervisor.next_failure(config.name, generation)
             return f"service '{service_id}' did not start: {_last_lines(output)}"
 
         tasks = [asyncio.create_task(all_live()), asyncio.create_task(first_failure())]
@@ -525,6 +673,23 @@ def parse(config_yaml: str | bytes, *, file_name: str = "") -> DeploymentConfig:
         raise InvalidArgumentError(
             str(exc), reason="INVALID_DEPLOYMENT", metadata={"key": exc.key_path}
         ) from exc
+
+
+def _confine(
+    service: ServiceConfig, service_id: str, root: Path, policy: SourcePolicy
+) -> tuple[str, ...]:
+    """The service's dependencies in the form to install, once the policy admits them."""
+    try:
+        return confine_dependencies(
+            service.python_dependencies,
+            root=root,
+            policy=policy,
+            key_path=f"services.{service_id}.python-dependencies",
+        )
+    except DependencyNotAllowedError as exc:
+        raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
+    except DependencyError as exc:
+        raise InvalidArgumentError(str(exc), reason="INVALID_DEPLOYMENT") from exc
 
 
 def _reason(exc: BaseException) -> str:

@@ -137,13 +137,6 @@ class Mesh:
         input: dict[str, JsonValue],
     ) -> StoredTask:
         config = self.deployments.config(deployment)
-        if not service_id and config.unknown_default_service:
-            raise FailedPreconditionError(
-                f"No service given and the default-service of deployment '{deployment}', "
-                f"'{config.unknown_default_service}', names no service "
-                f"(services: {', '.join(sorted(config.services)) or 'none'})",
-                reason="DEFAULT_SERVICE_NOT_FOUND",
-            )
         service = choose_service(config, service_id)
         input_json = json_within_limit("the task input", input)
         writes: list[Awaitable[object]] = []

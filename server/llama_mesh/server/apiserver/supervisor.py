@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +65,7 @@ class Supervisor(abc.ABC):
     """Starts, restarts and stops the replicas of deployments."""
 
     def __init__(self) -> None:
-        self._failure_queues: dict[str, asyncio.Queue[tuple[str, str]]] = {}
+        self._failure_queues: dict[str, asyncio.Queue[tuple[str, str, int]]] = {}
         self._given_up: dict[tuple[str, str], str] = {}
         self.closing = False
         """Set by :meth:`shutdown`: replicas that exit now are not restarted."""
@@ -82,22 +82,55 @@ class Supervisor(abc.ABC):
             if key[0] == deployment and service_id in (None, key[1]):
                 del self._given_up[key]
 
-    def _report_failure(self, deployment: str, service_id: str, output: str) -> None:
+    def _report_failure(
+        self, deployment: str, service_id: str, output: str, generation: int
+    ) -> None:
         self._failure_queues.setdefault(deployment, asyncio.Queue()).put_nowait(
-            (service_id, output)
+            (service_id, output, generation)
         )
 
-    async def next_failure(self, deployment: str) -> tuple[str, str]:
-        """Wait for a replica of ``deployment`` to exit unexpectedly: (service, output)."""
-        return await self._failure_queues.setdefault(deployment, asyncio.Queue()).get()
+    async def next_failure(self, deployment: str, generation: int | None = None) -> tuple[str, str]:
+        """Wait for a replica of ``deployment`` (of ``generation`` when given) to exit
+        unexpectedly: (service, output)."""
+        queue = self._failure_queues.setdefault(deployment, asyncio.Queue())
+        while True:
+            service_id, output, of = await queue.get()
+            if generation is None or of == generation:
+                return service_id, output
 
     def clear_failures(self, deployment: str) -> None:
         """Forget failures reported so far (before waiting for a fresh start)."""
         self._failure_queues.pop(deployment, None)
 
-    @abc.abstractmethod
     async def start(self, spec: ReplicaSpec) -> None:
-        """Start ``spec.replicas`` replicas of a service (replacing older generations)."""
+        """Start ``spec.replicas`` replicas of a service, then stop its other generations."""
+        await self.add(spec)
+        await self._stop_where(
+            spec.deployment,
+            lambda service_id, generation: (
+                service_id == spec.service_id and generation != spec.generation
+            ),
+        )
+
+    @abc.abstractmethod
+    async def add(self, spec: ReplicaSpec) -> None:
+        """Start ``spec.replicas`` replicas of a service beside whatever runs."""
+
+    async def retire(self, deployment: str, *, keep: int) -> None:
+        """Stop every replica of ``deployment`` that is not of generation ``keep``."""
+        await self._stop_where(deployment, lambda _, generation: generation != keep)
+
+    @abc.abstractmethod
+    async def check(self, specs: Sequence[ReplicaSpec], *, timeout: float) -> None:
+        """Load the services' workflows as their replicas would, without starting any.
+
+        Raises:
+            StartupFailure: one cannot be loaded (with the error output), or not in time.
+        """
+
+    @abc.abstractmethod
+    async def _stop_where(self, deployment: str, which: Callable[[str, int], bool]) -> None:
+        """Stop the replicas of ``deployment`` that ``which(service_id, generation)`` picks."""
 
     @abc.abstractmethod
     async def stop(self, deployment: str) -> None:
@@ -136,6 +169,48 @@ def _log_tail(path: Path, offset: int) -> str:
     return "".join(text.splitlines(keepends=True)[-_TAIL_LINES:]).strip()
 
 
+def _worker_command(spec: ReplicaSpec) -> list[str]:
+    """The worker's command line: everything it needs, so that it does not depend on the
+    stored record (a reload starts a new version before the record names it)."""
+    timeout = [] if spec.timeout is None else ["--timeout", repr(spec.timeout)]
+    return [
+        str(spec.python),
+        "-m",
+        "llama_mesh.server.service",
+        "--deployment",
+        spec.deployment,
+        "--service",
+        spec.service_id,
+        "--source-dir",
+        str(spec.source_dir),
+        "--path",
+        spec.path,
+        "--max-concurrent-tasks",
+        str(spec.max_concurrent_tasks),
+        "--max-retries",
+        str(spec.max_retries),
+        *timeout,
+        "--generation",
+        str(spec.generation),
+        "--ack-wait",
+        str(spec.ack_wait),
+    ]
+
+
+def _worker_environment(spec: ReplicaSpec, nats_env: Mapping[str, str]) -> dict[str, str]:
+    env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
+    env.update(spec.env)
+    # Where NATS is, and how to log in, go in the environment rather than on the command
+    # line, which every local user can read; after the service's own variables, which
+    # must not point the worker elsewhere.
+    env.update(nats_env)
+    env["PYTHONUNBUFFERED"] = "1"
+    for name in ("LLAMA_MESH_LOG_LEVEL", "LLAMA_MESH_LOG_FORMAT"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
 class _Replica:
     """One supervised worker process, restarted until stopped."""
 
@@ -160,37 +235,10 @@ class _Replica:
         self._task = asyncio.create_task(self._supervise())
 
     def _command(self) -> list[str]:
-        spec = self.spec
-        return [
-            str(spec.python),
-            "-m",
-            "llama_mesh.server.service",
-            "--deployment",
-            spec.deployment,
-            "--service",
-            spec.service_id,
-            "--source-dir",
-            str(spec.source_dir),
-            "--generation",
-            str(spec.generation),
-            "--ack-wait",
-            str(spec.ack_wait),
-            "--exit-with-parent",
-            str(os.getpid()),
-        ]
+        return [*_worker_command(self.spec), "--exit-with-parent", str(os.getpid())]
 
     def _environment(self) -> dict[str, str]:
-        env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
-        env.update(self.spec.env)
-        # Where NATS is, and how to log in, go in the environment rather than on the command
-        # line, which every local user can read; after the service's own variables, which
-        # must not point the worker elsewhere.
-        env.update(self._nats_env)
-        env["PYTHONUNBUFFERED"] = "1"
-        for name in ("LLAMA_MESH_LOG_LEVEL", "LLAMA_MESH_LOG_FORMAT"):
-            if name in os.environ:
-                env[name] = os.environ[name]
-        return env
+        return _worker_environment(self.spec, self._nats_env)
 
     async def _supervise(self) -> None:
         failures = 0
@@ -216,7 +264,7 @@ class _Replica:
             if self._stopping or self._supervisor.closing:
                 return
             tail = _log_tail(log_path, offset) or f"exit {code}"
-            self._on_failure(self.spec.deployment, self.spec.service_id, tail)
+            self._on_failure(self.spec.deployment, self.spec.service_id, tail, self.spec.generation)
             failures = 0 if loop.time() - started > STABLE_AFTER else failures + 1
             where = f"{self.spec.deployment}/{self.spec.service_id}#{self.index}"
             if failures >= self._supervisor.max_crash_loops:
@@ -278,21 +326,62 @@ class ProcessSupervisor(Supervisor):
         self._log_dir = log_dir
         self._replicas: dict[str, list[_Replica]] = {}
 
-    async def start(self, spec: ReplicaSpec) -> None:
-        old = [
-            r
-            for r in self._replicas.get(spec.deployment, [])
-            if r.spec.service_id == spec.service_id
-        ]
+    async def add(self, spec: ReplicaSpec) -> None:
         log_dir = self._log_dir / spec.deployment
         log_dir.mkdir(parents=True, exist_ok=True)
         self._forget_failures(spec.deployment, spec.service_id)
         new = [_Replica(spec, i, log_dir, self) for i in range(spec.replicas)]
         for replica in new:
             replica.start()
-        kept = [r for r in self._replicas.get(spec.deployment, []) if r not in old]
-        self._replicas[spec.deployment] = kept + new
+        self._replicas.setdefault(spec.deployment, []).extend(new)
+
+    async def _stop_where(self, deployment: str, which: Callable[[str, int], bool]) -> None:
+        running = self._replicas.get(deployment, [])
+        old = [r for r in running if which(r.spec.service_id, r.spec.generation)]
+        self._replicas[deployment] = [r for r in running if r not in old]
         await asyncio.gather(*(r.stop() for r in old))
+
+    async def check(self, specs: Sequence[ReplicaSpec], *, timeout: float) -> None:
+        # What a replica would import, where, with which interpreter and variables (no
+        # NATS): one process for the services that share all of these, all at once.
+        groups: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[ReplicaSpec]] = {}
+        for spec in specs:
+            key = (str(spec.python), str(spec.source_dir), tuple(sorted(spec.env.items())))
+            groups.setdefault(key, []).append(spec)
+        checks = [self._check(same, timeout) for same in groups.values()]
+        for outcome in await asyncio.gather(*checks, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    @staticmethod
+    async def _check(specs: list[ReplicaSpec], timeout: float) -> None:
+        first = specs[0]
+        argv = [str(first.python), "-m", "llama_mesh.server.service.check"]
+        argv += ["--source-dir", str(first.source_dir)]
+        argv += [f"{spec.service_id}={spec.path}" for spec in specs]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=_worker_environment(first, {}),
+            cwd=str(first.source_dir),
+            start_new_session=True,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                output, _ = await proc.communicate()
+        except TimeoutError:
+            raise StartupFailure(f"loading the workflows took more than {timeout:g} s") from None
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            text = output[-_TAIL_BYTES:].decode(errors="replace")
+            tail = "".join(text.splitlines(keepends=True)[-_TAIL_LINES:]).strip()
+            raise StartupFailure(tail or f"exit {proc.returncode}")
 
     async def stop(self, deployment: str) -> None:
         self._forget_failures(deployment)
@@ -321,14 +410,13 @@ class InProcessSupervisor(Supervisor):
         self._cp = control_plane
         self._workers: dict[str, list[tuple[Worker, asyncio.Task[None]]]] = {}
 
-    async def start(self, spec: ReplicaSpec) -> None:
+    async def add(self, spec: ReplicaSpec) -> None:
         try:
             workflow = load_workflow(spec.source_dir, spec.path)
         except Exception as exc:
-            self._report_failure(spec.deployment, spec.service_id, str(exc))
+            self._report_failure(spec.deployment, spec.service_id, str(exc), spec.generation)
             return
         running = self._workers.setdefault(spec.deployment, [])
-        old = [(w, t) for w, t in running if w.settings.service_id == spec.service_id]
         for _ in range(spec.replicas):
             settings = WorkerSettings(
                 deployment=spec.deployment,
@@ -341,9 +429,20 @@ class InProcessSupervisor(Supervisor):
             )
             worker = Worker(self._queue, self._cp, workflow, settings)
             running.append((worker, asyncio.create_task(worker.run())))
-        for pair in old:
-            running.remove(pair)
+
+    async def _stop_where(self, deployment: str, which: Callable[[str, int], bool]) -> None:
+        running = self._workers.get(deployment, [])
+        old = [(w, t) for w, t in running if which(w.settings.service_id, w.settings.generation)]
+        self._workers[deployment] = [pair for pair in running if pair not in old]
         await self._stop_pairs(old)
+
+    async def check(self, specs: Sequence[ReplicaSpec], *, timeout: float) -> None:
+        del timeout  # an in-process import cannot be interrupted
+        for spec in specs:
+            try:
+                load_workflow(spec.source_dir, spec.path)
+            except Exception as exc:
+                raise StartupFailure(f"service '{spec.service_id}': {exc}") from exc
 
     async def stop(self, deployment: str) -> None:
         await self._stop_pairs(self._workers.pop(deployment, []))

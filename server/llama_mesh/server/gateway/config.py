@@ -18,9 +18,10 @@ path, and the response *after* transcoding.
 
 Routes: gRPC requests (``content-type: application/grpc*``, which is also what the
 transcoder turns JSON requests into before the router matches again) go to the
-``apiserver`` cluster; everything else is a local 404. The v1 event stream route carries a
-per-route transcoder config that frames the stream as Server-Sent Events; every other
-stream is NDJSON. Routes have no timeout: streams live as long as they need.
+``apiserver`` cluster; ``GET /`` and ``GET /console/*`` are the web console's files,
+answered by Envoy itself (:mod:`.console`); everything else is a local 404. The v1 event
+stream route carries a per-route transcoder config that frames the stream as Server-Sent
+Events; every other stream is NDJSON. Routes have no timeout: streams live as long as they need.
 
 Every reply Envoy makes itself to an HTTP client is ``google.rpc.Status``-shaped JSON
 (``local_reply_config``), with FastAPI's ``detail`` added on 0.8 paths by the Lua filter;
@@ -51,7 +52,7 @@ from typing import Any, Self
 import yaml
 
 from llama_mesh.server.children import dying_with_parent
-from llama_mesh.server.gateway import docs, v1_fields
+from llama_mesh.server.gateway import console, docs, v1_fields
 
 __all__ = [
     "DEFAULT_DESCRIPTOR_PATH",
@@ -550,6 +551,7 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
                 }
             },
         },
+        *_console_routes(),
         # /openapi.json and /docs, answered by Envoy itself (see docs.py).
         *docs.docs_routes(),
         *_method_not_allowed_routes(cfg),
@@ -575,8 +577,16 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
         "virtual_hosts": [virtual_host],
         # The not-found route names a cluster that deliberately does not exist.
         "validate_clusters": False,
-        "max_direct_response_body_size_bytes": docs.max_docs_body_bytes(),
+        # Envoy's default cap (4 KiB) is smaller than the console's and the docs' files.
+        "max_direct_response_body_size_bytes": max(
+            docs.max_docs_body_bytes(), console.largest_console_file() + 1024
+        ),
     }
+
+
+def _console_routes() -> list[dict[str, Any]]:
+    """The web console's static files (``GET /`` and ``GET /console/*``), from Envoy itself."""
+    return console.console_routes()
 
 
 def http_bindings() -> list[tuple[str, str]]:

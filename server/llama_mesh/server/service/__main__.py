@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+from llama_mesh.server.deployment_config import ServiceConfig, SourceConfig
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
 from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin
@@ -56,6 +57,18 @@ def build_parser(prog: str = "llamactl worker") -> argparse.ArgumentParser:
         help="service source directory (default: none, synced from the deployment)",
     )
     parser.add_argument(
+        "--path",
+        help="the workflow (dir/module:attr; with --source-dir): the service's settings then "
+        "come from these options, not from the deployment's stored record (default: none)",
+    )
+    parser.add_argument(
+        "--max-concurrent-tasks", type=int, default=1, help="with --path (default: 1)"
+    )
+    parser.add_argument("--max-retries", type=int, default=2, help="with --path (default: 2)")
+    parser.add_argument(
+        "--timeout", type=float, help="workflow timeout in seconds, with --path (default: none)"
+    )
+    parser.add_argument(
         "--generation", type=int, default=0, help="deployment generation (default: 0)"
     )
     parser.add_argument(
@@ -92,6 +105,7 @@ async def run(args: argparse.Namespace) -> int:
             ack_wait=args.ack_wait,
             generation=args.generation,
             instance_id=args.instance_id,
+            service_config=_given_settings(args),
         )
     except (MeshError, ValueError) as exc:
         print(f"llama-mesh worker: cannot start {args.service}: {exc}", file=sys.stderr)
@@ -113,6 +127,21 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given_settings(args: argparse.Namespace) -> ServiceConfig | None:
+    """The service's settings from the command line (``--path``), or None: from the store."""
+    if args.path is None:
+        return None
+    return ServiceConfig(
+        id=args.service,
+        name=args.service,
+        source=SourceConfig("local", "."),
+        path=args.path,
+        max_concurrent_tasks=args.max_concurrent_tasks,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+    )
+
+
 def exit_with_parent(parent: int) -> None:
     """Have the kernel send SIGTERM when the parent dies (Linux), so a killed server leaves
     no orphaned replicas behind; exit at once if it is already gone."""
@@ -127,6 +156,8 @@ def main(argv: list[str] | None = None, prog: str = "llamactl worker") -> int:
     """Entry point of a worker process (``prog``: the name its usage lines show)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.path is not None and args.source_dir is None:
+        parser.error("--path needs --source-dir")
     if not args.nats:
         parser.error(f"the NATS URL is needed: --nats URL or ${NATS_URL_VARIABLE}")
     try:

@@ -86,6 +86,7 @@ class WorkflowService:
         ack_wait: float = 10.0,
         generation: int = 0,
         instance_id: str | None = None,
+        service_config: ServiceConfig | None = None,
     ) -> Self:
         """Connect to NATS and prepare the replica (it takes tasks once running).
 
@@ -93,8 +94,10 @@ class WorkflowService:
         ``llama_index.core.workflow.Workflow``); None loads the service's own ``path``
         from ``source_dir``, or from its source synced into a temporary directory.
         ``nats``: one URL, several comma-separated, or a list; ``login``: credentials and
-        TLS files. The service's ``max-concurrent-tasks``, ``max-retries`` and ``timeout``
-        come from the deployment file.
+        TLS files. The service's ``path``, ``max-concurrent-tasks``, ``max-retries`` and
+        ``timeout`` come from the deployment file, or from ``service_config`` when given
+        (with ``source_dir``): the server starts a reload's replicas that way, before the
+        stored deployment names the new version.
 
         Raises:
             MeshError: the deployment or the service does not exist, or the workflow
@@ -105,7 +108,12 @@ class WorkflowService:
         queue = await connect_nats(urls, login=login)
         try:
             cp = await ControlPlane.open(queue)
-            record, config = await _service_config(cp, deployment, service)
+            if service_config is not None and workflow is None and source_dir is None:
+                raise MeshError("a service's settings need its source directory")
+            if service_config is None:
+                record, config = await _service_config(cp, deployment, service)
+            else:
+                record, config = None, service_config
             if workflow is None:
                 workflow = await _load(record, config, source_dir)
             else:
@@ -204,10 +212,12 @@ async def _service_config(
 
 
 async def _load(
-    record: DeploymentRecord, service: ServiceConfig, source_dir: Path | None
+    record: DeploymentRecord | None, service: ServiceConfig, source_dir: Path | None
 ) -> object:
-    """The workflow of ``service``'s own ``path``, from its source."""
+    """The workflow of ``service``'s own ``path``, from its source (``source_dir``, or
+    synced from ``record``'s)."""
     if source_dir is None:
+        assert record is not None  # connect() refuses settings without a source directory
         dest = Path(tempfile.mkdtemp(prefix=f"llama-mesh-{record.name}-"))
         source_dir = await sync_source(
             service.source,
