@@ -533,14 +533,17 @@ def test_public_api() -> None:
     ]
 
 
-def test_validate_config_accepts_the_rendered_config() -> None:
-    """`envoy --mode validate` accepts what render_envoy_yaml writes, CORS and admin included."""
-    cfg = GatewayConfig(upstream_port=50051, admin_port=0, cors_origins=("*",))
+def test_validate_config_accepts_the_rendered_config(tmp_path: Path) -> None:
+    """`envoy --mode validate` accepts what render_envoy_yaml writes, CORS and admin included;
+    the admin is a Unix socket of mode 0600, never a TCP address."""
+    socket_path = tmp_path / "admin.sock"
+    cfg = GatewayConfig(upstream_port=50051, admin_socket=socket_path, cors_origins=("*",))
 
     validate_config(cfg)
 
     assert "llama_mesh.v1.LlamaDeployApi" in render_envoy_yaml(cfg)
-    assert render_envoy_config(cfg)["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    admin = render_envoy_config(cfg)["admin"]["address"]
+    assert admin == {"pipe": {"path": str(socket_path), "mode": 0o600}}
 
 
 def test_validate_config_rejects_a_broken_config(tmp_path: Path) -> None:
@@ -854,10 +857,11 @@ async def test_upstream_dialled_by_name_needs_a_certificate_for_that_name(
                 httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
             ):
                 results[label] = await http.get("/v1/status")
-                assert gateway.admin_url is not None
-                stats = await http.get(
-                    f"{gateway.admin_url}/stats", params={"filter": "ssl.fail_verify_san$"}
-                )
+                admin = httpx.AsyncHTTPTransport(uds=str(gateway.admin_socket))
+                async with httpx.AsyncClient(transport=admin, timeout=10) as admin_http:
+                    stats = await admin_http.get(
+                        "http://admin/stats", params={"filter": "ssl.fail_verify_san$"}
+                    )
                 san_failures[label] = int(stats.text.rpartition(":")[2])
         finally:
             await handle.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llama_mesh.server.aio import cancel_and_wait
@@ -31,10 +31,13 @@ from llama_mesh.server.apiserver.supervisor import (
     Supervisor,
 )
 from llama_mesh.server.auth import ApiKeys, AuthInterceptor
+from llama_mesh.server.children import KeepAlive
 from llama_mesh.server.control_plane.servicer import ControlPlaneServicer
 from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.grpc_errors import ErrorInterceptor
 from llama_mesh.server.metrics import Metrics, MetricsInterceptor
+from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, store_login
 from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
 from llama_mesh.server.probes import ProbesServicer
 from llama_mesh.server.queues.base import MessageQueue
@@ -258,6 +261,13 @@ class MeshServer:
         self.metrics = Metrics()
         self._background: set[asyncio.Task[None]] = set()
         self._restoring: asyncio.Task[None] | None = None
+        self.nats_server: NatsServer | None = None
+        """The embedded nats-server (``None`` with ``--nats-url`` or the in-process queue)."""
+        self.gateway: Gateway | None = None
+        self.failed = asyncio.Event()
+        """Set when a child process could not be restarted: the server cannot go on."""
+        self.failure = ""
+        """Why :attr:`failed` was set."""
 
     @classmethod
     async def start(cls, settings: ServerSettings) -> MeshServer:
@@ -301,6 +311,7 @@ class MeshServer:
             ),
         )
         self.mesh = Mesh(cp, self.queue, deployments, Orchestrator(self.queue))
+        self.queue.on_availability(self._nats_availability)
         # Watching before serving: callers waiting on tasks find the watch running.
         self.mesh.watcher.start()
         self._stack.push_async_callback(self.mesh.watcher.close)
@@ -336,8 +347,23 @@ class MeshServer:
             await self._start_gateway(gateway_config)
             if deployments.control_planes is not None:
                 await deployments.control_planes.attach()
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # From now on gRPC health says what is down (and SERVING while nothing is).
+        publisher = asyncio.create_task(
+            self.mesh.health.publish(self._health, SERVICE_NAMES), name="health"
+        )
+        self._background.add(publisher)
+
+    def _nats_availability(self, reason: str | None) -> None:
+        if reason is None:
+            self.mesh.health.up("nats")
+        else:
+            self.mesh.health.down("nats", reason)
+
+    def _fail(self, reason: str) -> None:
+        """A child process is down for good: the server cannot serve."""
+        if not self.failed.is_set():
+            self.failure = reason
+            self.failed.set()
 
     async def wait_restored(self) -> None:
         """Wait until every saved deployment has been restored or marked failed."""
@@ -349,13 +375,21 @@ class MeshServer:
             from llama_mesh.server.queues.inprocess import InProcessQueue
 
             return InProcessQueue()
-        from llama_mesh.server.nats_server import NatsServer, NatsServerConfig
         from llama_mesh.server.queues.nats import connect_nats
 
         if s.nats_url is None:
-            nats = await NatsServer.start(NatsServerConfig(store_dir=s.data_dir / "nats"))
-            self._stack.push_async_callback(nats.stop)
-            self.nats_url = nats.url
+            # Only clients with the store's own login may connect: the server and the
+            # workers it starts (who get the URL with it through their environment).
+            store = s.data_dir / "nats"
+            nats = await NatsServer.start(
+                NatsServerConfig(store_dir=store, users=(store_login(store),))
+            )
+            self.nats_server = nats
+            # Restarted on the same port, store and login when it dies: clients reconnect.
+            keeper = KeepAlive("nats-server", nats, on_give_up=self._fail)
+            keeper.start()
+            self._stack.push_async_callback(keeper.stop)
+            self.nats_url = nats.login_url
         else:
             self.nats_url = s.nats_url
         return await connect_nats(
@@ -384,12 +418,20 @@ class MeshServer:
         )
 
     async def _start_gateway(self, cfg: GatewayConfig) -> None:
-        from llama_mesh.server.gateway import Gateway
-
         work_dir = self.settings.data_dir / "gateway"
         work_dir.mkdir(parents=True, exist_ok=True)
         gateway = await Gateway.start(cfg, work_dir=work_dir)
-        self._stack.push_async_callback(gateway.stop)
+        self.gateway = gateway
+        health = self.mesh.health
+        keeper = KeepAlive(
+            "envoy",
+            gateway,
+            on_down=lambda reason: health.down("gateway", reason),
+            on_up=lambda: health.up("gateway"),
+            on_give_up=self._fail,
+        )
+        keeper.start()
+        self._stack.push_async_callback(keeper.stop)
         self.gateway_url = gateway.url
 
     async def _stop_background(self) -> None:

@@ -8,7 +8,10 @@ Used by ``llamactl serve`` (the default message queue) and by the test fixtures:
 
 The server listens on ``127.0.0.1`` only (unless told otherwise), keeps JetStream state in
 ``store_dir`` with an fsync after every write (``sync_interval: always``), and writes its log to
-``store_dir/nats-server.log``. The config file it runs with is ``store_dir/nats.conf``.
+``store_dir/nats-server.log``. The config file it runs with is ``store_dir/nats.conf``, readable
+by its owner only (it holds the users' passwords). :func:`store_login` gives a store its own
+generated login, kept in ``store_dir/credentials.json`` (mode 0600): ``serve`` runs its embedded
+server with it, so that no local process connects without it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import ssl
 import sys
 import sysconfig
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +46,9 @@ logger = logging.getLogger(__name__)
 _BINARY = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 _LOG_NAME = "nats-server.log"
 _CONF_NAME = "nats.conf"
+CREDENTIALS_NAME = "credentials.json"
+"""The file of a store's generated login (see :func:`store_login`)."""
+_LOGIN_USER = "llama-mesh"
 _READY_RETRY_INTERVAL = 0.05
 _LOCK_NAME = "llama-mesh.lock"
 _STORE_LOCK_WAIT = 10.0
@@ -152,6 +160,43 @@ class NatsServerConfig:
     tls: NatsTlsConfig | None = None
     extra: tuple[str, ...] = ()
     probe_creds: Path | None = None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (replaced whole) readable and writable by the owner only."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the file may have been left with another mode
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def store_login(store_dir: Path) -> NatsUser:
+    """The client login of the server that runs on ``store_dir``: generated on first use,
+    then read back, so that every restart (of the server, or of ``serve``) keeps it.
+
+    It is kept in ``store_dir/credentials.json`` with mode 0600 (a looser mode found there is
+    tightened); an unreadable file is replaced by a new login.
+    """
+    store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = store_dir / CREDENTIALS_NAME
+    try:
+        if path.stat().st_mode & 0o077:
+            logger.warning("%s was readable by others; making it private (0600)", path)
+            path.chmod(0o600)
+        saved = json.loads(path.read_text())
+        return NatsUser(str(saved["user"]), str(saved["password"]))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("cannot read the NATS login in %s (%r); generating a new one", path, exc)
+    login = NatsUser(_LOGIN_USER, secrets.token_urlsafe(32))
+    _write_private(path, json.dumps({"user": login.user, "password": login.password}) + "\n")
+    return login
 
 
 def _quote(value: str | Path) -> str:
@@ -299,6 +344,18 @@ class NatsServer:
         return f"nats://{self._cfg.host}:{self._cfg.port}"
 
     @property
+    def login_url(self) -> str:
+        """The client URL with the first user's login in it
+        (``nats://user:password@127.0.0.1:4222``), or :attr:`url` when there are no users."""
+        if not self._cfg.users:
+            return self.url
+        user = self._cfg.users[0]
+        login = (
+            f"{urllib.parse.quote(user.user, safe='')}:{urllib.parse.quote(user.password, safe='')}"
+        )
+        return f"nats://{login}@{self._cfg.host}:{self._cfg.port}"
+
+    @property
     def port(self) -> int:
         """The client port."""
         return self._cfg.port
@@ -362,6 +419,13 @@ class NatsServer:
         await self.stop()
         await self._spawn()
 
+    async def wait(self) -> int:
+        """Wait until the process exits (now or later); its exit status."""
+        process = self._process
+        if process is None:
+            raise NatsServerError("nats-server was never started")
+        return await process.wait()
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -379,7 +443,7 @@ class NatsServer:
         self._cfg.store_dir.mkdir(parents=True, exist_ok=True)
         lock = await _lock_store(self._cfg.store_dir)
         try:
-            self.config_path.write_text(render_config(self._cfg))
+            _write_private(self.config_path, render_config(self._cfg))
             with self.log_path.open("ab") as log:
                 # The server holds the store's lock (passed down) for as long as it runs,
                 # and gets SIGTERM should this process die without stopping it.

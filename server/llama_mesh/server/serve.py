@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -219,6 +220,13 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         "(default: none, from $LLAMA_MESH_ADMIN_KEYS)",
     )
     p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=env_setting("INSECURE_NO_AUTH", "") in ("1", "true", "yes"),
+        help="serve on a non-loopback --host or --grpc-host without API keys: anyone who "
+        "reaches it can deploy code that runs as this user (env LLAMA_MESH_INSECURE_NO_AUTH=1)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=_metrics_port(),
@@ -272,8 +280,42 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
     return p
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is reachable from this machine only."""
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything
+
+
+def check_exposure(args: argparse.Namespace) -> None:
+    """Refuse (``ValueError`` saying why) to listen beyond loopback without API keys."""
+    keys = ApiKeys(user=parse_keys(args.api_key), admin=parse_keys(args.admin_key))
+    if keys.enabled or args.insecure_no_auth:
+        return
+    exposed = [
+        f"{option} {host}"
+        for option, host in (("--host", args.host), ("--grpc-host", args.grpc_host))
+        if (option == "--grpc-host" or not args.no_gateway) and not is_loopback(host)
+    ]
+    if exposed:
+        raise ValueError(
+            f"{' and '.join(exposed)} listens beyond this machine, and no --api-key or "
+            "--admin-key is set: anyone who reaches it could deploy code that runs as this "
+            "user. Set API keys, or pass --insecure-no-auth to serve without them."
+        )
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """The typed, frozen settings of a parsed command line."""
+    """The typed, frozen settings of a parsed command line (keys checked first: nothing
+    else matters about a server anyone could deploy code on)."""
+    check_exposure(args)
+    return _settings(args)
+
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         data_dir=args.data_dir.resolve(),
         host=args.host,
@@ -373,7 +415,16 @@ async def serve(settings: ServerSettings, files: list[Path], rc_path: Path | Non
                     continue
                 _say(f"deployed {name} from {path}")
         _say(f"ready on {server.gateway_url or f'127.0.0.1:{server.grpc_port}'}")
-        await stop.wait()
+        stopping = asyncio.ensure_future(stop.wait())
+        failing = asyncio.ensure_future(server.failed.wait())
+        try:
+            await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            failing.cancel()
+        if server.failed.is_set():
+            print(f"llama-mesh: cannot go on: {server.failure}", file=sys.stderr, flush=True)
+            return 1
         _say("stopping")
         return 0
     finally:

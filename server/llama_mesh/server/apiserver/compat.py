@@ -126,9 +126,11 @@ class LlamaDeployApiServicer(ld_grpc.LlamaDeployApiServicer):
         self, request: ld.LlamaDeployApiGetStatusRequest, context: grpc.aio.ServicerContext
     ) -> ld.LlamaDeployApiGetStatusResponse:
         deployments = self._mesh.deployments
+        health = self._mesh.health
         return ld.LlamaDeployApiGetStatusResponse(
-            status="Healthy",
-            status_message="",
+            # Llama Deploy 0.8's StatusEnum: "Healthy", "Unhealthy" or "Down".
+            status="Healthy" if health.healthy else "Unhealthy",
+            status_message=health.message,
             max_deployments=deployments.settings.max_deployments,
             deployments=deployments.names(),
         )

@@ -40,6 +40,7 @@ from llama_mesh.server.errors import (
     NotFoundError,
     UnavailableError,
 )
+from llama_mesh.server.health import Health
 from llama_mesh.server.orchestrator import Orchestrator, choose_service
 from llama_mesh.server.queues.base import MessageQueue, MessageTooLargeError, QueueError
 from llama_mesh.v1 import messages_pb2
@@ -107,6 +108,8 @@ class Mesh:
         self.deployments = deployments
         self.orchestrator = orchestrator
         self.watcher = TaskWatcher(control_plane)
+        self.health = Health()
+        """What is down now (the server reports it; the status routes read it)."""
 
     # -- tasks -------------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
     ) -> apiserver_pb2.GetStatusResponse:
         deployments = self._mesh.deployments
         return apiserver_pb2.GetStatusResponse(
-            healthy=True,
+            healthy=self._mesh.health.healthy,
             version=VERSION,
             deployments=deployments.names(),
             max_deployments=deployments.settings.max_deployments,

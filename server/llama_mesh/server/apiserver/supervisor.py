@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_mesh.server.children import RESTART_BACKOFF, STABLE_AFTER
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin
@@ -33,9 +34,6 @@ logger = logging.getLogger(__name__)
 
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT")
 """The only variables of the server's environment a worker inherits (plus its own)."""
-RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-STABLE_AFTER = 30.0
-"""A replica that ran this long resets its restart backoff."""
 MAX_CRASH_LOOPS = 6
 """A replica that exits this many times in a row, each sooner than STABLE_AFTER, is given
 up on: its service is marked failed (with the last error output) until the next deploy."""

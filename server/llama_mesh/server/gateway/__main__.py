@@ -33,7 +33,7 @@ _OPTION_BY_FIELD = {
     "upstream_port": "--upstream",
     "listen_host": "--host",
     "listen_port": "--port",
-    "admin_port": "--admin-port",
+    "admin_socket": "--admin-socket",
     "cors_origins": "--cors-origin",
     "allowed_hosts": "--allowed-host",
     "tls_cert": "--tls-cert",
@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address")
     parser.add_argument("--port", type=int, default=4501, help="listen port")
-    parser.add_argument("--admin-port", type=int, help="Envoy admin port (127.0.0.1)")
+    parser.add_argument(
+        "--admin-socket",
+        type=Path,
+        help="Unix socket of Envoy's admin interface (mode 0600; default: no admin)",
+    )
     parser.add_argument(
         "--cors-origin",
         action="append",
@@ -137,7 +141,7 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
             upstream_port=int(port),
             listen_host=args.host,
             listen_port=args.port,
-            admin_port=args.admin_port,
+            admin_socket=_absolute(args.admin_socket),
             cors_origins=tuple(args.cors_origin),
             allowed_hosts=split_list(args.allowed_host),
             descriptor_path=args.descriptor,

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any, Self
 
 import yaml
 
@@ -84,6 +84,10 @@ NOT_FOUND_CLUSTER = "no-such-route"
 LUA_METADATA_NAMESPACE = "llama_mesh.gateway"
 SSE_EVENTS_PATH_REGEX = r"/v1/deployments/[^/]+/tasks/[^/]+/events"
 MIB = 1024 * 1024
+ADMIN_SOCKET_MODE = 0o600
+"""The mode of Envoy's admin socket: its owner's only."""
+_MAX_SOCKET_PATH = 107
+"""The longest path of a Unix socket (``sun_path`` is 108 bytes with its NUL)."""
 _UINT32_MAX = 2**32 - 1
 _LUA_SOURCE = "compat_errors.lua"
 _GUARD_SOURCE = "request_guard.lua"
@@ -143,9 +147,10 @@ class GatewayStartError(GatewayError):
 class GatewayConfig:
     """What the gateway listens on, where it forwards, and how.
 
-    ``listen_port=0`` lets the kernel choose (``Gateway.url`` tells which); ``admin_port=None``
-    renders no admin interface (``Gateway`` then gives its Envoy an admin on a free
-    127.0.0.1 port, only to know when it is ready). ``cors_origins`` are exact origins, or
+    ``listen_port=0`` lets the kernel choose (``Gateway.url`` tells which). The admin
+    interface listens only on the Unix socket ``admin_socket`` (mode 0600: its owner's);
+    ``None`` renders none (``Gateway`` then gives its Envoy one in its work dir, to know when
+    it is ready). ``cors_origins`` are exact origins, or
     ``"*"`` for any: a request carrying any other ``Origin`` (but its own) is refused.
     ``allowed_hosts`` are the host names (``Host`` header, port aside) the gateway answers
     to besides the loopback names and ``listen_host``, or ``"*"`` for any; a gateway
@@ -158,7 +163,7 @@ class GatewayConfig:
     listen_port: int = 4501
     listen_host: str = "127.0.0.1"
     upstream_host: str = "127.0.0.1"
-    admin_port: int | None = None
+    admin_socket: Path | None = None
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     descriptor_path: Path = DEFAULT_DESCRIPTOR_PATH
@@ -176,9 +181,16 @@ class GatewayConfig:
     come and go with deployments (see :mod:`.control_planes`); ``None``: no such listeners."""
 
     def __post_init__(self) -> None:
-        for name in ("listen_port", "upstream_port", "admin_port"):
+        if self.admin_socket is not None and len(os.fsencode(self.admin_socket)) > (
+            _MAX_SOCKET_PATH
+        ):
+            raise ValueError(
+                f"admin_socket: {self.admin_socket} is too long for a Unix socket "
+                f"({_MAX_SOCKET_PATH} bytes at most)"
+            )
+        for name in ("listen_port", "upstream_port"):
             port = getattr(self, name)
-            if port is not None and not 0 <= port <= 65535:
+            if not 0 <= port <= 65535:
                 raise ValueError(f"{name}: {port} is not a port number (0-65535)")
         if self.max_connections < 1:
             raise ValueError(f"max_connections: {self.max_connections} is not positive")
@@ -268,9 +280,10 @@ def render_envoy_config(cfg: GatewayConfig) -> dict[str, Any]:
         bootstrap["dynamic_resources"] = {"lds_config": lds_config_source(cfg.control_plane_lds)}
         # Envoy asks dynamic resources for a node identity, even from a file.
         bootstrap["node"] = {"id": "llama-mesh-gateway", "cluster": "llama-mesh"}
-    if cfg.admin_port is not None:
+    if cfg.admin_socket is not None:
+        # A Unix socket that only its owner may use: the admin interface can stop Envoy.
         bootstrap["admin"] = {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.admin_port}}
+            "address": {"pipe": {"path": str(cfg.admin_socket), "mode": ADMIN_SOCKET_MODE}}
         }
     return bootstrap
 
@@ -902,12 +915,13 @@ def _format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
-    """A minimal HTTP/1.1 GET (the server package does not depend on an HTTP client)."""
+async def _http_get(socket_path: Path, path: str) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 GET over a Unix socket (Envoy's admin; the server package does
+    not depend on an HTTP client)."""
     async with asyncio.timeout(_PROBE_TIMEOUT):
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
         try:
-            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            request = f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
             writer.write(request.encode("ascii"))
             await writer.drain()
             raw = await reader.read()
@@ -918,7 +932,7 @@ async def _http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].split()
     if len(status_line) < 2 or not status_line[1].isdigit():
-        raise OSError(f"bad HTTP response from {host}:{port}{path}: {head[:80]!r}")
+        raise OSError(f"bad HTTP response from {socket_path}{path}: {head[:80]!r}")
     if b"transfer-encoding: chunked" in head.lower():
         body = _dechunk(body)
     return int(status_line[1]), body
@@ -942,22 +956,30 @@ class Gateway:
     Create it with ``await Gateway.start(cfg, work_dir=...)``, which returns once Envoy is
     ready and accepting connections; it is an async context manager that stops on exit.
     Envoy gets SIGTERM if this process dies (Linux), so it never outlives its parent.
+    :meth:`restart` starts it again on the same port (what
+    :class:`~llama_mesh.server.children.KeepAlive` does when Envoy dies).
+
+    Its admin interface listens on a Unix socket that only its owner may use
+    (:attr:`admin_socket`, mode 0600), never on a TCP port: it can stop Envoy
+    (``POST /quitquitquit``) and dump its configuration.
     """
 
     def __init__(
         self,
         cfg: GatewayConfig,
-        process: asyncio.subprocess.Process,
         *,
         work_dir: Path,
-        log_file: IO[bytes],
+        binary: Path,
+        ready_timeout: float,
     ) -> None:
         self.config = cfg
-        self._process = process
         self.work_dir = work_dir
-        self._log_file = log_file
+        self._binary = binary
+        self._ready_timeout = ready_timeout
+        self._process: asyncio.subprocess.Process | None = None
         self._port = cfg.listen_port
-        self._admin: tuple[str, int] | None = None
+        self._socket_dir: Path | None = None
+        self._admin_socket = cfg.admin_socket or self._default_admin_socket()
         self._stopped = False
 
     @classmethod
@@ -974,41 +996,81 @@ class Gateway:
         Raises ``GatewayStartError`` (with Envoy's log tail) if Envoy exits or is not ready
         within ``ready_timeout`` seconds. Envoy's output goes to ``work_dir/envoy.log``.
         """
-        binary = envoy_binary or find_envoy_binary()
-        config_path, admin_address_path, log_file = _prepare_work_dir(cfg, work_dir)
-        args = [
-            str(binary),
-            "-c",
-            str(config_path),
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-            "--admin-address-path",
-            str(admin_address_path),
-        ]
-        logger.debug("starting envoy: %s", " ".join(args))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        gateway = cls(
+            cfg,
+            work_dir=work_dir,
+            binary=envoy_binary or find_envoy_binary(),
+            ready_timeout=ready_timeout,
+        )
         try:
-            process = await asyncio.create_subprocess_exec(
-                *dying_with_parent(args),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-            )
-        except OSError as exc:
-            log_file.close()
-            raise GatewayStartError(f"could not start {binary}: {exc}") from exc
-        gateway = cls(cfg, process, work_dir=work_dir, log_file=log_file)
-        try:
-            await gateway._wait_ready(admin_address_path, ready_timeout)
+            await gateway._spawn(log_mode="wb")
         except BaseException:
             await gateway.stop()
             raise
         logger.info("gateway (envoy pid %s) serving %s", gateway.pid, gateway.url)
         return gateway
 
+    def _default_admin_socket(self) -> Path:
+        """``work_dir/admin.sock``, or one in a private temporary directory when that path
+        is too long for a Unix socket."""
+        path = self.work_dir / "admin.sock"
+        if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+            return path
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="llama-mesh-envoy-"))
+        return self._socket_dir / "admin.sock"
+
+    async def _spawn(self, *, log_mode: str) -> None:
+        """Start Envoy on the resolved port (once known) and wait until it is ready."""
+        run_cfg = dataclasses.replace(
+            self.config, listen_port=self._port, admin_socket=self._admin_socket
+        )
+        config_path = self.work_dir / "envoy.yaml"
+        config_path.write_text(render_envoy_yaml(run_cfg), encoding="utf-8")
+        args = [
+            str(self._binary),
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ]
+        logger.debug("starting envoy: %s", " ".join(args))
+        with self.log_path.open(log_mode) as log_file:
+            try:
+                self._process = await asyncio.create_subprocess_exec(
+                    *dying_with_parent(args),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                )
+            except OSError as exc:
+                raise GatewayStartError(f"could not start {self._binary}: {exc}") from exc
+        try:
+            await self._wait_ready(self._ready_timeout)
+        except BaseException:
+            await self._end_process(_STOP_TIMEOUT)
+            raise
+
+    async def restart(self) -> None:
+        """Stop Envoy if it runs, then start it again on the same port; raises
+        ``GatewayStartError`` if it does not become ready."""
+        if self._stopped:
+            raise GatewayStartError("the gateway was stopped")
+        await self._end_process(_STOP_TIMEOUT)
+        await self._spawn(log_mode="ab")
+        logger.info("gateway (envoy pid %s) serving %s again", self.pid, self.url)
+
+    async def wait(self) -> int:
+        """Wait until Envoy exits (now or later); its exit status."""
+        if self._process is None:
+            raise GatewayStartError("envoy was never started")
+        return await self._process.wait()
+
     @property
     def pid(self) -> int:
-        """Envoy's process id."""
+        """Envoy's process id (the latest one, after a restart)."""
+        assert self._process is not None, "Gateway.start() starts the process"
         return self._process.pid
 
     @property
@@ -1029,11 +1091,9 @@ class Gateway:
         return f"{_format_host(_connect_host(self.config.listen_host))}:{self._port}"
 
     @property
-    def admin_url(self) -> str | None:
-        """Envoy's admin interface (127.0.0.1 only), once known."""
-        if self._admin is None:
-            return None
-        return f"http://{_format_host(self._admin[0])}:{self._admin[1]}"
+    def admin_socket(self) -> Path:
+        """The Unix socket of Envoy's admin interface (mode 0600)."""
+        return self._admin_socket
 
     @property
     def log_path(self) -> Path:
@@ -1043,7 +1103,7 @@ class Gateway:
     @property
     def running(self) -> bool:
         """Whether the Envoy process is still alive."""
-        return self._process.returncode is None
+        return self._process is not None and self._process.returncode is None
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of Envoy's log."""
@@ -1059,19 +1119,26 @@ class Gateway:
             return
         self._stopped = True
         try:
-            if self._process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._process.terminate()
-                try:
-                    await asyncio.wait_for(self._process.wait(), grace)
-                except TimeoutError:
-                    logger.warning("envoy pid %s ignored SIGTERM; killing it", self.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        self._process.kill()
-                    await self._process.wait()
-            logger.debug("envoy pid %s exited with %s", self.pid, self._process.returncode)
+            await self._end_process(grace)
         finally:
-            self._log_file.close()
+            if self._socket_dir is not None:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    async def _end_process(self, grace: float) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), grace)
+            except TimeoutError:
+                logger.warning("envoy pid %s ignored SIGTERM; killing it", process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        logger.debug("envoy pid %s exited with %s", process.pid, process.returncode)
 
     async def __aenter__(self) -> Self:
         return self
@@ -1084,23 +1151,25 @@ class Gateway:
     ) -> None:
         await self.stop()
 
-    async def _wait_ready(self, admin_address_path: Path, within: float) -> None:
+    async def _wait_ready(self, within: float) -> None:
         """Wait until admin ``/ready`` says LIVE and the listener accepts connections.
 
         Envoy has no push notification of readiness, so this polls with backoff; every wait
         also wakes at once if Envoy exits.
         """
+        process = self._process
+        assert process is not None
         deadline = time.monotonic() + within
         delay = 0.01
-        problem = "no admin address yet"
+        problem = "no admin socket yet"
         while True:
-            if self._process.returncode is not None:
+            if process.returncode is not None:
                 raise GatewayStartError(
-                    f"envoy exited with status {self._process.returncode} during startup:\n"
+                    f"envoy exited with status {process.returncode} during startup:\n"
                     f"{self.log_tail()}"
                 )
             try:
-                if await self._probe(admin_address_path):
+                if await self._probe():
                     return
                 problem = "not ready"
             except (OSError, ValueError, TimeoutError) as exc:
@@ -1111,20 +1180,15 @@ class Gateway:
                     f"envoy was not ready within {within:g}s ({problem}):\n{self.log_tail()}"
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._process.wait(), min(delay, remaining))
+                await asyncio.wait_for(process.wait(), min(delay, remaining))
             delay = min(delay * 2, 0.25)
 
-    async def _probe(self, admin_address_path: Path) -> bool:
-        if self._admin is None:
-            self._admin = _read_admin_address(admin_address_path)
-            if self._admin is None:
-                return False
-        admin_host, admin_port = self._admin
-        status, body = await _http_get(admin_host, admin_port, "/ready")
+    async def _probe(self) -> bool:
+        status, body = await _http_get(self._admin_socket, "/ready")
         if status != 200 or body.strip() != b"LIVE":
             return False
-        if self.config.listen_port == 0:
-            status, body = await _http_get(admin_host, admin_port, "/listeners?format=json")
+        if self._port == 0:
+            status, body = await _http_get(self._admin_socket, "/listeners?format=json")
             self._port = _bound_port(json.loads(body), "gateway")
         # The listener accepts connections (not only the kernel's backlog: Envoy is LIVE).
         _, writer = await asyncio.wait_for(
@@ -1135,30 +1199,6 @@ class Gateway:
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return True
-
-
-def _prepare_work_dir(cfg: GatewayConfig, work_dir: Path) -> tuple[Path, Path, IO[bytes]]:
-    """Write ``envoy.yaml``; return it, the admin address file, and the open log file."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    # Readiness is read from Envoy's admin interface: when none is configured, give Envoy
-    # one on a kernel-chosen 127.0.0.1 port, which it writes to admin.address.
-    run_cfg = cfg if cfg.admin_port is not None else dataclasses.replace(cfg, admin_port=0)
-    config_path = work_dir / "envoy.yaml"
-    config_path.write_text(render_envoy_yaml(run_cfg), encoding="utf-8")
-    admin_address_path = work_dir / "admin.address"
-    admin_address_path.unlink(missing_ok=True)
-    return config_path, admin_address_path, (work_dir / "envoy.log").open("wb")
-
-
-def _read_admin_address(path: Path) -> tuple[str, int] | None:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        return None
-    return host.strip("[]"), int(port)
 
 
 def _bound_port(listeners: Any, name: str) -> int:

@@ -29,7 +29,7 @@ Exceptions, all below :class:`QueueError`::
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -221,6 +221,11 @@ class MessageQueue(abc.ABC):
         ``ttl`` (seconds) makes entries expire that are not rewritten in time (used for
         heartbeats); it is fixed when the bucket is created.
         """
+
+    def on_availability(self, listener: Callable[[str | None], None]) -> None:
+        """Call ``listener(reason)`` when the broker becomes unreachable and
+        ``listener(None)`` when it is back (a broker in this process never goes away)."""
+        del listener
 
     @abc.abstractmethod
     async def close(self) -> None:

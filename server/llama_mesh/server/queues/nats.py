@@ -861,6 +861,7 @@ class NatsQueue(MessageQueue):
         self._tasks: set[asyncio.Task[None]] = set()
         self._buckets: dict[str, NatsKeyValueStore] = {}
         self._bucket_lock = asyncio.Lock()
+        self._availability: list[Callable[[str | None], None]] = []
 
     # -- plumbing shared with the iterators and stores
 
@@ -896,10 +897,20 @@ class NatsQueue(MessageQueue):
             return  # no loop (interpreter shutdown): nothing to release any more
         self.spawn(feed.shutdown(), name="nats-feed-shutdown")
 
+    def on_availability(self, listener: Callable[[str | None], None]) -> None:
+        self._availability.append(listener)
+
+    def on_disconnected(self) -> None:
+        """Called by the connection when it is lost (it then reconnects by itself)."""
+        for listener in self._availability:
+            listener("the connection to NATS is lost; reconnecting")
+
     def on_reconnected(self) -> None:
         """Called by the connection after a reconnect: let every feed recover at once."""
         for feed in list(self._feeds):
             feed.on_reconnected()
+        for listener in self._availability:
+            listener(None)
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
         """Run ``coro`` in a task that :meth:`close` cancels and awaits."""
@@ -1294,6 +1305,8 @@ async def connect_nats(
             logger.debug("disconnected from NATS (closing)")
         else:
             logger.warning("disconnected from NATS; reconnecting")
+            if queue is not None:
+                queue.on_disconnected()
 
     async def on_reconnected() -> None:
         url = nc.connected_url
