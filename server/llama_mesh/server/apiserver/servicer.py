@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import grpc
 
-from llama_mesh.server import convert
+from llama_mesh.server import convert, subjects
 from llama_mesh.server.apiserver.mesh import Mesh, check_id
 from llama_mesh.server.domain import DeploymentRecord, HumanEvent, TaskStatus
 from llama_mesh.server.errors import InvalidArgumentError
@@ -68,6 +68,9 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
                     instances=[convert.instance_to_proto(i) for i in live],
                     healthy=bool(live),
                     failure=deployments.supervisor.failure(record.name, sid),
+                    queue_depth=await self._mesh.queue.queue_depth(
+                        subjects.task_queue(record.name, sid)
+                    ),
                 )
             )
         given_up = [s for s in msg.services if s.failure]
@@ -194,6 +197,18 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
         return apiserver_pb2.ListTasksResponse(
             tasks=[convert.task_to_proto(t) for t in page], next_page_token=token
         )
+
+    async def WatchTasks(
+        self, request: apiserver_pb2.WatchTasksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[apiserver_pb2.WatchTasksResponse]:
+        async for change in self._mesh.watch_tasks(request.deployment):
+            if change is None:
+                yield apiserver_pb2.WatchTasksResponse(snapshot_end=True)
+            elif change.task is None:
+                gone = types_pb2.Task(deployment=change.deployment, task_id=change.task_id)
+                yield apiserver_pb2.WatchTasksResponse(task=gone, deleted=True)
+            else:
+                yield apiserver_pb2.WatchTasksResponse(task=convert.task_to_proto(change.task))
 
     async def GetTask(
         self, request: apiserver_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
