@@ -60,7 +60,7 @@ async def test_watch_over_grpc_gives_the_snapshot_then_every_change(
         created = await mesh.create_task(
             APP, service_id="slow", session_id=None, input={"seconds": 1, "tag": "t"}
         )
-        statuses = []
+        statuses: list[int] = []
         while not statuses or statuses[-1] != types_pb2.TASK_STATUS_SUCCEEDED:
             message = await next_message(messages)
             assert message.task.task_id == created.task_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
@@ -54,7 +55,11 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
             return msg
         msg.default_service = config.default_service or ""
         instances = await self._mesh.cp.list_instances(record.name)
-        for sid, svc in config.services.items():
+        queue = self._mesh.queue
+        depths = await asyncio.gather(
+            *(queue.queue_depth(subjects.task_queue(record.name, sid)) for sid in config.services)
+        )
+        for (sid, svc), depth in zip(config.services.items(), depths, strict=True):
             live = [i for i in instances if i.service_id == sid]
             msg.services.append(
                 types_pb2.Service(
@@ -68,9 +73,7 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
                     instances=[convert.instance_to_proto(i) for i in live],
                     healthy=bool(live),
                     failure=deployments.supervisor.failure(record.name, sid),
-                    queue_depth=await self._mesh.queue.queue_depth(
-                        subjects.task_queue(record.name, sid)
-                    ),
+                    queue_depth=depth,
                 )
             )
         given_up = [s for s in msg.services if s.failure]

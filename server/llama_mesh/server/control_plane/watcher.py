@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
@@ -78,7 +78,7 @@ class TaskWatcher:
                 return task
         raise AssertionError("follow() ends with the final task")
 
-    async def watch_deployment(self, deployment: str) -> AsyncIterator[TaskChange | None]:
+    async def watch_deployment(self, deployment: str) -> AsyncGenerator[TaskChange | None, None]:
         """The deployment's tasks now, then ``None``, then each change of its tasks.
 
         Each task's revisions come in increasing order, each at most once; a deleted task
