@@ -241,7 +241,7 @@ async function deploymentPage(name, signal) {
       h("td", {}, s.task_ids.map((id) =>
         h("div", {}, h("a", { href: `#/d/${enc(name)}/t/${enc(id)}` }, id)))))));
   };
-  filter.addEventListener("change", showTasks);
+  filter.addEventListener("change", () => snapshotDone && showTasks());
   watchTasks();
   every(async () => {
     await Promise.all([refreshServices(), refreshSessions()]);
