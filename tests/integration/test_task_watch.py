@@ -15,6 +15,7 @@ import grpc
 import httpx
 import pytest
 
+from llama_mesh.client import AsyncClient
 from llama_mesh.server.app import MeshServer
 from llama_mesh.server.domain import TaskStatus
 from llama_mesh.server.nats_server import NatsServer
@@ -164,7 +165,8 @@ async def test_queue_depth_counts_tasks_waiting_for_a_service_without_replicas(
     nats_server: NatsServer, mesh_factory: MeshFactory
 ) -> None:
     """With the deployment's replicas stopped, tasks created for `echo` wait in its queue:
-    the service's `queue_depth` (JSON, through the gateway) counts them, other services
+    the service's `queue_depth` (JSON through the gateway, and the SDK's `Service`) counts
+    them, other services
     show 0, and once the replicas are back the queue drains to 0."""
     server = await mesh_factory(
         queue="nats", nats_url=nats_server.url, gateway=True, deploy=(TESTAPP,)
@@ -183,6 +185,9 @@ async def test_queue_depth_counts_tasks_waiting_for_a_service_without_replicas(
     ]
     services = await services_by_id(server)
     assert services["echo"]["queue_depth"] == 3
+    async with AsyncClient(f"127.0.0.1:{server.grpc_port}") as client:
+        sdk = {s.id: s for s in await client.services.list(APP)}
+    assert (sdk["echo"].queue_depth, sdk["stream"].queue_depth) == (3, 0)
     assert services["echo"]["healthy"] is False
     assert services["stream"]["queue_depth"] == 0
 
