@@ -39,8 +39,8 @@ async def test_watch_over_grpc_gives_the_snapshot_then_every_change(
     mesh_factory: MeshFactory,
 ) -> None:
     """WatchTasks sends the tasks that exist, then `snapshot_end`, then a task created
-    afterwards and each of its status changes up to SUCCEEDED; cancelling the call ends
-    the server's watch of the deployment."""
+    afterwards and each of its status changes (QUEUED, RUNNING, then CANCELLED once it is
+    cancelled); cancelling the call ends the server's watch of the deployment."""
     server = await mesh_factory(deploy=(TESTAPP,))
     mesh = server.mesh
     before = await mesh.run_task(APP, service_id="echo", session_id=None, input={"message": "a"})
@@ -59,17 +59,23 @@ async def test_watch_over_grpc_gives_the_snapshot_then_every_change(
         assert mesh.watcher.watching == 1
 
         created = await mesh.create_task(
-            APP, service_id="slow", session_id=None, input={"seconds": 1, "tag": "t"}
+            APP, service_id="slow", session_id=None, input={"seconds": 3600}
         )
-        statuses: list[int] = []
-        while not statuses or statuses[-1] != types_pb2.TASK_STATUS_SUCCEEDED:
-            message = await next_message(messages)
-            assert message.task.task_id == created.task_id
-            assert not message.deleted and not message.snapshot_end
-            statuses.append(message.task.status)
-        assert statuses[0] == types_pb2.TASK_STATUS_QUEUED
-        assert types_pb2.TASK_STATUS_RUNNING in statuses
-        assert message.task.result.struct_value.fields["tag"].string_value == "t"
+
+        async def statuses_until(last: int) -> list[int]:
+            statuses: list[int] = []
+            while last not in statuses:
+                message = await next_message(messages)
+                assert message.task.task_id == created.task_id
+                assert not message.deleted and not message.snapshot_end
+                statuses.append(message.task.status)
+            return statuses
+
+        assert (await statuses_until(types_pb2.TASK_STATUS_RUNNING))[0] == (
+            types_pb2.TASK_STATUS_QUEUED
+        )
+        await mesh.cancel_task(APP, created.task_id, "enough")
+        await statuses_until(types_pb2.TASK_STATUS_CANCELLED)
 
         call.cancel()
     await assert_eventually(lambda: mesh.watcher.watching == 0, timeout=STREAM_TIMEOUT)
@@ -122,8 +128,9 @@ async def test_watch_through_the_gateway_is_server_sent_events(
     mesh_factory: MeshFactory,
 ) -> None:
     """GET /v1/deployments/{name}/tasks:watch is text/event-stream: the snapshot's end, a
-    task created by POST after the watch began, and its status changes each arrive as a
-    `data: {json}` frame; closing the connection ends the server's watch."""
+    task created by POST after the watch began, and its status changes (up to CANCELLED
+    after a cancel) each arrive as a `data: {json}` frame; closing the connection ends the
+    server's watch."""
     server = await mesh_factory(gateway=True, deploy=(TESTAPP,))
     assert server.gateway_url is not None
     async with httpx.AsyncClient(base_url=server.gateway_url, timeout=STREAM_TIMEOUT) as http:
@@ -136,19 +143,25 @@ async def test_watch_through_the_gateway_is_server_sent_events(
                 assert await anext(frames) == {"snapshot_end": True, "deleted": False}
             created = await http.post(
                 f"/v1/deployments/{APP}/tasks",
-                json={"service_id": "slow", "input": {"seconds": 1, "tag": "sse"}},
+                json={"service_id": "slow", "input": {"seconds": 3600}},
             )
             assert created.status_code == 200, created.text
             task_id = created.json()["task"]["task_id"]
-            statuses: list[object] = []
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                while "TASK_STATUS_SUCCEEDED" not in statuses:
-                    frame = await anext(frames)
-                    task = frame["task"]
-                    assert isinstance(task, dict) and task["task_id"] == task_id
-                    statuses.append(task["status"])
-            assert statuses[0] == "TASK_STATUS_QUEUED"
-            assert "TASK_STATUS_RUNNING" in statuses
+
+            async def statuses_until(last: str) -> list[object]:
+                statuses: list[object] = []
+                async with asyncio.timeout(STREAM_TIMEOUT):
+                    while last not in statuses:
+                        frame = await anext(frames)
+                        task = frame["task"]
+                        assert isinstance(task, dict) and task["task_id"] == task_id
+                        statuses.append(task["status"])
+                return statuses
+
+            assert (await statuses_until("TASK_STATUS_RUNNING"))[0] == "TASK_STATUS_QUEUED"
+            cancelled = await http.post(f"/v1/deployments/{APP}/tasks/{task_id}:cancel", json={})
+            assert cancelled.status_code == 200, cancelled.text
+            await statuses_until("TASK_STATUS_CANCELLED")
             assert server.mesh.watcher.watching == 1
     await assert_eventually(lambda: server.mesh.watcher.watching == 0, timeout=STREAM_TIMEOUT)
 
