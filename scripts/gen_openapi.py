@@ -19,7 +19,7 @@ names, every field present, enums as names, 64-bit integers as strings, the well
 in their proto3 JSON forms. Responses that carry a ``google.api.HttpBody`` as
 ``response_body`` are bare JSON (``application/json``), or NDJSON for streams; other server
 streams are newline-delimited JSON, except the routes the gateway frames as Server-Sent
-Events (``SSE_EVENTS_PATH_REGEX``). The shape of a bare JSON answer is read from its
+Events (``SSE_PATH_REGEX``). The shape of a bare JSON answer is read from its
 HttpBody field's comment (``_Builder._bare_json``). Errors are ``google.rpc.Status`` JSON,
 plus FastAPI's ``detail`` outside ``/v1/`` (compat_errors.lua).
 """
@@ -35,7 +35,7 @@ from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 from llama_mesh.server.auth import OPEN_PREFIXES, needs_admin
-from llama_mesh.server.gateway.config import SSE_EVENTS_PATH_REGEX, TRANSCODED_SERVICES
+from llama_mesh.server.gateway.config import SSE_PATH_REGEX, TRANSCODED_SERVICES
 from llama_mesh.server.gateway.control_planes import (
     CONTROL_PLANE_SERVICE,
     DEFAULT_CONTROL_PLANE_PORT,
@@ -383,7 +383,7 @@ def _openapi_path(template: str) -> str:
 def _is_sse(verb: str, path: str) -> bool:
     """Whether the gateway frames this route's stream as Server-Sent Events."""
     sample = _TEMPLATE_VARIABLE.sub("x", path)
-    return verb == "get" and re.fullmatch(SSE_EVENTS_PATH_REGEX, sample) is not None
+    return verb == "get" and re.fullmatch(SSE_PATH_REGEX, sample) is not None
 
 
 class _Builder:

@@ -114,6 +114,38 @@ async def test_running_a_task_from_the_form_shows_its_result(
     await expect(page.locator("#sessions")).to_contain_text(task_id)
 
 
+async def test_the_task_list_follows_the_watch_without_reloading(
+    mesh_factory: MeshFactory, page: Page
+) -> None:
+    """A task created elsewhere (by the API) after the deployment page opened appears in its
+    task list, and its status change (cancelled) shows, with no reload and without the page
+    ever polling the task list; the services table shows each service's queue depth."""
+    server = await serve(mesh_factory)
+    listings: list[str] = []
+    page.on(
+        "request",
+        lambda request: listings.append(request.url) if "/tasks?" in request.url else None,
+    )
+    await open_console(page, server, at="/d/testapp")
+    echo = page.locator("#services tbody tr", has_text="echo").first
+    await expect(echo.locator("td.queue-depth")).to_have_text("0", timeout=WAIT)
+    await expect(page.locator("#services thead")).to_contain_text("Queue depth")
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(base_url=url(server), headers=headers, timeout=60) as http:
+        created = await http.post(
+            "/v1/deployments/testapp/tasks",
+            json={"service_id": "slow", "input": {"seconds": 3600}},
+        )
+        assert created.status_code == 200, created.text
+        task_id = created.json()["task"]["task_id"]
+        row = page.locator(f'#tasks tbody tr[data-task="{task_id}"]')
+        await expect(row).to_contain_text("slow", timeout=WAIT)
+        cancelled = await http.post(f"/v1/deployments/testapp/tasks/{task_id}:cancel", json={})
+        assert cancelled.status_code == 200, cancelled.text
+    await expect(row).to_contain_text("CANCELLED", timeout=WAIT)
+    assert listings == []
+
+
 async def test_a_failed_task_shows_its_traceback(mesh_factory: MeshFactory, page: Page) -> None:
     """A workflow that raises: the page shows the error and its traceback, line by line."""
     server = await serve(mesh_factory)

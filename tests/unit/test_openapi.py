@@ -194,16 +194,24 @@ def test_request_bodies_follow_the_body_rule(document: dict[str, Any]) -> None:
 
 
 def test_streams_are_described_as_the_gateway_frames_them(document: dict[str, Any]) -> None:
-    """The v1 event stream is text/event-stream (the SSE route), 0.8 streams application/x-ndjson,
-    other v1 streams newline-delimited JSON messages."""
+    """The v1 event stream and task watch are text/event-stream (the SSE routes) and no
+    other route is, 0.8 streams application/x-ndjson, other v1 streams newline-delimited
+    JSON messages."""
     ops = operations(document)
 
     def content(verb: str, path: str) -> set[str]:
-        return set(ops[(verb, path)]["responses"]["200"]["content"])
+        return set(ops[(verb, path)]["responses"].get("200", {}).get("content", {}))
 
-    assert "text/event-stream" in content(
-        "get", "/v1/deployments/{deployment}/tasks/{task_id}/events"
-    )
+    sse = {key for key in ops if "text/event-stream" in content(*key)}
+    assert sse == {
+        ("get", "/v1/deployments/{deployment}/tasks/{task_id}/events"),
+        ("get", "/v1/deployments/{deployment}/tasks:watch"),
+    }
+    watch = ops[("get", "/v1/deployments/{deployment}/tasks:watch")]["responses"]["200"]
+    assert watch["description"].startswith("Server-Sent Events: one `data: <JSON>` frame")
+    assert watch["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/WatchTasksResponse"
+    }
     assert content("get", "/deployments/{deployment_name}/tasks/{task_id}/events") == {
         "application/x-ndjson"
     }

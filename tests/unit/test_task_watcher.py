@@ -212,3 +212,59 @@ async def test_a_listener_given_a_final_task_returns_it(
     with watcher.listen(APP, task.task_id) as listening:
         final = await asyncio.wait_for(listening.final(StoredTask(task, 1)), 5)
     assert final.status is TaskStatus.CANCELLED
+
+
+async def test_a_deployment_watch_gives_the_snapshot_then_changes_of_that_deployment_only(
+    cp: BreakableControlPlane, watcher: TaskWatcher
+) -> None:
+    """watch_deployment: the deployment's tasks now, then None, then each later change of
+    its tasks (not another deployment's), each revision once; a change made while the
+    shared watch was down (a broker error) still arrives, from the re-read after it."""
+    mine = Task(task_id=new_id(), deployment="mine", service_id="s", session_id="s", input={})
+    await cp.record_task(mine)
+    changes = watcher.watch_deployment("mine")
+    first = await asyncio.wait_for(anext(changes), 5)
+    assert first is not None and first.task is not None
+    assert (first.task_id, first.task.status) == (mine.task_id, TaskStatus.QUEUED)
+    assert await asyncio.wait_for(anext(changes), 5) is None
+    assert watcher.watching == 1
+
+    await new_task(cp)  # another deployment's
+    later = Task(task_id=new_id(), deployment="mine", service_id="s", session_id="s", input={})
+    await cp.record_task(later)
+    change = await asyncio.wait_for(anext(changes), 5)
+    assert change is not None and change.task_id == later.task_id
+
+    await cp.break_watch()
+
+    def running(t: Task) -> Task:
+        t.status = TaskStatus.RUNNING
+        return t
+
+    await cp.update_task("mine", mine.task_id, running)
+    change = await asyncio.wait_for(anext(changes), 5)
+    assert change is not None and change.task is not None
+    assert (change.task_id, change.task.status) == (mine.task_id, TaskStatus.RUNNING)
+    await assert_eventually(lambda: cp.watches == 2)
+
+    await cp.delete_deployment("mine")
+    gone = [await asyncio.wait_for(anext(changes), 5) for _ in range(2)]
+    assert {(c.task_id, c.task) for c in gone if c is not None} == {
+        (mine.task_id, None),
+        (later.task_id, None),
+    }
+    await changes.aclose()
+    assert watcher.watching == 0
+
+
+async def test_closing_ends_deployment_watches(cp: ControlPlane) -> None:
+    """A deployment watch open when the watcher closes ends with UnavailableError; a new
+    one is refused the same way."""
+    watcher = TaskWatcher(cp)
+    changes = watcher.watch_deployment(APP)
+    assert await asyncio.wait_for(anext(changes), 5) is None
+    await watcher.close()
+    with pytest.raises(UnavailableError):
+        await asyncio.wait_for(anext(changes), 5)
+    with pytest.raises(UnavailableError):
+        await anext(watcher.watch_deployment(APP))

@@ -161,6 +161,8 @@ class Service:
     instances: tuple[ServiceInstance, ...]
     failure: str = ""
     """Why the service was given up on (its replicas kept crashing), with their last output."""
+    queue_depth: int = 0
+    """Tasks waiting in the service's work queue (queued, or taken and not yet settled)."""
 
     @classmethod
     def _from_proto(cls, msg: types_pb2.Service) -> Service:
@@ -175,6 +177,7 @@ class Service:
             healthy=msg.healthy,
             instances=tuple(ServiceInstance._from_proto(i) for i in msg.instances),
             failure=msg.failure,
+            queue_depth=msg.queue_depth,
         )
 
 

@@ -611,6 +611,66 @@ class ListTasksResponse(_message.Message):
 Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
 
 @_typing.final
+class WatchTasksRequest(_message.Message):
+    """WatchTasksRequest names the deployment whose tasks to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """deployment is the deployment's name."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
+
+@_typing.final
+class WatchTasksResponse(_message.Message):
+    """WatchTasksResponse is one task as it is now, or the end of the snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_END_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """deleted is true when the task was deleted; `task` then carries only its
+    `deployment` and `task_id`.
+    """
+    snapshot_end: _builtins.bool
+    """snapshot_end is true on the message after the deployment's tasks as they were when
+    the watch began; every later message is a change.
+    """
+    @_builtins.property
+    def task(self) -> _types_pb2.Task:
+        """task is the task as it is now (after the snapshot: as the change left it); unset on
+        the `snapshot_end` message.
+        """
+
+    def __init__(
+        self,
+        *,
+        task: _types_pb2.Task | None = ...,
+        deleted: _builtins.bool = ...,
+        snapshot_end: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "snapshot_end", b"snapshot_end", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchTasksResponse: _TypeAlias = WatchTasksResponse  # noqa: Y015
+
+@_typing.final
 class GetTaskRequest(_message.Message):
     """GetTaskRequest names a task."""
 

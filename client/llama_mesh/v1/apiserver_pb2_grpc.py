@@ -119,6 +119,11 @@ class ApiServerStub:
                 request_serializer=llama__mesh_dot_v1_dot_apiserver__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=llama__mesh_dot_v1_dot_apiserver__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.WatchTasks = channel.unary_stream(
+                '/llama_mesh.v1.ApiServer/WatchTasks',
+                request_serializer=llama__mesh_dot_v1_dot_apiserver__pb2.WatchTasksRequest.SerializeToString,
+                response_deserializer=llama__mesh_dot_v1_dot_apiserver__pb2.WatchTasksResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/llama_mesh.v1.ApiServer/GetTask',
                 request_serializer=llama__mesh_dot_v1_dot_apiserver__pb2.GetTaskRequest.SerializeToString,
@@ -273,6 +278,17 @@ class ApiServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTasks(self, request, context):
+        """WatchTasks streams a deployment's tasks and then their changes, until the client goes
+        away. First comes each task as it is now (newest first), then one message with
+        `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
+        result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
+        never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTask(self, request, context):
         """GetTask returns a task with its status, result or error.
         """
@@ -389,6 +405,11 @@ def add_ApiServerServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=llama__mesh_dot_v1_dot_apiserver__pb2.ListTasksRequest.FromString,
                     response_serializer=llama__mesh_dot_v1_dot_apiserver__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'WatchTasks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTasks,
+                    request_deserializer=llama__mesh_dot_v1_dot_apiserver__pb2.WatchTasksRequest.FromString,
+                    response_serializer=llama__mesh_dot_v1_dot_apiserver__pb2.WatchTasksResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -758,6 +779,33 @@ class ApiServer:
             '/llama_mesh.v1.ApiServer/ListTasks',
             llama__mesh_dot_v1_dot_apiserver__pb2.ListTasksRequest.SerializeToString,
             llama__mesh_dot_v1_dot_apiserver__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llama_mesh.v1.ApiServer/WatchTasks',
+            llama__mesh_dot_v1_dot_apiserver__pb2.WatchTasksRequest.SerializeToString,
+            llama__mesh_dot_v1_dot_apiserver__pb2.WatchTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

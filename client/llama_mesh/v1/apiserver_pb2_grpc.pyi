@@ -88,6 +88,13 @@ class ApiServerStub:
     """CreateTask queues a task and returns at once."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.ListTasksRequest, _apiserver_pb2.ListTasksResponse]
     """ListTasks lists a deployment's tasks, newest first, a page at a time."""
+    WatchTasks: _grpc.UnaryStreamMultiCallable[_apiserver_pb2.WatchTasksRequest, _apiserver_pb2.WatchTasksResponse]
+    """WatchTasks streams a deployment's tasks and then their changes, until the client goes
+    away. First comes each task as it is now (newest first), then one message with
+    `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
+    result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
+    never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+    """
     GetTask: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.GetTaskRequest, _apiserver_pb2.GetTaskResponse]
     """GetTask returns a task with its status, result or error."""
     CancelTask: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.CancelTaskRequest, _apiserver_pb2.CancelTaskResponse]
@@ -169,6 +176,13 @@ class ApiServerAsyncStub(ApiServerStub):
     """CreateTask queues a task and returns at once."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.ListTasksRequest, _apiserver_pb2.ListTasksResponse]  # type: ignore[assignment]
     """ListTasks lists a deployment's tasks, newest first, a page at a time."""
+    WatchTasks: _aio.UnaryStreamMultiCallable[_apiserver_pb2.WatchTasksRequest, _apiserver_pb2.WatchTasksResponse]  # type: ignore[assignment]
+    """WatchTasks streams a deployment's tasks and then their changes, until the client goes
+    away. First comes each task as it is now (newest first), then one message with
+    `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
+    result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
+    never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+    """
     GetTask: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.GetTaskRequest, _apiserver_pb2.GetTaskResponse]  # type: ignore[assignment]
     """GetTask returns a task with its status, result or error."""
     CancelTask: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.CancelTaskRequest, _apiserver_pb2.CancelTaskResponse]  # type: ignore[assignment]
@@ -313,6 +327,19 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_apiserver_pb2.ListTasksResponse, _abc.Awaitable[_apiserver_pb2.ListTasksResponse]]:
         """ListTasks lists a deployment's tasks, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def WatchTasks(
+        self,
+        request: _apiserver_pb2.WatchTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_apiserver_pb2.WatchTasksResponse], _abc.AsyncIterator[_apiserver_pb2.WatchTasksResponse]]:
+        """WatchTasks streams a deployment's tasks and then their changes, until the client goes
+        away. First comes each task as it is now (newest first), then one message with
+        `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
+        result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
+        never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+        """
 
     @_abc_1.abstractmethod
     def GetTask(

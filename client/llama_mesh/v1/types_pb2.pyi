@@ -224,6 +224,7 @@ class Service(_message.Message):
     INSTANCES_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the key of the service under `services` in the deployment YAML."""
     name: _builtins.str
@@ -245,6 +246,10 @@ class Service(_message.Message):
     row), with their last error output; empty while it runs or is restarted. Reloading the
     deployment starts it again.
     """
+    queue_depth: _builtins.int
+    """queue_depth is how many tasks wait in the service's work queue: the queued ones, and
+    those a replica has taken but not yet settled (running, or to be redelivered).
+    """
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceInstance]:
         """instances are the replicas that sent a heartbeat recently."""
@@ -262,10 +267,11 @@ class Service(_message.Message):
         instances: _abc.Iterable[Global___ServiceInstance] | None = ...,
         healthy: _builtins.bool = ...,
         failure: _builtins.str = ...,
+        queue_depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "healthy", b"healthy", "id", b"id", "instances", b"instances", "max_concurrent_tasks", b"max_concurrent_tasks", "max_retries", b"max_retries", "name", b"name", "path", b"path", "replicas", b"replicas", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "healthy", b"healthy", "id", b"id", "instances", b"instances", "max_concurrent_tasks", b"max_concurrent_tasks", "max_retries", b"max_retries", "name", b"name", "path", b"path", "queue_depth", b"queue_depth", "replicas", b"replicas", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1225,6 +1225,119 @@ func (x *ListTasksResponse) GetNextPageToken() string {
 	return ""
 }
 
+// WatchTasksRequest names the deployment whose tasks to watch.
+type WatchTasksRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deployment is the deployment's name.
+	Deployment    string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchTasksRequest) Reset() {
+	*x = WatchTasksRequest{}
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchTasksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchTasksRequest) ProtoMessage() {}
+
+func (x *WatchTasksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchTasksRequest.ProtoReflect.Descriptor instead.
+func (*WatchTasksRequest) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *WatchTasksRequest) GetDeployment() string {
+	if x != nil {
+		return x.Deployment
+	}
+	return ""
+}
+
+// WatchTasksResponse is one task as it is now, or the end of the snapshot.
+type WatchTasksResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// task is the task as it is now (after the snapshot: as the change left it); unset on
+	// the `snapshot_end` message.
+	Task *Task `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
+	// deleted is true when the task was deleted; `task` then carries only its
+	// `deployment` and `task_id`.
+	Deleted bool `protobuf:"varint,2,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	// snapshot_end is true on the message after the deployment's tasks as they were when
+	// the watch began; every later message is a change.
+	SnapshotEnd   bool `protobuf:"varint,3,opt,name=snapshot_end,json=snapshotEnd,proto3" json:"snapshot_end,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchTasksResponse) Reset() {
+	*x = WatchTasksResponse{}
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchTasksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchTasksResponse) ProtoMessage() {}
+
+func (x *WatchTasksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchTasksResponse.ProtoReflect.Descriptor instead.
+func (*WatchTasksResponse) Descriptor() ([]byte, []int) {
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *WatchTasksResponse) GetTask() *Task {
+	if x != nil {
+		return x.Task
+	}
+	return nil
+}
+
+func (x *WatchTasksResponse) GetDeleted() bool {
+	if x != nil {
+		return x.Deleted
+	}
+	return false
+}
+
+func (x *WatchTasksResponse) GetSnapshotEnd() bool {
+	if x != nil {
+		return x.SnapshotEnd
+	}
+	return false
+}
+
 // GetTaskRequest names a task.
 type GetTaskRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1238,7 +1351,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[22]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1363,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[22]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1376,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{22}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetTaskRequest) GetDeployment() string {
@@ -1291,7 +1404,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[23]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1303,7 +1416,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[23]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1316,7 +1429,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{23}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetTaskResponse) GetTask() *Task {
@@ -1341,7 +1454,7 @@ type CancelTaskRequest struct {
 
 func (x *CancelTaskRequest) Reset() {
 	*x = CancelTaskRequest{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[24]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1353,7 +1466,7 @@ func (x *CancelTaskRequest) String() string {
 func (*CancelTaskRequest) ProtoMessage() {}
 
 func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[24]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1366,7 +1479,7 @@ func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
 func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{24}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CancelTaskRequest) GetDeployment() string {
@@ -1401,7 +1514,7 @@ type CancelTaskResponse struct {
 
 func (x *CancelTaskResponse) Reset() {
 	*x = CancelTaskResponse{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[25]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1413,7 +1526,7 @@ func (x *CancelTaskResponse) String() string {
 func (*CancelTaskResponse) ProtoMessage() {}
 
 func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[25]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1426,7 +1539,7 @@ func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
 func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{25}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CancelTaskResponse) GetTask() *Task {
@@ -1451,7 +1564,7 @@ type StreamEventsRequest struct {
 
 func (x *StreamEventsRequest) Reset() {
 	*x = StreamEventsRequest{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[26]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1463,7 +1576,7 @@ func (x *StreamEventsRequest) String() string {
 func (*StreamEventsRequest) ProtoMessage() {}
 
 func (x *StreamEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[26]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1476,7 +1589,7 @@ func (x *StreamEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamEventsRequest.ProtoReflect.Descriptor instead.
 func (*StreamEventsRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{26}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StreamEventsRequest) GetDeployment() string {
@@ -1511,7 +1624,7 @@ type StreamEventsResponse struct {
 
 func (x *StreamEventsResponse) Reset() {
 	*x = StreamEventsResponse{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[27]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1523,7 +1636,7 @@ func (x *StreamEventsResponse) String() string {
 func (*StreamEventsResponse) ProtoMessage() {}
 
 func (x *StreamEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[27]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1536,7 +1649,7 @@ func (x *StreamEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamEventsResponse.ProtoReflect.Descriptor instead.
 func (*StreamEventsResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{27}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StreamEventsResponse) GetEvent() *TaskEvent {
@@ -1563,7 +1676,7 @@ type SendEventRequest struct {
 
 func (x *SendEventRequest) Reset() {
 	*x = SendEventRequest{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[28]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1575,7 +1688,7 @@ func (x *SendEventRequest) String() string {
 func (*SendEventRequest) ProtoMessage() {}
 
 func (x *SendEventRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[28]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1588,7 +1701,7 @@ func (x *SendEventRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendEventRequest.ProtoReflect.Descriptor instead.
 func (*SendEventRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{28}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SendEventRequest) GetDeployment() string {
@@ -1628,7 +1741,7 @@ type SendEventResponse struct {
 
 func (x *SendEventResponse) Reset() {
 	*x = SendEventResponse{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[29]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1640,7 +1753,7 @@ func (x *SendEventResponse) String() string {
 func (*SendEventResponse) ProtoMessage() {}
 
 func (x *SendEventResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[29]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1653,7 +1766,7 @@ func (x *SendEventResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendEventResponse.ProtoReflect.Descriptor instead.
 func (*SendEventResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{29}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{31}
 }
 
 // CreateSessionRequest names a deployment.
@@ -1667,7 +1780,7 @@ type CreateSessionRequest struct {
 
 func (x *CreateSessionRequest) Reset() {
 	*x = CreateSessionRequest{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[30]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1679,7 +1792,7 @@ func (x *CreateSessionRequest) String() string {
 func (*CreateSessionRequest) ProtoMessage() {}
 
 func (x *CreateSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[30]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1692,7 +1805,7 @@ func (x *CreateSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSessionRequest.ProtoReflect.Descriptor instead.
 func (*CreateSessionRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{30}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateSessionRequest) GetDeployment() string {
@@ -1713,7 +1826,7 @@ type CreateSessionResponse struct {
 
 func (x *CreateSessionResponse) Reset() {
 	*x = CreateSessionResponse{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[31]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1725,7 +1838,7 @@ func (x *CreateSessionResponse) String() string {
 func (*CreateSessionResponse) ProtoMessage() {}
 
 func (x *CreateSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[31]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1738,7 +1851,7 @@ func (x *CreateSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSessionResponse.ProtoReflect.Descriptor instead.
 func (*CreateSessionResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{31}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateSessionResponse) GetSession() *Session {
@@ -1763,7 +1876,7 @@ type ListSessionsRequest struct {
 
 func (x *ListSessionsRequest) Reset() {
 	*x = ListSessionsRequest{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[32]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1775,7 +1888,7 @@ func (x *ListSessionsRequest) String() string {
 func (*ListSessionsRequest) ProtoMessage() {}
 
 func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[32]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1788,7 +1901,7 @@ func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
 func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{32}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListSessionsRequest) GetDeployment() string {
@@ -1825,7 +1938,7 @@ type ListSessionsResponse struct {
 
 func (x *ListSessionsResponse) Reset() {
 	*x = ListSessionsResponse{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[33]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1837,7 +1950,7 @@ func (x *ListSessionsResponse) String() string {
 func (*ListSessionsResponse) ProtoMessage() {}
 
 func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[33]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1850,7 +1963,7 @@ func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
 func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{33}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListSessionsResponse) GetSessions() []*Session {
@@ -1880,7 +1993,7 @@ type GetSessionRequest struct {
 
 func (x *GetSessionRequest) Reset() {
 	*x = GetSessionRequest{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[34]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1892,7 +2005,7 @@ func (x *GetSessionRequest) String() string {
 func (*GetSessionRequest) ProtoMessage() {}
 
 func (x *GetSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[34]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1905,7 +2018,7 @@ func (x *GetSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSessionRequest.ProtoReflect.Descriptor instead.
 func (*GetSessionRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{34}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GetSessionRequest) GetDeployment() string {
@@ -1933,7 +2046,7 @@ type GetSessionResponse struct {
 
 func (x *GetSessionResponse) Reset() {
 	*x = GetSessionResponse{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[35]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1945,7 +2058,7 @@ func (x *GetSessionResponse) String() string {
 func (*GetSessionResponse) ProtoMessage() {}
 
 func (x *GetSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[35]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1958,7 +2071,7 @@ func (x *GetSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSessionResponse.ProtoReflect.Descriptor instead.
 func (*GetSessionResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{35}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GetSessionResponse) GetSession() *Session {
@@ -1981,7 +2094,7 @@ type DeleteSessionRequest struct {
 
 func (x *DeleteSessionRequest) Reset() {
 	*x = DeleteSessionRequest{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[36]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1993,7 +2106,7 @@ func (x *DeleteSessionRequest) String() string {
 func (*DeleteSessionRequest) ProtoMessage() {}
 
 func (x *DeleteSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[36]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2006,7 +2119,7 @@ func (x *DeleteSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSessionRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSessionRequest) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{36}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DeleteSessionRequest) GetDeployment() string {
@@ -2032,7 +2145,7 @@ type DeleteSessionResponse struct {
 
 func (x *DeleteSessionResponse) Reset() {
 	*x = DeleteSessionResponse{}
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[37]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2044,7 +2157,7 @@ func (x *DeleteSessionResponse) String() string {
 func (*DeleteSessionResponse) ProtoMessage() {}
 
 func (x *DeleteSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[37]
+	mi := &file_llama_mesh_v1_apiserver_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2057,7 +2170,7 @@ func (x *DeleteSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSessionResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSessionResponse) Descriptor() ([]byte, []int) {
-	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{37}
+	return file_llama_mesh_v1_apiserver_proto_rawDescGZIP(), []int{39}
 }
 
 var File_llama_mesh_v1_apiserver_proto protoreflect.FileDescriptor
@@ -2151,7 +2264,15 @@ const file_llama_mesh_v1_apiserver_proto_rawDesc = "" +
 	"page_token\x18\x05 \x01(\tR\tpageToken\"f\n" +
 	"\x11ListTasksResponse\x12)\n" +
 	"\x05tasks\x18\x01 \x03(\v2\x13.llama_mesh.v1.TaskR\x05tasks\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"U\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"9\n" +
+	"\x11WatchTasksRequest\x12$\n" +
+	"\n" +
+	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
+	"deployment\"z\n" +
+	"\x12WatchTasksResponse\x12'\n" +
+	"\x04task\x18\x01 \x01(\v2\x13.llama_mesh.v1.TaskR\x04task\x12\x18\n" +
+	"\adeleted\x18\x02 \x01(\bR\adeleted\x12!\n" +
+	"\fsnapshot_end\x18\x03 \x01(\bR\vsnapshotEnd\"U\n" +
 	"\x0eGetTaskRequest\x12$\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tB\x04\xe2A\x01\x02R\n" +
@@ -2214,7 +2335,7 @@ const file_llama_mesh_v1_apiserver_proto_rawDesc = "" +
 	"deployment\x12#\n" +
 	"\n" +
 	"session_id\x18\x02 \x01(\tB\x04\xe2A\x01\x02R\tsessionId\"\x17\n" +
-	"\x15DeleteSessionResponse2\xaa\x14\n" +
+	"\x15DeleteSessionResponse2\xb2\x15\n" +
 	"\tApiServer\x12b\n" +
 	"\tGetStatus\x12\x1f.llama_mesh.v1.GetStatusRequest\x1a .llama_mesh.v1.GetStatusResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
 	"/v1/status\x12\x7f\n" +
@@ -2228,7 +2349,9 @@ const file_llama_mesh_v1_apiserver_proto_rawDesc = "" +
 	"\aRunTask\x12\x1d.llama_mesh.v1.RunTaskRequest\x1a\x1e.llama_mesh.v1.RunTaskResponse\"1\x82\xd3\xe4\x93\x02+:\x01*\"&/v1/deployments/{deployment}/tasks:run\x12\x80\x01\n" +
 	"\n" +
 	"CreateTask\x12 .llama_mesh.v1.CreateTaskRequest\x1a!.llama_mesh.v1.CreateTaskResponse\"-\x82\xd3\xe4\x93\x02':\x01*\"\"/v1/deployments/{deployment}/tasks\x12z\n" +
-	"\tListTasks\x12\x1f.llama_mesh.v1.ListTasksRequest\x1a .llama_mesh.v1.ListTasksResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/deployments/{deployment}/tasks\x12~\n" +
+	"\tListTasks\x12\x1f.llama_mesh.v1.ListTasksRequest\x1a .llama_mesh.v1.ListTasksResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/deployments/{deployment}/tasks\x12\x85\x01\n" +
+	"\n" +
+	"WatchTasks\x12 .llama_mesh.v1.WatchTasksRequest\x1a!.llama_mesh.v1.WatchTasksResponse\"0\x82\xd3\xe4\x93\x02*\x12(/v1/deployments/{deployment}/tasks:watch0\x01\x12~\n" +
 	"\aGetTask\x12\x1d.llama_mesh.v1.GetTaskRequest\x1a\x1e.llama_mesh.v1.GetTaskResponse\"4\x82\xd3\xe4\x93\x02.\x12,/v1/deployments/{deployment}/tasks/{task_id}\x12\x91\x01\n" +
 	"\n" +
 	"CancelTask\x12 .llama_mesh.v1.CancelTaskRequest\x1a!.llama_mesh.v1.CancelTaskResponse\">\x82\xd3\xe4\x93\x028:\x01*\"3/v1/deployments/{deployment}/tasks/{task_id}:cancel\x12\x96\x01\n" +
@@ -2252,7 +2375,7 @@ func file_llama_mesh_v1_apiserver_proto_rawDescGZIP() []byte {
 	return file_llama_mesh_v1_apiserver_proto_rawDescData
 }
 
-var file_llama_mesh_v1_apiserver_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_llama_mesh_v1_apiserver_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_llama_mesh_v1_apiserver_proto_goTypes = []any{
 	(*GetStatusRequest)(nil),                 // 0: llama_mesh.v1.GetStatusRequest
 	(*GetStatusResponse)(nil),                // 1: llama_mesh.v1.GetStatusResponse
@@ -2276,94 +2399,99 @@ var file_llama_mesh_v1_apiserver_proto_goTypes = []any{
 	(*CreateTaskResponse)(nil),               // 19: llama_mesh.v1.CreateTaskResponse
 	(*ListTasksRequest)(nil),                 // 20: llama_mesh.v1.ListTasksRequest
 	(*ListTasksResponse)(nil),                // 21: llama_mesh.v1.ListTasksResponse
-	(*GetTaskRequest)(nil),                   // 22: llama_mesh.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),                  // 23: llama_mesh.v1.GetTaskResponse
-	(*CancelTaskRequest)(nil),                // 24: llama_mesh.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),               // 25: llama_mesh.v1.CancelTaskResponse
-	(*StreamEventsRequest)(nil),              // 26: llama_mesh.v1.StreamEventsRequest
-	(*StreamEventsResponse)(nil),             // 27: llama_mesh.v1.StreamEventsResponse
-	(*SendEventRequest)(nil),                 // 28: llama_mesh.v1.SendEventRequest
-	(*SendEventResponse)(nil),                // 29: llama_mesh.v1.SendEventResponse
-	(*CreateSessionRequest)(nil),             // 30: llama_mesh.v1.CreateSessionRequest
-	(*CreateSessionResponse)(nil),            // 31: llama_mesh.v1.CreateSessionResponse
-	(*ListSessionsRequest)(nil),              // 32: llama_mesh.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),             // 33: llama_mesh.v1.ListSessionsResponse
-	(*GetSessionRequest)(nil),                // 34: llama_mesh.v1.GetSessionRequest
-	(*GetSessionResponse)(nil),               // 35: llama_mesh.v1.GetSessionResponse
-	(*DeleteSessionRequest)(nil),             // 36: llama_mesh.v1.DeleteSessionRequest
-	(*DeleteSessionResponse)(nil),            // 37: llama_mesh.v1.DeleteSessionResponse
-	(*Deployment)(nil),                       // 38: llama_mesh.v1.Deployment
-	(DeploymentStatus)(0),                    // 39: llama_mesh.v1.DeploymentStatus
-	(*Service)(nil),                          // 40: llama_mesh.v1.Service
-	(*structpb.Struct)(nil),                  // 41: google.protobuf.Struct
-	(*Task)(nil),                             // 42: llama_mesh.v1.Task
-	(TaskStatus)(0),                          // 43: llama_mesh.v1.TaskStatus
-	(*TaskEvent)(nil),                        // 44: llama_mesh.v1.TaskEvent
-	(*Session)(nil),                          // 45: llama_mesh.v1.Session
+	(*WatchTasksRequest)(nil),                // 22: llama_mesh.v1.WatchTasksRequest
+	(*WatchTasksResponse)(nil),               // 23: llama_mesh.v1.WatchTasksResponse
+	(*GetTaskRequest)(nil),                   // 24: llama_mesh.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),                  // 25: llama_mesh.v1.GetTaskResponse
+	(*CancelTaskRequest)(nil),                // 26: llama_mesh.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),               // 27: llama_mesh.v1.CancelTaskResponse
+	(*StreamEventsRequest)(nil),              // 28: llama_mesh.v1.StreamEventsRequest
+	(*StreamEventsResponse)(nil),             // 29: llama_mesh.v1.StreamEventsResponse
+	(*SendEventRequest)(nil),                 // 30: llama_mesh.v1.SendEventRequest
+	(*SendEventResponse)(nil),                // 31: llama_mesh.v1.SendEventResponse
+	(*CreateSessionRequest)(nil),             // 32: llama_mesh.v1.CreateSessionRequest
+	(*CreateSessionResponse)(nil),            // 33: llama_mesh.v1.CreateSessionResponse
+	(*ListSessionsRequest)(nil),              // 34: llama_mesh.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),             // 35: llama_mesh.v1.ListSessionsResponse
+	(*GetSessionRequest)(nil),                // 36: llama_mesh.v1.GetSessionRequest
+	(*GetSessionResponse)(nil),               // 37: llama_mesh.v1.GetSessionResponse
+	(*DeleteSessionRequest)(nil),             // 38: llama_mesh.v1.DeleteSessionRequest
+	(*DeleteSessionResponse)(nil),            // 39: llama_mesh.v1.DeleteSessionResponse
+	(*Deployment)(nil),                       // 40: llama_mesh.v1.Deployment
+	(DeploymentStatus)(0),                    // 41: llama_mesh.v1.DeploymentStatus
+	(*Service)(nil),                          // 42: llama_mesh.v1.Service
+	(*structpb.Struct)(nil),                  // 43: google.protobuf.Struct
+	(*Task)(nil),                             // 44: llama_mesh.v1.Task
+	(TaskStatus)(0),                          // 45: llama_mesh.v1.TaskStatus
+	(*TaskEvent)(nil),                        // 46: llama_mesh.v1.TaskEvent
+	(*Session)(nil),                          // 47: llama_mesh.v1.Session
 }
 var file_llama_mesh_v1_apiserver_proto_depIdxs = []int32{
-	38, // 0: llama_mesh.v1.CreateDeploymentResponse.deployment:type_name -> llama_mesh.v1.Deployment
-	38, // 1: llama_mesh.v1.ListDeploymentsResponse.deployments:type_name -> llama_mesh.v1.Deployment
-	38, // 2: llama_mesh.v1.GetDeploymentResponse.deployment:type_name -> llama_mesh.v1.Deployment
-	38, // 3: llama_mesh.v1.ReloadDeploymentResponse.deployment:type_name -> llama_mesh.v1.Deployment
-	39, // 4: llama_mesh.v1.StreamDeploymentProgressResponse.status:type_name -> llama_mesh.v1.DeploymentStatus
-	40, // 5: llama_mesh.v1.ListServicesResponse.services:type_name -> llama_mesh.v1.Service
-	41, // 6: llama_mesh.v1.RunTaskRequest.input:type_name -> google.protobuf.Struct
-	42, // 7: llama_mesh.v1.RunTaskResponse.task:type_name -> llama_mesh.v1.Task
-	41, // 8: llama_mesh.v1.CreateTaskRequest.input:type_name -> google.protobuf.Struct
-	42, // 9: llama_mesh.v1.CreateTaskResponse.task:type_name -> llama_mesh.v1.Task
-	43, // 10: llama_mesh.v1.ListTasksRequest.status:type_name -> llama_mesh.v1.TaskStatus
-	42, // 11: llama_mesh.v1.ListTasksResponse.tasks:type_name -> llama_mesh.v1.Task
-	42, // 12: llama_mesh.v1.GetTaskResponse.task:type_name -> llama_mesh.v1.Task
-	42, // 13: llama_mesh.v1.CancelTaskResponse.task:type_name -> llama_mesh.v1.Task
-	44, // 14: llama_mesh.v1.StreamEventsResponse.event:type_name -> llama_mesh.v1.TaskEvent
-	41, // 15: llama_mesh.v1.SendEventRequest.data:type_name -> google.protobuf.Struct
-	45, // 16: llama_mesh.v1.CreateSessionResponse.session:type_name -> llama_mesh.v1.Session
-	45, // 17: llama_mesh.v1.ListSessionsResponse.sessions:type_name -> llama_mesh.v1.Session
-	45, // 18: llama_mesh.v1.GetSessionResponse.session:type_name -> llama_mesh.v1.Session
-	0,  // 19: llama_mesh.v1.ApiServer.GetStatus:input_type -> llama_mesh.v1.GetStatusRequest
-	2,  // 20: llama_mesh.v1.ApiServer.CreateDeployment:input_type -> llama_mesh.v1.CreateDeploymentRequest
-	4,  // 21: llama_mesh.v1.ApiServer.ListDeployments:input_type -> llama_mesh.v1.ListDeploymentsRequest
-	6,  // 22: llama_mesh.v1.ApiServer.GetDeployment:input_type -> llama_mesh.v1.GetDeploymentRequest
-	8,  // 23: llama_mesh.v1.ApiServer.DeleteDeployment:input_type -> llama_mesh.v1.DeleteDeploymentRequest
-	10, // 24: llama_mesh.v1.ApiServer.ReloadDeployment:input_type -> llama_mesh.v1.ReloadDeploymentRequest
-	12, // 25: llama_mesh.v1.ApiServer.StreamDeploymentProgress:input_type -> llama_mesh.v1.StreamDeploymentProgressRequest
-	14, // 26: llama_mesh.v1.ApiServer.ListServices:input_type -> llama_mesh.v1.ListServicesRequest
-	16, // 27: llama_mesh.v1.ApiServer.RunTask:input_type -> llama_mesh.v1.RunTaskRequest
-	18, // 28: llama_mesh.v1.ApiServer.CreateTask:input_type -> llama_mesh.v1.CreateTaskRequest
-	20, // 29: llama_mesh.v1.ApiServer.ListTasks:input_type -> llama_mesh.v1.ListTasksRequest
-	22, // 30: llama_mesh.v1.ApiServer.GetTask:input_type -> llama_mesh.v1.GetTaskRequest
-	24, // 31: llama_mesh.v1.ApiServer.CancelTask:input_type -> llama_mesh.v1.CancelTaskRequest
-	26, // 32: llama_mesh.v1.ApiServer.StreamEvents:input_type -> llama_mesh.v1.StreamEventsRequest
-	28, // 33: llama_mesh.v1.ApiServer.SendEvent:input_type -> llama_mesh.v1.SendEventRequest
-	30, // 34: llama_mesh.v1.ApiServer.CreateSession:input_type -> llama_mesh.v1.CreateSessionRequest
-	32, // 35: llama_mesh.v1.ApiServer.ListSessions:input_type -> llama_mesh.v1.ListSessionsRequest
-	34, // 36: llama_mesh.v1.ApiServer.GetSession:input_type -> llama_mesh.v1.GetSessionRequest
-	36, // 37: llama_mesh.v1.ApiServer.DeleteSession:input_type -> llama_mesh.v1.DeleteSessionRequest
-	1,  // 38: llama_mesh.v1.ApiServer.GetStatus:output_type -> llama_mesh.v1.GetStatusResponse
-	3,  // 39: llama_mesh.v1.ApiServer.CreateDeployment:output_type -> llama_mesh.v1.CreateDeploymentResponse
-	5,  // 40: llama_mesh.v1.ApiServer.ListDeployments:output_type -> llama_mesh.v1.ListDeploymentsResponse
-	7,  // 41: llama_mesh.v1.ApiServer.GetDeployment:output_type -> llama_mesh.v1.GetDeploymentResponse
-	9,  // 42: llama_mesh.v1.ApiServer.DeleteDeployment:output_type -> llama_mesh.v1.DeleteDeploymentResponse
-	11, // 43: llama_mesh.v1.ApiServer.ReloadDeployment:output_type -> llama_mesh.v1.ReloadDeploymentResponse
-	13, // 44: llama_mesh.v1.ApiServer.StreamDeploymentProgress:output_type -> llama_mesh.v1.StreamDeploymentProgressResponse
-	15, // 45: llama_mesh.v1.ApiServer.ListServices:output_type -> llama_mesh.v1.ListServicesResponse
-	17, // 46: llama_mesh.v1.ApiServer.RunTask:output_type -> llama_mesh.v1.RunTaskResponse
-	19, // 47: llama_mesh.v1.ApiServer.CreateTask:output_type -> llama_mesh.v1.CreateTaskResponse
-	21, // 48: llama_mesh.v1.ApiServer.ListTasks:output_type -> llama_mesh.v1.ListTasksResponse
-	23, // 49: llama_mesh.v1.ApiServer.GetTask:output_type -> llama_mesh.v1.GetTaskResponse
-	25, // 50: llama_mesh.v1.ApiServer.CancelTask:output_type -> llama_mesh.v1.CancelTaskResponse
-	27, // 51: llama_mesh.v1.ApiServer.StreamEvents:output_type -> llama_mesh.v1.StreamEventsResponse
-	29, // 52: llama_mesh.v1.ApiServer.SendEvent:output_type -> llama_mesh.v1.SendEventResponse
-	31, // 53: llama_mesh.v1.ApiServer.CreateSession:output_type -> llama_mesh.v1.CreateSessionResponse
-	33, // 54: llama_mesh.v1.ApiServer.ListSessions:output_type -> llama_mesh.v1.ListSessionsResponse
-	35, // 55: llama_mesh.v1.ApiServer.GetSession:output_type -> llama_mesh.v1.GetSessionResponse
-	37, // 56: llama_mesh.v1.ApiServer.DeleteSession:output_type -> llama_mesh.v1.DeleteSessionResponse
-	38, // [38:57] is the sub-list for method output_type
-	19, // [19:38] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	40, // 0: llama_mesh.v1.CreateDeploymentResponse.deployment:type_name -> llama_mesh.v1.Deployment
+	40, // 1: llama_mesh.v1.ListDeploymentsResponse.deployments:type_name -> llama_mesh.v1.Deployment
+	40, // 2: llama_mesh.v1.GetDeploymentResponse.deployment:type_name -> llama_mesh.v1.Deployment
+	40, // 3: llama_mesh.v1.ReloadDeploymentResponse.deployment:type_name -> llama_mesh.v1.Deployment
+	41, // 4: llama_mesh.v1.StreamDeploymentProgressResponse.status:type_name -> llama_mesh.v1.DeploymentStatus
+	42, // 5: llama_mesh.v1.ListServicesResponse.services:type_name -> llama_mesh.v1.Service
+	43, // 6: llama_mesh.v1.RunTaskRequest.input:type_name -> google.protobuf.Struct
+	44, // 7: llama_mesh.v1.RunTaskResponse.task:type_name -> llama_mesh.v1.Task
+	43, // 8: llama_mesh.v1.CreateTaskRequest.input:type_name -> google.protobuf.Struct
+	44, // 9: llama_mesh.v1.CreateTaskResponse.task:type_name -> llama_mesh.v1.Task
+	45, // 10: llama_mesh.v1.ListTasksRequest.status:type_name -> llama_mesh.v1.TaskStatus
+	44, // 11: llama_mesh.v1.ListTasksResponse.tasks:type_name -> llama_mesh.v1.Task
+	44, // 12: llama_mesh.v1.WatchTasksResponse.task:type_name -> llama_mesh.v1.Task
+	44, // 13: llama_mesh.v1.GetTaskResponse.task:type_name -> llama_mesh.v1.Task
+	44, // 14: llama_mesh.v1.CancelTaskResponse.task:type_name -> llama_mesh.v1.Task
+	46, // 15: llama_mesh.v1.StreamEventsResponse.event:type_name -> llama_mesh.v1.TaskEvent
+	43, // 16: llama_mesh.v1.SendEventRequest.data:type_name -> google.protobuf.Struct
+	47, // 17: llama_mesh.v1.CreateSessionResponse.session:type_name -> llama_mesh.v1.Session
+	47, // 18: llama_mesh.v1.ListSessionsResponse.sessions:type_name -> llama_mesh.v1.Session
+	47, // 19: llama_mesh.v1.GetSessionResponse.session:type_name -> llama_mesh.v1.Session
+	0,  // 20: llama_mesh.v1.ApiServer.GetStatus:input_type -> llama_mesh.v1.GetStatusRequest
+	2,  // 21: llama_mesh.v1.ApiServer.CreateDeployment:input_type -> llama_mesh.v1.CreateDeploymentRequest
+	4,  // 22: llama_mesh.v1.ApiServer.ListDeployments:input_type -> llama_mesh.v1.ListDeploymentsRequest
+	6,  // 23: llama_mesh.v1.ApiServer.GetDeployment:input_type -> llama_mesh.v1.GetDeploymentRequest
+	8,  // 24: llama_mesh.v1.ApiServer.DeleteDeployment:input_type -> llama_mesh.v1.DeleteDeploymentRequest
+	10, // 25: llama_mesh.v1.ApiServer.ReloadDeployment:input_type -> llama_mesh.v1.ReloadDeploymentRequest
+	12, // 26: llama_mesh.v1.ApiServer.StreamDeploymentProgress:input_type -> llama_mesh.v1.StreamDeploymentProgressRequest
+	14, // 27: llama_mesh.v1.ApiServer.ListServices:input_type -> llama_mesh.v1.ListServicesRequest
+	16, // 28: llama_mesh.v1.ApiServer.RunTask:input_type -> llama_mesh.v1.RunTaskRequest
+	18, // 29: llama_mesh.v1.ApiServer.CreateTask:input_type -> llama_mesh.v1.CreateTaskRequest
+	20, // 30: llama_mesh.v1.ApiServer.ListTasks:input_type -> llama_mesh.v1.ListTasksRequest
+	22, // 31: llama_mesh.v1.ApiServer.WatchTasks:input_type -> llama_mesh.v1.WatchTasksRequest
+	24, // 32: llama_mesh.v1.ApiServer.GetTask:input_type -> llama_mesh.v1.GetTaskRequest
+	26, // 33: llama_mesh.v1.ApiServer.CancelTask:input_type -> llama_mesh.v1.CancelTaskRequest
+	28, // 34: llama_mesh.v1.ApiServer.StreamEvents:input_type -> llama_mesh.v1.StreamEventsRequest
+	30, // 35: llama_mesh.v1.ApiServer.SendEvent:input_type -> llama_mesh.v1.SendEventRequest
+	32, // 36: llama_mesh.v1.ApiServer.CreateSession:input_type -> llama_mesh.v1.CreateSessionRequest
+	34, // 37: llama_mesh.v1.ApiServer.ListSessions:input_type -> llama_mesh.v1.ListSessionsRequest
+	36, // 38: llama_mesh.v1.ApiServer.GetSession:input_type -> llama_mesh.v1.GetSessionRequest
+	38, // 39: llama_mesh.v1.ApiServer.DeleteSession:input_type -> llama_mesh.v1.DeleteSessionRequest
+	1,  // 40: llama_mesh.v1.ApiServer.GetStatus:output_type -> llama_mesh.v1.GetStatusResponse
+	3,  // 41: llama_mesh.v1.ApiServer.CreateDeployment:output_type -> llama_mesh.v1.CreateDeploymentResponse
+	5,  // 42: llama_mesh.v1.ApiServer.ListDeployments:output_type -> llama_mesh.v1.ListDeploymentsResponse
+	7,  // 43: llama_mesh.v1.ApiServer.GetDeployment:output_type -> llama_mesh.v1.GetDeploymentResponse
+	9,  // 44: llama_mesh.v1.ApiServer.DeleteDeployment:output_type -> llama_mesh.v1.DeleteDeploymentResponse
+	11, // 45: llama_mesh.v1.ApiServer.ReloadDeployment:output_type -> llama_mesh.v1.ReloadDeploymentResponse
+	13, // 46: llama_mesh.v1.ApiServer.StreamDeploymentProgress:output_type -> llama_mesh.v1.StreamDeploymentProgressResponse
+	15, // 47: llama_mesh.v1.ApiServer.ListServices:output_type -> llama_mesh.v1.ListServicesResponse
+	17, // 48: llama_mesh.v1.ApiServer.RunTask:output_type -> llama_mesh.v1.RunTaskResponse
+	19, // 49: llama_mesh.v1.ApiServer.CreateTask:output_type -> llama_mesh.v1.CreateTaskResponse
+	21, // 50: llama_mesh.v1.ApiServer.ListTasks:output_type -> llama_mesh.v1.ListTasksResponse
+	23, // 51: llama_mesh.v1.ApiServer.WatchTasks:output_type -> llama_mesh.v1.WatchTasksResponse
+	25, // 52: llama_mesh.v1.ApiServer.GetTask:output_type -> llama_mesh.v1.GetTaskResponse
+	27, // 53: llama_mesh.v1.ApiServer.CancelTask:output_type -> llama_mesh.v1.CancelTaskResponse
+	29, // 54: llama_mesh.v1.ApiServer.StreamEvents:output_type -> llama_mesh.v1.StreamEventsResponse
+	31, // 55: llama_mesh.v1.ApiServer.SendEvent:output_type -> llama_mesh.v1.SendEventResponse
+	33, // 56: llama_mesh.v1.ApiServer.CreateSession:output_type -> llama_mesh.v1.CreateSessionResponse
+	35, // 57: llama_mesh.v1.ApiServer.ListSessions:output_type -> llama_mesh.v1.ListSessionsResponse
+	37, // 58: llama_mesh.v1.ApiServer.GetSession:output_type -> llama_mesh.v1.GetSessionResponse
+	39, // 59: llama_mesh.v1.ApiServer.DeleteSession:output_type -> llama_mesh.v1.DeleteSessionResponse
+	40, // [40:60] is the sub-list for method output_type
+	20, // [20:40] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_llama_mesh_v1_apiserver_proto_init() }
@@ -2378,7 +2506,7 @@ func file_llama_mesh_v1_apiserver_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llama_mesh_v1_apiserver_proto_rawDesc), len(file_llama_mesh_v1_apiserver_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   38,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

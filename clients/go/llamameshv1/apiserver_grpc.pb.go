@@ -30,6 +30,7 @@ const (
 	ApiServer_RunTask_FullMethodName                  = "/llama_mesh.v1.ApiServer/RunTask"
 	ApiServer_CreateTask_FullMethodName               = "/llama_mesh.v1.ApiServer/CreateTask"
 	ApiServer_ListTasks_FullMethodName                = "/llama_mesh.v1.ApiServer/ListTasks"
+	ApiServer_WatchTasks_FullMethodName               = "/llama_mesh.v1.ApiServer/WatchTasks"
 	ApiServer_GetTask_FullMethodName                  = "/llama_mesh.v1.ApiServer/GetTask"
 	ApiServer_CancelTask_FullMethodName               = "/llama_mesh.v1.ApiServer/CancelTask"
 	ApiServer_StreamEvents_FullMethodName             = "/llama_mesh.v1.ApiServer/StreamEvents"
@@ -99,6 +100,12 @@ type ApiServerClient interface {
 	CreateTask(ctx context.Context, in *CreateTaskRequest, opts ...grpc.CallOption) (*CreateTaskResponse, error)
 	// ListTasks lists a deployment's tasks, newest first, a page at a time.
 	ListTasks(ctx context.Context, in *ListTasksRequest, opts ...grpc.CallOption) (*ListTasksResponse, error)
+	// WatchTasks streams a deployment's tasks and then their changes, until the client goes
+	// away. First comes each task as it is now (newest first), then one message with
+	// `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
+	// result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
+	// never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+	WatchTasks(ctx context.Context, in *WatchTasksRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchTasksResponse], error)
 	// GetTask returns a task with its status, result or error.
 	GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*GetTaskResponse, error)
 	// CancelTask cancels a queued or running task.
@@ -247,6 +254,25 @@ func (c *apiServerClient) ListTasks(ctx context.Context, in *ListTasksRequest, o
 	return out, nil
 }
 
+func (c *apiServerClient) WatchTasks(ctx context.Context, in *WatchTasksRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchTasksResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ApiServer_ServiceDesc.Streams[1], ApiServer_WatchTasks_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchTasksRequest, WatchTasksResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ApiServer_WatchTasksClient = grpc.ServerStreamingClient[WatchTasksResponse]
+
 func (c *apiServerClient) GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*GetTaskResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetTaskResponse)
@@ -269,7 +295,7 @@ func (c *apiServerClient) CancelTask(ctx context.Context, in *CancelTaskRequest,
 
 func (c *apiServerClient) StreamEvents(ctx context.Context, in *StreamEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamEventsResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &ApiServer_ServiceDesc.Streams[1], ApiServer_StreamEvents_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &ApiServer_ServiceDesc.Streams[2], ApiServer_StreamEvents_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -395,6 +421,12 @@ type ApiServerServer interface {
 	CreateTask(context.Context, *CreateTaskRequest) (*CreateTaskResponse, error)
 	// ListTasks lists a deployment's tasks, newest first, a page at a time.
 	ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error)
+	// WatchTasks streams a deployment's tasks and then their changes, until the client goes
+	// away. First comes each task as it is now (newest first), then one message with
+	// `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
+	// result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
+	// never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+	WatchTasks(*WatchTasksRequest, grpc.ServerStreamingServer[WatchTasksResponse]) error
 	// GetTask returns a task with its status, result or error.
 	GetTask(context.Context, *GetTaskRequest) (*GetTaskResponse, error)
 	// CancelTask cancels a queued or running task.
@@ -456,6 +488,9 @@ func (UnimplementedApiServerServer) CreateTask(context.Context, *CreateTaskReque
 }
 func (UnimplementedApiServerServer) ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListTasks not implemented")
+}
+func (UnimplementedApiServerServer) WatchTasks(*WatchTasksRequest, grpc.ServerStreamingServer[WatchTasksResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchTasks not implemented")
 }
 func (UnimplementedApiServerServer) GetTask(context.Context, *GetTaskRequest) (*GetTaskResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetTask not implemented")
@@ -693,6 +728,17 @@ func _ApiServer_ListTasks_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ApiServer_WatchTasks_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchTasksRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ApiServerServer).WatchTasks(m, &grpc.GenericServerStream[WatchTasksRequest, WatchTasksResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ApiServer_WatchTasksServer = grpc.ServerStreamingServer[WatchTasksResponse]
+
 func _ApiServer_GetTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetTaskRequest)
 	if err := dec(in); err != nil {
@@ -910,6 +956,11 @@ var ApiServer_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "StreamDeploymentProgress",
 			Handler:       _ApiServer_StreamDeploymentProgress_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchTasks",
+			Handler:       _ApiServer_WatchTasks_Handler,
 			ServerStreams: true,
 		},
 		{

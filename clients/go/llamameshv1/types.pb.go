@@ -376,7 +376,10 @@ type Service struct {
 	// failure says why the service was given up on (its replicas crashed too many times in a
 	// row), with their last error output; empty while it runs or is restarted. Reloading the
 	// deployment starts it again.
-	Failure       string `protobuf:"bytes,10,opt,name=failure,proto3" json:"failure,omitempty"`
+	Failure string `protobuf:"bytes,10,opt,name=failure,proto3" json:"failure,omitempty"`
+	// queue_depth is how many tasks wait in the service's work queue: the queued ones, and
+	// those a replica has taken but not yet settled (running, or to be redelivered).
+	QueueDepth    int32 `protobuf:"varint,11,opt,name=queue_depth,json=queueDepth,proto3" json:"queue_depth,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -479,6 +482,13 @@ func (x *Service) GetFailure() string {
 		return x.Failure
 	}
 	return ""
+}
+
+func (x *Service) GetQueueDepth() int32 {
+	if x != nil {
+		return x.QueueDepth
+	}
+	return 0
 }
 
 // ServiceInstance is one running worker process (replica) of a service.
@@ -1018,7 +1028,7 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"generation\x18\n" +
 	" \x01(\x03R\n" +
 	"generation\x12\x14\n" +
-	"\x05local\x18\v \x01(\bR\x05local\"\xcb\x02\n" +
+	"\x05local\x18\v \x01(\bR\x05local\"\xec\x02\n" +
 	"\aService\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -1031,7 +1041,9 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"\tinstances\x18\b \x03(\v2\x1e.llama_mesh.v1.ServiceInstanceR\tinstances\x12\x18\n" +
 	"\ahealthy\x18\t \x01(\bR\ahealthy\x12\x18\n" +
 	"\afailure\x18\n" +
-	" \x01(\tR\afailure\"\xd4\x02\n" +
+	" \x01(\tR\afailure\x12\x1f\n" +
+	"\vqueue_depth\x18\v \x01(\x05R\n" +
+	"queueDepth\"\xd4\x02\n" +
 	"\x0fServiceInstance\x12\x1f\n" +
 	"\vinstance_id\x18\x01 \x01(\tR\n" +
 	"instanceId\x12\x1a\n" +

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.deployments import DeploymentManager
-from llama_mesh.server.control_plane.store import ControlPlane, StoredTask
+from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
 from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import (
     ID_PATTERN,
@@ -242,6 +242,13 @@ class Mesh:
         if session_id:
             check_id("session id", session_id)
         return await self.cp.list_tasks(deployment, session_id or None)
+
+    async def watch_tasks(self, deployment: str) -> AsyncIterator[TaskChange | None]:
+        """A deployment's tasks now, ``None``, then their changes (see
+        :meth:`TaskWatcher.watch_deployment`)."""
+        self.deployments.check_exists(deployment)
+        async for change in self.watcher.watch_deployment(deployment):
+            yield change
 
     cancel_wait = 10.0
     """Seconds :meth:`cancel_task` waits for the replica running a task to stop it (or

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
 
 import grpc
 
-from llama_mesh.server import convert
+from llama_mesh.server import convert, subjects
 from llama_mesh.server.apiserver.mesh import Mesh, check_id
 from llama_mesh.server.domain import DeploymentRecord, HumanEvent, TaskStatus
 from llama_mesh.server.errors import InvalidArgumentError
@@ -54,7 +55,11 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
             return msg
         msg.default_service = config.default_service or ""
         instances = await self._mesh.cp.list_instances(record.name)
-        for sid, svc in config.services.items():
+        queue = self._mesh.queue
+        depths = await asyncio.gather(
+            *(queue.queue_depth(subjects.task_queue(record.name, sid)) for sid in config.services)
+        )
+        for (sid, svc), depth in zip(config.services.items(), depths, strict=True):
             live = [i for i in instances if i.service_id == sid]
             msg.services.append(
                 types_pb2.Service(
@@ -68,6 +73,7 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
                     instances=[convert.instance_to_proto(i) for i in live],
                     healthy=bool(live),
                     failure=deployments.supervisor.failure(record.name, sid),
+                    queue_depth=depth,
                 )
             )
         given_up = [s for s in msg.services if s.failure]
@@ -194,6 +200,18 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
         return apiserver_pb2.ListTasksResponse(
             tasks=[convert.task_to_proto(t) for t in page], next_page_token=token
         )
+
+    async def WatchTasks(
+        self, request: apiserver_pb2.WatchTasksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[apiserver_pb2.WatchTasksResponse]:
+        async for change in self._mesh.watch_tasks(request.deployment):
+            if change is None:
+                yield apiserver_pb2.WatchTasksResponse(snapshot_end=True)
+            elif change.task is None:
+                gone = types_pb2.Task(deployment=change.deployment, task_id=change.task_id)
+                yield apiserver_pb2.WatchTasksResponse(task=gone, deleted=True)
+            else:
+                yield apiserver_pb2.WatchTasksResponse(task=convert.task_to_proto(change.task))
 
     async def GetTask(
         self, request: apiserver_pb2.GetTaskRequest, context: grpc.aio.ServicerContext

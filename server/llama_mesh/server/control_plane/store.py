@@ -351,6 +351,15 @@ class ControlPlane:
         tasks.sort(key=lambda t: t.created_at, reverse=True)
         return tasks
 
+    async def list_stored_tasks(self, deployment: str) -> list[StoredTask]:
+        """The deployment's tasks with their revisions, newest first."""
+        stored = []
+        for entry in await self._buckets["tasks"].entries(f"{deployment}."):
+            for task in _decode_all("task", [entry], _read_task):
+                stored.append(StoredTask(task, entry.revision))
+        stored.sort(key=lambda s: s.task.created_at, reverse=True)
+        return stored
+
     async def update_task(
         self, deployment: str, task_id: str, change: Callable[[Task], Task | None]
     ) -> Task:

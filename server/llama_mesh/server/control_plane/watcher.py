@@ -3,8 +3,9 @@
 A caller waiting for a result used to open a watch (a server-side consumer) of its task's
 key: three broker round trips before the wait could even begin, and one consumer per
 waiting caller for the broker to keep. Instead, :class:`TaskWatcher` keeps one watch of the
-whole ``tasks`` bucket and hands each change to the callers following that task, and to
-listeners (the metrics) that want every change.
+whole ``tasks`` bucket and hands each change to the callers following that task, to the
+callers watching that task's deployment, and to listeners (the metrics) that want every
+change.
 
 The watch outlives broker trouble: when it fails it is opened again after a pause, and every
 task someone follows is read again, so a change made while it was down is not missed.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
@@ -37,6 +38,7 @@ class TaskWatcher:
         self._cp = control_plane
         self._retry_delay = retry_delay
         self._inboxes: dict[_Key, set[_Inbox]] = {}
+        self._deployment_inboxes: dict[str, set[_Inbox]] = {}
         self._listeners: list[Callable[[TaskChange], None]] = []
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
@@ -76,6 +78,40 @@ class TaskWatcher:
                 return task
         raise AssertionError("follow() ends with the final task")
 
+    async def watch_deployment(self, deployment: str) -> AsyncGenerator[TaskChange | None, None]:
+        """The deployment's tasks now, then ``None``, then each change of its tasks.
+
+        Each task's revisions come in increasing order, each at most once; a deleted task
+        comes as a change whose ``task`` is ``None``. Runs until the caller stops iterating
+        (or :class:`UnavailableError` when the watcher closes).
+        """
+        if self._closed:
+            raise UnavailableError("the API server is shutting down")
+        self.start()
+        inbox: _Inbox = asyncio.Queue()
+        self._deployment_inboxes.setdefault(deployment, set()).add(inbox)
+        try:
+            # Listening before the read: a change written after it is then heard.
+            seen: dict[str, int] = {}
+            for stored in await self._cp.list_stored_tasks(deployment):
+                seen[stored.task.task_id] = stored.revision
+                yield TaskChange(deployment, stored.task.task_id, stored.task, stored.revision)
+            yield None
+            while True:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.revision <= seen.get(item.task_id, 0):
+                    continue  # in the snapshot already, or seen
+                seen[item.task_id] = item.revision
+                yield item
+        finally:
+            inboxes = self._deployment_inboxes.get(deployment)
+            if inboxes is not None:
+                inboxes.discard(inbox)
+                if not inboxes:
+                    del self._deployment_inboxes[deployment]
+
     @contextlib.contextmanager
     def listen(self, deployment: str, task_id: str) -> Iterator[Listening]:
         """Hear the task's changes from now on, before it is even written.
@@ -106,10 +142,17 @@ class TaskWatcher:
         """How many callers follow a task now."""
         return sum(len(inboxes) for inboxes in self._inboxes.values())
 
+    @property
+    def watching(self) -> int:
+        """How many callers watch a deployment's tasks now."""
+        return sum(len(inboxes) for inboxes in self._deployment_inboxes.values())
+
     # -- the shared watch ----------------------------------------------------------------
 
     def _dispatch(self, change: TaskChange) -> None:
         for inbox in self._inboxes.get((change.deployment, change.task_id), ()):
+            inbox.put_nowait(change)
+        for inbox in self._deployment_inboxes.get(change.deployment, ()):
             inbox.put_nowait(change)
         for listener in self._listeners:
             try:
@@ -118,7 +161,7 @@ class TaskWatcher:
                 logger.exception("a task listener failed on %s", change.task_id)
 
     def _fail_all(self, error: BaseException) -> None:
-        for inboxes in self._inboxes.values():
+        for inboxes in (*self._inboxes.values(), *self._deployment_inboxes.values()):
             for inbox in inboxes:
                 inbox.put_nowait(error)
 
@@ -148,8 +191,14 @@ class TaskWatcher:
 
         Called after the new watch was created, whose changes start from its creation, so
         a change is either read here or delivered by the watch (or both: followers skip
-        revisions they have seen).
+        revisions they have seen). A deployment's watchers get each of its tasks again; a
+        task deleted while the watch was down is not reported to them.
         """
+        for deployment, inboxes in list(self._deployment_inboxes.items()):
+            for stored in await self._cp.list_stored_tasks(deployment):
+                change = TaskChange(deployment, stored.task.task_id, stored.task, stored.revision)
+                for inbox in inboxes:
+                    inbox.put_nowait(change)
         for deployment, task_id in list(self._inboxes):
             try:
                 stored = await self._cp.read_task(deployment, task_id)

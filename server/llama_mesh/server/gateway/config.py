@@ -82,7 +82,13 @@ NOT_FOUND_CLUSTER = "no-such-route"
 
 # Where compat_errors.lua records what it learnt about the request (keys "compat", "grpc").
 LUA_METADATA_NAMESPACE = "llama_mesh.gateway"
-SSE_EVENTS_PATH_REGEX = r"/v1/deployments/[^/]+/tasks/[^/]+/events"
+SSE_PATH_REGEXES = (
+    r"/v1/deployments/[^/]+/tasks/[^/]+/events",  # ApiServer.StreamEvents
+    r"/v1/deployments/[^/]+/tasks:watch",  # ApiServer.WatchTasks
+)
+"""The v1 streams (``GET``) whose JSON the gateway frames as Server-Sent Events; every other
+stream is newline-delimited JSON."""
+SSE_PATH_REGEX = "|".join(f"(?:{regex})" for regex in SSE_PATH_REGEXES)
 MIB = 1024 * 1024
 ADMIN_SOCKET_MODE = 0o600
 """The mode of Envoy's admin socket: its owner's only."""
@@ -543,10 +549,10 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
             # Matched by the incoming request, before transcoding: selects the transcoder's
-            # Server-Sent Events framing for the v1 event stream.
-            "name": "v1-task-events-sse",
+            # Server-Sent Events framing for the v1 streams a browser reads.
+            "name": "v1-sse",
             "match": {
-                "safe_regex": {"regex": SSE_EVENTS_PATH_REGEX},
+                "safe_regex": {"regex": SSE_PATH_REGEX},
                 "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
             },
             "route": _upstream_route(),

@@ -56,8 +56,8 @@ async function attempt(action) {
   }
 }
 
-/** Calls refresh now and then every REFRESH_MS while the page is open (the /v1 API has no
- * watch of task lists); its failures show, but only a person's action clears them. */
+/** Calls refresh now and then every REFRESH_MS while the page is open (for what the /v1 API
+ * has no watch of); its failures show, but only a person's action clears them. */
 function every(refresh, signal) {
   const tick = async () => {
     if (signal.aborted) return;
@@ -169,7 +169,7 @@ async function deploymentPage(name, signal) {
     h("h1", {}, `Deployment ${name}`),
     h("h2", {}, "Services"),
     h("table", { id: "services" }, h("thead", {}, h("tr", {},
-      ["Service", "Health", "Replicas", "Instances (in flight, last heartbeat)"].map((t) => h("th", {}, t)))),
+      ["Service", "Health", "Replicas", "Queue depth", "Instances (in flight, last heartbeat)"].map((t) => h("th", {}, t)))),
       services),
     h("h2", {}, "Run a task"),
     h("form", { class: "panel", id: "run-form", onsubmit: run },
@@ -199,12 +199,15 @@ async function deploymentPage(name, signal) {
       h("td", {}, s.id, s.name && s.name !== s.id ? h("span", { class: "muted" }, ` (${s.name})`) : ""),
       h("td", {}, badge(s.healthy ? "healthy" : "unhealthy")),
       h("td", {}, `${s.instances.length}/${s.replicas}`),
+      h("td", { class: "queue-depth" }, s.queue_depth),
       h("td", {}, s.instances.map((i) => h("div", {},
         `${i.instance_id} pid ${i.pid}: ${i.in_flight} in flight, ${when(i.last_heartbeat)}`))))));
   };
-  const refreshTasks = async () => {
-    const status = filter.value ? `&status=TASK_STATUS_${filter.value}` : "";
-    const { tasks: list } = await call("GET", `${base}/tasks?page_size=200${status}`, undefined, signal);
+  const known = new Map(); // task id -> task, as the watch reports them
+  let snapshotDone = false;
+  const showTasks = () => {
+    const wanted = filter.value ? `TASK_STATUS_${filter.value}` : "";
+    const list = [...known.values()].filter((t) => !wanted || t.status === wanted);
     list.sort((a, b) => (b.created_at || "").localeCompare(a.created_at || ""));
     tasks.replaceChildren(...list.map((t) => h("tr", { dataset: { task: t.task_id } },
       h("td", {}, h("a", { href: `#/d/${enc(name)}/t/${enc(t.task_id)}` }, t.task_id)),
@@ -212,6 +215,20 @@ async function deploymentPage(name, signal) {
       h("td", {}, badge(taskStatus(t.status))),
       h("td", {}, when(t.created_at)),
       h("td", {}, t.session_id))));
+  };
+  // The tasks now, then each change as the server reports it (no polling).
+  const watchTasks = async () => {
+    try {
+      await stream(`${base}/tasks:watch`, ({ task, deleted, snapshot_end }) => {
+        if (snapshot_end) snapshotDone = true;
+        else if (deleted) known.delete(task.task_id);
+        else known.set(task.task_id, task);
+        if (snapshotDone) showTasks();
+      }, signal);
+      if (!signal.aborted) showError(new Error("The server ended the task list's updates: reload the page."));
+    } catch (err) {
+      showError(err);
+    }
   };
   const refreshSessions = async () => {
     const { sessions: list } = await call("GET", `${base}/sessions?page_size=200`, undefined, signal);
@@ -224,9 +241,10 @@ async function deploymentPage(name, signal) {
       h("td", {}, s.task_ids.map((id) =>
         h("div", {}, h("a", { href: `#/d/${enc(name)}/t/${enc(id)}` }, id)))))));
   };
-  filter.addEventListener("change", () => attempt(refreshTasks));
+  filter.addEventListener("change", () => snapshotDone && showTasks());
+  watchTasks();
   every(async () => {
-    await Promise.all([refreshServices(), refreshTasks(), refreshSessions()]);
+    await Promise.all([refreshServices(), refreshSessions()]);
   }, signal);
 }
 

@@ -15,7 +15,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file llama_mesh/v1/apiserver.proto.
  */
 export const file_llama_mesh_v1_apiserver: GenFile = /*@__PURE__*/
-  fileDesc("Ch1sbGFtYV9tZXNoL3YxL2FwaXNlcnZlci5wcm90bxINbGxhbWFfbWVzaC52MSISChBHZXRTdGF0dXNSZXF1ZXN0InoKEUdldFN0YXR1c1Jlc3BvbnNlEg8KB2hlYWx0aHkYASABKAgSDwoHdmVyc2lvbhgCIAEoCRITCgtkZXBsb3ltZW50cxgDIAMoCRIXCg9tYXhfZGVwbG95bWVudHMYBCABKAUSFQoNbWVzc2FnZV9xdWV1ZRgFIAEoCSJ5ChdDcmVhdGVEZXBsb3ltZW50UmVxdWVzdBIZCgtjb25maWdfeWFtbBgBIAEoCUIE4kEBAhIRCgliYXNlX3BhdGgYAiABKAkSDgoGcmVsb2FkGAMgASgIEg0KBWxvY2FsGAQgASgIEhEKCWZpbGVfbmFtZRgFIAEoCSJJChhDcmVhdGVEZXBsb3ltZW50UmVzcG9uc2USLQoKZGVwbG95bWVudBgBIAEoCzIZLmxsYW1hX21lc2gudjEuRGVwbG95bWVudCI/ChZMaXN0RGVwbG95bWVudHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJImIKF0xpc3REZXBsb3ltZW50c1Jlc3BvbnNlEi4KC2RlcGxveW1lbnRzGAEgAygLMhkubGxhbWFfbWVzaC52MS5EZXBsb3ltZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIqChRHZXREZXBsb3ltZW50UmVxdWVzdBISCgRuYW1lGAEgASgJQgTiQQECIkYKFUdldERlcGxveW1lbnRSZXNwb25zZRItCgpkZXBsb3ltZW50GAEgASgLMhkubGxhbWFfbWVzaC52MS5EZXBsb3ltZW50Ii0KF0RlbGV0ZURlcGxveW1lbnRSZXF1ZXN0EhIKBG5hbWUYASABKAlCBOJBAQIiGgoYRGVsZXRlRGVwbG95bWVudFJlc3BvbnNlIi0KF1JlbG9hZERlcGxveW1lbnRSZXF1ZXN0EhIKBG5hbWUYASABKAlCBOJBAQIiSQoYUmVsb2FkRGVwbG95bWVudFJlc3BvbnNlEi0KCmRlcGxveW1lbnQYASABKAsyGS5sbGFtYV9tZXNoLnYxLkRlcGxveW1lbnQiNQofU3RyZWFtRGVwbG95bWVudFByb2dyZXNzUmVxdWVzdBISCgRuYW1lGAEgASgJQgTiQQECIm8KIFN0cmVhbURlcGxveW1lbnRQcm9ncmVzc1Jlc3BvbnNlEgwKBGxpbmUYASABKAkSDAoEZG9uZRgCIAEoCBIvCgZzdGF0dXMYAyABKA4yHy5sbGFtYV9tZXNoLnYxLkRlcGxveW1lbnRTdGF0dXMiLwoTTGlzdFNlcnZpY2VzUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECIkAKFExpc3RTZXJ2aWNlc1Jlc3BvbnNlEigKCHNlcnZpY2VzGAEgAygLMhYubGxhbWFfbWVzaC52MS5TZXJ2aWNlInoKDlJ1blRhc2tSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISEgoKc2VydmljZV9pZBgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgJEiYKBWlucHV0GAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCI0Cg9SdW5UYXNrUmVzcG9uc2USIQoEdGFzaxgBIAEoCzITLmxsYW1hX21lc2gudjEuVGFzayJ9ChFDcmVhdGVUYXNrUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhIKCnNlcnZpY2VfaWQYAiABKAkSEgoKc2Vzc2lvbl9pZBgDIAEoCRImCgVpbnB1dBgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiNwoSQ3JlYXRlVGFza1Jlc3BvbnNlEiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2sikgEKEExpc3RUYXNrc1JlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAhISCgpzZXNzaW9uX2lkGAIgASgJEikKBnN0YXR1cxgDIAEoDjIZLmxsYW1hX21lc2gudjEuVGFza1N0YXR1cxIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJQChFMaXN0VGFza3NSZXNwb25zZRIiCgV0YXNrcxgBIAMoCzITLmxsYW1hX21lc2gudjEuVGFzaxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiQQoOR2V0VGFza1JlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAhIVCgd0YXNrX2lkGAIgASgJQgTiQQECIjQKD0dldFRhc2tSZXNwb25zZRIhCgR0YXNrGAEgASgLMhMubGxhbWFfbWVzaC52MS5UYXNrIlQKEUNhbmNlbFRhc2tSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISFQoHdGFza19pZBgCIAEoCUIE4kEBAhIOCgZyZWFzb24YAyABKAkiNwoSQ2FuY2VsVGFza1Jlc3BvbnNlEiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siWgoTU3RyZWFtRXZlbnRzUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhUKB3Rhc2tfaWQYAiABKAlCBOJBAQISEgoKZnJvbV9pbmRleBgDIAEoAyI/ChRTdHJlYW1FdmVudHNSZXNwb25zZRInCgVldmVudBgBIAEoCzIYLmxsYW1hX21lc2gudjEuVGFza0V2ZW50In4KEFNlbmRFdmVudFJlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAhIVCgd0YXNrX2lkGAIgASgJQgTiQQECEhIKBHR5cGUYAyABKAlCBOJBAQISJQoEZGF0YRgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiEwoRU2VuZEV2ZW50UmVzcG9uc2UiMAoUQ3JlYXRlU2Vzc2lvblJlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAiJAChVDcmVhdGVTZXNzaW9uUmVzcG9uc2USJwoHc2Vzc2lvbhgBIAEoCzIWLmxsYW1hX21lc2gudjEuU2Vzc2lvbiJWChNMaXN0U2Vzc2lvbnNSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWQoUTGlzdFNlc3Npb25zUmVzcG9uc2USKAoIc2Vzc2lvbnMYASADKAsyFi5sbGFtYV9tZXNoLnYxLlNlc3Npb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkcKEUdldFNlc3Npb25SZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISGAoKc2Vzc2lvbl9pZBgCIAEoCUIE4kEBAiI9ChJHZXRTZXNzaW9uUmVzcG9uc2USJwoHc2Vzc2lvbhgBIAEoCzIWLmxsYW1hX21lc2gudjEuU2Vzc2lvbiJKChREZWxldGVTZXNzaW9uUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhgKCnNlc3Npb25faWQYAiABKAlCBOJBAQIiFwoVRGVsZXRlU2Vzc2lvblJlc3BvbnNlMqoUCglBcGlTZXJ2ZXISYgoJR2V0U3RhdHVzEh8ubGxhbWFfbWVzaC52MS5HZXRTdGF0dXNSZXF1ZXN0GiAubGxhbWFfbWVzaC52MS5HZXRTdGF0dXNSZXNwb25zZSISgtPkkwIMEgovdjEvc3RhdHVzEn8KEENyZWF0ZURlcGxveW1lbnQSJi5sbGFtYV9tZXNoLnYxLkNyZWF0ZURlcGxveW1lbnRSZXF1ZXN0GicubGxhbWFfbWVzaC52MS5DcmVhdGVEZXBsb3ltZW50UmVzcG9uc2UiGoLT5JMCFCIPL3YxL2RlcGxveW1lbnRzOgEqEnkKD0xpc3REZXBsb3ltZW50cxIlLmxsYW1hX21lc2gudjEuTGlzdERlcGxveW1lbnRzUmVxdWVzdBomLmxsYW1hX21lc2gudjEuTGlzdERlcGxveW1lbnRzUmVzcG9uc2UiF4LT5JMCERIPL3YxL2RlcGxveW1lbnRzEnoKDUdldERlcGxveW1lbnQSIy5sbGFtYV9tZXNoLnYxLkdldERlcGxveW1lbnRSZXF1ZXN0GiQubGxhbWFfbWVzaC52MS5HZXREZXBsb3ltZW50UmVzcG9uc2UiHoLT5JMCGBIWL3YxL2RlcGxveW1lbnRzL3tuYW1lfRKDAQoQRGVsZXRlRGVwbG95bWVudBImLmxsYW1hX21lc2gudjEuRGVsZXRlRGVwbG95bWVudFJlcXVlc3QaJy5sbGFtYV9tZXNoLnYxLkRlbGV0ZURlcGxveW1lbnRSZXNwb25zZSIegtPkkwIYKhYvdjEvZGVwbG95bWVudHMve25hbWV9Eo0BChBSZWxvYWREZXBsb3ltZW50EiYubGxhbWFfbWVzaC52MS5SZWxvYWREZXBsb3ltZW50UmVxdWVzdBonLmxsYW1hX21lc2gudjEuUmVsb2FkRGVwbG95bWVudFJlc3BvbnNlIiiC0+STAiIiHS92MS9kZXBsb3ltZW50cy97bmFtZX06cmVsb2FkOgEqEqYBChhTdHJlYW1EZXBsb3ltZW50UHJvZ3Jlc3MSLi5sbGFtYV9tZXNoLnYxLlN0cmVhbURlcGxveW1lbnRQcm9ncmVzc1JlcXVlc3QaLy5sbGFtYV9tZXNoLnYxLlN0cmVhbURlcGxveW1lbnRQcm9ncmVzc1Jlc3BvbnNlIieC0+STAiESHy92MS9kZXBsb3ltZW50cy97bmFtZX0vcHJvZ3Jlc3MwARKGAQoMTGlzdFNlcnZpY2VzEiIubGxhbWFfbWVzaC52MS5MaXN0U2VydmljZXNSZXF1ZXN0GiMubGxhbWFfbWVzaC52MS5MaXN0U2VydmljZXNSZXNwb25zZSItgtPkkwInEiUvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3NlcnZpY2VzEnsKB1J1blRhc2sSHS5sbGFtYV9tZXNoLnYxLlJ1blRhc2tSZXF1ZXN0Gh4ubGxhbWFfbWVzaC52MS5SdW5UYXNrUmVzcG9uc2UiMYLT5JMCKyImL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS90YXNrczpydW46ASoSgAEKCkNyZWF0ZVRhc2sSIC5sbGFtYV9tZXNoLnYxLkNyZWF0ZVRhc2tSZXF1ZXN0GiEubGxhbWFfbWVzaC52MS5DcmVhdGVUYXNrUmVzcG9uc2UiLYLT5JMCJyIiL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS90YXNrczoBKhJ6CglMaXN0VGFza3MSHy5sbGFtYV9tZXNoLnYxLkxpc3RUYXNrc1JlcXVlc3QaIC5sbGFtYV9tZXNoLnYxLkxpc3RUYXNrc1Jlc3BvbnNlIiqC0+STAiQSIi92MS9kZXBsb3ltZW50cy97ZGVwbG95bWVudH0vdGFza3MSfgoHR2V0VGFzaxIdLmxsYW1hX21lc2gudjEuR2V0VGFza1JlcXVlc3QaHi5sbGFtYV9tZXNoLnYxLkdldFRhc2tSZXNwb25zZSI0gtPkkwIuEiwvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Rhc2tzL3t0YXNrX2lkfRKRAQoKQ2FuY2VsVGFzaxIgLmxsYW1hX21lc2gudjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sbGFtYV9tZXNoLnYxLkNhbmNlbFRhc2tSZXNwb25zZSI+gtPkkwI4IjMvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Rhc2tzL3t0YXNrX2lkfTpjYW5jZWw6ASoSlgEKDFN0cmVhbUV2ZW50cxIiLmxsYW1hX21lc2gudjEuU3RyZWFtRXZlbnRzUmVxdWVzdBojLmxsYW1hX21lc2gudjEuU3RyZWFtRXZlbnRzUmVzcG9uc2UiO4LT5JMCNRIzL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS90YXNrcy97dGFza19pZH0vZXZlbnRzMAESjgEKCVNlbmRFdmVudBIfLmxsYW1hX21lc2gudjEuU2VuZEV2ZW50UmVxdWVzdBogLmxsYW1hX21lc2gudjEuU2VuZEV2ZW50UmVzcG9uc2UiPoLT5JMCOCIzL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS90YXNrcy97dGFza19pZH0vZXZlbnRzOgEqEowBCg1DcmVhdGVTZXNzaW9uEiMubGxhbWFfbWVzaC52MS5DcmVhdGVTZXNzaW9uUmVxdWVzdBokLmxsYW1hX21lc2gudjEuQ3JlYXRlU2Vzc2lvblJlc3BvbnNlIjCC0+STAioiJS92MS9kZXBsb3ltZW50cy97ZGVwbG95bWVudH0vc2Vzc2lvbnM6ASoShgEKDExpc3RTZXNzaW9ucxIiLmxsYW1hX21lc2gudjEuTGlzdFNlc3Npb25zUmVxdWVzdBojLmxsYW1hX21lc2gudjEuTGlzdFNlc3Npb25zUmVzcG9uc2UiLYLT5JMCJxIlL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS9zZXNzaW9ucxKNAQoKR2V0U2Vzc2lvbhIgLmxsYW1hX21lc2gudjEuR2V0U2Vzc2lvblJlcXVlc3QaIS5sbGFtYV9tZXNoLnYxLkdldFNlc3Npb25SZXNwb25zZSI6gtPkkwI0EjIvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Nlc3Npb25zL3tzZXNzaW9uX2lkfRKWAQoNRGVsZXRlU2Vzc2lvbhIjLmxsYW1hX21lc2gudjEuRGVsZXRlU2Vzc2lvblJlcXVlc3QaJC5sbGFtYV9tZXNoLnYxLkRlbGV0ZVNlc3Npb25SZXNwb25zZSI6gtPkkwI0KjIvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Nlc3Npb25zL3tzZXNzaW9uX2lkfWIGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_struct, file_llama_mesh_v1_types]);
+  fileDesc("Ch1sbGFtYV9tZXNoL3YxL2FwaXNlcnZlci5wcm90bxINbGxhbWFfbWVzaC52MSISChBHZXRTdGF0dXNSZXF1ZXN0InoKEUdldFN0YXR1c1Jlc3BvbnNlEg8KB2hlYWx0aHkYASABKAgSDwoHdmVyc2lvbhgCIAEoCRITCgtkZXBsb3ltZW50cxgDIAMoCRIXCg9tYXhfZGVwbG95bWVudHMYBCABKAUSFQoNbWVzc2FnZV9xdWV1ZRgFIAEoCSJ5ChdDcmVhdGVEZXBsb3ltZW50UmVxdWVzdBIZCgtjb25maWdfeWFtbBgBIAEoCUIE4kEBAhIRCgliYXNlX3BhdGgYAiABKAkSDgoGcmVsb2FkGAMgASgIEg0KBWxvY2FsGAQgASgIEhEKCWZpbGVfbmFtZRgFIAEoCSJJChhDcmVhdGVEZXBsb3ltZW50UmVzcG9uc2USLQoKZGVwbG95bWVudBgBIAEoCzIZLmxsYW1hX21lc2gudjEuRGVwbG95bWVudCI/ChZMaXN0RGVwbG95bWVudHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJImIKF0xpc3REZXBsb3ltZW50c1Jlc3BvbnNlEi4KC2RlcGxveW1lbnRzGAEgAygLMhkubGxhbWFfbWVzaC52MS5EZXBsb3ltZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIqChRHZXREZXBsb3ltZW50UmVxdWVzdBISCgRuYW1lGAEgASgJQgTiQQECIkYKFUdldERlcGxveW1lbnRSZXNwb25zZRItCgpkZXBsb3ltZW50GAEgASgLMhkubGxhbWFfbWVzaC52MS5EZXBsb3ltZW50Ii0KF0RlbGV0ZURlcGxveW1lbnRSZXF1ZXN0EhIKBG5hbWUYASABKAlCBOJBAQIiGgoYRGVsZXRlRGVwbG95bWVudFJlc3BvbnNlIi0KF1JlbG9hZERlcGxveW1lbnRSZXF1ZXN0EhIKBG5hbWUYASABKAlCBOJBAQIiSQoYUmVsb2FkRGVwbG95bWVudFJlc3BvbnNlEi0KCmRlcGxveW1lbnQYASABKAsyGS5sbGFtYV9tZXNoLnYxLkRlcGxveW1lbnQiNQofU3RyZWFtRGVwbG95bWVudFByb2dyZXNzUmVxdWVzdBISCgRuYW1lGAEgASgJQgTiQQECIm8KIFN0cmVhbURlcGxveW1lbnRQcm9ncmVzc1Jlc3BvbnNlEgwKBGxpbmUYASABKAkSDAoEZG9uZRgCIAEoCBIvCgZzdGF0dXMYAyABKA4yHy5sbGFtYV9tZXNoLnYxLkRlcGxveW1lbnRTdGF0dXMiLwoTTGlzdFNlcnZpY2VzUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECIkAKFExpc3RTZXJ2aWNlc1Jlc3BvbnNlEigKCHNlcnZpY2VzGAEgAygLMhYubGxhbWFfbWVzaC52MS5TZXJ2aWNlInoKDlJ1blRhc2tSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISEgoKc2VydmljZV9pZBgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgJEiYKBWlucHV0GAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCI0Cg9SdW5UYXNrUmVzcG9uc2USIQoEdGFzaxgBIAEoCzITLmxsYW1hX21lc2gudjEuVGFzayJ9ChFDcmVhdGVUYXNrUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhIKCnNlcnZpY2VfaWQYAiABKAkSEgoKc2Vzc2lvbl9pZBgDIAEoCRImCgVpbnB1dBgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiNwoSQ3JlYXRlVGFza1Jlc3BvbnNlEiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2sikgEKEExpc3RUYXNrc1JlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAhISCgpzZXNzaW9uX2lkGAIgASgJEikKBnN0YXR1cxgDIAEoDjIZLmxsYW1hX21lc2gudjEuVGFza1N0YXR1cxIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJQChFMaXN0VGFza3NSZXNwb25zZRIiCgV0YXNrcxgBIAMoCzITLmxsYW1hX21lc2gudjEuVGFzaxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiLQoRV2F0Y2hUYXNrc1JlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAiJeChJXYXRjaFRhc2tzUmVzcG9uc2USIQoEdGFzaxgBIAEoCzITLmxsYW1hX21lc2gudjEuVGFzaxIPCgdkZWxldGVkGAIgASgIEhQKDHNuYXBzaG90X2VuZBgDIAEoCCJBCg5HZXRUYXNrUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhUKB3Rhc2tfaWQYAiABKAlCBOJBAQIiNAoPR2V0VGFza1Jlc3BvbnNlEiEKBHRhc2sYASABKAsyEy5sbGFtYV9tZXNoLnYxLlRhc2siVAoRQ2FuY2VsVGFza1JlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAhIVCgd0YXNrX2lkGAIgASgJQgTiQQECEg4KBnJlYXNvbhgDIAEoCSI3ChJDYW5jZWxUYXNrUmVzcG9uc2USIQoEdGFzaxgBIAEoCzITLmxsYW1hX21lc2gudjEuVGFzayJaChNTdHJlYW1FdmVudHNSZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISFQoHdGFza19pZBgCIAEoCUIE4kEBAhISCgpmcm9tX2luZGV4GAMgASgDIj8KFFN0cmVhbUV2ZW50c1Jlc3BvbnNlEicKBWV2ZW50GAEgASgLMhgubGxhbWFfbWVzaC52MS5UYXNrRXZlbnQifgoQU2VuZEV2ZW50UmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECEhUKB3Rhc2tfaWQYAiABKAlCBOJBAQISEgoEdHlwZRgDIAEoCUIE4kEBAhIlCgRkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCITChFTZW5kRXZlbnRSZXNwb25zZSIwChRDcmVhdGVTZXNzaW9uUmVxdWVzdBIYCgpkZXBsb3ltZW50GAEgASgJQgTiQQECIkAKFUNyZWF0ZVNlc3Npb25SZXNwb25zZRInCgdzZXNzaW9uGAEgASgLMhYubGxhbWFfbWVzaC52MS5TZXNzaW9uIlYKE0xpc3RTZXNzaW9uc1JlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAhIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJZChRMaXN0U2Vzc2lvbnNSZXNwb25zZRIoCghzZXNzaW9ucxgBIAMoCzIWLmxsYW1hX21lc2gudjEuU2Vzc2lvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiRwoRR2V0U2Vzc2lvblJlcXVlc3QSGAoKZGVwbG95bWVudBgBIAEoCUIE4kEBAhIYCgpzZXNzaW9uX2lkGAIgASgJQgTiQQECIj0KEkdldFNlc3Npb25SZXNwb25zZRInCgdzZXNzaW9uGAEgASgLMhYubGxhbWFfbWVzaC52MS5TZXNzaW9uIkoKFERlbGV0ZVNlc3Npb25SZXF1ZXN0EhgKCmRlcGxveW1lbnQYASABKAlCBOJBAQISGAoKc2Vzc2lvbl9pZBgCIAEoCUIE4kEBAiIXChVEZWxldGVTZXNzaW9uUmVzcG9uc2UyshUKCUFwaVNlcnZlchJiCglHZXRTdGF0dXMSHy5sbGFtYV9tZXNoLnYxLkdldFN0YXR1c1JlcXVlc3QaIC5sbGFtYV9tZXNoLnYxLkdldFN0YXR1c1Jlc3BvbnNlIhKC0+STAgwSCi92MS9zdGF0dXMSfwoQQ3JlYXRlRGVwbG95bWVudBImLmxsYW1hX21lc2gudjEuQ3JlYXRlRGVwbG95bWVudFJlcXVlc3QaJy5sbGFtYV9tZXNoLnYxLkNyZWF0ZURlcGxveW1lbnRSZXNwb25zZSIagtPkkwIUIg8vdjEvZGVwbG95bWVudHM6ASoSeQoPTGlzdERlcGxveW1lbnRzEiUubGxhbWFfbWVzaC52MS5MaXN0RGVwbG95bWVudHNSZXF1ZXN0GiYubGxhbWFfbWVzaC52MS5MaXN0RGVwbG95bWVudHNSZXNwb25zZSIXgtPkkwIREg8vdjEvZGVwbG95bWVudHMSegoNR2V0RGVwbG95bWVudBIjLmxsYW1hX21lc2gudjEuR2V0RGVwbG95bWVudFJlcXVlc3QaJC5sbGFtYV9tZXNoLnYxLkdldERlcGxveW1lbnRSZXNwb25zZSIegtPkkwIYEhYvdjEvZGVwbG95bWVudHMve25hbWV9EoMBChBEZWxldGVEZXBsb3ltZW50EiYubGxhbWFfbWVzaC52MS5EZWxldGVEZXBsb3ltZW50UmVxdWVzdBonLmxsYW1hX21lc2gudjEuRGVsZXRlRGVwbG95bWVudFJlc3BvbnNlIh6C0+STAhgqFi92MS9kZXBsb3ltZW50cy97bmFtZX0SjQEKEFJlbG9hZERlcGxveW1lbnQSJi5sbGFtYV9tZXNoLnYxLlJlbG9hZERlcGxveW1lbnRSZXF1ZXN0GicubGxhbWFfbWVzaC52MS5SZWxvYWREZXBsb3ltZW50UmVzcG9uc2UiKILT5JMCIiIdL3YxL2RlcGxveW1lbnRzL3tuYW1lfTpyZWxvYWQ6ASoSpgEKGFN0cmVhbURlcGxveW1lbnRQcm9ncmVzcxIuLmxsYW1hX21lc2gudjEuU3RyZWFtRGVwbG95bWVudFByb2dyZXNzUmVxdWVzdBovLmxsYW1hX21lc2gudjEuU3RyZWFtRGVwbG95bWVudFByb2dyZXNzUmVzcG9uc2UiJ4LT5JMCIRIfL3YxL2RlcGxveW1lbnRzL3tuYW1lfS9wcm9ncmVzczABEoYBCgxMaXN0U2VydmljZXMSIi5sbGFtYV9tZXNoLnYxLkxpc3RTZXJ2aWNlc1JlcXVlc3QaIy5sbGFtYV9tZXNoLnYxLkxpc3RTZXJ2aWNlc1Jlc3BvbnNlIi2C0+STAicSJS92MS9kZXBsb3ltZW50cy97ZGVwbG95bWVudH0vc2VydmljZXMSewoHUnVuVGFzaxIdLmxsYW1hX21lc2gudjEuUnVuVGFza1JlcXVlc3QaHi5sbGFtYV9tZXNoLnYxLlJ1blRhc2tSZXNwb25zZSIxgtPkkwIrIiYvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Rhc2tzOnJ1bjoBKhKAAQoKQ3JlYXRlVGFzaxIgLmxsYW1hX21lc2gudjEuQ3JlYXRlVGFza1JlcXVlc3QaIS5sbGFtYV9tZXNoLnYxLkNyZWF0ZVRhc2tSZXNwb25zZSItgtPkkwInIiIvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Rhc2tzOgEqEnoKCUxpc3RUYXNrcxIfLmxsYW1hX21lc2gudjEuTGlzdFRhc2tzUmVxdWVzdBogLmxsYW1hX21lc2gudjEuTGlzdFRhc2tzUmVzcG9uc2UiKoLT5JMCJBIiL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS90YXNrcxKFAQoKV2F0Y2hUYXNrcxIgLmxsYW1hX21lc2gudjEuV2F0Y2hUYXNrc1JlcXVlc3QaIS5sbGFtYV9tZXNoLnYxLldhdGNoVGFza3NSZXNwb25zZSIwgtPkkwIqEigvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Rhc2tzOndhdGNoMAESfgoHR2V0VGFzaxIdLmxsYW1hX21lc2gudjEuR2V0VGFza1JlcXVlc3QaHi5sbGFtYV9tZXNoLnYxLkdldFRhc2tSZXNwb25zZSI0gtPkkwIuEiwvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Rhc2tzL3t0YXNrX2lkfRKRAQoKQ2FuY2VsVGFzaxIgLmxsYW1hX21lc2gudjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sbGFtYV9tZXNoLnYxLkNhbmNlbFRhc2tSZXNwb25zZSI+gtPkkwI4IjMvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Rhc2tzL3t0YXNrX2lkfTpjYW5jZWw6ASoSlgEKDFN0cmVhbUV2ZW50cxIiLmxsYW1hX21lc2gudjEuU3RyZWFtRXZlbnRzUmVxdWVzdBojLmxsYW1hX21lc2gudjEuU3RyZWFtRXZlbnRzUmVzcG9uc2UiO4LT5JMCNRIzL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS90YXNrcy97dGFza19pZH0vZXZlbnRzMAESjgEKCVNlbmRFdmVudBIfLmxsYW1hX21lc2gudjEuU2VuZEV2ZW50UmVxdWVzdBogLmxsYW1hX21lc2gudjEuU2VuZEV2ZW50UmVzcG9uc2UiPoLT5JMCOCIzL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS90YXNrcy97dGFza19pZH0vZXZlbnRzOgEqEowBCg1DcmVhdGVTZXNzaW9uEiMubGxhbWFfbWVzaC52MS5DcmVhdGVTZXNzaW9uUmVxdWVzdBokLmxsYW1hX21lc2gudjEuQ3JlYXRlU2Vzc2lvblJlc3BvbnNlIjCC0+STAioiJS92MS9kZXBsb3ltZW50cy97ZGVwbG95bWVudH0vc2Vzc2lvbnM6ASoShgEKDExpc3RTZXNzaW9ucxIiLmxsYW1hX21lc2gudjEuTGlzdFNlc3Npb25zUmVxdWVzdBojLmxsYW1hX21lc2gudjEuTGlzdFNlc3Npb25zUmVzcG9uc2UiLYLT5JMCJxIlL3YxL2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS9zZXNzaW9ucxKNAQoKR2V0U2Vzc2lvbhIgLmxsYW1hX21lc2gudjEuR2V0U2Vzc2lvblJlcXVlc3QaIS5sbGFtYV9tZXNoLnYxLkdldFNlc3Npb25SZXNwb25zZSI6gtPkkwI0EjIvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Nlc3Npb25zL3tzZXNzaW9uX2lkfRKWAQoNRGVsZXRlU2Vzc2lvbhIjLmxsYW1hX21lc2gudjEuRGVsZXRlU2Vzc2lvblJlcXVlc3QaJC5sbGFtYV9tZXNoLnYxLkRlbGV0ZVNlc3Npb25SZXNwb25zZSI6gtPkkwI0KjIvdjEvZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3Nlc3Npb25zL3tzZXNzaW9uX2lkfWIGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_struct, file_llama_mesh_v1_types]);
 
 /**
  * GetStatusRequest has no fields.
@@ -630,6 +630,65 @@ export const ListTasksResponseSchema: GenMessage<ListTasksResponse> = /*@__PURE_
   messageDesc(file_llama_mesh_v1_apiserver, 21);
 
 /**
+ * WatchTasksRequest names the deployment whose tasks to watch.
+ *
+ * @generated from message llama_mesh.v1.WatchTasksRequest
+ */
+export type WatchTasksRequest = Message<"llama_mesh.v1.WatchTasksRequest"> & {
+  /**
+   * deployment is the deployment's name.
+   *
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+};
+
+/**
+ * Describes the message llama_mesh.v1.WatchTasksRequest.
+ * Use `create(WatchTasksRequestSchema)` to create a new message.
+ */
+export const WatchTasksRequestSchema: GenMessage<WatchTasksRequest> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_apiserver, 22);
+
+/**
+ * WatchTasksResponse is one task as it is now, or the end of the snapshot.
+ *
+ * @generated from message llama_mesh.v1.WatchTasksResponse
+ */
+export type WatchTasksResponse = Message<"llama_mesh.v1.WatchTasksResponse"> & {
+  /**
+   * task is the task as it is now (after the snapshot: as the change left it); unset on
+   * the `snapshot_end` message.
+   *
+   * @generated from field: llama_mesh.v1.Task task = 1;
+   */
+  task?: Task | undefined;
+
+  /**
+   * deleted is true when the task was deleted; `task` then carries only its
+   * `deployment` and `task_id`.
+   *
+   * @generated from field: bool deleted = 2;
+   */
+  deleted: boolean;
+
+  /**
+   * snapshot_end is true on the message after the deployment's tasks as they were when
+   * the watch began; every later message is a change.
+   *
+   * @generated from field: bool snapshot_end = 3;
+   */
+  snapshotEnd: boolean;
+};
+
+/**
+ * Describes the message llama_mesh.v1.WatchTasksResponse.
+ * Use `create(WatchTasksResponseSchema)` to create a new message.
+ */
+export const WatchTasksResponseSchema: GenMessage<WatchTasksResponse> = /*@__PURE__*/
+  messageDesc(file_llama_mesh_v1_apiserver, 23);
+
+/**
  * GetTaskRequest names a task.
  *
  * @generated from message llama_mesh.v1.GetTaskRequest
@@ -655,7 +714,7 @@ export type GetTaskRequest = Message<"llama_mesh.v1.GetTaskRequest"> & {
  * Use `create(GetTaskRequestSchema)` to create a new message.
  */
 export const GetTaskRequestSchema: GenMessage<GetTaskRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 22);
+  messageDesc(file_llama_mesh_v1_apiserver, 24);
 
 /**
  * GetTaskResponse returns a task.
@@ -676,7 +735,7 @@ export type GetTaskResponse = Message<"llama_mesh.v1.GetTaskResponse"> & {
  * Use `create(GetTaskResponseSchema)` to create a new message.
  */
 export const GetTaskResponseSchema: GenMessage<GetTaskResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 23);
+  messageDesc(file_llama_mesh_v1_apiserver, 25);
 
 /**
  * CancelTaskRequest names a task to cancel.
@@ -711,7 +770,7 @@ export type CancelTaskRequest = Message<"llama_mesh.v1.CancelTaskRequest"> & {
  * Use `create(CancelTaskRequestSchema)` to create a new message.
  */
 export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 24);
+  messageDesc(file_llama_mesh_v1_apiserver, 26);
 
 /**
  * CancelTaskResponse returns the task after the cancellation request.
@@ -732,7 +791,7 @@ export type CancelTaskResponse = Message<"llama_mesh.v1.CancelTaskResponse"> & {
  * Use `create(CancelTaskResponseSchema)` to create a new message.
  */
 export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 25);
+  messageDesc(file_llama_mesh_v1_apiserver, 27);
 
 /**
  * StreamEventsRequest names a task and where to start its stream.
@@ -767,7 +826,7 @@ export type StreamEventsRequest = Message<"llama_mesh.v1.StreamEventsRequest"> &
  * Use `create(StreamEventsRequestSchema)` to create a new message.
  */
 export const StreamEventsRequestSchema: GenMessage<StreamEventsRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 26);
+  messageDesc(file_llama_mesh_v1_apiserver, 28);
 
 /**
  * StreamEventsResponse carries one event.
@@ -788,7 +847,7 @@ export type StreamEventsResponse = Message<"llama_mesh.v1.StreamEventsResponse">
  * Use `create(StreamEventsResponseSchema)` to create a new message.
  */
 export const StreamEventsResponseSchema: GenMessage<StreamEventsResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 27);
+  messageDesc(file_llama_mesh_v1_apiserver, 29);
 
 /**
  * SendEventRequest carries an event for a running task.
@@ -830,7 +889,7 @@ export type SendEventRequest = Message<"llama_mesh.v1.SendEventRequest"> & {
  * Use `create(SendEventRequestSchema)` to create a new message.
  */
 export const SendEventRequestSchema: GenMessage<SendEventRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 28);
+  messageDesc(file_llama_mesh_v1_apiserver, 30);
 
 /**
  * SendEventResponse has no fields.
@@ -845,7 +904,7 @@ export type SendEventResponse = Message<"llama_mesh.v1.SendEventResponse"> & {
  * Use `create(SendEventResponseSchema)` to create a new message.
  */
 export const SendEventResponseSchema: GenMessage<SendEventResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 29);
+  messageDesc(file_llama_mesh_v1_apiserver, 31);
 
 /**
  * CreateSessionRequest names a deployment.
@@ -866,7 +925,7 @@ export type CreateSessionRequest = Message<"llama_mesh.v1.CreateSessionRequest">
  * Use `create(CreateSessionRequestSchema)` to create a new message.
  */
 export const CreateSessionRequestSchema: GenMessage<CreateSessionRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 30);
+  messageDesc(file_llama_mesh_v1_apiserver, 32);
 
 /**
  * CreateSessionResponse returns the new session.
@@ -887,7 +946,7 @@ export type CreateSessionResponse = Message<"llama_mesh.v1.CreateSessionResponse
  * Use `create(CreateSessionResponseSchema)` to create a new message.
  */
 export const CreateSessionResponseSchema: GenMessage<CreateSessionResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 31);
+  messageDesc(file_llama_mesh_v1_apiserver, 33);
 
 /**
  * ListSessionsRequest asks for one page of a deployment's sessions.
@@ -922,7 +981,7 @@ export type ListSessionsRequest = Message<"llama_mesh.v1.ListSessionsRequest"> &
  * Use `create(ListSessionsRequestSchema)` to create a new message.
  */
 export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 32);
+  messageDesc(file_llama_mesh_v1_apiserver, 34);
 
 /**
  * ListSessionsResponse is one page of sessions.
@@ -950,7 +1009,7 @@ export type ListSessionsResponse = Message<"llama_mesh.v1.ListSessionsResponse">
  * Use `create(ListSessionsResponseSchema)` to create a new message.
  */
 export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 33);
+  messageDesc(file_llama_mesh_v1_apiserver, 35);
 
 /**
  * GetSessionRequest names a session.
@@ -978,7 +1037,7 @@ export type GetSessionRequest = Message<"llama_mesh.v1.GetSessionRequest"> & {
  * Use `create(GetSessionRequestSchema)` to create a new message.
  */
 export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 34);
+  messageDesc(file_llama_mesh_v1_apiserver, 36);
 
 /**
  * GetSessionResponse returns a session.
@@ -999,7 +1058,7 @@ export type GetSessionResponse = Message<"llama_mesh.v1.GetSessionResponse"> & {
  * Use `create(GetSessionResponseSchema)` to create a new message.
  */
 export const GetSessionResponseSchema: GenMessage<GetSessionResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 35);
+  messageDesc(file_llama_mesh_v1_apiserver, 37);
 
 /**
  * DeleteSessionRequest names a session.
@@ -1027,7 +1086,7 @@ export type DeleteSessionRequest = Message<"llama_mesh.v1.DeleteSessionRequest">
  * Use `create(DeleteSessionRequestSchema)` to create a new message.
  */
 export const DeleteSessionRequestSchema: GenMessage<DeleteSessionRequest> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 36);
+  messageDesc(file_llama_mesh_v1_apiserver, 38);
 
 /**
  * DeleteSessionResponse has no fields.
@@ -1042,7 +1101,7 @@ export type DeleteSessionResponse = Message<"llama_mesh.v1.DeleteSessionResponse
  * Use `create(DeleteSessionResponseSchema)` to create a new message.
  */
 export const DeleteSessionResponseSchema: GenMessage<DeleteSessionResponse> = /*@__PURE__*/
-  messageDesc(file_llama_mesh_v1_apiserver, 37);
+  messageDesc(file_llama_mesh_v1_apiserver, 39);
 
 /**
  * ApiServer manages deployments and runs their tasks; its JSON form lives under `/v1/`.
@@ -1190,6 +1249,20 @@ export const ApiServer: GenService<{
     methodKind: "unary";
     input: typeof ListTasksRequestSchema;
     output: typeof ListTasksResponseSchema;
+  },
+  /**
+   * WatchTasks streams a deployment's tasks and then their changes, until the client goes
+   * away. First comes each task as it is now (newest first), then one message with
+   * `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
+   * result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
+   * never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+   *
+   * @generated from rpc llama_mesh.v1.ApiServer.WatchTasks
+   */
+  watchTasks: {
+    methodKind: "server_streaming";
+    input: typeof WatchTasksRequestSchema;
+    output: typeof WatchTasksResponseSchema;
   },
   /**
    * GetTask returns a task with its status, result or error.
