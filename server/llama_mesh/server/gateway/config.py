@@ -52,7 +52,7 @@ from typing import Any, Self
 import yaml
 
 from llama_mesh.server.children import dying_with_parent
-from llama_mesh.server.gateway import console, docs, v1_fields
+from llama_mesh.server.gateway import console, docs, uis, v1_fields
 
 __all__ = [
     "DEFAULT_DESCRIPTOR_PATH",
@@ -179,6 +179,10 @@ class GatewayConfig:
     control_plane_lds: Path | None = None
     """A listener file Envoy watches for Llama Deploy 0.8 control plane listeners, which
     come and go with deployments (see :mod:`.control_planes`); ``None``: no such listeners."""
+    ui_cds: Path | None = None
+    """A cluster file Envoy watches for deployments' own web UIs, proxied at
+    ``/ui/{deployment}/`` and ``/deployments/{deployment}/ui/`` (see :mod:`.uis`);
+    ``None``: those paths answer 404."""
 
     def __post_init__(self) -> None:
         if self.admin_socket is not None and len(os.fsencode(self.admin_socket)) > (
@@ -274,10 +278,17 @@ def render_envoy_config(cfg: GatewayConfig) -> dict[str, Any]:
             ]
         },
     }
+    dynamic: dict[str, Any] = {}
     if cfg.control_plane_lds is not None:
         from llama_mesh.server.gateway.control_planes import lds_config_source
 
-        bootstrap["dynamic_resources"] = {"lds_config": lds_config_source(cfg.control_plane_lds)}
+        dynamic["lds_config"] = lds_config_source(cfg.control_plane_lds)
+    if cfg.ui_cds is not None:
+        from llama_mesh.server.gateway.control_planes import lds_config_source
+
+        dynamic["cds_config"] = lds_config_source(cfg.ui_cds)
+    if dynamic:
+        bootstrap["dynamic_resources"] = dynamic
         # Envoy asks dynamic resources for a node identity, even from a file.
         bootstrap["node"] = {"id": "llama-mesh-gateway", "cluster": "llama-mesh"}
     if cfg.admin_socket is not None:
@@ -362,6 +373,8 @@ def _connection_manager(cfg: GatewayConfig) -> dict[str, Any]:
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         "route_config": _route_config(cfg),
+        # WebSockets only where a route enables them: deployments' UIs.
+        "upgrade_configs": [{"upgrade_type": "websocket", "enabled": False}],
         "http_filters": _http_filters(cfg),
         "local_reply_config": _local_reply_config(cfg),
     }
@@ -569,6 +582,8 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
             "route": _upstream_route(),
             "typed_per_filter_config": buffer_off(),
         },
+        # Deployments' own web UIs, to the cluster the request guard names (see uis.py).
+        *uis.ui_routes(),
         *_console_routes(),
         # /openapi.json and /docs, answered by Envoy itself (see docs.py).
         *docs.docs_routes(),

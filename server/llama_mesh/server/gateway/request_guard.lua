@@ -15,6 +15,11 @@
 --    not gRPC in compat_errors.lua's metadata); raw gRPC there is a 404, which Envoy
 --    answers in gRPC (UNIMPLEMENTED).
 --
+-- A deployment's own web UI (/ui/NAME/... or /deployments/NAME/ui/...) passes after the
+-- Host and Origin checks whatever its content type (it is not the JSON API): its route goes
+-- to the cluster named in the UI_HEADER request header, set here from the path (replacing
+-- any a client sent), which Envoy reads when it picks the route again (see uis.py).
+--
 -- Refusals are local replies: local_reply_config makes them google.rpc.Status JSON (the
 -- message is the body given here), compat_errors.lua adds "detail" on 0.8 paths, and gRPC
 -- clients get the matching grpc-status. GUARD is a table the gateway's config puts in
@@ -128,6 +133,14 @@ local function content_type_refusal(headers, path)
     .. accepted
 end
 
+local UI_HEADER = "x-llama-mesh-ui-cluster"
+
+-- The deployment whose UI path is route (no query), or nil.
+local function ui_deployment(route)
+  return string.match(route, "^/ui/([^/]+)") or string.match(route, "^/deployments/([^/]+)/ui$")
+    or string.match(route, "^/deployments/([^/]+)/ui/")
+end
+
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
   local authority = headers:get(":authority")
@@ -136,8 +149,15 @@ function envoy_on_request(request_handle)
     refuse(request_handle, "403", refusal)
     return
   end
+  local path = headers:get(":path") or ""
+  local deployment = ui_deployment(string.match(path, "^[^?#]*"))
+  if deployment ~= nil then
+    headers:replace(UI_HEADER, "ui-" .. deployment)
+    return
+  end
+  headers:remove(UI_HEADER)
   local status
-  status, refusal = content_type_refusal(headers, headers:get(":path") or "")
+  status, refusal = content_type_refusal(headers, path)
   if refusal ~= nil then
     local content_type = string.lower(headers:get("content-type") or "")
     if string.find(content_type, "application/grpc-web", 1, true) == 1 then
