@@ -192,3 +192,19 @@ async def test_ui_without_node_fails_the_deploy_saying_so(
     record = await deployments.control_plane.get_deployment("uiapp")
     assert record.status is DeploymentStatus.FAILED
     assert "needs Node.js" in record.status_message
+
+
+async def test_reload_replaces_the_running_ui(mesh_factory: MeshFactory) -> None:
+    """A reload installs the UI again and runs the new one in place of the old, whose
+    processes are stopped; the gateway serves the new one."""
+    server = await _start(mesh_factory)
+    uis = server.mesh.deployments.uis
+    await assert_eventually(lambda: _served(server, "/ui/uiapp/"), timeout=TIMEOUT)
+    old = uis.pid("uiapp")
+    assert old is not None
+    await server.mesh.deployments.reload("uiapp")
+    new = uis.pid("uiapp")
+    assert new is not None and new != old
+    await assert_eventually(lambda: not _group_alive(old), timeout=TIMEOUT)
+    page = await assert_eventually(lambda: _served(server, "/ui/uiapp/"), timeout=TIMEOUT)
+    assert page["pid"] != old

@@ -242,7 +242,6 @@ class UiSupervisor:
         self._path = path
         self._wheel = wheel
         self._running: dict[str, KeepAlive] = {}
-        self._failures: dict[str, str] = {}
 
     def tools(self) -> NodeTools:
         """The Node.js tools UIs are run with.
@@ -315,12 +314,8 @@ class UiSupervisor:
         log_dir.mkdir(parents=True, exist_ok=True)
         process = UiProcess(spec, self.tools(), log_dir / "ui.log")
         await process.start()
-        name = f"ui of deployment {spec.deployment}"
-
-        def give_up(reason: str) -> None:
-            self._failures[spec.deployment] = reason
-
-        keeper = KeepAlive(name, process, on_give_up=give_up)
+        # Restarted with backoff when it exits; KeepAlive logs when it gives up on it.
+        keeper = KeepAlive(f"ui of deployment {spec.deployment}", process)
         keeper.start()
         self._running[spec.deployment] = keeper
         if self.clusters is not None:
@@ -334,13 +329,8 @@ class UiSupervisor:
         keeper = self._running.get(deployment)
         return None if keeper is None else keeper.child.pid
 
-    def failure(self, deployment: str) -> str:
-        """Why the deployment's UI was given up on (it kept exiting), or ''."""
-        return self._failures.get(deployment, "")
-
     async def stop(self, deployment: str) -> None:
         """Stop the deployment's UI (nothing when it has none) and stop proxying it."""
-        self._failures.pop(deployment, None)
         if self.clusters is not None:
             self.clusters.remove(deployment)
         keeper = self._running.pop(deployment, None)
