@@ -20,6 +20,7 @@ import pytest
 
 from llama_mesh.server.apiserver.uis import NODE_MISSING, UiSupervisor
 from llama_mesh.server.app import MeshServer
+from llama_mesh.server.auth import ApiKeys
 from llama_mesh.server.domain import DeploymentStatus
 from llama_mesh.server.errors import FailedPreconditionError
 from tests.fixtures.mesh import MeshFactory
@@ -208,3 +209,30 @@ async def test_reload_replaces_the_running_ui(mesh_factory: MeshFactory) -> None
     await assert_eventually(lambda: not _group_alive(old), timeout=TIMEOUT)
     page = await assert_eventually(lambda: _served(server, "/ui/uiapp/"), timeout=TIMEOUT)
     assert page["pid"] != old
+
+
+async def test_ui_needs_an_api_key_when_the_server_has_keys(mesh_factory: MeshFactory) -> None:
+    """With API keys on, a UI request without a key, or with an unknown one, is refused
+    (401, JSON, saying how to send one); a valid key in the Authorization header or in the
+    ``llama_mesh_api_key`` cookie (what a browser sends) reaches the UI."""
+    key = "ui-test-user-key-0123456789"
+    server = await mesh_factory(queue="inprocess", gateway=True, api_keys=ApiKeys(user=(key,)))
+    await server.deploy_file(UIAPP)
+    async with httpx.AsyncClient(base_url=_url(server), timeout=30) as client:
+        bearer = {"authorization": f"Bearer {key}"}
+
+        async def served() -> bool:
+            return (await client.get("/ui/uiapp/", headers=bearer)).status_code == 200
+
+        await assert_eventually(served, timeout=TIMEOUT)
+        missing = await client.get("/ui/uiapp/")
+        assert missing.status_code == 401, missing.text
+        assert "needs an API key" in missing.json()["message"]
+        wrong = await client.get("/deployments/uiapp/ui/", headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401, wrong.text
+        assert "unknown API key" in wrong.json()["message"]
+        cookie = await client.get(
+            "/deployments/uiapp/ui/", headers={"cookie": f"theme=dark; llama_mesh_api_key={key}"}
+        )
+        assert cookie.status_code == 200, cookie.text
+        assert cookie.json()["path"] == "/ui/uiapp/"

@@ -422,6 +422,7 @@ class MeshServer:
             upstream_tls_key=s.internal_key,
             control_plane_lds=work_dir / "control-planes" / LDS_FILE if s.control_planes else None,
             ui_cds=work_dir / "uis" / CDS_FILE,
+            ui_api_key=s.api_keys.enabled,
         )
 
     async def _start_gateway(self, cfg: GatewayConfig) -> None:

@@ -183,6 +183,9 @@ class GatewayConfig:
     """A cluster file Envoy watches for deployments' own web UIs, proxied at
     ``/ui/{deployment}/`` and ``/deployments/{deployment}/ui/`` (see :mod:`.uis`);
     ``None``: those paths answer 404."""
+    ui_api_key: bool = False
+    """Whether requests to deployments' UIs must carry an API key (the server has keys): the
+    request guard asks the API server whether the key is valid (see request_guard.lua)."""
 
     def __post_init__(self) -> None:
         if self.admin_socket is not None and len(os.fsencode(self.admin_socket)) > (
@@ -503,6 +506,8 @@ def request_guard_lua(cfg: GatewayConfig) -> str:
         "origins": [origin for origin in cfg.cors_origins if origin != "*"],
         "scheme": "https" if cfg.listener_tls else "http",
         "multipart_paths": list(MULTIPART_PATHS),
+        "ui_api_key": cfg.ui_api_key,
+        "upstream_cluster": UPSTREAM_CLUSTER,
     }
     source = resources.files(__package__).joinpath(_GUARD_SOURCE).read_text(encoding="utf-8")
     return f"local GUARD = {_lua_value(settings)}\n{source}"

@@ -8,7 +8,8 @@ watches (filesystem CDS: ``dynamic_resources.cds_config.path_config_source``), w
 :class:`UiClusters` rewrites atomically. The main listener's routes stay static: two routes
 (:func:`ui_routes`) send both paths to the cluster named in the :data:`UI_CLUSTER_HEADER`
 request header, which the request guard (``request_guard.lua``, after its Host and Origin
-checks) always sets from the path, whatever the client sent. A deployment without a UI
+checks, and its API key check when the server has keys) always sets from the path,
+whatever the client sent. A deployment without a UI
 names a cluster that does not exist: a JSON 404. The 0.9 path is rewritten to the 0.8 one,
 the base path the UI is told to serve under.
 """
