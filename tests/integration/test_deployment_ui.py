@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,22 @@ async def test_ui_needs_an_api_key_when_the_server_has_keys(mesh_factory: MeshFa
         )
         assert cookie.status_code == 200, cookie.text
         assert cookie.json()["path"] == "/ui/uiapp/"
+
+
+async def test_a_reload_whose_ui_does_not_start_keeps_the_old_ui(
+    mesh_factory: MeshFactory, tmp_path: Path
+) -> None:
+    """A reload whose UI exits at once fails, naming the UI's exit and output, and the
+    version that ran keeps its UI served."""
+    app = tmp_path / "uiapp"
+    shutil.copytree(UIAPP.parent, app)
+    server = await mesh_factory(queue="inprocess", gateway=True)
+    await server.deploy_file(app / "deployment.yml")
+    await assert_eventually(lambda: _served(server, "/ui/uiapp/"), timeout=TIMEOUT)
+    (app / "ui" / "server.js").write_text('console.error("broken ui"); process.exit(3);\n')
+    with pytest.raises(FailedPreconditionError) as raised:
+        await server.deploy_file(app / "deployment.yml", reload=True)
+    assert "exited with status" in str(raised.value)
+    assert "broken ui" in str(raised.value)
+    page = await assert_eventually(lambda: _served(server, "/ui/uiapp/"), timeout=TIMEOUT)
+    assert page["page"] == "tiny ui"

@@ -239,7 +239,7 @@ class DeploymentManager:
             else:
                 config = self.config(name)
             await self._supervisor.stop(name)
-            await self.uis.stop(name)
+            await self.uis.forget(name)
             for service_id in config.services:
                 await self._queue.purge_queue(subjects.task_queue(name, service_id))
             if self.control_planes is not None:
@@ -468,10 +468,12 @@ class DeploymentManager:
             problem = await self._wait_ready(config, record.generation)
             if problem:
                 raise StartupFailure(problem)
-            # The running version's UI gives way to the new one (a UI holds its port).
-            await self.uis.stop(name)
+            # The running version's UI gives way to the new one (a UI holds its port);
+            # when that does not start, the old one runs again.
             if ui is not None:
                 await self._start_ui(ui)
+            else:
+                await self.uis.stop(name)
         except BaseException as exc:
             await asyncio.shield(self._roll_back(name, running, record.generation))
             if not isinstance(

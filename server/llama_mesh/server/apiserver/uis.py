@@ -175,25 +175,34 @@ class UiProcess:
 
     async def _wait_ready(self, process: asyncio.subprocess.Process, offset: int) -> None:
         """Until the port accepts a connection (Node prints nothing we could wait on)."""
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self._poll_ready(process, offset)
+        except TimeoutError:
+            raise UiError(
+                f"the ui did not accept connections on port {self.spec.port} within "
+                f"{READY_TIMEOUT:g} s:\n{_log_tail(self._log_path, offset)}"
+            ) from None
+
+    async def _poll_ready(self, process: asyncio.subprocess.Process, offset: int) -> None:
         delay = 0.05
-        async with asyncio.timeout(READY_TIMEOUT):
-            while True:
-                if process.returncode is not None:
-                    raise UiError(
-                        f"the ui ({self._tools.name} run {self.spec.script}) exited with "
-                        f"status {process.returncode}:\n{_log_tail(self._log_path, offset)}"
-                    )
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.spec.port)
-                except OSError:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(process.wait(), delay)
-                    delay = min(delay * 2, 0.5)
-                    continue
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-                return
+        while True:
+            if process.returncode is not None:
+                raise UiError(
+                    f"the ui ({self._tools.name} run {self.spec.script}) exited with "
+                    f"status {process.returncode}:\n{_log_tail(self._log_path, offset)}"
+                )
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.spec.port)
+            except OSError:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
 
     async def restart(self) -> None:
         """Start the UI again (after it exited)."""
@@ -242,6 +251,7 @@ class UiSupervisor:
         self._path = path
         self._wheel = wheel
         self._running: dict[str, KeepAlive] = {}
+        self._specs: dict[str, UiSpec] = {}
 
     def tools(self) -> NodeTools:
         """The Node.js tools UIs are run with.
@@ -306,10 +316,32 @@ class UiSupervisor:
     async def start(self, spec: UiSpec) -> None:
         """Run an installed UI in place of the deployment's running one, until :meth:`stop`.
 
+        When it does not start, the one it replaced is started again (a failed reload
+        leaves the running version whole), and the older generations' copies are removed
+        once it does.
+
         Raises:
             UiError: it did not start (its output says why).
         """
+        previous = self._specs.get(spec.deployment)
         await self.stop(spec.deployment)
+        try:
+            await self._run(spec)
+        except UiError:
+            if previous is not None and previous != spec:
+                with contextlib.suppress(UiError):
+                    await self._run(previous)
+            raise
+        keep = spec.directory
+
+        def prune() -> None:
+            for old in keep.parent.glob("g*"):
+                if old != keep:
+                    shutil.rmtree(old, ignore_errors=True)
+
+        await asyncio.to_thread(prune)
+
+    async def _run(self, spec: UiSpec) -> None:
         log_dir = self._work_dir / spec.deployment
         log_dir.mkdir(parents=True, exist_ok=True)
         process = UiProcess(spec, self.tools(), log_dir / "ui.log")
@@ -318,6 +350,7 @@ class UiSupervisor:
         keeper = KeepAlive(f"ui of deployment {spec.deployment}", process)
         keeper.start()
         self._running[spec.deployment] = keeper
+        self._specs[spec.deployment] = spec
         if self.clusters is not None:
             self.clusters.add(spec.deployment, spec.port)
         logger.info(
@@ -336,6 +369,12 @@ class UiSupervisor:
         keeper = self._running.pop(deployment, None)
         if keeper is not None:
             await keeper.stop()
+
+    async def forget(self, deployment: str) -> None:
+        """Stop the deployment's UI and remove its installed copies (it is deleted)."""
+        await self.stop(deployment)
+        self._specs.pop(deployment, None)
+        await asyncio.to_thread(shutil.rmtree, self._work_dir / deployment, True)
 
     async def shutdown(self) -> None:
         """Stop every UI (idempotent)."""
