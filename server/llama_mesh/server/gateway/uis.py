@@ -135,11 +135,6 @@ class UiClusters:
         self._ports: dict[str, int] = {}
         self._write()
 
-    @property
-    def served(self) -> dict[str, int]:
-        """``deployment: port`` of every UI the gateway proxies."""
-        return dict(self._ports)
-
     def add(self, deployment: str, port: int) -> None:
         """Proxy ``deployment``'s UI paths to ``127.0.0.1:port``."""
         if self._ports.get(deployment) != port:
