@@ -37,8 +37,8 @@ def _url(server: MeshServer) -> str:
     return server.gateway_url
 
 
-async def _start(mesh_factory: MeshFactory) -> MeshServer:
-    server = await mesh_factory(queue="inprocess", gateway=True)
+async def _start(mesh_factory: MeshFactory, queue: str = "inprocess") -> MeshServer:
+    server = await mesh_factory(queue=queue, gateway=True)
     await server.deploy_file(UIAPP)
     return server
 
@@ -69,14 +69,16 @@ def _group_alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.parametrize("queue", ["inprocess", "nats"])
 async def test_ui_is_installed_started_and_proxied_at_both_paths(
-    mesh_factory: MeshFactory,
+    mesh_factory: MeshFactory, queue: str
 ) -> None:
     """The UI runs with 0.8's environment (base path ``/ui/{name}``, deployment name, its
     own ``env``) and answers through the gateway at ``/ui/{name}/`` and at
     ``/deployments/{name}/ui/`` (rewritten to the base path, query kept); the deploy
-    progress shows the install; a deployment without a UI answers 404 there."""
-    server = await _start(mesh_factory)
+    progress shows the install; a deployment without a UI answers 404 there. The same
+    with workers as processes on NATS."""
+    server = await _start(mesh_factory, queue)
     page = await assert_eventually(lambda: _served(server, "/ui/uiapp/"), timeout=TIMEOUT)
     assert page["page"] == "tiny ui"
     assert page["path"] == "/ui/uiapp/"
