@@ -427,5 +427,6 @@ def test_the_guard_settings_name_what_is_allowed() -> None:
         local GUARD = {any_host = false, hosts = {["localhost"] = true, ["127.0.0.1"] = true, \
 ["::1"] = true, ["fe80::1"] = true, ["mesh.example"] = true, ["10.1.2.3"] = true}, \
 any_origin = false, origins = {["https://console.example"] = true}, scheme = "http", \
-multipart_paths = {["/deployments/create"] = true}}"""
+multipart_paths = {["/deployments/create"] = true}, ui_api_key = false, \
+upstream_cluster = "apiserver"}"""
     )

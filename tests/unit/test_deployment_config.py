@@ -330,6 +330,18 @@ def test_workflow_service_requires_path_but_ui_does_not() -> None:
         _ = config.ui.module_path
 
 
+def test_ui_port_is_read_and_checked() -> None:
+    """The ui's ``port`` is kept (the port its process is told to listen on); one that is
+    not a port number is an error naming the key; a null one means a free port."""
+    ui = "ui:\n  name: UI\n  source: {type: local, name: ui}\n"
+    config = parse(MINIMAL + ui + "  port: 3001\n")
+    assert config.ui is not None and config.ui.port == 3001
+    config = parse(MINIMAL + ui + "  port:\n")
+    assert config.ui is not None and config.ui.port is None
+    err = error_of(MINIMAL + ui + "  port: 70000\n")
+    assert err.key_path == "ui.port"
+
+
 def test_source_errors() -> None:
     """docker sources are refused clearly; unknown types get a suggestion; name is required."""
     err = error_of(MINIMAL.replace("type: local", "type: docker"))

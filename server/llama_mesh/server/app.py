@@ -311,6 +311,7 @@ class MeshServer:
             ),
         )
         self.mesh = Mesh(cp, self.queue, deployments, Orchestrator(self.queue))
+        self._stack.push_async_callback(deployments.uis.shutdown)
         self.queue.on_availability(self._nats_availability)
         # Watching before serving: callers waiting on tasks find the watch running.
         self.mesh.watcher.start()
@@ -337,6 +338,10 @@ class MeshServer:
             from llama_mesh.server.gateway.control_planes import ControlPlanePorts
 
             deployments.control_planes = ControlPlanePorts(gateway_config)
+        if gateway_config is not None and gateway_config.ui_cds is not None:
+            from llama_mesh.server.gateway.uis import UiClusters
+
+            deployments.uis.clusters = UiClusters(gateway_config.ui_cds)
         # The gateway opens at once; saved deployments come back meanwhile, several at a
         # time, each listed as deploying (tasks for it: UNAVAILABLE) until it is ready.
         # `/readyz` answers once they all have. Control plane ports claimed before the
@@ -399,6 +404,7 @@ class MeshServer:
     def _gateway_config(self) -> GatewayConfig:
         from llama_mesh.server.gateway import GatewayConfig
         from llama_mesh.server.gateway.control_planes import LDS_FILE
+        from llama_mesh.server.gateway.uis import CDS_FILE
 
         s = self.settings
         work_dir = s.data_dir / "gateway"
@@ -415,6 +421,8 @@ class MeshServer:
             upstream_tls_cert=s.internal_cert,
             upstream_tls_key=s.internal_key,
             control_plane_lds=work_dir / "control-planes" / LDS_FILE if s.control_planes else None,
+            ui_cds=work_dir / "uis" / CDS_FILE,
+            ui_api_key=s.api_keys.enabled,
         )
 
     async def _start_gateway(self, cfg: GatewayConfig) -> None:

@@ -139,7 +139,7 @@ class SourceConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
-    """One service of a deployment (also used for the accepted-but-not-run ``ui``)."""
+    """One service of a deployment (also used for the ``ui``, whose ``path`` is a directory)."""
 
     id: str
     name: str
@@ -152,6 +152,8 @@ class ServiceConfig:
     max_concurrent_tasks: int = 1
     timeout: float | None = None
     max_retries: int = 2
+    port: int | None = None
+    """The ``ui``'s port (accepted and unused on workflow services)."""
 
     @property
     def module_path(self) -> str:
@@ -379,9 +381,13 @@ class _Parser:
         for key, kind in (("host", "str?"), ("port", "int?"), ("ts-dependencies", "str-map?")):
             if key in entries:
                 self._typed(kind, entries[key][1], _join(path, key))
+        port = None
+        if not workflow and "port" in entries and entries["port"][1].tag != _NULL:
+            port = self._int_key(entries, path, "port", 0, minimum=1, maximum=65535)
         timeout = self._optional(entries, "timeout")
         return ServiceConfig(
             id=sid,
+            port=port,
             name=name,
             source=source,
             path=None

@@ -20,6 +20,7 @@ from llama_mesh.server import subjects
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.allowlist import SourcePolicy
 from llama_mesh.server.apiserver.supervisor import ReplicaSpec, StartupFailure, Supervisor
+from llama_mesh.server.apiserver.uis import UiError, UiSpec, UiSupervisor
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.dependencies import (
     DependencyError,
@@ -92,6 +93,8 @@ class DeploymentManager:
         self._supervisor = supervisor
         self.settings = settings
         self._venvs = VenvManager(settings.data_dir / "venvs")
+        self.uis = UiSupervisor(settings.data_dir / "uis")
+        """Runs deployments' own web UIs (the gateway's app gives it the gateway's clusters)."""
         self._configs: dict[str, DeploymentConfig] = {}
         self._generations: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -236,6 +239,7 @@ class DeploymentManager:
             else:
                 config = self.config(name)
             await self._supervisor.stop(name)
+            await self.uis.forget(name)
             for service_id in config.services:
                 await self._queue.purge_queue(subjects.task_queue(name, service_id))
             if self.control_planes is not None:
@@ -334,6 +338,7 @@ class DeploymentManager:
             self._configs.pop(name, None)
             self._generations.pop(name, None)
             await self._supervisor.stop(name)
+            await self.uis.stop(name)
             if record.status is not DeploymentStatus.FAILED:
                 await self._fail(record, _reason(exc))
             self._failed[name] = record.status_message
@@ -452,6 +457,7 @@ class DeploymentManager:
             await self._say(name, f"warning: {warning}", deploying)
         try:
             specs = [await self._prepare(config, record, sid) for sid in config.services]
+            ui = await self._prepare_ui(config, record)
             await self._say(name, "loading the workflows in their environments", deploying)
             await self._supervisor.check(specs, timeout=self.settings.ready_timeout)
             for spec in specs:
@@ -462,10 +468,22 @@ class DeploymentManager:
             problem = await self._wait_ready(config, record.generation)
             if problem:
                 raise StartupFailure(problem)
+            # The running version's UI gives way to the new one (a UI holds its port);
+            # when that does not start, the old one runs again.
+            if ui is not None:
+                await self._start_ui(ui)
+            else:
+                await self.uis.stop(name)
         except BaseException as exc:
             await asyncio.shield(self._roll_back(name, running, record.generation))
             if not isinstance(
-                exc, MeshError | SourceError | VenvError | DeploymentConfigError | StartupFailure
+                exc,
+                MeshError
+                | SourceError
+                | VenvError
+                | DeploymentConfigError
+                | StartupFailure
+                | UiError,
             ):
                 raise  # cancelled, or a bug: rolled back all the same
             reason = exc.message if isinstance(exc, MeshError) else str(exc)
@@ -532,7 +550,8 @@ class DeploymentManager:
             await self._say(name, f"warning: {warning}", deploying)
         try:
             specs = [await self._prepare(config, record, sid) for sid in config.services]
-        except (SourceError, VenvError, DeploymentConfigError) as exc:
+            ui = await self._prepare_ui(config, record)
+        except (SourceError, VenvError, DeploymentConfigError, UiError) as exc:
             await self._fail(record, str(exc))
             raise FailedPreconditionError(
                 f"Deployment '{name}' failed: {exc}", reason="DEPLOY_FAILED"
@@ -546,6 +565,11 @@ class DeploymentManager:
             )
             await self._supervisor.start(spec)
         problem = await self._wait_ready(config, record.generation)
+        if not problem and ui is not None:
+            try:
+                await self._start_ui(ui)
+            except UiError as exc:
+                problem = str(exc)
         if problem:
             await self._fail(record, problem)
             raise FailedPreconditionError(
@@ -572,6 +596,63 @@ class DeploymentManager:
             line = f"warning: {problem}"
             logger.warning("deployment %s: %s", config.name, problem)
         await self._say(config.name, line, DeploymentStatus.DEPLOYING)
+
+    async def _prepare_ui(
+        self, config: DeploymentConfig, record: DeploymentRecord
+    ) -> UiSpec | None:
+        """Sync and install the deployment's ``ui`` (None when it has none).
+
+        As with services, the ``path`` (a directory) of a local source is relative to the
+        deployment's directory, that of a git source to the clone; without one, the UI is
+        the source's directory (a local source's ``name``, as 0.8's ``ui`` folder).
+        """
+        ui = config.ui
+        if ui is None:
+            return None
+        name = record.name
+        deploying = DeploymentStatus.DEPLOYING
+        await self._say(name, f"syncing source of the ui ({ui.source.type})", deploying)
+        try:
+            self.uis.tools()
+        except UiError as exc:
+            await self._say(name, f"ui: {exc}", deploying)
+            raise
+        try:
+            source_dir = await sync_source(
+                ui.source,
+                base_path=Path(record.base_path),
+                dest=self._generation_dir(name, record.generation) / ".ui-source",
+                policy=self.settings.policy,
+                local=record.local,
+            )
+            code_root = Path(record.base_path) if ui.source.type == "local" else source_dir
+            env = resolve_env(ui, base_dir=code_root)
+        except SourceNotAllowedError as exc:
+            raise PermissionDeniedError(str(exc), reason="SOURCE_NOT_ALLOWED") from exc
+        relative = ui.path or (ui.source.name if ui.source.type == "local" else ".")
+        ui_dir = (code_root / relative).resolve()
+        if not ui_dir.is_relative_to(code_root.resolve()):
+            raise UiError(f"ui.path {ui.path!r} leaves the ui's source")
+
+        async def report(line: str) -> None:
+            await self._say(name, line, deploying)
+
+        return await self.uis.install(
+            name,
+            ui_dir,
+            generation=record.generation,
+            port=ui.port,
+            env=env,
+            progress=report,
+        )
+
+    async def _start_ui(self, ui: UiSpec) -> None:
+        await self._say(
+            ui.deployment, f"ui: starting on port {ui.port}", DeploymentStatus.DEPLOYING
+        )
+        await self.uis.start(ui)
+        line = f"ui at /ui/{ui.deployment}/ and /deployments/{ui.deployment}/ui/"
+        await self._say(ui.deployment, line, DeploymentStatus.DEPLOYING)
 
     async def _fail(self, record: DeploymentRecord, message: str) -> None:
         record.status, record.status_message = DeploymentStatus.FAILED, message

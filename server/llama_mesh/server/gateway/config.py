@@ -19,9 +19,12 @@ path, and the response *after* transcoding.
 Routes: gRPC requests (``content-type: application/grpc*``, which is also what the
 transcoder turns JSON requests into before the router matches again) go to the
 ``apiserver`` cluster; ``GET /`` and ``GET /console/*`` are the web console's files,
-answered by Envoy itself (:mod:`.console`); everything else is a local 404. The v1 event
-stream route carries a per-route transcoder config that frames the stream as Server-Sent
-Events; every other stream is NDJSON. Routes have no timeout: streams live as long as they need.
+answered by Envoy itself (:mod:`.console`); ``/ui/{name}/`` and
+``/deployments/{name}/ui/`` go to that deployment's own web UI (:mod:`.uis`: clusters from
+a watched CDS file, WebSockets allowed on those routes only); everything else is a local
+404. The v1 event stream route carries a per-route transcoder config that frames the
+stream as Server-Sent Events; every other stream is NDJSON. Routes have no timeout: streams
+live as long as they need.
 
 Every reply Envoy makes itself to an HTTP client is ``google.rpc.Status``-shaped JSON
 (``local_reply_config``), with FastAPI's ``detail`` added on 0.8 paths by the Lua filter;
@@ -52,7 +55,7 @@ from typing import Any, Self
 import yaml
 
 from llama_mesh.server.children import dying_with_parent
-from llama_mesh.server.gateway import console, docs, v1_fields
+from llama_mesh.server.gateway import console, docs, uis, v1_fields
 
 __all__ = [
     "DEFAULT_DESCRIPTOR_PATH",
@@ -185,6 +188,13 @@ class GatewayConfig:
     control_plane_lds: Path | None = None
     """A listener file Envoy watches for Llama Deploy 0.8 control plane listeners, which
     come and go with deployments (see :mod:`.control_planes`); ``None``: no such listeners."""
+    ui_cds: Path | None = None
+    """A cluster file Envoy watches for deployments' own web UIs, proxied at
+    ``/ui/{deployment}/`` and ``/deployments/{deployment}/ui/`` (see :mod:`.uis`);
+    ``None``: those paths answer 404."""
+    ui_api_key: bool = False
+    """Whether requests to deployments' UIs must carry an API key (the server has keys): the
+    request guard asks the API server whether the key is valid (see request_guard.lua)."""
 
     def __post_init__(self) -> None:
         if self.admin_socket is not None and len(os.fsencode(self.admin_socket)) > (
@@ -280,10 +290,17 @@ def render_envoy_config(cfg: GatewayConfig) -> dict[str, Any]:
             ]
         },
     }
+    dynamic: dict[str, Any] = {}
     if cfg.control_plane_lds is not None:
         from llama_mesh.server.gateway.control_planes import lds_config_source
 
-        bootstrap["dynamic_resources"] = {"lds_config": lds_config_source(cfg.control_plane_lds)}
+        dynamic["lds_config"] = lds_config_source(cfg.control_plane_lds)
+    if cfg.ui_cds is not None:
+        from llama_mesh.server.gateway.control_planes import lds_config_source
+
+        dynamic["cds_config"] = lds_config_source(cfg.ui_cds)
+    if dynamic:
+        bootstrap["dynamic_resources"] = dynamic
         # Envoy asks dynamic resources for a node identity, even from a file.
         bootstrap["node"] = {"id": "llama-mesh-gateway", "cluster": "llama-mesh"}
     if cfg.admin_socket is not None:
@@ -368,6 +385,8 @@ def _connection_manager(cfg: GatewayConfig) -> dict[str, Any]:
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         "route_config": _route_config(cfg),
+        # WebSockets only where a route enables them: deployments' UIs.
+        "upgrade_configs": [{"upgrade_type": "websocket", "enabled": False}],
         "http_filters": _http_filters(cfg),
         "local_reply_config": _local_reply_config(cfg),
     }
@@ -496,6 +515,8 @@ def request_guard_lua(cfg: GatewayConfig) -> str:
         "origins": [origin for origin in cfg.cors_origins if origin != "*"],
         "scheme": "https" if cfg.listener_tls else "http",
         "multipart_paths": list(MULTIPART_PATHS),
+        "ui_api_key": cfg.ui_api_key,
+        "upstream_cluster": UPSTREAM_CLUSTER,
     }
     source = resources.files(__package__).joinpath(_GUARD_SOURCE).read_text(encoding="utf-8")
     return f"local GUARD = {_lua_value(settings)}\n{source}"
@@ -575,6 +596,8 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
             "route": _upstream_route(),
             "typed_per_filter_config": buffer_off(),
         },
+        # Deployments' own web UIs, to the cluster the request guard names (see uis.py).
+        *uis.ui_routes(),
         *_console_routes(),
         # /openapi.json and /docs, answered by Envoy itself (see docs.py).
         *docs.docs_routes(),

@@ -15,6 +15,14 @@
 --    not gRPC in compat_errors.lua's metadata); raw gRPC there is a 404, which Envoy
 --    answers in gRPC (UNIMPLEMENTED).
 --
+-- A deployment's own web UI (/ui/NAME/... or /deployments/NAME/ui/...) passes after the
+-- Host and Origin checks whatever its content type (it is not the JSON API): its route goes
+-- to the cluster named in the UI_HEADER request header, set here from the path (replacing
+-- any a client sent), which Envoy reads when it picks the route again (see uis.py). When
+-- the server has API keys (GUARD.ui_api_key), a UI request must carry one, in the
+-- Authorization header or (what a browser sends when it navigates) the UI_KEY_COOKIE
+-- cookie; the API server judges it (a GetStatus call with it: keys live in one place).
+--
 -- Refusals are local replies: local_reply_config makes them google.rpc.Status JSON (the
 -- message is the body given here), compat_errors.lua adds "detail" on 0.8 paths, and gRPC
 -- clients get the matching grpc-status. GUARD is a table the gateway's config puts in
@@ -128,6 +136,60 @@ local function content_type_refusal(headers, path)
     .. accepted
 end
 
+local UI_HEADER = "x-llama-mesh-ui-cluster"
+local UI_KEY_COOKIE = "llama_mesh_api_key"
+local KEY_CHECK_METHOD = "/llama_mesh.v1.ApiServer/GetStatus"
+local KEY_CHECK_TIMEOUT_MS = 10000
+
+-- The request's bearer credential: its Authorization header, else its key cookie; or nil.
+local function ui_credential(headers)
+  local authorization = headers:get("authorization")
+  if authorization ~= nil then
+    return authorization
+  end
+  local cookies = headers:get("cookie") or ""
+  for name, value in string.gmatch(cookies, "([^=;%s]+)=([^;]*)") do
+    if name == UI_KEY_COOKIE and value ~= "" then
+      return "Bearer " .. value
+    end
+  end
+  return nil
+end
+
+-- The status and message of a refusal to reach a UI (no key, or one the API server
+-- refuses), or nil.
+local function ui_key_refusal(request_handle, headers)
+  local credential = ui_credential(headers)
+  if credential == nil then
+    return "401", "this deployment UI needs an API key: send 'authorization: Bearer <key>' or "
+      .. "the cookie " .. UI_KEY_COOKIE .. "=<key>"
+  end
+  -- An empty gRPC message (5 bytes of framing); a refused key is a trailers-only reply,
+  -- its grpc-status in the headers.
+  local reply = request_handle:httpCall(GUARD.upstream_cluster, {
+    [":method"] = "POST",
+    [":path"] = KEY_CHECK_METHOD,
+    [":authority"] = "llama-mesh",
+    ["content-type"] = "application/grpc",
+    ["te"] = "trailers",
+    ["authorization"] = credential,
+  }, "\0\0\0\0\0", KEY_CHECK_TIMEOUT_MS)
+  local status = reply["grpc-status"]
+  if reply[":status"] == "200" and (status == nil or status == "0") then
+    return nil
+  end
+  if status == "16" or status == "7" then
+    return "401", "unknown API key for this deployment UI"
+  end
+  return "503", "the API key could not be checked (API server unavailable)"
+end
+
+-- The deployment whose UI path is route (no query), or nil.
+local function ui_deployment(route)
+  return string.match(route, "^/ui/([^/]+)") or string.match(route, "^/deployments/([^/]+)/ui$")
+    or string.match(route, "^/deployments/([^/]+)/ui/")
+end
+
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
   local authority = headers:get(":authority")
@@ -136,8 +198,24 @@ function envoy_on_request(request_handle)
     refuse(request_handle, "403", refusal)
     return
   end
+  local path = headers:get(":path") or ""
+  local deployment = ui_deployment(string.match(path, "^[^?#]*"))
+  if deployment ~= nil then
+    if GUARD.ui_api_key then
+      local status
+      status, refusal = ui_key_refusal(request_handle, headers)
+      if refusal ~= nil then
+        refuse(request_handle, status, refusal)
+        return
+      end
+      headers = request_handle:headers() -- the call yielded: the old wrapper is stale
+    end
+    headers:replace(UI_HEADER, "ui-" .. deployment)
+    return
+  end
+  headers:remove(UI_HEADER)
   local status
-  status, refusal = content_type_refusal(headers, headers:get(":path") or "")
+  status, refusal = content_type_refusal(headers, path)
   if refusal ~= nil then
     local content_type = string.lower(headers:get("content-type") or "")
     if string.find(content_type, "application/grpc-web", 1, true) == 1 then
