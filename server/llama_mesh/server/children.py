@@ -1,12 +1,14 @@
 """Child processes: they must not outlive the process that started them
 (:func:`dying_with_parent`), and the long-running ones are restarted when they die
 (:class:`KeepAlive`: the embedded nats-server and the gateway's Envoy; worker replicas use
-the same backoff).
+the same backoff); a short-lived one that is given up on is killed and reaped
+(:func:`kill_and_wait`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -31,6 +33,14 @@ if os.getppid() != int(sys.argv[1]):  # the parent died before prctl took effect
     sys.exit(1)
 os.execv(sys.argv[2], sys.argv[2:])
 """
+
+
+async def kill_and_wait(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL ``proc`` unless it has ended, and reap it (nothing when it has ended)."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 def dying_with_parent(argv: list[str]) -> list[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from llama_mesh.server.allowlist import LocationError, NotAllowedError, parse_url
 from llama_mesh.server.allowlist import SourcePolicy as SourcePolicy  # noqa: PLC0414 (re-export)
+from llama_mesh.server.children import kill_and_wait
 from llama_mesh.server.deployment_config import ServiceConfig, SourceConfig
 
 logger = logging.getLogger(__name__)
@@ -186,11 +187,11 @@ async def _clone(url: str, ref: str | None, dest: Path, seconds: float) -> None:
         async with asyncio.timeout(seconds):
             _, stderr = await proc.communicate()
     except TimeoutError:
-        await _kill(proc)
+        await kill_and_wait(proc)
         await asyncio.to_thread(_remove, dest)
         raise SourceError(f"git clone of {where!r} timed out after {seconds:g}s") from None
     except BaseException:  # cancelled: do not leave git running
-        await asyncio.shield(_kill(proc))
+        await asyncio.shield(kill_and_wait(proc))
         raise
     if proc.returncode != 0:
         await asyncio.to_thread(_remove, dest)
@@ -201,12 +202,6 @@ async def _clone(url: str, ref: str | None, dest: Path, seconds: float) -> None:
 def _prepare(dest: Path) -> None:
     _remove(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 def _remove(path: Path) -> None:

@@ -35,6 +35,8 @@ import sysconfig
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from llama_mesh.server.children import kill_and_wait
+
 logger = logging.getLogger(__name__)
 
 INSTALL_TIMEOUT = 900.0
@@ -155,13 +157,13 @@ class VenvManager:
                     await _report(progress, line)
                 await proc.wait()
         except TimeoutError:
-            await _kill(proc)
+            await kill_and_wait(proc)
             raise VenvError(
                 f"{' '.join(args[:3])} timed out after {self._install_timeout:g}s:\n"
                 + "\n".join(tail)
             ) from None
         except BaseException:
-            await asyncio.shield(_kill(proc))
+            await asyncio.shield(kill_and_wait(proc))
             raise
         if proc.returncode != 0:
             what = f"installing {', '.join(deps)}" if deps else " ".join(args[:3])
@@ -228,9 +230,3 @@ async def _report(progress: Progress | None, line: str) -> None:
             await result
     except Exception:
         logger.exception("progress callback failed")
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()

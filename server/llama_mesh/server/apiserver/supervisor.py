@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_mesh.server.children import RESTART_BACKOFF, STABLE_AFTER
+from llama_mesh.server.children import RESTART_BACKOFF, STABLE_AFTER, kill_and_wait
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin
@@ -374,10 +374,7 @@ class ProcessSupervisor(Supervisor):
         except TimeoutError:
             raise StartupFailure(f"loading the workflows took more than {timeout:g} s") from None
         finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await kill_and_wait(proc)
         if proc.returncode != 0:
             text = output[-_TAIL_BYTES:].decode(errors="replace")
             tail = "".join(text.splitlines(keepends=True)[-_TAIL_LINES:]).strip()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from llama_mesh.server.apiserver.supervisor import BASE_ENV_KEYS
 from llama_mesh.server.apiserver.ui_process import UiError, UiProcess, UiSpec
-from llama_mesh.server.children import KeepAlive
+from llama_mesh.server.children import KeepAlive, kill_and_wait
 from llama_mesh.server.gateway.uis import UiClusters, base_path
 from llama_mesh.server.nodejs import NodeTools, find_node_tools
 
@@ -255,10 +255,7 @@ async def _run_install(
     except TimeoutError:
         raise UiError(f"ui: install timed out after {INSTALL_TIMEOUT:g} s") from None
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await kill_and_wait(proc)
     if proc.returncode != 0:
         output = "\n".join(tail)
         raise UiError(f"ui: install failed (exit {proc.returncode}):\n{output}")
