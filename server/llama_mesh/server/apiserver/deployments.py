@@ -371,7 +371,7 @@ class DeploymentManager:
                 if msg.done:
                     return
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     # -- checks before anything is fetched, built or stored --------------------------------
 

@@ -358,7 +358,7 @@ class Mesh:
             await cancel_and_wait(record)
             if not record.cancelled():
                 record.exception()  # retrieved: the topic is what the caller follows
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     async def _final(self, task: Task) -> Task:
         """``task`` once final: as it is when it already is, else from the watcher."""

@@ -51,6 +51,7 @@ from llama_mesh.server.queues.base import (
     KeyValueStore,
     MessageQueue,
     RevisionMismatchError,
+    Subscription,
 )
 from llama_mesh.v1 import messages_pb2, types_pb2
 
@@ -423,7 +424,7 @@ class ControlPlane:
                 for instance in _decode_all("instance", [entry], _read_instance):
                     yield instance
         finally:
-            await watch.aclose()  # type: ignore[attr-defined]
+            await watch.aclose()
 
     async def list_instances(
         self, deployment: str, service_id: str | None = None
@@ -438,7 +439,7 @@ class ControlPlane:
         ]
 
 
-async def _task_changes(watch: AsyncIterator[KeyValueEntry]) -> AsyncGenerator[TaskChange, None]:
+async def _task_changes(watch: Subscription[KeyValueEntry]) -> AsyncGenerator[TaskChange, None]:
     try:
         async for entry in watch:
             deployment, _, task_id = entry.key.partition(".")
@@ -450,7 +451,7 @@ async def _task_changes(watch: AsyncIterator[KeyValueEntry]) -> AsyncGenerator[T
                 task = readable[0]
             yield TaskChange(deployment, task_id, task, entry.revision)
     finally:
-        await watch.aclose()  # type: ignore[attr-defined]
+        await watch.aclose()
 
 
 _UNREADABLE = (DecodeError, ValueError, TypeError, KeyError, OverflowError)

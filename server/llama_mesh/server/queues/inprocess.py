@@ -29,7 +29,7 @@ import collections
 import logging
 import re
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -42,6 +42,7 @@ from llama_mesh.server.queues.base import (
     MessageQueue,
     QueueUnavailableError,
     RevisionMismatchError,
+    Subscription,
     watches,
 )
 
@@ -253,7 +254,7 @@ class _InProcessDelivery(Delivery):
             self._consumer.wq.restart_timer(self._task)
 
 
-class _InProcessConsumer(AsyncIterator[Delivery]):
+class _InProcessConsumer(Subscription[Delivery]):
     def __init__(self, owner: InProcessQueue, wq: _WorkQueue, max_in_flight: int) -> None:
         self.owner = owner
         self.wq = wq
@@ -294,7 +295,7 @@ class _Topic:
     waiters: _Waiters = field(default_factory=_Waiters)
 
 
-class _TopicSubscription(AsyncIterator[bytes]):
+class _TopicSubscription(Subscription[bytes]):
     def __init__(self, owner: InProcessQueue, topic: _Topic) -> None:
         self._owner = owner
         self._topic = topic
@@ -336,7 +337,7 @@ class _Slot:
             self.timer = None
 
 
-class _KeyWatch(AsyncIterator[KeyValueEntry]):
+class _KeyWatch(Subscription[KeyValueEntry]):
     def __init__(self, store: InProcessKeyValueStore, prefix: str) -> None:
         self._store = store
         self.prefix = prefix
@@ -423,7 +424,7 @@ class InProcessKeyValueStore(KeyValueStore):
 
     def watch(
         self, prefix: str = "", *, include_existing: bool = True
-    ) -> AsyncIterator[KeyValueEntry]:
+    ) -> Subscription[KeyValueEntry]:
         self._owner.check_open()
         watch = _KeyWatch(self, prefix)
         if include_existing:
@@ -532,7 +533,7 @@ class InProcessQueue(MessageQueue):
         self._seq += 1
         wq.append(_Task(self._seq, bytes(data)))
 
-    def consume_tasks(self, queue: str, options: ConsumerOptions) -> AsyncIterator[Delivery]:
+    def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
         self.check_open()
         if options.max_in_flight < 1 or options.max_deliver < 1 or options.ack_wait <= 0:
             raise ValueError(f"invalid consumer options {options!r}")
@@ -556,7 +557,7 @@ class InProcessQueue(MessageQueue):
         found.log.append(bytes(data))
         found.waiters.notify_all()
 
-    def subscribe(self, topic: str) -> AsyncIterator[bytes]:
+    def subscribe(self, topic: str) -> Subscription[bytes]:
         self.check_open()
         return _TopicSubscription(self, self._topic(topic))
 

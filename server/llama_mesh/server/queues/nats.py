@@ -42,7 +42,7 @@ import ssl
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, Generic, TypeVar
@@ -66,6 +66,7 @@ from llama_mesh.server.queues.base import (
     QueueError,
     QueueUnavailableError,
     RevisionMismatchError,
+    Subscription,
     watches,
 )
 
@@ -282,7 +283,7 @@ class _Feed(Generic[T]):
         raise NotImplementedError
 
 
-class _FeedIterator(AsyncIterator[T]):
+class _FeedIterator(Subscription[T]):
     """The iterator handed out: cancelling a pending ``__anext__`` loses nothing."""
 
     def __init__(self, feed: _Feed[T]) -> None:
@@ -816,7 +817,7 @@ class NatsKeyValueStore(KeyValueStore):
 
     def watch(
         self, prefix: str = "", *, include_existing: bool = True
-    ) -> AsyncIterator[KeyValueEntry]:
+    ) -> Subscription[KeyValueEntry]:
         self.owner.check_open()
         return self.owner.iterate(_WatchFeed(self, prefix, include_existing))
 
@@ -1024,7 +1025,7 @@ class NatsQueue(MessageQueue):
         if ack.duplicate:
             logger.debug("NATS dropped a duplicate of message %r on queue %r", msg_id, queue)
 
-    def consume_tasks(self, queue: str, options: ConsumerOptions) -> AsyncIterator[Delivery]:
+    def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
         self.check_open()
         _check_name("queue", queue)
         if options.max_in_flight < 1 or options.max_deliver < 1 or options.ack_wait <= 0:
@@ -1070,7 +1071,7 @@ class NatsQueue(MessageQueue):
 
         return await _patiently(self, attempt, what)
 
-    def subscribe(self, topic: str) -> AsyncIterator[bytes]:
+    def subscribe(self, topic: str) -> Subscription[bytes]:
         self.check_open()
         return self.iterate(_TopicFeed(self, topic))
 

@@ -445,7 +445,7 @@ class Worker:
                 elif msg.HasField("human_event") and isinstance(data, dict):
                     yield HumanEvent(type=msg.human_event.type, data=data)
         finally:
-            await subscription.aclose()  # type: ignore[attr-defined]
+            await subscription.aclose()
 
     async def _keepalive(self, delivery: Delivery) -> None:
         while True:

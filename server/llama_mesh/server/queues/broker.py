@@ -1,0 +1,136 @@
+"""The broker role: work queues and retained, replayable topics.
+
+What the mesh needs from a broker, and nothing else:
+
+* **Work queues** (``publish_task`` / ``consume_tasks``): one durable queue per workflow
+  service, shared by all of its replicas. A message is delivered to one consumer at a time,
+  redelivered when it is not acknowledged within ``ack_wait`` (unless the consumer keeps it
+  alive with ``in_progress()``), and never delivered more than ``max_deliver`` times.
+  Publishing twice with the same ``msg_id`` stores the message once.
+* **Topics** (``publish`` / ``subscribe`` / ``last_message``): ordered, retained logs (task
+  events, human input sent to a running task). A subscriber first receives everything
+  already stored, then new messages as they arrive, without polling.
+
+Payloads are opaque bytes (serialized protobuf from ``llama_mesh.v1.messages_pb2``). Queue
+and topic names are dot-separated tokens of ``[A-Za-z0-9_-]``. Errors are those of
+:mod:`llama_mesh.server.queues.errors`. Every implementation passes
+``tests/unit/test_broker_contract.py`` against a real server.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from llama_mesh.server.queues.iterators import Subscription
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerOptions:
+    """How a work-queue consumer receives messages.
+
+    Attributes:
+        max_in_flight: how many delivered, not yet settled messages this consumer holds at
+            most; ``consume_tasks`` does not fetch more until one is settled.
+        ack_wait: seconds after which an unsettled message is redelivered (to any consumer),
+            unless ``in_progress()`` was called within that time.
+        max_deliver: how many times a message is delivered at most. The delivery whose
+            ``delivery_count == max_deliver`` is the last one.
+    """
+
+    max_in_flight: int = 1
+    ack_wait: float = 30.0
+    max_deliver: int = 3
+
+
+class Delivery(abc.ABC):
+    """One delivery of a work-queue message. Settle it exactly once."""
+
+    @property
+    @abc.abstractmethod
+    def data(self) -> bytes:
+        """The message payload."""
+
+    @property
+    @abc.abstractmethod
+    def delivery_count(self) -> int:
+        """1 for the first delivery, 2 for the first redelivery, and so on."""
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """Done: the message is removed and never delivered again."""
+
+    @abc.abstractmethod
+    async def nak(self, delay: float = 0.0) -> None:
+        """Not done: deliver it again (to any consumer) after ``delay`` seconds."""
+
+    @abc.abstractmethod
+    async def term(self) -> None:
+        """Give up: the message is removed and never delivered again (a dead letter)."""
+
+    @abc.abstractmethod
+    async def in_progress(self) -> None:
+        """Still working: restart the ``ack_wait`` timer of this delivery."""
+
+
+class Broker(abc.ABC):
+    """A connection to a message broker. Use as an async context manager."""
+
+    @abc.abstractmethod
+    async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
+        """Append a message to the work queue ``queue``; duplicates of ``msg_id`` are dropped."""
+
+    @abc.abstractmethod
+    def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
+        """Deliveries from ``queue``; consumers of the same queue share its messages."""
+
+    @abc.abstractmethod
+    async def queue_depth(self, queue: str) -> int:
+        """How many messages wait in ``queue`` (delivered-but-unsettled ones included)."""
+
+    @abc.abstractmethod
+    async def purge_queue(self, queue: str) -> None:
+        """Drop every message waiting in ``queue``."""
+
+    @abc.abstractmethod
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Append ``data`` to the retained log ``topic``."""
+
+    @abc.abstractmethod
+    def subscribe(self, topic: str) -> Subscription[bytes]:
+        """Everything stored on ``topic`` in order, then new messages as they are published.
+
+        Ends only when the consumer stops iterating or the broker closes.
+        """
+
+    @abc.abstractmethod
+    async def last_message(self, topic: str) -> bytes | None:
+        """The latest message stored on ``topic`` (``None`` when it has none): how far a
+        log has come, without reading it all."""
+
+    @abc.abstractmethod
+    async def delete_topic(self, topic: str) -> None:
+        """Forget every message of ``topic``."""
+
+    def on_availability(self, listener: Callable[[str | None], None]) -> None:
+        """Call ``listener(reason)`` when the broker becomes unreachable and
+        ``listener(None)`` when it is back (a broker in this process never goes away)."""
+        del listener
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush and disconnect; idempotent. Open iterators end."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

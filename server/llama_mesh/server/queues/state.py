@@ -1,0 +1,116 @@
+"""The state-store role: key-value buckets with revisions, TTL and ordered watches.
+
+The control plane keeps deployments, tasks, sessions and replica heartbeats here. Every
+write gets a new, increasing revision per bucket; ``create``/``update`` are
+compare-and-set; a watch delivers every change in revision order and never misses one
+(a reconnecting watch resumes after the last revision it delivered). Keys are
+``[A-Za-z0-9_=./-]`` and must not start or end with ``.``. Errors are those of
+:mod:`llama_mesh.server.queues.errors`. Every implementation passes
+``tests/unit/test_state_contract.py`` against a real server.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from llama_mesh.server.queues.iterators import Subscription
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValueEntry:
+    """One value of a key-value bucket; ``value is None`` marks a deletion in a watch."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+def watches(prefix: str, key: str) -> bool:
+    """Whether a watch of ``prefix`` (see :meth:`KeyValueStore.watch`) covers ``key``."""
+    if prefix and not prefix.endswith("."):
+        return key == prefix
+    return key.startswith(prefix)
+
+
+class KeyValueStore(abc.ABC):
+    """A bucket of keys; every write gets a new, increasing revision."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> KeyValueEntry | None:
+        """The current entry of ``key``, or ``None`` when absent or deleted."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: bytes) -> int:
+        """Write ``value`` unconditionally; returns the new revision."""
+
+    @abc.abstractmethod
+    async def create(self, key: str, value: bytes) -> int:
+        """Write only if ``key`` is absent (or deleted); else raise :class:`KeyExistsError`."""
+
+    @abc.abstractmethod
+    async def update(self, key: str, value: bytes, last_revision: int) -> int:
+        """Write only if the key's revision is ``last_revision``; else
+        raise :class:`RevisionMismatchError`."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete ``key``; deleting an absent key is not an error."""
+
+    @abc.abstractmethod
+    async def keys(self, prefix: str = "") -> list[str]:
+        """The present keys that start with ``prefix``, sorted."""
+
+    @abc.abstractmethod
+    async def entries(self, prefix: str = "") -> list[KeyValueEntry]:
+        """The present entries whose keys start with ``prefix``, sorted by key: one pass
+        over the bucket, where :meth:`keys` then :meth:`get` would read key by key."""
+
+    @abc.abstractmethod
+    def watch(
+        self, prefix: str = "", *, include_existing: bool = True
+    ) -> Subscription[KeyValueEntry]:
+        """Entries as they change under ``prefix`` (deletions have ``value None``).
+
+        ``prefix`` is ``""`` (every key), a prefix ending with ``.`` (every key below it), or
+        a whole key (that key only: a watch of one task must not read its neighbours).
+
+        With ``include_existing`` the current entries come first. The iterator ends only
+        when the consumer stops iterating (``aclose()``) or the adapter closes.
+        """
+
+
+class StateStore(abc.ABC):
+    """A connection to the store holding the control plane's buckets. Use as an async
+    context manager."""
+
+    @abc.abstractmethod
+    async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
+        """The key-value bucket ``bucket``, created on first use.
+
+        ``ttl`` (seconds) makes entries expire that are not rewritten in time (used for
+        heartbeats); it is fixed when the bucket is created.
+        """
+
+    def on_availability(self, listener: Callable[[str | None], None]) -> None:
+        """Call ``listener(reason)`` when the store becomes unreachable and
+        ``listener(None)`` when it is back (a store in this process never goes away)."""
+        del listener
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect; idempotent. Open watches end."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
