@@ -1,6 +1,6 @@
 """The in-process message queue: asyncio only, in memory, for one process and fast tests.
 
-It behaves like the NATS adapter (both pass ``tests/unit/test_queue_contract.py``):
+It behaves like the NATS adapter (both pass ``tests/unit/test_broker_contract.py`` and ``test_state_contract.py``):
 
 * Work queues: consumers of a queue share its messages; an unsettled delivery is redelivered
   after ``ack_wait`` (``in_progress()`` restarts that timer); ``nak(delay)`` redelivers after
