@@ -23,12 +23,15 @@ class QueueUnavailableError(QueueError):
 
 class MessageTooLargeError(QueueError):
     """A message or value larger than the broker takes in one message (NATS: its
-    ``max_payload``); nothing was written. Trying again cannot help."""
+    ``max_payload``; RabbitMQ: its ``max_message_size``); nothing was written. Trying again
+    cannot help. ``setting`` names the server setting that sets the limit."""
 
-    def __init__(self, what: str, size: int, limit: int) -> None:
+    def __init__(
+        self, what: str, size: int, limit: int, *, setting: str = "NATS max_payload"
+    ) -> None:
         super().__init__(
             f"{what} is {size} bytes, more than the message queue's limit of {limit} bytes "
-            "(NATS max_payload)"
+            f"({setting})"
         )
         self.size = size
         self.limit = limit
