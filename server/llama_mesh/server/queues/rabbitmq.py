@@ -58,9 +58,9 @@ import logging
 import re
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aio_pika
 import aio_pika.abc
@@ -79,6 +79,8 @@ from llama_mesh.server.queues.state import KeyValueStore
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DEFAULT_URL: Final = "amqp://guest:guest@localhost/"
 DEFAULT_EXCHANGE_NAME: Final = "llama-deploy"
 ENV_PREFIX: Final = "RABBITMQ_"
@@ -90,6 +92,15 @@ _TRUE: Final = frozenset({"1", "true", "t", "yes", "y", "on"})
 _FALSE: Final = frozenset({"0", "false", "f", "no", "n", "off"})
 
 _CONNECT_TIMEOUT: Final = 10.0
+_PATIENCE: Final = 20.0
+"""How long a declare or publish is tried again while RabbitMQ refuses it without storing
+anything (see ``_not_stored``)."""
+_RETRY_PAUSES: Final = (0.05, 1.0)
+"""First and longest pause between those tries."""
+_FLUSH_TIMEOUT: Final = 5.0
+"""How long ``close`` waits for settles still being sent."""
+_RECONNECT_INTERVAL: Final = 1.0
+"""Seconds between attempts to reconnect a lost connection (aio-pika's default is 5)."""
 _TOPIC_PREFETCH: Final = 256
 """Stream messages a subscription receives ahead of its reader (streams need a prefetch)."""
 _MAX_PREFETCH: Final = 65535
@@ -288,6 +299,35 @@ def _translated(what: str = "a message") -> Iterator[None]:
         raise translated from exc
 
 
+def _not_stored(exc: QueueError) -> bool:
+    """Whether RabbitMQ refused ``exc``'s operation before storing anything: the message
+    was returned as unroutable, or the queue's node is still starting (after a restart a
+    durable queue is "down or inaccessible" for a moment)."""
+    cause = exc.__cause__
+    return isinstance(cause, aiormq.exceptions.PublishError) or (
+        isinstance(cause, aiormq.exceptions.ChannelNotFoundEntity)
+        and "down or inaccessible" in str(cause)
+    )
+
+
+async def _patiently(operation: Callable[[], Awaitable[T]]) -> T:
+    """Run ``operation`` (a declare, or a publish with its declare), again after a pause
+    while RabbitMQ refused it without storing anything (:func:`_not_stored`), for up to
+    :data:`_PATIENCE` seconds: a restarted node must not fail every caller meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _PATIENCE
+    pause = _RETRY_PAUSES[0]
+    while True:
+        try:
+            return await operation()
+        except QueueError as exc:
+            if not _not_stored(exc) or loop.time() + pause > deadline:
+                raise
+            logger.debug("RabbitMQ refused, trying again in %ss: %s", pause, exc)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, _RETRY_PAUSES[1])
+
+
 def _check_name(kind: str, name: str) -> None:
     if not _NAME_RE.match(name):
         raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
@@ -335,16 +375,16 @@ class RabbitMqBroker(Broker):
         if self.closed:
             raise QueueUnavailableError("the RabbitMQ broker is closed")
 
-    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+    def spawn(self, work: Awaitable[Any], *, name: str) -> None:
         """Run ``coro`` in a task that :meth:`close` cancels; its errors are logged."""
-        task = asyncio.create_task(self._logged(coro, name), name=name)
+        task = asyncio.create_task(self._logged(work, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    async def _logged(coro: Coroutine[Any, Any, None], name: str) -> None:
+    async def _logged(work: Awaitable[Any], name: str) -> None:
         try:
-            await coro
+            await work
         except Exception as exc:  # a settle on a lost channel: RabbitMQ requeued the message
             logger.debug("%s failed: %r", name, translate_error(exc))
 
@@ -377,20 +417,48 @@ class RabbitMqBroker(Broker):
         _check_name("topic", topic)
         return f"{self._prefix}.topics.{topic}"
 
+    @contextlib.asynccontextmanager
+    async def using(
+        self, channel: aio_pika.abc.AbstractRobustChannel | None = None, what: str = "a message"
+    ) -> AsyncIterator[aio_pika.abc.AbstractRobustChannel]:
+        """``channel`` (default: the broker's own) for one operation, errors translated.
+
+        RabbitMQ closes a channel on a channel error (a message over its size limit, a
+        queue declared with other arguments); then the broker's own channel is replaced, so
+        the next operation does not find it closed.
+        """
+        own = channel is None
+        current = self.channel if channel is None else channel
+        try:
+            with _translated(what):
+                yield current
+        except QueueError as exc:
+            channel_error = isinstance(exc.__cause__, aiormq.exceptions.ChannelClosed)
+            if own and channel_error and current is self.channel:
+                with contextlib.suppress(QueueError):  # the connection is down: it recovers
+                    self.channel = await _open_publishing_channel(self.connection)
+                    self.spawn(current.close(), name="rabbitmq-close-failed-channel")
+            raise
+
     async def declare(
         self,
         name: str,
         arguments: Mapping[str, str],
         *,
-        channel: aio_pika.abc.AbstractRobustChannel,
+        channel: aio_pika.abc.AbstractRobustChannel | None = None,
         robust: bool = False,
     ) -> aio_pika.abc.AbstractQueue:
-        """Declare the durable queue or stream ``name`` (idempotent) on ``channel``;
-        ``robust``: declare it again, with its consumers, when the connection comes back."""
-        with _translated():
-            queue = await channel.declare_queue(
-                name, durable=True, arguments=dict(arguments), robust=robust
-            )
+        """Declare the durable queue or stream ``name`` (idempotent) on ``channel`` (default:
+        the broker's own); ``robust``: declare it again, with its consumers, when the
+        connection comes back."""
+
+        async def declare() -> aio_pika.abc.AbstractQueue:
+            async with self.using(channel) as current:
+                return await current.declare_queue(
+                    name, durable=True, arguments=dict(arguments), robust=robust
+                )
+
+        queue = await _patiently(declare)
         self._declared.add(name)
         return queue
 
@@ -398,21 +466,22 @@ class RabbitMqBroker(Broker):
         self, name: str, arguments: Mapping[str, str], message: aio_pika.Message, what: str
     ) -> None:
         """Publish to queue/stream ``name`` and wait for the broker's confirm, declaring it
-        first (once); a message returned as unroutable (the queue was deleted since) makes it
-        declare again and publish once more."""
-        for attempt in (1, 2):
+        first (once). A message returned as unroutable (the queue was deleted since it was
+        declared here) declares it again and publishes again (see :func:`_patiently`)."""
+
+        async def publish() -> None:
             if name not in self._declared:
-                await self.declare(name, arguments, channel=self.channel)
+                await self.declare(name, arguments)
             try:
-                with _translated(what):
-                    await self.channel.default_exchange.publish(
+                async with self.using(what=what) as channel:
+                    await channel.default_exchange.publish(
                         message, routing_key=name, mandatory=True
                     )
-                return
-            except QueueUnavailableError as exc:
-                if attempt == 2 or not isinstance(exc.__cause__, aiormq.exceptions.PublishError):
-                    raise
+            except QueueUnavailableError:
                 self._declared.discard(name)
+                raise
+
+        await _patiently(publish)
 
     # -- work queues
 
@@ -456,14 +525,14 @@ class RabbitMqBroker(Broker):
     async def queue_depth(self, queue: str) -> int:
         self.check_open()
         name = self.queue_name(queue)
-        declared = await self.declare(name, _QUORUM, channel=self.channel)
+        declared = await self.declare(name, _QUORUM)
         ready = declared.declaration_result.message_count or 0
         return ready + self.unsettled[name]
 
     async def purge_queue(self, queue: str) -> None:
         self.check_open()
-        declared = await self.declare(self.queue_name(queue), _QUORUM, channel=self.channel)
-        with _translated():
+        declared = await self.declare(self.queue_name(queue), _QUORUM)
+        async with self.using():
             await declared.purge()
 
     # -- topics
@@ -518,8 +587,8 @@ class RabbitMqBroker(Broker):
         self.check_open()
         name = self.stream_name(topic)
         self._declared.discard(name)
-        with _translated():
-            await self.channel.queue_delete(name)
+        async with self.using() as channel:
+            await channel.queue_delete(name)
 
     # -- closing
 
@@ -529,6 +598,8 @@ class RabbitMqBroker(Broker):
         self.closed = True
         for iterator in list(self._iterators):
             iterator.shutdown()
+        if self._tasks:  # flush: settles and channel closes still under way
+            await asyncio.wait(set(self._tasks), timeout=_FLUSH_TIMEOUT)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -544,15 +615,24 @@ async def connect_rabbitmq(settings: RabbitMqSettings, *, dedup: KeyValueStore) 
     the broker cannot be reached or refuses the credentials.
     """
     with _translated():
-        connection = await aio_pika.connect_robust(settings.url, timeout=_CONNECT_TIMEOUT)
+        connection = await aio_pika.connect_robust(
+            settings.url, timeout=_CONNECT_TIMEOUT, reconnect_interval=_RECONNECT_INTERVAL
+        )
     try:
-        with _translated():
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = await _open_publishing_channel(connection)
     except BaseException:
         await connection.close()
         raise
     logger.info("connected to RabbitMQ at %s", settings.redacted_url)
     return RabbitMqBroker(connection, channel, settings, dedup)
+
+
+async def _open_publishing_channel(
+    connection: aio_pika.abc.AbstractRobustConnection,
+) -> aio_pika.abc.AbstractRobustChannel:
+    """A channel whose publishes wait for the broker's confirm and fail when unroutable."""
+    with _translated():
+        return await connection.channel(publisher_confirms=True, on_return_raises=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,19 +786,27 @@ class _RabbitDelivery(Delivery):
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(seconds, self.finish, requeue and not self._last)
 
-    def finish(self, requeue: bool) -> None:
-        """Settle on the broker, in the background: ack (``requeue`` false) or requeue."""
-        self.settled = True
+    def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        message = self._message
-        action = message.nack(requeue=True) if requeue else message.ack()
-        self._consumer.owner.spawn(self._settle(action), name=f"rabbitmq-settle-{self._count}")
 
-    async def _settle(self, action: Coroutine[Any, Any, None]) -> None:
+    def finish(self, requeue: bool) -> None:
+        """Settle on the broker, in the background: requeue, or ack (drop)."""
+        self.settled = True
+        self._disarm()
+        owner = self._consumer.owner
+        if not owner.closed:  # else the closing connection gives the message back
+            owner.spawn(self._send(requeue=requeue), name=f"rabbitmq-settle-{self._count}")
+
+    async def _send(self, *, requeue: bool) -> None:
+        """Requeue or ack on the broker (errors as QueueErrors); either way it is settled."""
         try:
-            await action
+            with _translated():
+                if requeue:
+                    await self._message.nack(requeue=True)
+                else:
+                    await self._message.ack()
         finally:
             self._consumer.settled(self)
 
@@ -747,18 +835,9 @@ class _RabbitDelivery(Delivery):
             self.arm(delay)
 
     async def _done(self, *, requeue: bool) -> None:
-        """Settle now and wait until the frame is written (errors as QueueErrors)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        try:
-            with _translated():
-                if requeue:
-                    await self._message.nack(requeue=True)
-                else:
-                    await self._message.ack()
-        finally:
-            self._consumer.settled(self)
+        """Settle now, waiting until the frame is written."""
+        self._disarm()
+        await self._send(requeue=requeue)
 
     async def in_progress(self) -> None:
         self._consumer.owner.check_open()
