@@ -110,6 +110,8 @@ _QUORUM: Final = {"x-queue-type": "quorum"}
 _STREAM: Final = {"x-queue-type": "stream"}
 _PENDING: Final = b"pending"
 _PUBLISHED: Final = b"published"
+_NODE_DOWN: Final = "down or inaccessible"
+"""In RabbitMQ's NOT_FOUND for a durable queue whose node is still starting it."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _TOO_LARGE_RE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
@@ -305,8 +307,7 @@ def _not_stored(exc: QueueError) -> bool:
     durable queue is "down or inaccessible" for a moment)."""
     cause = exc.__cause__
     return isinstance(cause, aiormq.exceptions.PublishError) or (
-        isinstance(cause, aiormq.exceptions.ChannelNotFoundEntity)
-        and "down or inaccessible" in str(cause)
+        isinstance(cause, aiormq.exceptions.ChannelNotFoundEntity) and _NODE_DOWN in str(cause)
     )
 
 
@@ -376,7 +377,8 @@ class RabbitMqBroker(Broker):
             raise QueueUnavailableError("the RabbitMQ broker is closed")
 
     def spawn(self, work: Awaitable[Any], *, name: str) -> None:
-        """Run ``coro`` in a task that :meth:`close` cancels; its errors are logged."""
+        """Run ``work`` in a task that :meth:`close` waits for (a while, then cancels); its
+        errors are logged."""
         task = asyncio.create_task(self._logged(work, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -551,8 +553,6 @@ class RabbitMqBroker(Broker):
     async def last_message(self, topic: str) -> bytes | None:
         self.check_open()
         name = self.stream_name(topic)
-        if name not in self._declared and not await self._exists(name):
-            return None
         latest: list[tuple[int, bytes]] = []
 
         async def collect(message: aiormq.abc.DeliveredMessage) -> None:
@@ -561,27 +561,22 @@ class RabbitMqBroker(Broker):
             offset = (message.header.properties.headers or {}).get("x-stream-offset")
             latest.append((offset if isinstance(offset, int) else -1, message.body))
 
+        # A channel of its own: RabbitMQ closes the channel of a consume of a missing queue.
         with _translated():
             async with self.connection.channel() as channel:
                 await channel.set_qos(prefetch_count=_MAX_PREFETCH)
                 amqp = await channel.get_underlay_channel()
-                consuming = await amqp.basic_consume(
-                    name, collect, arguments={"x-stream-offset": "last"}
-                )
-                assert consuming.consumer_tag is not None
-                await amqp.basic_cancel(consuming.consumer_tag)
-        return max(latest)[1] if latest else None
-
-    async def _exists(self, name: str) -> bool:
-        """Whether queue/stream ``name`` exists (a passive declare, on a channel of its own:
-        RabbitMQ closes the channel of a passive declare of a missing queue)."""
-        with _translated():
-            async with self.connection.channel() as channel:
                 try:
-                    await channel.declare_queue(name, passive=True, robust=False)
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    return False
-        return True
+                    consuming = await amqp.basic_consume(
+                        name, collect, arguments={"x-stream-offset": "last"}
+                    )
+                except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                    if _NODE_DOWN in str(exc):
+                        raise
+                    return None  # never published to, or deleted
+                if consuming.consumer_tag is not None:
+                    await amqp.basic_cancel(consuming.consumer_tag)
+        return max(latest)[1] if latest else None
 
     async def delete_topic(self, topic: str) -> None:
         self.check_open()
