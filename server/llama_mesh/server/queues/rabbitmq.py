@@ -51,16 +51,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
 import logging
 import re
 import urllib.parse
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import aio_pika
 import aio_pika.abc
@@ -80,6 +80,8 @@ from llama_mesh.server.queues.state import KeyValueStore
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Q = TypeVar("Q")
+R = TypeVar("R")
 
 DEFAULT_URL: Final = "amqp://guest:guest@localhost/"
 DEFAULT_EXCHANGE_NAME: Final = "llama-deploy"
@@ -361,9 +363,9 @@ class RabbitMqBroker(Broker):
         self._dedup = dedup
         self.closed = False
         self._declared: set[str] = set()
-        self.unsettled: Counter[str] = Counter()
+        self.unsettled: collections.Counter[str] = collections.Counter()
         """Per queue, the deliveries this broker's consumers hold unsettled."""
-        self._iterators: set[_Iterator] = set()
+        self._iterators: set[_Iterator[Any, Any]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._availability: list[Callable[[str | None], None]] = []
         connection.close_callbacks.add(self._on_connection_lost)
@@ -390,7 +392,7 @@ class RabbitMqBroker(Broker):
         except Exception as exc:  # a settle on a lost channel: RabbitMQ requeued the message
             logger.debug("%s failed: %r", name, translate_error(exc))
 
-    def forget(self, iterator: _Iterator) -> None:
+    def forget(self, iterator: _Iterator[Any, Any]) -> None:
         """Stop tracking an iterator that shut down."""
         self._iterators.discard(iterator)
 
@@ -634,10 +636,10 @@ async def _open_publishing_channel(
 # Iterators
 
 
-class _Iterator(abc.ABC):
+class _Iterator(abc.ABC, Generic[Q, R]):
     """What consumers and subscriptions share: a lazily started server-side consumer on a
-    channel of their own, a local buffer that ``__anext__`` reads (a cancelled read loses
-    nothing) and shutting down."""
+    channel of their own, a local buffer of what it received (``Q``) that ``__anext__``
+    hands out (as ``R``; a cancelled read loses nothing) and shutting down."""
 
     def __init__(self, owner: RabbitMqBroker, name: str) -> None:
         self.owner = owner
@@ -647,11 +649,33 @@ class _Iterator(abc.ABC):
         self.queue: aio_pika.abc.AbstractQueue | None = None
         self.tag: str | None = None
         self._starting: asyncio.Task[None] | None = None
-        self.wakeup = asyncio.Event()
+        self.ready: collections.deque[Q] = collections.deque()
+        self._wakeup = asyncio.Event()
 
     @abc.abstractmethod
     async def start(self) -> None:
         """Open the channel and start consuming."""
+
+    @abc.abstractmethod
+    def hand_out(self, item: Q) -> R | None:
+        """What ``__anext__`` returns for ``item``; ``None`` skips it."""
+
+    def received(self, item: Q) -> None:
+        """Buffer ``item`` for ``__anext__``."""
+        self.ready.append(item)
+        self._wakeup.set()
+
+    async def __anext__(self) -> R:
+        while True:
+            if self.closed or self.owner.closed:
+                raise StopAsyncIteration
+            await self.started()
+            while self.ready:
+                result = self.hand_out(self.ready.popleft())
+                if result is not None:
+                    return result
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
     async def started(self) -> None:
         """Wait until consuming started; a cancelled wait leaves the start running."""
@@ -667,11 +691,11 @@ class _Iterator(abc.ABC):
         return channel
 
     def shutdown(self) -> None:
-        """End pending and later reads; the channel closes in the background."""
+        """End pending and later reads."""
         if self.closed:
             return
         self.closed = True
-        self.wakeup.set()
+        self._wakeup.set()
         self.owner.forget(self)
 
     async def close_channel(self) -> None:
@@ -680,13 +704,12 @@ class _Iterator(abc.ABC):
             await channel.close()
 
 
-class _Consumer(_Iterator, Subscription[Delivery]):
+class _Consumer(_Iterator["_RabbitDelivery", Delivery], Subscription[Delivery]):
     def __init__(self, owner: RabbitMqBroker, name: str, options: ConsumerOptions) -> None:
         super().__init__(owner, name)
         self.options = options
-        self._ready: asyncio.Queue[_RabbitDelivery] = asyncio.Queue()
         self.held: set[_RabbitDelivery] = set()
-        """Deliveries received and not yet settled (handed out or in :attr:`_ready`)."""
+        """Deliveries received and not yet settled (handed out or in :attr:`ready`)."""
 
     async def start(self) -> None:
         channel = await self.open_channel(self.options.max_in_flight)
@@ -712,20 +735,10 @@ class _Consumer(_Iterator, Subscription[Delivery]):
             delivery.finish(requeue=False)
         else:
             delivery.arm(self.options.ack_wait)
-            self._ready.put_nowait(delivery)
-            self.wakeup.set()
+            self.received(delivery)
 
-    async def __anext__(self) -> Delivery:
-        while True:
-            if self.closed or self.owner.closed:
-                raise StopAsyncIteration
-            await self.started()
-            while not self._ready.empty():
-                delivery = self._ready.get_nowait()
-                if not delivery.settled:
-                    return delivery
-            self.wakeup.clear()
-            await self.wakeup.wait()
+    def hand_out(self, item: _RabbitDelivery) -> Delivery | None:
+        return None if item.settled else item  # settled: its ack_wait ran out meanwhile
 
     def settled(self, delivery: _RabbitDelivery) -> None:
         """Forget a settled delivery; the last one of a closed consumer closes its channel."""
@@ -744,8 +757,8 @@ class _Consumer(_Iterator, Subscription[Delivery]):
         if self.queue is not None and self.tag is not None and not self.owner.closed:
             with contextlib.suppress(Exception):  # a lost channel delivers nothing more
                 await self.queue.cancel(self.tag)
-        while not self._ready.empty():
-            self._ready.get_nowait().finish(requeue=True)
+        while self.ready:
+            self.ready.popleft().finish(requeue=True)
         if not self.held:
             with contextlib.suppress(Exception):
                 await self.close_channel()
@@ -840,13 +853,14 @@ class _RabbitDelivery(Delivery):
             self.arm(self._consumer.options.ack_wait)
 
 
-class _TopicSubscription(_Iterator, Subscription[bytes]):
+class _TopicSubscription(
+    _Iterator[aio_pika.abc.AbstractIncomingMessage, bytes], Subscription[bytes]
+):
     def __init__(self, owner: RabbitMqBroker, name: str) -> None:
         super().__init__(owner, name)
         self._arguments: dict[str, Any] = {"x-stream-offset": "first"}
         """The consume arguments; the robust queue re-consumes with them after a reconnect,
         so the offset is kept just past the last message handed out."""
-        self._ready: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
 
     async def start(self) -> None:
         channel = await self.open_channel(_TOPIC_PREFETCH)
@@ -855,23 +869,15 @@ class _TopicSubscription(_Iterator, Subscription[bytes]):
             self.tag = await self.queue.consume(self._on_message, arguments=self._arguments)
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self._ready.put_nowait(message)
-        self.wakeup.set()
+        self.received(message)
 
-    async def __anext__(self) -> bytes:
-        while True:
-            if self.closed or self.owner.closed:
-                raise StopAsyncIteration
-            await self.started()
-            if not self._ready.empty():
-                message = self._ready.get_nowait()
-                offset = message.headers.get("x-stream-offset")
-                if isinstance(offset, int):
-                    self._arguments["x-stream-offset"] = offset + 1
-                self.owner.spawn(message.ack(), name=f"rabbitmq-credit-{self.name}")
-                return message.body
-            self.wakeup.clear()
-            await self.wakeup.wait()
+    def hand_out(self, item: aio_pika.abc.AbstractIncomingMessage) -> bytes:
+        offset = item.headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            self._arguments["x-stream-offset"] = offset + 1
+        # Stream consumers acknowledge to get more (the prefetch); nothing is removed.
+        self.owner.spawn(item.ack(), name=f"rabbitmq-credit-{self.name}")
+        return item.body
 
     async def aclose(self) -> None:
         """End the subscription and close its channel."""
