@@ -12,8 +12,9 @@ import uuid
 
 import pytest
 
+from llama_mesh.server.nats_server import free_port
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions
-from llama_mesh.server.queues.errors import MessageTooLargeError
+from llama_mesh.server.queues.errors import MessageTooLargeError, QueueUnavailableError
 from llama_mesh.server.queues.inprocess import connect_inprocess
 from llama_mesh.server.queues.rabbitmq import RabbitMqSettings, connect_rabbitmq
 from llama_mesh.server.queues.state import KeyValueStore
@@ -21,6 +22,7 @@ from tests.fixtures.rabbitmq import MAX_MESSAGE_SIZE, RabbitMqServer
 from tests.helpers import aclose, assert_eventually, next_within
 from tests.unit.contract import WAIT, assert_depth, assert_nothing_within, take
 
+EVENTS = [f"event{i}".encode() for i in range(4)]
 RESTART_WAIT = 60.0
 """Seconds a reconnect may take after the server restarted (a loaded machine)."""
 
@@ -76,25 +78,30 @@ async def test_a_server_restart_loses_nothing_confirmed(
 ) -> None:
     """After the server is stopped and started again: every confirmed, unacknowledged task
     message is still queued (an acknowledged one is not), every topic message is still
-    stored, and the broker reported the outage, reconnected and publishes again."""
+    stored, and the broker reported the outage, reconnected and publishes again; a
+    subscription open meanwhile goes on after the last message it had delivered."""
     settings = settings_for(rabbitmq)
     async with await connect_rabbitmq(settings, dedup=dedup) as broker:
         events: list[str | None] = []
         broker.on_availability(events.append)
         for i in range(4):
             await broker.publish_task("jobs", f"job{i}".encode(), msg_id=f"job{i}")
-            await broker.publish("ev.log", f"event{i}".encode())
+            await broker.publish("ev.log", EVENTS[i])
         it = broker.consume_tasks("jobs", ConsumerOptions())
         done = await next_within(it, WAIT)
         await done.ack()
         await aclose(it)
         await assert_depth(broker, "jobs", 3)
+        following = broker.subscribe("ev.log")
+        assert [await next_within(following, WAIT) for _ in range(4)] == EVENTS
 
         await asyncio.to_thread(rabbitmq.restart)
         await assert_eventually(lambda: events and events[-1] is None, RESTART_WAIT)
         assert isinstance(events[0], str) and "lost" in events[0]
 
         await broker.publish("ev.log", b"after")
+        assert await next_within(following, RESTART_WAIT) == b"after"
+        await aclose(following)
         async with await connect_rabbitmq(settings, dedup=dedup) as fresh:
             await _assert_survived(fresh, done.data)
 
@@ -108,5 +115,18 @@ async def _assert_survived(broker: Broker, acked: bytes) -> None:
     await aclose(it)
     sub = broker.subscribe("ev.log")
     stored = [await next_within(sub, WAIT) for _ in range(5)]
-    assert stored == [b"event0", b"event1", b"event2", b"event3", b"after"]
+    assert stored == [*EVENTS, b"after"]
     await aclose(sub)
+
+
+async def test_an_unreachable_or_refusing_server_is_unavailable(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """Connecting to a port nobody listens on, or with a wrong password, raises
+    QueueUnavailableError naming the cause."""
+    nobody = RabbitMqSettings(url=f"amqp://mesh:x@127.0.0.1:{free_port()}/")
+    with pytest.raises(QueueUnavailableError, match="RabbitMQ is unavailable"):
+        await connect_rabbitmq(nobody, dedup=dedup)
+    wrong = RabbitMqSettings(url=rabbitmq.url.replace(rabbitmq.password, "wrong"))
+    with pytest.raises(QueueUnavailableError, match=r"(?i)auth|access refused"):
+        await connect_rabbitmq(wrong, dedup=dedup)
