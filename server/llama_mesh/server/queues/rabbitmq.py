@@ -114,6 +114,9 @@ _PENDING: Final = b"pending"
 _PUBLISHED: Final = b"published"
 _NODE_DOWN: Final = "down or inaccessible"
 """In RabbitMQ's NOT_FOUND for a durable queue whose node is still starting it."""
+_NOT_READY: Final = (_NODE_DOWN, "does not have a replica on the local node")
+"""What RabbitMQ says of a queue it is still starting: after a restart, and for a stream
+just declared (its member on this node starts a moment later)."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _TOO_LARGE_RE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
@@ -304,12 +307,13 @@ def _translated(what: str = "a message") -> Iterator[None]:
 
 
 def _not_stored(exc: QueueError) -> bool:
-    """Whether RabbitMQ refused ``exc``'s operation before storing anything: the message
-    was returned as unroutable, or the queue's node is still starting (after a restart a
-    durable queue is "down or inaccessible" for a moment)."""
+    """Whether RabbitMQ refused ``exc``'s operation before storing anything, and trying
+    again can help: the message was returned as unroutable, or the queue is not ready (see
+    :data:`_NOT_READY`)."""
     cause = exc.__cause__
     return isinstance(cause, aiormq.exceptions.PublishError) or (
-        isinstance(cause, aiormq.exceptions.ChannelNotFoundEntity) and _NODE_DOWN in str(cause)
+        isinstance(cause, aiormq.exceptions.ChannelClosed)
+        and any(text in str(cause) for text in _NOT_READY)
     )
 
 
@@ -329,6 +333,10 @@ async def _patiently(operation: Callable[[], Awaitable[T]]) -> T:
             logger.debug("RabbitMQ refused, trying again in %ss: %s", pause, exc)
         await asyncio.sleep(pause)
         pause = min(pause * 2, _RETRY_PAUSES[1])
+
+
+def _succeeded(task: asyncio.Task[None]) -> bool:
+    return not task.cancelled() and task.exception() is None
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -678,10 +686,21 @@ class _Iterator(abc.ABC, Generic[Q, R]):
             await self._wakeup.wait()
 
     async def started(self) -> None:
-        """Wait until consuming started; a cancelled wait leaves the start running."""
-        if self._starting is None:
-            self._starting = asyncio.create_task(self.start(), name=f"rabbitmq-start-{self.name}")
-        await asyncio.shield(self._starting)
+        """Wait until consuming started; a cancelled wait leaves the start running, and the
+        next read after a failed start tries again."""
+        starting = self._starting
+        if starting is None or (starting.done() and not _succeeded(starting)):
+            starting = asyncio.create_task(_patiently(self._start_once), name=self.name)
+            self._starting = starting
+        await asyncio.shield(starting)
+
+    async def _start_once(self) -> None:
+        try:
+            await self.start()
+        except QueueError:
+            with contextlib.suppress(Exception):  # already closed by the broker's refusal
+                await self.close_channel()
+            raise
 
     async def open_channel(self, prefetch: int) -> aio_pika.abc.AbstractRobustChannel:
         with _translated():
