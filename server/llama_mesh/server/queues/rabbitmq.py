@@ -20,6 +20,9 @@ What RabbitMQ does not do by itself, the adapter does:
   delivery has a timer: when it fires, the message is requeued (``basic.nack``, requeue);
   ``in_progress()`` restarts it. A consumer that dies without settling loses nothing: its
   channel closes and RabbitMQ requeues what it held.
+  RabbitMQ's own ``consumer_timeout`` (30 minutes by default) still closes the channel of
+  a consumer holding a delivery longer, ``in_progress()`` or not: for longer tasks, raise
+  it in ``rabbitmq.conf``.
 * **nak(delay)**: the delivery is kept (unsettled) for ``delay`` seconds, then requeued. A
   timer rather than a delayed retry queue (TTL plus dead-lettering) because a requeue keeps
   the message in its queue with RabbitMQ's own ``x-delivery-count``, where a retry queue
@@ -67,6 +70,7 @@ import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 
+from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
 from llama_mesh.server.queues.errors import (
     KeyExistsError,
@@ -601,8 +605,10 @@ class RabbitMqBroker(Broker):
         if self.closed:
             return
         self.closed = True
-        for iterator in list(self._iterators):
+        iterators = list(self._iterators)
+        for iterator in iterators:
             iterator.shutdown()
+        await asyncio.gather(*(it.stopped() for it in iterators), return_exceptions=True)
         if self._tasks:  # flush: settles and channel closes still under way
             await asyncio.wait(set(self._tasks), timeout=_FLUSH_TIMEOUT)
         for task in list(self._tasks):
@@ -710,12 +716,23 @@ class _Iterator(abc.ABC, Generic[Q, R]):
         return channel
 
     def shutdown(self) -> None:
-        """End pending and later reads."""
+        """End pending and later reads, and a start still under way."""
         if self.closed:
             return
         self.closed = True
         self._wakeup.set()
         self.owner.forget(self)
+        if self._starting is not None:
+            self._starting.cancel()
+
+    async def stopped(self) -> None:
+        """After :meth:`shutdown`: wait until a start under way has ended, so no consumer
+        begins on a closed iterator."""
+        starting = self._starting
+        if starting is not None:
+            await cancel_and_wait(starting)
+            if not starting.cancelled():
+                starting.exception()  # retrieved: a failed start matters to no one now
 
     async def close_channel(self) -> None:
         channel, self.channel = self.channel, None
@@ -773,6 +790,7 @@ class _Consumer(_Iterator["_RabbitDelivery", Delivery], Subscription[Delivery]):
         if self.closed:
             return
         self.shutdown()
+        await self.stopped()
         if self.queue is not None and self.tag is not None and not self.owner.closed:
             with contextlib.suppress(Exception):  # a lost channel delivers nothing more
                 await self.queue.cancel(self.tag)
@@ -903,5 +921,6 @@ class _TopicSubscription(
         if self.closed:
             return
         self.shutdown()
+        await self.stopped()
         with contextlib.suppress(Exception):  # a lost channel is closed already
             await self.close_channel()
