@@ -7,7 +7,8 @@ A deployment's YAML names its broker in ``message-queue`` (Llama Deploy 0.8's se
   :data:`BROKER_URL_VARIABLE`) names;
 * ``rabbitmq`` / ``redis``: that broker, from the section's fields with 0.8's environment
   fallbacks (``RABBITMQ_*``, ``REDIS_*``);
-* ``aws``, ``kafka``, ``solace``: accepted with a warning, on the server's own broker.
+* ``aws``, ``kafka``, ``solace``: accepted with a warning, on the server's own broker
+  (whatever the default).
 
 Each external broker kind is one entry of :data:`_KINDS`; its module is imported only when a
 deployment asks for it, so a server without the extra runs every other deployment and fails
@@ -161,7 +162,9 @@ class BrokerChoice:
             raise ValueError(f"${BROKER_VARIABLE} is not a broker choice: {exc!r}") from exc
         if kind == OWN:
             return cls()
-        return cls(kind, _kind(kind).settings_from_json(settings))
+        if kind not in _KINDS:
+            raise ValueError(f"${BROKER_VARIABLE} names an unknown broker kind {kind!r}")
+        return cls(kind, _KINDS[kind].settings_from_json(settings))
 
     @classmethod
     def from_url(cls, url: str, environ: Mapping[str, str]) -> BrokerChoice:
@@ -178,24 +181,20 @@ class BrokerChoice:
         (The server's own is open already: ask only when :attr:`settings` is set.)"""
         if self.settings is None:
             raise ValueError("the server's own broker is not opened here")
-        kind = _kind(self.kind)
+        kind = _KINDS[self.kind]
         return await kind.connect(kind.load(), self.settings, state_store)
-
-
-def _kind(name: str) -> _Kind:
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise ValueError(f"unknown broker kind {name!r}") from None
 
 
 def select_broker(
     config: MessageQueueConfig | None, environ: Mapping[str, str], default: BrokerChoice
 ) -> BrokerChoice:
     """The broker of a deployment whose ``message-queue`` section is ``config``: ``default``
-    for none, ``nats``, ``simple`` (and the types llama-mesh does not run), else the one it
-    names, its settings from the section's fields and ``environ``."""
-    if config is None or config.type in _OWN_TYPES or config.type not in _KINDS:
+    for none, ``nats`` or ``simple``; the server's own for the types llama-mesh does not run
+    (the parser warned); else the one it names, its settings from the section's fields and
+    ``environ``."""
+    if config is None or config.type in _OWN_TYPES:
         return default
-    kind = _KINDS[config.type]
+    kind = _KINDS.get(config.type)
+    if kind is None:
+        return BrokerChoice()
     return BrokerChoice(kind.name, kind.settings_from_config(config.fields, environ))
