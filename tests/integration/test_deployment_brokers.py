@@ -16,17 +16,8 @@ import pytest
 from llama_mesh.server.app import MeshServer, ServerSettings, StartupError
 from llama_mesh.server.domain import DeploymentRecord, DeploymentStatus
 from llama_mesh.server.errors import FailedPreconditionError
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import BROKERED, TESTAPP, MeshFactory
 
-BROKERED = """\
-name: brokered
-services:
-  echo:
-    name: Echo
-    source: {{type: local, name: .}}
-    path: app_workflows:echo
-{queue}"""
-"""A one-service deployment (testapp's echo) with ``message-queue`` ``{queue}``."""
 RABBITMQ = "message-queue: {type: rabbitmq, url: 'amqp://user:secret@127.0.0.1:5672/'}\n"
 
 

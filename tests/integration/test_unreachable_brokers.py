@@ -12,16 +12,8 @@ import pytest
 
 from llama_mesh.server.domain import DeploymentStatus
 from llama_mesh.server.errors import FailedPreconditionError
-from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port
+from tests.fixtures.mesh import BROKERED, TESTAPP, MeshFactory, free_port
 
-BROKERED = """\
-name: brokered
-services:
-  echo:
-    name: Echo
-    source: {{type: local, name: .}}
-    path: app_workflows:echo
-{queue}"""
 URLS = {
     "rabbitmq": "amqp://user:secret@127.0.0.1:{port}/",
     "redis": "redis://:secret@127.0.0.1:{port}/0",
