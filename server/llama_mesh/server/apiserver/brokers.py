@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llama_mesh.server.deployment_config import DeploymentConfig
@@ -35,7 +35,8 @@ class DeploymentBroker:
 class DeploymentBrokers:
     """Opens, hands out and closes the brokers of the deployments this server runs.
 
-    ``default`` is the broker of deployments that name none (or ``nats``/``simple``);
+    ``default`` is the broker of deployments that name none (or ``nats``/``simple``); the
+    server's environment gives the ``RABBITMQ_*`` and ``REDIS_*`` fallbacks;
     ``availability(component, reason)`` hears when an external broker goes away
     (``reason``) and comes back (``None``), as the server's health does of NATS.
     """
@@ -46,13 +47,11 @@ class DeploymentBrokers:
         state_store: StateStore,
         *,
         default: BrokerChoice | None = None,
-        environ: Mapping[str, str] | None = None,
         availability: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.own = own
         self._state_store = state_store
         self._default = default or BrokerChoice()
-        self._environ = os.environ if environ is None else environ
         self._availability = availability
         self._current: dict[str, DeploymentBroker] = {}
 
@@ -75,7 +74,7 @@ class DeploymentBrokers:
             FailedPreconditionError: this server lacks the broker's extra, or the broker
                 cannot be reached (the message names it, password hidden).
         """
-        choice = select_broker(config.message_queue, self._environ, self._default)
+        choice = select_broker(config.message_queue, os.environ, self._default)
         current = self._current.get(config.name)
         if current is not None and current.choice == choice:
             return current
