@@ -51,6 +51,31 @@ async def test_a_deploy_naming_a_broker_without_its_extra_fails_with_the_fix(
     await server.mesh.deployments.delete("brokered")
 
 
+async def test_a_reload_onto_a_broker_that_cannot_be_opened_keeps_the_old_version(
+    mesh_factory: MeshFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload is all or nothing, its broker included: the running version keeps serving
+    on its broker."""
+    without_extra(monkeypatch, "rabbitmq")
+    server = await mesh_factory()
+    deployments = server.mesh.deployments
+    base = str(TESTAPP.parent)
+    await deployments.create(BROKERED.format(queue=""), base_path=base, reload=False, local=True)
+    with pytest.raises(FailedPreconditionError, match=r"llama-mesh\[rabbitmq\]"):
+        await deployments.create(
+            BROKERED.format(queue=RABBITMQ), base_path=base, reload=True, local=True
+        )
+    last = [line.line async for line in deployments.progress("brokered")][-1]
+    assert last.startswith("reload failed, generation 1 keeps serving: ")
+    record = await server.mesh.cp.get_deployment("brokered")
+    assert (record.status, record.generation) == (DeploymentStatus.READY, 1)
+    assert server.mesh.brokers.of("brokered") is server.broker
+    task = await server.mesh.run_task(
+        "brokered", service_id="echo", session_id=None, input={"message": "still"}
+    )
+    assert task.result == "echo: still"
+
+
 async def test_a_restore_whose_broker_cannot_be_opened_lists_the_deployment_failed(
     mesh_factory: MeshFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
