@@ -302,8 +302,12 @@ class _Waiters:
 
     def __init__(self) -> None:
         self._futures: set[asyncio.Future[None]] = set()
+        self.generation = 0
+        """Counts notifications: a caller that compares it before and after an await knows
+        whether it missed one."""
 
     def notify_all(self) -> None:
+        self.generation += 1
         for future in self._futures:
             if not future.done():
                 future.set_result(None)
@@ -406,7 +410,7 @@ class _RedisConsumer(Subscription[Delivery]):
 
     @property
     def closed(self) -> bool:
-        return self._closed or self.broker.closed
+        return self._closed or self.broker.closing
 
     def release(self, delivery: _RedisDelivery) -> None:
         if not delivery.released:
@@ -455,7 +459,11 @@ class _RedisConsumer(Subscription[Delivery]):
         for entry_id, data, count in await broker.reclaim(self, free):
             self._keep(entry_id, data, count)
         if not self._ready:
+            seen = self.wakes.generation
             wait_ms = await broker.next_wake(self)
+            if self.wakes.generation != seen:
+                self._interrupted = False
+                return  # something changed meanwhile (a nak with a delay): look again
             done, entries = await _first(
                 broker.read_new(self, free, max(wait_ms, 1)),
                 self.wakes.future(),
@@ -475,7 +483,7 @@ class _RedisConsumer(Subscription[Delivery]):
         self._closed = True
         self.wakes.notify_all()
         self.broker.forget(self)
-        if not self.broker.closed:
+        if not self.broker.closing:
             with contextlib.suppress(QueueError):
                 await self.give_back()
 
@@ -506,7 +514,7 @@ class _TopicSubscription(Subscription[bytes]):
     async def __anext__(self) -> bytes:
         pause = _BACKOFF[0]
         while True:
-            if self._closed or self._broker.closed:
+            if self._closed or self._broker.closing:
                 raise StopAsyncIteration
             if self._ready:
                 return self._ready.popleft()
@@ -575,6 +583,11 @@ class RedisBroker(Broker):
             raise MessageTooLargeError(
                 what, len(data), self._max_bulk, limit_name="Redis proto-max-bulk-len"
             )
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` has begun: iterators end."""
+        return self._stop.is_set()
 
     def stopping(self) -> asyncio.Future[Any]:
         """A future done when the broker closes."""
@@ -700,11 +713,17 @@ class RedisBroker(Broker):
     async def read_new(self, consumer: _RedisConsumer, count: int, block_ms: int) -> list[Entry]:
         """Entries never delivered to the group, waiting up to ``block_ms`` for some."""
         key = self.queue_key(consumer.queue)
-        reply = await self._run(
-            lambda: self.redis.xreadgroup(
-                _GROUP, consumer.name, {key: ">"}, count=count, block=block_ms
+        try:
+            reply = await self._run(
+                lambda: self.redis.xreadgroup(
+                    _GROUP, consumer.name, {key: ">"}, count=count, block=block_ms
+                )
             )
-        )
+        except QueueError as exc:
+            if not _is_nogroup(exc.__cause__ or exc):
+                raise
+            await self.ensure_group(consumer.queue)  # the stream was deleted
+            return []
         return [
             (_text(entry_id), bytes(f[b"d"]), int(f[b"n"]) + 1)
             for _, entries in reply or []
@@ -854,17 +873,17 @@ class RedisBroker(Broker):
         await self._run(lambda: self.redis.delete(self.topic_key(topic)))
 
     async def close(self) -> None:
-        if self.closed:
+        if self.closing:
             return
+        self._stop.set()
         consumers = list(self._consumers)
         for consumer in consumers:
-            with contextlib.suppress(QueueError):
-                async with asyncio.timeout(_CONNECT_TIMEOUT):
+            consumer.wakes.notify_all()
+        with contextlib.suppress(QueueError, TimeoutError):
+            async with asyncio.timeout(_CONNECT_TIMEOUT):
+                for consumer in consumers:
                     await consumer.give_back()
         self.closed = True
-        self._stop.set()
-        for consumer in consumers:
-            consumer.wakes.notify_all()
         if self._watch is not None:
             await cancel_and_wait(self._watch)
         await self.redis.aclose()
