@@ -317,6 +317,7 @@ class _Waiters:
         """A future done at the next :meth:`notify_all`."""
         future = asyncio.get_running_loop().create_future()
         self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
         return future
 
 
