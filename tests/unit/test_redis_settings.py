@@ -70,6 +70,7 @@ def test_redacted_url_hides_a_password_in_url() -> None:
         ({"url": "http://h:6379"}, {}, "url"),
         ({"hots": "h"}, {}, "hots"),
         ({"password": "secret"}, {}, "password"),
+        ({}, {"REDIS_PASSWORD": "secret"}, r"password: .*\(from the environment: REDIS_PASSWORD\)"),
     ],
 )
 def test_bad_values_name_their_field(

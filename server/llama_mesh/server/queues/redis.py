@@ -966,13 +966,22 @@ class RedisSettings:
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a Redis message-queue field")
         values: dict[str, Any] = {}
+        from_environment: list[str] = []
         for name in sorted(known):
             variable = f"{_ENV_PREFIX}{name.upper()}"
             if fields_.get(name) is not None:
                 values[name] = _typed(name, fields_[name], name)
             elif environ.get(variable):
                 values[name] = _typed(name, environ[variable], variable)
-        return cls(**values)
+                from_environment.append(variable)
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            if not from_environment:
+                raise
+            raise ValueError(
+                f"{exc} (from the environment: {', '.join(from_environment)})"
+            ) from exc
 
     @property
     def effective_url(self) -> str:
@@ -1036,6 +1045,7 @@ async def connect_redis(settings: RedisSettings) -> RedisBroker:
     a few seconds, else :class:`QueueUnavailableError`; later losses are retried."""
     client: Redis = Redis.from_url(
         settings.effective_url,
+        client_name=f"llama-mesh:{settings.namespace}",
         socket_connect_timeout=_CONNECT_TIMEOUT,
         socket_timeout=_LONG_POLL + 10.0,
         retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3),
