@@ -59,13 +59,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import re
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Final, TypeVar, cast
 
 import redis.exceptions
@@ -955,22 +956,20 @@ class RedisSettings:
             raise ValueError(f"namespace: {self.namespace!r} is not [A-Za-z0-9_.-]+")
 
     @classmethod
-    def from_config(
-        cls, fields_: Mapping[str, object], environ: Mapping[str, str]
-    ) -> RedisSettings:
+    def from_config(cls, fields: Mapping[str, object], environ: Mapping[str, str]) -> RedisSettings:
         """The settings of a ``message-queue`` section: each field from the YAML, else from
         ``REDIS_<FIELD>``, else its default. A bad value is a ``ValueError`` naming the field
         (and the variable it came from)."""
-        known = {f.name for f in fields(cls)} - {"namespace"}
-        unknown = sorted(set(fields_) - known - {"type"})
+        known = {f.name for f in dataclasses.fields(cls)} - {"namespace"}
+        unknown = sorted(set(fields) - known - {"type"})
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a Redis message-queue field")
         values: dict[str, Any] = {}
         from_environment: list[str] = []
         for name in sorted(known):
             variable = f"{_ENV_PREFIX}{name.upper()}"
-            if fields_.get(name) is not None:
-                values[name] = _typed(name, fields_[name], name)
+            if fields.get(name) is not None:
+                values[name] = _typed(name, fields[name], name)
             elif environ.get(variable):
                 values[name] = _typed(name, environ[variable], variable)
                 from_environment.append(variable)
