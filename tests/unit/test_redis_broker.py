@@ -11,10 +11,15 @@ import pytest
 
 from llama_mesh.server.queues.broker import ConsumerOptions
 from llama_mesh.server.queues.errors import MessageTooLargeError, QueueUnavailableError
-from llama_mesh.server.queues.redis import RedisBroker, RedisSettings, connect_redis
+from llama_mesh.server.queues.redis import (
+    RedisBroker,
+    RedisSettings,
+    _RedisConsumer,
+    connect_redis,
+)
 from tests.fixtures.redis import RedisServer
 from tests.helpers import aclose, assert_eventually, next_within
-from tests.unit.contract import WAIT, take
+from tests.unit.contract import WAIT, assert_nothing_within, take
 
 
 async def test_a_crash_loses_nothing_acknowledged(tmp_path: Path) -> None:
@@ -135,3 +140,34 @@ async def test_oversized_payloads_are_refused(redis_settings: RedisSettings) -> 
             await broker.publish("ev.task", too_big)
         assert await broker.queue_depth("svc.work") == 0
         assert await broker.last_message("ev.task") is None
+
+
+async def test_entries_a_cancelled_read_took_are_not_lost(redis_settings: RedisSettings) -> None:
+    """An entry Redis delivered to a consumer whose read was cancelled (the reply never
+    arrived) is handed out by its next read, or back to the queue by ``aclose()``: at once
+    and as a first delivery, not after ack_wait as a redelivery."""
+    options = ConsumerOptions(ack_wait=30.0)
+    async with await connect_redis(redis_settings) as broker:
+        it = broker.consume_tasks("svc.work", options)
+        assert isinstance(it, _RedisConsumer)
+        await assert_nothing_within(it, 0.2)  # a cancelled read; the group exists now
+        key = broker.queue_key("svc.work")
+
+        async def lose_a_reply(data: bytes) -> None:
+            """Publish ``data`` and let Redis deliver it to ``it`` without ``it`` seeing it."""
+            await broker.publish_task("svc.work", data, msg_id=data.decode())
+            taken = await broker.redis.xreadgroup("workers", it.name, {key: ">"}, count=1)
+            assert taken
+
+        await lose_a_reply(b"first")
+        adopted = await next_within(it, WAIT)
+        assert (adopted.data, adopted.delivery_count) == (b"first", 1)
+        await adopted.ack()
+
+        await lose_a_reply(b"second")
+        await aclose(it)
+        other = broker.consume_tasks("svc.work", options)
+        handed_back = await next_within(other, WAIT)
+        assert (handed_back.data, handed_back.delivery_count) == (b"second", 1)
+        await handed_back.ack()
+        await aclose(other)
