@@ -145,7 +145,8 @@ async def test_oversized_payloads_are_refused(redis_settings: RedisSettings) -> 
 async def test_entries_a_cancelled_read_took_are_not_lost(redis_settings: RedisSettings) -> None:
     """An entry Redis delivered to a consumer whose read was cancelled (the reply never
     arrived) is handed out by its next read, or back to the queue by ``aclose()``: at once
-    and as a first delivery, not after ack_wait as a redelivery."""
+    and as a first delivery, not after ack_wait as a redelivery. A closed consumer holding
+    nothing leaves the group."""
     options = ConsumerOptions(ack_wait=30.0)
     async with await connect_redis(redis_settings) as broker:
         it = broker.consume_tasks("svc.work", options)
@@ -171,3 +172,4 @@ async def test_entries_a_cancelled_read_took_are_not_lost(redis_settings: RedisS
         assert (handed_back.data, handed_back.delivery_count) == (b"second", 1)
         await handed_back.ack()
         await aclose(other)
+        assert await broker.redis.xinfo_consumers(key, "workers") == []  # closed, forgotten

@@ -409,6 +409,8 @@ class _RedisConsumer(Subscription[Delivery]):
         group may need creating)."""
         self._closed = False
         self.wakes = _Waiters()
+        self._reading = asyncio.Lock()
+        """Held while reading, so that :meth:`give_back` sees what an ending read took."""
 
     @property
     def closed(self) -> bool:
@@ -440,7 +442,8 @@ class _RedisConsumer(Subscription[Delivery]):
                 await _first(self.wakes.future(), self.broker.stopping())
                 continue
             try:
-                await self._fetch(free)
+                async with self._reading:
+                    await self._fetch(free)
                 pause = _BACKOFF[0]
             except QueueUnavailableError as exc:
                 logger.info("reading queue %r failed (%s); again in %.1f s", self.queue, exc, pause)
@@ -490,14 +493,16 @@ class _RedisConsumer(Subscription[Delivery]):
                 await self.give_back()
 
     async def give_back(self) -> None:
-        """Requeue what this consumer took and never handed out; forget it in its group."""
-        unseen = [d.entry_id for d in self._ready]
-        self._ready.clear()
-        for entry_id in unseen:
-            await self.broker.requeue(self, entry_id, expected=None, delay=0.0)
-        for entry_id, _, _ in await self.broker.orphans(self):
-            await self.broker.requeue(self, entry_id, expected=None, delay=0.0)
-        await self.broker.forget_consumer(self)
+        """Requeue what this consumer took and never handed out (once a read it was doing
+        has ended); forget it in its group."""
+        async with self._reading:
+            unseen = [d.entry_id for d in self._ready]
+            self._ready.clear()
+            for entry_id in unseen:
+                await self.broker.requeue(self, entry_id, expected=None, delay=0.0)
+            for entry_id, _, _ in await self.broker.orphans(self):
+                await self.broker.requeue(self, entry_id, expected=None, delay=0.0)
+            await self.broker.forget_consumer(self)
 
 
 # --------------------------------------------------------------------------------------------
