@@ -43,15 +43,20 @@ Topics: ``publish`` is ``XADD``; a subscriber reads from ``0`` and follows with 
 BLOCK`` from the last id it saw; ``last_message`` is ``XREVRANGE ... COUNT 1``;
 ``delete_topic`` is ``DEL``.
 
-Durability: what Redis acknowledged survives a crash only with ``appendonly yes`` and
-``appendfsync always``; with ``everysec`` (Redis's default) a crash can lose the last second
-of acknowledged publishes and settles. Redis Cluster is not supported (the scripts touch
-keys of one queue, but the dedup key of a message may live elsewhere).
+``ack_wait`` and ``max_deliver`` are each consumer's own (the ones it reclaims and
+dead-letters with), not the queue's as with NATS's durable consumer.
+
+Durability: what Redis acknowledged survives a crash of the machine only with ``appendonly
+yes`` and ``appendfsync always``; with ``everysec`` (Redis's default) such a crash can lose
+the last second of acknowledged publishes and settles (a crash of Redis alone loses nothing
+either way: the append-only file is written before Redis replies). Redis Cluster is not
+supported (a message's dedup key and its queue may live on different nodes).
 
 All redis-py errors are translated by :func:`translate_error` into the ``QueueError`` tree.
-Commands are retried a few times on a lost connection (redis-py ``Retry``); a consumer or
-subscriber keeps trying with a backoff until Redis is back, and :meth:`on_availability`
-listeners hear when it goes and comes back.
+Commands are retried a few times on a lost connection (redis-py ``Retry``): a task publish
+retried after a lost reply is stored once (its ``msg_id``), a topic publish may be stored
+twice. A consumer or subscriber keeps trying with a backoff until Redis is back, and
+:meth:`on_availability` listeners hear when it goes and comes back.
 """
 
 from __future__ import annotations
