@@ -32,7 +32,9 @@ How the work-queue rules map onto streams:
 * ``ack()`` is ``XACK`` + ``XDEL`` (so ``queue_depth``, the stream's length, counts waiting and
   unsettled entries); ``term()`` also writes a dead letter. ``nak(delay)`` removes the entry
   and appends it again, at once or through the delayed set: an appended entry wakes every
-  blocked consumer, in any process; consumers in this process are also woken for a delay.
+  blocked consumer, in any process; for a delay, consumers in this process are woken to
+  set their timers, those in other processes find it at their next look (within ``ack_wait``,
+  at most :data:`_LONG_POLL` seconds late).
   A nak of the ``max_deliver``-th delivery makes it a dead letter.
 * A read interrupted on our side (a cancelled ``__anext__``, a lost connection) may leave
   entries delivered to the consumer that it never saw: the next read adopts them from the
