@@ -23,12 +23,15 @@ class QueueUnavailableError(QueueError):
 
 class MessageTooLargeError(QueueError):
     """A message or value larger than the broker takes in one message (NATS: its
-    ``max_payload``); nothing was written. Trying again cannot help."""
+    ``max_payload``, Redis: its ``proto-max-bulk-len``); nothing was written. Trying again
+    cannot help."""
 
-    def __init__(self, what: str, size: int, limit: int) -> None:
+    def __init__(
+        self, what: str, size: int, limit: int, *, limit_name: str = "NATS max_payload"
+    ) -> None:
         super().__init__(
             f"{what} is {size} bytes, more than the message queue's limit of {limit} bytes "
-            "(NATS max_payload)"
+            f"({limit_name})"
         )
         self.size = size
         self.limit = limit
