@@ -25,4 +25,5 @@ pytest_plugins = [
     "tests.fixtures.mesh",
     "tests.fixtures.pki",
     "tests.fixtures.nats_jwt",
+    "tests.fixtures.redis",
 ]

@@ -657,7 +657,7 @@ async def test_progress_of_an_invalid_name_is_400(app: App, name: str) -> None:
 async def test_unavailable_message_queue_is_503(app: App) -> None:
     """With the message queue gone, requests that need it are 503 UNAVAILABLE (retryable),
     not 500 INTERNAL."""
-    await app.server.queue.close()
+    await app.server.state_store.close()
     response = await app.http.get(f"/v1/deployments/{APP}/tasks")
     assert response.status_code == 503, response.text
     assert response.json()["code"] == 14

@@ -26,8 +26,9 @@ from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.domain import Task, TaskStatus
 from llama_mesh.server.errors import AlreadyExistsError
 from llama_mesh.server.nats_server import NatsServer, free_port
-from llama_mesh.server.queues.base import KeyExistsError, KeyValueStore
-from llama_mesh.server.queues.inprocess import InProcessQueue
+from llama_mesh.server.queues.errors import KeyExistsError
+from llama_mesh.server.queues.inprocess import InProcessStateStore
+from llama_mesh.server.queues.state import KeyValueStore
 from llama_mesh.v1 import types_pb2
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
@@ -399,8 +400,8 @@ async def test_health_follows_an_external_nats_going_down_and_back(
         assert await grpc_health(server.grpc_port) == SERVING
 
 
-class LostCreateAnswerQueue(InProcessQueue):
-    """The in-process queue, its tasks bucket storing a new record, then seeing it updated
+class LostCreateAnswerStore(InProcessStateStore):
+    """The in-process state store, its tasks bucket storing a new record, then seeing it updated
     (a worker marking the task RUNNING) before it answers "key exists": what a create tried
     again after NATS came back finds when its first attempt was stored but the answer lost."""
 
@@ -424,8 +425,8 @@ async def test_a_create_whose_answer_was_lost_is_the_task_not_a_conflict() -> No
     """Recording a task whose key turns out taken by that very task (its first attempt
     stored, then updated by a worker) answers the stored record, not ALREADY_EXISTS (a 409
     for a task that runs); a different task under the same id is still refused."""
-    async with LostCreateAnswerQueue() as queue:
-        cp = await ControlPlane.open(queue)
+    async with LostCreateAnswerStore() as store:
+        cp = await ControlPlane.open(store)
         task = Task(task_id="t-1", deployment="d", service_id="s", session_id="x", input={"n": 1})
         stored = await cp.record_task(task, index=False)
         assert (stored.task.task_id, stored.task.status) == ("t-1", TaskStatus.RUNNING)

@@ -8,7 +8,7 @@ import asyncio
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.domain import Task, new_id
 from llama_mesh.server.nats_server import NatsServer
-from llama_mesh.server.queues.nats import connect_nats
+from llama_mesh.server.queues.nats import NatsStateStore, connect_nats
 
 TASKS = 150
 """Per deployment: more than one batch of keys."""
@@ -36,9 +36,9 @@ async def fill(cp: ControlPlane, deployment: str) -> tuple[list[str], list[Task]
 async def test_listings_and_deleting_a_deployment(nats_server: NatsServer) -> None:
     """Listings return every task (newest first, by session too) and session; deleting a
     deployment removes all of its keys and none of another's."""
-    queue = await connect_nats(nats_server.url)
+    connection = await connect_nats(nats_server.url)
     try:
-        cp = await ControlPlane.open(queue)
+        cp = await ControlPlane.open(NatsStateStore(connection))
         gone_sessions, _ = await fill(cp, "gone")
         kept_sessions, kept_tasks = await fill(cp, "kept")
 
@@ -61,4 +61,4 @@ async def test_listings_and_deleting_a_deployment(nats_server: NatsServer) -> No
         assert len(await cp.list_sessions("kept")) == 2
         assert await cp.get_session_state("kept", kept_sessions[0]) == b"{}"
     finally:
-        await queue.close()
+        await connection.close()

@@ -29,6 +29,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from llama_mesh.server import convert, subjects
+from llama_mesh.server.apiserver.brokers import DeploymentBrokers
 from llama_mesh.server.apiserver.deployments import DeploymentManager, DeploymentSettings
 from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.apiserver.supervisor import InProcessSupervisor
@@ -43,15 +44,13 @@ from llama_mesh.server.nats_server import (
     free_port,
 )
 from llama_mesh.server.orchestrator import Orchestrator
-from llama_mesh.server.queues.base import (
-    KeyValueStore,
-    MessageQueue,
-    QueueError,
-    QueueUnavailableError,
-)
-from llama_mesh.server.queues.inprocess import InProcessQueue
-from llama_mesh.server.queues.nats import NatsQueue, connect_nats
+from llama_mesh.server.queues.broker import Broker
+from llama_mesh.server.queues.errors import QueueError, QueueUnavailableError
+from llama_mesh.server.queues.inprocess import InProcessBroker, InProcessStateStore
+from llama_mesh.server.queues.nats import NatsBroker
+from llama_mesh.server.queues.state import KeyValueStore, StateStore
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
+from tests.fixtures.brokers import nats_roles
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
 
@@ -131,7 +130,7 @@ async def running_on_some_instance(mesh: Mesh, task_ids: Iterable[str]) -> str:
     return ""
 
 
-def depth_at_most(queue: MessageQueue, name: str, limit: int) -> Callable[[], Awaitable[bool]]:
+def depth_at_most(queue: Broker, name: str, limit: int) -> Callable[[], Awaitable[bool]]:
     """A predicate for :func:`assert_eventually`: ``queue_depth(name) <= limit``."""
 
     async def check() -> bool:
@@ -220,7 +219,7 @@ async def test_killed_replica_loses_no_task_of_many_in_flight(mesh_factory: Mesh
     again = {t.task_id: (t.status, t.result, t.finished_at) for t in listed}
     assert again == {t.task_id: (t.status, t.result, t.finished_at) for t in finals}
     queue_name = subjects.task_queue(APP, "slow")
-    await assert_eventually(depth_at_most(server.queue, queue_name, 0), timeout=10)
+    await assert_eventually(depth_at_most(server.broker, queue_name, 0), timeout=10)
 
     async def restarted() -> bool:
         pids = set(server.supervisor.pids(APP, "slow"))
@@ -474,13 +473,13 @@ async def test_backlog_costs_no_memory_per_task_and_drains(mesh_factory: MeshFac
         task_ids.append(task.task_id)
     grown = rss_bytes() - before
     assert grown < MEMORY_BOUND, f"RSS grew by {grown / 2**20:.1f} MiB while queueing"
-    queued = await server.queue.queue_depth(queue_name)
+    queued = await server.broker.queue_depth(queue_name)
     assert queued > 0
-    await assert_eventually(depth_at_most(server.queue, queue_name, queued - 1), timeout=10)
+    await assert_eventually(depth_at_most(server.broker, queue_name, queued - 1), timeout=10)
     async with asyncio.timeout(120):
         last = await mesh.wait_task(APP, task_ids[-1])
     assert last.status is TaskStatus.SUCCEEDED
-    await assert_eventually(depth_at_most(server.queue, queue_name, 0), timeout=30)
+    await assert_eventually(depth_at_most(server.broker, queue_name, 0), timeout=30)
     grown = rss_bytes() - before
     assert grown < MEMORY_BOUND, f"RSS grew by {grown / 2**20:.1f} MiB while draining"
     finals = {t.task_id: t for t in await mesh.list_tasks(APP)}
@@ -529,14 +528,16 @@ async def nats_cluster(store: Path, size: int = 3) -> AsyncIterator[list[NatsSer
             await server.stop()
 
 
-async def open_mesh(queue: MessageQueue, data_dir: Path) -> Mesh:
-    """The mesh's core over ``queue``, with replicas as tasks of this process."""
-    cp = await ControlPlane.open(queue)
-    supervisor = InProcessSupervisor(queue, cp)
+async def open_mesh(state_store: StateStore, broker: Broker, data_dir: Path) -> Mesh:
+    """The mesh's core over ``state_store`` and ``broker`` (every deployment's), with
+    replicas as tasks of this process."""
+    cp = await ControlPlane.open(state_store)
+    supervisor = InProcessSupervisor(broker, cp)
+    brokers = DeploymentBrokers(broker, state_store)
     deployments = DeploymentManager(
-        cp, queue, supervisor, DeploymentSettings(data_dir=data_dir, ack_wait=2.0)
+        cp, brokers, supervisor, DeploymentSettings(data_dir=data_dir, ack_wait=2.0)
     )
-    return Mesh(cp, queue, deployments, Orchestrator(queue))
+    return Mesh(cp, deployments, Orchestrator(brokers))
 
 
 NAP_MODULE = """\
@@ -572,16 +573,19 @@ services:
 
 
 @contextlib.asynccontextmanager
-async def clustered_mesh(store: Path) -> AsyncIterator[tuple[list[NatsServer], NatsQueue, Mesh]]:
-    """A three-node cluster, a queue on it with everything replicated three times (checked),
-    and the mesh's core over that queue with `NAP_YAML` deployed (replicas in-process)."""
+async def clustered_mesh(
+    store: Path,
+) -> AsyncIterator[tuple[list[NatsServer], NatsBroker, Mesh]]:
+    """A three-node cluster, a broker and state store on it with everything replicated
+    three times (checked), and the mesh's core over them with `NAP_YAML` deployed
+    (replicas in-process)."""
     source = store / "source"
     source.mkdir()
     (source / "faults_nap.py").write_text(NAP_MODULE)
     async with nats_cluster(store / "cluster") as nodes:
-        queue = await connect_nats([n.url for n in nodes], replicas=3)
+        connection, queue, state_store = await nats_roles([n.url for n in nodes], replicas=3)
         try:
-            mesh = await open_mesh(queue, store / "mesh")
+            mesh = await open_mesh(state_store, queue, store / "mesh")
             try:
                 await deploy(mesh, NAP_YAML, base_path=source)
                 for stream in (queue.tasks_stream, queue.topics_stream, "KV_mesh_tasks"):
@@ -591,10 +595,10 @@ async def clustered_mesh(store: Path) -> AsyncIterator[tuple[list[NatsServer], N
             finally:
                 await mesh.deployments.supervisor.shutdown()
         finally:
-            await queue.close()
+            await connection.close()
 
 
-async def cluster_serves(queue: NatsQueue, mesh: Mesh, task_ids: Iterable[str]) -> bool:
+async def cluster_serves(queue: NatsBroker, mesh: Mesh, task_ids: Iterable[str]) -> bool:
     """Whether the streams and the `slow` consumer have leaders again and every task's
     record can be read (False while the cluster elects leaders)."""
     try:
@@ -623,8 +627,8 @@ async def test_a_server_on_a_cluster_replicates_what_it_creates(
         server = await mesh_factory(
             queue="nats", nats_url=",".join(n.url for n in nodes), nats_replicas=3
         )
-        queue = server.mesh.queue
-        assert isinstance(queue, NatsQueue)
+        queue = server.broker
+        assert isinstance(queue, NatsBroker)
         streams = {info.config.name: info.config for info in await queue.js.streams_info()}
         assert {queue.tasks_stream, queue.topics_stream, "KV_mesh_tasks"} <= set(streams)
         assert {name: config.num_replicas for name, config in streams.items()} == dict.fromkeys(
@@ -708,8 +712,8 @@ async def test_streaming_tasks_survive_the_loss_of_the_event_streams_leader(
             assert final.result == {"ticks": TICKS}
 
 
-class FlakyEventsQueue(InProcessQueue):
-    """The in-process queue, refusing the first ``failures`` publishes to event topics as
+class FlakyEventsBroker(InProcessBroker):
+    """The in-process broker, refusing the first ``failures`` publishes to event topics as
     NATS does while a cluster elects leaders."""
 
     def __init__(self, failures: int) -> None:
@@ -728,8 +732,8 @@ async def test_a_broker_error_publishing_an_event_is_not_the_workflows_failure(
 ) -> None:
     """When the broker refuses a streamed event (a failover), the task is retried, not
     failed: it ends SUCCEEDED on a later delivery."""
-    async with FlakyEventsQueue(failures=1) as queue:
-        mesh = await open_mesh(queue, tmp_path)
+    async with FlakyEventsBroker(failures=1) as queue, InProcessStateStore() as state_store:
+        mesh = await open_mesh(state_store, queue, tmp_path)
         try:
             await deploy(mesh, SLOW_YAML)
             tags = await create_slow_tasks(mesh, ["flaky"], seconds=0.1)
@@ -747,8 +751,11 @@ async def test_the_final_event_is_made_from_the_record_not_the_topic(
     topic would fail): a caller streaming the task's events gets it from the task's record
     as soon as the record is final and no workflow event is missing, not after the grace
     period for missing events."""
-    async with FlakyEventsQueue(failures=1_000_000) as queue:
-        mesh = await open_mesh(queue, tmp_path)
+    async with (
+        FlakyEventsBroker(failures=1_000_000) as queue,
+        InProcessStateStore() as state_store,
+    ):
+        mesh = await open_mesh(state_store, queue, tmp_path)
         mesh.final_event_grace = 60.0
         try:
             source = tmp_path / "source"
@@ -766,8 +773,8 @@ async def test_the_final_event_is_made_from_the_record_not_the_topic(
             await mesh.deployments.supervisor.shutdown()
 
 
-class RefusingSessionsQueue(InProcessQueue):
-    """The in-process queue, its sessions bucket refusing to create a key: a broker that
+class RefusingSessionsStore(InProcessStateStore):
+    """The in-process state store, its sessions bucket refusing to create a key: a broker that
     fails part-way through creating a task (and the session it comes with)."""
 
     async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
@@ -788,8 +795,8 @@ async def test_a_task_whose_creation_fails_half_way_is_failed_not_left_queued(
     """The task's message and record are stored but its new session is refused:
     the caller gets UNAVAILABLE naming the cause, and the task is marked FAILED at once —
     not left QUEUED, and not run to its end by the worker that got its message."""
-    async with RefusingSessionsQueue() as queue:
-        mesh = await open_mesh(queue, tmp_path)
+    async with RefusingSessionsStore() as state_store, InProcessBroker() as queue:
+        mesh = await open_mesh(state_store, queue, tmp_path)
         try:
             await deploy(mesh, SLOW_YAML)
             create = mesh.run_task if waits else mesh.create_task
@@ -839,11 +846,11 @@ async def test_a_default_connection_keeps_replicated_streams_replicated(
     does not reduce the replication of streams created with ``replicas=3``."""
     async with nats_cluster(tmp_path / "cluster") as nodes:
         urls = [n.url for n in nodes]
-        replicated = await connect_nats(urls, replicas=3)
+        connection, replicated, _ = await nats_roles(urls, replicas=3)
         try:
-            plain = await connect_nats(urls)
+            plain, _, _ = await nats_roles(urls)
             await plain.close()
             info = await replicated.js.stream_info(replicated.tasks_stream)
             assert info.config.num_replicas == 3
         finally:
-            await replicated.close()
+            await connection.close()

@@ -151,7 +151,7 @@ async def test_a_task_message_without_a_record_is_dropped(
     queue = subjects.task_queue(APP, "echo")
 
     async def drained() -> bool:
-        return await mesh.queue.queue_depth(queue) == 0  # settled, not just delivered
+        return await mesh.brokers.of(APP).queue_depth(queue) == 0  # settled, not just delivered
 
     await assert_eventually(drained, timeout=10)
     with pytest.raises(NotFoundError):

@@ -18,7 +18,7 @@ import pytest
 from llama_mesh.server.app import ServerSettings
 from llama_mesh.server.domain import TaskStatus
 from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, NatsTlsConfig, NatsUser
-from llama_mesh.server.queues.base import QueueUnavailableError
+from llama_mesh.server.queues.errors import QueueUnavailableError
 from llama_mesh.server.queues.nats import NatsLogin, connect_nats, redact_url
 from llama_mesh.server.serve import build_parser as serve_parser
 from llama_mesh.server.service.__main__ import build_parser as worker_parser
@@ -156,8 +156,8 @@ async def test_credentials_of_an_unknown_account_or_none_are_refused(jwt_nats: J
         )
     with pytest.raises(QueueUnavailableError):
         await connect_nats(jwt_nats.url, connect_timeout=5)
-    queue = await connect_nats(jwt_nats.url, login=NatsLogin(creds=jwt_nats.creds))
-    await queue.close()
+    connection = await connect_nats(jwt_nats.url, login=NatsLogin(creds=jwt_nats.creds))
+    await connection.close()
 
 
 def test_a_login_travels_to_workers_in_their_environment(pki: Pki) -> None:

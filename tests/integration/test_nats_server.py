@@ -24,8 +24,11 @@ from llama_mesh.server.nats_server import (
     find_nats_server_binary,
     render_config,
 )
-from llama_mesh.server.queues.base import ConsumerOptions, KeyExistsError, KeyValueEntry
-from llama_mesh.server.queues.nats import NatsKeyValueStore, connect_nats
+from llama_mesh.server.queues.broker import ConsumerOptions
+from llama_mesh.server.queues.errors import KeyExistsError
+from llama_mesh.server.queues.nats import NatsKeyValueStore
+from llama_mesh.server.queues.state import KeyValueEntry
+from tests.fixtures.brokers import nats_roles
 from tests.helpers import aclose, assert_eventually, next_within
 
 WAIT = 10.0
@@ -92,39 +95,39 @@ async def test_stop_is_idempotent(nats_server: NatsServer) -> None:
 
 async def test_data_survives_a_restart(nats_server: NatsServer) -> None:
     """A published task and a KV entry are still there after restart() on the same port."""
-    queue = await connect_nats(nats_server.url)
-    await queue.publish_task("svc", b"task", msg_id="t1")
-    revision = await (await queue.kv("state")).put("k", b"v")
-    await queue.close()
+    conn, broker, store = await nats_roles(nats_server.url)
+    await broker.publish_task("svc", b"task", msg_id="t1")
+    revision = await (await store.kv("state")).put("k", b"v")
+    await conn.close()
     old_pid, port = nats_server.pid, nats_server.port
     await nats_server.restart()
     assert nats_server.pid != old_pid
     assert nats_server.port == port
-    queue = await connect_nats(nats_server.url)
+    conn, broker, store = await nats_roles(nats_server.url)
     try:
-        it = queue.consume_tasks("svc", ConsumerOptions())
+        it = broker.consume_tasks("svc", ConsumerOptions())
         delivery = await next_within(it, WAIT)
         assert delivery.data == b"task"
         await delivery.ack()
-        entry = await (await queue.kv("state")).get("k")
+        entry = await (await store.kv("state")).get("k")
         assert entry is not None
         assert (entry.value, entry.revision) == (b"v", revision)
         await aclose(it)
     finally:
-        await queue.close()
+        await conn.close()
 
 
 async def test_a_connected_queue_rides_out_a_restart(nats_server: NatsServer) -> None:
-    """A NatsQueue reconnects by itself; its consumer, subscription and watch carry on
+    """A NATS connection reconnects by itself; its consumer, subscription and watch carry on
     promptly (well before nats-py's 10 s heartbeat check would notice)."""
-    queue = await connect_nats(nats_server.url)
+    conn, broker, store = await nats_roles(nats_server.url)
     try:
-        kv = await queue.kv("state")
-        tasks = queue.consume_tasks("svc", ConsumerOptions())
-        events = queue.subscribe("ev")
+        kv = await store.kv("state")
+        tasks = broker.consume_tasks("svc", ConsumerOptions())
+        events = broker.subscribe("ev")
         watch = kv.watch("k.")
-        await queue.publish_task("svc", b"before", msg_id="b")
-        await queue.publish("ev", b"before")
+        await broker.publish_task("svc", b"before", msg_id="b")
+        await broker.publish("ev", b"before")
         await kv.put("k.a", b"before")
         await (await next_within(tasks, WAIT)).ack()
         assert await next_within(events, WAIT) == b"before"
@@ -132,8 +135,8 @@ async def test_a_connected_queue_rides_out_a_restart(nats_server: NatsServer) ->
 
         await nats_server.restart()
 
-        await queue.publish_task("svc", b"after", msg_id="a")
-        await queue.publish("ev", b"after")
+        await broker.publish_task("svc", b"after", msg_id="a")
+        await broker.publish("ev", b"after")
         await kv.put("k.a", b"after")
         delivery = await next_within(tasks, RECOVER)
         assert delivery.data == b"after"
@@ -143,16 +146,16 @@ async def test_a_connected_queue_rides_out_a_restart(nats_server: NatsServer) ->
         for it in (tasks, events, watch):
             await aclose(it)
     finally:
-        await queue.close()
+        await conn.close()
 
 
 async def test_kill_loses_nothing_acknowledged(nats_server: NatsServer) -> None:
     """After SIGKILL and a start on the same store, published tasks are all there and
     acknowledged ones are not redelivered."""
-    queue = await connect_nats(nats_server.url)
+    conn, broker, _ = await nats_roles(nats_server.url)
     for i in range(20):
-        await queue.publish_task("svc", f"t{i}".encode(), msg_id=f"t{i}")
-    it = queue.consume_tasks("svc", ConsumerOptions(max_in_flight=5))
+        await broker.publish_task("svc", f"t{i}".encode(), msg_id=f"t{i}")
+    it = broker.consume_tasks("svc", ConsumerOptions(max_in_flight=5))
     acked = []
     for _ in range(5):
         delivery = await next_within(it, WAIT)
@@ -160,21 +163,21 @@ async def test_kill_loses_nothing_acknowledged(nats_server: NatsServer) -> None:
         acked.append(delivery.data)
     await nats_server.kill()
     assert not nats_server.running
-    await queue.close()
+    await conn.close()
     await nats_server.restart()
-    queue = await connect_nats(nats_server.url)
+    conn, broker, _ = await nats_roles(nats_server.url)
     try:
-        it = queue.consume_tasks("svc", ConsumerOptions(max_in_flight=20, ack_wait=30.0))
+        it = broker.consume_tasks("svc", ConsumerOptions(max_in_flight=20, ack_wait=30.0))
         rest = []
         for _ in range(15):
             delivery = await next_within(it, WAIT)
             await delivery.ack()
             rest.append(delivery.data)
         assert sorted(acked + rest) == sorted(f"t{i}".encode() for i in range(20))
-        assert await queue.queue_depth("svc") == 0
+        assert await broker.queue_depth("svc") == 0
         await aclose(it)
     finally:
-        await queue.close()
+        await conn.close()
 
 
 async def test_writes_whose_answer_was_lost_are_stored_once(
@@ -183,11 +186,11 @@ async def test_writes_whose_answer_was_lost_are_stored_once(
     """A write stored by the server whose answer never came back (a failover, a timeout) is
     tried again: a create recognises its own write, a put does not overwrite a value
     written meanwhile, a task message is queued once."""
-    queue = await connect_nats(nats_server.url)
+    conn, broker, store = await nats_roles(nats_server.url)
     try:
-        kv = await queue.kv("lost")
+        kv = await store.kv("lost")
         assert isinstance(kv, NatsKeyValueStore)
-        real_publish = queue.js.publish
+        real_publish = conn.js.publish
         losses: list[Callable[[], Awaitable[object]]] = []
         """For each answer to lose: what happens between the write and the lost answer."""
 
@@ -198,7 +201,7 @@ async def test_writes_whose_answer_was_lost_are_stored_once(
                 raise nats.errors.TimeoutError
             return ack
 
-        monkeypatch.setattr(queue.js, "publish", publish)
+        monkeypatch.setattr(conn.js, "publish", publish)
         nothing = asyncio.sleep
 
         losses.append(lambda: nothing(0))
@@ -213,11 +216,11 @@ async def test_writes_whose_answer_was_lost_are_stored_once(
         assert entry is not None and entry.value == b"newer"
 
         losses.append(lambda: nothing(0))
-        await queue.publish_task("svc", b"task", msg_id="t3")
-        assert await queue.queue_depth("svc") == 1
+        await broker.publish_task("svc", b"task", msg_id="t3")
+        assert await broker.queue_depth("svc") == 1
         assert not losses
     finally:
-        await queue.close()
+        await conn.close()
 
 
 async def test_a_picked_port_taken_before_the_bind_is_picked_again(
@@ -240,8 +243,8 @@ async def test_a_picked_port_taken_before_the_bind_is_picked_again(
             assert not picks  # the taken port was tried first
             assert server.port != taken.getsockname()[1]
             assert "address already in use" in server.log_tail()
-            queue = await connect_nats(server.url)
-            await queue.close()
+            conn, _, _ = await nats_roles(server.url)
+            await conn.close()
         finally:
             await server.stop()
 

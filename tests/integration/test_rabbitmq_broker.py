@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
 from llama_mesh.server.nats_server import free_port
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions
 from llama_mesh.server.queues.errors import MessageTooLargeError, QueueUnavailableError
-from llama_mesh.server.queues.inprocess import connect_inprocess
+from llama_mesh.server.queues.inprocess import InProcessStateStore
 from llama_mesh.server.queues.rabbitmq import RabbitMqSettings, connect_rabbitmq
 from llama_mesh.server.queues.state import KeyValueStore
 from tests.fixtures.rabbitmq import MAX_MESSAGE_SIZE, RabbitMqServer
@@ -28,9 +29,10 @@ RESTART_WAIT = 60.0
 
 
 @pytest.fixture
-async def dedup() -> KeyValueStore:
-    state = await connect_inprocess()
-    return await state.kv("dedup", ttl=120.0)
+async def dedup() -> AsyncIterator[KeyValueStore]:
+    """A bucket for msg_id claims, as the server gives a RabbitMQ broker."""
+    async with InProcessStateStore() as state:
+        yield await state.kv("dedup", ttl=120.0)
 
 
 def settings_for(server: RabbitMqServer) -> RabbitMqSettings:

@@ -28,8 +28,8 @@ from llama_mesh.server import subjects
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.domain import HumanEvent, TaskStatus
 from llama_mesh.server.errors import InvalidArgumentError
-from llama_mesh.server.queues.base import Delivery
-from llama_mesh.server.queues.inprocess import InProcessQueue
+from llama_mesh.server.queues.broker import Delivery
+from llama_mesh.server.queues.inprocess import InProcessBroker, InProcessStateStore
 from llama_mesh.server.service.events import build_event, parse_serialized_event
 from llama_mesh.server.service.worker import Worker, WorkerSettings
 from llama_mesh.v1 import messages_pb2
@@ -301,10 +301,10 @@ class RecordingDelivery(Delivery):
 
 async def _handle(data: bytes) -> list[str]:
     """How a fresh worker of testapp/echo settles one delivery of ``data``."""
-    async with InProcessQueue() as queue:
-        cp = await ControlPlane.open(queue)
+    async with InProcessBroker() as broker, InProcessStateStore() as store:
+        cp = await ControlPlane.open(store)
         worker = Worker(
-            queue, cp, WORKFLOWS["echo"], WorkerSettings(deployment="testapp", service_id="echo")
+            broker, cp, WORKFLOWS["echo"], WorkerSettings(deployment="testapp", service_id="echo")
         )
         delivery = RecordingDelivery(data)
         async with asyncio.timeout(5):
@@ -359,12 +359,12 @@ async def test_worker_survives_garbage_and_serves_the_next_task(
     before = {i.instance_id for i in await mesh.cp.list_instances("testapp", "echo")}
     queue_name = subjects.task_queue("testapp", "echo")
     for n, garbage in enumerate([b"\xff\xff\xff", b"\x0a\x02\xff\xfe", b"\x0b" * 1000]):
-        await server.queue.publish_task(queue_name, garbage, msg_id=f"garbage-{n}")
+        await server.broker.publish_task(queue_name, garbage, msg_id=f"garbage-{n}")
     async with asyncio.timeout(10):
         task = await mesh.run_task(
             "testapp", service_id="echo", session_id=None, input={"message": "still here"}
         )
     assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "echo: still here")
-    assert await server.queue.queue_depth(queue_name) == 0
+    assert await server.broker.queue_depth(queue_name) == 0
     after = {i.instance_id for i in await mesh.cp.list_instances("testapp", "echo")}
     assert after == before != set()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_mesh.server.serve import build_parser, rc_files
+from llama_mesh.server.serve import build_parser, rc_files, settings_from_args
 
 OURS = ("LLAMA_MESH_HOST", "LLAMA_MESH_PORT", "LLAMA_MESH_RC_PATH", "LLAMA_MESH_METRICS_PORT")
 
@@ -90,3 +90,16 @@ def test_rc_files_are_the_yaml_files_in_name_order(tmp_path: Path) -> None:
     (tmp_path / "d.yml").mkdir()
     assert rc_files(tmp_path) == [tmp_path / "a.yml", tmp_path / "b.yaml"]
     assert rc_files(tmp_path / "missing") == []
+
+
+def test_the_default_broker_comes_from_its_variable_then_the_flag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--broker`` (``LLAMA_MESH_BROKER_URL``) sets the broker of deployments that name
+    none; unset, they run on the server's own."""
+    monkeypatch.delenv("LLAMA_MESH_BROKER_URL", raising=False)
+    assert settings_from_args(build_parser().parse_args([])).broker_url is None
+    monkeypatch.setenv("LLAMA_MESH_BROKER_URL", "redis://h:6379/0")
+    assert settings_from_args(build_parser().parse_args([])).broker_url == "redis://h:6379/0"
+    args = build_parser().parse_args(["--broker", "amqp://u:p@h:5672/"])
+    assert settings_from_args(args).broker_url == "amqp://u:p@h:5672/"

@@ -11,8 +11,8 @@ from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, Task
 from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import Task, TaskStatus, new_id
 from llama_mesh.server.errors import NotFoundError, UnavailableError
-from llama_mesh.server.queues.base import QueueUnavailableError
-from llama_mesh.server.queues.inprocess import InProcessQueue
+from llama_mesh.server.queues.errors import QueueUnavailableError
+from llama_mesh.server.queues.inprocess import InProcessStateStore
 from tests.helpers import assert_eventually
 
 APP = "app"
@@ -23,8 +23,8 @@ class BreakableControlPlane(ControlPlane):
 
     BREAK = "break-the-watch"
 
-    def __init__(self, queue: InProcessQueue) -> None:
-        super().__init__(queue)
+    def __init__(self) -> None:
+        super().__init__()
         self.watches = 0
 
     async def break_watch(self) -> None:
@@ -51,18 +51,8 @@ class BreakableControlPlane(ControlPlane):
 
 @pytest.fixture
 async def cp() -> AsyncIterator[BreakableControlPlane]:
-    async with InProcessQueue() as queue:
-        store = BreakableControlPlane(queue)
-        for name in (
-            "deployments",
-            "tasks",
-            "sessions",
-            "session_tasks",
-            "session_state",
-            "services",
-        ):
-            store._buckets[name] = await queue.kv(name)
-        yield store
+    async with InProcessStateStore() as state_store:
+        yield await BreakableControlPlane.open(state_store)
 
 
 @pytest.fixture

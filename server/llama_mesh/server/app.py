@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.allowlist import SourcePolicy
+from llama_mesh.server.apiserver.brokers import DeploymentBrokers
 from llama_mesh.server.apiserver.compat import LlamaDeployApiServicer
 from llama_mesh.server.apiserver.deployments import DeploymentManager, DeploymentSettings
 from llama_mesh.server.apiserver.mesh import Mesh
@@ -34,14 +36,17 @@ from llama_mesh.server.auth import ApiKeys, AuthInterceptor
 from llama_mesh.server.children import KeepAlive
 from llama_mesh.server.control_plane.servicer import ControlPlaneServicer
 from llama_mesh.server.control_plane.store import ControlPlane
+from llama_mesh.server.errors import MeshError
 from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.grpc_errors import ErrorInterceptor
 from llama_mesh.server.metrics import Metrics, MetricsInterceptor
 from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, store_login
 from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
 from llama_mesh.server.probes import ProbesServicer
-from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.server.queues.broker import Broker
 from llama_mesh.server.queues.nats import NatsLogin
+from llama_mesh.server.queues.selection import BrokerChoice
+from llama_mesh.server.queues.state import StateStore
 from llama_mesh.v1 import (
     apiserver_pb2,
     apiserver_pb2_grpc,
@@ -91,6 +96,9 @@ class ServerSettings:
     nats_replicas: int = 1
     """Copies of each stream and bucket the server creates: 3 (or 5) on a NATS cluster, so
     that losing a node loses nothing. Streams that exist keep theirs."""
+    broker_url: str | None = None
+    """The broker of deployments that name none (or ``nats``/``simple``):
+    ``amqp://...`` or ``redis://...``; ``None``: the server's own."""
     gateway: bool = True
     control_planes: bool = True
     """Whether the gateway serves each deployment's Llama Deploy 0.8 control plane API on
@@ -247,7 +255,12 @@ class MeshServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self._stack = AsyncExitStack()
-        self.queue: MessageQueue
+        self.state_store: StateStore
+        """Where the control plane keeps its buckets (NATS JetStream, or in-process)."""
+        self.broker: Broker
+        """The server's own broker: its topics, and deployments that name no other."""
+        self.default_broker = BrokerChoice()
+        """The broker of deployments that name none (``broker_url``'s, or :attr:`broker`)."""
         self.mesh: Mesh
         self.supervisor: Supervisor
         self.grpc_port = 0
@@ -286,11 +299,17 @@ class MeshServer:
     async def _start(self) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.queue = await self._open_queue()
-        self._stack.push_async_callback(self.queue.close)
-        cp = await ControlPlane.open(self.queue)
+        self.default_broker = default = self._default_broker()
+        self.state_store, self.broker = await self._open_queue()
+        self._stack.push_async_callback(self.state_store.close)
+        self._stack.push_async_callback(self.broker.close)
+        cp = await ControlPlane.open(self.state_store)
+        brokers = DeploymentBrokers(
+            self.broker, self.state_store, default=default, availability=self._availability
+        )
+        self._stack.push_async_callback(brokers.close_all)  # once no replica uses them
         if s.queue == "inprocess":
-            self.supervisor = InProcessSupervisor(self.queue, cp)
+            self.supervisor = InProcessSupervisor(self.broker, cp)
         else:
             assert self.nats_url is not None
             self.supervisor = ProcessSupervisor(
@@ -299,7 +318,7 @@ class MeshServer:
         self._stack.push_async_callback(self.supervisor.shutdown)
         deployments = DeploymentManager(
             cp,
-            self.queue,
+            brokers,
             self.supervisor,
             DeploymentSettings(
                 data_dir=s.data_dir,
@@ -310,9 +329,9 @@ class MeshServer:
                 policy=SourcePolicy(s.allowed_local_roots, s.allowed_git_prefixes),
             ),
         )
-        self.mesh = Mesh(cp, self.queue, deployments, Orchestrator(self.queue))
+        self.mesh = Mesh(cp, deployments, Orchestrator(brokers))
         self._stack.push_async_callback(deployments.uis.shutdown)
-        self.queue.on_availability(self._nats_availability)
+        self.state_store.on_availability(self._nats_availability)
         # Watching before serving: callers waiting on tasks find the watch running.
         self.mesh.watcher.start()
         self._stack.push_async_callback(self.mesh.watcher.close)
@@ -359,10 +378,23 @@ class MeshServer:
         self._background.add(publisher)
 
     def _nats_availability(self, reason: str | None) -> None:
+        self._availability("nats", reason)
+
+    def _availability(self, component: str, reason: str | None) -> None:
         if reason is None:
-            self.mesh.health.up("nats")
+            self.mesh.health.up(component)
         else:
-            self.mesh.health.down("nats", reason)
+            self.mesh.health.down(component, reason)
+
+    def _default_broker(self) -> BrokerChoice:
+        """The broker of deployments that name none: ``broker_url``'s, or the server's own."""
+        url = self.settings.broker_url
+        if url is None:
+            return BrokerChoice()
+        try:
+            return BrokerChoice.from_url(url, os.environ)
+        except MeshError as exc:
+            raise StartupError(exc.message) from exc
 
     def _fail(self, reason: str) -> None:
         """A child process is down for good: the server cannot serve."""
@@ -374,13 +406,15 @@ class MeshServer:
         """Wait until every saved deployment has been restored or marked failed."""
         await self.mesh.deployments.restored.wait()
 
-    async def _open_queue(self) -> MessageQueue:
+    async def _open_queue(self) -> tuple[StateStore, Broker]:
+        """The state store and the server's own broker: one NATS connection backs both
+        (the embedded nats-server, or ``nats_url``), or the in-process ones."""
         s = self.settings
         if s.queue == "inprocess":
-            from llama_mesh.server.queues.inprocess import InProcessQueue
+            from llama_mesh.server.queues.inprocess import InProcessBroker, InProcessStateStore
 
-            return InProcessQueue()
-        from llama_mesh.server.queues.nats import connect_nats
+            return InProcessStateStore(), InProcessBroker()
+        from llama_mesh.server.queues.nats import NatsBroker, NatsStateStore, connect_nats
 
         if s.nats_url is None:
             # Only clients with the store's own login may connect: the server and the
@@ -397,9 +431,15 @@ class MeshServer:
             self.nats_url = nats.login_url
         else:
             self.nats_url = s.nats_url
-        return await connect_nats(
+        connection = await connect_nats(
             self.nats_url.split(","), login=s.nats_login, replicas=s.nats_replicas
         )
+        try:
+            broker = await NatsBroker.open(connection)
+        except BaseException:
+            await connection.close()
+            raise
+        return NatsStateStore(connection), broker
 
     def _gateway_config(self) -> GatewayConfig:
         from llama_mesh.server.gateway import GatewayConfig

@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 """Deployment names and service ids: they become NATS subject tokens."""
 
-SUPPORTED_QUEUE_TYPES = frozenset({"nats", "simple"})
-"""Message-queue types the server can run; the others parse, with a warning."""
+SUPPORTED_QUEUE_TYPES = frozenset({"nats", "simple", "rabbitmq", "redis"})
+"""Message-queue types the server runs as written (``nats`` and ``simple`` on its default
+broker, see :mod:`llama_mesh.server.queues.selection`); the others parse, with a warning."""
 
 _T = "tag:yaml.org,2002:"
 _STR, _INT, _FLOAT, _BOOL, _NULL, _MAP, _SEQ = (
@@ -181,7 +182,8 @@ class MessageQueueConfig:
 
     @property
     def supported(self) -> bool:
-        """Whether llama-mesh can run this queue type (``nats``, ``simple``)."""
+        """Whether llama-mesh runs this queue type (``nats``, ``simple``, ``rabbitmq``,
+        ``redis``); the others run on the server's own broker."""
         return self.type in SUPPORTED_QUEUE_TYPES
 
 

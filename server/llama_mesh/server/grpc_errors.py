@@ -23,7 +23,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from llama_mesh.server import errors
-from llama_mesh.server.queues.base import QueueUnavailableError
+from llama_mesh.server.queues.errors import QueueUnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
 """What of the server is down right now, for the status routes and gRPC health.
 
 The parts a server depends on report themselves down (with the reason) and up again:
-``nats`` (the connection to the message queue) and ``gateway`` (its Envoy). ``GET /status/``
+``nats`` (the connection to the message queue), ``gateway`` (its Envoy) and
+``broker:<deployment>`` (a deployment's own broker, RabbitMQ or Redis; no gRPC health
+entry of its own). ``GET /status/``
 and ``/v1/status`` read :class:`Health`; :meth:`Health.publish` keeps the standard
 ``grpc.health.v1`` service in step: the server (``""``) and its services are NOT_SERVING
 while anything is down, and each part has its own entry (``llama_mesh.nats``,

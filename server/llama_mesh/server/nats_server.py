@@ -4,7 +4,7 @@ Used by ``llamactl serve`` (the default message queue) and by the test fixtures:
 
     cfg = NatsServerConfig(store_dir=Path("/var/lib/llama-mesh/nats"))
     async with await NatsServer.start(cfg) as server:
-        queue = await connect_nats(server.url)
+        connection = await connect_nats(server.url)  # then NatsBroker.open(connection), ...
 
 The server listens on ``127.0.0.1`` only (unless told otherwise), keeps JetStream state in
 ``store_dir`` with an fsync after every write (``sync_interval: always``), and writes its log to

@@ -15,10 +15,10 @@ from llama_mesh.server.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.v1 import messages_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 if TYPE_CHECKING:
+    from llama_mesh.server.apiserver.brokers import DeploymentBrokers
     from llama_mesh.server.apiserver.deployments import DeploymentManager
 
 
@@ -56,10 +56,11 @@ def choose_service(config: DeploymentConfig, service_id: str | None) -> str:
 
 
 class Orchestrator:
-    """Publishes task messages to the chosen service's durable work queue."""
+    """Publishes task messages to the chosen service's durable work queue, on its
+    deployment's broker."""
 
-    def __init__(self, queue: MessageQueue) -> None:
-        self._queue = queue
+    def __init__(self, brokers: DeploymentBrokers) -> None:
+        self._brokers = brokers
 
     async def schedule(
         self,
@@ -87,7 +88,8 @@ class Orchestrator:
             new_session=new_session,
         )
         msg.created_at.CopyFrom(convert.to_timestamp(task.created_at))
-        await self._queue.publish_task(queue_name, msg.SerializeToString(), msg_id=task.task_id)
+        broker = self._brokers.of(task.deployment)
+        await broker.publish_task(queue_name, msg.SerializeToString(), msg_id=task.task_id)
         return queue_name
 
 

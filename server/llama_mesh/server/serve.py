@@ -136,6 +136,14 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         help="copies of each stream on a NATS cluster: 1, 3 or 5, with --nats-url (default: 1)",
     )
     p.add_argument(
+        "--broker",
+        metavar="URL",
+        default=env_setting("BROKER_URL"),
+        help="the broker of deployments whose message-queue is nats, simple or absent: "
+        "amqp://user:password@host:port/vhost or redis://host:port "
+        "(default: $LLAMA_MESH_BROKER_URL, else the server's own)",
+    )
+    p.add_argument(
         "--data-dir",
         type=Path,
         default=Path(env_setting("DATA_DIR") or default_data_dir()),
@@ -329,6 +337,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         nats_tls_cert=args.nats_tls_cert,
         nats_tls_key=args.nats_tls_key,
         nats_replicas=args.nats_replicas,
+        broker_url=args.broker or None,
         gateway=not args.no_gateway,
         control_planes=not args.no_control_planes,
         cors_origins=tuple(args.cors_origin),
@@ -386,6 +395,8 @@ async def serve(settings: ServerSettings, files: list[Path], rc_path: Path | Non
         if server.nats_url:
             origin = "external" if settings.nats_url else f"embedded, store {settings.data_dir}"
             _say(f"nats     {redact_url(server.nats_url)} ({origin})")
+        if server.default_broker.settings is not None:
+            _say(f"broker   {server.default_broker.describe()} (deployments naming no other)")
         mtls = ", mTLS" if settings.internal_tls else ""
         _say(
             f"grpc     {settings.grpc_host}:{server.grpc_port} "

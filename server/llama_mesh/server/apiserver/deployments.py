@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from llama_mesh.server import subjects
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.allowlist import SourcePolicy
+from llama_mesh.server.apiserver.brokers import DeploymentBroker, DeploymentBrokers
 from llama_mesh.server.apiserver.supervisor import ReplicaSpec, StartupFailure, Supervisor
 from llama_mesh.server.apiserver.uis import UiError, UiSpec, UiSupervisor
 from llama_mesh.server.control_plane.store import ControlPlane
@@ -46,7 +47,6 @@ from llama_mesh.server.errors import (
     UnavailableError,
     UnreadableRecordError,
 )
-from llama_mesh.server.queues.base import MessageQueue
 from llama_mesh.server.sources import (
     SourceError,
     SourceNotAllowedError,
@@ -84,12 +84,14 @@ class DeploymentManager:
     def __init__(
         self,
         control_plane: ControlPlane,
-        queue: MessageQueue,
+        brokers: DeploymentBrokers,
         supervisor: Supervisor,
         settings: DeploymentSettings,
     ) -> None:
         self._cp = control_plane
-        self._queue = queue
+        self.brokers = brokers
+        """Each deployment's broker; the server's own carries the progress topics."""
+        self._progress = brokers.own
         self._supervisor = supervisor
         self.settings = settings
         self._venvs = VenvManager(settings.data_dir / "venvs")
@@ -240,12 +242,14 @@ class DeploymentManager:
                 config = self.config(name)
             await self._supervisor.stop(name)
             await self.uis.forget(name)
+            broker = self.brokers.of(name)
             for service_id in config.services:
-                await self._queue.purge_queue(subjects.task_queue(name, service_id))
+                await broker.purge_queue(subjects.task_queue(name, service_id))
+            await self.brokers.close(name)
             if self.control_planes is not None:
                 await self.control_planes.release(name)
             await self._cp.delete_deployment(name)
-            await self._queue.delete_topic(subjects.progress_topic(name))
+            await self._progress.delete_topic(subjects.progress_topic(name))
             self._configs.pop(name, None)
             self._generations.pop(name, None)
             self._failed.pop(name, None)
@@ -339,6 +343,7 @@ class DeploymentManager:
             self._generations.pop(name, None)
             await self._supervisor.stop(name)
             await self.uis.stop(name)
+            await self.brokers.close(name)
             if record.status is not DeploymentStatus.FAILED:
                 await self._fail(record, _reason(exc))
             self._failed[name] = record.status_message
@@ -363,7 +368,7 @@ class DeploymentManager:
                 f"invalid deployment name {name!r}: letters, digits, '-' and '_'",
                 reason="INVALID_NAME",
             )
-        stream = self._queue.subscribe(subjects.progress_topic(name))
+        stream = self._progress.subscribe(subjects.progress_topic(name))
         try:
             async for raw in stream:
                 msg = apiserver_pb2.StreamDeploymentProgressResponse.FromString(raw)
@@ -450,13 +455,15 @@ class DeploymentManager:
         name = record.name
         running = self._generations[name]
         deploying = DeploymentStatus.DEPLOYING
-        await self._queue.delete_topic(subjects.progress_topic(name))
+        await self._progress.delete_topic(subjects.progress_topic(name))
         await self._say(name, f"reloading: generation {record.generation}", deploying)
         for warning in config.warnings:
             logger.warning("deployment %s: %s", name, warning)
             await self._say(name, f"warning: {warning}", deploying)
+        broker: DeploymentBroker | None = None
         try:
-            specs = [await self._prepare(config, record, sid) for sid in config.services]
+            broker = await self._open_broker(config)
+            specs = [await self._prepare(config, record, sid, broker) for sid in config.services]
             ui = await self._prepare_ui(config, record)
             await self._say(name, "loading the workflows in their environments", deploying)
             await self._supervisor.check(specs, timeout=self.settings.ready_timeout)
@@ -475,7 +482,7 @@ class DeploymentManager:
             else:
                 await self.uis.stop(name)
         except BaseException as exc:
-            await asyncio.shield(self._roll_back(name, running, record.generation))
+            await asyncio.shield(self._roll_back(name, running, record.generation, broker))
             if not isinstance(
                 exc,
                 MeshError
@@ -502,17 +509,22 @@ class DeploymentManager:
         await self._cp.put_deployment(record)
         self._configs[name] = config
         self._generations[name] = record.generation
+        replaced = self.brokers.install(name, broker)
         await self._supervisor.retire(name, keep=record.generation)
+        await self.brokers.discard(name, replaced)  # the old replicas used it until now
         await self._remove_sources(name, keep=record.generation)
         await self._serve_control_plane(config)
         await self._say(name, "ready", DeploymentStatus.READY, done=True)
         return record
 
-    async def _roll_back(self, name: str, running: int, failed: int) -> None:
+    async def _roll_back(
+        self, name: str, running: int, failed: int, broker: DeploymentBroker | None
+    ) -> None:
         logger.warning(
             "deployment %s: generation %d failed; %d keeps serving", name, failed, running
         )
         await self._supervisor.retire(name, keep=running)
+        await self.brokers.discard(name, broker)
         await asyncio.to_thread(shutil.rmtree, self._generation_dir(name, failed), True)
 
     async def _stored(self, name: str) -> DeploymentRecord | None:
@@ -530,13 +542,13 @@ class DeploymentManager:
         msg = apiserver_pb2.StreamDeploymentProgressResponse(
             line=line, done=done, status=types_pb2.DeploymentStatus.ValueType(int(status))
         )
-        await self._queue.publish(subjects.progress_topic(name), msg.SerializeToString())
+        await self._progress.publish(subjects.progress_topic(name), msg.SerializeToString())
 
     async def _bring_up(
         self, config: DeploymentConfig, record: DeploymentRecord
     ) -> DeploymentRecord:
         name = record.name
-        await self._queue.delete_topic(subjects.progress_topic(name))
+        await self._progress.delete_topic(subjects.progress_topic(name))
         record.status, record.status_message, record.updated_at = (
             DeploymentStatus.DEPLOYING,
             "",
@@ -548,8 +560,10 @@ class DeploymentManager:
         for warning in config.warnings:
             logger.warning("deployment %s: %s", name, warning)
             await self._say(name, f"warning: {warning}", deploying)
+        broker = await self._open_broker(config)
+        self.brokers.install(name, broker)
         try:
-            specs = [await self._prepare(config, record, sid) for sid in config.services]
+            specs = [await self._prepare(config, record, sid, broker) for sid in config.services]
             ui = await self._prepare_ui(config, record)
         except (SourceError, VenvError, DeploymentConfigError, UiError) as exc:
             await self._fail(record, str(exc))
@@ -659,8 +673,21 @@ class DeploymentManager:
         await self._cp.put_deployment(record)
         await self._say(record.name, f"failed: {message}", DeploymentStatus.FAILED, done=True)
 
+    async def _open_broker(self, config: DeploymentConfig) -> DeploymentBroker:
+        """Open the broker the deployment names (see :meth:`DeploymentBrokers.open`), saying
+        which in the progress when it is not the server's own."""
+        opened = await self.brokers.open(config)
+        if opened.broker is not self.brokers.own:
+            line = f"broker: {opened.choice.describe()}"
+            await self._say(config.name, line, DeploymentStatus.DEPLOYING)
+        return opened
+
     async def _prepare(
-        self, config: DeploymentConfig, record: DeploymentRecord, service_id: str
+        self,
+        config: DeploymentConfig,
+        record: DeploymentRecord,
+        service_id: str,
+        broker: DeploymentBroker,
     ) -> ReplicaSpec:
         service = config.services[service_id]
         if not service.path:
@@ -710,6 +737,7 @@ class DeploymentManager:
             max_retries=service.max_retries,
             timeout=service.timeout,
             ack_wait=self.settings.ack_wait,
+            broker=broker,
         )
 
     async def _wait_ready(self, config: DeploymentConfig, generation: int) -> str:

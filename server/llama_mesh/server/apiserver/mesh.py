@@ -42,7 +42,7 @@ from llama_mesh.server.errors import (
 )
 from llama_mesh.server.health import Health
 from llama_mesh.server.orchestrator import Orchestrator, choose_service
-from llama_mesh.server.queues.base import MessageQueue, MessageTooLargeError, QueueError
+from llama_mesh.server.queues.errors import MessageTooLargeError, QueueError
 from llama_mesh.v1 import messages_pb2
 
 MAX_INPUT_BYTES = 4 * 1024 * 1024
@@ -99,12 +99,12 @@ class Mesh:
     def __init__(
         self,
         control_plane: ControlPlane,
-        queue: MessageQueue,
         deployments: DeploymentManager,
         orchestrator: Orchestrator,
     ) -> None:
         self.cp = control_plane
-        self.queue = queue
+        self.brokers = deployments.brokers
+        """Each deployment's broker: its task events and input go over it."""
         self.deployments = deployments
         self.orchestrator = orchestrator
         self.watcher = TaskWatcher(control_plane)
@@ -227,7 +227,9 @@ class Mesh:
         task = await self.get_task(deployment, task_id)
         if task.status.is_final:
             return task
-        raw = await self.queue.last_message(subjects.events_topic(deployment, task_id))
+        raw = await self.brokers.of(deployment).last_message(
+            subjects.events_topic(deployment, task_id)
+        )
         if raw is not None:
             try:
                 last = messages_pb2.EventMessage.FromString(raw)
@@ -278,7 +280,7 @@ class Mesh:
             return task
         msg = messages_pb2.TaskInputMessage(cancel=messages_pb2.CancelMessage(reason=reason))
         msg.cancel.requested_at.CopyFrom(convert.to_timestamp(now()))
-        await self.queue.publish(
+        await self.brokers.of(deployment).publish(
             subjects.inputs_topic(deployment, task_id), msg.SerializeToString()
         )
         try:
@@ -303,7 +305,7 @@ class Mesh:
             human_event=messages_pb2.HumanEventMessage(type=event.type, data_json=data_json)
         )
         msg.human_event.sent_at.CopyFrom(convert.to_timestamp(now()))
-        await self.queue.publish(
+        await self.brokers.of(deployment).publish(
             subjects.inputs_topic(deployment, task_id), msg.SerializeToString()
         )
 
@@ -333,7 +335,7 @@ class Mesh:
         if task.status.is_final and from_index > task.event_count:
             return
         expected = from_index
-        stream = self.queue.subscribe(subjects.events_topic(deployment, task_id))
+        stream = self.brokers.of(deployment).subscribe(subjects.events_topic(deployment, task_id))
         record = asyncio.ensure_future(self._final(task))
         try:
             while True:

@@ -55,9 +55,9 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
             return msg
         msg.default_service = config.default_service or ""
         instances = await self._mesh.cp.list_instances(record.name)
-        queue = self._mesh.queue
+        broker = self._mesh.brokers.of(record.name)
         depths = await asyncio.gather(
-            *(queue.queue_depth(subjects.task_queue(record.name, sid)) for sid in config.services)
+            *(broker.queue_depth(subjects.task_queue(record.name, sid)) for sid in config.services)
         )
         for (sid, svc), depth in zip(config.services.items(), depths, strict=True):
             live = [i for i in instances if i.service_id == sid]

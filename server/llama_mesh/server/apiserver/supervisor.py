@@ -23,10 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_mesh.server.apiserver.brokers import DeploymentBroker
 from llama_mesh.server.children import RESTART_BACKOFF, STABLE_AFTER, kill_and_wait
 from llama_mesh.server.control_plane.store import ControlPlane
-from llama_mesh.server.queues.base import MessageQueue
+from llama_mesh.server.queues.broker import Broker
 from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin
+from llama_mesh.server.queues.selection import BROKER_VARIABLE
 from llama_mesh.server.service.loader import load_workflow
 from llama_mesh.server.service.worker import Worker, WorkerSettings
 
@@ -55,6 +57,8 @@ class ReplicaSpec:
     max_retries: int = 2
     timeout: float | None = None
     ack_wait: float = 10.0
+    broker: DeploymentBroker | None = None
+    """The deployment's broker; ``None``: the server's own."""
 
 
 class StartupFailure(Exception):
@@ -197,13 +201,13 @@ def _worker_command(spec: ReplicaSpec) -> list[str]:
     ]
 
 
-def _worker_environment(spec: ReplicaSpec, nats_env: Mapping[str, str]) -> dict[str, str]:
+def _worker_environment(spec: ReplicaSpec, connection_env: Mapping[str, str]) -> dict[str, str]:
     env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
     env.update(spec.env)
-    # Where NATS is, and how to log in, go in the environment rather than on the command
-    # line, which every local user can read; after the service's own variables, which
-    # must not point the worker elsewhere.
-    env.update(nats_env)
+    # Where NATS and the broker are, and how to log in, go in the environment rather than
+    # on the command line, which every local user can read; after the service's own
+    # variables, which must not point the worker elsewhere.
+    env.update(connection_env)
     env["PYTHONUNBUFFERED"] = "1"
     for name in ("LLAMA_MESH_LOG_LEVEL", "LLAMA_MESH_LOG_FORMAT"):
         if name in os.environ:
@@ -238,7 +242,10 @@ class _Replica:
         return [*_worker_command(self.spec), "--exit-with-parent", str(os.getpid())]
 
     def _environment(self) -> dict[str, str]:
-        return _worker_environment(self.spec, self._nats_env)
+        env = dict(self._nats_env)
+        if self.spec.broker is not None:
+            env[BROKER_VARIABLE] = self.spec.broker.choice.to_json()
+        return _worker_environment(self.spec, env)
 
     async def _supervise(self) -> None:
         failures = 0
@@ -399,11 +406,12 @@ class ProcessSupervisor(Supervisor):
 
 
 class InProcessSupervisor(Supervisor):
-    """Replicas as asyncio tasks sharing this process and its queue."""
+    """Replicas as asyncio tasks sharing this process, handed their deployment's broker
+    object (``own``, the server's own broker, when the spec names none)."""
 
-    def __init__(self, queue: MessageQueue, control_plane: ControlPlane) -> None:
+    def __init__(self, own: Broker, control_plane: ControlPlane) -> None:
         super().__init__()
-        self._queue = queue
+        self._own = own
         self._cp = control_plane
         self._workers: dict[str, list[tuple[Worker, asyncio.Task[None]]]] = {}
 
@@ -424,7 +432,8 @@ class InProcessSupervisor(Supervisor):
                 ack_wait=spec.ack_wait,
                 generation=spec.generation,
             )
-            worker = Worker(self._queue, self._cp, workflow, settings)
+            broker = self._own if spec.broker is None else spec.broker.broker
+            worker = Worker(broker, self._cp, workflow, settings)
             running.append((worker, asyncio.create_task(worker.run())))
 
     async def _stop_where(self, deployment: str, which: Callable[[str, int], bool]) -> None:

@@ -42,7 +42,13 @@ from llama_mesh.v1 import control_plane_pb2 as cp
 from llama_mesh.v1 import control_plane_pb2_grpc as cp_grpc
 from llama_mesh.v1 import types_pb2
 
-_QUEUE_CONFIG_NAMES = {"nats": "NatsMessageQueueConfig", "inprocess": "SimpleMessageQueueConfig"}
+_QUEUE_CONFIG_NAMES = {
+    "nats": "NatsMessageQueueConfig",
+    "inprocess": "SimpleMessageQueueConfig",
+    "rabbitmq": "RabbitMQMessageQueueConfig",
+    "redis": "RedisMessageQueueConfig",
+}
+"""0.8's name of each broker's settings class (its queue-config answer's key)."""
 _QUEUE_TYPES = {"nats": "nats", "inprocess": "simple"}
 
 
@@ -182,10 +188,18 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServicer):
     async def GetQueueConfig(
         self, request: cp.ControlPlaneGetQueueConfigRequest, context: grpc.aio.ServicerContext
     ) -> cp.ControlPlaneGetQueueConfigResponse:
-        self._deployment(request.deployment, context)
-        kind = self._queue_kind
-        config = {_QUEUE_CONFIG_NAMES.get(kind, kind): {"type": _QUEUE_TYPES.get(kind, kind)}}
-        return cp.ControlPlaneGetQueueConfigResponse(body=json_body(config))
+        name = self._deployment(request.deployment, context)
+        return cp.ControlPlaneGetQueueConfigResponse(body=json_body(self._queue_config(name)))
+
+    def _queue_config(self, deployment: str) -> dict[str, JsonValue]:
+        """0.8's answer naming the broker the deployment really runs on; its URL without
+        the password (0.8 would disclose it)."""
+        choice = self._mesh.brokers.choice(deployment)
+        if choice.settings is None:
+            kind = self._queue_kind
+            return {_QUEUE_CONFIG_NAMES[kind]: {"type": _QUEUE_TYPES[kind]}}
+        body: dict[str, JsonValue] = {"type": choice.kind, "url": choice.redacted_url}
+        return {_QUEUE_CONFIG_NAMES[choice.kind]: body}
 
     async def _services(self, deployment: str) -> dict[str, JsonValue]:
         config = self._mesh.deployments.config(deployment)

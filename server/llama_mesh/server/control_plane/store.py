@@ -1,4 +1,4 @@
-"""The control plane's state, kept in key-value buckets of the message queue.
+"""The control plane's state, kept in key-value buckets of the state store.
 
 A record that does not parse (written by another version, a bug or another client of the
 store) never fails a listing or a watch: it is skipped and logged. Reading it alone is an
@@ -31,7 +31,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -45,14 +45,9 @@ from llama_mesh.server.domain import (
     now,
 )
 from llama_mesh.server.errors import AlreadyExistsError, NotFoundError, UnreadableRecordError
-from llama_mesh.server.queues.base import (
-    KeyExistsError,
-    KeyValueEntry,
-    KeyValueStore,
-    MessageQueue,
-    RevisionMismatchError,
-    Subscription,
-)
+from llama_mesh.server.queues.errors import KeyExistsError, RevisionMismatchError
+from llama_mesh.server.queues.iterators import Subscription
+from llama_mesh.server.queues.state import KeyValueEntry, KeyValueStore, StateStore
 from llama_mesh.v1 import messages_pb2, types_pb2
 
 logger = logging.getLogger(__name__)
@@ -88,14 +83,13 @@ class TaskChange:
 class ControlPlane:
     """Registry, sessions, tasks, results and session state over key-value buckets."""
 
-    def __init__(self, queue: MessageQueue) -> None:
-        self._queue = queue
+    def __init__(self) -> None:
         self._buckets: dict[str, KeyValueStore] = {}
 
     @classmethod
-    async def open(cls, queue: MessageQueue) -> ControlPlane:
+    async def open(cls, state_store: StateStore) -> Self:
         """Open (creating when needed) every bucket the control plane uses."""
-        self = cls(queue)
+        self = cls()
         for name in (
             "deployments",
             "tasks",
@@ -104,8 +98,8 @@ class ControlPlane:
             "session_state",
             "services",
         ):
-            self._buckets[name] = await queue.kv(name)
-        self._buckets["instances"] = await queue.kv("instances", ttl=INSTANCE_TTL)
+            self._buckets[name] = await state_store.kv(name)
+        self._buckets["instances"] = await state_store.kv("instances", ttl=INSTANCE_TTL)
         return self
 
     # -- deployments -------------------------------------------------------------------

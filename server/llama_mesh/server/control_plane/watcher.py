@@ -23,7 +23,7 @@ from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
 from llama_mesh.server.domain import Task
 from llama_mesh.server.errors import NotFoundError, UnavailableError
-from llama_mesh.server.queues.base import QueueError
+from llama_mesh.server.queues.errors import QueueError
 
 logger = logging.getLogger(__name__)
 

@@ -23,15 +23,15 @@ class QueueUnavailableError(QueueError):
 
 class MessageTooLargeError(QueueError):
     """A message or value larger than the broker takes in one message (NATS: its
-    ``max_payload``; RabbitMQ: its ``max_message_size``); nothing was written. Trying again
-    cannot help. ``setting`` names the server setting that sets the limit."""
+    ``max_payload``, Redis: its ``proto-max-bulk-len``, RabbitMQ: its ``max_message_size``);
+    nothing was written. Trying again cannot help."""
 
     def __init__(
-        self, what: str, size: int, limit: int, *, setting: str = "NATS max_payload"
+        self, what: str, size: int, limit: int, *, limit_name: str = "NATS max_payload"
     ) -> None:
         super().__init__(
             f"{what} is {size} bytes, more than the message queue's limit of {limit} bytes "
-            f"({setting})"
+            f"({limit_name})"
         )
         self.size = size
         self.limit = limit

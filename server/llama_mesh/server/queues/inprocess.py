@@ -1,6 +1,8 @@
-"""The in-process message queue: asyncio only, in memory, for one process and fast tests.
+"""The in-process broker and state store: asyncio only, in memory, for one process and
+fast tests.
 
-It behaves like the NATS adapter (both pass ``tests/unit/test_broker_contract.py`` and ``test_state_contract.py``):
+They behave like the NATS ones (all pass ``tests/unit/test_broker_contract.py`` or
+``test_state_contract.py``):
 
 * Work queues: consumers of a queue share its messages; an unsettled delivery is redelivered
   after ``ack_wait`` (``in_progress()`` restarts that timer); ``nak(delay)`` redelivers after
@@ -18,8 +20,8 @@ It behaves like the NATS adapter (both pass ``tests/unit/test_broker_contract.py
   polls. Iterators returned by ``consume_tasks``, ``subscribe`` and ``watch`` have
   ``aclose()``, and cancelling a pending ``__anext__`` loses nothing.
 
-Create one with ``InProcessQueue()`` or ``await connect_inprocess()`` (the same thing, for
-symmetry with ``connect_nats``). Everything must run on one event loop.
+Create them with ``InProcessBroker()`` and ``InProcessStateStore()``; the two share nothing.
+Everything must run on one event loop.
 """
 
 from __future__ import annotations
@@ -33,18 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from llama_mesh.server.queues.base import (
-    ConsumerOptions,
-    Delivery,
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
+from llama_mesh.server.queues.errors import (
     KeyExistsError,
-    KeyValueEntry,
-    KeyValueStore,
-    MessageQueue,
     QueueUnavailableError,
     RevisionMismatchError,
-    Subscription,
-    watches,
 )
+from llama_mesh.server.queues.iterators import Subscription
+from llama_mesh.server.queues.state import KeyValueEntry, KeyValueStore, StateStore, watches
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +253,7 @@ class _InProcessDelivery(Delivery):
 
 
 class _InProcessConsumer(Subscription[Delivery]):
-    def __init__(self, owner: InProcessQueue, wq: _WorkQueue, max_in_flight: int) -> None:
+    def __init__(self, owner: InProcessBroker, wq: _WorkQueue, max_in_flight: int) -> None:
         self.owner = owner
         self.wq = wq
         self._max_in_flight = max_in_flight
@@ -296,7 +294,7 @@ class _Topic:
 
 
 class _TopicSubscription(Subscription[bytes]):
-    def __init__(self, owner: InProcessQueue, topic: _Topic) -> None:
+    def __init__(self, owner: InProcessBroker, topic: _Topic) -> None:
         self._owner = owner
         self._topic = topic
         self._next = topic.first
@@ -363,9 +361,9 @@ class _KeyWatch(Subscription[KeyValueEntry]):
 
 
 class InProcessKeyValueStore(KeyValueStore):
-    """One in-memory bucket of :class:`InProcessQueue`."""
+    """One in-memory bucket of :class:`InProcessStateStore`."""
 
-    def __init__(self, owner: InProcessQueue, ttl: float | None) -> None:
+    def __init__(self, owner: _InProcessRole, ttl: float | None) -> None:
         self._owner = owner
         self._ttl = ttl
         self._slots: dict[str, _Slot] = {}
@@ -473,19 +471,16 @@ class InProcessKeyValueStore(KeyValueStore):
 
 
 # ---------------------------------------------------------------------------------------------
-# The adapter
+# The broker and the state store
 
 
-class InProcessQueue(MessageQueue):
-    """A :class:`MessageQueue` held in this process's memory; see the module docstring."""
+class _InProcessRole:
+    """What both in-process roles share: being open or closed."""
+
+    what = "in-process queue"
 
     def __init__(self) -> None:
         self._closed = False
-        self._seq = 0
-        self._work_queues: dict[str, _WorkQueue] = {}
-        self._seen_ids: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._topics: dict[str, _Topic] = {}
-        self._buckets: dict[str, InProcessKeyValueStore] = {}
 
     @property
     def closed(self) -> bool:
@@ -495,7 +490,20 @@ class InProcessQueue(MessageQueue):
     def check_open(self) -> None:
         """Raise :class:`QueueUnavailableError` when closed."""
         if self._closed:
-            raise QueueUnavailableError("the in-process queue is closed")
+            raise QueueUnavailableError(f"the {self.what} is closed")
+
+
+class InProcessBroker(_InProcessRole, Broker):
+    """A :class:`Broker` held in this process's memory; see the module docstring."""
+
+    what = "in-process broker"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seq = 0
+        self._work_queues: dict[str, _WorkQueue] = {}
+        self._seen_ids: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._topics: dict[str, _Topic] = {}
 
     def _work_queue(self, queue: str) -> _WorkQueue:
         _check_name("queue", queue)
@@ -572,6 +580,27 @@ class InProcessQueue(MessageQueue):
         found.first += len(found.log)
         found.log.clear()
 
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for wq in self._work_queues.values():
+            for task in [*wq.pending.values(), *wq.redeliver]:
+                task.cancel_timer()
+            wq.waiters.notify_all()
+        for topic in self._topics.values():
+            topic.waiters.notify_all()
+
+
+class InProcessStateStore(_InProcessRole, StateStore):
+    """A :class:`StateStore` held in this process's memory; see the module docstring."""
+
+    what = "in-process state store"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buckets: dict[str, InProcessKeyValueStore] = {}
+
     async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
         self.check_open()
         if not _BUCKET_RE.match(bucket):
@@ -587,16 +616,5 @@ class InProcessQueue(MessageQueue):
         if self._closed:
             return
         self._closed = True
-        for wq in self._work_queues.values():
-            for task in [*wq.pending.values(), *wq.redeliver]:
-                task.cancel_timer()
-            wq.waiters.notify_all()
-        for topic in self._topics.values():
-            topic.waiters.notify_all()
         for store in self._buckets.values():
             store.close()
-
-
-async def connect_inprocess() -> InProcessQueue:
-    """A new, empty :class:`InProcessQueue` (async for symmetry with ``connect_nats``)."""
-    return InProcessQueue()

@@ -291,7 +291,7 @@ def translate_error(exc: BaseException, what: str = "a message") -> BaseExceptio
     too_large = _TOO_LARGE_RE.search(str(exc))
     if too_large is not None:
         size, limit = int(too_large[1]), int(too_large[2])
-        return MessageTooLargeError(what, size, limit, setting="RabbitMQ max_message_size")
+        return MessageTooLargeError(what, size, limit, limit_name="RabbitMQ max_message_size")
     if isinstance(exc, _UNAVAILABLE):
         return QueueUnavailableError(f"RabbitMQ is unavailable: {exc!r}")
     if isinstance(exc, aiormq.exceptions.AMQPError):

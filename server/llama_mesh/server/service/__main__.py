@@ -1,7 +1,8 @@
 """Run one replica of a workflow service: ``python -m llama_mesh.server.service``.
 
 Needs only a NATS URL, the deployment and the service id: the deployment's YAML is read
-from the control plane's store, the source is synced unless ``--source-dir`` is given.
+from the control plane's store (its ``message-queue`` names the broker with the tasks), the
+source is synced unless ``--source-dir`` is given.
 ``llamactl worker`` runs the same entrypoint; both are :class:`~.serving.WorkflowService`,
 which serves a workflow object from any process.
 """
@@ -21,6 +22,7 @@ from llama_mesh.server.deployment_config import ServiceConfig, SourceConfig
 from llama_mesh.server.errors import MeshError
 from llama_mesh.server.logs import configure_logging
 from llama_mesh.server.queues.nats import NATS_URL_VARIABLE, NatsLogin
+from llama_mesh.server.queues.selection import BROKER_URL_VARIABLE, BROKER_VARIABLE, BrokerChoice
 from llama_mesh.server.service.serving import WorkflowService
 
 logger = logging.getLogger("llama_mesh.worker")
@@ -80,6 +82,13 @@ def build_parser(prog: str = "llamactl worker") -> argparse.ArgumentParser:
     parser.add_argument("--instance-id", help="replica id (default: random)")
     NatsLogin.add_options(parser)
     parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="take the tasks from this broker (amqp://... or redis://...), whatever the "
+        "deployment names (default: the broker its message-queue names, with "
+        f"${BROKER_URL_VARIABLE} for one that names none)",
+    )
+    parser.add_argument(
         "--exit-with-parent",
         type=int,
         metavar="PID",
@@ -106,6 +115,7 @@ async def run(args: argparse.Namespace) -> int:
             generation=args.generation,
             instance_id=args.instance_id,
             service_config=_given_settings(args),
+            broker=_given_broker(args),
         )
     except (MeshError, ValueError) as exc:
         print(f"llama-mesh worker: cannot start {args.service}: {exc}", file=sys.stderr)
@@ -125,6 +135,15 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop)
     await service.run()
     return 0
+
+
+def _given_broker(args: argparse.Namespace) -> BrokerChoice | None:
+    """The broker ``--broker`` names, else the one the server that started this replica
+    handed it (``$LLAMA_MESH_BROKER``), else ``None``: as the deployment names it."""
+    if args.broker:
+        return BrokerChoice.from_url(args.broker, os.environ)
+    handed = os.environ.get(BROKER_VARIABLE)
+    return BrokerChoice.from_json(handed) if handed else None
 
 
 def _given_settings(args: argparse.Namespace) -> ServiceConfig | None:

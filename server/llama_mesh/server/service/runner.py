@@ -19,7 +19,7 @@ from typing import Any
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.domain import HumanEvent, JsonValue, TaskError, TaskStatus
 from llama_mesh.server.errors import MeshError
-from llama_mesh.server.queues.base import MessageTooLargeError, QueueError
+from llama_mesh.server.queues.errors import MessageTooLargeError, QueueError
 from llama_mesh.server.service.events import build_event, event_data, qualified_name, to_json_value
 from llama_mesh.server.service.families import WorkflowFamily, family_of
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +36,15 @@ from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.deployment_config import ServiceConfig, parse_deployment_config
 from llama_mesh.server.domain import DeploymentRecord
 from llama_mesh.server.errors import MeshError, NotFoundError
-from llama_mesh.server.queues.base import MessageQueue
-from llama_mesh.server.queues.nats import NatsLogin, connect_nats
+from llama_mesh.server.queues.broker import Broker
+from llama_mesh.server.queues.nats import (
+    NatsBroker,
+    NatsConnection,
+    NatsLogin,
+    NatsStateStore,
+    connect_nats,
+)
+from llama_mesh.server.queues.selection import BROKER_URL_VARIABLE, BrokerChoice, select_broker
 from llama_mesh.server.service.families import family_of
 from llama_mesh.server.service.loader import load_workflow
 from llama_mesh.server.service.servicer import start_info_server
@@ -59,12 +67,12 @@ class WorkflowService:
 
     def __init__(
         self,
-        queue: MessageQueue,
+        connections: tuple[Broker | NatsConnection, ...],
         worker: Worker,
         server: grpc.aio.Server,
         health_servicer: health.aio.HealthServicer,
     ) -> None:
-        self._queue = queue
+        self._connections = connections
         self._worker = worker
         self._server = server
         self._health = health_servicer
@@ -87,8 +95,10 @@ class WorkflowService:
         generation: int = 0,
         instance_id: str | None = None,
         service_config: ServiceConfig | None = None,
+        broker: BrokerChoice | None = None,
     ) -> Self:
-        """Connect to NATS and prepare the replica (it takes tasks once running).
+        """Connect to NATS (the control plane) and the deployment's broker, and prepare the
+        replica (it takes tasks once running).
 
         ``workflow``: the workflow object to serve (a ``workflows.Workflow``, or a
         ``llama_index.core.workflow.Workflow``); None loads the service's own ``path``
@@ -97,17 +107,22 @@ class WorkflowService:
         TLS files. The service's ``path``, ``max-concurrent-tasks``, ``max-retries`` and
         ``timeout`` come from the deployment file, or from ``service_config`` when given
         (with ``source_dir``): the server starts a reload's replicas that way, before the
-        stored deployment names the new version.
+        stored deployment names the new version. ``broker``: where the service's tasks are
+        (the server hands its replicas the deployment's); ``None`` chooses it as the server
+        does, from the stored deployment's ``message-queue`` and this process's
+        environment (``$LLAMA_MESH_BROKER_URL`` for one that names none).
 
         Raises:
             MeshError: the deployment or the service does not exist, or the workflow
                 cannot be loaded (the message says which).
-            QueueError: NATS cannot be reached.
+            QueueError: NATS or the broker cannot be reached.
         """
         urls = nats.split(",") if isinstance(nats, str) else list(nats)
-        queue = await connect_nats(urls, login=login)
+        connection = await connect_nats(urls, login=login)
+        connections: tuple[Broker | NatsConnection, ...] = (connection,)
         try:
-            cp = await ControlPlane.open(queue)
+            state_store = NatsStateStore(connection)
+            cp = await ControlPlane.open(state_store)
             if service_config is not None and workflow is None and source_dir is None:
                 raise MeshError("a service's settings need its source directory")
             if service_config is None:
@@ -118,6 +133,13 @@ class WorkflowService:
                 workflow = await _load(record, config, source_dir)
             else:
                 family_of(workflow)  # refuses what no worker could run, before joining
+            if broker is None:
+                broker = await _broker_of(cp, deployment, record)
+            if broker.settings is None:
+                task_broker: Broker = await NatsBroker.open(connection)
+            else:
+                task_broker = await broker.connect(state_store=state_store)
+                connections = (task_broker, connection)
             settings = WorkerSettings(
                 deployment=deployment,
                 service_id=service,
@@ -128,13 +150,13 @@ class WorkflowService:
                 generation=generation,
                 **({"instance_id": instance_id} if instance_id else {}),
             )
-            worker = Worker(queue, cp, workflow, settings)
+            worker = Worker(task_broker, cp, workflow, settings)
             server, health_servicer, port = await start_info_server(worker, workflow)
             worker.instance.address = f"127.0.0.1:{port}"
         except BaseException:
-            await _close(queue)
+            await _close(connections)
             raise
-        return cls(queue, worker, server, health_servicer)
+        return cls(connections, worker, server, health_servicer)
 
     @property
     def instance_id(self) -> str:
@@ -148,7 +170,7 @@ class WorkflowService:
 
     async def run(self) -> None:
         """Take and run the service's tasks until :meth:`shutdown`; then release
-        everything (the info server, the NATS connection). Runs once."""
+        everything (the info server, the broker and NATS connections). Runs once."""
         if self._started or self._closed:
             raise RuntimeError("a WorkflowService runs once")
         self._started = True
@@ -159,7 +181,7 @@ class WorkflowService:
             self._closed = True
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace=STOP_GRACE)
-            await _close(self._queue)
+            await _close(self._connections)
 
     def stop_soon(self) -> None:
         """Ask :meth:`run` to stop, from a signal handler (idempotent)."""
@@ -174,7 +196,7 @@ class WorkflowService:
             if not self._closed:
                 self._closed = True
                 await self._server.stop(grace=0)
-                await _close(self._queue)
+                await _close(self._connections)
         elif task is not asyncio.current_task():
             (outcome,) = await asyncio.gather(task, return_exceptions=True)
             if isinstance(outcome, Exception):
@@ -229,7 +251,25 @@ async def _load(
     return load_workflow(source_dir, service.path or "")
 
 
-async def _close(queue: MessageQueue) -> None:
-    with contextlib.suppress(Exception):  # a broker that is gone must not keep us alive
-        async with asyncio.timeout(10):
-            await queue.close()
+async def _broker_of(
+    cp: ControlPlane, deployment: str, record: DeploymentRecord | None
+) -> BrokerChoice:
+    """The deployment's broker as the server chooses it: from its stored ``message-queue``
+    and this process's environment (``$LLAMA_MESH_BROKER_URL`` for one naming none)."""
+    if record is None:
+        try:
+            record = await cp.get_deployment(deployment)
+        except NotFoundError:
+            record = None
+    section = None if record is None else parse_deployment_config(record.config_yaml).message_queue
+    url = os.environ.get(BROKER_URL_VARIABLE)
+    default = BrokerChoice() if not url else BrokerChoice.from_url(url, os.environ)
+    return select_broker(section, os.environ, default)
+
+
+async def _close(connections: tuple[Broker | NatsConnection, ...]) -> None:
+    """Close the broker, then the NATS connection (and the roles on it)."""
+    for connection in connections:
+        with contextlib.suppress(Exception):  # a broker that is gone must not keep us alive
+            async with asyncio.timeout(10):
+                await connection.close()

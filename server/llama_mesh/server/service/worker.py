@@ -51,12 +51,8 @@ from llama_mesh.server.domain import (
     now,
 )
 from llama_mesh.server.errors import NotFoundError
-from llama_mesh.server.queues.base import (
-    ConsumerOptions,
-    Delivery,
-    MessageQueue,
-    MessageTooLargeError,
-)
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
+from llama_mesh.server.queues.errors import MessageTooLargeError
 from llama_mesh.server.service.runner import CancelRequest, RunOutcome, TaskInput, run_workflow
 from llama_mesh.v1 import messages_pb2
 
@@ -97,14 +93,14 @@ class Worker:
 
     def __init__(
         self,
-        queue: MessageQueue,
+        broker: Broker,
         control_plane: ControlPlane,
         workflow: object,
         settings: WorkerSettings,
         *,
         address: str = "",
     ) -> None:
-        self._queue = queue
+        self._broker = broker
         self._cp = control_plane
         self._workflow = workflow
         self.settings = settings
@@ -181,7 +177,7 @@ class Worker:
 
     async def _consume(self) -> None:
         queue_name = subjects.task_queue(self.settings.deployment, self.settings.service_id)
-        deliveries = self._queue.consume_tasks(queue_name, self.settings.consumer_options)
+        deliveries = self._broker.consume_tasks(queue_name, self.settings.consumer_options)
         async for delivery in deliveries:
             job = asyncio.create_task(self._handle(delivery))
             self._running.add(job)
@@ -393,7 +389,7 @@ class Worker:
             event = TaskEvent(task.task_id, counter, EventKind.WORKFLOW, type_name, data)
             counter += 1
             payload = convert.event_to_message(event, attempt=attempt).SerializeToString()
-            await self._queue.publish(topic, payload)
+            await self._broker.publish(topic, payload)
 
         keepalive = asyncio.create_task(self._keepalive(delivery))
         inputs = self._inputs(task, announced)
@@ -431,7 +427,7 @@ class Worker:
             yield CancelRequest(error.message if error else "cancelled")
             return
         topic = subjects.inputs_topic(task.deployment, task.task_id)
-        subscription = self._queue.subscribe(topic)
+        subscription = self._broker.subscribe(topic)
         try:
             async for raw in subscription:
                 try:

@@ -1,0 +1,438 @@
+"""The NATS JetStream broker: work queues and topics.
+
+Layout on the server, for the connection's ``prefix="mesh"``:
+
+* stream ``MESH_TASKS`` (subjects ``mesh.tasks.>``, work-queue retention, file storage,
+  two-minute duplicate window): queue ``q`` is subject ``mesh.tasks.q`` with one durable pull
+  consumer named after the queue (dots become ``_``), shared by every consumer of the queue.
+* stream ``MESH_TOPICS`` (subjects ``mesh.topics.>``, limits retention, file storage, seven
+  days max age): topic ``t`` is subject ``mesh.topics.t``; subscribers use an ordered push
+  consumer from the first stored message.
+
+Behaviour worth knowing:
+
+* Iterators (``consume_tasks``, ``subscribe``) create their server-side consumer on the first
+  ``__anext__``. Iterators have ``aclose()``; cancelling a pending ``__anext__`` loses
+  nothing.
+* ``consume_tasks`` holds at most ``max_in_flight`` unsettled deliveries: a background task
+  long-polls (``fetch`` with a server-side expiry) only for the free slots.
+* Settling (ack, nak, term, in_progress) waits for the server's confirmation. A nak of the
+  last allowed delivery terminates the message (removes it), as the in-process broker drops
+  it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Final
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
+from llama_mesh.server.queues.errors import QueueError, QueueUnavailableError
+from llama_mesh.server.queues.iterators import Subscription
+from llama_mesh.server.queues.nats.connection import REQUEST_TIMEOUT, NatsConnection
+from llama_mesh.server.queues.nats.errors import patiently, placement_unavailable, translated
+from llama_mesh.server.queues.nats.feeds import Feed, NatsRole, PushFeed
+
+logger = logging.getLogger(__name__)
+
+_FETCH_TIMEOUT: Final = 5.0
+"""How long one pull request waits on the server for messages (a long poll)."""
+_FETCH_ERROR_BACKOFF: Final = 1.0
+_MAX_ACK_PENDING: Final = 10_000
+_DUPLICATE_WINDOW: Final = 120.0
+_TOPICS_MAX_AGE: Final = 7 * 24 * 3600.0
+_STREAM_NAME_IN_USE: Final = 10058
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
+
+
+class _NatsDelivery(Delivery):
+    def __init__(self, feed: _TaskFeed, msg: Msg) -> None:
+        self._feed = feed
+        self._msg = msg
+        self._count = msg.metadata.num_delivered
+        self._released = False
+        self._settled = False
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def delivery_count(self) -> int:
+        return self._count
+
+    async def ack(self) -> None:
+        await self._reply(Msg.Ack.Ack, settle=True)
+
+    async def term(self) -> None:
+        await self._reply(Msg.Ack.Term, settle=True)
+
+    async def nak(self, delay: float = 0.0) -> None:
+        if self._count >= self._feed.options.max_deliver:
+            payload = Msg.Ack.Term  # the last delivery: drop it rather than leave it stranded
+        elif delay > 0:
+            payload = Msg.Ack.Nak + b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
+        else:
+            payload = Msg.Ack.Nak
+        await self._reply(payload, settle=True)
+
+    async def in_progress(self) -> None:
+        await self._reply(Msg.Ack.Progress, settle=False)
+
+    async def give_back(self) -> None:
+        """Nak a delivery that was fetched but never handed to a reader (best effort)."""
+        self._settled = True
+        if self._feed.owner.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._feed.owner.nc.request(self._msg.reply, Msg.Ack.Nak, timeout=1.0)
+
+    async def _reply(self, payload: bytes, *, settle: bool) -> None:
+        """Send an acknowledgement and wait for the server to confirm it."""
+        self._feed.owner.check_open()
+        if self._settled:
+            return
+        if settle and not self._released:
+            self._released = True
+            self._feed.release()
+
+        async def send() -> None:
+            with translated():
+                await self._feed.owner.nc.request(self._msg.reply, payload, timeout=REQUEST_TIMEOUT)
+
+        # Tried again while NATS is unavailable (the consumer's leader moving): settling a
+        # delivery twice is harmless, and a result already stored must not be redelivered.
+        await patiently(self._feed.owner, send, "acknowledging a task message")
+        if settle:
+            self._settled = True
+
+
+class _TaskFeed(Feed[Delivery]):
+    def __init__(self, owner: NatsBroker, queue: str, options: ConsumerOptions) -> None:
+        super().__init__(owner)
+        self.broker = owner
+        self.queue = queue
+        self.options = options
+        self._held = 0
+        self._capacity = asyncio.Event()
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._fetching: asyncio.Task[list[Msg]] | None = None
+
+    def on_reconnected(self) -> None:
+        # The pending pull request may have died with the old connection: pull again now
+        # rather than when it would have expired.
+        if self._fetching is not None:
+            self._fetching.cancel()
+
+    def release(self) -> None:
+        self._held -= 1
+        self._capacity.set()
+
+    async def _open(self) -> None:
+        await self._subscribe()
+        self._pump_task = self.owner.spawn(self._pump(), name=f"nats-consume-{self.queue}")
+
+    async def _subscribe(self) -> None:
+        name = await self.broker.ensure_consumer(self.queue, self.options)
+        with translated():
+            self._psub = await self.owner.js.pull_subscribe_bind(
+                durable=name, stream=self.broker.tasks_stream
+            )
+
+    async def _shutdown(self) -> None:
+        if self._pump_task is not None:
+            await cancel_and_wait(self._pump_task)
+        await self._drop_subscription()
+        # Deliveries fetched but never handed out go back at once instead of after ack_wait.
+        while not self.items.empty():
+            item = self.items.get_nowait()
+            if isinstance(item, _NatsDelivery):
+                await item.give_back()
+            else:
+                self.items.put_nowait(item)
+                break
+
+    async def _pump(self) -> None:
+        """Fetch as many messages as there are free slots, with a long server-side poll."""
+        while True:
+            raise_if_cancelling()  # a fetch or settle may have swallowed it (gh-86296)
+            while self._held >= self.options.max_in_flight:
+                self._capacity.clear()
+                await self._capacity.wait()
+            want = self.options.max_in_flight - self._held
+            started = time.monotonic()
+            try:
+                if self._psub is None:
+                    await self._subscribe()
+                assert self._psub is not None
+                # One message per pull: with more, nats-py holds a message it has until the
+                # whole batch arrives or the pull expires, while other replicas could run it.
+                self._fetching = asyncio.ensure_future(self._psub.fetch(1, timeout=_FETCH_TIMEOUT))
+                try:
+                    msgs = await self._fetching
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # the pump itself is being cancelled
+                    continue  # on_reconnected() aborted the fetch
+                finally:
+                    self._fetching = None
+            except TimeoutError:
+                # No message within the poll: poll again, unless the server answered at once
+                # (a 409 status, e.g. after a leadership change), which must not spin.
+                if time.monotonic() - started < _FETCH_TIMEOUT / 10:
+                    await asyncio.sleep(_FETCH_ERROR_BACKOFF)
+                continue
+            except nats.errors.ConnectionClosedError as exc:
+                if not self.owner.closed:
+                    self.end(QueueUnavailableError(f"the NATS connection closed: {exc!r}"))
+                return
+            except Exception as exc:
+                logger.warning("fetching from queue %r failed: %r; retrying", self.queue, exc)
+                if isinstance(exc, nats.js.errors.NotFoundError | QueueError):
+                    await self._drop_subscription()  # the consumer may be gone: recreate it
+                await asyncio.sleep(_FETCH_ERROR_BACKOFF)
+                continue
+            for msg in msgs[:want]:
+                self._held += 1
+                self.items.put_nowait(_NatsDelivery(self, msg))
+            for msg in msgs[want:]:
+                # Late arrivals for an aborted fetch, which nats-py hands out with the next
+                # one: more than the free slots, so they go back.
+                logger.debug("giving back a message fetched beyond max_in_flight")
+                await _NatsDelivery(self, msg).give_back()
+
+    async def _drop_subscription(self) -> None:
+        psub, self._psub = self._psub, None
+        if psub is not None:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+
+class _TopicFeed(PushFeed[bytes]):
+    def __init__(self, owner: NatsBroker, topic: str) -> None:
+        super().__init__(owner, owner.topic_subject(topic), owner.topics_stream)
+
+    def _first_config(self) -> api.ConsumerConfig:
+        return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._received(msg)
+        self.items.put_nowait(msg.data)
+
+
+class NatsBroker(NatsRole, Broker):
+    """A :class:`Broker` on NATS JetStream. Open it with :meth:`open`."""
+
+    what = "NATS broker"
+
+    def __init__(self, connection: NatsConnection) -> None:
+        super().__init__(connection)
+        self._prefix = connection.prefix
+        self._replicas = connection.replicas
+        self.tasks_stream = f"{self._prefix.upper()}_TASKS"
+        self.topics_stream = f"{self._prefix.upper()}_TOPICS"
+
+    @classmethod
+    async def open(cls, connection: NatsConnection) -> NatsBroker:
+        """The broker on ``connection``, its streams created (or updated) first."""
+        broker = cls(connection)
+        try:
+            await broker.ensure_streams()
+        except BaseException:
+            await broker.close()
+            raise
+        return broker
+
+    def task_subject(self, queue: str) -> str:
+        """The subject of work queue ``queue``."""
+        _check_name("queue", queue)
+        return f"{self._prefix}.tasks.{queue}"
+
+    def topic_subject(self, topic: str) -> str:
+        """The subject of topic ``topic``."""
+        _check_name("topic", topic)
+        return f"{self._prefix}.topics.{topic}"
+
+    @staticmethod
+    def consumer_name(queue: str) -> str:
+        """The durable consumer of work queue ``queue``."""
+        return queue.replace(".", "_")
+
+    async def ensure_streams(self) -> None:
+        """Create the tasks and topics streams, or update them to this configuration."""
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=self.tasks_stream,
+                subjects=[f"{self._prefix}.tasks.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                duplicate_window=_DUPLICATE_WINDOW,
+                num_replicas=self._replicas,
+            )
+        )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=self.topics_stream,
+                subjects=[f"{self._prefix}.topics.>"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=_TOPICS_MAX_AGE,
+                duplicate_window=_DUPLICATE_WINDOW,
+                num_replicas=self._replicas,
+            )
+        )
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        await patiently(self, lambda: self._add_stream(config), f"creating stream {config.name}")
+
+    async def _add_stream(self, config: api.StreamConfig) -> None:
+        with translated(), placement_unavailable():
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                existing = await self.js.stream_info(config.name or "")
+                # Keep the replication the stream was created with: a client connecting
+                # with the default must not turn R3 streams into R1.
+                config.num_replicas = existing.config.num_replicas
+                if existing.config == config:
+                    return
+                logger.info("updating the configuration of stream %s", config.name)
+                await self.js.update_stream(config)
+
+    async def ensure_consumer(self, queue: str, options: ConsumerOptions) -> str:
+        """Create (or update to ``options``) the durable consumer of ``queue``; its name."""
+        subject = self.task_subject(queue)
+        name = self.consumer_name(queue)
+        with translated():
+            try:
+                info = await self.js.consumer_info(self.tasks_stream, name)
+            except nats.js.errors.NotFoundError:
+                info = None
+            if info is not None:
+                current = info.config
+                if current.filter_subject != subject:
+                    raise QueueError(
+                        f"queue {queue!r} maps to consumer {name!r}, which already serves "
+                        f"{current.filter_subject!r}"
+                    )
+                if (
+                    current.ack_wait == options.ack_wait
+                    and current.max_deliver == options.max_deliver
+                    and current.max_ack_pending == _MAX_ACK_PENDING
+                ):
+                    return name
+            await self.js.add_consumer(
+                self.tasks_stream,
+                api.ConsumerConfig(
+                    name=name,
+                    durable_name=name,
+                    filter_subject=subject,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    ack_wait=options.ack_wait,
+                    max_deliver=options.max_deliver,
+                    max_ack_pending=_MAX_ACK_PENDING,
+                ),
+            )
+        return name
+
+    # -- Broker
+
+    async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
+        self.check_open()
+        subject = self.task_subject(queue)
+        self.check_size(data, f"task message {msg_id!r}")
+        ack = await self._publishpatiently(subject, data, msg_id, f"queueing task {msg_id!r}")
+        if ack.duplicate:
+            logger.debug("NATS dropped a duplicate of message %r on queue %r", msg_id, queue)
+
+    def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
+        self.check_open()
+        _check_name("queue", queue)
+        if options.max_in_flight < 1 or options.max_deliver < 1 or options.ack_wait <= 0:
+            raise ValueError(f"invalid consumer options {options!r}")
+        return self.iterate(_TaskFeed(self, queue, options))
+
+    async def queue_depth(self, queue: str) -> int:
+        self.check_open()
+        subject = self.task_subject(queue)
+        with translated():
+            try:
+                info = await self.js.consumer_info(self.tasks_stream, self.consumer_name(queue))
+            except nats.js.errors.NotFoundError:
+                stream = await self.js.stream_info(self.tasks_stream, subjects_filter=subject)
+                return (stream.state.subjects or {}).get(subject, 0)
+        pending: int = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        return pending
+
+    async def purge_queue(self, queue: str) -> None:
+        self.check_open()
+        subject = self.task_subject(queue)
+        with translated():
+            await self.js.purge_stream(self.tasks_stream, subject=subject)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        self.check_open()
+        subject = self.topic_subject(topic)
+        self.check_size(data, f"a message to {topic!r}")
+        # A failover must not fail a task at its next event.
+        await self._publishpatiently(subject, data, uuid.uuid4().hex, f"publishing to {topic!r}")
+
+    async def _publishpatiently(
+        self, subject: str, data: bytes, msg_id: str, what: str
+    ) -> api.PubAck:
+        """Publish ``data`` under ``msg_id``, tried again while NATS is unavailable: should
+        an attempt whose answer was lost have been stored, the stream drops the repeats
+        (within :data:`_DUPLICATE_WINDOW`)."""
+        headers: dict[str, str] = {api.Header.MSG_ID: msg_id}
+
+        async def attempt() -> api.PubAck:
+            with translated():
+                return await self.js.publish(subject, data, headers=headers)
+
+        return await patiently(self, attempt, what)
+
+    def subscribe(self, topic: str) -> Subscription[bytes]:
+        self.check_open()
+        return self.iterate(_TopicFeed(self, topic))
+
+    async def last_message(self, topic: str) -> bytes | None:
+        self.check_open()
+        subject = self.topic_subject(topic)
+
+        async def read() -> bytes | None:
+            with translated():
+                try:
+                    msg = await self.js.get_last_msg(self.topics_stream, subject)
+                except nats.js.errors.NotFoundError:
+                    return None
+            return msg.data or b""
+
+        return await patiently(self, read, f"reading the end of {topic!r}")
+
+    async def delete_topic(self, topic: str) -> None:
+        self.check_open()
+        subject = self.topic_subject(topic)
+        with translated():
+            await self.js.purge_stream(self.topics_stream, subject=subject)
