@@ -14,14 +14,10 @@ import subprocess
 import threading
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from llama_mesh.server import subjects
-from llama_mesh.server.app import MeshServer
-from llama_mesh.v1 import control_plane_pb2 as cp
-from llama_mesh.v1 import control_plane_pb2_grpc
-from tests.fixtures.mesh import BROKERED, TESTAPP, MeshFactory, free_port
+from tests.fixtures.mesh import BROKERED, MeshFactory, deploy, free_port, queue_config
 
 PASSWORD = "redis-secret"
 
@@ -56,21 +52,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def redis_section(url: str) -> str:
     return BROKERED.format(queue=f"message-queue: {{type: redis, url: '{url}'}}\n")
-
-
-async def deploy(server: MeshServer, config_yaml: str) -> None:
-    await server.mesh.deployments.create(
-        config_yaml, base_path=str(TESTAPP.parent), reload=False, local=True
-    )
-
-
-async def queue_config(server: MeshServer, deployment: str) -> dict[str, object]:
-    """What the deployment's 0.8 control plane answers at ``/queue_config``."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        stub = control_plane_pb2_grpc.ControlPlaneStub(channel)
-        request = cp.ControlPlaneGetQueueConfigRequest(deployment=deployment)
-        answer: dict[str, object] = json.loads((await stub.GetQueueConfig(request)).body.data)
-        return answer
 
 
 async def test_a_deployment_on_redis_runs_its_tasks_there(
