@@ -9,11 +9,9 @@ test never meet another's.
 
 from __future__ import annotations
 
-import json
 import uuid
 
-from llama_mesh.server import subjects
-from tests.fixtures.mesh import BROKERED, MeshFactory, deploy, queue_config
+from tests.fixtures.mesh import BROKERED, MeshFactory, assert_runs_there, deploy
 from tests.fixtures.rabbitmq import RabbitMqServer
 
 
@@ -29,24 +27,8 @@ async def test_a_deployment_on_rabbitmq_runs_its_tasks_there(
     """Its tasks go over RabbitMQ (not the server's own broker), its 0.8 queue config names
     RabbitMQ without the password, and deleting it closes that broker."""
     server = await mesh_factory()
-    await deploy(server, rabbitmq_section(rabbitmq))
-    broker = server.mesh.brokers.of("brokered")
-    assert broker is not server.broker
-    task = await server.mesh.run_task(
-        "brokered", service_id="echo", session_id=None, input={"message": "over rabbitmq"}
-    )
-    assert task.result == "echo: over rabbitmq"
-    assert await broker.queue_depth(subjects.task_queue("brokered", "echo")) == 0
-
-    answer = await queue_config(server, "brokered")
-    assert list(answer) == ["RabbitMQMessageQueueConfig"]
-    assert rabbitmq.password not in json.dumps(answer)
-    progress = [line.line async for line in server.mesh.deployments.progress("brokered")]
-    assert any(line.startswith("broker: rabbitmq at ") for line in progress)
-    assert rabbitmq.password not in "\n".join(progress)
-
-    await server.mesh.deployments.delete("brokered")
-    assert server.mesh.brokers.of("brokered") is server.broker
+    section = rabbitmq_section(rabbitmq)
+    await assert_runs_there(server, section, kind="rabbitmq", password=rabbitmq.password)
 
 
 async def test_worker_processes_are_handed_the_deployments_broker(

@@ -8,7 +8,6 @@ through their environment (a NATS server and a replica process, ~5 s).
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import threading
@@ -16,8 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from llama_mesh.server import subjects
-from tests.fixtures.mesh import BROKERED, MeshFactory, deploy, free_port, queue_config
+from tests.fixtures.mesh import BROKERED, MeshFactory, assert_runs_there, deploy, free_port
 
 PASSWORD = "redis-secret"
 
@@ -60,24 +58,7 @@ async def test_a_deployment_on_redis_runs_its_tasks_there(
     """Its tasks go over Redis (not the server's own broker), its 0.8 queue config names
     Redis without the password, and deleting it closes that broker."""
     server = await mesh_factory()
-    await deploy(server, redis_section(redis_url))
-    broker = server.mesh.brokers.of("brokered")
-    assert broker is not server.broker
-    task = await server.mesh.run_task(
-        "brokered", service_id="echo", session_id=None, input={"message": "over redis"}
-    )
-    assert task.result == "echo: over redis"
-    assert await broker.queue_depth(subjects.task_queue("brokered", "echo")) == 0
-
-    answer = await queue_config(server, "brokered")
-    assert list(answer) == ["RedisMessageQueueConfig"]
-    assert PASSWORD not in json.dumps(answer)
-    progress = [line.line async for line in server.mesh.deployments.progress("brokered")]
-    assert any(line.startswith("broker: redis at ") for line in progress)
-    assert PASSWORD not in "\n".join(progress)
-
-    await server.mesh.deployments.delete("brokered")
-    assert server.mesh.brokers.of("brokered") is server.broker
+    await assert_runs_there(server, redis_section(redis_url), kind="redis", password=PASSWORD)
 
 
 async def test_worker_processes_are_handed_the_deployments_broker(
