@@ -19,6 +19,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", HYPOTHESIS_PROFILE))
 
 pytest_plugins = [
     "tests.fixtures.nats",
+    "tests.fixtures.rabbitmq",
     "tests.fixtures.brokers",
     "tests.fixtures.envoy",
     "tests.fixtures.mesh",

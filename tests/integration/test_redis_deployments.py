@@ -8,20 +8,14 @@ through their environment (a NATS server and a replica process, ~5 s).
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
-from llama_mesh.server import subjects
-from llama_mesh.server.app import MeshServer
-from llama_mesh.v1 import control_plane_pb2 as cp
-from llama_mesh.v1 import control_plane_pb2_grpc
-from tests.fixtures.mesh import BROKERED, TESTAPP, MeshFactory, free_port
+from tests.fixtures.mesh import BROKERED, MeshFactory, assert_runs_there, deploy, free_port
 
 PASSWORD = "redis-secret"
 
@@ -58,45 +52,13 @@ def redis_section(url: str) -> str:
     return BROKERED.format(queue=f"message-queue: {{type: redis, url: '{url}'}}\n")
 
 
-async def deploy(server: MeshServer, config_yaml: str) -> None:
-    await server.mesh.deployments.create(
-        config_yaml, base_path=str(TESTAPP.parent), reload=False, local=True
-    )
-
-
-async def queue_config(server: MeshServer, deployment: str) -> dict[str, object]:
-    """What the deployment's 0.8 control plane answers at ``/queue_config``."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        stub = control_plane_pb2_grpc.ControlPlaneStub(channel)
-        request = cp.ControlPlaneGetQueueConfigRequest(deployment=deployment)
-        answer: dict[str, object] = json.loads((await stub.GetQueueConfig(request)).body.data)
-        return answer
-
-
 async def test_a_deployment_on_redis_runs_its_tasks_there(
     mesh_factory: MeshFactory, redis_url: str
 ) -> None:
     """Its tasks go over Redis (not the server's own broker), its 0.8 queue config names
     Redis without the password, and deleting it closes that broker."""
     server = await mesh_factory()
-    await deploy(server, redis_section(redis_url))
-    broker = server.mesh.brokers.of("brokered")
-    assert broker is not server.broker
-    task = await server.mesh.run_task(
-        "brokered", service_id="echo", session_id=None, input={"message": "over redis"}
-    )
-    assert task.result == "echo: over redis"
-    assert await broker.queue_depth(subjects.task_queue("brokered", "echo")) == 0
-
-    answer = await queue_config(server, "brokered")
-    assert list(answer) == ["RedisMessageQueueConfig"]
-    assert PASSWORD not in json.dumps(answer)
-    progress = [line.line async for line in server.mesh.deployments.progress("brokered")]
-    assert any(line.startswith("broker: redis at ") for line in progress)
-    assert PASSWORD not in "\n".join(progress)
-
-    await server.mesh.deployments.delete("brokered")
-    assert server.mesh.brokers.of("brokered") is server.broker
+    await assert_runs_there(server, redis_section(redis_url), kind="redis", password=PASSWORD)
 
 
 async def test_worker_processes_are_handed_the_deployments_broker(

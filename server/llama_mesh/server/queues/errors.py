@@ -23,8 +23,8 @@ class QueueUnavailableError(QueueError):
 
 class MessageTooLargeError(QueueError):
     """A message or value larger than the broker takes in one message (NATS: its
-    ``max_payload``, Redis: its ``proto-max-bulk-len``); nothing was written. Trying again
-    cannot help."""
+    ``max_payload``, Redis: its ``proto-max-bulk-len``, RabbitMQ: its ``max_message_size``);
+    nothing was written. Trying again cannot help."""
 
     def __init__(
         self, what: str, size: int, limit: int, *, limit_name: str = "NATS max_payload"

@@ -1,0 +1,134 @@
+"""What the RabbitMQ broker adds to the broker contract, on a real rabbitmq-server: a message
+over the server's size limit is refused clearly, a dead consumer's messages come back, and a
+restart of the server loses no confirmed task or topic message (the adapter reconnects).
+
+Cost: about 15 s, most of it the server's restart in the last test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from llama_mesh.server.nats_server import free_port
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions
+from llama_mesh.server.queues.errors import MessageTooLargeError, QueueUnavailableError
+from llama_mesh.server.queues.inprocess import InProcessStateStore
+from llama_mesh.server.queues.rabbitmq import RabbitMqSettings, connect_rabbitmq
+from llama_mesh.server.queues.state import KeyValueStore
+from tests.fixtures.rabbitmq import MAX_MESSAGE_SIZE, RabbitMqServer
+from tests.helpers import aclose, assert_eventually, next_within
+from tests.unit.contract import WAIT, assert_depth, assert_nothing_within, take
+
+EVENTS = [f"event{i}".encode() for i in range(4)]
+RESTART_WAIT = 60.0
+"""Seconds a reconnect may take after the server restarted (a loaded machine)."""
+
+
+@pytest.fixture
+async def dedup() -> AsyncIterator[KeyValueStore]:
+    """A bucket for msg_id claims, as the server gives a RabbitMQ broker."""
+    async with InProcessStateStore() as state:
+        yield await state.kv("dedup", ttl=120.0)
+
+
+def settings_for(server: RabbitMqServer) -> RabbitMqSettings:
+    """Settings with an exchange_name (object prefix) of their own."""
+    return RabbitMqSettings(url=server.url, exchange_name=f"it-{uuid.uuid4().hex}")
+
+
+async def test_a_message_over_the_size_limit_is_refused_clearly(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """RabbitMQ's max_message_size refusal is a MessageTooLargeError with both sizes; the
+    broker goes on working."""
+    async with await connect_rabbitmq(settings_for(rabbitmq), dedup=dedup) as broker:
+        size = MAX_MESSAGE_SIZE + 1
+        with pytest.raises(MessageTooLargeError, match="max_message_size") as caught:
+            await broker.publish("ev.big", b"x" * size)
+        assert (caught.value.size, caught.value.limit) == (size, MAX_MESSAGE_SIZE)
+        await broker.publish("ev.big", b"small")
+        assert await broker.last_message("ev.big") == b"small"
+
+
+async def test_a_dead_consumers_unsettled_message_is_redelivered(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """A consumer whose connection closes without settling gives its message back at once
+    (long before ack_wait), to a consumer on another connection."""
+    settings = settings_for(rabbitmq)
+    options = ConsumerOptions(ack_wait=300.0)
+    async with await connect_rabbitmq(settings, dedup=dedup) as survivor:
+        await survivor.publish_task("work", b"job", msg_id="job-1")
+        worker = await connect_rabbitmq(settings, dedup=dedup)
+        first = await next_within(worker.consume_tasks("work", options), WAIT)
+        assert first.delivery_count == 1
+        await worker.close()  # the worker dies holding the message
+        it = survivor.consume_tasks("work", options)
+        again = await next_within(it, WAIT)
+        assert (again.data, again.delivery_count) == (b"job", 2)
+        await again.ack()
+        await assert_depth(survivor, "work", 0)
+        await aclose(it)
+
+
+async def test_a_server_restart_loses_nothing_confirmed(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """After the server is stopped and started again: every confirmed, unacknowledged task
+    message is still queued (an acknowledged one is not), every topic message is still
+    stored, and the broker reported the outage, reconnected and publishes again; a
+    subscription open meanwhile goes on after the last message it had delivered."""
+    settings = settings_for(rabbitmq)
+    async with await connect_rabbitmq(settings, dedup=dedup) as broker:
+        events: list[str | None] = []
+        broker.on_availability(events.append)
+        for i in range(4):
+            await broker.publish_task("jobs", f"job{i}".encode(), msg_id=f"job{i}")
+            await broker.publish("ev.log", EVENTS[i])
+        it = broker.consume_tasks("jobs", ConsumerOptions())
+        done = await next_within(it, WAIT)
+        await done.ack()
+        await aclose(it)
+        await assert_depth(broker, "jobs", 3)
+        following = broker.subscribe("ev.log")
+        assert [await next_within(following, WAIT) for _ in range(4)] == EVENTS
+
+        await asyncio.to_thread(rabbitmq.restart)
+        await assert_eventually(lambda: events and events[-1] is None, RESTART_WAIT)
+        assert isinstance(events[0], str) and "lost" in events[0]
+
+        await broker.publish("ev.log", b"after")
+        assert await next_within(following, RESTART_WAIT) == b"after"
+        await aclose(following)
+        async with await connect_rabbitmq(settings, dedup=dedup) as fresh:
+            await _assert_survived(fresh, done.data)
+
+
+async def _assert_survived(broker: Broker, acked: bytes) -> None:
+    it = broker.consume_tasks("jobs", ConsumerOptions(max_in_flight=5))
+    left = await take(it, 3)
+    await assert_nothing_within(it)
+    expected = {f"job{i}".encode() for i in range(4)} - {acked}
+    assert {d.data for d in left} == expected
+    await aclose(it)
+    sub = broker.subscribe("ev.log")
+    stored = [await next_within(sub, WAIT) for _ in range(5)]
+    assert stored == [*EVENTS, b"after"]
+    await aclose(sub)
+
+
+async def test_an_unreachable_or_refusing_server_is_unavailable(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """Connecting to a port nobody listens on, or with a wrong password, raises
+    QueueUnavailableError naming the cause."""
+    nobody = RabbitMqSettings(url=f"amqp://mesh:x@127.0.0.1:{free_port()}/")
+    with pytest.raises(QueueUnavailableError, match="RabbitMQ is unavailable"):
+        await connect_rabbitmq(nobody, dedup=dedup)
+    wrong = RabbitMqSettings(url=rabbitmq.url.replace(rabbitmq.password, "wrong"))
+    with pytest.raises(QueueUnavailableError, match=r"(?i)auth|access refused"):
+        await connect_rabbitmq(wrong, dedup=dedup)
