@@ -311,13 +311,21 @@ def _translated(what: str = "a message") -> Iterator[None]:
 
 
 def _not_stored(exc: QueueError) -> bool:
-    """Whether RabbitMQ refused ``exc``'s operation before storing anything, and trying
-    again can help: the message was returned as unroutable, or the queue is not ready (see
-    :data:`_NOT_READY`)."""
+    """Whether ``exc``'s operation stored nothing, and trying again can help: the message was
+    returned as unroutable, the queue is not ready (see :data:`_NOT_READY`), or the channel
+    was closed before anything was sent (the connection is down: a restarted node is not
+    reconnected to yet, and the robust connection reopens the channel when it is)."""
     cause = exc.__cause__
-    return isinstance(cause, aiormq.exceptions.PublishError) or (
-        isinstance(cause, aiormq.exceptions.ChannelClosed)
-        and any(text in str(cause) for text in _NOT_READY)
+    return (
+        isinstance(cause, aiormq.exceptions.PublishError)
+        or (
+            isinstance(cause, aiormq.exceptions.ChannelClosed)
+            and any(text in str(cause) for text in _NOT_READY)
+        )
+        or (
+            isinstance(cause, aiormq.exceptions.ChannelInvalidStateError)
+            and str(cause).endswith(" closed")
+        )
     )
 
 
