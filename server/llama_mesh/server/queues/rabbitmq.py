@@ -329,10 +329,20 @@ def _not_stored(exc: QueueError) -> bool:
     )
 
 
-async def _patiently(operation: Callable[[], Awaitable[T]]) -> T:
+def _may_start_again(exc: QueueError) -> bool:
+    """Whether a consumer's start that failed with ``exc`` can be tried again: it stored
+    nothing (:func:`_not_stored`), or RabbitMQ closed the connection with INTERNAL_ERROR,
+    as 3.10 does when a consume of a stream just declared crashes its channel (the stream's
+    member on this node is not registered yet); the robust connection comes back."""
+    return _not_stored(exc) or isinstance(exc.__cause__, aiormq.exceptions.ConnectionInternalError)
+
+
+async def _patiently(
+    operation: Callable[[], Awaitable[T]], again: Callable[[QueueError], bool] = _not_stored
+) -> T:
     """Run ``operation`` (a declare, or a publish with its declare), again after a pause
-    while RabbitMQ refused it without storing anything (:func:`_not_stored`), for up to
-    :data:`_PATIENCE` seconds: a restarted node must not fail every caller meanwhile."""
+    while RabbitMQ refused it without storing anything (``again``: :func:`_not_stored`), for
+    up to :data:`_PATIENCE` seconds: a restarted node must not fail every caller meanwhile."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _PATIENCE
     pause = _RETRY_PAUSES[0]
@@ -340,7 +350,7 @@ async def _patiently(operation: Callable[[], Awaitable[T]]) -> T:
         try:
             return await operation()
         except QueueError as exc:
-            if not _not_stored(exc) or loop.time() + pause > deadline:
+            if not again(exc) or loop.time() + pause > deadline:
                 raise
             logger.debug("RabbitMQ refused, trying again in %ss: %s", pause, exc)
         await asyncio.sleep(pause)
@@ -704,7 +714,8 @@ class _Iterator(abc.ABC, Generic[Q, R]):
         next read after a failed start tries again."""
         starting = self._starting
         if starting is None or (starting.done() and not _succeeded(starting)):
-            starting = asyncio.create_task(_patiently(self._start_once), name=self.name)
+            start = _patiently(self._start_once, _may_start_again)
+            starting = asyncio.create_task(start, name=self.name)
             self._starting = starting
         await asyncio.shield(starting)
 
@@ -718,6 +729,8 @@ class _Iterator(abc.ABC, Generic[Q, R]):
 
     async def open_channel(self, prefetch: int) -> aio_pika.abc.AbstractRobustChannel:
         with _translated():
+            # After a lost connection: once it is back (unavailable if it stays away).
+            await asyncio.wait_for(self.owner.connection.ready(), _PATIENCE)
             channel = await self.owner.connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
         self.channel = channel
