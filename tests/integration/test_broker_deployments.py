@@ -27,6 +27,7 @@ from llama_mesh.server import subjects
 from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.domain import EventKind, HumanEvent, Task, TaskStatus
+from llama_mesh.server.errors import InvalidArgumentError
 from llama_mesh.server.queues.broker import Broker
 from tests.fixtures.mesh import TESTAPP
 from tests.fixtures.rabbitmq import RabbitMqServer
@@ -40,6 +41,10 @@ APP = "onbroker"
 APP_YAML = """\
 name: onbroker
 services:
+  echo:
+    name: Echo
+    source: {{type: local, name: .}}
+    path: app_workflows:echo
   stream:
     name: Streaming
     source: {{type: local, name: .}}
@@ -67,6 +72,10 @@ message-queue: {{{queue}}}
 """
 """The testapp services these tests need (each one a worker process), on the broker that
 ``{queue}`` (the fields of a ``message-queue`` flow mapping) names."""
+LIMITS = {"rabbitmq": "RabbitMQ max_message_size", "redis": "Redis proto-max-bulk-len"}
+"""What each broker's limit on one message is called; both servers set it to 1 MiB."""
+OVER_THE_LIMIT = 1100
+"""Times ``"x" * 1000``: over each broker's 1 MiB, well under the server's NATS limit."""
 WAIT = 60.0
 """Upper bound for tasks to finish, after a fault included (they take seconds)."""
 
@@ -256,6 +265,23 @@ async def test_a_workflow_error_fails_the_task(on: OnBroker) -> None:
     assert task.status is TaskStatus.FAILED
     assert task.error is not None
     assert (task.error.type, task.error.message) == ("ValueError", f"no {on.kind}")
+
+
+async def test_what_does_not_fit_names_the_brokers_limit(on: OnBroker) -> None:
+    """An input, or an event, larger than the broker takes in one message fails naming the
+    broker's own limit, not NATS's: the input at once, the task on its first attempt."""
+    big = "x" * 1000 * OVER_THE_LIMIT
+    with pytest.raises(InvalidArgumentError, match=LIMITS[on.kind]):
+        await on.mesh.create_task(APP, service_id="echo", session_id=None, input={"message": big})
+    task = await on.mesh.run_task(
+        APP,
+        service_id="echo",
+        session_id=None,
+        input={"message": "x" * 1000, "repeat": OVER_THE_LIMIT, "as_event": True},
+    )
+    assert (task.status, task.attempts) == (TaskStatus.FAILED, 1)
+    assert task.error is not None and task.error.type == "MessageTooLarge"
+    assert LIMITS[on.kind] in task.error.message
 
 
 async def test_a_running_task_is_on_the_broker_not_nats_and_cancels(on: OnBroker) -> None:
