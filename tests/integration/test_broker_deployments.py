@@ -4,14 +4,20 @@ broker itself restarts.
 
 One server per broker for the module (worker processes, its own nats-server for the state
 store) with :data:`APP_YAML` deployed on the session's real rabbitmq-server or redis-server
-(``tests/fixtures/rabbitmq.py``, ``tests/fixtures/redis.py``): ~10 s to start per broker.
-Tests use tasks and sessions of their own, so they share it; the broker restarts come last
-in each broker's run (pytest keeps the definition order within a module-scoped parameter).
+(``tests/fixtures/rabbitmq.py``, ``tests/fixtures/redis.py``). Tests use tasks and sessions
+of their own, so they share it; the broker restarts come last in each broker's run (pytest
+keeps the definition order within a module-scoped parameter).
+
+Cost, on a loaded 2-core machine: 60-90 s in all. Per broker about 10 s to start the server
+and deploy, 5-10 s to kill a worker and redeliver, 3 s (Redis) to 15 s (RabbitMQ) for the
+broker restart, the rest about 5 s; plus the session's rabbitmq-server boot if no test
+before started it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import uuid
@@ -26,37 +32,33 @@ import redis.asyncio
 from llama_mesh.server import subjects
 from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.app import MeshServer, ServerSettings
-from llama_mesh.server.domain import EventKind, HumanEvent, Task, TaskStatus
+from llama_mesh.server.domain import EventKind, HumanEvent, TaskStatus
 from llama_mesh.server.errors import InvalidArgumentError
 from llama_mesh.server.queues.broker import Broker
 from tests.fixtures.mesh import TESTAPP
 from tests.fixtures.rabbitmq import RabbitMqServer
 from tests.fixtures.redis import RedisServer
 from tests.helpers import aclose, assert_eventually, next_within
+from tests.integration.test_faults import (
+    WAIT,
+    create_slow_tasks,
+    running_on_some_instance,
+    wait_all,
+)
 from tests.unit.contract import assert_nothing_within
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
-APP = "onbroker"
+APP = "faults"
+"""The deployment's name: the one ``test_faults``' helpers for `slow` tasks work on."""
 APP_YAML = """\
-name: onbroker
+name: faults
 services:
-  echo:
-    name: Echo
-    source: {{type: local, name: .}}
-    path: app_workflows:echo
-  stream:
-    name: Streaming
-    source: {{type: local, name: .}}
-    path: app_workflows:stream
-  hitl:
-    name: Human in the loop
-    source: {{type: local, name: .}}
-    path: app_workflows:hitl
-  tally:
-    name: Session tally
-    source: {{type: local, name: .}}
-    path: app_workflows:tally
+  echo: {{name: Echo, source: {{type: local, name: .}}, path: app_workflows:echo}}
+  stream: {{name: Streaming, source: {{type: local, name: .}}, path: app_workflows:stream}}
+  hitl: {{name: Human in the loop, source: {{type: local, name: .}}, path: app_workflows:hitl}}
+  tally: {{name: Session tally, source: {{type: local, name: .}}, path: app_workflows:tally}}
+  fails: {{name: Fails, source: {{type: local, name: .}}, path: app_workflows:fails}}
   slow:
     name: Slow
     source: {{type: local, name: .}}
@@ -64,10 +66,6 @@ services:
     replicas: 2
     max-concurrent-tasks: 4
     max-retries: 3
-  fails:
-    name: Fails
-    source: {{type: local, name: .}}
-    path: app_workflows:fails
 message-queue: {{{queue}}}
 """
 """The testapp services these tests need (each one a worker process), on the broker that
@@ -76,8 +74,6 @@ LIMITS = {"rabbitmq": "RabbitMQ max_message_size", "redis": "Redis proto-max-bul
 """What each broker's limit on one message is called; both servers set it to 1 MiB."""
 OVER_THE_LIMIT = 1100
 """Times ``"x" * 1000``: over each broker's 1 MiB, well under the server's NATS limit."""
-WAIT = 60.0
-"""Upper bound for tasks to finish, after a fault included (they take seconds)."""
 
 
 @dataclass
@@ -178,32 +174,6 @@ async def on(
         await server.shutdown()
 
 
-async def wait_all(mesh: Mesh, task_ids: Iterable[str]) -> list[Task]:
-    """Every task once final (watches, no polling), within :data:`WAIT` seconds."""
-    async with asyncio.timeout(WAIT):
-        return list(await asyncio.gather(*(mesh.wait_task(APP, t) for t in task_ids)))
-
-
-async def create_slow_tasks(mesh: Mesh, tags: Iterable[str], seconds: float) -> dict[str, str]:
-    """One `slow` task per tag; task id -> tag."""
-    created = {}
-    for tag in tags:
-        task = await mesh.create_task(
-            APP, service_id="slow", session_id=None, input={"seconds": seconds, "tag": tag}
-        )
-        created[task.task_id] = tag
-    return created
-
-
-async def running_instance(mesh: Mesh, task_ids: Iterable[str]) -> str:
-    """The instance id of a replica that runs one of the tasks now ('' if none does)."""
-    for task_id in task_ids:
-        task = await mesh.get_task(APP, task_id)
-        if task.status is TaskStatus.RUNNING and task.instance_id:
-            return task.instance_id
-    return ""
-
-
 async def test_a_task_returns_its_result(on: OnBroker) -> None:
     """A task runs on a replica process and returns its workflow's result, first try."""
     task = await on.mesh.run_task(
@@ -243,18 +213,15 @@ async def test_human_in_the_loop(on: OnBroker) -> None:
 
 
 async def test_session_context_carries_over(on: OnBroker) -> None:
-    """Tasks of one session continue from its stored context; another session starts fresh."""
+    """A session started by a task goes on from the context that task left; a task in a
+    session of its own starts fresh."""
     mesh = on.mesh
-    session = await mesh.create_session(APP)
-    totals = []
-    for amount in (3, 4):
-        task = await mesh.run_task(
-            APP, service_id="tally", session_id=session.session_id, input={"amount": amount}
-        )
-        totals.append(task.result)
-    assert totals == [3, 7]
-    fresh = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 2})
-    assert fresh.result == 2
+    first = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 3})
+    second = await mesh.run_task(
+        APP, service_id="tally", session_id=first.session_id, input={"amount": 4}
+    )
+    other = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 2})
+    assert (first.result, second.result, other.result) == (3, 7, 2)
 
 
 async def test_a_workflow_error_fails_the_task(on: OnBroker) -> None:
@@ -298,12 +265,11 @@ async def test_a_running_task_is_on_the_broker_not_nats_and_cancels(on: OnBroker
                 assert await on.server.broker.queue_depth(queue) == 0
                 assert await on.server.broker.last_message(events) is None
                 assert await on.broker.last_message(events) is not None
-                await mesh.cancel_task(APP, task.task_id, "changed my mind")
+                await mesh.cancel_task(APP, task.task_id, f"off {on.kind}")
             last = event
-    assert last.kind is EventKind.CANCELLED
     final = await mesh.get_task(APP, task.task_id)
-    assert final.status is TaskStatus.CANCELLED
-    assert final.error is not None and final.error.message == "changed my mind"
+    assert (last.kind, final.status) == (EventKind.CANCELLED, TaskStatus.CANCELLED)
+    assert final.error is not None and final.error.message == f"off {on.kind}"
 
 
 async def test_a_task_scheduled_twice_runs_once(on: OnBroker) -> None:
@@ -341,7 +307,9 @@ async def test_a_killed_worker_task_finishes_on_the_other_replica(on: OnBroker) 
     the other replica, once, with its own result."""
     mesh = on.mesh
     tags = await create_slow_tasks(mesh, ["survivor"], seconds=2.0)
-    instance_id = await assert_eventually(lambda: running_instance(mesh, tags), timeout=WAIT)
+    instance_id = await assert_eventually(
+        lambda: running_on_some_instance(mesh, tags), timeout=WAIT
+    )
     instances = await mesh.cp.list_instances(APP, "slow")
     victim = next(i.pid for i in instances if i.instance_id == instance_id)
     os.kill(victim, signal.SIGKILL)
@@ -364,7 +332,7 @@ async def test_a_broker_restart_loses_no_accepted_task(on: OnBroker) -> None:
     result."""
     mesh = on.mesh
     tags = await create_slow_tasks(mesh, (f"{on.kind}{n}" for n in range(12)), seconds=1.0)
-    await assert_eventually(lambda: running_instance(mesh, tags), timeout=WAIT)
+    await assert_eventually(functools.partial(running_on_some_instance, mesh, tags), WAIT)
     await on.restart_broker()
     tags.update(await create_slow_tasks(mesh, ["after"], seconds=0.1))
     finals = await wait_all(mesh, tags)
