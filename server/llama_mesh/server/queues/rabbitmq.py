@@ -292,11 +292,18 @@ def translate_error(exc: BaseException, what: str = "a message") -> BaseExceptio
     if too_large is not None:
         size, limit = int(too_large[1]), int(too_large[2])
         return MessageTooLargeError(what, size, limit, limit_name="RabbitMQ max_message_size")
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, _UNAVAILABLE) or _closed_connection(exc):
         return QueueUnavailableError(f"RabbitMQ is unavailable: {exc!r}")
     if isinstance(exc, aiormq.exceptions.AMQPError):
         return QueueError(f"RabbitMQ error: {exc!r}")
     return exc
+
+
+def _closed_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` is the plain ``RuntimeError`` aiormq and aio-pika raise for a channel
+    asked of a closed connection (``<Connection ...> closed``): a lost connection, like the
+    others; a worker must give its task back, not fail it as the workflow's error."""
+    return type(exc) is RuntimeError and str(exc).endswith(" closed")
 
 
 @contextlib.contextmanager
