@@ -6,8 +6,7 @@ Layout on the server, every name prefixed with the settings' ``exchange_name`` (
 * work queue ``q`` is the durable **quorum** queue ``<exchange_name>.tasks.q``; messages are
   persistent and carry the publisher's ``msg_id`` as their AMQP ``message_id``.
 * topic ``t`` is the **stream** ``<exchange_name>.topics.t``, read over AMQP from offset
-  ``first`` (replay, then follow), on a second connection of the broker's own (see
-  ``RabbitMqBroker.streams``).
+  ``first`` (replay, then follow).
 
 What RabbitMQ does not do by itself, the adapter does:
 
@@ -393,17 +392,10 @@ class RabbitMqBroker(Broker):
         channel: aio_pika.abc.AbstractRobustChannel,
         settings: RabbitMqSettings,
         dedup: KeyValueStore,
-        streams: aio_pika.abc.AbstractRobustConnection,
     ) -> None:
         self.connection = connection
         self.channel = channel
         """Publishes (with confirms) and declarations; iterators have channels of their own."""
-        self.streams = streams
-        """The connection topic reads (subscriptions, ``last_message``) run on: RabbitMQ
-        3.10 crashes the channel of a consume of a stream still starting (just declared
-        elsewhere), and a channel crash closes its whole connection; on a connection of
-        their own, such a crash costs publishes and task consumers nothing (the reads come
-        back with it, see :func:`_may_start_again`)."""
         self._prefix = settings.exchange_name
         self._dedup = dedup
         self.closed = False
@@ -610,7 +602,7 @@ class RabbitMqBroker(Broker):
 
         # A channel of its own: RabbitMQ closes the channel of a consume of a missing queue.
         with _translated():
-            async with self.streams.channel() as channel:
+            async with self.connection.channel() as channel:
                 await channel.set_qos(prefetch_count=_MAX_PREFETCH)
                 amqp = await channel.get_underlay_channel()
                 try:
@@ -647,9 +639,8 @@ class RabbitMqBroker(Broker):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for connection in (self.streams, self.connection):
-            with contextlib.suppress(Exception):  # a connection already lost is closed anyway
-                await connection.close()
+        with contextlib.suppress(Exception):  # a connection already lost is closed anyway
+            await self.connection.close()
 
 
 async def connect_rabbitmq(settings: RabbitMqSettings, *, dedup: KeyValueStore) -> Broker:
@@ -659,22 +650,17 @@ async def connect_rabbitmq(settings: RabbitMqSettings, *, dedup: KeyValueStore) 
     which a second publish of an id is dropped. Raises :class:`QueueUnavailableError` when
     the broker cannot be reached or refuses the credentials.
     """
-    connection = await _connect(settings)
+    with _translated():
+        connection = await aio_pika.connect_robust(
+            settings.url, timeout=_CONNECT_TIMEOUT, reconnect_interval=_RECONNECT_INTERVAL
+        )
     try:
         channel = await _open_publishing_channel(connection)
-        streams = await _connect(settings)
     except BaseException:
         await connection.close()
         raise
     logger.info("connected to RabbitMQ at %s", settings.redacted_url)
-    return RabbitMqBroker(connection, channel, settings, dedup, streams)
-
-
-async def _connect(settings: RabbitMqSettings) -> aio_pika.abc.AbstractRobustConnection:
-    with _translated():
-        return await aio_pika.connect_robust(
-            settings.url, timeout=_CONNECT_TIMEOUT, reconnect_interval=_RECONNECT_INTERVAL
-        )
+    return RabbitMqBroker(connection, channel, settings, dedup)
 
 
 async def _open_publishing_channel(
@@ -748,16 +734,11 @@ class _Iterator(abc.ABC, Generic[Q, R]):
                 await self.close_channel()
             raise
 
-    def connection(self) -> aio_pika.abc.AbstractRobustConnection:
-        """The broker's connection this iterator's channel is on."""
-        return self.owner.connection
-
     async def open_channel(self, prefetch: int) -> aio_pika.abc.AbstractRobustChannel:
-        connection = self.connection()
         with _translated():
             # After a lost connection: once it is back (unavailable if it stays away).
-            await asyncio.wait_for(connection.ready(), _PATIENCE)
-            channel = await connection.channel()
+            await asyncio.wait_for(self.owner.connection.ready(), _PATIENCE)
+            channel = await self.owner.connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
         self.channel = channel
         return channel
@@ -945,9 +926,6 @@ class _TopicSubscription(
         self._arguments: dict[str, Any] = {"x-stream-offset": "first"}
         """The consume arguments; the robust queue re-consumes with them after a reconnect,
         so the offset is kept just past the last message handed out."""
-
-    def connection(self) -> aio_pika.abc.AbstractRobustConnection:
-        return self.owner.streams
 
     async def start(self) -> None:
         channel = await self.open_channel(_TOPIC_PREFETCH)
