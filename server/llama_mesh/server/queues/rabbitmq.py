@@ -292,7 +292,7 @@ def translate_error(exc: BaseException, what: str = "a message") -> BaseExceptio
     if too_large is not None:
         size, limit = int(too_large[1]), int(too_large[2])
         return MessageTooLargeError(what, size, limit, limit_name="RabbitMQ max_message_size")
-    if isinstance(exc, _UNAVAILABLE) or _closed_connection(exc):
+    if isinstance(exc, _UNAVAILABLE) or _closed_connection(exc) or _rejected(exc):
         return QueueUnavailableError(f"RabbitMQ is unavailable: {exc!r}")
     if isinstance(exc, aiormq.exceptions.AMQPError):
         return QueueError(f"RabbitMQ error: {exc!r}")
@@ -304,6 +304,12 @@ def _closed_connection(exc: BaseException) -> bool:
     asked of a closed connection (``<Connection ...> closed``): a lost connection, like the
     others; a worker must give its task back, not fail it as the workflow's error."""
     return type(exc) is RuntimeError and str(exc).endswith(" closed")
+
+
+def _rejected(exc: BaseException) -> bool:
+    """Whether ``exc`` is the bare ``Exception`` aiormq fails the operations still waiting on
+    a channel with when the channel closes without a reason (its connection was lost)."""
+    return type(exc) is Exception and not exc.args
 
 
 @contextlib.contextmanager
@@ -320,8 +326,9 @@ def _translated(what: str = "a message") -> Iterator[None]:
 def _not_stored(exc: QueueError) -> bool:
     """Whether ``exc``'s operation stored nothing, and trying again can help: the message was
     returned as unroutable, the queue is not ready (see :data:`_NOT_READY`), or the channel
-    was closed before anything was sent (the connection is down: a restarted node is not
-    reconnected to yet, and the robust connection reopens the channel when it is)."""
+    or its connection was closed before anything was sent (the connection is down: a
+    restarted node is not reconnected to yet, and the robust connection reopens the channel
+    when it is)."""
     cause = exc.__cause__
     return (
         isinstance(cause, aiormq.exceptions.PublishError)
@@ -333,6 +340,7 @@ def _not_stored(exc: QueueError) -> bool:
             isinstance(cause, aiormq.exceptions.ChannelInvalidStateError)
             and str(cause).endswith(" closed")
         )
+        or (cause is not None and _closed_connection(cause))
     )
 
 
