@@ -10,12 +10,18 @@ Layout on the server, every name prefixed with the settings' ``exchange_name`` (
 
 What RabbitMQ does not do by itself, the adapter does:
 
-* **msg_id deduplication**: a publish first claims its id in the ``dedup`` key-value bucket
-  (``KeyValueStore.create``; the bucket's TTL is the deduplication window) and marks the
-  claim done once the broker confirmed the message; a later publish of a done id is dropped.
-  A claim whose publish never confirmed (the publisher died, or the broker failed) does not
-  block a retry: that retry publishes again, so a failure may duplicate a message but never
-  loses one.
+* **msg_id deduplication**, in two steps, both in the ``dedup`` key-value bucket (its TTL is
+  the deduplication window). A publish first claims its id (``KeyValueStore.create``) and
+  marks the claim done once the broker confirmed the message; a later publish of a done id
+  is dropped, so the queue's depth counts one message per id. A claim whose publish never
+  confirmed (the publisher died, the broker failed, or a concurrent publish of the id is
+  still under way) does not block a retry: that retry publishes again, so a failure may
+  duplicate a message but never loses one. Such a duplicate is dropped on delivery: each
+  message carries a publish id of its own (header ``llama-mesh-publish-id``), and a
+  consumer claims the message id for the first publish id it receives; a delivery whose
+  message id is claimed for another publish id is a duplicate and is acked unrun. A
+  redelivery (after a timeout, a ``nak`` or a dead consumer) has the claimed publish id and
+  goes through, whatever its ``x-delivery-count``.
 * **ack_wait**: RabbitMQ has no per-message ack timeout a consumer can renew, so each
   delivery has a timer: when it fires, the message is requeued (``basic.nack``, requeue);
   ``in_progress()`` restarts it. A consumer that dies without settling loses nothing: its
@@ -61,6 +67,7 @@ import json
 import logging
 import re
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
@@ -116,6 +123,10 @@ _QUORUM: Final = {"x-queue-type": "quorum"}
 _STREAM: Final = {"x-queue-type": "stream"}
 _PENDING: Final = b"pending"
 _PUBLISHED: Final = b"published"
+PUBLISH_ID_HEADER: Final = "llama-mesh-publish-id"
+"""The header naming one publish of a task message: duplicates of a msg_id differ in it."""
+_CONSUMED: Final = "=consumed"
+"""Suffix of a msg_id's consumption claim (``=``: a queue name cannot make it up)."""
 _NODE_DOWN: Final = "down or inaccessible"
 """In RabbitMQ's NOT_FOUND for a durable queue whose node is still starting it."""
 _NOT_READY: Final = (_NODE_DOWN, "does not have a replica on the local node")
@@ -506,16 +517,47 @@ class RabbitMqBroker(Broker):
         name = self.queue_name(queue)
         if not msg_id or len(msg_id.encode()) > _MAX_SHORTSTR:
             raise ValueError(f"invalid msg_id {msg_id!r}: 1 to {_MAX_SHORTSTR} bytes")
-        digest = hashlib.sha256(msg_id.encode()).hexdigest()
-        claim = f"{self._prefix}.{queue}.{digest}"
+        claim = self._claim_key(queue, msg_id)
         if not await self._claim(claim):
             logger.debug("dropped a duplicate of message %r on queue %r", msg_id, queue)
             return
         message = aio_pika.Message(
-            data, message_id=msg_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            data,
+            message_id=msg_id,
+            headers={PUBLISH_ID_HEADER: uuid.uuid4().hex},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._publish(name, _QUORUM, message, f"task message {msg_id!r}")
         await self._dedup.put(claim, _PUBLISHED)
+
+    def _claim_key(self, queue: str, msg_id: str) -> str:
+        """The dedup key of ``msg_id``'s publish claim on ``queue``."""
+        return f"{self._prefix}.{queue}.{hashlib.sha256(msg_id.encode()).hexdigest()}"
+
+    async def is_duplicate(self, queue: str, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+        """Whether ``message`` (delivered from work queue ``queue``) is a duplicate: another
+        publish of its msg_id was delivered first. The first delivery claims the id for its
+        publish id; redeliveries of that publish find their own claim. When the bucket
+        cannot be read, the message counts as new: a duplicate may run, nothing is lost."""
+        publish_id = (message.headers or {}).get(PUBLISH_ID_HEADER)
+        if not message.message_id or not isinstance(publish_id, str | bytes):
+            return False  # published without a publish id: nothing to tell it apart by
+        mine = publish_id.encode() if isinstance(publish_id, str) else publish_id
+        key = self._claim_key(queue, message.message_id) + _CONSUMED
+        try:
+            try:
+                await self._dedup.create(key, mine)
+            except KeyExistsError:
+                entry = await self._dedup.get(key)
+                return entry is not None and entry.value != mine
+        except QueueError as exc:
+            logger.warning(
+                "cannot tell whether message %r of queue %r is a duplicate, running it: %s",
+                message.message_id,
+                queue,
+                exc,
+            )
+        return False
 
     async def _claim(self, claim: str) -> bool:
         """Whether a message whose id has the dedup key ``claim`` is to be published: no
@@ -529,12 +571,11 @@ class RabbitMqBroker(Broker):
 
     def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
         self.check_open()
-        name = self.queue_name(queue)
         if not 0 < options.max_in_flight <= _MAX_PREFETCH:
             raise ValueError(f"max_in_flight must be 1 to {_MAX_PREFETCH}")
         if options.ack_wait <= 0 or options.max_deliver < 1:
             raise ValueError("ack_wait must be positive and max_deliver at least 1")
-        consumer = _Consumer(self, name, options)
+        consumer = _Consumer(self, queue, options)
         self._iterators.add(consumer)
         return consumer
 
@@ -741,11 +782,15 @@ class _Iterator(abc.ABC, Generic[Q, R]):
 
 
 class _Consumer(_Iterator["_RabbitDelivery", Delivery], Subscription[Delivery]):
-    def __init__(self, owner: RabbitMqBroker, name: str, options: ConsumerOptions) -> None:
-        super().__init__(owner, name)
+    def __init__(self, owner: RabbitMqBroker, queue: str, options: ConsumerOptions) -> None:
+        super().__init__(owner, owner.queue_name(queue))
+        self.work_queue = queue
         self.options = options
         self.held: set[_RabbitDelivery] = set()
-        """Deliveries received and not yet settled (handed out or in :attr:`ready`)."""
+        """Deliveries received and not yet settled (being checked, handed out or in
+        :attr:`ready`)."""
+        self._checking = asyncio.Lock()
+        """Duplicate checks one at a time (a fair lock): deliveries keep their order."""
 
     async def start(self) -> None:
         channel = await self.open_channel(self.options.max_in_flight)
@@ -771,6 +816,25 @@ class _Consumer(_Iterator["_RabbitDelivery", Delivery], Subscription[Delivery]):
             delivery.finish(requeue=False)
         else:
             delivery.arm(self.options.ack_wait)
+            await self._check(delivery)
+
+    async def _check(self, delivery: _RabbitDelivery) -> None:
+        """Hand ``delivery`` out unless it is a duplicate (then drop it) or was settled (its
+        ack_wait ran out) or the consumer closed (then requeue it) meanwhile."""
+        async with self._checking:
+            duplicate = await self.owner.is_duplicate(self.work_queue, delivery.message)
+        if delivery.settled:
+            return
+        if duplicate:
+            logger.info(
+                "dropping a duplicate of message %r of %s: another publish of it was delivered",
+                delivery.message.message_id,
+                self.name,
+            )
+            delivery.finish(requeue=False)
+        elif self.closed:
+            delivery.finish(requeue=True)
+        else:
             self.received(delivery)
 
     def hand_out(self, item: _RabbitDelivery) -> Delivery | None:
@@ -806,7 +870,7 @@ class _RabbitDelivery(Delivery):
         self, consumer: _Consumer, message: aio_pika.abc.AbstractIncomingMessage, count: int
     ) -> None:
         self._consumer = consumer
-        self._message = message
+        self.message = message
         self._count = count
         self.settled = False
         """The caller settled it, or its ack_wait ran out."""
@@ -814,7 +878,7 @@ class _RabbitDelivery(Delivery):
 
     @property
     def data(self) -> bytes:
-        return self._message.body
+        return self.message.body
 
     @property
     def delivery_count(self) -> int:
@@ -849,9 +913,9 @@ class _RabbitDelivery(Delivery):
         try:
             with _translated():
                 if requeue:
-                    await self._message.nack(requeue=True)
+                    await self.message.nack(requeue=True)
                 else:
-                    await self._message.ack()
+                    await self.message.ack()
         finally:
             self._consumer.settled(self)
 
