@@ -25,6 +25,9 @@ from tests.helpers import aclose, assert_eventually, next_within
 from tests.unit.contract import QUIET, WAIT, assert_depth, assert_nothing_within, take
 
 EVENTS = [f"event{i}".encode() for i in range(4)]
+RACING_TOPICS = 12
+"""New topics two connections publish to at once, one after the other (without the fix,
+the first one already crashed the connection in every run)."""
 RESTART_WAIT = 60.0
 """Seconds a reconnect may take after the server restarted (a loaded machine)."""
 
@@ -122,6 +125,31 @@ async def test_a_dead_consumers_unsettled_message_is_redelivered(
         await again.ack()
         await assert_depth(survivor, "work", 0)
         await aclose(it)
+
+
+async def test_publishes_racing_the_creation_of_their_streams_go_through(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """Two connections publishing to the same new topics at once: one creates each stream,
+    the other finds it before it runs (RabbitMQ 3.10 crashed the channel of such a publish,
+    closing the connection with INTERNAL_ERROR); every publish is confirmed, and neither
+    connection is lost."""
+    settings = settings_for(rabbitmq)
+    topics = [f"ev.new{i}" for i in range(RACING_TOPICS)]
+    async with (
+        await connect_rabbitmq(settings, dedup=dedup) as one,
+        await connect_rabbitmq(settings, dedup=dedup) as other,
+    ):
+        events: list[str | None] = []
+        for broker in (one, other):
+            broker.on_availability(events.append)
+        for topic in topics:  # one at a time: a publish finds its stream at once
+            await asyncio.gather(one.publish(topic, b"x"), other.publish(topic, b"x"))
+        assert events == []
+        for topic in topics[:3]:  # both messages are stored (a sample: reading is slow)
+            sub = one.subscribe(topic)
+            assert [await next_within(sub, WAIT) for _ in range(2)] == [b"x", b"x"]
+            await aclose(sub)
 
 
 async def test_a_server_restart_loses_nothing_confirmed(

@@ -321,14 +321,31 @@ def _translated(what: str = "a message") -> Iterator[None]:
         raise translated from exc
 
 
+class _StreamStarting(QueueUnavailableError):
+    """RabbitMQ crashed a look at a stream it is still creating (see
+    :meth:`RabbitMqBroker.stream_started`)."""
+
+
+_STREAM_CRASHES: Final = (
+    aiormq.exceptions.ConnectionInternalError,
+    aiormq.exceptions.ConnectionResourceError,
+)
+"""How RabbitMQ 3.10 closes a connection when a channel crashed on a starting stream:
+INTERNAL_ERROR, or RESOURCE_ERROR "Stream not found"."""
+
+
 def _not_stored(exc: QueueError) -> bool:
     """Whether RabbitMQ refused ``exc``'s operation before storing anything, and trying
     again can help: the message was returned as unroutable, or the queue is not ready (see
-    :data:`_NOT_READY`)."""
+    :data:`_NOT_READY` and :class:`_StreamStarting`)."""
     cause = exc.__cause__
-    return isinstance(cause, aiormq.exceptions.PublishError) or (
-        isinstance(cause, aiormq.exceptions.ChannelClosed)
-        and any(text in str(cause) for text in _NOT_READY)
+    return (
+        isinstance(exc, _StreamStarting)
+        or isinstance(cause, aiormq.exceptions.PublishError)
+        or (
+            isinstance(cause, aiormq.exceptions.ChannelClosed)
+            and any(text in str(cause) for text in _NOT_READY)
+        )
     )
 
 
@@ -348,6 +365,10 @@ async def _patiently(operation: Callable[[], Awaitable[T]]) -> T:
             logger.debug("RabbitMQ refused, trying again in %ss: %s", pause, exc)
         await asyncio.sleep(pause)
         pause = min(pause * 2, _RETRY_PAUSES[1])
+
+
+async def _ignore(_message: aiormq.abc.DeliveredMessage) -> None:
+    """A consumer callback that keeps nothing."""
 
 
 def _succeeded(task: asyncio.Task[None]) -> bool:
@@ -383,6 +404,11 @@ class RabbitMqBroker(Broker):
         self.channel = channel
         """Publishes (with confirms) and declarations; iterators have channels of their own."""
         self._prefix = settings.exchange_name
+        self._url = settings.url
+        self._side: aio_pika.abc.AbstractConnection | None = None
+        """A plain connection for brief looks at streams that RabbitMQ may crash (see
+        :meth:`stream_started`); opened when first needed, again after it is lost."""
+        self._side_lock = asyncio.Lock()
         self._dedup = dedup
         self.closed = False
         self._declared: set[str] = set()
@@ -485,20 +511,22 @@ class RabbitMqBroker(Broker):
                     name, durable=True, arguments=dict(arguments), robust=robust
                 )
 
-        queue = await _patiently(declare)
-        self._declared.add(name)
-        return queue
+        return await _patiently(declare)
 
     async def _publish(
         self, name: str, arguments: Mapping[str, str], message: aio_pika.Message, what: str
     ) -> None:
         """Publish to queue/stream ``name`` and wait for the broker's confirm, declaring it
-        first (once). A message returned as unroutable (the queue was deleted since it was
-        declared here) declares it again and publishes again (see :func:`_patiently`)."""
+        first (once; a stream, until it runs: see :meth:`stream_started`). A message
+        returned as unroutable (the queue was deleted since it was declared here) declares
+        it again and publishes again (see :func:`_patiently`)."""
 
         async def publish() -> None:
             if name not in self._declared:
                 await self.declare(name, arguments)
+                if arguments is _STREAM:
+                    await self.stream_started(name)
+                self._declared.add(name)
             try:
                 async with self.using(what=what) as channel:
                     await channel.default_exchange.publish(
@@ -616,22 +644,70 @@ class RabbitMqBroker(Broker):
             offset = (message.header.properties.headers or {}).get("x-stream-offset")
             latest.append((offset if isinstance(offset, int) else -1, message.body))
 
-        # A channel of its own: RabbitMQ closes the channel of a consume of a missing queue.
-        with _translated():
-            async with self.connection.channel() as channel:
-                await channel.set_qos(prefetch_count=_MAX_PREFETCH)
-                amqp = await channel.get_underlay_channel()
-                try:
-                    consuming = await amqp.basic_consume(
-                        name, collect, arguments={"x-stream-offset": "last"}
-                    )
-                except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                    if _NODE_DOWN in str(exc):
-                        raise
-                    return None  # never published to, or deleted
-                if consuming.consumer_tag is not None:
-                    await amqp.basic_cancel(consuming.consumer_tag)
+        try:
+            await _patiently(lambda: self._consume_and_cancel(name, "last", _MAX_PREFETCH, collect))
+        except QueueError as exc:
+            missing = exc.__cause__
+            if isinstance(missing, aiormq.exceptions.ChannelNotFoundEntity) and (
+                _NODE_DOWN not in str(missing)
+            ):
+                return None  # never published to, or deleted
+            raise
         return max(latest)[1] if latest else None
+
+    async def _consume_and_cancel(
+        self,
+        name: str,
+        offset: str,
+        prefetch: int,
+        on_message: aiormq.abc.ConsumerCallback,
+    ) -> None:
+        """Consume stream ``name`` from ``offset`` and cancel at once, on a channel of its own
+        (RabbitMQ closes the channel of a consume it refuses) of the side connection: a
+        stream still starting crashes that connection, not the one of the broker's
+        publishes and consumers. That crash raises :class:`_StreamStarting`."""
+        side = await self._side_connection()
+        try:
+            with _translated():
+                async with side.channel() as channel:
+                    await channel.set_qos(prefetch_count=prefetch)
+                    amqp = await channel.get_underlay_channel()
+                    consuming = await amqp.basic_consume(
+                        name, on_message, arguments={"x-stream-offset": offset}
+                    )
+                    if consuming.consumer_tag is not None:
+                        await amqp.basic_cancel(consuming.consumer_tag)
+        except (QueueUnavailableError, RuntimeError) as exc:
+            # Crashed by this look, or by a concurrent one: then aio-pika raises RuntimeError
+            # ("closed") or the crash, maybe before the connection says it is closed.
+            crashed = isinstance(exc, RuntimeError) or isinstance(exc.__cause__, _STREAM_CRASHES)
+            if not crashed and not side.is_closed:
+                raise
+            if self._side is side:  # the next look opens a new one
+                self._side = None
+                self.spawn(side.close(), name="rabbitmq-close-side-connection")
+            raise _StreamStarting(f"RabbitMQ is starting stream {name!r}: {exc!r}") from exc
+
+    async def _side_connection(self) -> aio_pika.abc.AbstractConnection:
+        """The side connection (see :meth:`_consume_and_cancel`), (re)opened if needed."""
+        async with self._side_lock:
+            if self._side is None or self._side.is_closed:
+                with _translated():
+                    self._side = await aio_pika.connect(self._url, timeout=_CONNECT_TIMEOUT)
+            return self._side
+
+    async def stream_started(self, name: str) -> None:
+        """Return once RabbitMQ runs stream ``name`` on this node (else raise the refusal
+        :func:`_not_stored` tells to try again).
+
+        A declare of a stream that another client is creating at that moment returns before
+        the stream's writer runs, and RabbitMQ 3.10 crashes the channel of a publish to it
+        then (``function_clause`` in ``osiris_writer:write(none, ...)``, fixed in 4.0.x);
+        the crash closes the whole connection with INTERNAL_ERROR. A consume starts only on
+        a running member (else RabbitMQ refuses it: "does not have a replica on the local
+        node"), so one that starts shows the stream ready for publishes.
+        """
+        await self._consume_and_cancel(name, "next", 1, _ignore)
 
     async def delete_topic(self, topic: str) -> None:
         self.check_open()
@@ -657,6 +733,9 @@ class RabbitMqBroker(Broker):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):  # a connection already lost is closed anyway
             await self.connection.close()
+        if self._side is not None:
+            with contextlib.suppress(Exception):
+                await self._side.close()
 
 
 async def connect_rabbitmq(settings: RabbitMqSettings, *, dedup: KeyValueStore) -> Broker:
@@ -734,12 +813,20 @@ class _Iterator(abc.ABC, Generic[Q, R]):
 
     async def started(self) -> None:
         """Wait until consuming started; a cancelled wait leaves the start running, and the
-        next read after a failed start tries again."""
+        next read after a failed start tries again. A start that :meth:`shutdown` cancelled
+        ends the read (``StopAsyncIteration``), not with the start's ``CancelledError``:
+        only a cancelled caller sees that."""
         starting = self._starting
         if starting is None or (starting.done() and not _succeeded(starting)):
             starting = asyncio.create_task(_patiently(self._start_once), name=self.name)
             self._starting = starting
-        await asyncio.shield(starting)
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if self.closed and starting.cancelled() and not (caller and caller.cancelling()):
+                raise StopAsyncIteration from None
+            raise
 
     async def _start_once(self) -> None:
         try:
@@ -966,6 +1053,7 @@ class _TopicSubscription(
     async def start(self) -> None:
         channel = await self.open_channel(_TOPIC_PREFETCH)
         self.queue = await self.owner.declare(self.name, _STREAM, channel=channel, robust=True)
+        await self.owner.stream_started(self.name)
         with _translated():
             self.tag = await self.queue.consume(self._on_message, arguments=self._arguments)
 
