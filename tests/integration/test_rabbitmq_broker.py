@@ -22,7 +22,14 @@ from llama_mesh.server.queues.rabbitmq import RabbitMqSettings, connect_rabbitmq
 from llama_mesh.server.queues.state import KeyValueStore
 from tests.fixtures.rabbitmq import MAX_MESSAGE_SIZE, RabbitMqServer
 from tests.helpers import aclose, assert_eventually, next_within
-from tests.unit.contract import QUIET, WAIT, assert_depth, assert_nothing_within, take
+from tests.unit.contract import (
+    QUIET,
+    WAIT,
+    assert_depth,
+    assert_nothing_within,
+    read_one,
+    take,
+)
 
 EVENTS = [f"event{i}".encode() for i in range(4)]
 RACING_TOPICS = 12
@@ -150,6 +157,20 @@ async def test_publishes_racing_the_creation_of_their_streams_go_through(
             sub = one.subscribe(topic)
             assert [await next_within(sub, WAIT) for _ in range(2)] == [b"x", b"x"]
             await aclose(sub)
+
+
+async def test_aclose_during_a_consumers_start_ends_its_pending_read(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """A consumer closed while its start (channel, declare, consume) is under way ends the
+    read waiting on it, rather than raising the cancelled start's CancelledError."""
+    async with await connect_rabbitmq(settings_for(rabbitmq), dedup=dedup) as broker:
+        consumer = broker.consume_tasks("work", ConsumerOptions())
+        pending = asyncio.create_task(read_one(consumer))
+        await asyncio.sleep(0)  # the read begins the start, which waits for RabbitMQ
+        await aclose(consumer)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, WAIT)
 
 
 async def test_a_server_restart_loses_nothing_confirmed(
