@@ -173,6 +173,26 @@ async def test_aclose_during_a_consumers_start_ends_its_pending_read(
             await asyncio.wait_for(pending, WAIT)
 
 
+async def test_a_crashed_channel_is_reported_and_recovered(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """When RabbitMQ crashes a channel (and so closes the connection with INTERNAL_ERROR),
+    the broker reports the loss, reconnects, publishes again, and its subscription goes on
+    after the last message it delivered."""
+    async with await connect_rabbitmq(settings_for(rabbitmq), dedup=dedup) as broker:
+        events: list[str | None] = []
+        broker.on_availability(events.append)
+        following = broker.subscribe("ev.log")
+        await broker.publish("ev.log", b"before")
+        assert await next_within(following, WAIT) == b"before"
+        await asyncio.to_thread(rabbitmq.crash_channels)
+        await assert_eventually(lambda: events and events[-1] is None, RESTART_WAIT)
+        assert isinstance(events[0], str) and "INTERNAL_ERROR" in events[0]
+        await broker.publish("ev.log", b"after")
+        assert await next_within(following, RESTART_WAIT) == b"after"
+        await aclose(following)
+
+
 async def test_a_server_restart_loses_nothing_confirmed(
     rabbitmq: RabbitMqServer, dedup: KeyValueStore
 ) -> None:

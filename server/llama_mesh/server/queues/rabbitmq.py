@@ -46,6 +46,11 @@ What RabbitMQ does not do by itself, the adapter does:
 * **last_message** consumes the stream from offset ``last`` (its last chunk) and cancels at
   once: RabbitMQ sends the chunk's messages before its ``basic.cancel-ok``, and the one with
   the highest ``x-stream-offset`` is the latest.
+* **streams still starting**: RabbitMQ 3.10 crashes the channel of a publish or consume on a
+  stream that another client's declare is still creating, closing the whole connection.
+  The first publish to a stream and each subscription wait until a brief consume of it
+  starts on a side connection (:meth:`RabbitMqBroker.stream_started`), which takes such
+  crashes instead; ``last_message`` reads there too.
 
 Iterators start their server-side consumer on the first ``__anext__``, have ``aclose()``,
 and lose nothing when a pending ``__anext__`` is cancelled. ``aclose()`` of a work-queue
