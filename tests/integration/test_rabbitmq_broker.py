@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -185,12 +185,7 @@ async def test_a_crashed_channel_is_reported_and_recovered(
         following = broker.subscribe("ev.log")
         await broker.publish("ev.log", b"before")
         assert await next_within(following, WAIT) == b"before"
-        await asyncio.to_thread(rabbitmq.crash_channels)
-        await assert_eventually(lambda: events and events[-1] is None, RESTART_WAIT)
-        assert isinstance(events[0], str) and "INTERNAL_ERROR" in events[0]
-        await broker.publish("ev.log", b"after")
-        assert await next_within(following, RESTART_WAIT) == b"after"
-        await aclose(following)
+        await _assert_recovers(broker, events, following, rabbitmq.crash_channels, "INTERNAL_ERROR")
 
 
 async def test_a_server_restart_loses_nothing_confirmed(
@@ -215,15 +210,27 @@ async def test_a_server_restart_loses_nothing_confirmed(
         following = broker.subscribe("ev.log")
         assert [await next_within(following, WAIT) for _ in range(4)] == EVENTS
 
-        await asyncio.to_thread(rabbitmq.restart)
-        await assert_eventually(lambda: events and events[-1] is None, RESTART_WAIT)
-        assert isinstance(events[0], str) and "lost" in events[0]
-
-        await broker.publish("ev.log", b"after")
-        assert await next_within(following, RESTART_WAIT) == b"after"
-        await aclose(following)
+        await _assert_recovers(broker, events, following, rabbitmq.restart, "lost")
         async with await connect_rabbitmq(settings, dedup=dedup) as fresh:
             await _assert_survived(fresh, done.data)
+
+
+async def _assert_recovers(
+    broker: Broker,
+    events: list[str | None],
+    following: Subscription[bytes],
+    outage: Callable[[], None],
+    told: str,
+) -> None:
+    """Run ``outage`` (in a thread): the broker tells its listeners (``told`` in the first
+    event), then that it is back; it publishes again, and ``following`` (a subscription of
+    ``ev.log``) goes on with the next message."""
+    await asyncio.to_thread(outage)
+    await assert_eventually(lambda: events and events[-1] is None, RESTART_WAIT)
+    assert isinstance(events[0], str) and told in events[0]
+    await broker.publish("ev.log", b"after")
+    assert await next_within(following, RESTART_WAIT) == b"after"
+    await aclose(following)
 
 
 async def _assert_survived(broker: Broker, acked: bytes) -> None:
