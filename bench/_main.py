@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import _inprocess, _ld08, _mesh
+from bench import _disk, _inprocess, _ld08, _mesh
 from bench._apps import DEPLOYMENT, TWO_REPLICAS_DEPLOYMENT, write_mesh_app
 from bench._plan import FULL, QUICK, Plan, Results
 from bench._report import report
@@ -148,11 +148,12 @@ async def _inprocess_memory(app_dir: Path, what: str, plan: Plan) -> Memory:
     return Memory(plan.memory_count, {"bench process": mib})
 
 
-async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
+async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> None:
     """llama-mesh: gRPC and JSON latency, throughput, streaming, memory."""
     out = results.mesh
-    say("llama-mesh: starting the server and deploying")
-    async with _mesh.run_server(work) as server:
+    out["nats_sync"] = nats_sync
+    say(f"llama-mesh: starting the server (nats-server sync_interval {nats_sync}) and deploying")
+    async with _mesh.run_server(work, nats_sync=nats_sync) as server:
         memory = {"count": plan.memory_count, "concurrency": plan.memory_concurrency}
         out["memory_sessions"] = await phase(
             plan, "llama-mesh: memory of idle sessions", _mesh.memory_sessions(server, **memory)
@@ -214,6 +215,13 @@ async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
                     deadline=plan.throughput_deadline,
                 ),
             )
+        out["fsync_ceiling"] = await phase(
+            plan,
+            "llama-mesh: the disk's ceiling (concurrent JetStream publishes)",
+            _disk.fsync_ceiling(
+                server.nats_url, publishers=plan.clients, seconds=plan.throughput_seconds
+            ),
+        )
         out["streaming"] = await phase(
             plan,
             "llama-mesh: streaming latency",
@@ -291,7 +299,7 @@ async def run(args: argparse.Namespace) -> int:
         work = Path(tmp)
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("in-process", lambda: run_inprocess(plan, work, results)),
-            ("llama-mesh", lambda: run_mesh(plan, work, results)),
+            ("llama-mesh", lambda: run_mesh(plan, work, results, args.nats_sync)),
         ]
         if not args.skip_08:
             steps.append(("llama-deploy 0.8.1", lambda: run_ld08(plan, work, results)))
@@ -328,5 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute)")
     parser.add_argument("--skip-08", action="store_true", help="do not run llama-deploy 0.8.1")
+    parser.add_argument(
+        "--nats-sync",
+        default="always",
+        metavar="INTERVAL",
+        help="the server's --nats-sync: always (the default) or a duration such as 1s",
+    )
     args = parser.parse_args(argv)
     return asyncio.run(run(args))
