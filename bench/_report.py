@@ -133,7 +133,7 @@ def disk_rows(results: Results) -> list[Row]:
         allowed = _div(ceiling, per_task)
         rows.append(
             (
-                f"fsynced writes per task, {label}",
+                f"JetStream writes per task, {label} (each fsynced at sync always)",
                 f"{per_task:.2f}",
                 "",
                 "",
@@ -304,7 +304,7 @@ def method(plan: Plan, results: Results) -> list[str]:
         "0.1 s poll).",
         "- disk: the ceiling is what "
         f"{plan.clients} concurrent clients get publishing 200-byte messages to one "
-        "file-backed stream of the same nats-server; fsynced writes per task are the streams' "
+        "file-backed stream of the same nats-server; writes per task are the streams' "
         "stored messages (sequence numbers) during the throughput window, plus one tombstone "
         "per task message acknowledged off the work queue, heartbeats left out; nats-server "
         "also fsyncs its consumer state (~0.4 per task, counted with strace, not here).",
@@ -326,7 +326,7 @@ def method(plan: Plan, results: Results) -> list[str]:
             )
             if tp.writes:
                 writes = ", ".join(f"{k} {v / tp.tasks:.2f}" for k, v in sorted(tp.writes.items()))
-                lines.append(f"- fsynced writes per task, {label}, by stream: {writes}")
+                lines.append(f"- JetStream writes per task, {label}, by stream: {writes}")
     if base_tp is not None:
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in base_tp.cpu_ms_per_task.items())
         lines.append(
