@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from bench import _disk, _inprocess, _ld08, _mesh
 from bench._apps import DEPLOYMENT, TWO_REPLICAS_DEPLOYMENT, write_mesh_app
-from bench._plan import FULL, QUICK, Plan, Results
+from bench._plan import FULL, QUICK, SYNC_ROW, Plan, Results
 from bench._report import report
 from bench._stats import Memory
 
@@ -245,6 +245,43 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
         say("llama-mesh: stopping")
 
 
+async def run_mesh_sync(plan: Plan, work: Path, results: Results) -> None:
+    """llama-mesh with ``--nats-sync`` :data:`SYNC_ROW`: the latency, throughput and disk
+    figures that the fsync per write moves, on a server of its own."""
+    out = results.mesh_sync
+    out["nats_sync"] = SYNC_ROW
+    work = work / "sync"
+    work.mkdir()
+    say(f"llama-mesh --nats-sync {SYNC_ROW}: starting the server and deploying")
+    async with _mesh.run_server(work, nats_sync=SYNC_ROW) as server:
+        n, warm, deadline = plan.latency_iterations, plan.warmup, plan.deadline
+        out["grpc"] = await phase(
+            plan,
+            f"llama-mesh --nats-sync {SYNC_ROW}: gRPC latency (direct)",
+            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+        )
+        out["throughput_1"] = await phase(
+            plan,
+            f"llama-mesh --nats-sync {SYNC_ROW}: throughput (echo)",
+            _mesh.throughput(
+                server,
+                DEPLOYMENT,
+                "echo",
+                clients=plan.clients,
+                seconds=plan.throughput_seconds,
+                deadline=plan.throughput_deadline,
+            ),
+        )
+        out["fsync_ceiling"] = await phase(
+            plan,
+            f"llama-mesh --nats-sync {SYNC_ROW}: the disk's ceiling",
+            _disk.fsync_ceiling(
+                server.nats_url, publishers=plan.clients, seconds=plan.throughput_seconds
+            ),
+        )
+        say(f"llama-mesh --nats-sync {SYNC_ROW}: stopping")
+
+
 async def run_ld08(plan: Plan, work: Path, results: Results) -> None:
     """Llama Deploy 0.8.1 on the same workflows."""
     out = results.ld08
@@ -301,6 +338,10 @@ async def run(args: argparse.Namespace) -> int:
             ("in-process", lambda: run_inprocess(plan, work, results)),
             ("llama-mesh", lambda: run_mesh(plan, work, results, args.nats_sync)),
         ]
+        if args.nats_sync == "always":
+            steps.append(
+                (f"llama-mesh --nats-sync {SYNC_ROW}", lambda: run_mesh_sync(plan, work, results))
+            )
         if not args.skip_08:
             steps.append(("llama-deploy 0.8.1", lambda: run_ld08(plan, work, results)))
         failed = False
