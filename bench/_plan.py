@@ -41,5 +41,7 @@ class Results:
 
     inprocess: dict[str, Any] = field(default_factory=dict)
     mesh: dict[str, Any] = field(default_factory=dict)
+    brokers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """llama-mesh with the deployments on an external broker, by kind (``rabbitmq``...)."""
     ld08: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,19 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from redis.asyncio import Redis
 
+from llama_mesh.server.deployment_config import parse_deployment_config
 from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.server.gateway.config import find_envoy_binary, render_envoy_config
 from llama_mesh.server.nats_server import find_nats_server_binary
+from llama_mesh.server.queues.broker import ConsumerOptions
+from llama_mesh.server.queues.inprocess import InProcessStateStore
+from llama_mesh.server.queues.selection import BrokerChoice, select_broker
 from llama_mesh.server.serve import build_parser, settings_from_args
 from tests.fixtures.mesh import free_port
-from tests.helpers import assert_eventually
+from tests.fixtures.redis import redis_server_binary
+from tests.helpers import assert_eventually, next_within
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -44,7 +51,8 @@ def test_compose_file_is_consistent() -> None:
     declared, the build context has the Dockerfile, and only loopback ports are published."""
     data = load()
     services = data["services"]
-    assert set(services) == {"nats", "apiserver", "gateway-config", "envoy", "worker"}
+    always = {name for name, service in services.items() if "profiles" not in service}
+    assert always == {"nats", "apiserver", "gateway-config", "envoy", "worker"}
     volumes = set(data["volumes"])
     for name, service in services.items():
         assert service.get("image") or service.get("build"), name
@@ -59,6 +67,53 @@ def test_compose_file_is_consistent() -> None:
         build = service.get("build")
         if build:
             assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+BROKERS = {"rabbitmq": ("rabbitmq:3", 5672), "redis": ("redis:7", 6379)}
+"""The profile's services: each one's official image (prefix) and the port it serves on."""
+DATA_DIRS = {"rabbitmq": "/var/lib/rabbitmq", "redis": "/data"}
+"""Where each broker's image keeps its data."""
+_SECTION = re.compile(r"^\s*#\s+(message-queue: .*)$", re.M)
+"""The deployment-file lines the comment above the brokers shows."""
+
+
+def broker_choices(text: str) -> dict[str, BrokerChoice]:
+    """The brokers the ``message-queue`` sections in ``text``'s comments select, by kind."""
+    choices = {}
+    for line in _SECTION.findall(text):
+        config = parse_deployment_config(f"name: d\nservices: {{}}\n{line}\n").message_queue
+        choice = select_broker(config, {}, BrokerChoice())
+        choices[choice.kind] = choice
+    return choices
+
+
+def test_compose_broker_profile_is_durable_and_named_by_its_comment() -> None:
+    """RabbitMQ and Redis start only with the `brokers` profile, from official images, with
+    nothing else depending on them; each keeps its data in a named volume (RabbitMQ under a
+    fixed host name, which names its data directory; Redis with an fsync per write); and the
+    message-queue sections the comment shows select each by its service name and port."""
+    services = load()["services"]
+    profiled = {name for name, service in services.items() if "profiles" in service}
+    assert profiled == set(BROKERS)
+    for name, (image, _) in BROKERS.items():
+        service = services[name]
+        assert service["profiles"] == ["brokers"]
+        assert service["image"].startswith(image), name
+        assert service["volumes"] == [f"{name}-data:{DATA_DIRS[name]}"]
+    for name, service in services.items():
+        assert not profiled & set(service.get("depends_on", [])), name
+    assert services["rabbitmq"]["hostname"] == "rabbitmq"
+    command = services["redis"]["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert options["--appendonly"] == "yes" and options["--appendfsync"] == "always"
+    assert options["--dir"] == DATA_DIRS["redis"]
+
+    choices = broker_choices(COMPOSE.read_text())
+    assert set(choices) == set(BROKERS)
+    for kind, choice in choices.items():
+        url = urllib.parse.urlsplit(choice.redacted_url)
+        assert (url.hostname, url.port) == (kind, BROKERS[kind][1])
+    assert choices["rabbitmq"].redacted_url == "amqp://guest:***@rabbitmq:5672/"
 
 
 # The commented-out TLS lines: `# environment:`, its `#   LLAMA_MESH_...` entries, and
@@ -110,7 +165,12 @@ class Natively:
     """Runs compose commands on this machine with a mapping of container names to local."""
 
     def __init__(self, tmp: Path) -> None:
-        self.ports = {"nats": free_port(), "grpc": free_port(), "gateway": free_port()}
+        self.ports = {
+            "nats": free_port(),
+            "grpc": free_port(),
+            "gateway": free_port(),
+            "redis": free_port(),
+        }
         self.tmp = tmp
         self.procs: list[asyncio.subprocess.Process] = []
         self.mapping = {
@@ -123,10 +183,13 @@ class Natively:
             "8222": str(free_port()),
             "/app/": f"{ROOT}/",
             "/data/": f"{tmp}/data/",
+            "/data": f"{tmp}/data",
+            "redis://redis:6379": f"redis://127.0.0.1:{self.ports['redis']}",
             "/gateway/": f"{tmp}/gateway/",
             "python -": f"{sys.executable} -",
         }
         (tmp / "gateway").mkdir()
+        (tmp / "data").mkdir()
 
     def map(self, arg: str) -> str:
         """Replace container names in one pass (a replacement is never replaced again)."""
@@ -139,6 +202,9 @@ class Natively:
         image = str(service.get("image", ""))
         if image.startswith("nats:"):
             words = [find_nats_server_binary(), "-a", "127.0.0.1", *words]
+        if image.startswith("redis:"):
+            port = str(self.ports["redis"])
+            words = [redis_server_binary(), "--bind", "127.0.0.1", "--port", port, *words[1:]]
         bindir = Path(sys.executable).parent
         programs = {
             "python": sys.executable,
@@ -230,3 +296,29 @@ async def test_compose_commands_run_the_mesh(natively: Natively) -> None:
     if shutil.which("docker") and os.environ.get("LLAMA_MESH_COMPOSE_CONFIG"):
         proc = await asyncio.create_subprocess_exec("docker", "compose", "config", "-q", cwd=ROOT)
         assert await proc.wait() == 0
+
+
+async def test_compose_redis_command_serves_the_broker_its_comment_names(
+    natively: Natively,
+) -> None:
+    """The redis service's command, run natively, is a Redis the Redis broker runs on, at
+    the URL the comment's section gives (a task published is delivered once), with its
+    append-only file fsynced on every write, in the data directory."""
+    redis = await natively.start(load()["services"]["redis"], "redis")
+    await wait_port(natively.ports["redis"], redis)
+    choice = broker_choices(natively.map(COMPOSE.read_text()))["redis"]
+    broker = await choice.connect(state_store=InProcessStateStore())
+    async with broker:
+        await broker.publish_task("compose", b"task", msg_id="m1")
+        await broker.publish_task("compose", b"task", msg_id="m1")
+        consumer = broker.consume_tasks("compose", ConsumerOptions())
+        delivery = await next_within(consumer, 30)
+        assert delivery.data == b"task"
+        await delivery.ack()
+        assert await broker.queue_depth("compose") == 0
+        await consumer.aclose()
+    client = Redis.from_url(f"redis://127.0.0.1:{natively.ports['redis']}", decode_responses=True)
+    async with client:
+        config = await client.config_get("*")
+    assert config["appendonly"] == "yes" and config["appendfsync"] == "always"
+    assert config["dir"] == str((natively.tmp / "data").resolve())  # Redis reports getcwd()
