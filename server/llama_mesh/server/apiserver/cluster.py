@@ -207,8 +207,8 @@ class Cluster:
         key = f"{change.name}.{new_id()}"
         watch = self._changes.watch(key)
         try:
-            await self._changes.put(key, json.dumps(dataclasses.asdict(change)).encode())
-            outcome = await self._outcome(change, watch)
+            revision = await self._changes.put(key, json.dumps(dataclasses.asdict(change)).encode())
+            outcome = await self._outcome(change, key, revision, watch)
         finally:
             await watch.aclose()
             with contextlib.suppress(QueueError):
@@ -217,21 +217,26 @@ class Cluster:
             raise _error(outcome)
 
     async def _outcome(
-        self, change: Change, watch: Subscription[KeyValueEntry]
+        self, change: Change, key: str, revision: int, watch: Subscription[KeyValueEntry]
     ) -> dict[str, Any] | None:
+        """The outcome a supervisor writes; :class:`UnavailableError` when none takes the
+        change within :attr:`claim_timeout` (it is withdrawn: none will)."""
         deadline = time.monotonic() + self.claim_timeout
         claimed = False
         while True:
-            wait = None if claimed else max(0.0, deadline - time.monotonic())
             try:
+                wait = None if claimed else max(0.0, deadline - time.monotonic())
                 entry: KeyValueEntry = await asyncio.wait_for(anext(watch), wait)
             except TimeoutError:
-                raise UnavailableError(
-                    f"no supervisor took the {change.action} of deployment '{change.name}' "
-                    f"within {self.claim_timeout:.0f} s: run one (serve --roles supervisor) "
-                    "that may supervise it",
-                    reason="NO_SUPERVISOR",
-                ) from None
+                if await self._withdraw(key, revision):
+                    raise UnavailableError(
+                        f"no supervisor took the {change.action} of deployment "
+                        f"'{change.name}' within {self.claim_timeout:.0f} s, and it was "
+                        "withdrawn: run one (serve --roles supervisor) that may supervise it",
+                        reason="NO_SUPERVISOR",
+                    ) from None
+                claimed = True  # taken just now: its outcome comes
+                continue
             if entry.value is None:
                 continue
             state = json.loads(entry.value)
@@ -239,6 +244,14 @@ class Cluster:
             if "outcome" in state:
                 outcome: dict[str, Any] | None = state["outcome"]
                 return outcome
+
+    async def _withdraw(self, key: str, revision: int) -> bool:
+        """Withdraw a change nobody took; False when a supervisor took it meanwhile."""
+        try:
+            await self._changes.update(key, json.dumps({"withdrawn": True}).encode(), revision)
+        except RevisionMismatchError:
+            return False
+        return True
 
     async def _follow(self) -> None:
         manager = self._manager
@@ -298,7 +311,9 @@ class Cluster:
         state = json.loads(entry.value)
         name = entry.key.partition(".")[0]
         taken_by = state.pop("taken_by", None)
-        if "outcome" in state or taken_by == self.leases.holder or not self._may_supervise(name):
+        if "action" not in state or "outcome" in state or taken_by == self.leases.holder:
+            return  # withdrawn, carried out, or being carried out here
+        if not self._may_supervise(name):
             return
         if not self.leases.holds(name):
             if not await self._acquire(name):
@@ -348,8 +363,5 @@ def _error(outcome: dict[str, Any]) -> MeshError:
     kind = getattr(errors, str(outcome.get("type")), MeshError)
     if not (isinstance(kind, type) and issubclass(kind, MeshError)):
         kind = MeshError
-    return kind(
-        str(outcome.get("message", "")),
-        reason=outcome.get("reason"),
-        metadata=outcome.get("metadata"),
-    )
+    reason, metadata = outcome.get("reason"), outcome.get("metadata")
+    return kind(str(outcome.get("message", "")), reason=reason, metadata=metadata)
