@@ -99,18 +99,26 @@ class Leases:
         be renewed for :data:`SELF_FENCE` seconds), which are no longer held."""
         lost = []
         for name, revision in list(self._revisions.items()):
+            # The store retries while NATS elects a leader: never past the fence.
+            left = SELF_FENCE - (time.monotonic() - self._renewed[name])
             try:
-                self._revisions[name] = await self._bucket.update(
-                    name, self.holder.encode(), revision
-                )
+                async with asyncio.timeout(max(0.0, left)):
+                    self._revisions[name] = await self._bucket.update(
+                        name, self.holder.encode(), revision
+                    )
                 self._renewed[name] = time.monotonic()
                 continue
             except (RevisionMismatchError, KeyExistsError):
                 logger.warning("lost the lease of deployment %s: it expired", name)
-            except QueueError as exc:
+            except (QueueError, TimeoutError) as exc:
                 if time.monotonic() - self._renewed[name] < SELF_FENCE:
                     continue  # the store is away for a moment; the lease still runs
-                logger.warning("cannot renew the lease of deployment %s: %s", name, exc)
+                logger.warning(
+                    "gave up the lease of deployment %s: not renewed for %.0f s (%r)",
+                    name,
+                    SELF_FENCE,
+                    exc,
+                )
             lost.append(name)
             self._forget(name)
         return lost

@@ -381,8 +381,9 @@ class DeploymentManager:
             if record is None or record.status is DeploymentStatus.FAILED:
                 return
             logger.info("deployment %s: taking over its replicas", name)
+            serving = record.status is DeploymentStatus.READY and name in self._configs
             try:
-                await self._first_bring_up(parse(record.config_yaml), record)
+                await self._first_bring_up(parse(record.config_yaml), record, serving=serving)
             except Exception as exc:
                 logger.warning(
                     "deployment %s could not be taken over and is marked failed: %s",
@@ -434,16 +435,18 @@ class DeploymentManager:
         return len((set(self._configs) | self._pending) - set(self._failed) - {besides})
 
     async def _first_bring_up(
-        self, config: DeploymentConfig, record: DeploymentRecord
+        self, config: DeploymentConfig, record: DeploymentRecord, *, serving: bool = False
     ) -> DeploymentRecord:
         """Bring up a deployment that runs nothing yet (new, restored, or failed before).
 
-        Meanwhile it is listed as deploying and refuses tasks as unavailable; when it fails,
-        its workers are stopped and it is listed as failed, with the reason, until it is
-        deployed again or deleted.
+        Meanwhile it is listed as deploying and refuses tasks as unavailable (unless it is
+        ``serving``: taken over, its tasks wait in its queue for the new replicas); when it
+        fails, its workers are stopped and it is listed as failed, with the reason, until
+        it is deployed again or deleted.
         """
         name = record.name
-        self._pending.add(name)
+        if not serving:
+            self._pending.add(name)
         self._failed.pop(name, None)
         try:
             return await self._bring_up(config, record)
