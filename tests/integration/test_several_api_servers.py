@@ -27,13 +27,16 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llama_mesh.server.apiserver.cluster import LEASE_TTL
+from llama_mesh.server.app import MeshServer
+from llama_mesh.server.errors import UnavailableError
 from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.server.nats_server import NatsServer, free_port
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
-from tests.fixtures.mesh import TESTAPP
+from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
 from tests.integration.test_faults import nats_cluster
 
@@ -247,6 +250,53 @@ async def test_what_one_api_server_takes_the_other_serves(tmp_path: Path) -> Non
 async def finished(api: apiserver_pb2_grpc.ApiServerStub, task_id: str) -> types_pb2.Task | None:
     task = await task_of(api, task_id)
     return task if task.status in FINAL else None
+
+
+async def test_roles_apart_and_a_pinned_supervisor(
+    nats_url: str, mesh_factory: MeshFactory
+) -> None:
+    """An API server alone and a supervisor alone (pinned with ``--supervise``): the
+    supervisor serves health checks but no API; a deployment it may not supervise is
+    refused as NO_SUPERVISOR, withdrawn; one it may runs its tasks; once it stops (its
+    leases released), another supervisor takes the deployment over at once."""
+    api = await mesh_factory(queue="nats", nats_url=nats_url, roles=frozenset({"api"}))
+    assert api.cluster is not None
+    api.cluster.claim_timeout = 2.0
+    pinned = await mesh_factory(
+        queue="nats", nats_url=nats_url, roles=frozenset({"supervisor"}), supervise=(APP,)
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{pinned.grpc_port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert checked.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as no_api:
+        await apiserver_pb2_grpc.ApiServerStub(channel).GetStatus(apiserver_pb2.GetStatusRequest())
+    assert no_api.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    deployments = api.mesh.deployments
+    with pytest.raises(UnavailableError) as refused:
+        await deployments.create(
+            OTHER_YAML, base_path=str(TESTAPP.parent), reload=False, local=True
+        )
+    assert refused.value.reason == "NO_SUPERVISOR"
+    assert "roles-other" not in deployments.names()
+    await deployments.create(APP_YAML, base_path=str(TESTAPP.parent), reload=False, local=True)
+    assert await run_slow(api, "first") == "first"
+
+    await pinned.shutdown()
+    await mesh_factory(queue="nats", nats_url=nats_url, roles=frozenset({"supervisor"}))
+    assert await run_slow(api, "after") == "after"
+
+
+async def run_slow(server: MeshServer, tag: str) -> object:
+    """The tag a `slow` task created through ``server`` returns."""
+    mesh = server.mesh
+    task = await mesh.create_task(
+        APP, service_id="slow", session_id=None, input={"seconds": 0, "tag": tag}
+    )
+    final = await asyncio.wait_for(mesh.wait_task(APP, task.task_id), 120)
+    assert isinstance(final.result, dict), final
+    return final.result["tag"]
 
 
 @dataclass
