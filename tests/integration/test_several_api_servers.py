@@ -38,28 +38,20 @@ from llama_mesh.server.nats_server import NatsServer, free_port
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually
+from tests.integration.test_child_restarts import SLOW_YAML
 from tests.integration.test_faults import nats_cluster
 
 pytestmark = pytest.mark.slow
 
 APP = "roles"
-APP_YAML = """\
-name: roles
-default-service: slow
-services:
-  slow:
-    name: Slow
-    source: {type: local, name: .}
-    path: app_workflows:slow
-    replicas: 2
-    max-concurrent-tasks: 4
-    max-retries: 3
-  hitl:
-    name: Human in the loop
-    source: {type: local, name: .}
-    path: app_workflows:hitl
-"""
-"""testapp's `slow` (input ``seconds``, ``tag``; result ``{"tag", "pid"}``) and `hitl`."""
+APP_YAML = SLOW_YAML.replace("name: restarts", "name: roles", 1) + (
+    "  hitl:\n"
+    "    name: Human in the loop\n"
+    "    source: {type: local, name: .}\n"
+    "    path: app_workflows:hitl\n"
+)
+"""testapp's `slow` (two replicas; input ``seconds``, ``tag``; result ``{"tag", "pid"}``)
+and `hitl`."""
 OTHER_YAML = APP_YAML.replace("name: roles", "name: roles-other", 1)
 ACK_WAIT = 3.0
 BLIP = LEASE_TTL + 30.0
