@@ -173,70 +173,69 @@ def result_of(task: types_pb2.Task) -> object:
     return json.loads(json_format.MessageToJson(task.result))
 
 
-async def test_what_one_api_server_takes_the_other_serves(tmp_path: Path) -> None:
+async def each_serves_what_the_other_took(mesh: Mesh) -> None:
     """A deployment created through one API server is known to the other; a task created
     through one is answered (human input), watched and cancelled through the other; a
     deployment deployed, reloaded and deleted through the one that does not supervise it
     is carried out by the one holding its lease."""
-    async with several_servers(tmp_path) as mesh:
-        a, b = (s.stub() for s in mesh.servers)
-        created = await deploy(a, APP_YAML)
-        assert created.status == types_pb2.DEPLOYMENT_STATUS_READY
-        status = await b.GetStatus(apiserver_pb2.GetStatusRequest())
-        assert APP in status.deployments
+    a, b = (s.stub() for s in mesh.servers)
+    created = await deploy(a, APP_YAML)
+    assert created.status == types_pb2.DEPLOYMENT_STATUS_READY
+    status = await b.GetStatus(apiserver_pb2.GetStatusRequest())
+    assert APP in status.deployments
 
-        asking = (
-            await a.CreateTask(apiserver_pb2.CreateTaskRequest(deployment=APP, service_id="hitl"))
-        ).task
-        events = b.StreamEvents(
-            apiserver_pb2.StreamEventsRequest(deployment=APP, task_id=asking.task_id)
+    asking = (
+        await a.CreateTask(apiserver_pb2.CreateTaskRequest(deployment=APP, service_id="hitl"))
+    ).task
+    events = b.StreamEvents(
+        apiserver_pb2.StreamEventsRequest(deployment=APP, task_id=asking.task_id)
+    )
+    first = await asyncio.wait_for(anext(aiter(events)), 60)
+    assert first.event.type.endswith("InputRequiredEvent")
+    await b.SendEvent(
+        apiserver_pb2.SendEventRequest(
+            deployment=APP,
+            task_id=asking.task_id,
+            type="HumanResponseEvent",
+            data=struct(response="from b"),
         )
-        first = await asyncio.wait_for(anext(aiter(events)), 60)
-        assert first.event.type.endswith("InputRequiredEvent")
-        await b.SendEvent(
-            apiserver_pb2.SendEventRequest(
-                deployment=APP,
-                task_id=asking.task_id,
-                type="HumanResponseEvent",
-                data=struct(response="from b"),
-            )
-        )
-        answered = await assert_eventually(
-            lambda: finished(a, asking.task_id), timeout=60, interval=0.2
-        )
-        assert answered is not None and result_of(answered) == "hi from b"
-        events.cancel()
+    )
+    answered = await assert_eventually(
+        lambda: finished(a, asking.task_id), timeout=60, interval=0.2
+    )
+    assert answered is not None and result_of(answered) == "hi from b"
+    events.cancel()
 
-        waiting = (
-            await a.CreateTask(apiserver_pb2.CreateTaskRequest(deployment=APP, service_id="hitl"))
-        ).task
-        await b.CancelTask(apiserver_pb2.CancelTaskRequest(deployment=APP, task_id=waiting.task_id))
-        cancelled = await assert_eventually(
-            lambda: finished(a, waiting.task_id), timeout=60, interval=0.2
-        )
-        assert cancelled is not None and cancelled.status == types_pb2.TASK_STATUS_CANCELLED
+    waiting = (
+        await a.CreateTask(apiserver_pb2.CreateTaskRequest(deployment=APP, service_id="hitl"))
+    ).task
+    await b.CancelTask(apiserver_pb2.CancelTaskRequest(deployment=APP, task_id=waiting.task_id))
+    cancelled = await assert_eventually(
+        lambda: finished(a, waiting.task_id), timeout=60, interval=0.2
+    )
+    assert cancelled is not None and cancelled.status == types_pb2.TASK_STATUS_CANCELLED
 
-        holder, other = sorted(mesh.servers, key=lambda s: not s.holds(APP))
-        assert holder.holds(APP) and not other.holds(APP)
-        via_other = other.stub()
-        second = await deploy(via_other, OTHER_YAML)
-        assert second.status == types_pb2.DEPLOYMENT_STATUS_READY
-        reloaded = await via_other.ReloadDeployment(apiserver_pb2.ReloadDeploymentRequest(name=APP))
-        assert reloaded.deployment.status == types_pb2.DEPLOYMENT_STATUS_READY
-        assert holder.says("deployment roles: reloading") and not other.says("reloading")
-        with pytest.raises(grpc.aio.AioRpcError) as exists:
-            await deploy(holder.stub(), OTHER_YAML)
-        assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        await via_other.DeleteDeployment(apiserver_pb2.DeleteDeploymentRequest(name="roles-other"))
+    holder, other = sorted(mesh.servers, key=lambda s: not s.holds(APP))
+    assert holder.holds(APP) and not other.holds(APP)
+    via_other = other.stub()
+    second = await deploy(via_other, OTHER_YAML)
+    assert second.status == types_pb2.DEPLOYMENT_STATUS_READY
+    reloaded = await via_other.ReloadDeployment(apiserver_pb2.ReloadDeploymentRequest(name=APP))
+    assert reloaded.deployment.status == types_pb2.DEPLOYMENT_STATUS_READY
+    assert holder.says("deployment roles: reloading") and not other.says("reloading")
+    with pytest.raises(grpc.aio.AioRpcError) as exists:
+        await deploy(holder.stub(), OTHER_YAML)
+    assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await via_other.DeleteDeployment(apiserver_pb2.DeleteDeploymentRequest(name="roles-other"))
 
-        async def forgotten_by_both() -> bool:
-            for stub in (a, b):
-                names = (await stub.GetStatus(apiserver_pb2.GetStatusRequest())).deployments
-                if "roles-other" in names:
-                    return False
-            return True
+    async def forgotten_by_both() -> bool:
+        for stub in (a, b):
+            names = (await stub.GetStatus(apiserver_pb2.GetStatusRequest())).deployments
+            if "roles-other" in names:
+                return False
+        return True
 
-        await assert_eventually(forgotten_by_both, timeout=30)
+    await assert_eventually(forgotten_by_both, timeout=30)
 
 
 async def finished(api: apiserver_pb2_grpc.ApiServerStub, task_id: str) -> types_pb2.Task | None:
@@ -329,13 +328,15 @@ class Load:
         return [(at - start, what) for at, what in self.errors if at >= start]
 
 
-async def test_faults_lose_no_accepted_task(tmp_path: Path) -> None:
-    """SIGKILL of the API server supervising nothing, then (it restarted) of the
-    supervisor holding the lease, then of a NATS node, under load through the gateway:
-    every accepted task finishes with its own result, errors end within `BLIP` of each
-    fault, and the survivor holds the lease and runs the replicas."""
+async def test_api_servers_share_all_and_faults_lose_no_accepted_task(tmp_path: Path) -> None:
+    """What one API server takes the other serves (see `each_serves_what_the_other_took`;
+    one test with the faults, which need the same processes, to start them once). Then
+    SIGKILL of the API server supervising nothing, then (it restarted) of the supervisor
+    holding the lease, then of a NATS node, under load through the gateway: every accepted
+    task finishes with its own result, errors end within `BLIP` of each fault, and the
+    survivor holds the lease and runs the replicas."""
     async with several_servers(tmp_path) as mesh:
-        await deploy(mesh.api, APP_YAML)
+        await each_serves_what_the_other_took(mesh)
         load = Load(mesh.api)
         clients = [asyncio.create_task(load.client(n)) for n in range(CLIENTS)]
         faults: list[tuple[str, float]] = []

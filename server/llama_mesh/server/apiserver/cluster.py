@@ -353,7 +353,7 @@ class Cluster:
         except Exception as exc:
             logger.exception("deployment %s: the %s failed", change.name, change.action)
             outcome = {"type": "MeshError", "message": str(exc) or type(exc).__name__}
-        if change.action == "delete" and outcome is None:
+        if change.name not in self._manager.names():  # deleted, or never stored
             await self.leases.release(change.name)
             self._manager.held.discard(change.name)
         with contextlib.suppress(QueueError):
