@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llama_mesh.server.apiserver.cluster import LEASE_TTL
 from llama_mesh.server.app import MeshServer
-from llama_mesh.server.errors import UnavailableError
+from llama_mesh.server.errors import InvalidArgumentError, UnavailableError
 from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.server.nats_server import NatsServer, free_port
@@ -248,13 +248,18 @@ async def test_roles_apart_and_a_pinned_supervisor(
 ) -> None:
     """An API server alone and a supervisor alone (pinned with ``--supervise``): the
     supervisor serves health checks but no API; a deployment it may not supervise is
-    refused as NO_SUPERVISOR, withdrawn; one it may runs its tasks; once it stops (its
-    leases released), another supervisor takes the deployment over at once."""
+    refused as NO_SUPERVISOR, withdrawn; one its settings refuse gets its error (class,
+    reason, message) and leaves no lease held; one it may runs its tasks; once it stops
+    (its leases released), another supervisor takes the deployment over at once."""
     api = await mesh_factory(queue="nats", nats_url=nats_url, roles=frozenset({"api"}))
     assert api.cluster is not None
     api.cluster.claim_timeout = 2.0
     pinned = await mesh_factory(
-        queue="nats", nats_url=nats_url, roles=frozenset({"supervisor"}), supervise=(APP,)
+        queue="nats",
+        nats_url=nats_url,
+        roles=frozenset({"supervisor"}),
+        supervise=(APP,),
+        max_replicas=2,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{pinned.grpc_port}")
     health = health_pb2_grpc.HealthStub(channel)
@@ -271,6 +276,12 @@ async def test_roles_apart_and_a_pinned_supervisor(
         )
     assert refused.value.reason == "NO_SUPERVISOR"
     assert "roles-other" not in deployments.names()
+    too_many = APP_YAML.replace("replicas: 2", "replicas: 3")
+    with pytest.raises(InvalidArgumentError) as refused_there:  # the supervisor's own limit
+        await deployments.create(too_many, base_path=str(TESTAPP.parent), reload=False, local=True)
+    assert refused_there.value.reason == "INVALID_DEPLOYMENT"
+    assert "more than this server allows: 2" in refused_there.value.message
+    assert pinned.cluster is not None and not pinned.cluster.leases.holds(APP)
     await deployments.create(APP_YAML, base_path=str(TESTAPP.parent), reload=False, local=True)
     assert await run_slow(api, "first") == "first"
 
