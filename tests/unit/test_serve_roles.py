@@ -16,32 +16,36 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "roles", "gateway"),
+    ("argv", "roles", "supervise", "gateway"),
     [
-        ([], None, True),
-        (["--no-gateway"], None, False),
-        (["--roles", "api", *NATS], {"api"}, False),
-        (["--roles", "supervisor", "--supervise", "a", "--supervise", "b", *NATS], None, False),
-        (["--roles", "api, gateway", *NATS], {"api", "gateway"}, True),
-        (["--roles", "api,supervisor,gateway", *NATS], {"api", "supervisor", "gateway"}, True),
+        ([], None, (), True),
+        (["--no-gateway"], None, (), False),
+        (["--roles", "api", *NATS], {"api"}, (), False),
+        (
+            ["--roles", "supervisor", "--supervise", "a", "--supervise", "b", *NATS],
+            {"supervisor"},
+            ("a", "b"),
+            False,
+        ),
+        (["--roles", "api, gateway", *NATS], {"api", "gateway"}, (), True),
+        (["--roles", "api,supervisor,gateway", *NATS], {"api", "supervisor", "gateway"}, (), True),
     ],
 )
-def test_roles_that_run(argv: list[str], roles: set[str] | None, gateway: bool) -> None:
+def test_roles_that_run(
+    argv: list[str], roles: set[str] | None, supervise: tuple[str, ...], gateway: bool
+) -> None:
     """No --roles is the all-in-one; named roles are one server of several, with a gateway
     only when it is among them."""
     settings = settings_from_args(build_parser().parse_args(argv))
-    if "--supervise" in argv:
-        assert (settings.roles, settings.supervise) == ({"supervisor"}, ("a", "b"))
-    else:
-        assert settings.roles == roles
-    assert settings.gateway is gateway
+    expected = None if roles is None else frozenset(roles)
+    assert (settings.roles, settings.supervise, settings.gateway) == (expected, supervise, gateway)
 
 
 def test_roles_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_MESH_ROLES", "supervisor")
     monkeypatch.setenv("LLAMA_MESH_NATS_URL", "nats://n1:4222")
     settings = settings_from_args(build_parser().parse_args([]))
-    assert settings.roles == {"supervisor"} and settings.has_role("supervisor")
+    assert settings.roles == frozenset({"supervisor"}) and settings.has_role("supervisor")
     assert not settings.has_role("api")
 
 
