@@ -794,6 +794,21 @@ def test_only_read_methods_are_retried_as_reads(method: str, read: bool) -> None
     assert (re.fullmatch(READ_METHOD_REGEX, method) is not None) is read
 
 
+@pytest.mark.parametrize(
+    ("more", "balanced", "problem"),
+    [
+        ((("b", 2),), False, "more_upstreams: several upstreams need balanced"),
+        ((("b", 0),), True, "more_upstreams: b:0 is not HOST:PORT"),
+        ((("", 2),), True, "more_upstreams: :2 is not HOST:PORT"),
+    ],
+)
+def test_further_upstreams_are_checked(
+    more: tuple[tuple[str, int], ...], balanced: bool, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        GatewayConfig(upstream_port=1, more_upstreams=more, balanced=balanced)
+
+
 def test_cli_several_upstreams_each_need_host_and_port(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
