@@ -389,6 +389,7 @@ async def test_api_servers_share_all_and_faults_lose_no_accepted_task(tmp_path: 
             if task_id in finals and not own_result(finals[task_id], tag)
         ]
         start = faults[0][1]
+        print("faults at (s after the first):", [(w, round(at - start, 1)) for w, at in faults])
         print(
             f"accepted {len(load.accepted)} / finished {len(finals)} / lost "
             f"{len(load.accepted) - len(finals)} / wrong {len(wrong)}; client errors "

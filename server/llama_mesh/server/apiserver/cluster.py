@@ -33,7 +33,7 @@ from typing import Any, Literal
 from llama_mesh.server import errors
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.deployments import DeploymentManager
-from llama_mesh.server.domain import DeploymentStatus, new_id
+from llama_mesh.server.domain import DeploymentRecord, DeploymentStatus, new_id
 from llama_mesh.server.errors import MeshError, UnavailableError
 from llama_mesh.server.queues.errors import KeyExistsError, QueueError, RevisionMismatchError
 from llama_mesh.server.queues.iterators import Subscription
@@ -265,10 +265,17 @@ class Cluster:
         manager = self._manager
         first = {record.name: record for record in await manager.control_plane.list_deployments()}
         for name, record in first.items():
-            await manager.follow(name, record)
+            await self._mirror(name, record)
         manager.restored.set()
         async for name, stored in manager.control_plane.watch_deployments():
-            await manager.follow(name, stored)
+            await self._mirror(name, stored)
+
+    async def _mirror(self, name: str, record: DeploymentRecord | None) -> None:
+        try:
+            await self._manager.follow(name, record)
+        except (QueueError, MeshError) as exc:  # its broker is away, say: the next change
+            message = exc.message if isinstance(exc, MeshError) else str(exc)
+            logger.warning("deployment %s cannot be mirrored: %s", name, message)
 
     # -- the supervisor role -------------------------------------------------------------------
 
@@ -278,9 +285,12 @@ class Cluster:
     async def _hold_leases(self) -> None:
         """Renew the leases held and take those nobody holds, every :data:`RENEW_EVERY`."""
         while True:
-            try:
-                for name in await self.leases.renew():
+            for name in await self.leases.renew():
+                try:
                     await self._manager.let_go(name)
+                except (QueueError, MeshError) as exc:  # stopped; mirrored at its next change
+                    logger.warning("deployment %s: after its lease was lost: %s", name, exc)
+            try:
                 for record in await self._manager.control_plane.list_deployments():
                     name = record.name
                     if record.status is DeploymentStatus.FAILED or self.leases.holds(name):
@@ -305,6 +315,8 @@ class Cluster:
                 await self._consider(entry)
             except QueueError as exc:
                 logger.warning("deployment change %s: %s", entry.key, exc)
+            except (ValueError, TypeError, KeyError) as exc:  # not written by an API server
+                logger.warning("deployment change %s is not one: %r", entry.key, exc)
 
     async def _take_waiting(self, name: str) -> None:
         """Take the changes of ``name`` left waiting (its last supervisor died)."""
@@ -326,7 +338,7 @@ class Cluster:
         if not self.leases.holds(name):
             if not await self._acquire(name):
                 return  # its holder carries it out
-            if state["action"] != "create":
+            if state["action"] != "delete":  # a reload that fails leaves it running
                 await self._manager.take_over(name)
         try:
             claimed = {**state, "taken_by": self.leases.holder}
