@@ -198,10 +198,10 @@ class DeploymentManager:
         if self.cluster is not None:
             from llama_mesh.server.apiserver.cluster import Change
 
-            await self.cluster.submit(
-                Change("create", config.name, config.raw_yaml, base_path, local, file_name, reload)
+            change = Change(
+                "create", config.name, config.raw_yaml, base_path, local, file_name, reload
             )
-            return await self._cp.get_deployment(config.name)
+            return await self._submit(self.cluster, change)
         return await self._create(config, base_path=base_path, reload=reload, local=local)
 
     async def _create(
@@ -241,8 +241,7 @@ class DeploymentManager:
             from llama_mesh.server.apiserver.cluster import Change
 
             self.check_exists(name)
-            await self.cluster.submit(Change("reload", name))
-            return await self._cp.get_deployment(name)
+            return await self._submit(self.cluster, Change("reload", name))
         return await self._reload(name)
 
     async def _reload(self, name: str) -> DeploymentRecord:
@@ -269,6 +268,7 @@ class DeploymentManager:
 
             self.check_exists(name)
             await self.cluster.submit(Change("delete", name))
+            await self.follow(name, None)  # as the store says now, whatever the watch says yet
             return
         await self._delete(name)
 
@@ -358,6 +358,15 @@ class DeploymentManager:
             self.restored.set()
 
     # -- on a cluster of servers -------------------------------------------------------------
+
+    async def _submit(self, cluster: Cluster, change: Change) -> DeploymentRecord:
+        """Have the deployment's supervisor carry ``change`` out; its stored record, which
+        this server mirrors at once (its watch may bring the change a moment later), so
+        that it answers for the deployment as its reply says."""
+        await cluster.submit(change)
+        record = await self._cp.get_deployment(change.name)
+        await self.follow(change.name, record)
+        return record
 
     async def carry_out(self, change: Change) -> None:
         """Carry out a change another server's API took (this server holds the lease)."""
