@@ -398,8 +398,11 @@ class MeshServer:
         self._server = server
         await server.start()
         self._stack.push_async_callback(self._stop_grpc)
-        follower = asyncio.create_task(self.metrics.follow(cp, self.mesh.watcher), name="metrics")
-        self._background.add(follower)
+        if api:  # task metrics follow the API's task watch
+            follower = asyncio.create_task(
+                self.metrics.follow(cp, self.mesh.watcher), name="metrics"
+            )
+            self._background.add(follower)
         self._stack.push_async_callback(self._stop_background)
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port)
