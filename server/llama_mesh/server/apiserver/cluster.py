@@ -27,12 +27,11 @@ import os
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from llama_mesh.server import errors
 from llama_mesh.server.aio import cancel_and_wait
-from llama_mesh.server.apiserver.deployments import DeploymentManager
+from llama_mesh.server.apiserver.deployments import Change, DeploymentManager
 from llama_mesh.server.domain import DeploymentRecord, DeploymentStatus, new_id
 from llama_mesh.server.errors import MeshError, UnavailableError
 from llama_mesh.server.queues.errors import KeyExistsError, QueueError, RevisionMismatchError
@@ -51,19 +50,6 @@ SELF_FENCE = LEASE_TTL * 0.7
 replicas) before the lease can expire and another supervisor take it."""
 CHANGE_TTL = 24 * 3600.0
 """Seconds a change nobody collected stays in the store (its API server died meanwhile)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A create, reload or delete taken by an API server, for the deployment's supervisor."""
-
-    action: Literal["create", "reload", "delete"]
-    name: str
-    config_yaml: str = ""
-    base_path: str = ""
-    local: bool = False
-    file_name: str = ""
-    reload: bool = False
 
 
 def holder_id() -> str:

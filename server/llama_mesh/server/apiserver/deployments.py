@@ -14,7 +14,7 @@ import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from llama_mesh.server import subjects
 from llama_mesh.server.aio import cancel_and_wait
@@ -58,7 +58,7 @@ from llama_mesh.server.venvs import VenvError, VenvManager
 from llama_mesh.v1 import apiserver_pb2, types_pb2
 
 if TYPE_CHECKING:
-    from llama_mesh.server.apiserver.cluster import Change, Cluster
+    from llama_mesh.server.apiserver.cluster import Cluster
     from llama_mesh.server.gateway.control_planes import ControlPlanePorts
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,20 @@ class DeploymentSettings:
     ready_timeout: float = 120.0
     ack_wait: float = 10.0
     policy: SourcePolicy = field(default_factory=SourcePolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """On a cluster of servers: a create, reload or delete an API server took, which the
+    supervisor holding the deployment's lease carries out (see ``apiserver/cluster.py``)."""
+
+    action: Literal["create", "reload", "delete"]
+    name: str
+    config_yaml: str = ""
+    base_path: str = ""
+    local: bool = False
+    file_name: str = ""
+    reload: bool = False
 
 
 class DeploymentManager:
@@ -196,8 +210,6 @@ class DeploymentManager:
         config = parse(config_yaml, file_name=file_name)
         self._check_limits(config)
         if self.cluster is not None:
-            from llama_mesh.server.apiserver.cluster import Change
-
             change = Change(
                 "create", config.name, config.raw_yaml, base_path, local, file_name, reload
             )
@@ -238,8 +250,6 @@ class DeploymentManager:
         """Re-sync sources and restart the workers of a deployment (a new generation), all
         or nothing (see :meth:`_replace`)."""
         if self.cluster is not None:
-            from llama_mesh.server.apiserver.cluster import Change
-
             self.check_exists(name)
             return await self._submit(self.cluster, Change("reload", name))
         return await self._reload(name)
@@ -264,8 +274,6 @@ class DeploymentManager:
     async def delete(self, name: str) -> None:
         """Stop a deployment's workers, drop its queued tasks and forget it (failed ones too)."""
         if self.cluster is not None:
-            from llama_mesh.server.apiserver.cluster import Change
-
             self.check_exists(name)
             await self.cluster.submit(Change("delete", name))
             await self.follow(name, None)  # as the store says now, whatever the watch says yet
