@@ -177,7 +177,7 @@ async def each_serves_what_the_other_took(mesh: Mesh) -> None:
     """A deployment created through one API server is known to the other; a task created
     through one is answered (human input), watched and cancelled through the other; a
     deployment deployed, reloaded and deleted through the one that does not supervise it
-    is carried out by the one holding its lease."""
+    is carried out by the one holding its lease, its progress readable through either."""
     a, b = (s.stub() for s in mesh.servers)
     created = await deploy(a, APP_YAML)
     assert created.status == types_pb2.DEPLOYMENT_STATUS_READY
@@ -220,6 +220,11 @@ async def each_serves_what_the_other_took(mesh: Mesh) -> None:
     via_other = other.stub()
     second = await deploy(via_other, OTHER_YAML)
     assert second.status == types_pb2.DEPLOYMENT_STATUS_READY
+    progress = holder.stub().StreamDeploymentProgress(
+        apiserver_pb2.StreamDeploymentProgressRequest(name="roles-other"), timeout=60
+    )
+    lines = [message.line async for message in progress]
+    assert (lines[0], lines[-1]) == ("deploying generation 1", "ready"), lines
     reloaded = await via_other.ReloadDeployment(apiserver_pb2.ReloadDeploymentRequest(name=APP))
     assert reloaded.deployment.status == types_pb2.DEPLOYMENT_STATUS_READY
     assert holder.says("deployment roles: reloading") and not other.says("reloading")
