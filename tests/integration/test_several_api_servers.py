@@ -258,7 +258,7 @@ async def test_roles_apart_and_a_pinned_supervisor(
     (its leases released), another supervisor takes the deployment over at once."""
     api = await mesh_factory(queue="nats", nats_url=nats_url, roles=frozenset({"api"}))
     assert api.cluster is not None
-    api.cluster.claim_timeout = 2.0
+    patient, api.cluster.claim_timeout = api.cluster.claim_timeout, 2.0  # none will claim
     pinned = await mesh_factory(
         queue="nats",
         nats_url=nats_url,
@@ -281,6 +281,7 @@ async def test_roles_apart_and_a_pinned_supervisor(
         )
     assert refused.value.reason == "NO_SUPERVISOR"
     assert "roles-other" not in deployments.names()
+    api.cluster.claim_timeout = patient
     too_many = APP_YAML.replace("replicas: 2", "replicas: 3")
     with pytest.raises(InvalidArgumentError) as refused_there:  # the supervisor's own limit
         await deployments.create(too_many, base_path=str(TESTAPP.parent), reload=False, local=True)
