@@ -443,7 +443,6 @@ class MeshServer:
         cluster = await Cluster.open(
             self.mesh.deployments,
             self.state_store,
-            api="api" in roles,
             supervisor="supervisor" in roles,
             supervise=self.settings.supervise,
         )

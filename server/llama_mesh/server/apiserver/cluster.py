@@ -1,13 +1,14 @@
 """Several servers on one NATS (``serve --roles``): stateless API servers, and one
 supervisor per deployment elected through the state store.
 
-Every server with the ``api`` role mirrors the deployments bucket (:meth:`Cluster.follow`):
-a deployment created through any of them is known to all, and its tasks go to its broker
-from any of them. A create, reload or delete is not carried out by the API server that
-took it: it writes the change into the ``deployment_changes`` bucket and waits for its
-outcome. The supervisor holding the deployment's lease carries it out, as the all-in-one
-does (sources, environments, replicas, all-or-nothing reload), and writes the outcome back;
-its progress is on the server's own broker, visible to every API server.
+Every server mirrors the deployments bucket (:meth:`DeploymentManager.follow`): a
+deployment created through any API server is known to all, its tasks go to its broker from
+any of them, and each supervisor counts every deployment against ``--max-deployments``. A
+create, reload or delete is not carried out by the API server that took it: it writes the
+change into the ``deployment_changes`` bucket and waits for its outcome. The supervisor
+holding the deployment's lease carries it out, as the all-in-one does (sources,
+environments, replicas, all-or-nothing reload), and writes the outcome back; its progress
+is on the server's own broker, visible to every API server.
 
 A lease is a key of the ``deployment_leases`` bucket, whose entries expire after
 :data:`LEASE_TTL`: created to acquire it (one creator wins), updated with its revision to
@@ -130,8 +131,8 @@ class Leases:
 
 
 class Cluster:
-    """This server's part in a cluster: mirroring deployments (``api``), and holding
-    leases and carrying out changes (``supervisor``)."""
+    """This server's part in a cluster: mirroring deployments, and (``supervisor``)
+    holding leases and carrying out changes."""
 
     def __init__(
         self,
@@ -139,14 +140,12 @@ class Cluster:
         changes: KeyValueStore,
         leases: Leases,
         *,
-        api: bool,
         supervisor: bool,
         supervise: Iterable[str] = (),
     ) -> None:
         self._manager = manager
         self._changes = changes
         self.leases = leases
-        self._api = api
         self._supervisor = supervisor
         self._supervise = frozenset(supervise)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -159,24 +158,20 @@ class Cluster:
         manager: DeploymentManager,
         state_store: StateStore,
         *,
-        api: bool,
         supervisor: bool,
         supervise: Iterable[str] = (),
     ) -> Cluster:
         """The cluster part of ``manager``'s server (which then routes changes through it)."""
         changes = await state_store.kv("deployment_changes", ttl=CHANGE_TTL)
         leases = Leases(await state_store.kv("deployment_leases", ttl=LEASE_TTL), holder_id())
-        self = cls(manager, changes, leases, api=api, supervisor=supervisor, supervise=supervise)
+        self = cls(manager, changes, leases, supervisor=supervisor, supervise=supervise)
         manager.cluster = self
         return self
 
     def start(self) -> None:
         """Start following the store; :attr:`DeploymentManager.restored` is set once every
-        stored deployment has been read (at once without the ``api`` role)."""
-        if self._api:
-            self._spawn(self._follow(), "follow-deployments")
-        else:
-            self._manager.restored.set()
+        stored deployment has been read."""
+        self._spawn(self._follow(), "follow-deployments")
         if self._supervisor:
             self._spawn(self._hold_leases(), "leases")
             self._spawn(self._take_changes(), "deployment-changes")
