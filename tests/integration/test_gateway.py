@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -38,6 +39,7 @@ from llama_mesh.server.gateway import (
     validate_config,
 )
 from llama_mesh.server.gateway.__main__ import parse_config
+from llama_mesh.server.gateway.config import READ_METHOD_REGEX
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
 from tests.fixtures.envoy import StartGateway
 from tests.fixtures.fake_apiserver import (
@@ -725,6 +727,95 @@ def test_cli_renders_upstream_sni_and_san_checks(
         }
     ]
     validate_config(cfg)
+
+
+def test_cli_balances_over_several_upstreams(pki: Pki) -> None:
+    """Repeated ``--upstream``: one endpoint each, active gRPC health checks, ejection on
+    connection failures only (never on an API server's own answers), the certificate may
+    name any of the hosts (no SNI with several names), read calls retried on another
+    server also after a reset or UNAVAILABLE, other calls only when they never reached one;
+    Envoy accepts the config."""
+    cfg = parse_config(
+        [
+            "--upstream", "api-a:50051", "--upstream", "10.0.0.7:50052",
+            "--upstream-tls-ca", str(pki.ca),
+        ]
+    )  # fmt: skip
+
+    cluster, tls = _upstream_tls(cfg)
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    addresses = [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]]
+    assert [(a["address"], a["port_value"]) for a in addresses] == [
+        ("api-a", 50051),
+        ("10.0.0.7", 50052),
+    ]
+    assert cluster["type"] == "STRICT_DNS"
+    assert "sni" not in tls
+    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "api-a"}},
+        {"san_type": "IP_ADDRESS", "matcher": {"exact": "10.0.0.7"}},
+    ]
+    (check,) = cluster["health_checks"]
+    assert check["grpc_health_check"] == {}
+    outliers = cluster["outlier_detection"]
+    assert outliers["split_external_local_origin_errors"] is True
+    assert outliers["enforcing_consecutive_5xx"] == 0
+    routes = {r["name"]: r for r in render_envoy_config(cfg)["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0][
+        "routes"]}  # fmt: skip
+    reads = routes["grpc-reads"]["route"]["retry_policy"]["retry_on"].split(",")
+    others = routes["grpc"]["route"]["retry_policy"]["retry_on"].split(",")
+    assert set(others) == {"connect-failure", "refused-stream"}
+    assert set(reads) == {"connect-failure", "refused-stream", "reset", "unavailable"}
+    assert routes["v1-sse"]["route"]["retry_policy"]["retry_on"].split(",") == reads
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("method", "read"),
+    [
+        ("/llama_mesh.v1.ApiServer/GetTask", True),
+        ("/llama_mesh.v1.ApiServer/WatchTasks", True),
+        ("/llama_mesh.v1.LlamaDeployApi/GetTaskResult", True),
+        ("/llama_mesh.v1.ControlPlane/StreamTaskResult", True),
+        ("/grpc.health.v1.Health/Check", True),
+        ("/llama_mesh.v1.ApiServer/CreateTask", False),
+        ("/llama_mesh.v1.ApiServer/RunTask", False),
+        ("/llama_mesh.v1.ApiServer/CancelTask", False),
+        ("/llama_mesh.v1.ApiServer/SendEvent", False),
+        ("/llama_mesh.v1.ApiServer/CreateDeployment", False),
+        ("/llama_mesh.v1.ControlPlane/RegisterService", False),
+        ("/llama_mesh.v1.ApiServer/GetTaskX/CreateTask", False),
+    ],
+)
+def test_only_read_methods_are_retried_as_reads(method: str, read: bool) -> None:
+    """The read-method pattern (matched whole, as Envoy's safe_regex is) takes gets, lists,
+    watches and streams, never a call that changes something."""
+    assert (re.fullmatch(READ_METHOD_REGEX, method) is not None) is read
+
+
+@pytest.mark.parametrize(
+    ("more", "balanced", "problem"),
+    [
+        ((("b", 2),), False, "more_upstreams: several upstreams need balanced"),
+        ((("b", 0),), True, "more_upstreams: b:0 is not HOST:PORT"),
+        ((("", 2),), True, "more_upstreams: :2 is not HOST:PORT"),
+    ],
+)
+def test_further_upstreams_are_checked(
+    more: tuple[tuple[str, int], ...], balanced: bool, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        GatewayConfig(upstream_port=1, more_upstreams=more, balanced=balanced)
+
+
+def test_cli_several_upstreams_each_need_host_and_port(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_config(["--upstream", "a:1", "--upstream", "b"])
+    assert exited.value.code == 2
+    assert "--upstream must be HOST:PORT, not 'b'" in capsys.readouterr().err
 
 
 def test_cli_tls_options_come_from_the_environment_as_absolute_paths(
