@@ -226,6 +226,10 @@ def test_kubeconform_rejects_what_kubernetes_would(
         ({"natsUrl": "nats://a:4222", "auth": BASE["auth"]}, "set nats.enabled=false"),
         ({**BASE, "natsUrl": "a:4222"}, 'natsUrl: "a:4222" is not a nats://HOST:PORT URL'),
         ({**BASE, "natsAuth": {"user": "mesh"}}, "set natsAuth.password too"),
+        (
+            {"auth": BASE["auth"], "nats": {"config": {"cluster": {"replicas": 1}}}},
+            "natsReplicas: 3 copies of each stream need as many NATS nodes",
+        ),
         ({**BASE, "autoscaling": {"enabled": True}}, "autoscaling.enabled needs metrics.enabled"),
         ({**BASE, "workers": [{"deployment": "quickstart"}]}, "workers[0].service: name the"),
         ({**BASE, "workers": [{"service": "echo"}]}, "workers[0].deployment: name the"),

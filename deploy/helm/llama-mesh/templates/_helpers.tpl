@@ -52,6 +52,9 @@ every pod of the bundled cluster by its stable name, or natsUrl. */}}
 {{- fail "natsUrl is set while nats.enabled is true: set nats.enabled=false to use that NATS, or drop natsUrl" -}}
 {{- end -}}
 {{- $name := include "llama-mesh.natsFullname" . -}}
+{{- if gt (int .Values.natsReplicas) (int .Values.nats.config.cluster.replicas) -}}
+{{- fail (printf "natsReplicas: %d copies of each stream need as many NATS nodes; nats.config.cluster.replicas is %d" (int .Values.natsReplicas) (int .Values.nats.config.cluster.replicas)) -}}
+{{- end -}}
 {{- range $i := until (int .Values.nats.config.cluster.replicas) -}}
 {{- $urls = append $urls (printf "nats://%s-%d.%s-headless:4222" $name $i $name) -}}
 {{- end -}}
