@@ -344,6 +344,19 @@ def test_chart_objects_fit_together() -> None:
         }
 
 
+def test_workers_without_an_autoscaler_run_the_replicas_asked_for() -> None:
+    objects = render({**BASE, "workers": EVERYTHING["workers"]})
+    counts = {
+        o["metadata"]["name"]: o["spec"]["replicas"]
+        for o in objects
+        if o["kind"] == "Deployment" and "-worker-" in o["metadata"]["name"]
+    }
+    assert counts == {
+        component("worker-quickstart-echo-workflow"): 3,
+        component("worker-sessions-counter"): 1,
+    }
+
+
 def worker_args(spec: dict[str, Any], objects: list[dict[str, Any]]) -> Namespace:
     """A worker container's parsed command line, its environment applied."""
     words = spec["args"]
