@@ -49,6 +49,7 @@ from tests.fixtures.fake_apiserver import (
     ERROR_DOMAIN,
     FakeApiServer,
     FakeApiServerHandle,
+    running_fake_apiserver,
     start_fake_apiserver,
 )
 from tests.fixtures.pki import Pki
@@ -64,11 +65,8 @@ SHARED = pytest.mark.asyncio(loop_scope="module")
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeApiServerHandle]:
     """A fake API server of the test's own."""
-    handle = await start_fake_apiserver()
-    try:
+    async with running_fake_apiserver() as handle:
         yield handle
-    finally:
-        await handle.stop()
 
 
 @pytest.fixture
@@ -79,11 +77,8 @@ async def own_gateway(start_gateway: StartGateway, upstream: FakeApiServerHandle
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def shared_upstream() -> AsyncIterator[FakeApiServerHandle]:
-    handle = await start_fake_apiserver()
-    try:
+    async with running_fake_apiserver() as handle:
         yield handle
-    finally:
-        await handle.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
