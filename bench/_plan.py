@@ -47,5 +47,7 @@ class Results:
     mesh: dict[str, Any] = field(default_factory=dict)
     mesh_sync: dict[str, Any] = field(default_factory=dict)
     """llama-mesh again with ``--nats-sync`` :data:`SYNC_ROW`: the trade-off's other side."""
+    brokers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """llama-mesh with the deployments on an external broker, by kind (``rabbitmq``...)."""
     ld08: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
