@@ -20,14 +20,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import _brokers, _inprocess, _ld08, _mesh
+from bench import _brokers, _disk, _inprocess, _ld08, _mesh
 from bench._apps import (
     BROKER_DEPLOYMENTS,
     DEPLOYMENT,
     TWO_REPLICAS_DEPLOYMENT,
     write_mesh_app,
 )
-from bench._plan import FULL, QUICK, Plan, Results
+from bench._plan import FULL, QUICK, SYNC_ROW, Plan, Results
 from bench._report import report
 from bench._stats import Memory
 
@@ -154,11 +154,12 @@ async def _inprocess_memory(app_dir: Path, what: str, plan: Plan) -> Memory:
     return Memory(plan.memory_count, {"bench process": mib})
 
 
-async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
+async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> None:
     """llama-mesh: gRPC and JSON latency, throughput, streaming, memory."""
     out = results.mesh
-    say("llama-mesh: starting the server and deploying")
-    async with _mesh.run_server(work) as server:
+    out["nats_sync"] = nats_sync
+    say(f"llama-mesh: starting the server (nats-server sync_interval {nats_sync}) and deploying")
+    async with _mesh.run_server(work, nats_sync=nats_sync) as server:
         memory = {"count": plan.memory_count, "concurrency": plan.memory_concurrency}
         out["memory_sessions"] = await phase(
             plan, "llama-mesh: memory of idle sessions", _mesh.memory_sessions(server, **memory)
@@ -204,6 +205,13 @@ async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
             ),
         )
         await _throughputs(plan, server, out, "llama-mesh")
+        out["fsync_ceiling"] = await phase(
+            plan,
+            "llama-mesh: the disk's ceiling (concurrent JetStream publishes)",
+            _disk.fsync_ceiling(
+                server.nats_url, publishers=plan.clients, seconds=plan.throughput_seconds
+            ),
+        )
         out["streaming"] = await phase(
             plan,
             "llama-mesh: streaming latency",
@@ -225,6 +233,31 @@ async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
         )
         out["stuck"] = stuck
         say("llama-mesh: stopping")
+
+
+async def run_mesh_sync(plan: Plan, work: Path, results: Results) -> None:
+    """llama-mesh with ``--nats-sync`` :data:`SYNC_ROW`: the latency, throughput and disk
+    figures that the fsync per write moves, on a server of its own."""
+    out = results.mesh_sync
+    out["nats_sync"] = SYNC_ROW
+    who = f"llama-mesh --nats-sync {SYNC_ROW}"
+    say(f"{who}: starting the server and deploying")
+    async with _mesh.run_server(work, name="sync", nats_sync=SYNC_ROW) as server:
+        n, warm, deadline = plan.latency_iterations, plan.warmup, plan.deadline
+        out["grpc"] = await phase(
+            plan,
+            f"{who}: gRPC latency (direct)",
+            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+        )
+        await _throughputs(plan, server, out, who)
+        out["fsync_ceiling"] = await phase(
+            plan,
+            f"{who}: the disk's ceiling",
+            _disk.fsync_ceiling(
+                server.nats_url, publishers=plan.clients, seconds=plan.throughput_seconds
+            ),
+        )
+        say(f"{who}: stopping")
 
 
 LOADS = (("throughput_1", DEPLOYMENT, "echo"), ("throughput_2", TWO_REPLICAS_DEPLOYMENT, "echo2"))
@@ -363,7 +396,15 @@ def _steps(
         if part == "inprocess":
             steps.append(("in-process", lambda: run_inprocess(plan, work, results)))
         elif part == "nats":
-            steps.append(("llama-mesh", lambda: run_mesh(plan, work, results)))
+            steps.append(("llama-mesh", lambda: run_mesh(plan, work, results, args.nats_sync)))
+        elif part == "nats-sync":
+            if args.nats_sync == "always":  # else the server above already ran that way
+                steps.append(
+                    (
+                        f"llama-mesh --nats-sync {SYNC_ROW}",
+                        lambda: run_mesh_sync(plan, work, results),
+                    )
+                )
         elif part in _brokers.EXTERNAL:
             lacking = _brokers.missing(part)
             if lacking:
@@ -375,7 +416,7 @@ def _steps(
     return steps
 
 
-PARTS = ("inprocess", "nats", *_brokers.EXTERNAL, "08")
+PARTS = ("inprocess", "nats", "nats-sync", *_brokers.EXTERNAL, "08")
 """What ``--only`` selects, in the order they run."""
 
 
@@ -403,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute)")
     parser.add_argument("--skip-08", action="store_true", help="do not run llama-deploy 0.8.1")
+    parser.add_argument(
+        "--nats-sync",
+        default="always",
+        metavar="INTERVAL",
+        help="the server's --nats-sync: always (the default) or a duration such as 1s",
+    )
     parser.add_argument(
         "--only",
         type=_parts,

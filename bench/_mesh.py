@@ -24,6 +24,7 @@ import grpc
 import httpx
 from google.protobuf import struct_pb2
 
+from bench import _disk
 from bench._apps import (
     DEPLOYMENT,
     GATE_DEPLOYMENT,
@@ -53,6 +54,8 @@ class MeshServer:
     gateway_url: str
     data_dir: Path
     stub: Any
+    nats_url: str
+    """The embedded nats-server, with the store's login."""
 
     def helper(self, name: str) -> int:
         """The pid of the child process named ``name`` (``nats-server``, ``envoy``)."""
@@ -79,17 +82,19 @@ async def run_server(
     name: str = "mesh",
     deployments: Mapping[str, Mapping[str, Mapping[str, object]]] = MESH_DEPLOYMENTS,
     message_queue: Mapping[str, str] | None = None,
+    nats_sync: str = "always",
 ) -> AsyncIterator[MeshServer]:
     """Start the server in a child process, deploy the benchmark app, stop it at the end.
 
     ``name`` keeps this server's data, app and log apart in ``work``; ``message_queue`` is
-    the deployments' broker (none: the server's own NATS).
+    the deployments' broker (none: the server's own NATS); ``nats_sync`` is its
+    ``--nats-sync``.
     """
     data_dir = work / f"{name}-data"
     app_dir = work / f"{name}-app"
     configs = write_mesh_app(app_dir, deployments, message_queue)
     log = (work / f"{name}-server.log").open("wb")
-    args = ["--data-dir", str(data_dir), "--port", str(free_port())]
+    args = ["--data-dir", str(data_dir), "--port", str(free_port()), "--nats-sync", nats_sync]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -120,7 +125,15 @@ async def run_server(
                     ),
                     timeout=DEPLOY_TIMEOUT,
                 )
-            yield MeshServer(process, info["pid"], target, info["gateway_url"], data_dir, stub)
+            yield MeshServer(
+                process,
+                info["pid"],
+                target,
+                info["gateway_url"],
+                data_dir,
+                stub,
+                info["nats_url"],
+            )
     finally:
         await _stop(process)
         log.close()
@@ -304,19 +317,39 @@ async def throughput(
             "workers": server.workers(service),
             **{name: [pid] for name, pid in (others or {}).items()},
         }
+        streams_before = await _disk.stream_states(server.nats_url)
         cpu_before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         client_before = _self_cpu()
         started = time.perf_counter()
         stop_at = started + seconds
         await asyncio.gather(*(client(stub) for _ in range(clients)))
         elapsed = time.perf_counter() - started
+    writes = _disk.stream_writes(streams_before, await _queues_drained(server, streams_before))
     per_task = max(done, 1)
     cpu = {
         k: (sum(cpu_seconds(p) for p in v) - cpu_before[k]) * 1e3 / per_task
         for k, v in pids.items()
     }
     cpu["client"] = (_self_cpu() - client_before) * 1e3 / per_task
-    return Throughput(done, elapsed, clients, dict(failures), cpu)
+    return Throughput(done, elapsed, clients, dict(failures), cpu, writes)
+
+
+async def _queues_drained(
+    server: MeshServer, before: dict[str, _disk.StreamState]
+) -> dict[str, _disk.StreamState]:
+    """The streams' counters once the work queues hold what they held ``before`` (the last
+    tasks' acknowledgements land just after their results), or after 5 s anyway."""
+    give_up = time.perf_counter() + 5.0
+    while True:
+        now = await _disk.stream_states(server.nats_url)
+        drained = all(
+            state.messages <= before[name].messages
+            for name, state in now.items()
+            if state.work_queue and name in before
+        )
+        if drained or time.perf_counter() > give_up:
+            return now
+        await asyncio.sleep(0.05)
 
 
 def _self_cpu() -> float:

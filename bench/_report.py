@@ -115,10 +115,80 @@ def throughput_rows(results: Results) -> list[Row]:
     return rows
 
 
+def disk_rows(mesh: dict[str, Any], *, targets: bool = True) -> list[Row]:
+    """The disk's bound on throughput: the fsync ceiling, the fsynced writes per task and
+    the throughput as a share of what they allow (the target where the disk limits), for
+    one llama-mesh server's figures (``Results.mesh`` or ``Results.mesh_sync``, whose rows
+    are no target: ``targets`` false)."""
+    ceiling: float | None = _get(mesh, "fsync_ceiling")
+    if ceiling is None:
+        return []
+    sync = _get(mesh, "nats_sync") or "always"
+    rows: list[Row] = [
+        (
+            f"JetStream ceiling: concurrent publishes/s to one stream (sync {sync})",
+            f"{ceiling:.0f}",
+            "",
+            "",
+            "",
+            "",
+            "",
+        )
+    ]
+    for key, label in (("throughput_1", "1 replica"), ("throughput_2", "2 replicas")):
+        ours: Throughput | None = _get(mesh, key)
+        if ours is None or not ours.writes:
+            continue
+        per_task = ours.writes_per_task
+        allowed = _div(ceiling, per_task)
+        rows.append(
+            (
+                f"JetStream writes per task, {label} (sync {sync}; each fsynced at always)",
+                f"{per_task:.2f}",
+                "",
+                "",
+                "",
+                "2 (one to accept, one to finish)" if targets else "",
+                ("pass" if per_task <= 2.05 else "FAIL") if targets else "",
+            )
+        )
+        rows.append(
+            (
+                f"throughput / (ceiling / writes per task), {label} (sync {sync})",
+                f"{ours.per_second:.0f} of {allowed:.0f} tasks/s",
+                "",
+                _x(_div(ours.per_second, allowed)),
+                "",
+                "≥ 0.8x where the disk limits" if targets else "",
+                ("pass" if ours.per_second >= 0.8 * allowed else "FAIL") if targets else "",
+            )
+        )
+    return rows
+
+
+def sync_rows(results: Results) -> list[Row]:
+    """The same server with its nats-server fsyncing once per interval (``--nats-sync``):
+    what the fsync per write costs (its throughput is among :func:`throughput_rows`). Not a
+    target: ``always`` stays the default."""
+    out = results.mesh_sync
+    interval = _get(out, "nats_sync")
+    base: Latencies | None = _get(results.inprocess, "latency")
+    rows: list[Row] = []
+    grpc: Latencies | None = _get(out, "grpc")
+    if grpc is not None:
+        ours, theirs = grpc.p50_ms, base.p50_ms if base else math.nan
+        label = f"echo end to end p50: gRPC, direct, --nats-sync {interval}"
+        rows.append((label, _ms(ours), _ms(theirs), _x(_div(ours, theirs)), "", "", ""))
+    return rows + disk_rows(out, targets=False)
+
+
 def _throughput_runs(results: Results) -> list[tuple[dict[str, Any], str, str]]:
     """Each throughput figure: where it is, its key, its label."""
     loads = (("throughput_1", "1 replica"), ("throughput_2", "2 replicas"))
     runs = [(results.mesh, key, label) for key, label in loads]
+    if results.mesh_sync:
+        interval = results.mesh_sync.get("nats_sync")
+        runs += [(results.mesh_sync, k, f"{label}, --nats-sync {interval}") for k, label in loads]
     for kind, figures in results.brokers.items():
         runs += [(figures, key, f"{label}, on {LABELS[kind]}") for key, label in loads]
     return runs
@@ -194,6 +264,8 @@ def table(results: Results) -> str:
         ("---", "---:", "---:", "---:", "---:", "---", "---"),
         *latency_rows(results),
         *throughput_rows(results),
+        *disk_rows(results.mesh),
+        *sync_rows(results),
         *streaming_rows(results),
         *memory_rows(results),
     ]
@@ -277,6 +349,12 @@ def method(plan: Plan, results: Results) -> list[str]:
         f"`handler.stream_events()`; 0.8.1: {plan.ld08_stream_events} events through "
         "`GET /deployments/bench/tasks/{id}/events` (it hands out about one event per "
         "0.1 s poll).",
+        "- disk: the ceiling is what "
+        f"{plan.clients} concurrent clients get publishing 200-byte messages to one "
+        "file-backed stream of the same nats-server; writes per task are the streams' "
+        "stored messages (sequence numbers) during the throughput window, plus one tombstone "
+        "per task message acknowledged off the work queue, heartbeats left out; nats-server "
+        "also fsyncs its consumer state (~0.4 per task, counted with strace, not here).",
         f"- memory: RSS (`VmRSS`, median of 5 readings) before and after creating "
         f"{plan.memory_count} sessions, or {plan.memory_count} tasks queued behind a `gate` "
         "replica busy with its first one (`max-concurrent-tasks: 1`), scaled to 1,000. "
@@ -303,6 +381,9 @@ def method(plan: Plan, results: Results) -> list[str]:
                 f"- llama-mesh CPU per task, {label} (ms): {cpu}; {tp.tasks} tasks, "
                 f"failed: {tp.failure_text}"
             )
+            if tp.writes:
+                writes = ", ".join(f"{k} {v / tp.tasks:.2f}" for k, v in sorted(tp.writes.items()))
+                lines.append(f"- JetStream writes per task, {label}, by stream: {writes}")
     if base_tp is not None:
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in base_tp.cpu_ms_per_task.items())
         lines.append(

@@ -40,7 +40,13 @@ from llama_mesh.server.errors import MeshError
 from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.grpc_errors import ErrorInterceptor
 from llama_mesh.server.metrics import Metrics, MetricsInterceptor
-from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, store_login
+from llama_mesh.server.nats_server import (
+    SYNC_ALWAYS,
+    NatsServer,
+    NatsServerConfig,
+    check_sync_interval,
+    store_login,
+)
 from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
 from llama_mesh.server.probes import ProbesServicer
 from llama_mesh.server.queues.broker import Broker
@@ -100,6 +106,10 @@ class ServerSettings:
     nats_replicas: int = 1
     """Copies of each stream and bucket the server creates: 3 (or 5) on a NATS cluster, so
     that losing a node loses nothing. Streams that exist keep theirs."""
+    nats_sync: str = SYNC_ALWAYS
+    """When the embedded nats-server fsyncs JetStream writes: ``always`` (each write before
+    it is acknowledged), or a duration (``1s``): more throughput, but a machine failure
+    loses what was acknowledged in the last interval."""
     broker_url: str | None = None
     """The broker of deployments that name none (or ``nats``/``simple``):
     ``amqp://...`` or ``redis://...``; ``None``: the server's own."""
@@ -152,6 +162,15 @@ class ServerSettings:
             raise ValueError(
                 "nats_replicas (--nats-replicas) above 1 needs a NATS cluster (--nats-url); "
                 "the embedded nats-server is a single node"
+            )
+        try:
+            check_sync_interval(self.nats_sync)
+        except ValueError as exc:
+            raise ValueError(f"nats_sync (--nats-sync): {exc}") from None
+        if self.nats_sync != SYNC_ALWAYS and (self.queue != "nats" or self.nats_url is not None):
+            raise ValueError(
+                "nats_sync (--nats-sync) applies to the embedded nats-server only; an external "
+                "NATS (--nats-url) keeps its own sync_interval"
             )
         if self.gateway and self.host in ("0.0.0.0", "::", "") and not self.allowed_hosts:
             raise ValueError(
@@ -494,7 +513,9 @@ class MeshServer:
             # workers it starts (who get the URL with it through their environment).
             store = s.data_dir / "nats"
             nats = await NatsServer.start(
-                NatsServerConfig(store_dir=store, users=(store_login(store),))
+                NatsServerConfig(
+                    store_dir=store, users=(store_login(store),), sync_interval=s.nats_sync
+                )
             )
             self.nats_server = nats
             # Restarted on the same port, store and login when it dies: clients reconnect.

@@ -151,6 +151,14 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         help="copies of each stream on a NATS cluster: 1, 3 or 5, with --nats-url (default: 1)",
     )
     p.add_argument(
+        "--nats-sync",
+        metavar="INTERVAL",
+        default=env_setting("NATS_SYNC", "always"),
+        help="when the embedded nats-server fsyncs: always (every write, before it is "
+        "acknowledged) or a duration such as 1s (faster; a machine failure loses what was "
+        "acknowledged within it) (default: always)",
+    )
+    p.add_argument(
         "--broker",
         metavar="URL",
         default=env_setting("BROKER_URL"),
@@ -362,6 +370,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         nats_tls_cert=args.nats_tls_cert,
         nats_tls_key=args.nats_tls_key,
         nats_replicas=args.nats_replicas,
+        nats_sync=args.nats_sync,
         broker_url=args.broker or None,
         roles=_roles(args),
         supervise=tuple(args.supervise),
