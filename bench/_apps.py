@@ -12,6 +12,8 @@ workers import ``workflows``; Llama Deploy 0.8.1 has the same classes in
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 MODULE = "bench_app"
@@ -94,6 +96,12 @@ MESH_DEPLOYMENTS: dict[str, dict[str, dict[str, object]]] = {
 """llama-mesh deployments -> services -> workflow and extensions. ``echo2`` runs the echo
 workflow on two replicas. Each load has a deployment of its own, so that one phase's tasks
 cannot slow the next (before 0f8042b a task watch read every task of its deployment)."""
+BROKER_DEPLOYMENTS: dict[str, dict[str, dict[str, object]]] = {
+    DEPLOYMENT: {"echo": MESH_DEPLOYMENTS[DEPLOYMENT]["echo"]},
+    TWO_REPLICAS_DEPLOYMENT: MESH_DEPLOYMENTS[TWO_REPLICAS_DEPLOYMENT],
+}
+"""The echo deployments alone, same names and settings: what the latency and throughput rows
+of a deployment on an external broker run."""
 
 
 def _local_service(service: str, workflow: str) -> list[str]:
@@ -108,13 +116,27 @@ def _local_service(service: str, workflow: str) -> list[str]:
     ]
 
 
-def write_mesh_app(directory: Path) -> dict[str, str]:
-    """Write the workflows for llama-mesh into ``directory``; returns YAML by deployment."""
+def write_mesh_app(
+    directory: Path,
+    deployments: Mapping[str, Mapping[str, Mapping[str, object]]] = MESH_DEPLOYMENTS,
+    message_queue: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Write the workflows for llama-mesh into ``directory``; returns YAML by deployment.
+
+    ``message_queue`` is the deployments' ``message-queue`` section (none: the server's own
+    broker).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{MODULE}.py").write_text(WORKFLOWS.format(imports=MESH_IMPORTS))
     configs = {}
-    for deployment, services in MESH_DEPLOYMENTS.items():
-        lines = [f"name: {deployment}", f"default-service: {next(iter(services))}", "services:"]
+    for deployment, services in deployments.items():
+        lines = [f"name: {deployment}", f"default-service: {next(iter(services))}"]
+        if message_queue is not None:
+            lines += [
+                "message-queue:",
+                *(f"  {k}: {json.dumps(v)}" for k, v in message_queue.items()),
+            ]
+        lines.append("services:")
         for service, settings in services.items():
             lines += _local_service(service, str(settings["path"]))
             lines += [f"    {key}: {value}" for key, value in settings.items() if key != "path"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -19,9 +20,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import _inprocess, _ld08, _mesh
-from bench._apps import DEPLOYMENT, TWO_REPLICAS_DEPLOYMENT, write_mesh_app
-from bench._plan import FULL, QUICK, Plan, Results
+from bench import _brokers, _disk, _inprocess, _ld08, _mesh
+from bench._apps import (
+    BROKER_DEPLOYMENTS,
+    DEPLOYMENT,
+    TWO_REPLICAS_DEPLOYMENT,
+    write_mesh_app,
+)
+from bench._plan import FULL, QUICK, SYNC_ROW, Plan, Results
 from bench._report import report
 from bench._stats import Memory
 
@@ -148,11 +154,12 @@ async def _inprocess_memory(app_dir: Path, what: str, plan: Plan) -> Memory:
     return Memory(plan.memory_count, {"bench process": mib})
 
 
-async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
+async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> None:
     """llama-mesh: gRPC and JSON latency, throughput, streaming, memory."""
     out = results.mesh
-    say("llama-mesh: starting the server and deploying")
-    async with _mesh.run_server(work) as server:
+    out["nats_sync"] = nats_sync
+    say(f"llama-mesh: starting the server (nats-server sync_interval {nats_sync}) and deploying")
+    async with _mesh.run_server(work, nats_sync=nats_sync) as server:
         memory = {"count": plan.memory_count, "concurrency": plan.memory_concurrency}
         out["memory_sessions"] = await phase(
             plan, "llama-mesh: memory of idle sessions", _mesh.memory_sessions(server, **memory)
@@ -197,23 +204,14 @@ async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
                 deadline=deadline,
             ),
         )
-        loads = (
-            ("throughput_1", DEPLOYMENT, "echo"),
-            ("throughput_2", TWO_REPLICAS_DEPLOYMENT, "echo2"),
+        await _throughputs(plan, server, out, "llama-mesh")
+        out["fsync_ceiling"] = await phase(
+            plan,
+            "llama-mesh: the disk's ceiling (concurrent JetStream publishes)",
+            _disk.fsync_ceiling(
+                server.nats_url, publishers=plan.clients, seconds=plan.throughput_seconds
+            ),
         )
-        for key, deployment, service in loads:
-            out[key] = await phase(
-                plan,
-                f"llama-mesh: throughput ({service})",
-                _mesh.throughput(
-                    server,
-                    deployment,
-                    service,
-                    clients=plan.clients,
-                    seconds=plan.throughput_seconds,
-                    deadline=plan.throughput_deadline,
-                ),
-            )
         out["streaming"] = await phase(
             plan,
             "llama-mesh: streaming latency",
@@ -235,6 +233,84 @@ async def run_mesh(plan: Plan, work: Path, results: Results) -> None:
         )
         out["stuck"] = stuck
         say("llama-mesh: stopping")
+
+
+async def run_mesh_sync(plan: Plan, work: Path, results: Results) -> None:
+    """llama-mesh with ``--nats-sync`` :data:`SYNC_ROW`: the latency, throughput and disk
+    figures that the fsync per write moves, on a server of its own."""
+    out = results.mesh_sync
+    out["nats_sync"] = SYNC_ROW
+    who = f"llama-mesh --nats-sync {SYNC_ROW}"
+    say(f"{who}: starting the server and deploying")
+    async with _mesh.run_server(work, name="sync", nats_sync=SYNC_ROW) as server:
+        n, warm, deadline = plan.latency_iterations, plan.warmup, plan.deadline
+        out["grpc"] = await phase(
+            plan,
+            f"{who}: gRPC latency (direct)",
+            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+        )
+        await _throughputs(plan, server, out, who)
+        out["fsync_ceiling"] = await phase(
+            plan,
+            f"{who}: the disk's ceiling",
+            _disk.fsync_ceiling(
+                server.nats_url, publishers=plan.clients, seconds=plan.throughput_seconds
+            ),
+        )
+        say(f"{who}: stopping")
+
+
+LOADS = (("throughput_1", DEPLOYMENT, "echo"), ("throughput_2", TWO_REPLICAS_DEPLOYMENT, "echo2"))
+"""The throughput rows: result key, deployment, service."""
+
+
+async def _throughputs(
+    plan: Plan,
+    server: _mesh.MeshServer,
+    out: dict[str, Any],
+    who: str,
+    others: dict[str, int] | None = None,
+) -> None:
+    """Throughput with 1 and 2 replicas into ``out`` (``others``: more pids to read CPU of)."""
+    for key, deployment, service in LOADS:
+        out[key] = await phase(
+            plan,
+            f"{who}: throughput ({service})",
+            _mesh.throughput(
+                server,
+                deployment,
+                service,
+                clients=plan.clients,
+                seconds=plan.throughput_seconds,
+                deadline=plan.throughput_deadline,
+                others=others,
+            ),
+        )
+
+
+async def run_broker(plan: Plan, work: Path, results: Results, kind: str) -> None:
+    """llama-mesh with the echo deployments on an external broker: gRPC latency and
+    throughput, measured as for the server's own NATS."""
+    out = results.brokers.setdefault(kind, {})
+    who = f"llama-mesh on {_brokers.LABELS[kind]}"
+    say(f"{who}: starting {kind} and the server, deploying")
+    async with (
+        _brokers.running(kind, work / kind) as broker,
+        _mesh.run_server(
+            work, name=kind, deployments=BROKER_DEPLOYMENTS, message_queue=broker.message_queue
+        ) as server,
+    ):
+        n, warm, deadline = plan.latency_iterations, plan.warmup, plan.deadline
+        out["grpc"] = await phase(
+            plan,
+            f"{who}: gRPC latency (direct)",
+            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+        )
+        await _throughputs(plan, server, out, who, {f"{kind}-server": broker.pid})
+        out["stuck"] = await phase(
+            plan, f"{who}: cancelling leftover tasks", _mesh.cancel_stuck(server)
+        )
+        say(f"{who}: stopping")
 
 
 async def run_ld08(plan: Plan, work: Path, results: Results) -> None:
@@ -289,12 +365,7 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, STOPPER.request)
     with tempfile.TemporaryDirectory(prefix="llama-mesh-bench-") as tmp:
         work = Path(tmp)
-        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("in-process", lambda: run_inprocess(plan, work, results)),
-            ("llama-mesh", lambda: run_mesh(plan, work, results)),
-        ]
-        if not args.skip_08:
-            steps.append(("llama-deploy 0.8.1", lambda: run_ld08(plan, work, results)))
+        steps = _steps(args, plan, work, results)
         failed = False
         for name, step in steps:
             try:
@@ -315,8 +386,53 @@ async def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _steps(
+    args: argparse.Namespace, plan: Plan, work: Path, results: Results
+) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    """The phases ``--only`` and ``--skip-08`` select, in order; an external broker this
+    machine cannot run is left out with a note."""
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+    for part in args.only:
+        if part == "inprocess":
+            steps.append(("in-process", lambda: run_inprocess(plan, work, results)))
+        elif part == "nats":
+            steps.append(("llama-mesh", lambda: run_mesh(plan, work, results, args.nats_sync)))
+        elif part == "nats-sync":
+            if args.nats_sync == "always":  # else the server above already ran that way
+                steps.append(
+                    (
+                        f"llama-mesh --nats-sync {SYNC_ROW}",
+                        lambda: run_mesh_sync(plan, work, results),
+                    )
+                )
+        elif part in _brokers.EXTERNAL:
+            lacking = _brokers.missing(part)
+            if lacking:
+                results.notes.append(f"{part} rows not run: {lacking}")
+            else:
+                steps.append((part, functools.partial(run_broker, plan, work, results, part)))
+        elif not args.skip_08:  # "08"
+            steps.append(("llama-deploy 0.8.1", lambda: run_ld08(plan, work, results)))
+    return steps
+
+
+PARTS = ("inprocess", "nats", "nats-sync", *_brokers.EXTERNAL, "08")
+"""What ``--only`` selects, in the order they run."""
+
+
+def _parts(text: str) -> list[str]:
+    """``--only``'s comma-separated list, in :data:`PARTS` order; an unknown name is an error."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(PARTS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or 'nothing'}: not one of {', '.join(PARTS)}"
+        )
+    return [part for part in PARTS if part in names]
+
+
 def _show_logs(work: Path) -> None:
-    for log in sorted(work.glob("*.log")) + sorted(work.glob("mesh-data/logs/*/*.log")):
+    for log in sorted(work.glob("*.log")) + sorted(work.glob("*-data/logs/*/*.log")):
         tail = log.read_text(errors="replace").splitlines()[-20:]
         say(f"--- last lines of {log.name}:\n" + "\n".join(tail))
 
@@ -328,5 +444,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute)")
     parser.add_argument("--skip-08", action="store_true", help="do not run llama-deploy 0.8.1")
+    parser.add_argument(
+        "--nats-sync",
+        default="always",
+        metavar="INTERVAL",
+        help="the server's --nats-sync: always (the default) or a duration such as 1s",
+    )
+    parser.add_argument(
+        "--only",
+        type=_parts,
+        default=list(PARTS),
+        metavar="PARTS",
+        help=f"run only these, comma-separated: {', '.join(PARTS)} (default: all)",
+    )
     args = parser.parse_args(argv)
     return asyncio.run(run(args))

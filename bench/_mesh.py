@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,14 @@ import grpc
 import httpx
 from google.protobuf import struct_pb2
 
-from bench._apps import DEPLOYMENT, GATE_DEPLOYMENT, TWO_REPLICAS_DEPLOYMENT, write_mesh_app
+from bench import _disk
+from bench._apps import (
+    DEPLOYMENT,
+    GATE_DEPLOYMENT,
+    MESH_DEPLOYMENTS,
+    TWO_REPLICAS_DEPLOYMENT,
+    write_mesh_app,
+)
 from bench._procs import children, cpu_seconds, dir_bytes, free_port, settled_rss
 from bench._stats import Latencies, Memory, Throughput, per_1000_mib
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
@@ -47,6 +54,8 @@ class MeshServer:
     gateway_url: str
     data_dir: Path
     stub: Any
+    nats_url: str
+    """The embedded nats-server, with the store's login."""
 
     def helper(self, name: str) -> int:
         """The pid of the child process named ``name`` (``nats-server``, ``envoy``)."""
@@ -67,13 +76,25 @@ class MeshServer:
 
 
 @contextlib.asynccontextmanager
-async def run_server(work: Path) -> AsyncIterator[MeshServer]:
-    """Start the server in a child process, deploy the benchmark app, stop it at the end."""
-    data_dir = work / "mesh-data"
-    app_dir = work / "mesh-app"
-    configs = write_mesh_app(app_dir)
-    log = (work / "mesh-server.log").open("wb")
-    args = ["--data-dir", str(data_dir), "--port", str(free_port())]
+async def run_server(
+    work: Path,
+    *,
+    name: str = "mesh",
+    deployments: Mapping[str, Mapping[str, Mapping[str, object]]] = MESH_DEPLOYMENTS,
+    message_queue: Mapping[str, str] | None = None,
+    nats_sync: str = "always",
+) -> AsyncIterator[MeshServer]:
+    """Start the server in a child process, deploy the benchmark app, stop it at the end.
+
+    ``name`` keeps this server's data, app and log apart in ``work``; ``message_queue`` is
+    the deployments' broker (none: the server's own NATS); ``nats_sync`` is its
+    ``--nats-sync``.
+    """
+    data_dir = work / f"{name}-data"
+    app_dir = work / f"{name}-app"
+    configs = write_mesh_app(app_dir, deployments, message_queue)
+    log = (work / f"{name}-server.log").open("wb")
+    args = ["--data-dir", str(data_dir), "--port", str(free_port()), "--nats-sync", nats_sync]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -104,7 +125,15 @@ async def run_server(work: Path) -> AsyncIterator[MeshServer]:
                     ),
                     timeout=DEPLOY_TIMEOUT,
                 )
-            yield MeshServer(process, info["pid"], target, info["gateway_url"], data_dir, stub)
+            yield MeshServer(
+                process,
+                info["pid"],
+                target,
+                info["gateway_url"],
+                data_dir,
+                stub,
+                info["nats_url"],
+            )
     finally:
         await _stop(process)
         log.close()
@@ -251,11 +280,13 @@ async def throughput(
     clients: int,
     seconds: float,
     deadline: float,
+    others: Mapping[str, int] | None = None,
 ) -> Throughput:
     """``clients`` concurrent RunTask loops over one channel for ``seconds``.
 
-    CPU time per task is read from ``/proc`` for the API server, the nats-server and the
-    service's workers, and for this (client) process.
+    CPU time per task is read from ``/proc`` for the API server, the nats-server, the
+    service's workers, the ``others`` (name: pid; an external broker), and for this (client)
+    process.
     """
     done = 0
     stop_at = 0.0
@@ -284,20 +315,41 @@ async def throughput(
             "API server": [server.pid],
             "nats-server": [server.helper("nats-server")],
             "workers": server.workers(service),
+            **{name: [pid] for name, pid in (others or {}).items()},
         }
+        streams_before = await _disk.stream_states(server.nats_url)
         cpu_before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         client_before = _self_cpu()
         started = time.perf_counter()
         stop_at = started + seconds
         await asyncio.gather(*(client(stub) for _ in range(clients)))
         elapsed = time.perf_counter() - started
+    writes = _disk.stream_writes(streams_before, await _queues_drained(server, streams_before))
     per_task = max(done, 1)
     cpu = {
         k: (sum(cpu_seconds(p) for p in v) - cpu_before[k]) * 1e3 / per_task
         for k, v in pids.items()
     }
     cpu["client"] = (_self_cpu() - client_before) * 1e3 / per_task
-    return Throughput(done, elapsed, clients, dict(failures), cpu)
+    return Throughput(done, elapsed, clients, dict(failures), cpu, writes)
+
+
+async def _queues_drained(
+    server: MeshServer, before: dict[str, _disk.StreamState]
+) -> dict[str, _disk.StreamState]:
+    """The streams' counters once the work queues hold what they held ``before`` (the last
+    tasks' acknowledgements land just after their results), or after 5 s anyway."""
+    give_up = time.perf_counter() + 5.0
+    while True:
+        now = await _disk.stream_states(server.nats_url)
+        drained = all(
+            state.messages <= before[name].messages
+            for name, state in now.items()
+            if state.work_queue and name in before
+        )
+        if drained or time.perf_counter() > give_up:
+            return now
+        await asyncio.sleep(0.05)
 
 
 def _self_cpu() -> float:

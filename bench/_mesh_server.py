@@ -34,6 +34,7 @@ async def serve(args: argparse.Namespace) -> int:
         gateway=True,
         control_planes=False,
         ack_wait=10.0,
+        nats_sync=args.nats_sync,
         ready_timeout=120.0,
     )
     server = await MeshServer.start(settings)
@@ -63,6 +64,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench._mesh_server")
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True, help="gateway port")
+    parser.add_argument("--nats-sync", default="always", help="serve's --nats-sync")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     return asyncio.run(serve(args))

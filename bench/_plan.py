@@ -35,11 +35,19 @@ FULL = Plan("full", 300, 2000, 20, 10.0, 32, 230, 0.004, 10, 1000, 20, 10.0, 200
 QUICK = Plan("quick", 100, 500, 10, 3.0, 32, 215, 0.004, 10, 200, 5, 3.0, 50, 8, 25)
 
 
+SYNC_ROW = "1s"
+"""The ``--nats-sync`` of the comparison rows (fsync once a second instead of per write)."""
+
+
 @dataclass(slots=True)
 class Results:
     """Every figure of one run, by system."""
 
     inprocess: dict[str, Any] = field(default_factory=dict)
     mesh: dict[str, Any] = field(default_factory=dict)
+    mesh_sync: dict[str, Any] = field(default_factory=dict)
+    """llama-mesh again with ``--nats-sync`` :data:`SYNC_ROW`: the trade-off's other side."""
+    brokers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """llama-mesh with the deployments on an external broker, by kind (``rabbitmq``...)."""
     ld08: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

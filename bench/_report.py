@@ -8,10 +8,12 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from bench._brokers import LABELS
 from bench._plan import Plan, Results
 from bench._procs import cpu_model, load_average, mem_total_gib
 from bench._stats import Latencies, Memory, Throughput
@@ -56,8 +58,14 @@ def latency_rows(results: Results) -> list[Row]:
         ("json_v1", "JSON `/v1/…/tasks:run`, gateway", True, False),
         ("json_08", "JSON 0.8 `/deployments/…/tasks/run`, gateway", False, True),
     )
-    for key, label, targeted, compare_08 in paths:
-        sample: Latencies | None = _get(results.mesh, key)
+    runs = [
+        (results.mesh, key, label, targeted, compare_08)
+        for key, label, targeted, compare_08 in paths
+    ]
+    for kind, figures in results.brokers.items():
+        runs.append((figures, "grpc", f"gRPC, direct, deployment on {LABELS[kind]}", True, False))
+    for figures, key, label, targeted, compare_08 in runs:
+        sample: Latencies | None = _get(figures, key)
         if sample is None:
             continue
         for q, name in ((50, "p50"), (99, "p99")):
@@ -87,8 +95,8 @@ def throughput_rows(results: Results) -> list[Row]:
     rows: list[Row] = []
     base: Throughput | None = _get(results.inprocess, "throughput")
     ld08: Throughput | None = _get(results.ld08, "throughput")
-    for key, label in (("throughput_1", "1 replica"), ("throughput_2", "2 replicas")):
-        ours: Throughput | None = _get(results.mesh, key)
+    for figures, key, label in _throughput_runs(results):
+        ours: Throughput | None = _get(figures, key)
         if ours is None:
             continue
         theirs = base.per_cpu_second if base else math.nan
@@ -105,6 +113,85 @@ def throughput_rows(results: Results) -> list[Row]:
             )
         )
     return rows
+
+
+def disk_rows(mesh: dict[str, Any], *, targets: bool = True) -> list[Row]:
+    """The disk's bound on throughput: the fsync ceiling, the fsynced writes per task and
+    the throughput as a share of what they allow (the target where the disk limits), for
+    one llama-mesh server's figures (``Results.mesh`` or ``Results.mesh_sync``, whose rows
+    are no target: ``targets`` false)."""
+    ceiling: float | None = _get(mesh, "fsync_ceiling")
+    if ceiling is None:
+        return []
+    sync = _get(mesh, "nats_sync") or "always"
+    rows: list[Row] = [
+        (
+            f"JetStream ceiling: concurrent publishes/s to one stream (sync {sync})",
+            f"{ceiling:.0f}",
+            "",
+            "",
+            "",
+            "",
+            "",
+        )
+    ]
+    for key, label in (("throughput_1", "1 replica"), ("throughput_2", "2 replicas")):
+        ours: Throughput | None = _get(mesh, key)
+        if ours is None or not ours.writes:
+            continue
+        per_task = ours.writes_per_task
+        allowed = _div(ceiling, per_task)
+        rows.append(
+            (
+                f"JetStream writes per task, {label} (sync {sync}; each fsynced at always)",
+                f"{per_task:.2f}",
+                "",
+                "",
+                "",
+                "2 (one to accept, one to finish)" if targets else "",
+                ("pass" if per_task <= 2.05 else "FAIL") if targets else "",
+            )
+        )
+        rows.append(
+            (
+                f"throughput / (ceiling / writes per task), {label} (sync {sync})",
+                f"{ours.per_second:.0f} of {allowed:.0f} tasks/s",
+                "",
+                _x(_div(ours.per_second, allowed)),
+                "",
+                "≥ 0.8x where the disk limits" if targets else "",
+                ("pass" if ours.per_second >= 0.8 * allowed else "FAIL") if targets else "",
+            )
+        )
+    return rows
+
+
+def sync_rows(results: Results) -> list[Row]:
+    """The same server with its nats-server fsyncing once per interval (``--nats-sync``):
+    what the fsync per write costs (its throughput is among :func:`throughput_rows`). Not a
+    target: ``always`` stays the default."""
+    out = results.mesh_sync
+    interval = _get(out, "nats_sync")
+    base: Latencies | None = _get(results.inprocess, "latency")
+    rows: list[Row] = []
+    grpc: Latencies | None = _get(out, "grpc")
+    if grpc is not None:
+        ours, theirs = grpc.p50_ms, base.p50_ms if base else math.nan
+        label = f"echo end to end p50: gRPC, direct, --nats-sync {interval}"
+        rows.append((label, _ms(ours), _ms(theirs), _x(_div(ours, theirs)), "", "", ""))
+    return rows + disk_rows(out, targets=False)
+
+
+def _throughput_runs(results: Results) -> list[tuple[dict[str, Any], str, str]]:
+    """Each throughput figure: where it is, its key, its label."""
+    loads = (("throughput_1", "1 replica"), ("throughput_2", "2 replicas"))
+    runs = [(results.mesh, key, label) for key, label in loads]
+    if results.mesh_sync:
+        interval = results.mesh_sync.get("nats_sync")
+        runs += [(results.mesh_sync, k, f"{label}, --nats-sync {interval}") for k, label in loads]
+    for kind, figures in results.brokers.items():
+        runs += [(figures, key, f"{label}, on {LABELS[kind]}") for key, label in loads]
+    return runs
 
 
 def streaming_rows(results: Results) -> list[Row]:
@@ -177,6 +264,8 @@ def table(results: Results) -> str:
         ("---", "---:", "---:", "---:", "---:", "---", "---"),
         *latency_rows(results),
         *throughput_rows(results),
+        *disk_rows(results.mesh),
+        *sync_rows(results),
         *streaming_rows(results),
         *memory_rows(results),
     ]
@@ -191,7 +280,7 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def environment(ld08_versions: str | None) -> list[str]:
+def environment(ld08_versions: str | None, brokers: Iterable[str] = ()) -> list[str]:
     """Machine, versions and load, as Markdown list items."""
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
@@ -208,9 +297,19 @@ def environment(ld08_versions: str | None) -> list[str]:
         f"- load average at the end: {load_average()}",
         f"- Python {platform.python_version()}; {packages}",
         f"- {nats}; envoy {envoy}",
+        *_broker_versions(brokers),
         f"- llama-mesh commit {commit or 'unknown'}{' (with local changes)' if dirty else ''}",
         f"- llama-deploy 0.8.1 side: {ld08_versions or 'not run (--skip-08)'}",
     ]
+
+
+def _broker_versions(kinds: Iterable[str]) -> list[str]:
+    """The versions of the external brokers that ran, as Markdown list items."""
+    argv = {
+        "rabbitmq": ["dpkg-query", "--show", "--showformat=${Version}", "rabbitmq-server"],
+        "redis": ["redis-server", "--version"],
+    }
+    return [f"- {LABELS[kind]}: {_tool_version(argv[kind])}" for kind in kinds]
 
 
 def _tool_version(argv: list[str]) -> str:
@@ -224,8 +323,6 @@ def _tool_version(argv: list[str]) -> str:
 
 def method(plan: Plan, results: Results) -> list[str]:
     """How each figure was measured, with this run's counts."""
-    mesh_tp: Throughput | None = results.mesh.get("throughput_1")
-    mesh_tp2: Throughput | None = results.mesh.get("throughput_2")
     base_tp: Throughput | None = results.inprocess.get("throughput")
     ld_tp: Throughput | None = results.ld08.get("throughput")
     lines = [
@@ -252,6 +349,12 @@ def method(plan: Plan, results: Results) -> list[str]:
         f"`handler.stream_events()`; 0.8.1: {plan.ld08_stream_events} events through "
         "`GET /deployments/bench/tasks/{id}/events` (it hands out about one event per "
         "0.1 s poll).",
+        "- disk: the ceiling is what "
+        f"{plan.clients} concurrent clients get publishing 200-byte messages to one "
+        "file-backed stream of the same nats-server; writes per task are the streams' "
+        "stored messages (sequence numbers) during the throughput window, plus one tombstone "
+        "per task message acknowledged off the work queue, heartbeats left out; nats-server "
+        "also fsyncs its consumer state (~0.4 per task, counted with strace, not here).",
         f"- memory: RSS (`VmRSS`, median of 5 readings) before and after creating "
         f"{plan.memory_count} sessions, or {plan.memory_count} tasks queued behind a `gate` "
         "replica busy with its first one (`max-concurrent-tasks: 1`), scaled to 1,000. "
@@ -261,13 +364,26 @@ def method(plan: Plan, results: Results) -> list[str]:
         f"parked in their step; 0.8.1 ({plan.ld08_memory_count} of each): its one process, "
         "which holds its control plane, queue and services.",
     ]
-    for label, tp in (("1 replica", mesh_tp), ("2 replicas", mesh_tp2)):
+    if results.brokers:
+        lines.append(
+            "- on RabbitMQ / Redis: the same echo deployments (`bench`, `bench-2r`) with "
+            "`message-queue: {type: rabbitmq|redis, url: ...}`, on a server of their own "
+            "started as the tests start it (tests/fixtures/rabbitmq.py: quorum queues; "
+            "tests/fixtures/redis.py: `appendonly yes`, `appendfsync always`); the latency "
+            "and throughput phases as above. The task records and results stay in the "
+            "server's embedded NATS (fsynced): only the task messages change broker."
+        )
+    for figures, key, label in _throughput_runs(results):
+        tp: Throughput | None = figures.get(key)
         if tp is not None:
             cpu = ", ".join(f"{k} {v:.2f}" for k, v in tp.cpu_ms_per_task.items())
             lines.append(
                 f"- llama-mesh CPU per task, {label} (ms): {cpu}; {tp.tasks} tasks, "
                 f"failed: {tp.failure_text}"
             )
+            if tp.writes:
+                writes = ", ".join(f"{k} {v / tp.tasks:.2f}" for k, v in sorted(tp.writes.items()))
+                lines.append(f"- JetStream writes per task, {label}, by stream: {writes}")
     if base_tp is not None:
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in base_tp.cpu_ms_per_task.items())
         lines.append(
@@ -281,26 +397,34 @@ def method(plan: Plan, results: Results) -> list[str]:
         lines.append(
             f"- 0.8.1 CPU per task (ms): {cpu}; {ld_tp.tasks} tasks, failed: {ld_tp.failure_text}"
         )
-    for key in ("grpc", "grpc_again", "grpc_gateway", "json_v1", "json_08"):
-        sample: Latencies | None = results.mesh.get(key)
+    samples = [
+        (key, results.mesh.get(key))
+        for key in ("grpc", "grpc_again", "grpc_gateway", "json_v1", "json_08")
+    ]
+    samples += [(f"{kind} grpc", figures.get("grpc")) for kind, figures in results.brokers.items()]
+    for key, sample in samples:
         if sample is not None and (sample.timeouts or sample.errors):
             lines.append(
                 f"- **{key}: {sample.timeouts} of {len(sample)} calls hit the "
                 f"{plan.deadline:.0f} s deadline, {sample.errors} failed**"
             )
-    grpc_sample: Latencies | None = results.mesh.get("grpc")
-    if grpc_sample is not None and grpc_sample.segments:
-        parts = "; ".join(f"{k}: {v:.2f}" for k, v in grpc_sample.segment_medians_ms().items())
-        lines.append(
-            "- where the time of a gRPC echo task goes (medians, ms; from the task's "
-            f"`created_at`/`started_at`/`finished_at`): {parts}"
-        )
-    stuck = results.mesh.get("stuck")
-    if stuck:
-        lines.append(
-            f"- **{stuck} llama-mesh tasks were still RUNNING after their clients gave up; "
-            "the benchmark cancelled them before stopping**"
-        )
+    grpc_samples = [("", results.mesh.get("grpc"))]
+    grpc_samples += [(f" on {LABELS[k]}", f.get("grpc")) for k, f in results.brokers.items()]
+    for where, grpc_sample in grpc_samples:
+        if grpc_sample is not None and grpc_sample.segments:
+            medians = grpc_sample.segment_medians_ms().items()
+            parts = "; ".join(f"{k}: {v:.2f}" for k, v in medians)
+            lines.append(
+                f"- where the time of a gRPC echo task{where} goes (medians, ms; from the "
+                f"task's `created_at`/`started_at`/`finished_at`): {parts}"
+            )
+    for who, figures in [("llama-mesh", results.mesh), *results.brokers.items()]:
+        stuck = figures.get("stuck")
+        if stuck:
+            lines.append(
+                f"- **{stuck} {who} tasks were still RUNNING after their clients gave up; "
+                "the benchmark cancelled them before stopping**"
+            )
     return lines + [f"- note: {note}" for note in results.notes]
 
 
@@ -310,7 +434,7 @@ def report(plan: Plan, results: Results) -> str:
         [
             "## llama-mesh benchmark",
             "",
-            *environment(results.ld08.get("versions")),
+            *environment(results.ld08.get("versions"), results.brokers),
             "",
             table(results),
             "",

@@ -64,6 +64,13 @@ class Throughput:
     clients: int
     failures: dict[str, int] = field(default_factory=dict)
     cpu_ms_per_task: dict[str, float] = field(default_factory=dict)
+    writes: dict[str, int] = field(default_factory=dict)
+    """Fsynced JetStream writes by stream during the window (see ``bench._disk``)."""
+
+    @property
+    def writes_per_task(self) -> float:
+        """Fsynced JetStream writes per completed task."""
+        return sum(self.writes.values()) / self.tasks if self.tasks else math.nan
 
     @property
     def per_second(self) -> float:

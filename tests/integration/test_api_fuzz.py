@@ -14,6 +14,9 @@ the real ones with random values, raw bytes). What is pinned:
   (just under, at, just over and far over the gateway's limit, with a length or chunked)
   are answered with a 4xx JSON error when wrong, never a 5xx or a reset; raw gRPC on a
   JSON route is answered in gRPC (UNIMPLEMENTED), as a gRPC client expects.
+
+The random requests, and the test that takes the message queue away, have a server of their
+own (``own_app``); the other tests send one kind of request each and share one (``app``).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import asyncio
 import contextlib
 import json
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import httpx
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +40,7 @@ from llama_mesh.server.apiserver.mesh import MAX_INPUT_BYTES
 from llama_mesh.server.app import MeshServer
 from llama_mesh.server.gateway.config import MIB
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import TESTAPP, MeshFactory, running_mesh
 
 APP = "testapp"
 REQUEST_TIMEOUT = 15.0
@@ -52,10 +57,14 @@ class App:
     ids: dict[str, str] = field(default_factory=dict)
 
 
-@pytest.fixture
-async def app(mesh_factory: MeshFactory) -> Any:
-    """testapp behind a real gateway (in-process queue), with a finished task and a session."""
-    server = await mesh_factory(queue="inprocess", gateway=True, deploy=(TESTAPP,))
+SHARED = pytest.mark.asyncio(loop_scope="module")
+"""For tests on the module's shared ``app``: they run in the event loop it runs in."""
+
+
+@contextlib.asynccontextmanager
+async def serving(server: MeshServer) -> AsyncIterator[App]:
+    """``server`` (testapp behind a gateway) with a finished task, a live session and a
+    deleted one, and a client of its gateway."""
     mesh = server.mesh
     done = await mesh.run_task(APP, service_id="echo", session_id=None, input={"message": "x"})
     session = await mesh.create_session(APP)
@@ -66,6 +75,25 @@ async def app(mesh_factory: MeshFactory) -> Any:
         yield App(
             server, http, {TASK: done.task_id, SESSION: session.session_id, GONE: gone.session_id}
         )
+
+
+@pytest.fixture
+async def own_app(mesh_factory: MeshFactory) -> AsyncIterator[App]:
+    """testapp behind a real gateway (in-process queue), for one test alone."""
+    server = await mesh_factory(queue="inprocess", gateway=True, deploy=(TESTAPP,))
+    async with serving(server) as app:
+        yield app
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def app(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
+    """testapp behind a real gateway (in-process queue), shared by the module's tests."""
+    data_dir = tmp_path_factory.mktemp("api-fuzz")
+    async with (
+        running_mesh(data_dir, queue="inprocess", gateway=True, deploy=(TESTAPP,)) as server,
+        serving(server) as shared,
+    ):
+        yield shared
 
 
 # -- what a response may be ---------------------------------------------------------------------
@@ -372,12 +400,14 @@ async def send(app: App, call: Call) -> httpx.Response:
     max_examples=300,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-async def test_random_requests_get_json_errors_and_no_unexpected_5xx(app: App, call: Call) -> None:
+async def test_random_requests_get_json_errors_and_no_unexpected_5xx(
+    own_app: App, call: Call
+) -> None:
     """Any request to any route: a success, a 4xx, 500 only for a workflow's failure, or
     503/504; every error is JSON with ``code`` and ``message``; the server stays up."""
-    response = await send(app, call)
+    response = await send(own_app, call)
     assert_well_formed(response, call.method, call.content_type)
-    await assert_alive(app)
+    await assert_alive(own_app)
 
 
 @dataclass(frozen=True)
@@ -471,6 +501,7 @@ LIMIT = 8 * MIB
 """The gateway's default cap on request bodies."""
 
 
+@SHARED
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 @pytest.mark.parametrize(
     ("size", "over"),
@@ -520,6 +551,7 @@ NOT_JSON = [
 """Content types a JSON route refuses (``None``: no content type, with a body)."""
 
 
+@SHARED
 @pytest.mark.parametrize("content_type", NOT_JSON)
 @pytest.mark.parametrize(
     "path",
@@ -548,6 +580,7 @@ async def test_wrong_content_types_are_415_json(
     assert len(await app.server.mesh.list_tasks(APP)) == before
 
 
+@SHARED
 @pytest.mark.parametrize("content_type", RAW_GRPC)
 async def test_raw_grpc_on_a_json_route_is_a_grpc_error(app: App, content_type: str) -> None:
     """Raw gRPC sent to a JSON route gets a gRPC answer (UNIMPLEMENTED: no such method),
@@ -567,6 +600,7 @@ HUGE = json.dumps({"input": {"message": "x" * (20 * MIB)}}).encode()
 """A 20 MB JSON body: over the gateway's 8 MiB cap."""
 
 
+@SHARED
 async def test_oversized_body_is_413_json(app: App) -> None:
     """A 20 MB JSON body is refused with 413 and a JSON status body on both surfaces; the
     server stays up."""
@@ -583,6 +617,7 @@ async def test_oversized_body_is_413_json(app: App) -> None:
     await assert_alive(app)
 
 
+@SHARED
 async def test_oversized_body_error_names_the_limit(app: App) -> None:
     """The 413 for a too-large body says what the limit is."""
     response = await post_streaming(_gateway_port(app), f"/v1/deployments/{APP}/tasks:run", HUGE)
@@ -591,6 +626,7 @@ async def test_oversized_body_error_names_the_limit(app: App) -> None:
     assert str(8 * MIB) in message or "8 MiB" in message, message
 
 
+@SHARED
 async def test_input_over_the_server_limit_is_rejected_naming_it(app: App) -> None:
     """A task input under the gateway's cap but over the server's is a 4xx JSON error that
     names the server's limit, and no task is created."""
@@ -603,6 +639,7 @@ async def test_input_over_the_server_limit_is_rejected_naming_it(app: App) -> No
     await assert_alive(app)
 
 
+@SHARED
 async def test_non_standard_json_in_0_8_input_is_400_and_poisons_nothing(app: App) -> None:
     """0.8 task input text with NaN, Infinity or a lone surrogate escape is a 400 (as on
     /v1, where the gateway's JSON parser refuses them), and listing tasks still works."""
@@ -614,6 +651,7 @@ async def test_non_standard_json_in_0_8_input_is_400_and_poisons_nothing(app: Ap
     assert (statuses, listed.status_code) == (dict.fromkeys(statuses, 400), 200)
 
 
+@SHARED
 @pytest.mark.parametrize(
     ("method", "path"),
     [
@@ -630,6 +668,7 @@ async def test_invalid_utf8_in_path_or_query_is_400(app: App, method: str, path:
     assert response.json()["code"] == 3
 
 
+@SHARED
 @pytest.mark.parametrize(
     ("route", "field_name"),
     [
@@ -646,6 +685,7 @@ async def test_pathological_json_text_is_400(app: App, route: str, field_name: s
         assert response.status_code == 400, (text[:20], response.status_code, response.text)
 
 
+@SHARED
 @pytest.mark.parametrize("name", ["%3A", "a.b", "%20", "a*"])
 async def test_progress_of_an_invalid_name_is_400(app: App, name: str) -> None:
     """Asking for the deploy progress of a name that cannot be a deployment is a 400."""
@@ -654,11 +694,11 @@ async def test_progress_of_an_invalid_name_is_400(app: App, name: str) -> None:
     assert response.json()["code"] == 3
 
 
-async def test_unavailable_message_queue_is_503(app: App) -> None:
+async def test_unavailable_message_queue_is_503(own_app: App) -> None:
     """With the message queue gone, requests that need it are 503 UNAVAILABLE (retryable),
     not 500 INTERNAL."""
-    await app.server.state_store.close()
-    response = await app.http.get(f"/v1/deployments/{APP}/tasks")
+    await own_app.server.state_store.close()
+    response = await own_app.http.get(f"/v1/deployments/{APP}/tasks")
     assert response.status_code == 503, response.text
     assert response.json()["code"] == 14
 
@@ -689,6 +729,7 @@ async def _send_raw(port: int, payload: bytes) -> None:
             await writer.wait_closed()
 
 
+@SHARED
 async def test_garbage_bytes_on_both_ports_harm_nothing(app: App) -> None:
     """Garbage written to the gateway's port and to the raw gRPC port (half-open, bad
     preambles, absurd lengths, TLS to a plaintext port) leaves both serving."""

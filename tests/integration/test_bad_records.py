@@ -10,6 +10,9 @@ Pinned here:
 * the API server's one watch of task records outlives such a record (tasks still finish);
 * a session whose record cannot be read can still be deleted;
 * a malformed task or session id, in a path, a query or a body, is a 400 naming the field.
+
+Tests that write records start their own server with the one service they run (echo); the
+malformed ids, which change nothing, share one server for the module.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from typing import Any
 import httpx
 import nats
 import pytest
+import pytest_asyncio
 from nats.js.kv import KeyValue
 
 from llama_mesh.server import convert
 from llama_mesh.server.app import MeshServer
 from llama_mesh.server.domain import Task
 from llama_mesh.server.nats_server import NatsServer
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import TESTAPP, MeshFactory, deploy_testapp, partial_testapp, running_mesh
 
 APP = "testapp"
 TIMEOUT = 60.0
@@ -49,10 +53,9 @@ class Store:
 
 @pytest.fixture
 async def store(nats_server: NatsServer, mesh_factory: MeshFactory) -> AsyncIterator[Store]:
-    """testapp on a real nats-server behind a real gateway, and a raw NATS connection."""
-    server = await mesh_factory(
-        queue="nats", nats_url=nats_server.url, gateway=True, deploy=(TESTAPP,)
-    )
+    """testapp's echo on a real nats-server behind a real gateway, and a raw NATS connection."""
+    server = await mesh_factory(queue="nats", nats_url=nats_server.url, gateway=True)
+    await deploy_testapp(server, "echo")
     assert server.gateway_url is not None
     connection = await nats.connect(nats_server.url)
     try:
@@ -156,11 +159,25 @@ async def test_an_unreadable_deployment_record_is_skipped_and_a_clear_error_alon
     alone = await store.http.get(f"/v1/deployments/{APP}")
     assert_unreadable(alone, APP, compat=False)
 
-    await store.server.deploy_file(TESTAPP, reload=True)
+    await store.server.mesh.deployments.create(
+        partial_testapp("echo"), base_path=str(TESTAPP.parent), reload=True, local=True
+    )
     again = await store.http.get(f"/v1/deployments/{APP}")
     assert again.status_code == 200, again.text
 
 
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def http(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the gateway of testapp on a nats-server, shared by the module's tests."""
+    data_dir = tmp_path_factory.mktemp("bad-records")
+    options: dict[str, Any] = {"queue": "nats", "gateway": True, "deploy": (TESTAPP,)}
+    async with running_mesh(data_dir, **options) as server:
+        assert server.gateway_url is not None
+        async with httpx.AsyncClient(base_url=server.gateway_url, timeout=TIMEOUT) as client:
+            yield client
+
+
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize(
     ("method", "path", "body", "field"),
     [
@@ -183,11 +200,11 @@ async def test_an_unreadable_deployment_record_is_skipped_and_a_clear_error_alon
     ],
 )
 async def test_a_malformed_id_is_400_naming_the_field(
-    store: Store, method: str, path: str, body: dict[str, Any] | None, field: str
+    http: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None, field: str
 ) -> None:
     """An id that cannot be one (a space, a dot, a star) is a 400 INVALID_ARGUMENT whose
     message names the field, wherever it comes."""
-    response = await store.http.request(method, path, json=body)
+    response = await http.request(method, path, json=body)
     assert response.status_code == 400, response.text
     error = response.json()
     assert error["code"] == 3, response.text

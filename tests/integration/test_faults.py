@@ -672,6 +672,17 @@ async def test_cluster_node_loss_loses_no_acknowledged_task(tmp_path: Path) -> N
 
 STREAMING_TASKS = 8
 TICKS = 200
+STREAM_YAML = f"""\
+name: testapp
+services:
+  stream:
+    name: Streaming
+    source: {{type: local, name: .}}
+    path: app_workflows:stream
+    max-concurrent-tasks: {STREAMING_TASKS}
+"""
+"""testapp's `stream` alone, running every task at once: all of them publish while the
+cluster elects a new leader (one after the other, they took half a minute)."""
 
 
 async def test_streaming_tasks_survive_the_loss_of_the_event_streams_leader(
@@ -683,7 +694,7 @@ async def test_streaming_tasks_survive_the_loss_of_the_event_streams_leader(
     task succeeds on its first delivery and every caller gets every event, then the
     result."""
     async with clustered_mesh(tmp_path) as (nodes, queue, mesh):
-        await deploy(mesh, TESTAPP.read_text())
+        await deploy(mesh, STREAM_YAML)
         tasks = [
             await mesh.create_task(
                 "testapp",

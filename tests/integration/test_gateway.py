@@ -3,6 +3,10 @@
 What is pinned here is Envoy's side of the contract: the Llama Deploy 0.8 JSON shapes and paths,
 the v1 JSON API, NDJSON and Server-Sent-Events streaming, JSON errors (the API server's and
 Envoy's own), pass-through of raw gRPC and gRPC-Web, CORS, and the supervision of the process.
+
+The tests that only send requests share one fake and one Envoy for the module (``client``,
+``gateway``, ``fake``: the fake is reset for each test); tests that stop either, or need
+other settings, start their own.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -24,6 +29,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -38,12 +44,14 @@ from llama_mesh.server.gateway import (
     validate_config,
 )
 from llama_mesh.server.gateway.__main__ import parse_config
+from llama_mesh.server.gateway.config import READ_METHOD_REGEX
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
 from tests.fixtures.envoy import StartGateway
 from tests.fixtures.fake_apiserver import (
     ERROR_DOMAIN,
     FakeApiServer,
     FakeApiServerHandle,
+    running_fake_apiserver,
     start_fake_apiserver,
 )
 from tests.fixtures.pki import Pki
@@ -52,29 +60,66 @@ ALLOWED_ORIGIN = "http://allowed.example"
 STREAM_TIMEOUT = 10.0
 
 
+SHARED = pytest.mark.asyncio(loop_scope="module")
+"""For tests on the module's shared fake and Envoy: they run in the event loop those run in."""
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeApiServerHandle]:
-    handle = await start_fake_apiserver()
-    try:
+    """A fake API server of the test's own."""
+    async with running_fake_apiserver() as handle:
         yield handle
-    finally:
-        await handle.stop()
 
 
 @pytest.fixture
-def fake(upstream: FakeApiServerHandle) -> FakeApiServer:
-    return upstream.fake
-
-
-@pytest.fixture
-async def gateway(start_gateway: StartGateway, upstream: FakeApiServerHandle) -> Gateway:
+async def own_gateway(start_gateway: StartGateway, upstream: FakeApiServerHandle) -> Gateway:
+    """An Envoy of the test's own in front of ``upstream``."""
     return await start_gateway(upstream.port, cors_origins=(ALLOWED_ORIGIN,))
 
 
-@pytest.fixture
-async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=STREAM_TIMEOUT) as http:
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def shared_upstream() -> AsyncIterator[FakeApiServerHandle]:
+    async with running_fake_apiserver() as handle:
+        yield handle
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def shared_gateway(
+    shared_upstream: FakeApiServerHandle, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Gateway]:
+    cfg = GatewayConfig(
+        listen_port=0, upstream_port=shared_upstream.port, cors_origins=(ALLOWED_ORIGIN,)
+    )
+    gateway = await Gateway.start(cfg, work_dir=tmp_path_factory.mktemp("envoy"))
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def shared_client(shared_gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=shared_gateway.url, timeout=STREAM_TIMEOUT) as http:
         yield http
+
+
+@pytest.fixture
+def fake(shared_upstream: FakeApiServerHandle) -> FakeApiServer:
+    """The shared fake, as new: what an earlier test scripted or sent is forgotten."""
+    shared_upstream.fake.reset()
+    return shared_upstream.fake
+
+
+@pytest.fixture
+def gateway(shared_gateway: Gateway, fake: FakeApiServer) -> Gateway:
+    """The shared Envoy, in front of the reset ``fake``."""
+    return shared_gateway
+
+
+@pytest.fixture
+def client(shared_client: httpx.AsyncClient, fake: FakeApiServer) -> httpx.AsyncClient:
+    """A client of the shared Envoy, in front of the reset ``fake``."""
+    return shared_client
 
 
 def _error_info(method: str, code: grpc.StatusCode) -> dict[str, Any]:
@@ -89,6 +134,7 @@ def _error_info(method: str, code: grpc.StatusCode) -> dict[str, Any]:
 # -- Llama Deploy 0.8 shapes ---------------------------------------------------------------
 
 
+@SHARED
 async def test_compat_status_uses_0_8_field_names(client: httpx.AsyncClient) -> None:
     """GET /status/ is 0.8's Status: snake_case names, default values printed too."""
     response = await client.get("/status/")
@@ -104,6 +150,7 @@ async def test_compat_status_uses_0_8_field_names(client: httpx.AsyncClient) -> 
     assert not any(name.startswith("grpc-") for name in response.headers)
 
 
+@SHARED
 async def test_compat_list_deployments_is_a_bare_list(client: httpx.AsyncClient) -> None:
     """GET /deployments/ is a top-level JSON list of {"name": ...} objects."""
     response = await client.get("/deployments/")
@@ -112,6 +159,7 @@ async def test_compat_list_deployments_is_a_bare_list(client: httpx.AsyncClient)
     assert response.json() == [{"name": "quickstart"}, {"name": "other"}]
 
 
+@SHARED
 async def test_compat_create_deployment_forwards_the_multipart_upload(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -133,6 +181,7 @@ async def test_compat_create_deployment_forwards_the_multipart_upload(
     assert (seen.base_path, seen.reload, seen.local) == ("/x", False, True)
 
 
+@SHARED
 async def test_compat_run_task_returns_the_bare_result_string(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -154,6 +203,7 @@ async def test_compat_run_task_returns_the_bare_result_string(
     assert not seen.task_definition.HasField("service_id")
 
 
+@SHARED
 async def test_compat_task_result_is_null_while_running(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -168,6 +218,7 @@ async def test_compat_task_result_is_null_while_running(
     assert (seen.deployment_name, seen.task_id, seen.session_id) == ("d", "t", "s")
 
 
+@SHARED
 async def test_compat_task_result_is_the_result_object(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -179,6 +230,7 @@ async def test_compat_task_result_is_the_result_object(
     assert response.json() == fake.task_result
 
 
+@SHARED
 async def test_compat_event_stream_is_incremental_ndjson(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -198,6 +250,7 @@ async def test_compat_event_stream_is_incremental_ndjson(
     assert fake.last("LlamaDeployApi.StreamEvents").session_id == "s"
 
 
+@SHARED
 async def test_compat_delete_session_returns_null(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -212,6 +265,7 @@ async def test_compat_delete_session_returns_null(
 # -- v1 --------------------------------------------------------------------------------------
 
 
+@SHARED
 async def test_v1_event_stream_is_server_sent_events(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -237,6 +291,7 @@ async def test_v1_event_stream_is_server_sent_events(
 # -- errors ------------------------------------------------------------------------------------
 
 
+@SHARED
 async def test_compat_error_is_rich_status_json_with_fastapi_detail(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -257,6 +312,7 @@ async def test_compat_error_is_rich_status_json_with_fastapi_detail(
     }
 
 
+@SHARED
 @pytest.mark.parametrize(
     "message",
     [
@@ -285,6 +341,7 @@ async def test_compat_detail_is_the_top_level_message_verbatim(
     assert body["details"][0]["metadata"]["detail"] == "nested detail"
 
 
+@SHARED
 async def test_v1_error_is_rich_status_json_without_detail(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -301,6 +358,7 @@ async def test_v1_error_is_rich_status_json_without_detail(
     }
 
 
+@SHARED
 @pytest.mark.parametrize(
     ("code", "http_status"),
     [
@@ -328,6 +386,7 @@ async def test_grpc_status_maps_to_http_status(
     )
 
 
+@SHARED
 async def test_unknown_path_is_json_404(client: httpx.AsyncClient) -> None:
     """Envoy's own 404 is JSON: FastAPI's words on 0.8 paths, plain status JSON on /v1/."""
     compat = await client.get("/no/such/path")
@@ -344,6 +403,7 @@ async def test_unknown_path_is_json_404(client: httpx.AsyncClient) -> None:
     assert v1.json() == {"code": 5, "message": "Not Found", "details": []}
 
 
+@SHARED
 async def test_malformed_json_body_is_json_400(
     client: httpx.AsyncClient, fake: FakeApiServer
 ) -> None:
@@ -388,12 +448,13 @@ async def test_oversized_request_is_json_413(
 
 
 async def test_upstream_down_is_json_503(
-    client: httpx.AsyncClient, upstream: FakeApiServerHandle
+    own_gateway: Gateway, upstream: FakeApiServerHandle
 ) -> None:
     """With the API server gone, Envoy answers 503 with UNAVAILABLE status JSON."""
     await upstream.stop()
 
-    response = await client.get("/v1/status")
+    async with httpx.AsyncClient(base_url=own_gateway.url, timeout=STREAM_TIMEOUT) as client:
+        response = await client.get("/v1/status")
 
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/json"
@@ -404,12 +465,12 @@ async def test_upstream_down_is_json_503(
 
 
 async def test_envoy_errors_to_grpc_clients_stay_grpc(
-    gateway: Gateway, upstream: FakeApiServerHandle
+    own_gateway: Gateway, upstream: FakeApiServerHandle
 ) -> None:
     """gRPC clients get Envoy's own errors as a plain grpc-status and grpc-message, not JSON."""
     await upstream.stop()
 
-    async with grpc.aio.insecure_channel(gateway.address) as channel:
+    async with grpc.aio.insecure_channel(own_gateway.address) as channel:
         stub = apiserver_pb2_grpc.ApiServerStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetStatus(apiserver_pb2.GetStatusRequest(), timeout=STREAM_TIMEOUT)
@@ -421,6 +482,7 @@ async def test_envoy_errors_to_grpc_clients_stay_grpc(
 # -- pass-through --------------------------------------------------------------------------
 
 
+@SHARED
 async def test_raw_grpc_passes_through(gateway: Gateway, fake: FakeApiServer) -> None:
     """gRPC (h2c) on the gateway port reaches the API server, errors and details intact."""
     fake.fail("ApiServer.GetDeployment", grpc.StatusCode.NOT_FOUND, "nope")
@@ -443,6 +505,7 @@ async def test_raw_grpc_passes_through(gateway: Gateway, fake: FakeApiServer) ->
     assert info.reason == "NOT_FOUND"
 
 
+@SHARED
 async def test_grpc_web_passes_through(client: httpx.AsyncClient) -> None:
     """gRPC-Web (binary) on the gateway port is bridged to gRPC and back."""
     message = apiserver_pb2.GetStatusRequest().SerializeToString()
@@ -476,6 +539,7 @@ def _grpc_web_frames(data: bytes) -> list[tuple[int, bytes]]:
 # -- CORS ---------------------------------------------------------------------------------------
 
 
+@SHARED
 async def test_cors_preflight_from_allowed_origin(client: httpx.AsyncClient) -> None:
     """A preflight from a configured origin is answered with the allow headers."""
     response = await client.options(
@@ -495,6 +559,7 @@ async def test_cors_preflight_from_allowed_origin(client: httpx.AsyncClient) -> 
     assert simple.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
 
 
+@SHARED
 async def test_cors_preflight_from_other_origin_gets_no_allow_headers(
     client: httpx.AsyncClient,
 ) -> None:
@@ -725,6 +790,95 @@ def test_cli_renders_upstream_sni_and_san_checks(
         }
     ]
     validate_config(cfg)
+
+
+def test_cli_balances_over_several_upstreams(pki: Pki) -> None:
+    """Repeated ``--upstream``: one endpoint each, active gRPC health checks, ejection on
+    connection failures only (never on an API server's own answers), the certificate may
+    name any of the hosts (no SNI with several names), read calls retried on another
+    server also after a reset or UNAVAILABLE, other calls only when they never reached one;
+    Envoy accepts the config."""
+    cfg = parse_config(
+        [
+            "--upstream", "api-a:50051", "--upstream", "10.0.0.7:50052",
+            "--upstream-tls-ca", str(pki.ca),
+        ]
+    )  # fmt: skip
+
+    cluster, tls = _upstream_tls(cfg)
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    addresses = [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]]
+    assert [(a["address"], a["port_value"]) for a in addresses] == [
+        ("api-a", 50051),
+        ("10.0.0.7", 50052),
+    ]
+    assert cluster["type"] == "STRICT_DNS"
+    assert "sni" not in tls
+    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "api-a"}},
+        {"san_type": "IP_ADDRESS", "matcher": {"exact": "10.0.0.7"}},
+    ]
+    (check,) = cluster["health_checks"]
+    assert check["grpc_health_check"] == {}
+    outliers = cluster["outlier_detection"]
+    assert outliers["split_external_local_origin_errors"] is True
+    assert outliers["enforcing_consecutive_5xx"] == 0
+    routes = {r["name"]: r for r in render_envoy_config(cfg)["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0][
+        "routes"]}  # fmt: skip
+    reads = routes["grpc-reads"]["route"]["retry_policy"]["retry_on"].split(",")
+    others = routes["grpc"]["route"]["retry_policy"]["retry_on"].split(",")
+    assert set(others) == {"connect-failure", "refused-stream"}
+    assert set(reads) == {"connect-failure", "refused-stream", "reset", "unavailable"}
+    assert routes["v1-sse"]["route"]["retry_policy"]["retry_on"].split(",") == reads
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("method", "read"),
+    [
+        ("/llama_mesh.v1.ApiServer/GetTask", True),
+        ("/llama_mesh.v1.ApiServer/WatchTasks", True),
+        ("/llama_mesh.v1.LlamaDeployApi/GetTaskResult", True),
+        ("/llama_mesh.v1.ControlPlane/StreamTaskResult", True),
+        ("/grpc.health.v1.Health/Check", True),
+        ("/llama_mesh.v1.ApiServer/CreateTask", False),
+        ("/llama_mesh.v1.ApiServer/RunTask", False),
+        ("/llama_mesh.v1.ApiServer/CancelTask", False),
+        ("/llama_mesh.v1.ApiServer/SendEvent", False),
+        ("/llama_mesh.v1.ApiServer/CreateDeployment", False),
+        ("/llama_mesh.v1.ControlPlane/RegisterService", False),
+        ("/llama_mesh.v1.ApiServer/GetTaskX/CreateTask", False),
+    ],
+)
+def test_only_read_methods_are_retried_as_reads(method: str, read: bool) -> None:
+    """The read-method pattern (matched whole, as Envoy's safe_regex is) takes gets, lists,
+    watches and streams, never a call that changes something."""
+    assert (re.fullmatch(READ_METHOD_REGEX, method) is not None) is read
+
+
+@pytest.mark.parametrize(
+    ("more", "balanced", "problem"),
+    [
+        ((("b", 2),), False, "more_upstreams: several upstreams need balanced"),
+        ((("b", 0),), True, "more_upstreams: b:0 is not HOST:PORT"),
+        ((("", 2),), True, "more_upstreams: :2 is not HOST:PORT"),
+    ],
+)
+def test_further_upstreams_are_checked(
+    more: tuple[tuple[str, int], ...], balanced: bool, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        GatewayConfig(upstream_port=1, more_upstreams=more, balanced=balanced)
+
+
+def test_cli_several_upstreams_each_need_host_and_port(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_config(["--upstream", "a:1", "--upstream", "b"])
+    assert exited.value.code == 2
+    assert "--upstream must be HOST:PORT, not 'b'" in capsys.readouterr().err
 
 
 def test_cli_tls_options_come_from_the_environment_as_absolute_paths(

@@ -19,7 +19,7 @@ from llama_mesh.server.app import MeshServer
 from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.server.gateway.config import render_envoy_config
 from llama_mesh.server.nats_server import store_login
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import MeshFactory, deploy_testapp
 
 
 def _mode(path: Path) -> int:
@@ -93,7 +93,8 @@ async def test_workers_get_the_login_in_their_environment_and_run_tasks(
 ) -> None:
     """Worker processes log in to the embedded nats-server with the login they get through
     their environment (never their command line) and run tasks."""
-    server = await mesh_factory(queue="nats", deploy=(TESTAPP,))
+    server = await mesh_factory(queue="nats")
+    await deploy_testapp(server, "echo")
     task = await server.mesh.run_task(
         "testapp", service_id="echo", session_id=None, input={"message": "behind a login"}
     )

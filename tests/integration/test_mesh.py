@@ -1,7 +1,10 @@
 """The mesh end to end against a real nats-server: workers as processes, state in JetStream.
 
-Each test starts a server (``mesh_factory``) and deploys ``tests/data/testapp``; tests that
-are about the runtime rather than the transport also run on the in-process queue.
+Tests that only run tasks in sessions of their own share one server per queue with
+``tests/data/testapp`` deployed (``testapp``); those that are about the runtime rather than
+the transport also run on the in-process queue. Tests that kill replicas, delete the
+deployment or restart the server start their own (``mesh_factory``) with just the services
+they use.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from llama_mesh.server import subjects
 from llama_mesh.server.app import MeshServer
@@ -25,24 +30,42 @@ from llama_mesh.server.errors import (
 )
 from llama_mesh.server.nats_server import NatsServer
 from llama_mesh.server.service import worker as worker_module
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import TESTAPP, MeshFactory, deploy_testapp, running_mesh
 from tests.helpers import assert_eventually
 
 APP = "testapp"
-QUEUES = pytest.mark.parametrize("queue_kind", ["inprocess", "nats"])
+SHARED = pytest.mark.asyncio(loop_scope="module")
+"""For tests on a module-scoped server: they run in the event loop it runs in."""
 
 
-async def start(
-    mesh_factory: MeshFactory, queue_kind: str, nats_url: str | None = None
-) -> MeshServer:
-    return await mesh_factory(queue=queue_kind, nats_url=nats_url, deploy=(TESTAPP,))
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def inprocess_testapp(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MeshServer]:
+    """testapp on the in-process queue, shared by the module's tests."""
+    data_dir = tmp_path_factory.mktemp("inprocess-testapp")
+    async with running_mesh(data_dir, queue="inprocess", deploy=(TESTAPP,)) as server:
+        yield server
 
 
-@QUEUES
-async def test_run_returns_the_workflow_result(mesh_factory: MeshFactory, queue_kind: str) -> None:
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def nats_testapp(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MeshServer]:
+    """testapp on an embedded nats-server (nine worker processes), shared by the module's
+    tests."""
+    data_dir = tmp_path_factory.mktemp("nats-testapp")
+    async with running_mesh(data_dir, queue="nats", deploy=(TESTAPP,)) as server:
+        yield server
+
+
+@pytest.fixture(params=["inprocess", "nats"])
+def testapp(request: pytest.FixtureRequest) -> MeshServer:
+    """The shared testapp server on each queue in turn."""
+    server: MeshServer = request.getfixturevalue(f"{request.param}_testapp")
+    return server
+
+
+@SHARED
+async def test_run_returns_the_workflow_result(testapp: MeshServer) -> None:
     """A task with JSON kwargs runs on the default service and returns its result."""
-    server = await start(mesh_factory, queue_kind)
-    task = await server.mesh.run_task(
+    task = await testapp.mesh.run_task(
         APP, service_id=None, session_id=None, input={"message": "hi"}
     )
     assert task.status is TaskStatus.SUCCEEDED
@@ -51,24 +74,20 @@ async def test_run_returns_the_workflow_result(mesh_factory: MeshFactory, queue_
     assert task.attempts == 1
 
 
-@QUEUES
-async def test_unknown_service_fails_at_once(mesh_factory: MeshFactory, queue_kind: str) -> None:
+@SHARED
+async def test_unknown_service_fails_at_once(testapp: MeshServer) -> None:
     """Naming a service the deployment lacks is NOT_FOUND immediately, never a hang."""
-    server = await start(mesh_factory, queue_kind)
     async with asyncio.timeout(2):
         with pytest.raises(NotFoundError, match="nope"):
-            await server.mesh.run_task(APP, service_id="nope", session_id=None, input={})
+            await testapp.mesh.run_task(APP, service_id="nope", session_id=None, input={})
         with pytest.raises(NotFoundError, match="Deployment 'other' not found"):
-            await server.mesh.run_task("other", service_id=None, session_id=None, input={})
+            await testapp.mesh.run_task("other", service_id=None, session_id=None, input={})
 
 
-@QUEUES
-async def test_workflow_exception_fails_the_task(
-    mesh_factory: MeshFactory, queue_kind: str
-) -> None:
+@SHARED
+async def test_workflow_exception_fails_the_task(testapp: MeshServer) -> None:
     """A workflow that raises gives a FAILED task whose error carries the message."""
-    server = await start(mesh_factory, queue_kind)
-    task = await server.mesh.run_task(
+    task = await testapp.mesh.run_task(
         APP, service_id="fails", session_id=None, input={"message": "disk on fire"}
     )
     assert task.status is TaskStatus.FAILED
@@ -77,14 +96,11 @@ async def test_workflow_exception_fails_the_task(
     assert "disk on fire" in task.error.traceback
 
 
-@QUEUES
-async def test_events_stream_in_order_and_resume(
-    mesh_factory: MeshFactory, queue_kind: str
-) -> None:
+@SHARED
+async def test_events_stream_in_order_and_resume(testapp: MeshServer) -> None:
     """Streamed events arrive in order with type and index, end with the result, and a
     stream opened later from an index replays from there."""
-    server = await start(mesh_factory, queue_kind)
-    mesh = server.mesh
+    mesh = testapp.mesh
     task = await mesh.create_task(APP, service_id="stream", session_id=None, input={"count": 4})
     events = [e async for e in mesh.stream_events(APP, task.task_id)]
     assert [e.index for e in events] == [0, 1, 2, 3, 4]
@@ -96,14 +112,11 @@ async def test_events_stream_in_order_and_resume(
     assert [e.index for e in resumed] == [3, 4]
 
 
-@QUEUES
-async def test_human_in_the_loop_with_llama_index_names(
-    mesh_factory: MeshFactory, queue_kind: str
-) -> None:
+@SHARED
+async def test_human_in_the_loop_with_llama_index_names(testapp: MeshServer) -> None:
     """An event sent to a running task reaches the workflow; 0.8's qualified names map onto
     the classes the worker has."""
-    server = await start(mesh_factory, queue_kind)
-    mesh = server.mesh
+    mesh = testapp.mesh
     task = await mesh.create_task(APP, service_id="hitl", session_id=None, input={})
     seen = []
     async for event in mesh.stream_events(APP, task.task_id):
@@ -117,15 +130,12 @@ async def test_human_in_the_loop_with_llama_index_names(
         await mesh.send_event(APP, task.task_id, HumanEvent("HumanResponseEvent", {}))
 
 
-@QUEUES
-async def test_a_new_session_keeps_context_only_when_there_is_some(
-    mesh_factory: MeshFactory, queue_kind: str
-) -> None:
+@SHARED
+async def test_a_new_session_keeps_context_only_when_there_is_some(testapp: MeshServer) -> None:
     """A task that creates its session stores the workflow's context only when it holds
     something to resume: the stateless echo leaves none; tally's total is kept and the
     session's next task continues from it."""
-    server = await start(mesh_factory, queue_kind)
-    mesh = server.mesh
+    mesh = testapp.mesh
     echoed = await mesh.run_task(APP, service_id="echo", session_id=None, input={"message": "x"})
     assert echoed.status is TaskStatus.SUCCEEDED
     assert await mesh.cp.get_session_state(APP, echoed.session_id) is None
@@ -144,7 +154,8 @@ async def test_a_task_message_without_a_record_is_dropped(
     dropped after the worker has waited for the record: it leaves the queue, no record is
     made up, and the replica goes on running other tasks."""
     monkeypatch.setattr(worker_module, "RECORD_WAIT", 0.2)
-    server = await start(mesh_factory, "inprocess")
+    server = await mesh_factory(queue="inprocess")
+    await deploy_testapp(server, "echo")
     mesh = server.mesh
     ghost = Task(task_id=new_id(), deployment=APP, service_id="echo", session_id=new_id(), input={})
     await mesh.orchestrator.schedule(ghost, new_session=True)
@@ -160,11 +171,10 @@ async def test_a_task_message_without_a_record_is_dropped(
     assert after.status is TaskStatus.SUCCEEDED
 
 
-@QUEUES
-async def test_session_context_carries_over(mesh_factory: MeshFactory, queue_kind: str) -> None:
+@SHARED
+async def test_session_context_carries_over(testapp: MeshServer) -> None:
     """Runs in one session share workflow context; another session starts fresh."""
-    server = await start(mesh_factory, queue_kind)
-    mesh = server.mesh
+    mesh = testapp.mesh
     first = await mesh.create_session(APP)
     totals = []
     for amount in (3, 4):
@@ -182,15 +192,12 @@ async def test_session_context_carries_over(mesh_factory: MeshFactory, queue_kin
         await mesh.get_session(APP, first.session_id)
 
 
-@QUEUES
-async def test_a_session_created_for_a_task_lists_it_first(
-    mesh_factory: MeshFactory, queue_kind: str
-) -> None:
+@SHARED
+async def test_a_session_created_for_a_task_lists_it_first(testapp: MeshServer) -> None:
     """A task run without a session gets a new one that names it (kept in the session's
     record, not its index); later tasks follow in order, in every listing; deleting the
     session forgets them all."""
-    server = await start(mesh_factory, queue_kind)
-    mesh = server.mesh
+    mesh = testapp.mesh
     first = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 2})
     session_id = first.session_id
     assert (await mesh.get_session(APP, session_id)).task_ids == [first.task_id]
@@ -214,11 +221,10 @@ async def test_a_session_created_for_a_task_lists_it_first(
     assert await mesh.cp.session_task_ids(APP, session_id) == []
 
 
-@QUEUES
-async def test_cancel_a_running_task(mesh_factory: MeshFactory, queue_kind: str) -> None:
+@SHARED
+async def test_cancel_a_running_task(testapp: MeshServer) -> None:
     """Cancelling a running task stops it; its stream ends with a cancelled event."""
-    server = await start(mesh_factory, queue_kind)
-    mesh = server.mesh
+    mesh = testapp.mesh
     task = await mesh.create_task(APP, service_id="slow", session_id=None, input={"seconds": 60})
     async with asyncio.timeout(20):
         async for event in mesh.stream_events(APP, task.task_id):
@@ -231,32 +237,33 @@ async def test_cancel_a_running_task(mesh_factory: MeshFactory, queue_kind: str)
     assert final.error is not None and final.error.message == "changed my mind"
 
 
-@QUEUES
-async def test_service_timeout_fails_the_task(mesh_factory: MeshFactory, queue_kind: str) -> None:
+@SHARED
+async def test_service_timeout_fails_the_task(testapp: MeshServer) -> None:
     """A service's `timeout` ends a longer task as failed with a timeout error."""
-    server = await start(mesh_factory, queue_kind)
-    task = await server.mesh.run_task(
+    task = await testapp.mesh.run_task(
         APP, service_id="limited", session_id=None, input={"seconds": 30}
     )
     assert task.status is TaskStatus.FAILED
     assert task.error is not None and task.error.type == "TimeoutError"
 
 
-@QUEUES
-async def test_bad_yaml_names_key_and_line(mesh_factory: MeshFactory, queue_kind: str) -> None:
-    """An invalid deployment file is INVALID_ARGUMENT naming the key and its line."""
-    server = await mesh_factory(queue=queue_kind)
+@SHARED
+async def test_bad_yaml_names_key_and_line(testapp: MeshServer) -> None:
+    """An invalid deployment file is INVALID_ARGUMENT naming the key and its line; it leaves
+    nothing behind that stops the next deploy of that name."""
+    name = f"bad-{new_id()}"
     bad = (
-        "name: x\nservices:\n  a:\n    name: A\n    source: {type: local, name: .}\n"
+        f"name: {name}\nservices:\n  a:\n    name: A\n    source: {{type: local, name: .}}\n"
         "    path: m:w\n    replicas: two\n"
     )
     with pytest.raises(InvalidArgumentError, match=r":7: services\.a\.replicas"):
-        await server.mesh.deployments.create(
+        await testapp.mesh.deployments.create(
             bad, base_path=str(TESTAPP.parent), reload=False, local=True
         )
-    await server.deploy_file(TESTAPP, reload=False)
+    await deploy_testapp(testapp, "echo", name=name)
     with pytest.raises(AlreadyExistsError):
-        await server.deploy_file(TESTAPP, reload=False)
+        await deploy_testapp(testapp, "echo", name=name)
+    await testapp.mesh.deployments.delete(name)
 
 
 async def test_max_concurrent_tasks_is_honoured(mesh_factory: MeshFactory) -> None:
@@ -295,7 +302,8 @@ async def test_worker_env_is_its_own(
 ) -> None:
     """A worker process sees the service's `env`, not the server's environment."""
     monkeypatch.setenv("LLAMA_MESH_TEST_SERVER_SECRET", "leaked")
-    server = await start(mesh_factory, "nats")
+    server = await mesh_factory(queue="nats")
+    await deploy_testapp(server, "echo")
     mesh = server.mesh
     own = await mesh.run_task(APP, service_id="echo", session_id=None, input={"env": "GREETING"})
     assert own.result == "hello from env"
@@ -308,7 +316,8 @@ async def test_worker_env_is_its_own(
 async def test_killed_worker_task_completes_on_another_replica(mesh_factory: MeshFactory) -> None:
     """SIGKILL of the replica running a task: the task is redelivered and succeeds on the
     other replica, once, with the right result."""
-    server = await start(mesh_factory, "nats")
+    server = await mesh_factory(queue="nats")
+    await deploy_testapp(server, "slow")
     mesh = server.mesh
     task = await mesh.create_task(
         APP, service_id="slow", session_id=None, input={"seconds": 2, "tag": "survivor"}
@@ -336,7 +345,8 @@ async def test_killed_worker_task_completes_on_another_replica(mesh_factory: Mes
 async def test_task_fails_after_max_retries(mesh_factory: MeshFactory) -> None:
     """A task that kills every replica it reaches ends failed after max-retries, with the
     reason, instead of disappearing."""
-    server = await start(mesh_factory, "nats")
+    server = await mesh_factory(queue="nats")
+    await deploy_testapp(server, "crashy")
     task = await server.mesh.create_task(
         APP, service_id="crashy", session_id=None, input={"spare_pid": os.getpid()}
     )
@@ -348,7 +358,8 @@ async def test_task_fails_after_max_retries(mesh_factory: MeshFactory) -> None:
 
 async def test_dead_replica_leaves_the_registry(mesh_factory: MeshFactory) -> None:
     """A killed replica disappears from the registry and the supervisor starts a new one."""
-    server = await start(mesh_factory, "nats")
+    server = await mesh_factory(queue="nats")
+    await deploy_testapp(server, "echo")
     cp = server.mesh.cp
     before = await cp.list_instances(APP, "echo")
     assert len(before) == 1
@@ -369,9 +380,8 @@ async def test_restart_keeps_deployments_sessions_and_results(
 ) -> None:
     """After the API server stops and starts again, deployments, sessions, session context
     and task results are all still there."""
-    first = await mesh_factory(
-        queue="nats", nats_url=nats_server.url, data_dir=tmp_path / "a", deploy=(TESTAPP,)
-    )
+    first = await mesh_factory(queue="nats", nats_url=nats_server.url, data_dir=tmp_path / "a")
+    await deploy_testapp(first, "tally")
     mesh = first.mesh
     session = await mesh.create_session(APP)
     done = await mesh.run_task(
@@ -426,7 +436,8 @@ async def test_external_worker_joins_with_only_a_nats_url(
 ) -> None:
     """`llamactl worker` started elsewhere, given only the NATS URL and the deployment,
     registers as another replica of the service."""
-    server = await mesh_factory(queue="nats", nats_url=nats_server.url, deploy=(TESTAPP,))
+    server = await mesh_factory(queue="nats", nats_url=nats_server.url)
+    await deploy_testapp(server, "echo")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -454,7 +465,8 @@ async def test_external_worker_joins_with_only_a_nats_url(
 
 async def test_delete_deployment_stops_its_workers(mesh_factory: MeshFactory) -> None:
     """Deleting a deployment stops its replicas and forgets it."""
-    server = await start(mesh_factory, "nats")
+    server = await mesh_factory(queue="nats")
+    await deploy_testapp(server, "echo")
     pids = server.supervisor.pids(APP, "echo")
     assert pids
     await server.mesh.deployments.delete(APP)
@@ -465,15 +477,15 @@ async def test_delete_deployment_stops_its_workers(mesh_factory: MeshFactory) ->
             os.kill(pid, 0)
 
 
-async def test_replicas_serve_info_and_health(mesh_factory: MeshFactory) -> None:
+@SHARED
+async def test_replicas_serve_info_and_health(nats_testapp: MeshServer) -> None:
     """Every replica serves WorkflowService and gRPC health at the address it registers."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from llama_mesh.v1 import service_pb2, service_pb2_grpc
 
-    server = await start(mesh_factory, "nats")
-    (instance,) = await server.mesh.cp.list_instances(APP, "stream")
+    (instance,) = await nats_testapp.mesh.cp.list_instances(APP, "stream")
     assert instance.address.startswith("127.0.0.1:")
     async with grpc.aio.insecure_channel(instance.address) as channel:
         info = await service_pb2_grpc.WorkflowServiceStub(channel).GetServiceInfo(

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from llama_mesh.client import AsyncClient, InvalidArgumentError, TaskFailedError, TaskStatus
 from llama_mesh.server.nats_server import NatsServer, NatsServerConfig
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import TESTAPP, running_mesh
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 MAX_PAYLOAD = 256 * 1024
 """The nats-server's message limit here: small, so that what exceeds it stays small."""
@@ -30,18 +31,21 @@ services:
 """
 
 
-@pytest.fixture
-async def client(tmp_path: Path, mesh_factory: MeshFactory) -> AsyncIterator[AsyncClient]:
-    """A client of a mesh whose nats-server takes messages of at most MAX_PAYLOAD bytes."""
-    config = NatsServerConfig(store_dir=tmp_path / "nats", max_payload=str(MAX_PAYLOAD))
-    async with await NatsServer.start(config) as nats_server:
-        server = await mesh_factory(queue="nats", nats_url=nats_server.url)
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AsyncClient]:
+    """A client of a mesh whose nats-server takes messages of at most MAX_PAYLOAD bytes,
+    shared by the module's tests (each runs its own tasks; the worker outlives them)."""
+    store: Path = tmp_path_factory.mktemp("message-limits")
+    config = NatsServerConfig(store_dir=store / "nats", max_payload=str(MAX_PAYLOAD))
+    async with (
+        await NatsServer.start(config) as nats_server,
+        running_mesh(store / "mesh", queue="nats", nats_url=nats_server.url) as server,
+    ):
         await server.mesh.deployments.create(
             ECHO_YAML, base_path=str(TESTAPP.parent), reload=False, local=True
         )
         async with AsyncClient(f"127.0.0.1:{server.grpc_port}") as client:
             yield client
-        await server.shutdown()  # before its nats-server stops
 
 
 def sizes(message: str) -> tuple[int, int]:

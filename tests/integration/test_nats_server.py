@@ -70,6 +70,25 @@ def test_rendered_cluster_config(tmp_path: Path) -> None:
     assert '"nats-route://127.0.0.1:6251"' in text
 
 
+async def test_a_sync_interval_is_rendered_and_taken(tmp_path: Path) -> None:
+    """A duration instead of ``always`` is written quoted (nats-server reads an unquoted
+    ``2m`` as a size) and the server starts with it; one it would refuse is refused here."""
+    cfg = NatsServerConfig(store_dir=tmp_path, sync_interval="250ms")
+    assert 'sync_interval: "250ms"' in render_config(cfg)
+    async with await NatsServer.start(cfg, ready_timeout=15.0) as server:
+        assert 'sync_interval: "250ms"' in server.config_path.read_text()
+        nc = await nats.connect(server.url)
+        try:
+            stream = await nc.jetstream().add_stream(name="S", subjects=["s.>"])
+            ack = await nc.jetstream().publish("s.1", b"x")
+            assert (stream.config.name, ack.seq) == ("S", 1)
+        finally:
+            await nc.close()
+    for bad in ("", "always ", "1 s", "5", "0s", "-1s"):
+        with pytest.raises(ValueError, match="sync interval"):
+            NatsServerConfig(store_dir=tmp_path, sync_interval=bad)
+
+
 async def test_start_serves_jetstream_on_localhost(nats_server: NatsServer) -> None:
     """A started server accepts clients on 127.0.0.1 with JetStream enabled."""
     assert nats_server.url.startswith("nats://127.0.0.1:")

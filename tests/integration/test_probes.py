@@ -14,7 +14,7 @@ import pytest
 
 from llama_mesh.server.auth import ApiKeys
 from tests.fixtures.envoy import StartGateway
-from tests.fixtures.fake_apiserver import FakeApiServerHandle, start_fake_apiserver
+from tests.fixtures.fake_apiserver import FakeApiServerHandle, running_fake_apiserver
 from tests.fixtures.mesh import MeshFactory
 
 ADMIN = "admin-key-for-probes"
@@ -22,11 +22,8 @@ ADMIN = "admin-key-for-probes"
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeApiServerHandle]:
-    handle = await start_fake_apiserver()
-    try:
+    async with running_fake_apiserver() as handle:
         yield handle
-    finally:
-        await handle.stop()
 
 
 @pytest.mark.parametrize(

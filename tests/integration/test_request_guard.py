@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import pytest_asyncio
 
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.gateway import GatewayConfig
@@ -33,7 +34,7 @@ from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.server.gateway.config import request_guard_lua
 from llama_mesh.server.serve import build_parser, settings_from_args
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
-from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port
+from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port, running_mesh
 
 APP = "testapp"
 ALLOWED_ORIGIN = "https://console.example"
@@ -72,19 +73,26 @@ marked = Marked(timeout=60)
 """
 
 
-@pytest.fixture
-async def server(mesh_factory: MeshFactory) -> MeshServer:
-    """testapp behind a real gateway that allows one CORS origin and one more host name."""
-    return await mesh_factory(
+SHARED = pytest.mark.asyncio(loop_scope="module")
+"""For tests on the module's shared ``server``: they run in the event loop it runs in."""
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MeshServer]:
+    """testapp behind a real gateway that allows one CORS origin and one more host name,
+    shared by the module's tests (those that deploy use names of their own)."""
+    async with running_mesh(
+        tmp_path_factory.mktemp("request-guard"),
         queue="inprocess",
         gateway=True,
         deploy=(TESTAPP,),
         cors_origins=(ALLOWED_ORIGIN,),
         allowed_hosts=("mesh.internal",),
-    )
+    ) as shared:
+        yield shared
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def http(server: MeshServer) -> AsyncIterator[httpx.AsyncClient]:
     assert server.gateway_url is not None
     async with httpx.AsyncClient(base_url=server.gateway_url, timeout=TIMEOUT) as client:
@@ -139,6 +147,7 @@ async def _task_count(server: MeshServer) -> int:
 # -- the attacks ---------------------------------------------------------------------------------
 
 
+@SHARED
 async def test_dns_rebinding_form_upload_is_refused_and_the_code_never_runs(
     server: MeshServer, http: httpx.AsyncClient, marked_source: Path
 ) -> None:
@@ -159,6 +168,7 @@ async def test_dns_rebinding_form_upload_is_refused_and_the_code_never_runs(
     assert (marked_source / "code-ran").exists()
 
 
+@SHARED
 async def test_rebound_host_cannot_read_either(server: MeshServer, http: httpx.AsyncClient) -> None:
     """A GET with a foreign Host (a rebound page reading answers: no Origin on same-origin
     GETs) is a 403 on both surfaces, for any name not allowed, with or without a port."""
@@ -169,6 +179,7 @@ async def test_rebound_host_cannot_read_either(server: MeshServer, http: httpx.A
         assert_refused(v1, 403, "--allowed-host", compat=False)
 
 
+@SHARED
 async def test_foreign_origin_is_refused_and_the_code_never_runs(
     http: httpx.AsyncClient, marked_source: Path
 ) -> None:
@@ -185,6 +196,7 @@ async def test_foreign_origin_is_refused_and_the_code_never_runs(
     assert not await _deployed(http, "crosssite")
 
 
+@SHARED
 @pytest.mark.parametrize("origin", [EVIL_ORIGIN, "null", ALLOWED_ORIGIN + ".evil.example"])
 async def test_foreign_origin_cannot_read(http: httpx.AsyncClient, origin: str) -> None:
     """Any request carrying a foreign Origin (also "null", from sandboxed frames and files,
@@ -193,6 +205,7 @@ async def test_foreign_origin_cannot_read(http: httpx.AsyncClient, origin: str) 
     assert_refused(response, 403, "--cors-origin", compat=False)
 
 
+@SHARED
 async def test_text_plain_deploy_is_415_and_nothing_is_deployed(
     http: httpx.AsyncClient, marked_source: Path
 ) -> None:
@@ -209,6 +222,7 @@ async def test_text_plain_deploy_is_415_and_nothing_is_deployed(
     assert not await _deployed(http, "plain")
 
 
+@SHARED
 @pytest.mark.parametrize(
     "content_type",
     [
@@ -238,6 +252,7 @@ async def test_simple_request_content_types_cannot_run_tasks(
     assert await _task_count(server) == before
 
 
+@SHARED
 async def test_a_body_without_content_type_is_415(
     server: MeshServer, http: httpx.AsyncClient
 ) -> None:
@@ -251,6 +266,7 @@ async def test_a_body_without_content_type_is_415(
 # -- what still works -----------------------------------------------------------------------------
 
 
+@SHARED
 async def test_json_without_origin_works_like_curl_and_the_sdk(http: httpx.AsyncClient) -> None:
     """JSON requests without an Origin (curl, the SDK, the 0.8 client) work on both
     surfaces, a charset parameter included; a body-less POST needs no content type."""
@@ -268,6 +284,7 @@ async def test_json_without_origin_works_like_curl_and_the_sdk(http: httpx.Async
     assert session.status_code == 200, session.text
 
 
+@SHARED
 @pytest.mark.parametrize("origin", ["allowed", "same"])
 async def test_allowed_and_same_origin_work(
     server: MeshServer, http: httpx.AsyncClient, origin: str
@@ -286,6 +303,7 @@ async def test_allowed_and_same_origin_work(
         assert response.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
 
 
+@SHARED
 @pytest.mark.parametrize(
     "host", ["localhost", "LOCALHOST.", "127.0.0.1", "[::1]", "mesh.internal", "Mesh.Internal"]
 )
@@ -298,6 +316,7 @@ async def test_loopback_and_allowed_names_work(
     assert response.status_code == 200, response.text
 
 
+@SHARED
 async def test_grpc_and_grpc_web_work_and_a_foreign_authority_is_permission_denied(
     server: MeshServer, http: httpx.AsyncClient
 ) -> None:

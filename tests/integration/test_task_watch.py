@@ -20,7 +20,7 @@ from llama_mesh.server.app import MeshServer
 from llama_mesh.server.domain import TaskStatus
 from llama_mesh.server.nats_server import NatsServer
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import TESTAPP, MeshFactory, deploy_testapp
 from tests.helpers import assert_eventually
 
 APP = "testapp"
@@ -181,9 +181,8 @@ async def test_queue_depth_counts_tasks_waiting_for_a_service_without_replicas(
     the service's `queue_depth` (JSON through the gateway, and the SDK's `Service`) counts
     them, other services
     show 0, and once the replicas are back the queue drains to 0."""
-    server = await mesh_factory(
-        queue="nats", nats_url=nats_server.url, gateway=True, deploy=(TESTAPP,)
-    )
+    server = await mesh_factory(queue="nats", nats_url=nats_server.url, gateway=True)
+    await deploy_testapp(server, "echo", "stream")
     mesh = server.mesh
     assert (await services_by_id(server))["echo"]["queue_depth"] == 0
     await mesh.deployments.supervisor.stop(APP)

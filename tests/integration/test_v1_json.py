@@ -9,19 +9,24 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import pytest_asyncio
 
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import TESTAPP, running_mesh
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 APP = "testapp"
 
 
-@pytest.fixture
-async def http(mesh_factory: MeshFactory) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client of a gateway in front of a server running testapp."""
-    server = await mesh_factory(queue="inprocess", gateway=True, deploy=(TESTAPP,))
-    assert server.gateway_url is not None
-    async with httpx.AsyncClient(base_url=server.gateway_url, timeout=30) as client:
-        yield client
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def http(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of a gateway in front of a server running testapp, shared by the
+    module's tests (they only send requests)."""
+    data_dir = tmp_path_factory.mktemp("v1-json")
+    async with running_mesh(data_dir, queue="inprocess", gateway=True, deploy=(TESTAPP,)) as server:
+        assert server.gateway_url is not None
+        async with httpx.AsyncClient(base_url=server.gateway_url, timeout=30) as client:
+            yield client
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from llama_mesh.server import WorkflowService
 from llama_mesh.server.app import MeshServer
 from llama_mesh.server.errors import InvalidArgumentError, MeshError
 from llama_mesh.server.nats_server import NatsServer
-from tests.fixtures.mesh import TESTAPP, MeshFactory
+from tests.fixtures.mesh import MeshFactory, deploy_testapp
 from tests.helpers import assert_eventually
 
 APP = "testapp"
@@ -53,9 +53,8 @@ async def test_a_workflow_object_served_from_this_process_takes_the_services_tas
     """Connected with the NATS URL, the deployment and the service id, the object registers
     as a replica; tasks run through the gateway's 0.8 route reach it; leaving the ``async
     with`` deregisters it, and shutdown() stays idempotent while a second run() is refused."""
-    server = await mesh_factory(
-        queue="nats", nats_url=nats_server.url, gateway=True, deploy=(TESTAPP,)
-    )
+    server = await mesh_factory(queue="nats", nats_url=nats_server.url, gateway=True)
+    await deploy_testapp(server, "echo")
     await server.supervisor.stop(APP)  # only this process serves the deployment now
     await assert_eventually(lambda: _no_echo_replicas(server), timeout=30)
     service = await WorkflowService.connect(
@@ -92,7 +91,8 @@ async def test_connect_refuses_what_it_cannot_serve(
 ) -> None:
     """An unknown deployment or service is a MeshError naming it; an object that is no
     workflow is an InvalidArgumentError; none of them joins the mesh."""
-    server = await mesh_factory(queue="nats", nats_url=nats_server.url, deploy=(TESTAPP,))
+    server = await mesh_factory(queue="nats", nats_url=nats_server.url)
+    await deploy_testapp(server, "echo")
     with pytest.raises(MeshError, match="deployment 'nope' does not exist"):
         await WorkflowService.connect(
             Here(), deployment="nope", service="echo", nats=nats_server.url

@@ -7,6 +7,9 @@ fail such a deployment. The choice without them is pinned by ``test_broker_selec
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from llama_mesh.server.deployment_config import MessageQueueConfig, parse_deployment_config
@@ -73,3 +76,23 @@ def test_the_default_broker_option_takes_either_kind_by_its_scheme(url: str, kin
     assert_hides_its_password(default, "secret")
     assert select_broker(section("message-queue: {type: simple}\n"), {}, default) is default
     assert select_broker(None, {}, default) is default
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+_YAML_BLOCK = re.compile(r"```yaml\n(message-queue:\n.*?)```", re.S)
+
+
+def test_the_readme_examples_select_the_broker_they_show() -> None:
+    """Each ``message-queue`` example of the README's "Message queues" parses, and selects
+    the broker at the address it shows, password hidden; a field it leaves out comes from
+    the environment."""
+    blocks = _YAML_BLOCK.findall(README.read_text())
+    choices = [select_broker(section(block), {}, BrokerChoice()) for block in blocks]
+    described = sorted(choice.describe() for choice in choices)
+    assert described == [
+        "rabbitmq at amqp://user:***@rabbitmq:5672/",
+        "redis at redis://redis:6379",
+    ]
+    redis_block = next(block for block in blocks if "type: redis" in block)
+    choice = select_broker(section(redis_block), {"REDIS_PORT": "6390"}, BrokerChoice())
+    assert choice.redacted_url == "redis://redis:6390"

@@ -20,6 +20,7 @@ DOCS = sorted(
         ROOT / "CHANGELOG.md",
         ROOT / "client" / "README.md",
         ROOT / "server" / "README.md",
+        ROOT / "deploy" / "helm" / "llama-mesh" / "README.md",
         *(ROOT / "docs").glob("*.md"),
     ]
 )

@@ -103,3 +103,37 @@ def test_the_default_broker_comes_from_its_variable_then_the_flag(
     assert settings_from_args(build_parser().parse_args([])).broker_url == "redis://h:6379/0"
     args = build_parser().parse_args(["--broker", "amqp://u:p@h:5672/"])
     assert settings_from_args(args).broker_url == "amqp://u:p@h:5672/"
+
+
+def test_nats_sync_comes_from_its_variable_then_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--nats-sync`` (``LLAMA_MESH_NATS_SYNC``) sets when the embedded nats-server fsyncs;
+    unset, after every write."""
+    monkeypatch.delenv("LLAMA_MESH_NATS_SYNC", raising=False)
+    assert settings_from_args(build_parser().parse_args([])).nats_sync == "always"
+    monkeypatch.setenv("LLAMA_MESH_NATS_SYNC", "2s")
+    assert settings_from_args(build_parser().parse_args([])).nats_sync == "2s"
+    args = build_parser().parse_args(["--nats-sync", "1m30s"])
+    assert settings_from_args(args).nats_sync == "1m30s"
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--nats-sync", "often"], "'often': use 'always'"),
+        (["--nats-sync", "10"], "'10': use 'always'"),
+        (["--nats-sync", "2s "], "'2s ': use 'always'"),
+        (["--nats-sync", "0ms"], "above zero"),
+        (["--nats-sync", "1s", "--nats-url", "nats://h:4222"], "embedded nats-server only"),
+        (["--nats-sync", "1s", "--queue", "inprocess"], "embedded nats-server only"),
+    ],
+)
+def test_a_bad_nats_sync_is_refused_naming_the_option(
+    monkeypatch: pytest.MonkeyPatch, flags: list[str], problem: str
+) -> None:
+    """A sync interval nats-server would not take, or one for a server ``serve`` does not
+    start, fails at once, naming ``--nats-sync``."""
+    monkeypatch.delenv("LLAMA_MESH_NATS_SYNC", raising=False)
+    args = build_parser().parse_args(flags)
+    with pytest.raises(ValueError, match=r"--nats-sync\)") as raised:
+        settings_from_args(args)
+    assert problem in str(raised.value)

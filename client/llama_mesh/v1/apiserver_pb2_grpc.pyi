@@ -52,7 +52,8 @@ class ApiServerStub:
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
     - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
-      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`),
+      `NO_SUPERVISOR` (on several servers: no supervisor took a deployment change).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
@@ -143,7 +144,8 @@ class ApiServerAsyncStub(ApiServerStub):
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
     - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
-      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`),
+      `NO_SUPERVISOR` (on several servers: no supervisor took a deployment change).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).
@@ -230,7 +232,8 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
     - UNAUTHENTICATED: `UNAUTHENTICATED`, `API_KEY_MISSING`, `API_KEY_INVALID`.
     - PERMISSION_DENIED: `PERMISSION_DENIED`, `ADMIN_KEY_REQUIRED`, `SOURCE_NOT_ALLOWED`.
     - UNAVAILABLE: `UNAVAILABLE` (the message queue, or a server shutting down; retry),
-      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`).
+      `DEPLOYMENT_NOT_READY` (still deploying or being restored), `NOT_READY` (`/readyz`),
+      `NO_SUPERVISOR` (on several servers: no supervisor took a deployment change).
     - DEADLINE_EXCEEDED: `DEADLINE_EXCEEDED`.
     - UNKNOWN: `TASK_FAILED`, `TASK_CANCELLED` (metadata `task_id`, `error_type`; only
       `LlamaDeployApi.RunTask`: this API returns a failed task as a task instead).

@@ -40,7 +40,13 @@ from llama_mesh.server.errors import MeshError
 from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.grpc_errors import ErrorInterceptor
 from llama_mesh.server.metrics import Metrics, MetricsInterceptor
-from llama_mesh.server.nats_server import NatsServer, NatsServerConfig, store_login
+from llama_mesh.server.nats_server import (
+    SYNC_ALWAYS,
+    NatsServer,
+    NatsServerConfig,
+    check_sync_interval,
+    store_login,
+)
 from llama_mesh.server.orchestrator import Orchestrator, OrchestratorServicer
 from llama_mesh.server.probes import ProbesServicer
 from llama_mesh.server.queues.broker import Broker
@@ -61,11 +67,15 @@ from llama_mesh.v1 import (
 )
 
 if TYPE_CHECKING:
+    from llama_mesh.server.apiserver.cluster import Cluster
     from llama_mesh.server.gateway import GatewayConfig
 
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+ROLES = ("api", "supervisor", "gateway")
+"""What a server can be (``serve --roles``): the API, the supervisor of deployments'
+replicas, the gateway in front of the API."""
 SERVICE_NAMES = (
     apiserver_pb2.DESCRIPTOR.services_by_name["ApiServer"].full_name,
     llama_deploy_api_pb2.DESCRIPTOR.services_by_name["LlamaDeployApi"].full_name,
@@ -96,9 +106,18 @@ class ServerSettings:
     nats_replicas: int = 1
     """Copies of each stream and bucket the server creates: 3 (or 5) on a NATS cluster, so
     that losing a node loses nothing. Streams that exist keep theirs."""
+    nats_sync: str = SYNC_ALWAYS
+    """When the embedded nats-server fsyncs JetStream writes: ``always`` (each write before
+    it is acknowledged), or a duration (``1s``): more throughput, but a machine failure
+    loses what was acknowledged in the last interval."""
     broker_url: str | None = None
     """The broker of deployments that name none (or ``nats``/``simple``):
     ``amqp://...`` or ``redis://...``; ``None``: the server's own."""
+    roles: frozenset[str] | None = None
+    """``None``: the all-in-one, alone on its NATS. A set of :data:`ROLES`: one of several
+    servers on an external NATS (see :mod:`llama_mesh.server.apiserver.cluster`)."""
+    supervise: tuple[str, ...] = ()
+    """The deployments this server's supervisor may hold; empty: any."""
     gateway: bool = True
     control_planes: bool = True
     """Whether the gateway serves each deployment's Llama Deploy 0.8 control plane API on
@@ -144,12 +163,22 @@ class ServerSettings:
                 "nats_replicas (--nats-replicas) above 1 needs a NATS cluster (--nats-url); "
                 "the embedded nats-server is a single node"
             )
+        try:
+            check_sync_interval(self.nats_sync)
+        except ValueError as exc:
+            raise ValueError(f"nats_sync (--nats-sync): {exc}") from None
+        if self.nats_sync != SYNC_ALWAYS and (self.queue != "nats" or self.nats_url is not None):
+            raise ValueError(
+                "nats_sync (--nats-sync) applies to the embedded nats-server only; an external "
+                "NATS (--nats-url) keeps its own sync_interval"
+            )
         if self.gateway and self.host in ("0.0.0.0", "::", "") and not self.allowed_hosts:
             raise ValueError(
                 f"allowed_hosts (--allowed-host): the gateway listens on {self.host or 'every'}"
                 " address; name the host names its clients use (--allowed-host NAME, repeat), "
                 "or '*' to answer to any name (web pages can then reach it by DNS rebinding)"
             )
+        self._check_roles()
         if self.max_replicas < 1:
             raise ValueError(f"max_replicas (--max-replicas) is {self.max_replicas}: use 1 or more")
         SourcePolicy(self.allowed_local_roots, self.allowed_git_prefixes)  # refuses bad prefixes
@@ -159,6 +188,35 @@ class ServerSettings:
                 "internal_ca, internal_cert, internal_key (--internal-ca, --internal-cert, "
                 "--internal-key): set all three (mTLS on the gRPC port) or none"
             )
+
+    def _check_roles(self) -> None:
+        roles = self.roles
+        if roles is None:
+            if self.supervise:
+                raise ValueError("supervise (--supervise): needs --roles with supervisor")
+            return
+        if not roles or not roles <= set(ROLES):
+            raise ValueError(
+                f"roles (--roles): {','.join(sorted(roles)) or 'none'}; name one or more of "
+                f"{', '.join(ROLES)}"
+            )
+        if self.queue != "nats" or self.nats_url is None:
+            raise ValueError(
+                "roles (--roles): servers with roles share an external NATS (--nats-url); "
+                "without one, leave --roles out (the all-in-one)"
+            )
+        if "gateway" in roles and "api" not in roles:
+            raise ValueError(
+                "roles (--roles): the gateway role fronts the api role of the same server; "
+                "for a gateway in front of several API servers, run Envoy with the config "
+                "of python -m llama_mesh.server.gateway --upstream HOST:PORT ..."
+            )
+        if self.supervise and "supervisor" not in roles:
+            raise ValueError("supervise (--supervise): needs the supervisor role (--roles)")
+
+    def has_role(self, role: str) -> bool:
+        """Whether this server plays ``role`` (the all-in-one plays every one)."""
+        return self.roles is None or role in self.roles
 
     @property
     def nats_login(self) -> NatsLogin:
@@ -179,11 +237,13 @@ def create_grpc_server(
     api_keys: ApiKeys | None = None,
     metrics: Metrics | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    api: bool = True,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A gRPC server with every service, health and reflection; returns it and its port.
 
     With ``api_keys`` enabled, every call but health checks needs a bearer key. With
     ``credentials`` (see :func:`internal_server_credentials`) the port speaks only TLS.
+    Without ``api`` (a supervisor alone) it serves health checks only, for probes.
     """
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if metrics is not None:
@@ -197,6 +257,27 @@ def create_grpc_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
+    if api:
+        _add_api_services(server, mesh, queue_kind)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    served = SERVICE_NAMES if api else ()
+    reflection.enable_server_reflection(
+        (*served, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        raise OSError(f"cannot listen on {address}: the address is in use") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, health_servicer
+
+
+def _add_api_services(server: grpc.aio.Server, mesh: Mesh, queue_kind: str) -> None:
     apiserver_pb2_grpc.add_ApiServerServicer_to_server(
         ApiServerServicer(mesh, queue_kind=queue_kind), server
     )
@@ -210,21 +291,6 @@ def create_grpc_server(
         OrchestratorServicer(mesh.orchestrator, mesh.deployments), server
     )
     probes_pb2_grpc.add_ProbesServicer_to_server(ProbesServicer(mesh), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
-        raise OSError(f"cannot listen on {address}: the address is in use") from exc
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    return server, port, health_servicer
 
 
 def internal_server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -277,6 +343,8 @@ class MeshServer:
         self.nats_server: NatsServer | None = None
         """The embedded nats-server (``None`` with ``--nats-url`` or the in-process queue)."""
         self.gateway: Gateway | None = None
+        self.cluster: Cluster | None = None
+        """This server's part in a cluster of servers (``None``: the all-in-one)."""
         self.failed = asyncio.Event()
         """Set when a child process could not be restarted: the server cannot go on."""
         self.failure = ""
@@ -332,9 +400,11 @@ class MeshServer:
         self.mesh = Mesh(cp, deployments, Orchestrator(brokers))
         self._stack.push_async_callback(deployments.uis.shutdown)
         self.state_store.on_availability(self._nats_availability)
-        # Watching before serving: callers waiting on tasks find the watch running.
-        self.mesh.watcher.start()
-        self._stack.push_async_callback(self.mesh.watcher.close)
+        api = s.has_role("api")
+        if api:
+            # Watching before serving: callers waiting on tasks find the watch running.
+            self.mesh.watcher.start()
+            self._stack.push_async_callback(self.mesh.watcher.close)
         server, self.grpc_port, self._health = create_grpc_server(
             f"{s.grpc_host}:{s.grpc_port}",
             self.mesh,
@@ -342,12 +412,16 @@ class MeshServer:
             api_keys=s.api_keys,
             metrics=self.metrics,
             credentials=internal_server_credentials(s),
+            api=api,
         )
         self._server = server
         await server.start()
         self._stack.push_async_callback(self._stop_grpc)
-        follower = asyncio.create_task(self.metrics.follow(cp, self.mesh.watcher), name="metrics")
-        self._background.add(follower)
+        if api:  # task metrics follow the API's task watch
+            follower = asyncio.create_task(
+                self.metrics.follow(cp, self.mesh.watcher), name="metrics"
+            )
+            self._background.add(follower)
         self._stack.push_async_callback(self._stop_background)
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port)
@@ -361,12 +435,15 @@ class MeshServer:
             from llama_mesh.server.gateway.uis import UiClusters
 
             deployments.uis.clusters = UiClusters(gateway_config.ui_cds)
-        # The gateway opens at once; saved deployments come back meanwhile, several at a
-        # time, each listed as deploying (tasks for it: UNAVAILABLE) until it is ready.
-        # `/readyz` answers once they all have. Control plane ports claimed before the
-        # gateway runs are in its listener file when it starts.
-        saved = await deployments.recall()  # listed at once: deploying, or failed
-        self._restoring = asyncio.create_task(deployments.restore(saved), name="restore")
+        if s.roles is not None:
+            await self._join_cluster(s.roles)
+        else:
+            # The gateway opens at once; saved deployments come back meanwhile, several at
+            # a time, each listed as deploying (tasks for it: UNAVAILABLE) until it is
+            # ready. `/readyz` answers once they all have. Control plane ports claimed
+            # before the gateway runs are in its listener file when it starts.
+            saved = await deployments.recall()  # listed at once: deploying, or failed
+            self._restoring = asyncio.create_task(deployments.restore(saved), name="restore")
         if gateway_config is not None:
             await self._start_gateway(gateway_config)
             if deployments.control_planes is not None:
@@ -376,6 +453,21 @@ class MeshServer:
             self.mesh.health.publish(self._health, SERVICE_NAMES), name="health"
         )
         self._background.add(publisher)
+
+    async def _join_cluster(self, roles: frozenset[str]) -> None:
+        """Take part in a cluster of servers: deployments come from the store, and the
+        supervisor runs those whose lease it takes (none is restored on its own)."""
+        from llama_mesh.server.apiserver.cluster import Cluster
+
+        cluster = await Cluster.open(
+            self.mesh.deployments,
+            self.state_store,
+            supervisor="supervisor" in roles,
+            supervise=self.settings.supervise,
+        )
+        self.cluster = cluster
+        cluster.start()
+        self._stack.push_async_callback(cluster.close)
 
     def _nats_availability(self, reason: str | None) -> None:
         self._availability("nats", reason)
@@ -421,7 +513,9 @@ class MeshServer:
             # workers it starts (who get the URL with it through their environment).
             store = s.data_dir / "nats"
             nats = await NatsServer.start(
-                NatsServerConfig(store_dir=store, users=(store_login(store),))
+                NatsServerConfig(
+                    store_dir=store, users=(store_login(store),), sync_interval=s.nats_sync
+                )
             )
             self.nats_server = nats
             # Restarted on the same port, store and login when it dies: clients reconnect.
@@ -512,6 +606,9 @@ class MeshServer:
         with contextlib.suppress(Exception):
             if self._restoring is not None:
                 await cancel_and_wait(self._restoring)
+        with contextlib.suppress(Exception):
+            if self.cluster is not None:  # takes no lease while its replicas stop
+                await self.cluster.stop()
         with contextlib.suppress(Exception):
             if hasattr(self, "supervisor"):
                 await self.supervisor.shutdown()

@@ -7,7 +7,8 @@ Used by ``llamactl serve`` (the default message queue) and by the test fixtures:
         connection = await connect_nats(server.url)  # then NatsBroker.open(connection), ...
 
 The server listens on ``127.0.0.1`` only (unless told otherwise), keeps JetStream state in
-``store_dir`` with an fsync after every write (``sync_interval: always``), and writes its log to
+``store_dir`` with an fsync after every write (``sync_interval: always``; ``sync_interval``
+trades that for throughput), and writes its log to
 ``store_dir/nats-server.log``. The config file it runs with is ``store_dir/nats.conf``, readable
 by its owner only (it holds the users' passwords). :func:`store_login` gives a store its own
 generated login, kept in ``store_dir/credentials.json`` (mode 0600): ``serve`` runs its embedded
@@ -23,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -55,6 +57,9 @@ _STORE_LOCK_WAIT = 10.0
 """Seconds to wait for the lock of a store whose server is still shutting down."""
 _PORT_ATTEMPTS = 3
 """Starts tried when a port picked here was taken before nats-server could bind it."""
+SYNC_ALWAYS = "always"
+"""The ``sync_interval`` that fsyncs every JetStream write before acknowledging it."""
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 
 
 class NatsServerError(RuntimeError):
@@ -147,6 +152,9 @@ class NatsServerConfig:
             operator, its system account and its account resolver: JWT authentication).
         probe_creds: the credentials file the readiness probe logs in with, for a server
             that takes JWTs.
+        sync_interval: when JetStream fsyncs its writes: ``always`` (after each one, the
+            default: nothing acknowledged is lost when the machine fails), or a duration
+            such as ``100ms`` or ``2s`` (see :func:`check_sync_interval`).
     """
 
     store_dir: Path
@@ -160,6 +168,27 @@ class NatsServerConfig:
     tls: NatsTlsConfig | None = None
     extra: tuple[str, ...] = ()
     probe_creds: Path | None = None
+    sync_interval: str = SYNC_ALWAYS
+
+    def __post_init__(self) -> None:
+        check_sync_interval(self.sync_interval)
+
+
+def check_sync_interval(value: str) -> str:
+    """``value`` if it is a JetStream ``sync_interval``: ``always``, or a positive duration
+    in nats-server's units (``ns``, ``us``, ``ms``, ``s``, ``m``, ``h``; ``1m30s``); else a
+    :class:`ValueError` saying what is accepted."""
+    if value == SYNC_ALWAYS:
+        return value
+    parts = _DURATION_PART.findall(value)
+    if "".join(number + unit for number, unit in parts) != value or not parts:
+        raise ValueError(
+            f"sync interval {value!r}: use 'always' (fsync after every write) or a duration "
+            "such as 100ms, 2s or 1m (units ns, us, ms, s, m, h)"
+        )
+    if all(float(number) == 0 for number, _ in parts):
+        raise ValueError(f"sync interval {value!r}: a duration must be above zero")
+    return value
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -237,7 +266,9 @@ def render_config(cfg: NatsServerConfig) -> str:
         *cfg.extra,
         "jetstream {",
         f"  store_dir: {_quote(cfg.store_dir)}",
-        "  sync_interval: always",
+        # A duration is quoted, or the config parser reads "2m" as a size.
+        "  sync_interval: "
+        + (SYNC_ALWAYS if cfg.sync_interval == SYNC_ALWAYS else _quote(cfg.sync_interval)),
         "}",
     ]
     if cfg.cluster is not None:

@@ -23,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from llama_mesh.server.app import MeshServer, ServerSettings, StartupError
+from llama_mesh.server.app import ROLES, MeshServer, ServerSettings, StartupError
 from llama_mesh.server.auth import ApiKeys, parse_keys
 from llama_mesh.server.envvars import (
     LLAMA_DEPLOY_PREFIX,
@@ -95,6 +95,21 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         help="deployment YAML files to deploy once the server is up",
     )
     p.add_argument(
+        "--roles",
+        default=env_setting("ROLES"),
+        help=f"what this server is, a comma list of {', '.join(ROLES)}: one of several "
+        "servers sharing --nats-url, each deployment supervised by one of them "
+        "(default: all three, alone on its NATS)",
+    )
+    p.add_argument(
+        "--supervise",
+        action="append",
+        metavar="NAME",
+        default=[],
+        help="with the supervisor role: supervise only this deployment; repeat for more "
+        "(default: compete for every deployment)",
+    )
+    p.add_argument(
         "--host",
         default=setting("HOST", "127.0.0.1"),
         help="gateway listen address (default: 127.0.0.1)",
@@ -134,6 +149,14 @@ def build_parser(prog: str = "llamactl serve") -> argparse.ArgumentParser:
         type=int,
         default=_int_env("NATS_REPLICAS") or 1,
         help="copies of each stream on a NATS cluster: 1, 3 or 5, with --nats-url (default: 1)",
+    )
+    p.add_argument(
+        "--nats-sync",
+        metavar="INTERVAL",
+        default=env_setting("NATS_SYNC", "always"),
+        help="when the embedded nats-server fsyncs: always (every write, before it is "
+        "acknowledged) or a duration such as 1s (faster; a machine failure loses what was "
+        "acknowledged within it) (default: always)",
     )
     p.add_argument(
         "--broker",
@@ -303,10 +326,13 @@ def check_exposure(args: argparse.Namespace) -> None:
     keys = ApiKeys(user=parse_keys(args.api_key), admin=parse_keys(args.admin_key))
     if keys.enabled or args.insecure_no_auth:
         return
+    roles = _roles(args)
+    api = roles is None or "api" in roles  # a supervisor alone serves health checks only
+    gateway = not args.no_gateway and (roles is None or "gateway" in roles)
     exposed = [
         f"{option} {host}"
         for option, host in (("--host", args.host), ("--grpc-host", args.grpc_host))
-        if (option == "--grpc-host" or not args.no_gateway) and not is_loopback(host)
+        if (gateway if option == "--host" else api) and not is_loopback(host)
     ]
     if exposed:
         raise ValueError(
@@ -314,6 +340,13 @@ def check_exposure(args: argparse.Namespace) -> None:
             "--admin-key is set: anyone who reaches it could deploy code that runs as this "
             "user. Set API keys, or pass --insecure-no-auth to serve without them."
         )
+
+
+def _roles(args: argparse.Namespace) -> frozenset[str] | None:
+    """The roles ``--roles`` names; ``None`` when it is not given (the all-in-one)."""
+    if args.roles is None:
+        return None
+    return frozenset(split_list([args.roles]))
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -337,8 +370,11 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         nats_tls_cert=args.nats_tls_cert,
         nats_tls_key=args.nats_tls_key,
         nats_replicas=args.nats_replicas,
+        nats_sync=args.nats_sync,
         broker_url=args.broker or None,
-        gateway=not args.no_gateway,
+        roles=_roles(args),
+        supervise=tuple(args.supervise),
+        gateway=not args.no_gateway and "gateway" in (_roles(args) or {"gateway"}),
         control_planes=not args.no_control_planes,
         cors_origins=tuple(args.cors_origin),
         allowed_hosts=split_list(args.allowed_host),
@@ -398,10 +434,13 @@ async def serve(settings: ServerSettings, files: list[Path], rc_path: Path | Non
         if server.default_broker.settings is not None:
             _say(f"broker   {server.default_broker.describe()} (deployments naming no other)")
         mtls = ", mTLS" if settings.internal_tls else ""
-        _say(
-            f"grpc     {settings.grpc_host}:{server.grpc_port} "
-            f"(ApiServer, LlamaDeployApi, ...{mtls})"
-        )
+        served = "ApiServer, LlamaDeployApi, ..." if settings.has_role("api") else "health"
+        _say(f"grpc     {settings.grpc_host}:{server.grpc_port} ({served}{mtls})")
+        if settings.roles is not None:
+            roles = ",".join(r for r in ROLES if r in settings.roles)
+            if "supervisor" in settings.roles:
+                roles += f" (supervises {', '.join(settings.supervise) or 'any deployment'})"
+            _say(f"roles    {roles}")
         if server.gateway_url:
             _say(f"gateway  {server.gateway_url} (JSON /v1 and Llama Deploy 0.8 API, gRPC)")
         if server.metrics_port is not None:

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from llama_mesh.server import subjects
 from llama_mesh.server.aio import cancel_and_wait
@@ -58,6 +58,7 @@ from llama_mesh.server.venvs import VenvError, VenvManager
 from llama_mesh.v1 import apiserver_pb2, types_pb2
 
 if TYPE_CHECKING:
+    from llama_mesh.server.apiserver.cluster import Cluster
     from llama_mesh.server.gateway.control_planes import ControlPlanePorts
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,20 @@ class DeploymentSettings:
     ready_timeout: float = 120.0
     ack_wait: float = 10.0
     policy: SourcePolicy = field(default_factory=SourcePolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """On a cluster of servers: a create, reload or delete an API server took, which the
+    supervisor holding the deployment's lease carries out (see ``apiserver/cluster.py``)."""
+
+    action: Literal["create", "reload", "delete"]
+    name: str
+    config_yaml: str = ""
+    base_path: str = ""
+    local: bool = False
+    file_name: str = ""
+    reload: bool = False
 
 
 class DeploymentManager:
@@ -109,6 +124,13 @@ class DeploymentManager:
         self._failed: dict[str, str] = {}
         self.restored = asyncio.Event()
         """Set once :meth:`restore` has brought back (or marked failed) every deployment."""
+        self.cluster: Cluster | None = None
+        """On a cluster of servers (``serve --roles``): where creates, reloads and deletes
+        go, to be carried out by the supervisor holding the deployment's lease; ``None``:
+        they are carried out here (the all-in-one)."""
+        self.held: set[str] = set()
+        """On a cluster: the deployments whose lease this server holds, whose replicas it
+        runs; it mirrors the others from the store (:meth:`follow`)."""
 
     @property
     def control_plane(self) -> ControlPlane:
@@ -187,6 +209,16 @@ class DeploymentManager:
         """
         config = parse(config_yaml, file_name=file_name)
         self._check_limits(config)
+        if self.cluster is not None:
+            change = Change(
+                "create", config.name, config.raw_yaml, base_path, local, file_name, reload
+            )
+            return await self._submit(self.cluster, change)
+        return await self._create(config, base_path=base_path, reload=reload, local=local)
+
+    async def _create(
+        self, config: DeploymentConfig, *, base_path: str, reload: bool, local: bool
+    ) -> DeploymentRecord:
         async with self._locks.setdefault(config.name, asyncio.Lock()):
             exists = config.name in self._configs
             if exists and not reload:
@@ -217,6 +249,12 @@ class DeploymentManager:
     async def reload(self, name: str) -> DeploymentRecord:
         """Re-sync sources and restart the workers of a deployment (a new generation), all
         or nothing (see :meth:`_replace`)."""
+        if self.cluster is not None:
+            self.check_exists(name)
+            return await self._submit(self.cluster, Change("reload", name))
+        return await self._reload(name)
+
+    async def _reload(self, name: str) -> DeploymentRecord:
         async with self._locks.setdefault(name, asyncio.Lock()):
             if name in self._failed:
                 failed = await self._cp.get_deployment(name)
@@ -235,6 +273,14 @@ class DeploymentManager:
 
     async def delete(self, name: str) -> None:
         """Stop a deployment's workers, drop its queued tasks and forget it (failed ones too)."""
+        if self.cluster is not None:
+            self.check_exists(name)
+            await self.cluster.submit(Change("delete", name))
+            await self.follow(name, None)  # as the store says now, whatever the watch says yet
+            return
+        await self._delete(name)
+
+    async def _delete(self, name: str) -> None:
         async with self._locks.setdefault(name, asyncio.Lock()):
             if name in self._failed:
                 config = parse((await self._cp.get_deployment(name)).config_yaml)
@@ -319,22 +365,105 @@ class DeploymentManager:
         finally:
             self.restored.set()
 
+    # -- on a cluster of servers -------------------------------------------------------------
+
+    async def _submit(self, cluster: Cluster, change: Change) -> DeploymentRecord:
+        """Have the deployment's supervisor carry ``change`` out; its stored record, which
+        this server mirrors at once (its watch may bring the change a moment later), so
+        that it answers for the deployment as its reply says."""
+        await cluster.submit(change)
+        record = await self._cp.get_deployment(change.name)
+        await self.follow(change.name, record)
+        return record
+
+    async def carry_out(self, change: Change) -> None:
+        """Carry out a change another server's API took (this server holds the lease)."""
+        if change.action == "create":
+            config = parse(change.config_yaml, file_name=change.file_name)
+            self._check_limits(config)
+            await self._create(
+                config, base_path=change.base_path, reload=change.reload, local=change.local
+            )
+        elif change.action == "reload":
+            await self._reload(change.name)
+        else:
+            await self._delete(change.name)
+
+    async def take_over(self, name: str) -> None:
+        """Bring up a deployment whose lease this server has just taken (its supervisor
+        died or let it go), as :meth:`restore` does after a restart; one that failed stays
+        failed, and one that cannot be brought up here is marked failed."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            record = await self._stored(name)
+            if record is None or record.status is DeploymentStatus.FAILED:
+                return
+            logger.info("deployment %s: taking over its replicas", name)
+            serving = record.status is DeploymentStatus.READY and name in self._configs
+            try:
+                await self._first_bring_up(parse(record.config_yaml), record, serving=serving)
+            except Exception as exc:
+                logger.warning(
+                    "deployment %s could not be taken over and is marked failed: %s",
+                    name,
+                    _reason(exc).splitlines()[0],
+                )
+
+    async def let_go(self, name: str) -> None:
+        """Stop running a deployment whose lease this server lost (another supervisor may
+        hold it now: never two), and mirror it from the store from now on."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            self.held.discard(name)
+            await self._supervisor.stop(name)
+            await self.uis.stop(name)
+        await self.follow(name, await self._stored(name))
+
+    async def follow(self, name: str, record: DeploymentRecord | None) -> None:
+        """Mirror ``record`` (``None``: deleted), the stored state of a deployment another
+        server's supervisor runs: this server then knows it, routes its tasks to its broker,
+        and answers for it as deploying, ready or failed. Deployments held here are left
+        to their own bring-up."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if name in self.held:
+                return
+            if record is not None and record.status is DeploymentStatus.DEPLOYING:
+                if name not in self._configs:  # a first deploy; a takeover keeps serving
+                    self._pending.add(name)
+                return
+            self._pending.discard(name)
+            if record is None or record.status is DeploymentStatus.FAILED:
+                self._configs.pop(name, None)
+                self._generations.pop(name, None)
+                if record is None:
+                    self._failed.pop(name, None)
+                else:
+                    self._failed[name] = record.status_message or "failed"
+                await self.brokers.close(name)
+                return
+            config = parse(record.config_yaml)
+            opened = await self.brokers.open(config)
+            await self.brokers.discard(name, self.brokers.install(name, opened))
+            self._configs[name] = config
+            self._generations[name] = record.generation
+            self._failed.pop(name, None)
+
     def _running_count(self, besides: str) -> int:
         """Deployments other than ``besides`` that count against ``max_deployments``:
         running or deploying (failed ones run nothing)."""
         return len((set(self._configs) | self._pending) - set(self._failed) - {besides})
 
     async def _first_bring_up(
-        self, config: DeploymentConfig, record: DeploymentRecord
+        self, config: DeploymentConfig, record: DeploymentRecord, *, serving: bool = False
     ) -> DeploymentRecord:
         """Bring up a deployment that runs nothing yet (new, restored, or failed before).
 
-        Meanwhile it is listed as deploying and refuses tasks as unavailable; when it fails,
-        its workers are stopped and it is listed as failed, with the reason, until it is
-        deployed again or deleted.
+        Meanwhile it is listed as deploying and refuses tasks as unavailable (unless it is
+        ``serving``: taken over, its tasks wait in its queue for the new replicas); when it
+        fails, its workers are stopped and it is listed as failed, with the reason, until
+        it is deployed again or deleted.
         """
         name = record.name
-        self._pending.add(name)
+        if not serving:
+            self._pending.add(name)
         self._failed.pop(name, None)
         try:
             return await self._bring_up(config, record)

@@ -122,6 +122,19 @@ class ControlPlane:
             "deployment", await self._buckets["deployments"].entries(), _read_deployment
         )
 
+    async def watch_deployments(self) -> AsyncIterator[tuple[str, DeploymentRecord | None]]:
+        """Every stored deployment, then each change as it is written: ``(name, record)``,
+        ``record`` ``None`` when it was deleted (records that cannot be read are skipped)."""
+        watch = self._buckets["deployments"].watch("")
+        try:
+            async for entry in watch:
+                if entry.value is None:
+                    yield entry.key, None
+                for record in _decode_all("deployment", [entry], _read_deployment):
+                    yield entry.key, record
+        finally:
+            await watch.aclose()
+
     async def delete_deployment(self, name: str) -> None:
         """Forget a deployment with its tasks, sessions and session state."""
         for bucket in ("tasks", "sessions", "session_tasks", "session_state", "services"):

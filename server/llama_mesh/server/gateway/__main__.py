@@ -31,6 +31,7 @@ from llama_mesh.server.gateway.config import (
 _OPTION_BY_FIELD = {
     "upstream_host": "--upstream",
     "upstream_port": "--upstream",
+    "more_upstreams": "--upstream",
     "listen_host": "--host",
     "listen_port": "--port",
     "admin_socket": "--admin-socket",
@@ -55,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--upstream", required=True, help="API server gRPC address HOST:PORT ([V6ADDR]:PORT)"
+        "--upstream",
+        action="append",
+        required=True,
+        help="API server gRPC address HOST:PORT ([V6ADDR]:PORT); repeat for several API "
+        "servers on one NATS (serve --roles api): Envoy balances over them, checks their gRPC "
+        "health, ejects one it cannot reach, and retries read calls on another",
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address")
     parser.add_argument("--port", type=int, default=4501, help="listen port")
@@ -130,15 +136,21 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
     """The ``GatewayConfig`` of a command line; exits with a usage error if it is not one."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    host, _, port = args.upstream.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or not port.isdigit():
-        parser.error("--upstream must be HOST:PORT")
+    upstreams = []
+    for upstream in args.upstream:
+        host, _, port = upstream.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or not port.isdigit():
+            parser.error(f"--upstream must be HOST:PORT, not {upstream!r}")
+        upstreams.append((host, int(port)))
+    (host, port), *more = upstreams
     try:
         return GatewayConfig(
             upstream_host=host,
-            upstream_port=int(port),
+            upstream_port=port,
+            more_upstreams=tuple(more),
+            balanced=True,
             listen_host=args.host,
             listen_port=args.port,
             admin_socket=_absolute(args.admin_socket),

@@ -92,6 +92,10 @@ SSE_PATH_REGEXES = (
 """The v1 streams (``GET``) whose JSON the gateway frames as Server-Sent Events; every other
 stream is newline-delimited JSON."""
 SSE_PATH_REGEX = "|".join(f"(?:{regex})" for regex in SSE_PATH_REGEXES)
+READ_METHOD_REGEX = r"/[a-z0-9_.]+\.[A-Za-z]+/(?:Get|List|Watch|Stream|Healthz|Readyz|Check)\w*"
+"""The gRPC methods (JSON requests once transcoded included) that only read: a balanced
+gateway retries them on another API server. Creates, runs, cancels, events, deploys and
+deletes are retried only when the request never reached one (see :func:`_retry_policy`)."""
 MIB = 1024 * 1024
 ADMIN_SOCKET_MODE = 0o600
 """The mode of Envoy's admin socket: its owner's only."""
@@ -172,6 +176,13 @@ class GatewayConfig:
     listen_port: int = 4501
     listen_host: str = "127.0.0.1"
     upstream_host: str = "127.0.0.1"
+    more_upstreams: tuple[tuple[str, int], ...] = ()
+    """Further API servers ``(host, port)`` beside ``upstream_host:upstream_port``, all
+    serving the same deployments (``serve --roles api`` on one NATS); needs ``balanced``."""
+    balanced: bool = False
+    """Whether Envoy checks the upstreams' gRPC health, ejects one that fails to connect,
+    and retries read calls on another: the gateway in front of API servers run apart
+    (``python -m llama_mesh.server.gateway``), not ``serve``'s own."""
     admin_socket: Path | None = None
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
@@ -212,6 +223,11 @@ class GatewayConfig:
             raise ValueError(f"max_connections: {self.max_connections} is not positive")
         if self.upstream_port == 0:
             raise ValueError("upstream_port: must not be 0")
+        if self.more_upstreams and not self.balanced:
+            raise ValueError("more_upstreams: several upstreams need balanced")
+        for host, port in self.more_upstreams:
+            if not host or not 0 < port <= 65535:
+                raise ValueError(f"more_upstreams: {host}:{port} is not HOST:PORT")
         for name in ("max_request_bytes", "max_response_bytes"):
             size = getattr(self, name)
             if not 0 < size <= _UINT32_MAX:
@@ -239,6 +255,11 @@ class GatewayConfig:
                 "gateway would answer to any host name, which lets web pages reach it through "
                 "DNS rebinding; name the host names clients use, or '*' to accept any"
             )
+
+    @property
+    def upstreams(self) -> tuple[tuple[str, int], ...]:
+        """Every API server the gateway sends to, ``(host, port)``, the first one first."""
+        return ((self.upstream_host, self.upstream_port), *self.more_upstreams)
 
     @property
     def listener_tls(self) -> bool:
@@ -562,8 +583,62 @@ def not_found_route() -> dict[str, Any]:
     }
 
 
-def _upstream_route() -> dict[str, Any]:
-    return {"cluster": UPSTREAM_CLUSTER, "timeout": "0s", "idle_timeout": "0s"}
+def _upstream_route(cfg: GatewayConfig | None = None, *, reads: bool = False) -> dict[str, Any]:
+    """A route to the API servers; with a balanced ``cfg``, retried as
+    :func:`_retry_policy` says (``reads``: the route carries only read calls)."""
+    route: dict[str, Any] = {"cluster": UPSTREAM_CLUSTER, "timeout": "0s", "idle_timeout": "0s"}
+    if cfg is not None and cfg.balanced:
+        route["retry_policy"] = _retry_policy(reads=reads)
+    return route
+
+
+def _retry_policy(*, reads: bool) -> dict[str, Any]:
+    """Retries on another API server: of any call that never reached one (no connection,
+    or the stream refused before it was read), and of read calls also when the connection
+    broke or the server answered UNAVAILABLE (it stops, or lost NATS for a moment). A
+    create, run, cancel, event or deploy is never sent twice once an API server may have
+    acted on it: the client sees the error and decides."""
+    retry_on = "connect-failure,refused-stream"
+    if reads:
+        retry_on += ",reset,unavailable"
+    return {
+        "retry_on": retry_on,
+        "num_retries": 3,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": (
+                        "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3."
+                        "PreviousHostsPredicate"
+                    )
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"},
+    }
+
+
+def _grpc_content_type() -> dict[str, Any]:
+    return {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+
+
+def _read_routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
+    """The read calls apart, for a balanced gateway to retry them more (none otherwise)."""
+    if not cfg.balanced:
+        return []
+    return [
+        {
+            "name": "grpc-reads",
+            "match": {
+                "safe_regex": {"regex": READ_METHOD_REGEX},
+                "headers": [_grpc_content_type()],
+            },
+            "route": _upstream_route(cfg, reads=True),
+            "typed_per_filter_config": buffer_off(),
+        }
+    ]
 
 
 def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
@@ -576,7 +651,7 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
                 "safe_regex": {"regex": SSE_PATH_REGEX},
                 "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
             },
-            "route": _upstream_route(),
+            "route": _upstream_route(cfg, reads=True),
             "typed_per_filter_config": {
                 "envoy.filters.http.grpc_json_transcoder": {
                     "@type": _TRANSCODER_TYPE,
@@ -584,16 +659,12 @@ def _route_config(cfg: GatewayConfig) -> dict[str, Any]:
                 }
             },
         },
+        *_read_routes(cfg),
         {
             # gRPC, gRPC-Web, and JSON requests once the transcoder has turned them into gRPC.
             "name": "grpc",
-            "match": {
-                "prefix": "/",
-                "headers": [
-                    {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
-                ],
-            },
-            "route": _upstream_route(),
+            "match": {"prefix": "/", "headers": [_grpc_content_type()]},
+            "route": _upstream_route(cfg),
             "typed_per_filter_config": buffer_off(),
         },
         # Deployments' own web UIs, to the cluster the request guard names (see uis.py).
@@ -807,17 +878,14 @@ def _status_body_format(grpc_code: int, message: str) -> dict[str, Any]:
 
 
 def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
-    # The name the upstream's certificate must have: an IP address as Envoy prints an IP SAN
-    # (compressed IPv6), or a DNS name, which is also sent as SNI (without a root dot).
-    try:
-        san_type, san = "IP_ADDRESS", str(ipaddress.ip_address(cfg.upstream_host))
-        discovery = "STATIC"
-    except ValueError:
-        san_type, san = "DNS", cfg.upstream_host.rstrip(".")
-        discovery = "STRICT_DNS"
+    # The names the upstreams' certificates must have: an IP address as Envoy prints an IP
+    # SAN (compressed IPv6), or a DNS name, which is also sent as SNI (without a root dot)
+    # when it is the only one.
+    sans = [_san(host) for host, _ in cfg.upstreams]
+    dns = [san for san_type, san in sans if san_type == "DNS"]
     cluster: dict[str, Any] = {
         "name": UPSTREAM_CLUSTER,
-        "type": discovery,
+        "type": "STRICT_DNS" if dns else "STATIC",
         "connect_timeout": "5s",
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
@@ -825,11 +893,8 @@ def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
             "endpoints": [
                 {
                     "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": _socket_address(cfg.upstream_host, cfg.upstream_port)
-                            }
-                        }
+                        {"endpoint": {"address": _socket_address(host, port)}}
+                        for host, port in cfg.upstreams
                     ]
                 }
             ],
@@ -843,6 +908,8 @@ def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
             }
         },
     }
+    if cfg.balanced:
+        cluster.update(_health_checking())
     if cfg.upstream_tls_ca is not None:
         common: dict[str, Any] = {
             "alpn_protocols": ["h2"],
@@ -851,6 +918,7 @@ def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
                 # The server's certificate must name the host we dial.
                 "match_typed_subject_alt_names": [
                     {"san_type": san_type, "matcher": {"exact": san}}
+                    for san_type, san in dict.fromkeys(sans)
                 ],
             },
         }
@@ -867,11 +935,47 @@ def _upstream_cluster(cfg: GatewayConfig) -> dict[str, Any]:
             ),
             "common_tls_context": common,
         }
-        if san_type == "DNS":
+        if len(set(dns)) == 1 and len(dns) == len(sans):
             # An IP address is never SNI (RFC 6066); a name is, for servers with several.
-            tls["sni"] = san
+            tls["sni"] = dns[0]
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
     return cluster
+
+
+def _san(host: str) -> tuple[str, str]:
+    try:
+        return "IP_ADDRESS", str(ipaddress.ip_address(host))
+    except ValueError:
+        return "DNS", host.rstrip(".")
+
+
+def _health_checking() -> dict[str, Any]:
+    """Active gRPC health checks of every API server (the server's overall health: NATS
+    reachable), and ejection of one that fails to connect or resets streams. Answers of
+    an API server (UNAVAILABLE for a deployment still deploying, say) never eject it."""
+    return {
+        "health_checks": [
+            {
+                "timeout": "2s",
+                "interval": "2s",
+                "no_traffic_interval": "5s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 2,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "enforcing_consecutive_5xx": 0,
+            "enforcing_consecutive_gateway_failure": 0,
+            "enforcing_success_rate": 0,
+            "interval": "2s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 100,
+        },
+    }
 
 
 # -- the envoy process -------------------------------------------------------------------

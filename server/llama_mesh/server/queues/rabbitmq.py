@@ -10,12 +10,18 @@ Layout on the server, every name prefixed with the settings' ``exchange_name`` (
 
 What RabbitMQ does not do by itself, the adapter does:
 
-* **msg_id deduplication**: a publish first claims its id in the ``dedup`` key-value bucket
-  (``KeyValueStore.create``; the bucket's TTL is the deduplication window) and marks the
-  claim done once the broker confirmed the message; a later publish of a done id is dropped.
-  A claim whose publish never confirmed (the publisher died, or the broker failed) does not
-  block a retry: that retry publishes again, so a failure may duplicate a message but never
-  loses one.
+* **msg_id deduplication**, in two steps, both in the ``dedup`` key-value bucket (its TTL is
+  the deduplication window). A publish first claims its id (``KeyValueStore.create``) and
+  marks the claim done once the broker confirmed the message; a later publish of a done id
+  is dropped, so the queue's depth counts one message per id. A claim whose publish never
+  confirmed (the publisher died, the broker failed, or a concurrent publish of the id is
+  still under way) does not block a retry: that retry publishes again, so a failure may
+  duplicate a message but never loses one. Such a duplicate is dropped on delivery: each
+  message carries a publish id of its own (header ``llama-mesh-publish-id``), and a
+  consumer claims the message id for the first publish id it receives; a delivery whose
+  message id is claimed for another publish id is a duplicate and is acked unrun. A
+  redelivery (after a timeout, a ``nak`` or a dead consumer) has the claimed publish id and
+  goes through, whatever its ``x-delivery-count``.
 * **ack_wait**: RabbitMQ has no per-message ack timeout a consumer can renew, so each
   delivery has a timer: when it fires, the message is requeued (``basic.nack``, requeue);
   ``in_progress()`` restarts it. A consumer that dies without settling loses nothing: its
@@ -40,6 +46,11 @@ What RabbitMQ does not do by itself, the adapter does:
 * **last_message** consumes the stream from offset ``last`` (its last chunk) and cancels at
   once: RabbitMQ sends the chunk's messages before its ``basic.cancel-ok``, and the one with
   the highest ``x-stream-offset`` is the latest.
+* **streams still starting**: RabbitMQ 3.10 crashes the channel of a publish or consume on a
+  stream that another client's declare is still creating, closing the whole connection.
+  The first publish to a stream and each subscription wait until a brief consume of it
+  starts on a side connection (:meth:`RabbitMqBroker.stream_started`), which takes such
+  crashes instead; ``last_message`` reads there too.
 
 Iterators start their server-side consumer on the first ``__anext__``, have ``aclose()``,
 and lose nothing when a pending ``__anext__`` is cancelled. ``aclose()`` of a work-queue
@@ -61,6 +72,7 @@ import json
 import logging
 import re
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
@@ -116,6 +128,10 @@ _QUORUM: Final = {"x-queue-type": "quorum"}
 _STREAM: Final = {"x-queue-type": "stream"}
 _PENDING: Final = b"pending"
 _PUBLISHED: Final = b"published"
+PUBLISH_ID_HEADER: Final = "llama-mesh-publish-id"
+"""The header naming one publish of a task message: duplicates of a msg_id differ in it."""
+_CONSUMED: Final = "=consumed"
+"""Suffix of a msg_id's consumption claim (``=``: a queue name cannot make it up)."""
 _NODE_DOWN: Final = "down or inaccessible"
 """In RabbitMQ's NOT_FOUND for a durable queue whose node is still starting it."""
 _NOT_READY: Final = (_NODE_DOWN, "does not have a replica on the local node")
@@ -323,15 +339,29 @@ def _translated(what: str = "a message") -> Iterator[None]:
         raise translated from exc
 
 
+class _StreamStarting(QueueUnavailableError):
+    """RabbitMQ crashed a look at a stream it is still creating (see
+    :meth:`RabbitMqBroker.stream_started`)."""
+
+
+_STREAM_CRASHES: Final = (
+    aiormq.exceptions.ConnectionInternalError,
+    aiormq.exceptions.ConnectionResourceError,
+)
+"""How RabbitMQ 3.10 closes a connection when a channel crashed on a starting stream:
+INTERNAL_ERROR, or RESOURCE_ERROR "Stream not found"."""
+
+
 def _not_stored(exc: QueueError) -> bool:
     """Whether ``exc``'s operation stored nothing, and trying again can help: the message was
-    returned as unroutable, the queue is not ready (see :data:`_NOT_READY`), or the channel
-    or its connection was closed before anything was sent (the connection is down: a
-    restarted node is not reconnected to yet, and the robust connection reopens the channel
-    when it is)."""
+    returned as unroutable, the queue is not ready (see :data:`_NOT_READY` and
+    :class:`_StreamStarting`), or the channel or its connection was closed before anything
+    was sent (the connection is down: a restarted node is not reconnected to yet, and the
+    robust connection reopens the channel when it is)."""
     cause = exc.__cause__
     return (
-        isinstance(cause, aiormq.exceptions.PublishError)
+        isinstance(exc, _StreamStarting)
+        or isinstance(cause, aiormq.exceptions.PublishError)
         or (
             isinstance(cause, aiormq.exceptions.ChannelClosed)
             and any(text in str(cause) for text in _NOT_READY)
@@ -344,20 +374,10 @@ def _not_stored(exc: QueueError) -> bool:
     )
 
 
-def _may_start_again(exc: QueueError) -> bool:
-    """Whether a consumer's start that failed with ``exc`` can be tried again: it stored
-    nothing (:func:`_not_stored`), or RabbitMQ closed the connection with INTERNAL_ERROR,
-    as 3.10 does when a consume of a stream just declared crashes its channel (the stream's
-    member on this node is not registered yet); the robust connection comes back."""
-    return _not_stored(exc) or isinstance(exc.__cause__, aiormq.exceptions.ConnectionInternalError)
-
-
-async def _patiently(
-    operation: Callable[[], Awaitable[T]], again: Callable[[QueueError], bool] = _not_stored
-) -> T:
+async def _patiently(operation: Callable[[], Awaitable[T]]) -> T:
     """Run ``operation`` (a declare, or a publish with its declare), again after a pause
-    while RabbitMQ refused it without storing anything (``again``: :func:`_not_stored`), for
-    up to :data:`_PATIENCE` seconds: a restarted node must not fail every caller meanwhile."""
+    while RabbitMQ refused it without storing anything (:func:`_not_stored`), for up to
+    :data:`_PATIENCE` seconds: a restarted node must not fail every caller meanwhile."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _PATIENCE
     pause = _RETRY_PAUSES[0]
@@ -365,11 +385,15 @@ async def _patiently(
         try:
             return await operation()
         except QueueError as exc:
-            if not again(exc) or loop.time() + pause > deadline:
+            if not _not_stored(exc) or loop.time() + pause > deadline:
                 raise
             logger.debug("RabbitMQ refused, trying again in %ss: %s", pause, exc)
         await asyncio.sleep(pause)
         pause = min(pause * 2, _RETRY_PAUSES[1])
+
+
+async def _ignore(_message: aiormq.abc.DeliveredMessage) -> None:
+    """A consumer callback that keeps nothing."""
 
 
 def _succeeded(task: asyncio.Task[None]) -> bool:
@@ -405,6 +429,11 @@ class RabbitMqBroker(Broker):
         self.channel = channel
         """Publishes (with confirms) and declarations; iterators have channels of their own."""
         self._prefix = settings.exchange_name
+        self._url = settings.url
+        self._side: aio_pika.abc.AbstractConnection | None = None
+        """A plain connection for brief looks at streams that RabbitMQ may crash (see
+        :meth:`stream_started`); opened when first needed, again after it is lost."""
+        self._side_lock = asyncio.Lock()
         self._dedup = dedup
         self.closed = False
         self._declared: set[str] = set()
@@ -507,20 +536,22 @@ class RabbitMqBroker(Broker):
                     name, durable=True, arguments=dict(arguments), robust=robust
                 )
 
-        queue = await _patiently(declare)
-        self._declared.add(name)
-        return queue
+        return await _patiently(declare)
 
     async def _publish(
         self, name: str, arguments: Mapping[str, str], message: aio_pika.Message, what: str
     ) -> None:
         """Publish to queue/stream ``name`` and wait for the broker's confirm, declaring it
-        first (once). A message returned as unroutable (the queue was deleted since it was
-        declared here) declares it again and publishes again (see :func:`_patiently`)."""
+        first (once; a stream, until it runs: see :meth:`stream_started`). A message
+        returned as unroutable (the queue was deleted since it was declared here) declares
+        it again and publishes again (see :func:`_patiently`)."""
 
         async def publish() -> None:
             if name not in self._declared:
                 await self.declare(name, arguments)
+                if arguments is _STREAM:
+                    await self.stream_started(name)
+                self._declared.add(name)
             try:
                 async with self.using(what=what) as channel:
                     await channel.default_exchange.publish(
@@ -539,16 +570,47 @@ class RabbitMqBroker(Broker):
         name = self.queue_name(queue)
         if not msg_id or len(msg_id.encode()) > _MAX_SHORTSTR:
             raise ValueError(f"invalid msg_id {msg_id!r}: 1 to {_MAX_SHORTSTR} bytes")
-        digest = hashlib.sha256(msg_id.encode()).hexdigest()
-        claim = f"{self._prefix}.{queue}.{digest}"
+        claim = self._claim_key(queue, msg_id)
         if not await self._claim(claim):
             logger.debug("dropped a duplicate of message %r on queue %r", msg_id, queue)
             return
         message = aio_pika.Message(
-            data, message_id=msg_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            data,
+            message_id=msg_id,
+            headers={PUBLISH_ID_HEADER: uuid.uuid4().hex},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._publish(name, _QUORUM, message, f"task message {msg_id!r}")
         await self._dedup.put(claim, _PUBLISHED)
+
+    def _claim_key(self, queue: str, msg_id: str) -> str:
+        """The dedup key of ``msg_id``'s publish claim on ``queue``."""
+        return f"{self._prefix}.{queue}.{hashlib.sha256(msg_id.encode()).hexdigest()}"
+
+    async def is_duplicate(self, queue: str, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+        """Whether ``message`` (delivered from work queue ``queue``) is a duplicate: another
+        publish of its msg_id was delivered first. The first delivery claims the id for its
+        publish id; redeliveries of that publish find their own claim. When the bucket
+        cannot be read, the message counts as new: a duplicate may run, nothing is lost."""
+        publish_id = (message.headers or {}).get(PUBLISH_ID_HEADER)
+        if not message.message_id or not isinstance(publish_id, str | bytes):
+            return False  # published without a publish id: nothing to tell it apart by
+        mine = publish_id.encode() if isinstance(publish_id, str) else publish_id
+        key = self._claim_key(queue, message.message_id) + _CONSUMED
+        try:
+            try:
+                await self._dedup.create(key, mine)
+            except KeyExistsError:
+                entry = await self._dedup.get(key)
+                return entry is not None and entry.value != mine
+        except QueueError as exc:
+            logger.warning(
+                "cannot tell whether message %r of queue %r is a duplicate, running it: %s",
+                message.message_id,
+                queue,
+                exc,
+            )
+        return False
 
     async def _claim(self, claim: str) -> bool:
         """Whether a message whose id has the dedup key ``claim`` is to be published: no
@@ -562,12 +624,11 @@ class RabbitMqBroker(Broker):
 
     def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
         self.check_open()
-        name = self.queue_name(queue)
         if not 0 < options.max_in_flight <= _MAX_PREFETCH:
             raise ValueError(f"max_in_flight must be 1 to {_MAX_PREFETCH}")
         if options.ack_wait <= 0 or options.max_deliver < 1:
             raise ValueError("ack_wait must be positive and max_deliver at least 1")
-        consumer = _Consumer(self, name, options)
+        consumer = _Consumer(self, queue, options)
         self._iterators.add(consumer)
         return consumer
 
@@ -608,22 +669,73 @@ class RabbitMqBroker(Broker):
             offset = (message.header.properties.headers or {}).get("x-stream-offset")
             latest.append((offset if isinstance(offset, int) else -1, message.body))
 
-        # A channel of its own: RabbitMQ closes the channel of a consume of a missing queue.
-        with _translated():
-            async with self.connection.channel() as channel:
-                await channel.set_qos(prefetch_count=_MAX_PREFETCH)
-                amqp = await channel.get_underlay_channel()
-                try:
-                    consuming = await amqp.basic_consume(
-                        name, collect, arguments={"x-stream-offset": "last"}
-                    )
-                except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                    if _NODE_DOWN in str(exc):
-                        raise
-                    return None  # never published to, or deleted
-                if consuming.consumer_tag is not None:
-                    await amqp.basic_cancel(consuming.consumer_tag)
+        try:
+            await _patiently(lambda: self._consume_and_cancel(name, "last", _MAX_PREFETCH, collect))
+        except QueueError as exc:
+            missing = exc.__cause__
+            if isinstance(missing, aiormq.exceptions.ChannelNotFoundEntity) and (
+                _NODE_DOWN not in str(missing)
+            ):
+                return None  # never published to, or deleted
+            raise
         return max(latest)[1] if latest else None
+
+    async def _consume_and_cancel(
+        self,
+        name: str,
+        offset: str,
+        prefetch: int,
+        on_message: aiormq.abc.ConsumerCallback,
+    ) -> None:
+        """Consume stream ``name`` from ``offset`` and cancel at once, on a channel of its own
+        (RabbitMQ closes the channel of a consume it refuses) of the side connection: a
+        stream still starting crashes that connection, not the one of the broker's
+        publishes and consumers. That crash raises :class:`_StreamStarting`."""
+        side = await self._side_connection()
+        try:
+            with _translated():
+                async with side.channel() as channel:
+                    await channel.set_qos(prefetch_count=prefetch)
+                    amqp = await channel.get_underlay_channel()
+                    consuming = await amqp.basic_consume(
+                        name, on_message, arguments={"x-stream-offset": offset}
+                    )
+                    if consuming.consumer_tag is not None:
+                        await amqp.basic_cancel(consuming.consumer_tag)
+        except (QueueUnavailableError, RuntimeError) as exc:
+            # Crashed by this look, or by a concurrent one: then aio-pika raises RuntimeError
+            # ("closed") or the crash, maybe before the connection says it is closed.
+            cause = exc.__cause__
+            crashed = isinstance(exc, RuntimeError) or isinstance(cause, _STREAM_CRASHES)
+            # A RuntimeError ("closed") comes translated (see _closed_connection):
+            crashed = crashed or (cause is not None and _closed_connection(cause))
+            if not crashed and not side.is_closed:
+                raise
+            if self._side is side:  # the next look opens a new one
+                self._side = None
+                self.spawn(side.close(), name="rabbitmq-close-side-connection")
+            raise _StreamStarting(f"RabbitMQ is starting stream {name!r}: {exc!r}") from exc
+
+    async def _side_connection(self) -> aio_pika.abc.AbstractConnection:
+        """The side connection (see :meth:`_consume_and_cancel`), (re)opened if needed."""
+        async with self._side_lock:
+            if self._side is None or self._side.is_closed:
+                with _translated():
+                    self._side = await aio_pika.connect(self._url, timeout=_CONNECT_TIMEOUT)
+            return self._side
+
+    async def stream_started(self, name: str) -> None:
+        """Return once RabbitMQ runs stream ``name`` on this node (else raise the refusal
+        :func:`_not_stored` tells to try again).
+
+        A declare of a stream that another client is creating at that moment returns before
+        the stream's writer runs, and RabbitMQ 3.10 crashes the channel of a publish to it
+        then (``function_clause`` in ``osiris_writer:write(none, ...)``, fixed in 4.0.x);
+        the crash closes the whole connection with INTERNAL_ERROR. A consume starts only on
+        a running member (else RabbitMQ refuses it: "does not have a replica on the local
+        node"), so one that starts shows the stream ready for publishes.
+        """
+        await self._consume_and_cancel(name, "next", 1, _ignore)
 
     async def delete_topic(self, topic: str) -> None:
         self.check_open()
@@ -649,6 +761,9 @@ class RabbitMqBroker(Broker):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):  # a connection already lost is closed anyway
             await self.connection.close()
+        if self._side is not None:
+            with contextlib.suppress(Exception):
+                await self._side.close()
 
 
 async def connect_rabbitmq(settings: RabbitMqSettings, *, dedup: KeyValueStore) -> Broker:
@@ -726,13 +841,20 @@ class _Iterator(abc.ABC, Generic[Q, R]):
 
     async def started(self) -> None:
         """Wait until consuming started; a cancelled wait leaves the start running, and the
-        next read after a failed start tries again."""
+        next read after a failed start tries again. A start that :meth:`shutdown` cancelled
+        ends the read (``StopAsyncIteration``), not with the start's ``CancelledError``:
+        only a cancelled caller sees that."""
         starting = self._starting
         if starting is None or (starting.done() and not _succeeded(starting)):
-            start = _patiently(self._start_once, _may_start_again)
-            starting = asyncio.create_task(start, name=self.name)
+            starting = asyncio.create_task(_patiently(self._start_once), name=self.name)
             self._starting = starting
-        await asyncio.shield(starting)
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if self.closed and starting.cancelled() and not (caller and caller.cancelling()):
+                raise StopAsyncIteration from None
+            raise
 
     async def _start_once(self) -> None:
         try:
@@ -777,11 +899,15 @@ class _Iterator(abc.ABC, Generic[Q, R]):
 
 
 class _Consumer(_Iterator["_RabbitDelivery", Delivery], Subscription[Delivery]):
-    def __init__(self, owner: RabbitMqBroker, name: str, options: ConsumerOptions) -> None:
-        super().__init__(owner, name)
+    def __init__(self, owner: RabbitMqBroker, queue: str, options: ConsumerOptions) -> None:
+        super().__init__(owner, owner.queue_name(queue))
+        self.work_queue = queue
         self.options = options
         self.held: set[_RabbitDelivery] = set()
-        """Deliveries received and not yet settled (handed out or in :attr:`ready`)."""
+        """Deliveries received and not yet settled (being checked, handed out or in
+        :attr:`ready`)."""
+        self._checking = asyncio.Lock()
+        """Duplicate checks one at a time (a fair lock): deliveries keep their order."""
 
     async def start(self) -> None:
         channel = await self.open_channel(self.options.max_in_flight)
@@ -807,6 +933,25 @@ class _Consumer(_Iterator["_RabbitDelivery", Delivery], Subscription[Delivery]):
             delivery.finish(requeue=False)
         else:
             delivery.arm(self.options.ack_wait)
+            await self._check(delivery)
+
+    async def _check(self, delivery: _RabbitDelivery) -> None:
+        """Hand ``delivery`` out unless it is a duplicate (then drop it) or was settled (its
+        ack_wait ran out) or the consumer closed (then requeue it) meanwhile."""
+        async with self._checking:
+            duplicate = await self.owner.is_duplicate(self.work_queue, delivery.message)
+        if delivery.settled:
+            return
+        if duplicate:
+            logger.info(
+                "dropping a duplicate of message %r of %s: another publish of it was delivered",
+                delivery.message.message_id,
+                self.name,
+            )
+            delivery.finish(requeue=False)
+        elif self.closed:
+            delivery.finish(requeue=True)
+        else:
             self.received(delivery)
 
     def hand_out(self, item: _RabbitDelivery) -> Delivery | None:
@@ -842,7 +987,7 @@ class _RabbitDelivery(Delivery):
         self, consumer: _Consumer, message: aio_pika.abc.AbstractIncomingMessage, count: int
     ) -> None:
         self._consumer = consumer
-        self._message = message
+        self.message = message
         self._count = count
         self.settled = False
         """The caller settled it, or its ack_wait ran out."""
@@ -850,7 +995,7 @@ class _RabbitDelivery(Delivery):
 
     @property
     def data(self) -> bytes:
-        return self._message.body
+        return self.message.body
 
     @property
     def delivery_count(self) -> int:
@@ -885,9 +1030,9 @@ class _RabbitDelivery(Delivery):
         try:
             with _translated():
                 if requeue:
-                    await self._message.nack(requeue=True)
+                    await self.message.nack(requeue=True)
                 else:
-                    await self._message.ack()
+                    await self.message.ack()
         finally:
             self._consumer.settled(self)
 
@@ -938,6 +1083,7 @@ class _TopicSubscription(
     async def start(self) -> None:
         channel = await self.open_channel(_TOPIC_PREFETCH)
         self.queue = await self.owner.declare(self.name, _STREAM, channel=channel, robust=True)
+        await self.owner.stream_started(self.name)
         with _translated():
             self.tag = await self.queue.consume(self._on_message, arguments=self._arguments)
 
