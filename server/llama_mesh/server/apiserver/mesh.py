@@ -184,7 +184,7 @@ class Mesh:
         if isinstance(failure, MessageTooLargeError):
             raise InvalidArgumentError(
                 f"the task with its input is {failure.size} bytes, more than the message "
-                f"queue's limit of {failure.limit} bytes (NATS max_payload)",
+                f"queue's limit of {failure.limit} bytes ({failure.limit_name})",
                 reason="PAYLOAD_TOO_LARGE",
             ) from failure
         if isinstance(failure, QueueError):

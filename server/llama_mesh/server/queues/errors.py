@@ -35,6 +35,7 @@ class MessageTooLargeError(QueueError):
         )
         self.size = size
         self.limit = limit
+        self.limit_name = limit_name
 
 
 class KeyExistsError(QueueError):

@@ -308,11 +308,24 @@ def translate_error(exc: BaseException, what: str = "a message") -> BaseExceptio
     if too_large is not None:
         size, limit = int(too_large[1]), int(too_large[2])
         return MessageTooLargeError(what, size, limit, limit_name="RabbitMQ max_message_size")
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, _UNAVAILABLE) or _closed_connection(exc) or _rejected(exc):
         return QueueUnavailableError(f"RabbitMQ is unavailable: {exc!r}")
     if isinstance(exc, aiormq.exceptions.AMQPError):
         return QueueError(f"RabbitMQ error: {exc!r}")
     return exc
+
+
+def _closed_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` is the plain ``RuntimeError`` aiormq and aio-pika raise for a channel
+    asked of a closed connection (``<Connection ...> closed``): a lost connection, like the
+    others; a worker must give its task back, not fail it as the workflow's error."""
+    return type(exc) is RuntimeError and str(exc).endswith(" closed")
+
+
+def _rejected(exc: BaseException) -> bool:
+    """Whether ``exc`` is the bare ``Exception`` aiormq fails the operations still waiting on
+    a channel with when the channel closes without a reason (its connection was lost)."""
+    return type(exc) is Exception and not exc.args
 
 
 @contextlib.contextmanager
@@ -340,9 +353,11 @@ INTERNAL_ERROR, or RESOURCE_ERROR "Stream not found"."""
 
 
 def _not_stored(exc: QueueError) -> bool:
-    """Whether RabbitMQ refused ``exc``'s operation before storing anything, and trying
-    again can help: the message was returned as unroutable, or the queue is not ready (see
-    :data:`_NOT_READY` and :class:`_StreamStarting`)."""
+    """Whether ``exc``'s operation stored nothing, and trying again can help: the message was
+    returned as unroutable, the queue is not ready (see :data:`_NOT_READY` and
+    :class:`_StreamStarting`), or the channel or its connection was closed before anything
+    was sent (the connection is down: a restarted node is not reconnected to yet, and the
+    robust connection reopens the channel when it is)."""
     cause = exc.__cause__
     return (
         isinstance(exc, _StreamStarting)
@@ -351,6 +366,11 @@ def _not_stored(exc: QueueError) -> bool:
             isinstance(cause, aiormq.exceptions.ChannelClosed)
             and any(text in str(cause) for text in _NOT_READY)
         )
+        or (
+            isinstance(cause, aiormq.exceptions.ChannelInvalidStateError)
+            and str(cause).endswith(" closed")
+        )
+        or (cause is not None and _closed_connection(cause))
     )
 
 
@@ -685,7 +705,10 @@ class RabbitMqBroker(Broker):
         except (QueueUnavailableError, RuntimeError) as exc:
             # Crashed by this look, or by a concurrent one: then aio-pika raises RuntimeError
             # ("closed") or the crash, maybe before the connection says it is closed.
-            crashed = isinstance(exc, RuntimeError) or isinstance(exc.__cause__, _STREAM_CRASHES)
+            cause = exc.__cause__
+            crashed = isinstance(exc, RuntimeError) or isinstance(cause, _STREAM_CRASHES)
+            # A RuntimeError ("closed") comes translated (see _closed_connection):
+            crashed = crashed or (cause is not None and _closed_connection(cause))
             if not crashed and not side.is_closed:
                 raise
             if self._side is side:  # the next look opens a new one
@@ -843,6 +866,8 @@ class _Iterator(abc.ABC, Generic[Q, R]):
 
     async def open_channel(self, prefetch: int) -> aio_pika.abc.AbstractRobustChannel:
         with _translated():
+            # After a lost connection: once it is back (unavailable if it stays away).
+            await asyncio.wait_for(self.owner.connection.ready(), _PATIENCE)
             channel = await self.owner.connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
         self.channel = channel

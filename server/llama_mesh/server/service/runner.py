@@ -118,7 +118,7 @@ async def run_workflow(
         error = TaskError(
             "MessageTooLarge",
             f"an event of the task is {exc.size} bytes, more than the message queue's limit "
-            f"of {exc.limit} bytes (NATS max_payload): it cannot be published",
+            f"of {exc.limit} bytes ({exc.limit_name}): it cannot be published",
         )
         outcome = RunOutcome(TaskStatus.FAILED, error=error)
     except QueueError:

@@ -515,5 +515,5 @@ class _TooLarge(Exception):
         self.error = TaskError(
             "MessageTooLarge",
             f"{what} is {exc.size} bytes, more than the message queue's limit of "
-            f"{exc.limit} bytes (NATS max_payload): it cannot be stored",
+            f"{exc.limit} bytes ({exc.limit_name}): it cannot be stored",
         )
