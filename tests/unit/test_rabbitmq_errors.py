@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import aiormq.exceptions
 import pytest
+from pamqp import commands
 
 from llama_mesh.server.queues.errors import QueueError, QueueUnavailableError
-from llama_mesh.server.queues.rabbitmq import translate_error
+from llama_mesh.server.queues.rabbitmq import _not_stored, translate_error
 
 CONNECTION = '<Connection: "amqp://mesh:******@127.0.0.1:5672/" at 0x7f00>'
 
@@ -32,3 +33,18 @@ def test_rabbitmq_errors_translate_into_the_queue_error_tree(
     assert type(translate_error(error)) is expected
     assert type(translate_error(RuntimeError("the workflow's own"))) is RuntimeError
     assert type(translate_error(Exception("the workflow's own"))) is Exception
+
+
+def test_a_nacked_or_returned_publish_is_tried_again() -> None:
+    """A publish RabbitMQ nacked (nothing stored: a quorum queue without its leader yet, seen
+    just after a restart) is published again; an operation cut off by a lost connection
+    (anything may have been stored) is not."""
+    nacked = aiormq.exceptions.DeliveryError(None, commands.Basic.Nack(delivery_tag=1))
+    translated = translate_error(nacked)
+    assert isinstance(translated, QueueUnavailableError)
+    translated.__cause__ = nacked
+    assert _not_stored(translated)
+    cut_off = translate_error(Exception())
+    assert isinstance(cut_off, QueueError)
+    cut_off.__cause__ = Exception()
+    assert not _not_stored(cut_off)

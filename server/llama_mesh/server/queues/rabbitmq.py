@@ -354,14 +354,15 @@ INTERNAL_ERROR, or RESOURCE_ERROR "Stream not found"."""
 
 def _not_stored(exc: QueueError) -> bool:
     """Whether ``exc``'s operation stored nothing, and trying again can help: the message was
-    returned as unroutable, the queue is not ready (see :data:`_NOT_READY` and
-    :class:`_StreamStarting`), or the channel or its connection was closed before anything
-    was sent (the connection is down: a restarted node is not reconnected to yet, and the
-    robust connection reopens the channel when it is)."""
+    returned as unroutable or nacked (a quorum queue with no leader yet, just after a
+    restart, refuses to take responsibility for it), the queue is not ready (see
+    :data:`_NOT_READY` and :class:`_StreamStarting`), or the channel or its connection was
+    closed before anything was sent (the connection is down: a restarted node is not
+    reconnected to yet, and the robust connection reopens the channel when it is)."""
     cause = exc.__cause__
     return (
         isinstance(exc, _StreamStarting)
-        or isinstance(cause, aiormq.exceptions.PublishError)
+        or isinstance(cause, aiormq.exceptions.DeliveryError)  # returned or nacked
         or (
             isinstance(cause, aiormq.exceptions.ChannelClosed)
             and any(text in str(cause) for text in _NOT_READY)
