@@ -1,7 +1,8 @@
 """The Redis broker: work queues and topics on Redis streams (Redis 7.0 or later).
 
-Layout on the server, for the key prefix ``P`` = ``llama-mesh:<namespace>`` (so several
-deployments share one Redis; ``redis-cli KEYS 'llama-mesh:*'`` shows them):
+Layout on the server, for the key prefix ``P`` = ``llama-mesh:<namespace>`` (queue and topic
+names carry the deployment's name, so several deployments share one Redis;
+``redis-cli KEYS 'llama-mesh:*'`` shows them):
 
 * ``P:queue:<q>``: the stream of work queue ``q``, with one consumer group (``workers``)
   shared by every consumer of the queue; each consumer is a group member of its own name.
@@ -932,8 +933,9 @@ class RedisSettings:
     count.) ``exclusive_mode`` is accepted and has no effect: it chose between Pub/Sub
     delivery modes, and a stream consumer group gives each message to one consumer anyway.
 
-    ``namespace`` is not a YAML field: the server sets one per deployment so that several
-    deployments share one Redis (keys ``llama-mesh:<namespace>:...``).
+    ``namespace`` is not a YAML field: deployments use ``default`` (their queue and topic
+    names already carry the deployment's name); the tests give each test its own, so they
+    share one redis-server (keys ``llama-mesh:<namespace>:...``).
     """
 
     url: str = "redis://localhost:6379"
