@@ -15,6 +15,7 @@ from llama_mesh.server.deployment_config import (
     ServiceConfig,
     SourceConfig,
     parse_deployment_config,
+    redact_secrets,
 )
 from llama_mesh.server.errors import FailedPreconditionError
 from llama_mesh.server.orchestrator import choose_service
@@ -521,3 +522,35 @@ def test_service_config_can_be_built_directly() -> None:
     """ServiceConfig has defaults so other modules and tests can build one in code."""
     svc = ServiceConfig(id="s", name="S", source=SourceConfig("local", "."), path="wf:w")
     assert (svc.replicas, svc.max_retries, svc.module_path, svc.attr) == (1, 2, "wf", "w")
+
+
+def test_shown_yaml_hides_passwords_and_nothing_else() -> None:
+    """The API shows a deployment file with the password of every URL and every
+    ``*password:`` value replaced; the rest of the text, comments included, is unchanged."""
+    text = (
+        "message-queue:\n"
+        "  type: rabbitmq\n"
+        "  url: amqp://guest:s3cr%40t@rabbit:5672/vh  # the broker\n"
+        "  password: hunter2\n"
+        "services:\n"
+        "  a:\n"
+        "    env:\n"
+        '      DB: "postgres://u:pw@db/x"\n'
+        "      REDIS_PASSWORD: abc\n"
+        '      PAGE: "http://host/path@x"\n'
+    )
+    shown = redact_secrets(text)
+    for secret in ("s3cr%40t", "hunter2", ":pw@", "abc"):
+        assert secret not in shown
+    assert shown == (
+        "message-queue:\n"
+        "  type: rabbitmq\n"
+        "  url: amqp://guest:***@rabbit:5672/vh  # the broker\n"
+        '  password: "***"\n'
+        "services:\n"
+        "  a:\n"
+        "    env:\n"
+        '      DB: "postgres://u:***@db/x"\n'
+        '      REDIS_PASSWORD: "***"\n'
+        '      PAGE: "http://host/path@x"\n'
+    )

@@ -217,6 +217,22 @@ def parse_deployment_config(
     return _Parser(source_name).parse(text)
 
 
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s@/'\"]+@")
+_PASSWORD_LINE = re.compile(
+    r"^(\s*(?:-\s+)?[\"']?[A-Za-z_]*password[\"']?\s*:[ \t]*)(?=\S)(?![|>#])(.*)$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def redact_secrets(config_yaml: str) -> str:
+    """``config_yaml`` as the API shows it: the password of every URL (``scheme://user:***@``)
+    and the value of every ``*password:`` key replaced by ``***``. A deployment file may name
+    its broker with credentials (``message-queue.url``, ``password``), and anyone allowed to
+    read deployments is not thereby allowed to log in to the broker."""
+    text = _URL_PASSWORD.sub(r"\1***@", config_yaml)
+    return _PASSWORD_LINE.sub(r'\1"***"', text)
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 

@@ -11,6 +11,7 @@ import grpc
 
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.apiserver.mesh import Mesh, check_id
+from llama_mesh.server.deployment_config import redact_secrets
 from llama_mesh.server.domain import DeploymentRecord, HumanEvent, TaskStatus
 from llama_mesh.server.errors import InvalidArgumentError
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
@@ -47,6 +48,7 @@ class ApiServerServicer(apiserver_pb2_grpc.ApiServerServicer):
     async def deployment_proto(self, record: DeploymentRecord) -> types_pb2.Deployment:
         """A deployment with its services and their live replicas."""
         msg = convert.deployment_record_to_proto(record)
+        msg.config_yaml = redact_secrets(record.config_yaml)
         deployments = self._mesh.deployments
         if deployments.is_pending(record.name):  # restored after a restart, in turn
             msg.status = types_pb2.DEPLOYMENT_STATUS_DEPLOYING
