@@ -18,6 +18,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", HYPOTHESIS_PROFILE))
 
 pytest_plugins = [
+    "tests.fixtures.logs",
     "tests.fixtures.nats",
     "tests.fixtures.rabbitmq",
     "tests.fixtures.brokers",

@@ -20,11 +20,9 @@ and topic names are dot-separated tokens of ``[A-Za-z0-9_-]``. Errors are those 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
+from llama_mesh.server.queues.connected import Connected
 from llama_mesh.server.queues.iterators import Subscription
 
 
@@ -76,7 +74,7 @@ class Delivery(abc.ABC):
         """Still working: restart the ``ack_wait`` timer of this delivery."""
 
 
-class Broker(abc.ABC):
+class Broker(Connected):
     """A connection to a message broker. Use as an async context manager."""
 
     @abc.abstractmethod
@@ -114,23 +112,3 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def delete_topic(self, topic: str) -> None:
         """Forget every message of ``topic``."""
-
-    def on_availability(self, listener: Callable[[str | None], None]) -> None:
-        """Call ``listener(reason)`` when the broker becomes unreachable and
-        ``listener(None)`` when it is back (a broker in this process never goes away)."""
-        del listener
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Flush and disconnect; idempotent. Open iterators end."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -12,11 +12,9 @@ compare-and-set; a watch delivers every change in revision order and never misse
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
+from llama_mesh.server.queues.connected import Connected
 from llama_mesh.server.queues.iterators import Subscription
 
 
@@ -83,7 +81,7 @@ class KeyValueStore(abc.ABC):
         """
 
 
-class StateStore(abc.ABC):
+class StateStore(Connected):
     """A connection to the store holding the control plane's buckets. Use as an async
     context manager."""
 
@@ -94,23 +92,3 @@ class StateStore(abc.ABC):
         ``ttl`` (seconds) makes entries expire that are not rewritten in time (used for
         heartbeats); it is fixed when the bucket is created.
         """
-
-    def on_availability(self, listener: Callable[[str | None], None]) -> None:
-        """Call ``listener(reason)`` when the store becomes unreachable and
-        ``listener(None)`` when it is back (a store in this process never goes away)."""
-        del listener
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Disconnect; idempotent. Open watches end."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
