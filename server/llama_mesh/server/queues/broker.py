@@ -20,10 +20,25 @@ and topic names are dot-separated tokens of ``[A-Za-z0-9_-]``. Errors are those 
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
 
 from llama_mesh.server.queues.connected import Connected
 from llama_mesh.server.queues.iterators import Subscription
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` is dot-separated tokens of ``[A-Za-z0-9_-]``: the queue and topic
+    names every broker takes."""
+    return _NAME_RE.match(name) is not None
+
+
+def check_name(kind: str, name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` (of a ``kind``: queue, topic) :func:`is_name`."""
+    if not is_name(name):
+        raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
 
 
 @dataclass(frozen=True, slots=True)

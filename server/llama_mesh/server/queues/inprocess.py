@@ -35,33 +35,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery, check_name
 from llama_mesh.server.queues.errors import (
     KeyExistsError,
     QueueUnavailableError,
     RevisionMismatchError,
 )
 from llama_mesh.server.queues.iterators import Subscription
-from llama_mesh.server.queues.state import KeyValueEntry, KeyValueStore, StateStore, watches
+from llama_mesh.server.queues.state import (
+    KeyValueEntry,
+    KeyValueStore,
+    StateStore,
+    check_key,
+    watches,
+)
 
 logger = logging.getLogger(__name__)
 
 DEDUP_WINDOW: Final = 120.0
 """Seconds a ``msg_id`` is remembered (NATS ``duplicate_window`` of the tasks stream)."""
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-_KEY_RE = re.compile(r"^[A-Za-z0-9_=./-]+$")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _check_name(kind: str, name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
-
-
-def _check_key(key: str) -> None:
-    if not _KEY_RE.match(key) or key.startswith(".") or key.endswith("."):
-        raise ValueError(f"invalid key {key!r}: [A-Za-z0-9_=./-], not starting or ending with '.'")
 
 
 class _Waiters:
@@ -372,7 +366,7 @@ class InProcessKeyValueStore(KeyValueStore):
 
     async def get(self, key: str) -> KeyValueEntry | None:
         self._owner.check_open()
-        _check_key(key)
+        check_key(key)
         slot = self._slots.get(key)
         if slot is None or slot.value is None:
             return None
@@ -380,12 +374,12 @@ class InProcessKeyValueStore(KeyValueStore):
 
     async def put(self, key: str, value: bytes) -> int:
         self._owner.check_open()
-        _check_key(key)
+        check_key(key)
         return self._write(key, value)
 
     async def create(self, key: str, value: bytes) -> int:
         self._owner.check_open()
-        _check_key(key)
+        check_key(key)
         slot = self._slots.get(key)
         if slot is not None and slot.value is not None:
             raise KeyExistsError(f"key {key!r} exists (revision {slot.revision})")
@@ -393,7 +387,7 @@ class InProcessKeyValueStore(KeyValueStore):
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         self._owner.check_open()
-        _check_key(key)
+        check_key(key)
         slot = self._slots.get(key)
         current = 0 if slot is None else slot.revision
         if current != last_revision:
@@ -404,7 +398,7 @@ class InProcessKeyValueStore(KeyValueStore):
 
     async def delete(self, key: str) -> None:
         self._owner.check_open()
-        _check_key(key)
+        check_key(key)
         slot = self._slots.get(key)
         if slot is not None and slot.value is not None:
             self._write(key, None)
@@ -506,14 +500,14 @@ class InProcessBroker(_InProcessRole, Broker):
         self._topics: dict[str, _Topic] = {}
 
     def _work_queue(self, queue: str) -> _WorkQueue:
-        _check_name("queue", queue)
+        check_name("queue", queue)
         wq = self._work_queues.get(queue)
         if wq is None:
             wq = self._work_queues[queue] = _WorkQueue()
         return wq
 
     def _topic(self, topic: str) -> _Topic:
-        _check_name("topic", topic)
+        check_name("topic", topic)
         found = self._topics.get(topic)
         if found is None:
             found = self._topics[topic] = _Topic()

@@ -83,7 +83,7 @@ import aiormq.abc
 import aiormq.exceptions
 
 from llama_mesh.server.aio import cancel_and_wait
-from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery, check_name, is_name
 from llama_mesh.server.queues.errors import (
     KeyExistsError,
     MessageTooLargeError,
@@ -137,7 +137,6 @@ _NODE_DOWN: Final = "down or inaccessible"
 _NOT_READY: Final = (_NODE_DOWN, "does not have a replica on the local node")
 """What RabbitMQ says of a queue it is still starting: after a restart, and for a stream
 just declared (its member on this node starts a moment later)."""
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _TOO_LARGE_RE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ class RabbitMqSettings:
 
     def __post_init__(self) -> None:
         _check_url(self.url)
-        if not _NAME_RE.match(self.exchange_name) or self.exchange_name.startswith("amq."):
+        if not is_name(self.exchange_name) or self.exchange_name.startswith("amq."):
             raise ValueError(
                 f"exchange_name: {self.exchange_name!r} is not a valid prefix: dot-separated "
                 "tokens of [A-Za-z0-9_-], not starting with 'amq.'"
@@ -401,11 +400,6 @@ def _succeeded(task: asyncio.Task[None]) -> bool:
     return not task.cancelled() and task.exception() is None
 
 
-def _check_name(kind: str, name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
-
-
 def _delivery_count(message: aio_pika.abc.AbstractIncomingMessage) -> int:
     """1 + the quorum queue's count of earlier returns of ``message``."""
     returned = (message.headers or {}).get("x-delivery-count", 0)
@@ -488,12 +482,12 @@ class RabbitMqBroker(Broker):
 
     def queue_name(self, queue: str) -> str:
         """The quorum queue of work queue ``queue``."""
-        _check_name("queue", queue)
+        check_name("queue", queue)
         return f"{self._prefix}.tasks.{queue}"
 
     def stream_name(self, topic: str) -> str:
         """The stream of topic ``topic``."""
-        _check_name("topic", topic)
+        check_name("topic", topic)
         return f"{self._prefix}.topics.{topic}"
 
     @contextlib.asynccontextmanager

@@ -83,7 +83,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from llama_mesh.server.aio import cancel_and_wait
-from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery, check_name
 from llama_mesh.server.queues.errors import (
     MessageTooLargeError,
     QueueError,
@@ -110,7 +110,6 @@ _BACKOFF: Final = (0.1, 2.0)
 _CONNECT_TIMEOUT: Final = 5.0
 _DEFAULT_MAX_BULK: Final = 512 * 1024 * 1024
 """Redis's default ``proto-max-bulk-len``, used when ``CONFIG GET`` is not allowed."""
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # --------------------------------------------------------------------------------------------
@@ -299,11 +298,6 @@ def _describe(exc: BaseException) -> str:
 
 def _is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and "NOGROUP" in str(exc)
-
-
-def _check_name(kind: str, name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
 
 
 class _Waiters:
@@ -631,12 +625,12 @@ class RedisBroker(Broker):
 
     def queue_key(self, queue: str) -> str:
         """The stream of work queue ``queue``."""
-        _check_name("queue", queue)
+        check_name("queue", queue)
         return f"{self.prefix}:queue:{queue}"
 
     def topic_key(self, topic: str) -> str:
         """The stream of topic ``topic``."""
-        _check_name("topic", topic)
+        check_name("topic", topic)
         return f"{self.prefix}:topic:{topic}"
 
     @property

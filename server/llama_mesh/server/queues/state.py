@@ -12,10 +12,20 @@ compare-and-set; a watch delivers every change in revision order and never misse
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
 
 from llama_mesh.server.queues.connected import Connected
 from llama_mesh.server.queues.iterators import Subscription
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_=./-]+$")
+
+
+def check_key(key: str) -> None:
+    """Raise ``ValueError`` unless ``key`` is ``[A-Za-z0-9_=./-]`` and neither starts nor
+    ends with ``.``: every state store takes exactly these keys."""
+    if not _KEY_RE.match(key) or key.startswith(".") or key.endswith("."):
+        raise ValueError(f"invalid key {key!r}: [A-Za-z0-9_=./-], not starting or ending with '.'")
 
 
 @dataclass(frozen=True, slots=True)

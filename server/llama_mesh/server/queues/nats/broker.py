@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import uuid
 from typing import Final
@@ -38,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
-from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery, check_name
 from llama_mesh.server.queues.errors import QueueError, QueueUnavailableError
 from llama_mesh.server.queues.iterators import Subscription
 from llama_mesh.server.queues.nats.connection import REQUEST_TIMEOUT, NatsConnection
@@ -54,13 +53,6 @@ _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
 _TOPICS_MAX_AGE: Final = 7 * 24 * 3600.0
 _STREAM_NAME_IN_USE: Final = 10058
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-
-
-def _check_name(kind: str, name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise ValueError(f"invalid {kind} name {name!r}: dot-separated tokens of [A-Za-z0-9_-]")
 
 
 class _NatsDelivery(Delivery):
@@ -264,12 +256,12 @@ class NatsBroker(NatsRole, Broker):
 
     def task_subject(self, queue: str) -> str:
         """The subject of work queue ``queue``."""
-        _check_name("queue", queue)
+        check_name("queue", queue)
         return f"{self._prefix}.tasks.{queue}"
 
     def topic_subject(self, topic: str) -> str:
         """The subject of topic ``topic``."""
-        _check_name("topic", topic)
+        check_name("topic", topic)
         return f"{self._prefix}.topics.{topic}"
 
     @staticmethod
@@ -369,7 +361,7 @@ class NatsBroker(NatsRole, Broker):
 
     def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
         self.check_open()
-        _check_name("queue", queue)
+        check_name("queue", queue)
         if options.max_in_flight < 1 or options.max_deliver < 1 or options.ack_wait <= 0:
             raise ValueError(f"invalid consumer options {options!r}")
         return self.iterate(_TaskFeed(self, queue, options))

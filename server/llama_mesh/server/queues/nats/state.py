@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import re
 import uuid
 from typing import Final
 
@@ -30,20 +29,19 @@ from llama_mesh.server.queues.iterators import Subscription
 from llama_mesh.server.queues.nats.connection import TOKEN_RE, NatsConnection
 from llama_mesh.server.queues.nats.errors import patiently, placement_unavailable, translated
 from llama_mesh.server.queues.nats.feeds import CONSUMER_INACTIVE, NatsRole, PushFeed
-from llama_mesh.server.queues.state import KeyValueEntry, KeyValueStore, StateStore, watches
+from llama_mesh.server.queues.state import (
+    KeyValueEntry,
+    KeyValueStore,
+    StateStore,
+    check_key,
+    watches,
+)
 
 _KEYS_TIMEOUT: Final = 5.0
 _DELETE_RETRIES: Final = 10
 _KV_OPERATION: Final = "KV-Operation"
 _KV_DELETIONS: Final = frozenset({"DEL", "PURGE"})
 _MARKER_REASON: Final = "Nats-Marker-Reason"
-
-_KEY_RE = re.compile(r"^[A-Za-z0-9_=./-]+$")
-
-
-def _check_key(key: str) -> None:
-    if not _KEY_RE.match(key) or key.startswith(".") or key.endswith("."):
-        raise ValueError(f"invalid key {key!r}: [A-Za-z0-9_=./-], not starting or ending with '.'")
 
 
 def _is_deletion(headers: dict[str, str] | None) -> bool:
@@ -123,7 +121,7 @@ class NatsKeyValueStore(KeyValueStore):
 
     async def get(self, key: str) -> KeyValueEntry | None:
         self.owner.check_open()
-        _check_key(key)
+        check_key(key)
         return await patiently(self.owner, lambda: self._get(key), f"reading key {key!r}")
 
     async def _get(self, key: str) -> KeyValueEntry | None:
@@ -140,7 +138,7 @@ class NatsKeyValueStore(KeyValueStore):
 
     async def put(self, key: str, value: bytes) -> int:
         self.owner.check_open()
-        _check_key(key)
+        check_key(key)
         # Tried again while NATS is unavailable, under one message id: should an attempt
         # whose answer was lost have been stored, the stream drops the repeat (it does not
         # overwrite a newer value written meanwhile).
@@ -153,7 +151,7 @@ class NatsKeyValueStore(KeyValueStore):
 
     async def create(self, key: str, value: bytes) -> int:
         self.owner.check_open()
-        _check_key(key)
+        check_key(key)
         # Tried again while NATS is unavailable. The stream checks the expected revision
         # before it looks for duplicates, so a repeat of an attempt that was stored (its
         # answer lost) finds the key taken: by this very write when the key's latest
@@ -197,7 +195,7 @@ class NatsKeyValueStore(KeyValueStore):
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         self.owner.check_open()
-        _check_key(key)
+        check_key(key)
         # Tried again while NATS is unavailable, like reads: a compare-and-set is safe to
         # repeat (should a first attempt have landed, the next one is a revision conflict,
         # which callers resolve by reading again).
@@ -209,7 +207,7 @@ class NatsKeyValueStore(KeyValueStore):
 
     async def delete(self, key: str) -> None:
         self.owner.check_open()
-        _check_key(key)
+        check_key(key)
         for _ in range(_DELETE_RETRIES):
             current = await self.get(key)
             if current is None:
