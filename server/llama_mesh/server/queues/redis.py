@@ -1066,9 +1066,8 @@ async def connect_redis(settings: RedisSettings) -> RedisBroker:
         translated = translate_error(exc)
         if translated is exc:
             raise
-        raise QueueUnavailableError(
-            f"cannot connect to Redis at {settings.redacted_url}: {_describe(exc)}"
-        ) from exc
+        # The caller names the broker (kind and URL, password hidden), as for RabbitMQ.
+        raise QueueUnavailableError(f"cannot connect to Redis: {_describe(exc)}") from exc
     return RedisBroker(client, namespace=settings.namespace, max_bulk=max_bulk)
 
 
