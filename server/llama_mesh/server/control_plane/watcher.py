@@ -47,6 +47,12 @@ class TaskWatcher:
         """Call ``listener`` with every change of every task from now on (it must not block)."""
         self._listeners.append(listener)
 
+    def accepted(self, task: Task) -> None:
+        """Tell the listeners of a task this server accepted without a record (its message
+        is its record, see ``TaskMessage.recorded``): the watch carries no QUEUED change
+        for it, and its first change comes as a revision newer than 0."""
+        self._tell_listeners(TaskChange(task.deployment, task.task_id, task, 0))
+
     def start(self) -> None:
         """Begin watching (idempotent); changes written from now on reach followers."""
         if self._pump is None and not self._closed:
@@ -154,6 +160,9 @@ class TaskWatcher:
             inbox.put_nowait(change)
         for inbox in self._deployment_inboxes.get(change.deployment, ()):
             inbox.put_nowait(change)
+        self._tell_listeners(change)
+
+    def _tell_listeners(self, change: TaskChange) -> None:
         for listener in self._listeners:
             try:
                 listener(change)
