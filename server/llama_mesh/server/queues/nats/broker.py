@@ -244,6 +244,7 @@ class NatsBroker(NatsRole, Broker):
     """A :class:`Broker` on NATS JetStream. Open it with :meth:`open`."""
 
     what = "NATS broker"
+    finds_tasks = True
 
     def __init__(self, connection: NatsConnection) -> None:
         super().__init__(connection)
@@ -339,9 +340,10 @@ class NatsBroker(NatsRole, Broker):
         """Create (or update to ``options``) the durable consumer of ``queue``; its name.
 
         A consumer an earlier version created, filtering only the legacy subject of
-        ``queue``, is updated to filter both."""
+        ``queue``, is updated to filter both; see :meth:`_requeue_passed`."""
         subjects = self.consumer_subjects(queue)
         name = self.consumer_name(queue)
+        upgrading = False
         with translated():
             try:
                 info = await self.js.consumer_info(self.tasks_stream, name)
@@ -355,6 +357,7 @@ class NatsBroker(NatsRole, Broker):
                         f"queue {queue!r} maps to consumer {name!r}, which already serves "
                         f"{serves!r}"
                     )
+                upgrading = serves != subjects
                 if (
                     serves == subjects
                     and current.ack_wait == options.ack_wait
@@ -362,7 +365,7 @@ class NatsBroker(NatsRole, Broker):
                     and current.max_ack_pending == _MAX_ACK_PENDING
                 ):
                     return name
-            await self.js.add_consumer(
+            created = await self.js.add_consumer(
                 self.tasks_stream,
                 api.ConsumerConfig(
                     name=name,
@@ -375,7 +378,29 @@ class NatsBroker(NatsRole, Broker):
                     max_ack_pending=_MAX_ACK_PENDING,
                 ),
             )
+        if upgrading and created.delivered is not None and created.delivered.stream_seq:
+            await self._requeue_passed(queue, created.delivered.stream_seq)
         return name
+
+    async def _requeue_passed(self, queue: str, delivered: int) -> None:
+        """Queue again the messages of ``queue`` published one per subject up to stream
+        sequence ``delivered``: the consumer, just updated from the legacy subject alone,
+        has passed them and would never deliver them. An API server of this version queues
+        such messages while consumers of an earlier one still take the legacy subject (a
+        rolling upgrade). Each goes to the end of the queue under the same subject; a
+        message id made of its old sequence keeps two upgrading consumers from queueing it
+        twice."""
+        for msg in await self._stored(self.queued_subjects(queue), until=delivered):
+            if msg.subject is None or msg.seq is None:
+                continue
+            logger.info(
+                "queueing %s again after the consumer of %r was updated", msg.subject, queue
+            )
+            await self._publishpatiently(
+                msg.subject, msg.data or b"", f"requeued-{msg.seq}", f"requeueing {msg.subject}"
+            )
+            with translated(), contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_msg(self.tasks_stream, msg.seq)
 
     # -- Broker
 
@@ -456,9 +481,10 @@ class NatsBroker(NatsRole, Broker):
 
         return await patiently(self, read, f"looking up {subject!r}")
 
-    async def _stored(self, subject: str) -> list[api.RawStreamMsg]:
-        """Every message stored on ``subject`` (wildcards allowed), in sequence order: one
-        request per message, each for the next one from a sequence on."""
+    async def _stored(self, subject: str, until: int | None = None) -> list[api.RawStreamMsg]:
+        """Every message stored on ``subject`` (wildcards allowed), in sequence order, up to
+        sequence ``until``: one request per message, each for the next one from a sequence
+        on."""
         found: list[api.RawStreamMsg] = []
         seq = 1
         while True:
@@ -473,7 +499,7 @@ class NatsBroker(NatsRole, Broker):
                         return None
 
             msg = await patiently(self, read, f"listing {subject!r}")
-            if msg is None or msg.seq is None:
+            if msg is None or msg.seq is None or (until is not None and msg.seq > until):
                 return found
             found.append(msg)
             seq = msg.seq + 1
