@@ -250,14 +250,19 @@ finders = pytest.mark.parametrize("broker", FINDS_TASKS, indirect=True)
 
 @finders
 async def test_find_task_sees_waiting_and_unsettled_messages(broker: Broker) -> None:
-    """find_task finds a message before its delivery and while a delivery is unsettled;
-    not once it is acked."""
+    """find_task finds a message before its delivery, while a delivery is unsettled and
+    while it waits to be delivered again; not once it is acked."""
     assert broker.finds_tasks
     await broker.publish_task("find", b"job", msg_id="t1")
     assert await broker.find_task("find", "t1") == b"job"
     it = broker.consume_tasks("find", ConsumerOptions())
     delivery = await next_within(it, WAIT)
     assert await broker.find_task("find", "t1") == b"job"
+    await delivery.nak(delay=0.5)
+    assert await broker.find_task("find", "t1") == b"job"
+    assert await broker.queued_tasks("find") == [b"job"]
+    delivery = await next_within(it, WAIT)
+    assert delivery.delivery_count == 2
     await delivery.ack()
 
     async def gone() -> bool:

@@ -444,20 +444,21 @@ class NatsBroker(NatsRole, Broker):
 
     async def find_task(self, queue: str, msg_id: str) -> bytes | None:
         self.check_open()
-        found = await self._get_task(self.task_subject(queue, msg_id))
+        found = await self._find(queue, msg_id)
         return None if found is None else found.data or b""
 
     async def queued_tasks(self, queue: str) -> list[bytes]:
         self.check_open()
+        start = await self._done_up_to(queue) + 1
         found: list[api.RawStreamMsg] = []
         for subject in self.consumer_subjects(queue):
-            found += await self._stored(subject)
+            found += await self._stored(subject, start)
         found.sort(key=lambda msg: msg.seq or 0)
         return [msg.data or b"" for msg in found]
 
     async def remove_task(self, queue: str, msg_id: str) -> bool:
         self.check_open()
-        found = await self._get_task(self.task_subject(queue, msg_id))
+        found = await self._find(queue, msg_id)
         if found is None or found.seq is None:
             return False
         with translated():
@@ -468,6 +469,33 @@ class NatsBroker(NatsRole, Broker):
             except nats.js.errors.NotFoundError:
                 return False  # settled (or removed) meanwhile
         return True
+
+    async def _find(self, queue: str, msg_id: str) -> api.RawStreamMsg | None:
+        """The stored message of ``queue`` under ``msg_id``, unless its consumer gave up on
+        it."""
+        found = await self._get_task(self.task_subject(queue, msg_id))
+        if found is None or (found.seq or 0) <= await self._done_up_to(queue):
+            return None
+        return found
+
+    async def _done_up_to(self, queue: str) -> int:
+        """A stream sequence up to which the consumer of ``queue`` is done with every
+        message (0 without a consumer). Acked and terminated messages leave a work-queue
+        stream, but one whose last delivery timed out (``max_deliver``) stays stored: at or
+        below this sequence, it is no longer in the queue. With no delivery unsettled, that
+        is the last message delivered; else the ack floor, which does not pass a dropped
+        message while an earlier one is unsettled."""
+
+        async def read() -> int:
+            with translated():
+                try:
+                    info = await self.js.consumer_info(self.tasks_stream, self.consumer_name(queue))
+                except nats.js.errors.NotFoundError:
+                    return 0
+            done = info.ack_floor if info.num_ack_pending else info.delivered
+            return (done.stream_seq or 0) if done is not None else 0
+
+        return await patiently(self, read, f"reading the consumer of {queue!r}")
 
     async def _get_task(self, subject: str) -> api.RawStreamMsg | None:
         """The message stored on the (literal) ``subject``, if any."""
@@ -481,12 +509,14 @@ class NatsBroker(NatsRole, Broker):
 
         return await patiently(self, read, f"looking up {subject!r}")
 
-    async def _stored(self, subject: str, until: int | None = None) -> list[api.RawStreamMsg]:
-        """Every message stored on ``subject`` (wildcards allowed), in sequence order, up to
-        sequence ``until``: one request per message, each for the next one from a sequence
-        on."""
+    async def _stored(
+        self, subject: str, start: int = 1, until: int | None = None
+    ) -> list[api.RawStreamMsg]:
+        """Every message stored on ``subject`` (wildcards allowed), in sequence order, from
+        sequence ``start`` up to ``until``: one request per message, each for the next one
+        from a sequence on."""
         found: list[api.RawStreamMsg] = []
-        seq = 1
+        seq = start
         while True:
 
             async def read(start: int = seq) -> api.RawStreamMsg | None:
