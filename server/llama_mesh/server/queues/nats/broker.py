@@ -23,6 +23,10 @@ Behaviour worth knowing:
   nothing.
 * ``consume_tasks`` holds at most ``max_in_flight`` unsettled deliveries: a background task
   long-polls (``fetch`` with a server-side expiry) only for the free slots.
+* ``find_task`` and ``remove_task`` read the message's subject and the queue's consumer (two
+  requests); ``queued_tasks`` reads one message per request. A message whose last delivery
+  timed out stays in the stream (NATS keeps it); it counts as gone once the consumer is done
+  with every message up to it (none unsettled, or the ack floor past it).
 * Settling (ack, nak, term, in_progress) waits for the server's confirmation. A nak of the
   last allowed delivery terminates the message (removes it), as the in-process broker drops
   it.
@@ -388,8 +392,8 @@ class NatsBroker(NatsRole, Broker):
         has passed them and would never deliver them. An API server of this version queues
         such messages while consumers of an earlier one still take the legacy subject (a
         rolling upgrade). Each goes to the end of the queue under the same subject; a
-        message id made of its old sequence keeps two upgrading consumers from queueing it
-        twice."""
+        message id made of its subject and old sequence keeps two upgrading consumers from
+        queueing it twice."""
         for msg in await self._stored(self.queued_subjects(queue), until=delivered):
             if msg.subject is None or msg.seq is None:
                 continue
@@ -397,7 +401,10 @@ class NatsBroker(NatsRole, Broker):
                 "queueing %s again after the consumer of %r was updated", msg.subject, queue
             )
             await self._publishpatiently(
-                msg.subject, msg.data or b"", f"requeued-{msg.seq}", f"requeueing {msg.subject}"
+                msg.subject,
+                msg.data or b"",
+                f"{msg.subject}@{msg.seq}",
+                f"requeueing {msg.subject}",
             )
             with translated(), contextlib.suppress(nats.js.errors.NotFoundError):
                 await self.js.delete_msg(self.tasks_stream, msg.seq)
@@ -519,11 +526,11 @@ class NatsBroker(NatsRole, Broker):
         seq = start
         while True:
 
-            async def read(start: int = seq) -> api.RawStreamMsg | None:
+            async def read(at: int = seq) -> api.RawStreamMsg | None:
                 with translated():
                     try:
                         return await self.js.get_msg(
-                            self.tasks_stream, seq=start, subject=subject, next=True
+                            self.tasks_stream, seq=at, subject=subject, next=True
                         )
                     except nats.js.errors.NotFoundError:
                         return None
