@@ -121,6 +121,13 @@ class ControlPlane:
         self._buckets["instances"] = await state_store.kv("instances", ttl=INSTANCE_TTL)
         return self
 
+    def records_only(self) -> ControlPlane:
+        """This control plane (the same buckets) without :attr:`queued`: a worker's view,
+        for which a task without a record has none, whatever waits in the queues."""
+        view = ControlPlane()
+        view._buckets = self._buckets
+        return view
+
     # -- deployments -------------------------------------------------------------------
 
     async def put_deployment(self, record: DeploymentRecord) -> None:

@@ -48,10 +48,11 @@ class TaskWatcher:
         self._listeners.append(listener)
 
     def accepted(self, task: Task) -> None:
-        """Tell the listeners of a task this server accepted without a record (its message
-        is its record, see ``TaskMessage.recorded``): the watch carries no QUEUED change
-        for it, and its first change comes as a revision newer than 0."""
-        self._tell_listeners(TaskChange(task.deployment, task.task_id, task, 0))
+        """Pass on a task this server accepted without a record (its message is its record,
+        see ``TaskMessage.recorded``) as its QUEUED change at revision 0: the shared watch
+        carries none for it. Watchers of its deployment on this server and listeners (the
+        metrics) hear it; another API server's hear of the task at its first change."""
+        self._dispatch(TaskChange(task.deployment, task.task_id, task, 0))
 
     def start(self) -> None:
         """Begin watching (idempotent); changes written from now on reach followers."""
@@ -107,7 +108,7 @@ class TaskWatcher:
                 item = await inbox.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item.revision <= seen.get(item.task_id, 0):
+                if item.revision <= seen.get(item.task_id, -1):
                     continue  # in the snapshot already, or seen
                 seen[item.task_id] = item.revision
                 yield item
@@ -160,9 +161,6 @@ class TaskWatcher:
             inbox.put_nowait(change)
         for inbox in self._deployment_inboxes.get(change.deployment, ()):
             inbox.put_nowait(change)
-        self._tell_listeners(change)
-
-    def _tell_listeners(self, change: TaskChange) -> None:
         for listener in self._listeners:
             try:
                 listener(change)
