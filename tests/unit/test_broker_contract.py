@@ -327,23 +327,6 @@ async def test_queued_tasks_lists_one_queue_in_publish_order(broker: Broker) -> 
 
 
 @finders
-async def test_find_task_not_after_max_deliver(broker: Broker) -> None:
-    """A message dropped after its last delivery timed out is found and listed no more."""
-    await broker.publish_task("capped-find", b"poison", msg_id="p")
-    options = ConsumerOptions(max_in_flight=5, ack_wait=0.5, max_deliver=2)
-    it = broker.consume_tasks("capped-find", options)
-    await take(it, 2)
-    await assert_nothing_within(it, 0.8)
-
-    async def dropped() -> bool:
-        return await broker.find_task("capped-find", "p") is None
-
-    await assert_eventually(dropped)
-    assert await broker.queued_tasks("capped-find") == []
-    await aclose(it)
-
-
-@finders
 async def test_remove_task_of_a_delivered_message(broker: Broker) -> None:
     """A message removed while delivered is gone: settling that delivery later raises
     nothing, and it is never delivered again (not even after ack_wait)."""

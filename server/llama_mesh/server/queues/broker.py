@@ -121,8 +121,9 @@ class Broker(Connected):
     async def find_task(self, queue: str, msg_id: str) -> bytes | None:
         """The message published to ``queue`` under ``msg_id`` while it is still in the queue:
         delivered-but-unsettled included; ``None`` once it is acknowledged, terminated,
-        dropped after ``max_deliver``, removed or purged (or when :attr:`finds_tasks` is
-        false)."""
+        removed or purged (or when :attr:`finds_tasks` is false). A message dropped after
+        its last delivery timed out (``max_deliver``) may still be found on a broker that
+        keeps it (NATS)."""
         return None
 
     async def queued_tasks(self, queue: str) -> list[bytes]:

@@ -23,10 +23,11 @@ Behaviour worth knowing:
   nothing.
 * ``consume_tasks`` holds at most ``max_in_flight`` unsettled deliveries: a background task
   long-polls (``fetch`` with a server-side expiry) only for the free slots.
-* ``find_task`` and ``remove_task`` read the message's subject and the queue's consumer (two
-  requests); ``queued_tasks`` reads one message per request. A message whose last delivery
-  timed out stays in the stream (NATS keeps it); it counts as gone once the consumer is done
-  with every message up to it (none unsettled, or the ack floor past it).
+* ``find_task`` reads the message's subject (one request), ``remove_task`` then deletes it;
+  ``queued_tasks`` reads one message per request. A message whose last delivery timed out
+  (``max_deliver``) stays in the stream, never delivered again, and is still found and listed
+  until the queue is purged. (The worker records a task's failure on its last delivery
+  rather than running it, so only a replica dying in that moment leaves one.)
 * Settling (ack, nak, term, in_progress) waits for the server's confirmation. A nak of the
   last allowed delivery terminates the message (removes it), as the in-process broker drops
   it.
@@ -451,21 +452,20 @@ class NatsBroker(NatsRole, Broker):
 
     async def find_task(self, queue: str, msg_id: str) -> bytes | None:
         self.check_open()
-        found = await self._find(queue, msg_id)
+        found = await self._get_task(self.task_subject(queue, msg_id))
         return None if found is None else found.data or b""
 
     async def queued_tasks(self, queue: str) -> list[bytes]:
         self.check_open()
-        start = await self._done_up_to(queue) + 1
         found: list[api.RawStreamMsg] = []
         for subject in self.consumer_subjects(queue):
-            found += await self._stored(subject, start)
+            found += await self._stored(subject)
         found.sort(key=lambda msg: msg.seq or 0)
         return [msg.data or b"" for msg in found]
 
     async def remove_task(self, queue: str, msg_id: str) -> bool:
         self.check_open()
-        found = await self._find(queue, msg_id)
+        found = await self._get_task(self.task_subject(queue, msg_id))
         if found is None or found.seq is None:
             return False
         with translated():
@@ -476,33 +476,6 @@ class NatsBroker(NatsRole, Broker):
             except nats.js.errors.NotFoundError:
                 return False  # settled (or removed) meanwhile
         return True
-
-    async def _find(self, queue: str, msg_id: str) -> api.RawStreamMsg | None:
-        """The stored message of ``queue`` under ``msg_id``, unless its consumer gave up on
-        it."""
-        found = await self._get_task(self.task_subject(queue, msg_id))
-        if found is None or (found.seq or 0) <= await self._done_up_to(queue):
-            return None
-        return found
-
-    async def _done_up_to(self, queue: str) -> int:
-        """A stream sequence up to which the consumer of ``queue`` is done with every
-        message (0 without a consumer). Acked and terminated messages leave a work-queue
-        stream, but one whose last delivery timed out (``max_deliver``) stays stored: at or
-        below this sequence, it is no longer in the queue. With no delivery unsettled, that
-        is the last message delivered; else the ack floor, which does not pass a dropped
-        message while an earlier one is unsettled."""
-
-        async def read() -> int:
-            with translated():
-                try:
-                    info = await self.js.consumer_info(self.tasks_stream, self.consumer_name(queue))
-                except nats.js.errors.NotFoundError:
-                    return 0
-            done = info.ack_floor if info.num_ack_pending else info.delivered
-            return (done.stream_seq or 0) if done is not None else 0
-
-        return await patiently(self, read, f"reading the consumer of {queue!r}")
 
     async def _get_task(self, subject: str) -> api.RawStreamMsg | None:
         """The message stored on the (literal) ``subject``, if any."""
@@ -516,14 +489,12 @@ class NatsBroker(NatsRole, Broker):
 
         return await patiently(self, read, f"looking up {subject!r}")
 
-    async def _stored(
-        self, subject: str, start: int = 1, until: int | None = None
-    ) -> list[api.RawStreamMsg]:
-        """Every message stored on ``subject`` (wildcards allowed), in sequence order, from
-        sequence ``start`` up to ``until``: one request per message, each for the next one
-        from a sequence on."""
+    async def _stored(self, subject: str, until: int | None = None) -> list[api.RawStreamMsg]:
+        """Every message stored on ``subject`` (wildcards allowed), in sequence order, up to
+        sequence ``until``: one request per message, each for the next one from a sequence
+        on."""
         found: list[api.RawStreamMsg] = []
-        seq = start
+        seq = 1
         while True:
 
             async def read(at: int = seq) -> api.RawStreamMsg | None:
