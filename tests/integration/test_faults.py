@@ -532,7 +532,7 @@ async def open_mesh(state_store: StateStore, broker: Broker, data_dir: Path) -> 
     """The mesh's core over ``state_store`` and ``broker`` (every deployment's), with
     replicas as tasks of this process."""
     cp = await ControlPlane.open(state_store)
-    supervisor = InProcessSupervisor(broker, cp)
+    supervisor = InProcessSupervisor(broker, cp.records_only())
     brokers = DeploymentBrokers(broker, state_store)
     deployments = DeploymentManager(
         cp, brokers, supervisor, DeploymentSettings(data_dir=data_dir, ack_wait=2.0)

@@ -29,7 +29,6 @@ from llama_mesh.server.errors import (
     NotFoundError,
 )
 from llama_mesh.server.nats_server import NatsServer
-from llama_mesh.server.service import worker as worker_module
 from tests.fixtures.mesh import TESTAPP, MeshFactory, deploy_testapp, running_mesh
 from tests.helpers import assert_eventually
 
@@ -147,19 +146,83 @@ async def test_a_new_session_keeps_context_only_when_there_is_some(testapp: Mesh
     assert (first.result, second.result) == (5, 7)
 
 
-async def test_a_task_message_without_a_record_is_dropped(
-    mesh_factory: MeshFactory, monkeypatch: pytest.MonkeyPatch
+ONE_AT_A_TIME = (
+    "name: {name}\nservices:\n  slow:\n    name: S\n    source: {{type: local, name: .}}\n"
+    "    path: app_workflows:slow\n    max-concurrent-tasks: 1\n"
+)
+"""A deployment whose one replica runs one `slow` task at a time: the others wait queued."""
+
+
+@pytest.mark.parametrize("queue", ["inprocess", "nats"])
+async def test_a_queued_task_is_its_message(mesh_factory: MeshFactory, queue: str) -> None:
+    """A task is accepted with one durable write, its message: while it waits in the queue
+    it has no record (revision 0), yet every read shows it QUEUED — by id, in listings,
+    in its session, in a watch — and cancelling it creates its record as CANCELLED and
+    takes the message out of the queue, so that it never runs. The others run, and their
+    first change creates their record."""
+    server = await mesh_factory(queue=queue)
+    await server.mesh.deployments.create(
+        ONE_AT_A_TIME.format(name="one"), base_path=str(TESTAPP.parent), reload=False, local=True
+    )
+    mesh = server.mesh
+    busy = await mesh.create_task("one", service_id=None, session_id=None, input={"seconds": 1})
+
+    async def started() -> bool:
+        return (await mesh.get_task("one", busy.task_id)).status is TaskStatus.RUNNING
+
+    await assert_eventually(started)
+    waiting = await mesh.create_task("one", service_id=None, session_id=None, input={"tag": "w"})
+    doomed = await mesh.create_task(
+        "one", service_id=None, session_id=waiting.session_id, input={"tag": "d"}
+    )
+    for task in (waiting, doomed):
+        stored = await mesh.cp.read_task("one", task.task_id)
+        assert (stored.revision, stored.task.status) == (0, TaskStatus.QUEUED)
+        assert stored.task.input == task.input and stored.task.session_id == task.session_id
+    listed = {t.task_id: t.status for t in await mesh.list_tasks("one")}
+    assert listed[waiting.task_id] is listed[doomed.task_id] is TaskStatus.QUEUED
+    in_session = [t.task_id for t in await mesh.list_tasks("one", waiting.session_id)]
+    assert sorted(in_session) == sorted([waiting.task_id, doomed.task_id])
+    watch = mesh.watch_tasks("one")
+    snapshot = {}
+    async for change in watch:
+        if change is None:
+            break
+        snapshot[change.task_id] = change
+    assert snapshot[doomed.task_id].revision == 0
+    queue_name = subjects.task_queue("one", "slow")
+    assert await mesh.brokers.of("one").queue_depth(queue_name) == 3
+
+    cancelled = await mesh.cancel_task("one", doomed.task_id, "not needed")
+    assert cancelled.status is TaskStatus.CANCELLED
+    assert (await mesh.cp.read_task("one", doomed.task_id)).revision > 0
+    assert await mesh.brokers.of("one").queue_depth(queue_name) == 2
+    async with asyncio.timeout(30):
+        async for change in watch:
+            assert change is not None
+            if change.task_id == doomed.task_id:
+                assert change.task is not None and change.task.status is TaskStatus.CANCELLED
+                break
+    await watch.aclose()
+    finals = [await mesh.wait_task("one", t.task_id) for t in (busy, waiting)]
+    assert [t.status for t in finals] == [TaskStatus.SUCCEEDED] * 2
+    after = await mesh.get_task("one", doomed.task_id)
+    assert (after.status, after.attempts, after.started_at) == (TaskStatus.CANCELLED, 0, None)
+
+
+async def test_a_recorded_task_message_without_its_record_is_dropped(
+    mesh_factory: MeshFactory,
 ) -> None:
-    """A task message whose record never appears (the API server failed to write it) is
-    dropped after the worker has waited for the record: it leaves the queue, no record is
-    made up, and the replica goes on running other tasks."""
-    monkeypatch.setattr(worker_module, "RECORD_WAIT", 0.2)
+    """A message that says its record was stored first (a broker that cannot find queued
+    messages) whose record is gone (the task deleted) is dropped at once: it leaves the
+    queue, no record is made up, and the replica goes on running other tasks. The same
+    message without that flag is a task accepted by its message alone: it runs."""
     server = await mesh_factory(queue="inprocess")
     await deploy_testapp(server, "echo")
     mesh = server.mesh
-    ghost = Task(task_id=new_id(), deployment=APP, service_id="echo", session_id=new_id(), input={})
-    await mesh.orchestrator.schedule(ghost, new_session=True)
     queue = subjects.task_queue(APP, "echo")
+    ghost = Task(task_id=new_id(), deployment=APP, service_id="echo", session_id=new_id(), input={})
+    await mesh.orchestrator.schedule(ghost, new_session=True, recorded=True)
 
     async def drained() -> bool:
         return await mesh.brokers.of(APP).queue_depth(queue) == 0  # settled, not just delivered
@@ -167,8 +230,12 @@ async def test_a_task_message_without_a_record_is_dropped(
     await assert_eventually(drained, timeout=10)
     with pytest.raises(NotFoundError):
         await mesh.get_task(APP, ghost.task_id)
-    after = await mesh.run_task(APP, service_id="echo", session_id=None, input={"message": "x"})
-    assert after.status is TaskStatus.SUCCEEDED
+    accepted = Task(
+        task_id=new_id(), deployment=APP, service_id="echo", session_id=new_id(), input={}
+    )
+    await mesh.orchestrator.schedule(accepted, new_session=True)
+    final = await mesh.wait_task(APP, accepted.task_id)
+    assert final.status is TaskStatus.SUCCEEDED
 
 
 @SHARED

@@ -241,6 +241,122 @@ async def test_aclose_ends_a_consumer_and_frees_its_messages(broker: Broker) -> 
 
 
 # --------------------------------------------------------------------------------------------
+# Finding queued messages
+
+FINDS_TASKS = ["inprocess", "nats"]
+"""The brokers whose ``finds_tasks`` is true; the others keep the base class's defaults."""
+finders = pytest.mark.parametrize("broker", FINDS_TASKS, indirect=True)
+
+
+@finders
+async def test_find_task_sees_waiting_and_unsettled_messages(broker: Broker) -> None:
+    """find_task finds a message before its delivery, while a delivery is unsettled and
+    while it waits to be delivered again; not once it is acked."""
+    assert broker.finds_tasks
+    await broker.publish_task("find", b"job", msg_id="t1")
+    assert await broker.find_task("find", "t1") == b"job"
+    it = broker.consume_tasks("find", ConsumerOptions())
+    delivery = await next_within(it, WAIT)
+    assert await broker.find_task("find", "t1") == b"job"
+    await delivery.nak(delay=0.5)
+    assert await broker.find_task("find", "t1") == b"job"
+    assert await broker.queued_tasks("find") == [b"job"]
+    delivery = await next_within(it, WAIT)
+    assert delivery.delivery_count == 2
+    await delivery.ack()
+
+    async def gone() -> bool:
+        return await broker.find_task("find", "t1") is None
+
+    await assert_eventually(gone)
+    await aclose(it)
+
+
+@finders
+async def test_find_task_not_after_term_remove_or_purge(broker: Broker) -> None:
+    """A terminated, removed or purged message is found no more; remove_task says whether
+    the message was there; any msg_id can be looked up."""
+    await broker.publish_task("ended", b"term", msg_id="t1")
+    await broker.publish_task("ended", b"remove", msg_id="t2")
+    await broker.publish_task("ended", b"purge", msg_id="t3.with dots*")
+    assert await broker.find_task("ended", "t3.with dots*") == b"purge"
+    it = broker.consume_tasks("ended", ConsumerOptions())
+    delivery = await next_within(it, WAIT)
+    assert delivery.data == b"term"
+    await delivery.term()
+
+    async def terminated() -> bool:
+        return await broker.find_task("ended", "t1") is None
+
+    await assert_eventually(terminated)
+    await aclose(it)
+    assert await broker.remove_task("ended", "t2")
+    assert await broker.find_task("ended", "t2") is None
+    assert not await broker.remove_task("ended", "t2")
+    assert not await broker.remove_task("ended", "unknown")
+    assert await broker.find_task("ended", "unknown") is None
+    await broker.purge_queue("ended")
+    assert await broker.find_task("ended", "t3.with dots*") is None
+    assert await broker.queued_tasks("ended") == []
+
+
+@finders
+async def test_queued_tasks_lists_one_queue_in_publish_order(broker: Broker) -> None:
+    """queued_tasks lists a queue's messages in publish order, delivered ones included;
+    queue ``a`` and queue ``a.b`` see nothing of each other."""
+    for i in range(3):
+        await broker.publish_task("a", f"a{i}".encode(), msg_id=f"a{i}")
+        await broker.publish_task("a.b", f"ab{i}".encode(), msg_id=f"ab{i}")
+    assert await broker.queued_tasks("a") == [b"a0", b"a1", b"a2"]
+    assert await broker.queued_tasks("a.b") == [b"ab0", b"ab1", b"ab2"]
+    assert await broker.find_task("a", "ab0") is None
+    assert not await broker.remove_task("a.b", "a0")
+    it = broker.consume_tasks("a", ConsumerOptions())
+    first = await next_within(it, WAIT)
+    assert first.data == b"a0"
+    assert await broker.queued_tasks("a") == [b"a0", b"a1", b"a2"]
+    await first.ack()
+
+    async def acked() -> bool:
+        return await broker.queued_tasks("a") == [b"a1", b"a2"]
+
+    await assert_eventually(acked)
+    assert await broker.queued_tasks("a.b") == [b"ab0", b"ab1", b"ab2"]
+    assert await broker.queued_tasks("empty") == []
+    await aclose(it)
+
+
+@finders
+async def test_remove_task_of_a_delivered_message(broker: Broker) -> None:
+    """A message removed while delivered is gone: settling that delivery later raises
+    nothing, and it is never delivered again (not even after ack_wait)."""
+    await broker.publish_task("held", b"job", msg_id="t1")
+    it = broker.consume_tasks("held", ConsumerOptions(max_in_flight=2, ack_wait=0.5))
+    delivery = await next_within(it, WAIT)
+    assert await broker.remove_task("held", "t1")
+    assert await broker.find_task("held", "t1") is None
+    assert await broker.queued_tasks("held") == []
+    await assert_nothing_within(it, 0.8)  # more than ack_wait
+    await delivery.ack()
+    await assert_depth(broker, "held", 0)
+    await broker.publish_task("held", b"next", msg_id="t2")
+    assert (await next_within(it, WAIT)).data == b"next"
+    await aclose(it)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "redis"], indirect=True)
+async def test_brokers_that_cannot_find_tasks(broker: Broker) -> None:
+    """A broker whose finds_tasks is false finds, lists and removes nothing: its messages
+    stay queued."""
+    assert not broker.finds_tasks
+    await broker.publish_task("blind", b"job", msg_id="t1")
+    assert await broker.find_task("blind", "t1") is None
+    assert await broker.queued_tasks("blind") == []
+    assert not await broker.remove_task("blind", "t1")
+    assert await broker.queue_depth("blind") == 1
+
+
+# --------------------------------------------------------------------------------------------
 # Topics
 
 

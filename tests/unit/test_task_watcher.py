@@ -258,3 +258,85 @@ async def test_closing_ends_deployment_watches(cp: ControlPlane) -> None:
         await asyncio.wait_for(anext(changes), 5)
     with pytest.raises(UnavailableError):
         await anext(watcher.watch_deployment(APP))
+
+
+class Queues:
+    """Tasks waiting in a queue without a record, as the API server's broker lookup sees
+    them: a message leaves the queue once its task's record is stored (the worker's ack)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, Task] = {}
+
+    async def find(self, deployment: str, task_id: str) -> Task | None:
+        task = self.waiting.get(task_id)
+        return task if task is not None and task.deployment == deployment else None
+
+    async def in_queues(self, deployment: str) -> list[Task]:
+        return [t for t in self.waiting.values() if t.deployment == deployment]
+
+
+async def test_a_task_without_a_record_is_followed_from_its_message(
+    cp: BreakableControlPlane, watcher: TaskWatcher
+) -> None:
+    """A task accepted by its message alone: following it starts from the message (QUEUED,
+    revision 0); its first change creates the record and is heard, also when the watch
+    failed meanwhile (the re-read finds it queued again); a deployment watch lists it."""
+    queues = Queues()
+    cp.queued = queues
+    task = Task(task_id=new_id(), deployment=APP, service_id="svc", session_id="s", input={})
+    queues.waiting[task.task_id] = task
+    seen: list[tuple[TaskStatus, bool]] = []
+
+    async def follow() -> None:
+        async for t in watcher.follow(APP, task.task_id):
+            seen.append((t.status, task.task_id in queues.waiting))
+
+    following = asyncio.ensure_future(follow())
+    await assert_eventually(lambda: seen == [(TaskStatus.QUEUED, True)])
+    snapshot = watcher.watch_deployment(APP)
+    first = await asyncio.wait_for(anext(snapshot), 5)
+    assert first is not None and (first.task_id, first.revision) == (task.task_id, 0)
+    await snapshot.aclose()
+    await cp.break_watch()
+    await assert_eventually(lambda: cp.watches == 2)
+
+    def running(t: Task) -> Task:
+        t.status = TaskStatus.RUNNING
+        return t
+
+    started = await cp.change_task(APP, task.task_id, running, known=StoredTask(task, 0))
+    assert started.revision > 0
+    del queues.waiting[task.task_id]
+    await set_status(cp, task, TaskStatus.SUCCEEDED)
+    await asyncio.wait_for(following, 5)
+    assert [status for status, _ in seen] == [
+        TaskStatus.QUEUED,
+        TaskStatus.RUNNING,
+        TaskStatus.SUCCEEDED,
+    ]
+
+
+async def test_the_first_change_of_a_task_cancelled_meanwhile_finds_it_cancelled(
+    cp: ControlPlane,
+) -> None:
+    """Two first changes of a task without a record (a replica starting it, a caller
+    cancelling it): one creates the record, the other applies to it — a start never
+    overwrites a cancellation."""
+    task = Task(task_id=new_id(), deployment=APP, service_id="svc", session_id="s", input={})
+
+    def cancel(t: Task) -> Task | None:
+        if t.status is not TaskStatus.QUEUED:
+            return None
+        t.status = TaskStatus.CANCELLED
+        return t
+
+    def start(t: Task) -> Task | None:
+        if t.status.is_final:
+            return None
+        t.status = TaskStatus.RUNNING
+        return t
+
+    await cp.change_task(APP, task.task_id, cancel, known=StoredTask(task, 0))
+    after = await cp.change_task(APP, task.task_id, start, known=StoredTask(task, 0))
+    assert after.task.status is TaskStatus.CANCELLED and after.revision > 0
+    assert (await cp.get_task(APP, task.task_id)).status is TaskStatus.CANCELLED

@@ -41,7 +41,12 @@ type TaskMessage struct {
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// new_session says that the session was created with this task, so it has no stored
 	// workflow context to resume.
-	NewSession    bool `protobuf:"varint,8,opt,name=new_session,json=newSession,proto3" json:"new_session,omitempty"`
+	NewSession bool `protobuf:"varint,8,opt,name=new_session,json=newSession,proto3" json:"new_session,omitempty"`
+	// recorded says that the task's record was stored before this message was published (on
+	// a broker that cannot find a queued message by its task id): a worker that finds no record
+	// knows the task was deleted. Otherwise the message itself is the record of the task's
+	// acceptance until the task's first change (its start, result or cancellation) is stored.
+	Recorded      bool `protobuf:"varint,9,opt,name=recorded,proto3" json:"recorded,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -128,6 +133,13 @@ func (x *TaskMessage) GetCreatedAt() *timestamppb.Timestamp {
 func (x *TaskMessage) GetNewSession() bool {
 	if x != nil {
 		return x.NewSession
+	}
+	return false
+}
+
+func (x *TaskMessage) GetRecorded() bool {
+	if x != nil {
+		return x.Recorded
 	}
 	return false
 }
@@ -624,7 +636,7 @@ var File_llama_mesh_v1_messages_proto protoreflect.FileDescriptor
 
 const file_llama_mesh_v1_messages_proto_rawDesc = "" +
 	"\n" +
-	"\x1cllama_mesh/v1/messages.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x02\n" +
+	"\x1cllama_mesh/v1/messages.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x02\n" +
 	"\vTaskMessage\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x1e\n" +
 	"\n" +
@@ -642,7 +654,8 @@ const file_llama_mesh_v1_messages_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1f\n" +
 	"\vnew_session\x18\b \x01(\bR\n" +
-	"newSession\"\xd6\x01\n" +
+	"newSession\x12\x1a\n" +
+	"\brecorded\x18\t \x01(\bR\brecorded\"\xd6\x01\n" +
 	"\fEventMessage\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x03R\x05index\x12\x12\n" +

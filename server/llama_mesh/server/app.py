@@ -377,7 +377,7 @@ class MeshServer:
         )
         self._stack.push_async_callback(brokers.close_all)  # once no replica uses them
         if s.queue == "inprocess":
-            self.supervisor = InProcessSupervisor(self.broker, cp)
+            self.supervisor = InProcessSupervisor(self.broker, cp.records_only())
         else:
             assert self.nats_url is not None
             self.supervisor = ProcessSupervisor(

@@ -22,6 +22,7 @@ from llama_mesh.server.domain import (
     TaskError,
     TaskEvent,
     TaskStatus,
+    now,
 )
 from llama_mesh.v1 import messages_pb2, types_pb2
 
@@ -103,6 +104,27 @@ def task_to_proto(task: Task) -> types_pb2.Task:
     return msg
 
 
+def task_from_message(
+    msg: messages_pb2.TaskMessage, input: dict[str, JsonValue] | None = None
+) -> Task:
+    """The QUEUED task a task message stands for: what its record says until the task's
+    first change is stored. ``input``: the message's input already parsed (else parsed
+    here; ``ValueError`` when it is not a JSON object)."""
+    if input is None:
+        parsed = json.loads(msg.input_json or b"{}")
+        if not isinstance(parsed, dict):
+            raise ValueError("the task message's input is not a JSON object")
+        input = parsed
+    return Task(
+        task_id=msg.task_id,
+        deployment=msg.deployment,
+        service_id=msg.service_id,
+        session_id=msg.session_id,
+        input=input,
+        created_at=from_timestamp(msg.created_at) or now(),
+    )
+
+
 def task_from_proto(msg: types_pb2.Task) -> Task:
     """The domain form of a task."""
     error = None
@@ -121,7 +143,7 @@ def task_from_proto(msg: types_pb2.Task) -> Task:
         error=error,
         attempts=msg.attempts,
         event_count=msg.event_count,
-        created_at=from_timestamp(msg.created_at) or 0.0,
+        created_at=from_timestamp(msg.created_at) or now(),
         started_at=from_timestamp(msg.started_at, present=msg.HasField("started_at")),
         finished_at=from_timestamp(msg.finished_at, present=msg.HasField("finished_at")),
         instance_id=msg.instance_id,
@@ -144,7 +166,7 @@ def session_from_proto(msg: types_pb2.Session) -> Session:
     return Session(
         session_id=msg.session_id,
         deployment=msg.deployment,
-        created_at=from_timestamp(msg.created_at) or 0.0,
+        created_at=from_timestamp(msg.created_at) or now(),
         task_ids=list(msg.task_ids),
     )
 
@@ -248,6 +270,6 @@ def deployment_record_from_proto(msg: types_pb2.Deployment) -> DeploymentRecord:
         status=DeploymentStatus(msg.status) if msg.status else DeploymentStatus.DEPLOYING,
         status_message=msg.status_message,
         generation=msg.generation,
-        created_at=from_timestamp(msg.created_at) or 0.0,
+        created_at=from_timestamp(msg.created_at) or now(),
         updated_at=from_timestamp(msg.updated_at) or 0.0,
     )

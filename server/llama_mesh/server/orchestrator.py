@@ -68,14 +68,15 @@ class Orchestrator:
         *,
         generation: int = 0,
         new_session: bool = False,
+        recorded: bool = False,
         input_json: bytes | None = None,
     ) -> str:
         """Publish ``task`` to its service's queue; returns the queue.
 
-        Its record is written by the caller, before or alongside (a worker waits a little
-        for it). The task id is the de-duplication id, so scheduling twice enqueues once.
-        ``new_session`` says the task's session was created with it (see ``TaskMessage``);
-        ``input_json`` is the task's input already encoded as JSON, if the caller has it.
+        The task id is the de-duplication id, so scheduling twice enqueues once.
+        ``new_session`` says the task's session was created with it, ``recorded`` that its
+        record was stored first (see ``TaskMessage``); ``input_json`` is the task's input
+        already encoded as JSON, if the caller has it.
         """
         queue_name = subjects.task_queue(task.deployment, task.service_id)
         msg = messages_pb2.TaskMessage(
@@ -86,6 +87,7 @@ class Orchestrator:
             input_json=input_json if input_json is not None else json.dumps(task.input).encode(),
             generation=generation,
             new_session=new_session,
+            recorded=recorded,
         )
         msg.created_at.CopyFrom(convert.to_timestamp(task.created_at))
         broker = self._brokers.of(task.deployment)
@@ -121,6 +123,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             )
         task.service_id = choose_service(config, task.service_id or None)
         queue = await self._orchestrator.schedule(
-            task, generation=self._deployments.generation(config.name)
+            task, generation=self._deployments.generation(config.name), recorded=True
         )
         return orchestrator_pb2.ScheduleTaskResponse(service_id=task.service_id, queue=queue)

@@ -169,6 +169,10 @@ class DeploymentManager:
         self.config(name)
         return self._generations[name]
 
+    def running_config(self, name: str) -> DeploymentConfig | None:
+        """The configuration ``name`` runs with now, ``None`` when it runs nowhere."""
+        return self._configs.get(name)
+
     def config(self, name: str) -> DeploymentConfig:
         """The parsed configuration of a deployment that runs.
 

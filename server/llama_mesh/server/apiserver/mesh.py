@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from llama_mesh.server import convert, subjects
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.apiserver.deployments import DeploymentManager
+from llama_mesh.server.apiserver.queued import BrokerQueues
 from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
 from llama_mesh.server.control_plane.watcher import TaskWatcher
 from llama_mesh.server.domain import (
@@ -93,6 +94,11 @@ def final_event(task: Task) -> TaskEvent:
     )
 
 
+def _first_failure(outcomes: list[object]) -> BaseException | None:
+    """The first exception among ``asyncio.gather(..., return_exceptions=True)``'s outcomes."""
+    return next((o for o in outcomes if isinstance(o, BaseException)), None)
+
+
 class Mesh:
     """Tasks, sessions and events of the deployments a :class:`DeploymentManager` runs."""
 
@@ -103,6 +109,10 @@ class Mesh:
         orchestrator: Orchestrator,
     ) -> None:
         self.cp = control_plane
+        self.queues = BrokerQueues(deployments)
+        """Tasks whose message is their only record so far (given to the control plane, so
+        that every read of a task finds them)."""
+        control_plane.queued = self.queues
         self.brokers = deployments.brokers
         """Each deployment's broker: its task events and input go over it."""
         self.deployments = deployments
@@ -154,22 +164,45 @@ class Mesh:
             session_id=session_id,
             input=input,
         )
-        # The task, its new session (which names it) or else its index entry, and its
-        # message are independent writes: one round trip. A worker that gets the message
-        # before the record is stored waits for the record (see the worker).
         generation = self.deployments.generation(deployment)
-        recorded = asyncio.ensure_future(self.cp.record_task(task, index=not new_session))
-        scheduled = asyncio.ensure_future(
-            self.orchestrator.schedule(
-                task, generation=generation, new_session=new_session, input_json=input_json
+        stored = StoredTask(task, 0)
+        if self.brokers.of(deployment).finds_tasks:
+            # One durable write accepts the task: its message, which is its record until
+            # its first change (see the worker). Its new session (which names it) or else
+            # its index entry is written at the same time: one round trip.
+            if not new_session:
+                writes.append(self.cp.index_task(task))
+            writes.append(
+                self.orchestrator.schedule(
+                    task, generation=generation, new_session=new_session, input_json=input_json
+                )
             )
-        )
-        outcomes = await asyncio.gather(recorded, scheduled, *writes, return_exceptions=True)
-        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            failure = _first_failure(await asyncio.gather(*writes, return_exceptions=True))
+        else:
+            # A broker that cannot find the message by the task's id: the record first,
+            # so that the task can be read while it waits in the queue.
+            recorded = asyncio.ensure_future(self.cp.record_task(task, index=not new_session))
+            failure = _first_failure(
+                await asyncio.gather(recorded, *writes, return_exceptions=True)
+            )
+            if failure is None:
+                stored = recorded.result()
+                try:
+                    await self.orchestrator.schedule(
+                        task,
+                        generation=generation,
+                        new_session=new_session,
+                        recorded=True,
+                        input_json=input_json,
+                    )
+                except Exception as exc:
+                    failure = exc
         if failure is None:
-            return recorded.result()
+            if not stored.revision:
+                self.watcher.accepted(task)
+            return stored
         # Not recorded, queued or filed in its session: fail it rather than leave it QUEUED
-        # forever (a worker that got it finds it final; one that finds no record drops it).
+        # forever (a worker that got it finds it final).
         reason = f"the task could not be created: {failure}"
 
         def failed(t: Task) -> Task | None:
@@ -180,7 +213,9 @@ class Mesh:
             return t
 
         with contextlib.suppress(NotFoundError, QueueError):
-            await self.cp.update_task(deployment, task.task_id, failed)
+            await self.cp.change_task(deployment, task.task_id, failed, known=stored)
+        with contextlib.suppress(QueueError):
+            await self.queues.remove(task)
         if isinstance(failure, MessageTooLargeError):
             raise InvalidArgumentError(
                 f"the task with its input is {failure.size} bytes, more than the message "
@@ -245,7 +280,7 @@ class Mesh:
             check_id("session id", session_id)
         return await self.cp.list_tasks(deployment, session_id or None)
 
-    async def watch_tasks(self, deployment: str) -> AsyncIterator[TaskChange | None]:
+    async def watch_tasks(self, deployment: str) -> AsyncGenerator[TaskChange | None, None]:
         """A deployment's tasks now, ``None``, then their changes (see
         :meth:`TaskWatcher.watch_deployment`)."""
         self.deployments.check_exists(deployment)
@@ -264,9 +299,12 @@ class Mesh:
         if task.status.is_final:
             return task
         reason = reason or "cancelled by request"
+        cancelled_queued = False
 
         def cancel_queued(t: Task) -> Task | None:
-            if t.status is not TaskStatus.QUEUED:
+            nonlocal cancelled_queued
+            cancelled_queued = t.status is TaskStatus.QUEUED
+            if not cancelled_queued:
                 return None
             t.status, t.error, t.finished_at = (
                 TaskStatus.CANCELLED,
@@ -277,6 +315,10 @@ class Mesh:
 
         task = await self.cp.update_task(deployment, task_id, cancel_queued)
         if task.status.is_final:
+            if cancelled_queued:
+                # No replica need see it; one that got it already finds it cancelled.
+                with contextlib.suppress(QueueError):
+                    await self.queues.remove(task)
             return task
         msg = messages_pb2.TaskInputMessage(cancel=messages_pb2.CancelMessage(reason=reason))
         msg.cancel.requested_at.CopyFrom(convert.to_timestamp(now()))

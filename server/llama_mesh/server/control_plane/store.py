@@ -28,10 +28,11 @@ Workers and the API server both use this class: it is the library form of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Self, TypeVar
+from typing import Protocol, Self, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -80,11 +81,29 @@ class TaskChange:
     revision: int
 
 
-class ControlPlane:
-    """Registry, sessions, tasks, results and session state over key-value buckets."""
+class QueuedTasks(Protocol):
+    """The tasks whose message waits in a work queue, seen by the broker: a task whose
+    message is its only record so far (see ``TaskMessage.recorded``) is found here."""
 
-    def __init__(self) -> None:
+    async def find(self, deployment: str, task_id: str) -> Task | None:
+        """The QUEUED task whose message is still in one of the deployment's queues."""
+
+    async def in_queues(self, deployment: str) -> list[Task]:
+        """Every task whose message is still in one of the deployment's queues."""
+
+
+class ControlPlane:
+    """Registry, sessions, tasks, results and session state over key-value buckets.
+
+    ``queued``, when set (by the API server), finds the tasks that have no record yet
+    because their message is their record of acceptance: reads and listings of tasks then
+    show them as QUEUED, with revision 0, and the first change of such a task creates its
+    record. Without it (in a worker) a task without a record is not found.
+    """
+
+    def __init__(self, queued: QueuedTasks | None = None) -> None:
         self._buckets: dict[str, KeyValueStore] = {}
+        self.queued = queued
 
     @classmethod
     async def open(cls, state_store: StateStore) -> Self:
@@ -101,6 +120,13 @@ class ControlPlane:
             self._buckets[name] = await state_store.kv(name)
         self._buckets["instances"] = await state_store.kv("instances", ttl=INSTANCE_TTL)
         return self
+
+    def records_only(self) -> ControlPlane:
+        """This control plane (the same buckets) without :attr:`queued`: a worker's view,
+        for which a task without a record has none, whatever waits in the queues."""
+        view = ControlPlane()
+        view._buckets = self._buckets
+        return view
 
     # -- deployments -------------------------------------------------------------------
 
@@ -290,12 +316,9 @@ class ControlPlane:
         at once; a session created for the task holds its id instead, see
         :meth:`create_session`)."""
         data = convert.task_to_proto(task).SerializeToString()
-        key = f"{task.deployment}.{task.session_id}.{task.task_id}"
         created, indexed = await asyncio.gather(
             self._buckets["tasks"].create(f"{task.deployment}.{task.task_id}", data),
-            self._buckets["session_tasks"].put(key, repr(task.created_at).encode())
-            if index
-            else _nothing(),
+            self.index_task(task) if index else _nothing(),
             return_exceptions=True,
         )
         stored: StoredTask | None = None
@@ -314,6 +337,11 @@ class ControlPlane:
             return stored
         assert isinstance(created, int)
         return StoredTask(task, created)
+
+    async def index_task(self, task: Task) -> None:
+        """Add a task to its (existing) session's index."""
+        key = f"{task.deployment}.{task.session_id}.{task.task_id}"
+        await self._buckets["session_tasks"].put(key, repr(task.created_at).encode())
 
     async def _own_record(self, task: Task) -> StoredTask | None:
         """The stored record of ``task`` if the task stored under its id is this one (same
@@ -336,37 +364,57 @@ class ControlPlane:
         return (await self.read_task(deployment, task_id)).task
 
     async def read_task(self, deployment: str, task_id: str) -> StoredTask:
-        """A task with its revision; :class:`NotFoundError` when absent."""
-        entry = await self._buckets["tasks"].get(f"{deployment}.{task_id}")
-        if entry is None or entry.value is None:
+        """A task with its revision (0: queued, no record yet, see :attr:`queued`);
+        :class:`NotFoundError` when absent."""
+        stored = await self._record(deployment, task_id)
+        if stored is None and self.queued is not None:
+            queued = await self.queued.find(deployment, task_id)
+            if queued is not None:
+                return StoredTask(queued, 0)
+            # Its message may have left the queue after its record was stored: look again.
+            stored = await self._record(deployment, task_id)
+        if stored is None:
             raise NotFoundError(
                 f"Task '{task_id}' not found in deployment '{deployment}'",
                 reason="TASK_NOT_FOUND",
             )
+        return stored
+
+    async def _record(self, deployment: str, task_id: str) -> StoredTask | None:
+        """A task's stored record with its revision, ``None`` when it has none."""
+        entry = await self._buckets["tasks"].get(f"{deployment}.{task_id}")
+        if entry is None or entry.value is None:
+            return None
         return StoredTask(_decode("task", entry, _read_task), entry.revision)
 
     async def list_tasks(self, deployment: str, session_id: str | None = None) -> list[Task]:
         """The deployment's tasks (of one session when given), newest first."""
-        store = self._buckets["tasks"]
-        if session_id:
-            keys = [
-                f"{deployment}.{t}" for t in await self.session_task_ids(deployment, session_id)
-            ]
-            entries = await _in_batches(store.get, keys)
-        else:
-            entries = list(await store.entries(f"{deployment}."))
+        if not session_id:
+            return [stored.task for stored in await self.list_stored_tasks(deployment)]
+        task_ids = await self.session_task_ids(deployment, session_id)
+        entries = await _in_batches(
+            self._buckets["tasks"].get, [f"{deployment}.{t}" for t in task_ids]
+        )
         tasks = _decode_all("task", entries, _read_task)
+        if self.queued is not None and len(tasks) < len(task_ids):
+            recorded = {task.task_id for task in tasks}
+            for task_id in task_ids:
+                if task_id not in recorded:
+                    with contextlib.suppress(NotFoundError, UnreadableRecordError):
+                        tasks.append((await self.read_task(deployment, task_id)).task)
         tasks.sort(key=lambda t: t.created_at, reverse=True)
         return tasks
 
     async def list_stored_tasks(self, deployment: str) -> list[StoredTask]:
-        """The deployment's tasks with their revisions, newest first."""
-        stored = []
+        """The deployment's tasks with their revisions (0 for those without a record yet),
+        newest first."""
+        # The queues first: a task that leaves its queue meanwhile has its record by then.
+        queued = await self.queued.in_queues(deployment) if self.queued is not None else []
+        stored: dict[str, StoredTask] = {task.task_id: StoredTask(task, 0) for task in queued}
         for entry in await self._buckets["tasks"].entries(f"{deployment}."):
             for task in _decode_all("task", [entry], _read_task):
-                stored.append(StoredTask(task, entry.revision))
-        stored.sort(key=lambda s: s.task.created_at, reverse=True)
-        return stored
+                stored[task.task_id] = StoredTask(task, entry.revision)
+        return sorted(stored.values(), key=lambda s: s.task.created_at, reverse=True)
 
     async def update_task(
         self, deployment: str, task_id: str, change: Callable[[Task], Task | None]
@@ -388,7 +436,12 @@ class ControlPlane:
         known: StoredTask | None = None,
     ) -> StoredTask:
         """:meth:`update_task` with revisions: starting from ``known`` (the task as this
-        process last read or wrote it) saves reading it first, unless it changed since."""
+        process last read or wrote it) saves reading it first, unless it changed since.
+
+        A task known at revision 0 has no record yet (its message is its record): the
+        change creates the record, unless another process created it first, in which case
+        the change applies to that record.
+        """
         store = self._buckets["tasks"]
         key = f"{deployment}.{task_id}"
         current = known or await self.read_task(deployment, task_id)
@@ -398,8 +451,11 @@ class ControlPlane:
                 return current
             data = convert.task_to_proto(changed).SerializeToString()
             try:
-                revision = await store.update(key, data, current.revision)
-            except RevisionMismatchError:
+                if current.revision == 0:
+                    revision = await store.create(key, data)
+                else:
+                    revision = await store.update(key, data, current.revision)
+            except (RevisionMismatchError, KeyExistsError):
                 current = await self.read_task(deployment, task_id)
                 continue
             return StoredTask(changed, revision)

@@ -47,6 +47,13 @@ class TaskWatcher:
         """Call ``listener`` with every change of every task from now on (it must not block)."""
         self._listeners.append(listener)
 
+    def accepted(self, task: Task) -> None:
+        """Pass on a task this server accepted without a record (its message is its record,
+        see ``TaskMessage.recorded``) as its QUEUED change at revision 0: the shared watch
+        carries none for it. Watchers of its deployment on this server and listeners (the
+        metrics) hear it; another API server's hear of the task at its first change."""
+        self._dispatch(TaskChange(task.deployment, task.task_id, task, 0))
+
     def start(self) -> None:
         """Begin watching (idempotent); changes written from now on reach followers."""
         if self._pump is None and not self._closed:
@@ -101,7 +108,7 @@ class TaskWatcher:
                 item = await inbox.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item.revision <= seen.get(item.task_id, 0):
+                if item.revision <= seen.get(item.task_id, -1):
                     continue  # in the snapshot already, or seen
                 seen[item.task_id] = item.revision
                 yield item

@@ -7,6 +7,10 @@ What the mesh needs from a broker, and nothing else:
   redelivered when it is not acknowledged within ``ack_wait`` (unless the consumer keeps it
   alive with ``in_progress()``), and never delivered more than ``max_deliver`` times.
   Publishing twice with the same ``msg_id`` stores the message once.
+* **Finding queued messages** (``find_task`` / ``queued_tasks`` / ``remove_task``), on brokers
+  whose ``finds_tasks`` is true: a message waiting in a queue, delivered or not, looked up by
+  its ``msg_id``, listed, or removed. The API server then lets a task's message be the record
+  that it was accepted; on the other brokers it stores the record before the message.
 * **Topics** (``publish`` / ``subscribe`` / ``last_message``): ordered, retained logs (task
   events, human input sent to a running task). A subscriber first receives everything
   already stored, then new messages as they arrive, without polling.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from llama_mesh.server.queues.connected import Connected
 from llama_mesh.server.queues.iterators import Subscription
@@ -92,6 +97,11 @@ class Delivery(abc.ABC):
 class Broker(Connected):
     """A connection to a message broker. Use as an async context manager."""
 
+    finds_tasks: ClassVar[bool] = False
+    """Whether :meth:`find_task`, :meth:`queued_tasks` and :meth:`remove_task` see the
+    messages waiting in a queue. Where it is false they find nothing, and the API server
+    stores a task's record before its message."""
+
     @abc.abstractmethod
     async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
         """Append a message to the work queue ``queue``; duplicates of ``msg_id`` are dropped."""
@@ -107,6 +117,25 @@ class Broker(Connected):
     @abc.abstractmethod
     async def purge_queue(self, queue: str) -> None:
         """Drop every message waiting in ``queue``."""
+
+    async def find_task(self, queue: str, msg_id: str) -> bytes | None:
+        """The message published to ``queue`` under ``msg_id`` while it is still in the queue:
+        delivered-but-unsettled included; ``None`` once it is acknowledged, terminated,
+        removed or purged (or when :attr:`finds_tasks` is false). A message dropped after
+        its last delivery timed out (``max_deliver``) may still be found on a broker that
+        keeps it (NATS)."""
+        return None
+
+    async def queued_tasks(self, queue: str) -> list[bytes]:
+        """Every message still in ``queue`` (as :meth:`find_task` means it), in publish
+        order; empty when :attr:`finds_tasks` is false."""
+        return []
+
+    async def remove_task(self, queue: str, msg_id: str) -> bool:
+        """Remove the message published to ``queue`` under ``msg_id``, delivered or not;
+        whether it was still there. A consumer holding a delivery of it may still settle
+        that delivery afterwards, without an error; it is never delivered again."""
+        return False
 
     @abc.abstractmethod
     async def publish(self, topic: str, data: bytes) -> None:

@@ -9,7 +9,9 @@ They behave like the NATS ones (all pass ``tests/unit/test_broker_contract.py`` 
   ``delay``; redeliveries go before messages never delivered; a message whose delivery number
   reached ``max_deliver`` is dropped when it is nak'ed or times out. ``ack_wait`` and
   ``max_deliver`` belong to the queue (the latest ``consume_tasks`` call sets them, like the
-  durable NATS consumer); ``max_in_flight`` belongs to each consumer.
+  durable NATS consumer); ``max_in_flight`` belongs to each consumer. ``find_task``,
+  ``queued_tasks`` and ``remove_task`` see every message not yet acked, terminated, dropped,
+  removed or purged, delivered or not.
 * ``msg_id`` deduplication remembers ids for two minutes (NATS's ``duplicate_window``), across
   all queues (NATS deduplicates per stream and all queues share one stream).
 * Topics keep every message until ``delete_topic`` (no age limit).
@@ -98,6 +100,7 @@ _END: Final = _End()
 @dataclass(eq=False)
 class _Task:
     seq: int
+    msg_id: str
     data: bytes
     deliveries: int = 0
     removed: bool = False
@@ -116,6 +119,8 @@ class _WorkQueue:
         self.fresh: collections.deque[_Task] = collections.deque()
         self.redeliver: collections.deque[_Task] = collections.deque()
         self.pending: dict[int, _Task] = {}
+        self.by_id: dict[str, _Task] = {}
+        """Every message still in the queue, by ``msg_id``."""
         self.waiters = _Waiters()
         defaults = ConsumerOptions()
         self.ack_wait = defaults.ack_wait
@@ -124,8 +129,15 @@ class _WorkQueue:
     def depth(self) -> int:
         return len(self.fresh) + len(self.redeliver) + len(self.pending)
 
+    def queued(self) -> list[_Task]:
+        """Every message still in the queue, in publish order."""
+        return sorted(
+            [*self.fresh, *self.redeliver, *self.pending.values()], key=lambda task: task.seq
+        )
+
     def append(self, task: _Task) -> None:
         self.fresh.append(task)
+        self.by_id[task.msg_id] = task
         self.waiters.notify_all()
 
     def take(self) -> _Task | None:
@@ -144,6 +156,8 @@ class _WorkQueue:
             return
         task.removed = True
         task.cancel_timer()
+        if self.by_id.get(task.msg_id) is task:
+            del self.by_id[task.msg_id]
         if self.pending.pop(task.seq, None) is None:
             for source in (self.fresh, self.redeliver):
                 if task in source:
@@ -170,6 +184,7 @@ class _WorkQueue:
         self.fresh.clear()
         self.redeliver.clear()
         self.pending.clear()
+        self.by_id.clear()
         self.waiters.notify_all()
 
     def _arm(self, task: _Task, delay: float, callback: Callable[[_Task], None]) -> None:
@@ -491,6 +506,7 @@ class InProcessBroker(_InProcessRole, Broker):
     """A :class:`Broker` held in this process's memory; see the module docstring."""
 
     what = "in-process broker"
+    finds_tasks = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -533,7 +549,7 @@ class InProcessBroker(_InProcessRole, Broker):
             logger.debug("dropping duplicate of message %r on queue %r", msg_id, queue)
             return
         self._seq += 1
-        wq.append(_Task(self._seq, bytes(data)))
+        wq.append(_Task(self._seq, msg_id, bytes(data)))
 
     def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
         self.check_open()
@@ -552,6 +568,24 @@ class InProcessBroker(_InProcessRole, Broker):
     async def purge_queue(self, queue: str) -> None:
         self.check_open()
         self._work_queue(queue).purge()
+
+    async def find_task(self, queue: str, msg_id: str) -> bytes | None:
+        self.check_open()
+        task = self._work_queue(queue).by_id.get(msg_id)
+        return None if task is None else task.data
+
+    async def queued_tasks(self, queue: str) -> list[bytes]:
+        self.check_open()
+        return [task.data for task in self._work_queue(queue).queued()]
+
+    async def remove_task(self, queue: str, msg_id: str) -> bool:
+        self.check_open()
+        wq = self._work_queue(queue)
+        task = wq.by_id.get(msg_id)
+        if task is None:
+            return False
+        wq.remove(task)
+        return True
 
     async def publish(self, topic: str, data: bytes) -> None:
         self.check_open()

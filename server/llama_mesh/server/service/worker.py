@@ -2,16 +2,16 @@
 
 Reliability, in the order things happen for one delivery:
 
-1. A first delivery starts the run at once, from the task message, while the task's record
-   is read (the API server writes it alongside the message; a record missing for
-   :data:`RECORD_WAIT` drops the task). RUNNING is written once the run lasts
-   :data:`START_NOTICE` or waits for input; input sent to the task (and a cancellation) is
-   taken from then on. A record that turned final meanwhile — cancelled while queued —
-   cancels the run, or drops its result if it finished first.
-2. A redelivery reads the record first. A task already final (a crash between "result
-   stored" and "ack") is acknowledged without running again. A delivery past
-   ``max-retries`` redeliveries marks the task failed with the reason and is acknowledged:
-   a task never disappears silently.
+1. A first delivery of a message that is its task's only record (``TaskMessage.recorded``
+   unset: the API server stored nothing else to accept the task) starts the run at once,
+   with no read. Otherwise the record is read first: a task already final (cancelled while
+   queued, or a crash between "result stored" and "ack") is acknowledged without running
+   again; a delivery past ``max-retries`` redeliveries marks the task failed with the
+   reason and is acknowledged: a task never disappears silently.
+2. RUNNING is written once the run lasts :data:`START_NOTICE` or waits for input; input
+   sent to the task (and a cancellation) is taken from then on. The first write of a task
+   without a record creates it; should the task have been cancelled meanwhile (its record
+   created as CANCELLED), the run is cancelled, or its result dropped if it finished first.
 3. While the workflow runs, ``in_progress()`` keeps the delivery from being redelivered;
    if this process dies, the heartbeats stop and another replica gets the task after
    ``ack_wait``.
@@ -61,8 +61,6 @@ logger = logging.getLogger(__name__)
 START_NOTICE = 0.05
 """Seconds a task runs before RUNNING is written to its record (at once when it asks for
 input): a short task goes from QUEUED to its final status in one write."""
-RECORD_WAIT = 5.0
-"""Seconds a first delivery waits for its task's record before dropping the task."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,30 +203,24 @@ class Worker:
         deployment, task_id = msg.deployment, msg.task_id
         attempt = delivery.delivery_count
         began = now()
-        context_read: asyncio.Future[bytes | None] | None = None
-        wanted = asyncio.Event()
         kwargs: dict[str, JsonValue] = json.loads(msg.input_json) if msg.input_json else {}
-        if attempt == 1:
-            # A first delivery starts the run at once, from the message. The record (written
-            # by the API server alongside the message) is read meanwhile; RUNNING is written
-            # once the run lasts a while or waits for input. A record that turned final
-            # meanwhile (cancelled while queued) cancels the run, or drops its result.
-            task = _queued_task(msg, kwargs)
-            located = asyncio.create_task(self._locate(deployment, task_id))
-            if not msg.new_session:
-                context_read = asyncio.ensure_future(
-                    self._cp.get_session_state(deployment, msg.session_id)
-                )
-            announced = asyncio.create_task(self._announce(located, attempt, wanted))
-        else:
-            read = await self._start(msg, delivery, attempt)
-            if read is None:
-                return
-            stored, context_read = read
-            task = stored.task
-            located = announced = asyncio.create_task(_known(stored))
-            _log_running(task, attempt)
+        context_read: asyncio.Task[bytes | None] | None = None
+        if not msg.new_session:  # read alongside the record, if there is one to read
+            context_read = asyncio.create_task(
+                self._cp.get_session_state(deployment, msg.session_id)
+            )
+        try:
+            stored = await self._check(msg, kwargs, delivery, attempt)
+        except BaseException:
+            await _discard(context_read)
+            raise
+        if stored is None:
+            await _discard(context_read)
+            return
+        task = stored.task
         context = _log_context(task)
+        wanted = asyncio.Event()
+        announced = asyncio.create_task(self._announce(stored, attempt, wanted))
         try:
             context_json = await context_read if context_read is not None else None
             outcome, count = await self._run(
@@ -239,21 +231,15 @@ class Worker:
                 wanted=wanted,
                 context_json=context_json,
             )
-        except BaseException:
-            await cancel_and_wait(located)  # the delivery goes back; nothing waits for it
-            if not located.cancelled():
-                located.exception()  # retrieved: the failure being raised is what counts
-            raise
         finally:
             if not announced.done():
                 await cancel_and_wait(announced)
-        if not announced.cancelled() and announced.exception() is None:
-            stored = announced.result()
-        else:
-            try:
-                stored = await located
-            except NotFoundError:
-                logger.warning("task %s has no record; dropping it", task_id, extra=context)
+        if not announced.cancelled():
+            failure = announced.exception()
+            if failure is None:
+                stored = announced.result()
+            elif isinstance(failure, NotFoundError):
+                logger.warning("task %s was deleted; dropping it", task_id, extra=context)
                 await delivery.term()
                 return
         try:
@@ -273,6 +259,10 @@ class Worker:
             logger.warning("task %s: %s", task_id, exc.error.message, extra=context)
             outcome = RunOutcome(TaskStatus.FAILED, error=exc.error)
             await self._finish(stored, outcome, event_count=count, attempt=attempt, began=began)
+        except NotFoundError:
+            logger.warning("task %s was deleted; dropping it", task_id, extra=context)
+            await delivery.term()
+            return
         await delivery.ack()
         # Logged once the result is stored and acknowledged: off the way to the caller,
         # and the time covers all this delivery's work.
@@ -284,35 +274,32 @@ class Worker:
             extra=context,
         )
 
-    async def _locate(self, deployment: str, task_id: str) -> StoredTask:
-        """The task's record, waiting a little for it: the API server writes it alongside
-        the task's message, so it may land a moment after the message arrives."""
-        pause, waited = 0.002, 0.0
-        while True:
-            try:
-                return await self._cp.read_task(deployment, task_id)
-            except NotFoundError:
-                if waited >= RECORD_WAIT:
-                    raise
-            await asyncio.sleep(pause)
-            waited += pause
-            pause = min(pause * 2, 0.25)
+    async def _check(
+        self,
+        msg: messages_pb2.TaskMessage,
+        kwargs: dict[str, JsonValue],
+        delivery: Delivery,
+        attempt: int,
+    ) -> StoredTask | None:
+        """The task to run as this process knows it, ``None`` (the delivery settled) when
+        there is nothing to run.
 
-    async def _start(
-        self, msg: messages_pb2.TaskMessage, delivery: Delivery, attempt: int
-    ) -> tuple[StoredTask, asyncio.Future[bytes | None]] | None:
-        """Read the task and write RUNNING; ``None`` when there is nothing to run.
-
-        The careful path, for redeliveries: the task may have finished, or have been
-        delivered too often.
+        A first delivery of a message that is the task's only record needs no read: the
+        task is QUEUED (revision 0) and its first change creates the record. Otherwise the
+        record is read: the task may have been cancelled while queued, have finished (a
+        crash between "result stored" and "ack"), or have been delivered too often.
         """
-        deployment, task_id = msg.deployment, msg.task_id
+        queued = StoredTask(convert.task_from_message(msg, kwargs), 0)
+        if attempt == 1 and not msg.recorded:
+            return queued
         try:
-            stored = await self._cp.read_task(deployment, task_id)
+            stored = await self._cp.read_task(msg.deployment, msg.task_id)
         except NotFoundError:
-            logger.warning("task %s no longer exists; dropping it", task_id)
-            await delivery.term()
-            return None
+            if msg.recorded:
+                logger.warning("task %s no longer exists; dropping it", msg.task_id)
+                await delivery.term()
+                return None
+            stored = queued  # a replica got it before and died before storing anything
         if stored.task.status.is_final:
             await delivery.ack()
             return None
@@ -326,23 +313,7 @@ class Worker:
             await self._finish(stored, outcome, event_count=0, attempt=attempt)
             await delivery.ack()
             return None
-        # Reading the session's context does not depend on the task's start: both at once.
-        context_read = asyncio.ensure_future(
-            self._cp.get_session_state(deployment, stored.task.session_id)
-        )
-        try:
-            stored = await self._cp.change_task(
-                deployment, task_id, self._starter(attempt), known=stored
-            )
-        finally:
-            if stored.task.status is not TaskStatus.RUNNING:
-                await cancel_and_wait(context_read)
-                if not context_read.cancelled():
-                    context_read.exception()  # retrieved: the start's outcome is what counts
-        if stored.task.status.is_final:
-            await delivery.ack()
-            return None
-        return stored, context_read
+        return stored
 
     def _starter(self, attempt: int) -> Callable[[Task], Task | None]:
         def start(t: Task) -> Task | None:
@@ -355,10 +326,10 @@ class Worker:
         return start
 
     async def _announce(
-        self, located: asyncio.Task[StoredTask], attempt: int, wanted: asyncio.Event
+        self, stored: StoredTask, attempt: int, wanted: asyncio.Event
     ) -> StoredTask:
-        """Write RUNNING once the run has lasted :data:`START_NOTICE` or wants input."""
-        stored = await asyncio.shield(located)
+        """Write RUNNING once the run has lasted :data:`START_NOTICE` or wants input: a
+        short task goes from QUEUED to its final status in one write."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(START_NOTICE):
                 await wanted.wait()
@@ -477,8 +448,13 @@ class Worker:
         await self._cp.change_task(task.deployment, task.task_id, finish, known=stored)
 
 
-async def _known(stored: StoredTask) -> StoredTask:
-    return stored
+async def _discard(read: asyncio.Task[Any] | None) -> None:
+    """Cancel a read whose answer is no longer wanted, retrieving its failure if any."""
+    if read is None:
+        return
+    await cancel_and_wait(read)
+    if not read.cancelled():
+        read.exception()
 
 
 def _log_context(task: Task) -> dict[str, str]:
@@ -488,19 +464,6 @@ def _log_context(task: Task) -> dict[str, str]:
 def _log_running(task: Task, attempt: int) -> None:
     """One line when a task shows RUNNING; a quick one logs only its end (with its time)."""
     logger.info("task running (attempt %d)", attempt, extra=_log_context(task))
-
-
-def _queued_task(msg: messages_pb2.TaskMessage, input: dict[str, JsonValue]) -> Task:
-    """The task's record as the API server wrote it, rebuilt from its task message (and
-    ``input``, the message's input already parsed)."""
-    return Task(
-        task_id=msg.task_id,
-        deployment=msg.deployment,
-        service_id=msg.service_id,
-        session_id=msg.session_id,
-        input=input,
-        created_at=convert.from_timestamp(msg.created_at) or now(),
-    )
 
 
 class _Stop(Exception):

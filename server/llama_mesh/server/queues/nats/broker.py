@@ -2,9 +2,16 @@
 
 Layout on the server, for the connection's ``prefix="mesh"``:
 
-* stream ``MESH_TASKS`` (subjects ``mesh.tasks.>``, work-queue retention, file storage,
-  two-minute duplicate window): queue ``q`` is subject ``mesh.tasks.q`` with one durable pull
-  consumer named after the queue (dots become ``_``), shared by every consumer of the queue.
+* stream ``MESH_TASKS`` (subjects ``mesh.queued.>`` and ``mesh.tasks.>``, work-queue
+  retention, file storage, two-minute duplicate window): a message of queue ``q`` published
+  under ``msg_id`` is subject ``mesh.queued.q.<msg_id>``, one subject per message, so that it
+  can be found, listed and removed by its id (a direct get by subject). Queue ``q`` has one
+  durable pull consumer named after it (dots become ``_``), shared by every consumer of the
+  queue, filtering ``mesh.queued.q.*`` and ``mesh.tasks.q``: the subject where earlier
+  versions queued every message of ``q``, so that messages queued before an upgrade are still
+  delivered, counted, listed and purged (not found by id). The ``queued`` root is apart from
+  ``tasks`` because consumers of a work-queue stream must not overlap: ``mesh.tasks.a.*``
+  would take queue ``a.b``'s ``mesh.tasks.a.b``.
 * stream ``MESH_TOPICS`` (subjects ``mesh.topics.>``, limits retention, file storage, seven
   days max age): topic ``t`` is subject ``mesh.topics.t``; subscribers use an ordered push
   consumer from the first stored message.
@@ -16,6 +23,11 @@ Behaviour worth knowing:
   nothing.
 * ``consume_tasks`` holds at most ``max_in_flight`` unsettled deliveries: a background task
   long-polls (``fetch`` with a server-side expiry) only for the free slots.
+* ``find_task`` reads the message's subject (one request), ``remove_task`` then deletes it;
+  ``queued_tasks`` reads one message per request. A message whose last delivery timed out
+  (``max_deliver``) stays in the stream, never delivered again, and is still found and listed
+  until the queue is purged. (The worker records a task's failure on its last delivery
+  rather than running it, so only a replica dying in that moment leaves one.)
 * Settling (ack, nak, term, in_progress) waits for the server's confirmation. A nak of the
   last allowed delivery terminates the message (removes it), as the in-process broker drops
   it.
@@ -27,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Final
@@ -53,6 +66,7 @@ _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
 _TOPICS_MAX_AGE: Final = 7 * 24 * 3600.0
 _STREAM_NAME_IN_USE: Final = 10058
+_TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class _NatsDelivery(Delivery):
@@ -235,6 +249,7 @@ class NatsBroker(NatsRole, Broker):
     """A :class:`Broker` on NATS JetStream. Open it with :meth:`open`."""
 
     what = "NATS broker"
+    finds_tasks = True
 
     def __init__(self, connection: NatsConnection) -> None:
         super().__init__(connection)
@@ -254,10 +269,24 @@ class NatsBroker(NatsRole, Broker):
             raise
         return broker
 
-    def task_subject(self, queue: str) -> str:
-        """The subject of work queue ``queue``."""
+    def task_subject(self, queue: str, msg_id: str) -> str:
+        """The subject of the message of work queue ``queue`` published under ``msg_id``."""
+        check_name("queue", queue)
+        return f"{self._prefix}.queued.{queue}.{_subject_token(msg_id)}"
+
+    def queued_subjects(self, queue: str) -> str:
+        """The subjects (a wildcard) of every message of work queue ``queue``."""
+        check_name("queue", queue)
+        return f"{self._prefix}.queued.{queue}.*"
+
+    def legacy_task_subject(self, queue: str) -> str:
+        """The one subject where earlier versions queued every message of ``queue``."""
         check_name("queue", queue)
         return f"{self._prefix}.tasks.{queue}"
+
+    def consumer_subjects(self, queue: str) -> list[str]:
+        """What the durable consumer of ``queue`` filters: both of the above."""
+        return [self.legacy_task_subject(queue), self.queued_subjects(queue)]
 
     def topic_subject(self, topic: str) -> str:
         """The subject of topic ``topic``."""
@@ -274,7 +303,7 @@ class NatsBroker(NatsRole, Broker):
         await self._ensure_stream(
             api.StreamConfig(
                 name=self.tasks_stream,
-                subjects=[f"{self._prefix}.tasks.>"],
+                subjects=[f"{self._prefix}.tasks.>", f"{self._prefix}.queued.>"],
                 retention=api.RetentionPolicy.WORK_QUEUE,
                 storage=api.StorageType.FILE,
                 duplicate_window=_DUPLICATE_WINDOW,
@@ -313,9 +342,13 @@ class NatsBroker(NatsRole, Broker):
                 await self.js.update_stream(config)
 
     async def ensure_consumer(self, queue: str, options: ConsumerOptions) -> str:
-        """Create (or update to ``options``) the durable consumer of ``queue``; its name."""
-        subject = self.task_subject(queue)
+        """Create (or update to ``options``) the durable consumer of ``queue``; its name.
+
+        A consumer an earlier version created, filtering only the legacy subject of
+        ``queue``, is updated to filter both; see :meth:`_requeue_passed`."""
+        subjects = self.consumer_subjects(queue)
         name = self.consumer_name(queue)
+        upgrading = False
         with translated():
             try:
                 info = await self.js.consumer_info(self.tasks_stream, name)
@@ -323,23 +356,26 @@ class NatsBroker(NatsRole, Broker):
                 info = None
             if info is not None:
                 current = info.config
-                if current.filter_subject != subject:
+                serves = current.filter_subjects or [current.filter_subject]
+                if serves not in (subjects, [self.legacy_task_subject(queue)]):
                     raise QueueError(
                         f"queue {queue!r} maps to consumer {name!r}, which already serves "
-                        f"{current.filter_subject!r}"
+                        f"{serves!r}"
                     )
+                upgrading = serves != subjects
                 if (
-                    current.ack_wait == options.ack_wait
+                    serves == subjects
+                    and current.ack_wait == options.ack_wait
                     and current.max_deliver == options.max_deliver
                     and current.max_ack_pending == _MAX_ACK_PENDING
                 ):
                     return name
-            await self.js.add_consumer(
+            created = await self.js.add_consumer(
                 self.tasks_stream,
                 api.ConsumerConfig(
                     name=name,
                     durable_name=name,
-                    filter_subject=subject,
+                    filter_subjects=subjects,
                     deliver_policy=api.DeliverPolicy.ALL,
                     ack_policy=api.AckPolicy.EXPLICIT,
                     ack_wait=options.ack_wait,
@@ -347,13 +383,38 @@ class NatsBroker(NatsRole, Broker):
                     max_ack_pending=_MAX_ACK_PENDING,
                 ),
             )
+        if upgrading and created.delivered is not None and created.delivered.stream_seq:
+            await self._requeue_passed(queue, created.delivered.stream_seq)
         return name
+
+    async def _requeue_passed(self, queue: str, delivered: int) -> None:
+        """Queue again the messages of ``queue`` published one per subject up to stream
+        sequence ``delivered``: the consumer, just updated from the legacy subject alone,
+        has passed them and would never deliver them. An API server of this version queues
+        such messages while consumers of an earlier one still take the legacy subject (a
+        rolling upgrade). Each goes to the end of the queue under the same subject; a
+        message id made of its subject and old sequence keeps two upgrading consumers from
+        queueing it twice."""
+        for msg in await self._stored(self.queued_subjects(queue), until=delivered):
+            if msg.subject is None or msg.seq is None:
+                continue
+            logger.info(
+                "queueing %s again after the consumer of %r was updated", msg.subject, queue
+            )
+            await self._publishpatiently(
+                msg.subject,
+                msg.data or b"",
+                f"{msg.subject}@{msg.seq}",
+                f"requeueing {msg.subject}",
+            )
+            with translated(), contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_msg(self.tasks_stream, msg.seq)
 
     # -- Broker
 
     async def publish_task(self, queue: str, data: bytes, *, msg_id: str) -> None:
         self.check_open()
-        subject = self.task_subject(queue)
+        subject = self.task_subject(queue, msg_id)
         self.check_size(data, f"task message {msg_id!r}")
         ack = await self._publishpatiently(subject, data, msg_id, f"queueing task {msg_id!r}")
         if ack.duplicate:
@@ -368,21 +429,88 @@ class NatsBroker(NatsRole, Broker):
 
     async def queue_depth(self, queue: str) -> int:
         self.check_open()
-        subject = self.task_subject(queue)
+        subjects = self.consumer_subjects(queue)
         with translated():
             try:
                 info = await self.js.consumer_info(self.tasks_stream, self.consumer_name(queue))
             except nats.js.errors.NotFoundError:
-                stream = await self.js.stream_info(self.tasks_stream, subjects_filter=subject)
-                return (stream.state.subjects or {}).get(subject, 0)
+                # No consumer yet: count the stored messages, by subject (one per message).
+                count = 0
+                for subject in subjects:
+                    stream = await self.js.stream_info(self.tasks_stream, subjects_filter=subject)
+                    count += sum((stream.state.subjects or {}).values())
+                return count
         pending: int = (info.num_pending or 0) + (info.num_ack_pending or 0)
         return pending
 
     async def purge_queue(self, queue: str) -> None:
         self.check_open()
-        subject = self.task_subject(queue)
+        subjects = self.consumer_subjects(queue)
         with translated():
-            await self.js.purge_stream(self.tasks_stream, subject=subject)
+            for subject in subjects:
+                await self.js.purge_stream(self.tasks_stream, subject=subject)
+
+    async def find_task(self, queue: str, msg_id: str) -> bytes | None:
+        self.check_open()
+        found = await self._get_task(self.task_subject(queue, msg_id))
+        return None if found is None else found.data or b""
+
+    async def queued_tasks(self, queue: str) -> list[bytes]:
+        self.check_open()
+        found: list[api.RawStreamMsg] = []
+        for subject in self.consumer_subjects(queue):
+            found += await self._stored(subject)
+        found.sort(key=lambda msg: msg.seq or 0)
+        return [msg.data or b"" for msg in found]
+
+    async def remove_task(self, queue: str, msg_id: str) -> bool:
+        self.check_open()
+        found = await self._get_task(self.task_subject(queue, msg_id))
+        if found is None or found.seq is None:
+            return False
+        with translated():
+            try:
+                # A consumer holding a delivery of it skips it from now on; settling that
+                # delivery later is harmless.
+                await self.js.delete_msg(self.tasks_stream, found.seq)
+            except nats.js.errors.NotFoundError:
+                return False  # settled (or removed) meanwhile
+        return True
+
+    async def _get_task(self, subject: str) -> api.RawStreamMsg | None:
+        """The message stored on the (literal) ``subject``, if any."""
+
+        async def read() -> api.RawStreamMsg | None:
+            with translated():
+                try:
+                    return await self.js.get_msg(self.tasks_stream, subject=subject)
+                except nats.js.errors.NotFoundError:
+                    return None
+
+        return await patiently(self, read, f"looking up {subject!r}")
+
+    async def _stored(self, subject: str, until: int | None = None) -> list[api.RawStreamMsg]:
+        """Every message stored on ``subject`` (wildcards allowed), in sequence order, up to
+        sequence ``until``: one request per message, each for the next one from a sequence
+        on."""
+        found: list[api.RawStreamMsg] = []
+        seq = 1
+        while True:
+
+            async def read(at: int = seq) -> api.RawStreamMsg | None:
+                with translated():
+                    try:
+                        return await self.js.get_msg(
+                            self.tasks_stream, seq=at, subject=subject, next=True
+                        )
+                    except nats.js.errors.NotFoundError:
+                        return None
+
+            msg = await patiently(self, read, f"listing {subject!r}")
+            if msg is None or msg.seq is None or (until is not None and msg.seq > until):
+                return found
+            found.append(msg)
+            seq = msg.seq + 1
 
     async def publish(self, topic: str, data: bytes) -> None:
         self.check_open()
@@ -428,3 +556,12 @@ class NatsBroker(NatsRole, Broker):
         subject = self.topic_subject(topic)
         with translated():
             await self.js.purge_stream(self.topics_stream, subject=subject)
+
+
+def _subject_token(msg_id: str) -> str:
+    """``msg_id`` as one subject token: as is when it is ``[A-Za-z0-9_-]`` (a task id), else
+    ``~`` and its UTF-8 hex, which no such id starts with (subjects cannot hold ``.``, ``*``,
+    ``>`` or spaces)."""
+    if _TOKEN_RE.match(msg_id):
+        return msg_id
+    return "~" + msg_id.encode().hex()
