@@ -284,8 +284,9 @@ class ApiServerServicer:
         """WatchTasks streams a deployment's tasks and then their changes, until the client goes
         away. First comes each task as it is now (newest first), then one message with
         `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
-        result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
-        never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+        result) or is deleted. With several API servers, a task created through another one
+        comes at its first change (its start, result or cancellation). A client that
+        (re)connects starts from a fresh snapshot, so it never misses a change. Through the gateway the stream is framed as Server-Sent Events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

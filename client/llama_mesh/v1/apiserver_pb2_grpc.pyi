@@ -93,8 +93,9 @@ class ApiServerStub:
     """WatchTasks streams a deployment's tasks and then their changes, until the client goes
     away. First comes each task as it is now (newest first), then one message with
     `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
-    result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
-    never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+    result) or is deleted. With several API servers, a task created through another one
+    comes at its first change (its start, result or cancellation). A client that
+    (re)connects starts from a fresh snapshot, so it never misses a change. Through the gateway the stream is framed as Server-Sent Events.
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.GetTaskRequest, _apiserver_pb2.GetTaskResponse]
     """GetTask returns a task with its status, result or error."""
@@ -182,8 +183,9 @@ class ApiServerAsyncStub(ApiServerStub):
     """WatchTasks streams a deployment's tasks and then their changes, until the client goes
     away. First comes each task as it is now (newest first), then one message with
     `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
-    result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
-    never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+    result) or is deleted. With several API servers, a task created through another one
+    comes at its first change (its start, result or cancellation). A client that
+    (re)connects starts from a fresh snapshot, so it never misses a change. Through the gateway the stream is framed as Server-Sent Events.
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.GetTaskRequest, _apiserver_pb2.GetTaskResponse]  # type: ignore[assignment]
     """GetTask returns a task with its status, result or error."""
@@ -340,8 +342,9 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
         """WatchTasks streams a deployment's tasks and then their changes, until the client goes
         away. First comes each task as it is now (newest first), then one message with
         `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
-        result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
-        never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+        result) or is deleted. With several API servers, a task created through another one
+        comes at its first change (its start, result or cancellation). A client that
+        (re)connects starts from a fresh snapshot, so it never misses a change. Through the gateway the stream is framed as Server-Sent Events.
         """
 
     @_abc_1.abstractmethod

@@ -104,8 +104,9 @@ type ApiServerClient interface {
 	// WatchTasks streams a deployment's tasks and then their changes, until the client goes
 	// away. First comes each task as it is now (newest first), then one message with
 	// `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
-	// result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
-	// never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+	// result) or is deleted. With several API servers, a task created through another one
+	// comes at its first change (its start, result or cancellation). A client that
+	// (re)connects starts from a fresh snapshot, so it never misses a change. Through the gateway the stream is framed as Server-Sent Events.
 	WatchTasks(ctx context.Context, in *WatchTasksRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchTasksResponse], error)
 	// GetTask returns a task with its status, result or error.
 	GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*GetTaskResponse, error)
@@ -426,8 +427,9 @@ type ApiServerServer interface {
 	// WatchTasks streams a deployment's tasks and then their changes, until the client goes
 	// away. First comes each task as it is now (newest first), then one message with
 	// `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
-	// result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
-	// never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+	// result) or is deleted. With several API servers, a task created through another one
+	// comes at its first change (its start, result or cancellation). A client that
+	// (re)connects starts from a fresh snapshot, so it never misses a change. Through the gateway the stream is framed as Server-Sent Events.
 	WatchTasks(*WatchTasksRequest, grpc.ServerStreamingServer[WatchTasksResponse]) error
 	// GetTask returns a task with its status, result or error.
 	GetTask(context.Context, *GetTaskRequest) (*GetTaskResponse, error)

@@ -1255,8 +1255,9 @@ export const ApiServer: GenService<{
    * WatchTasks streams a deployment's tasks and then their changes, until the client goes
    * away. First comes each task as it is now (newest first), then one message with
    * `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
-   * result) or is deleted. A client that (re)connects starts from a fresh snapshot, so it
-   * never misses a change. Through the gateway the stream is framed as Server-Sent Events.
+   * result) or is deleted. With several API servers, a task created through another one
+   * comes at its first change (its start, result or cancellation). A client that
+   * (re)connects starts from a fresh snapshot, so it never misses a change. Through the gateway the stream is framed as Server-Sent Events.
    *
    * @generated from rpc llama_mesh.v1.ApiServer.WatchTasks
    */
