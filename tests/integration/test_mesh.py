@@ -157,9 +157,9 @@ ONE_AT_A_TIME = (
 async def test_a_queued_task_is_its_message(mesh_factory: MeshFactory, queue: str) -> None:
     """A task is accepted with one durable write, its message: while it waits in the queue
     it has no record (revision 0), yet every read shows it QUEUED — by id, in listings,
-    in its session, in a watch — and the session it implies (no record either) is found. Cancelling it creates its record as CANCELLED and takes the message out of the
-    queue, so that it never runs. The others run, and their first change creates their
-    record."""
+    in its session, in a watch — and the session it implies (no record either) is found.
+    Cancelling it creates its record as CANCELLED and takes the message out of the queue, so
+    that it never runs. The others run, and their first change creates their record."""
     server = await mesh_factory(queue=queue)
     await server.mesh.deployments.create(
         ONE_AT_A_TIME.format(name="one"), base_path=str(TESTAPP.parent), reload=False, local=True
