@@ -205,8 +205,8 @@ def task_segments(task: Any, sent: float, received: float) -> dict[str, float]:
     """Where one RunTask's time went, from the task's own timestamps (one machine clock).
 
     ``created_at`` is stamped by the API server when it builds the task (before it writes
-    the task, its new session or else its index entry, and its message), ``started_at`` by
-    the worker when the delivery reaches it, ``finished_at`` before it writes the result.
+    its message and, in an existing session, its index entry), ``started_at`` by the worker
+    when the delivery reaches it, ``finished_at`` before it writes the result.
     """
     created = task.created_at.ToNanoseconds() / 1e9
     started = task.started_at.ToNanoseconds() / 1e9

@@ -33,7 +33,7 @@ from llama_mesh.server import subjects
 from llama_mesh.server.apiserver.mesh import Mesh
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.domain import EventKind, HumanEvent, TaskStatus
-from llama_mesh.server.errors import InvalidArgumentError
+from llama_mesh.server.errors import InvalidArgumentError, NotFoundError
 from llama_mesh.server.queues.broker import Broker
 from tests.fixtures.mesh import TESTAPP
 from tests.fixtures.rabbitmq import RabbitMqServer
@@ -213,8 +213,9 @@ async def test_human_in_the_loop(on: OnBroker) -> None:
 
 
 async def test_session_context_carries_over(on: OnBroker) -> None:
-    """A session started by a task goes on from the context that task left; a task in a
-    session of its own starts fresh."""
+    """A session started by a task (implied by it: the task's id, no record of its own) goes
+    on from the context that task left; a task in a session of its own starts fresh.
+    Deleted, the session is gone while its task lives on."""
     mesh = on.mesh
     first = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 3})
     second = await mesh.run_task(
@@ -222,6 +223,15 @@ async def test_session_context_carries_over(on: OnBroker) -> None:
     )
     other = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 2})
     assert (first.result, second.result, other.result) == (3, 7, 2)
+    assert first.session_id == first.task_id
+    session = await mesh.get_session(APP, first.session_id)
+    assert session.task_ids == [first.task_id, second.task_id]
+    assert first.session_id in [s.session_id for s in await mesh.list_sessions(APP)]
+    await mesh.delete_session(APP, first.session_id)
+    with pytest.raises(NotFoundError):
+        await mesh.get_session(APP, first.session_id)
+    assert first.session_id not in [s.session_id for s in await mesh.list_sessions(APP)]
+    assert (await mesh.get_task(APP, first.task_id)).result == 3
 
 
 async def test_a_workflow_error_fails_the_task(on: OnBroker) -> None:

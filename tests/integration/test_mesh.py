@@ -157,9 +157,9 @@ ONE_AT_A_TIME = (
 async def test_a_queued_task_is_its_message(mesh_factory: MeshFactory, queue: str) -> None:
     """A task is accepted with one durable write, its message: while it waits in the queue
     it has no record (revision 0), yet every read shows it QUEUED — by id, in listings,
-    in its session, in a watch — and cancelling it creates its record as CANCELLED and
-    takes the message out of the queue, so that it never runs. The others run, and their
-    first change creates their record."""
+    in its session, in a watch — and the session it implies (no record either) is found.
+    Cancelling it creates its record as CANCELLED and takes the message out of the queue, so
+    that it never runs. The others run, and their first change creates their record."""
     server = await mesh_factory(queue=queue)
     await server.mesh.deployments.create(
         ONE_AT_A_TIME.format(name="one"), base_path=str(TESTAPP.parent), reload=False, local=True
@@ -183,6 +183,11 @@ async def test_a_queued_task_is_its_message(mesh_factory: MeshFactory, queue: st
     assert listed[waiting.task_id] is listed[doomed.task_id] is TaskStatus.QUEUED
     in_session = [t.task_id for t in await mesh.list_tasks("one", waiting.session_id)]
     assert sorted(in_session) == sorted([waiting.task_id, doomed.task_id])
+    assert waiting.session_id == waiting.task_id
+    session = await mesh.get_session("one", waiting.session_id)
+    assert session.task_ids == [waiting.task_id, doomed.task_id]
+    sessions = [s.session_id for s in await mesh.list_sessions("one")]
+    assert sessions == sorted([busy.task_id, waiting.task_id])
     watch = mesh.watch_tasks("one")
     snapshot = {}
     async for change in watch:
@@ -260,13 +265,14 @@ async def test_session_context_carries_over(testapp: MeshServer) -> None:
 
 
 @SHARED
-async def test_a_session_created_for_a_task_lists_it_first(testapp: MeshServer) -> None:
-    """A task run without a session gets a new one that names it (kept in the session's
-    record, not its index); later tasks follow in order, in every listing; deleting the
-    session forgets them all."""
+async def test_a_session_implied_by_its_task_lists_it_first(testapp: MeshServer) -> None:
+    """A task run without a session starts one with the task's id and no record of its own
+    (implied by the task); later tasks follow in order, in every listing, with the context
+    carried over; deleting the session forgets them all while the task lives on."""
     mesh = testapp.mesh
     first = await mesh.run_task(APP, service_id="tally", session_id=None, input={"amount": 2})
     session_id = first.session_id
+    assert session_id == first.task_id
     assert (await mesh.get_session(APP, session_id)).task_ids == [first.task_id]
     later = [
         await mesh.run_task(APP, service_id="tally", session_id=session_id, input={"amount": 1})
@@ -286,6 +292,10 @@ async def test_a_session_created_for_a_task_lists_it_first(testapp: MeshServer) 
     with pytest.raises(NotFoundError):
         await mesh.get_session(APP, session_id)
     assert await mesh.cp.session_task_ids(APP, session_id) == []
+    assert session_id not in [s.session_id for s in await mesh.list_sessions(APP)]
+    assert (await mesh.get_task(APP, first.task_id)).result == 2
+    with pytest.raises(NotFoundError):
+        await mesh.create_task(APP, service_id="tally", session_id=session_id, input={})
 
 
 @SHARED

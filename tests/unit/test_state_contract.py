@@ -74,6 +74,25 @@ async def test_kv_delete(store: StateStore) -> None:
     await kv.delete("never")
 
 
+async def test_kv_a_deleted_key_is_told_from_one_never_written(store: StateStore) -> None:
+    """get/entries with deleted=True: a deleted key is an entry with value None (at its
+    deletion's revision, after its writes), a key never written is absent; without it both
+    are absent. Writing the key again replaces its deletion."""
+    kv = await store.kv("deletions")
+    written = await kv.put("a.gone", b"v")
+    await kv.put("a.kept", b"k")
+    await kv.delete("a.gone")
+    gone = await kv.get("a.gone", deleted=True)
+    assert gone is not None and gone.value is None and gone.revision > written
+    assert await kv.get("a.gone") is None
+    assert await kv.get("a.never", deleted=True) is None
+    assert await kv.entries("a.", deleted=True) == [gone, await kv.get("a.kept")]
+    assert [e.key for e in await kv.entries("a.")] == ["a.kept"]
+    assert await kv.keys("a.") == ["a.kept"]
+    again = await kv.create("a.gone", b"again")
+    assert await kv.get("a.gone", deleted=True) == KeyValueEntry("a.gone", b"again", again)
+
+
 async def test_kv_keys_by_prefix(store: StateStore) -> None:
     """keys(prefix) lists present keys starting with prefix (a string prefix), sorted."""
     kv = await store.kv("state")

@@ -439,7 +439,9 @@ class RunTaskRequest(_message.Message):
     service_id: _builtins.str
     """service_id is the service to run; empty means the deployment's default service."""
     session_id: _builtins.str
-    """session_id resumes that session's context; empty means a fresh session."""
+    """session_id resumes that session's context; empty starts a fresh session whose id is
+    the task's.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """input is the JSON object of keyword arguments passed to `Workflow.run`."""
@@ -499,7 +501,9 @@ class CreateTaskRequest(_message.Message):
     service_id: _builtins.str
     """service_id is the service to run; empty means the deployment's default service."""
     session_id: _builtins.str
-    """session_id resumes that session's context; empty creates a new session."""
+    """session_id resumes that session's context; empty starts a new session whose id is the
+    task's.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """input is the JSON object of keyword arguments passed to `Workflow.run`."""

@@ -50,8 +50,8 @@ class TaskMessage(_message.Message):
     generation: _builtins.int
     """generation is the deployment generation the task was created under."""
     new_session: _builtins.bool
-    """new_session says that the session was created with this task, so it has no stored
-    workflow context to resume.
+    """new_session says that the task started its session (whose id is the task's), so it has
+    no stored workflow context to resume.
     """
     recorded: _builtins.bool
     """recorded says that the task's record was stored before this message was published (on

@@ -857,7 +857,8 @@ type RunTaskRequest struct {
 	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
 	// service_id is the service to run; empty means the deployment's default service.
 	ServiceId string `protobuf:"bytes,2,opt,name=service_id,json=serviceId,proto3" json:"service_id,omitempty"`
-	// session_id resumes that session's context; empty means a fresh session.
+	// session_id resumes that session's context; empty starts a fresh session whose id is
+	// the task's.
 	SessionId string `protobuf:"bytes,3,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// input is the JSON object of keyword arguments passed to `Workflow.run`.
 	Input         *structpb.Struct `protobuf:"bytes,4,opt,name=input,proto3" json:"input,omitempty"`
@@ -976,7 +977,8 @@ type CreateTaskRequest struct {
 	Deployment string `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
 	// service_id is the service to run; empty means the deployment's default service.
 	ServiceId string `protobuf:"bytes,2,opt,name=service_id,json=serviceId,proto3" json:"service_id,omitempty"`
-	// session_id resumes that session's context; empty creates a new session.
+	// session_id resumes that session's context; empty starts a new session whose id is the
+	// task's.
 	SessionId string `protobuf:"bytes,3,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// input is the JSON object of keyword arguments passed to `Workflow.run`.
 	Input         *structpb.Struct `protobuf:"bytes,4,opt,name=input,proto3" json:"input,omitempty"`

@@ -39,8 +39,8 @@ type TaskMessage struct {
 	Generation int64 `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
 	// created_at is when the task was created.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	// new_session says that the session was created with this task, so it has no stored
-	// workflow context to resume.
+	// new_session says that the task started its session (whose id is the task's), so it has
+	// no stored workflow context to resume.
 	NewSession bool `protobuf:"varint,8,opt,name=new_session,json=newSession,proto3" json:"new_session,omitempty"`
 	// recorded says that the task's record was stored before this message was published (on
 	// a broker that cannot find a queued message by its task id): a worker that finds no record

@@ -131,7 +131,8 @@ class Mesh:
         session_id: str | None,
         input: dict[str, JsonValue],
     ) -> Task:
-        """Record a task and queue it; a missing session is created."""
+        """Record a task and queue it; without a session, it starts one (implied by it, see
+        :mod:`llama_mesh.server.control_plane.store`)."""
         stored = await self._create_task(
             deployment, new_id(), service_id=service_id, session_id=session_id, input=input
         )
@@ -149,14 +150,12 @@ class Mesh:
         config = self.deployments.config(deployment)
         service = choose_service(config, service_id)
         input_json = json_within_limit("the task input", input)
-        writes: list[Awaitable[object]] = []
         new_session = not session_id
         if session_id:
             check_id("session id", session_id)
             await self.cp.get_session(deployment, session_id, task_ids=False)
         else:
-            session_id = new_id()
-            writes.append(self.cp.create_session(deployment, session_id, first_task=task_id))
+            session_id = task_id  # a session implied by its task: no write of its own
         task = Task(
             task_id=task_id,
             deployment=deployment,
@@ -168,35 +167,31 @@ class Mesh:
         stored = StoredTask(task, 0)
         if self.brokers.of(deployment).finds_tasks:
             # One durable write accepts the task: its message, which is its record until
-            # its first change (see the worker). Its new session (which names it) or else
-            # its index entry is written at the same time: one round trip.
-            if not new_session:
-                writes.append(self.cp.index_task(task))
-            writes.append(
+            # its first change (see the worker). A task in an existing session also has its
+            # index entry written at the same time: one round trip.
+            writes: list[Awaitable[object]] = [
                 self.orchestrator.schedule(
                     task, generation=generation, new_session=new_session, input_json=input_json
                 )
-            )
+            ]
+            if not new_session:
+                writes.append(self.cp.index_task(task))
             failure = _first_failure(await asyncio.gather(*writes, return_exceptions=True))
         else:
             # A broker that cannot find the message by the task's id: the record first,
             # so that the task can be read while it waits in the queue.
-            recorded = asyncio.ensure_future(self.cp.record_task(task, index=not new_session))
-            failure = _first_failure(
-                await asyncio.gather(recorded, *writes, return_exceptions=True)
-            )
-            if failure is None:
-                stored = recorded.result()
-                try:
-                    await self.orchestrator.schedule(
-                        task,
-                        generation=generation,
-                        new_session=new_session,
-                        recorded=True,
-                        input_json=input_json,
-                    )
-                except Exception as exc:
-                    failure = exc
+            failure = None
+            try:
+                stored = await self.cp.record_task(task, index=not new_session)
+                await self.orchestrator.schedule(
+                    task,
+                    generation=generation,
+                    new_session=new_session,
+                    recorded=True,
+                    input_json=input_json,
+                )
+            except Exception as exc:
+                failure = exc
         if failure is None:
             if not stored.revision:
                 self.watcher.accepted(task)

@@ -4,16 +4,18 @@ A record that does not parse (written by another version, a bug or another clien
 store) never fails a listing or a watch: it is skipped and logged. Reading it alone is an
 :class:`UnreadableRecordError` naming it.
 
-One key per thing, never a growing document (a session's record names at most the task it
-was created for; its other tasks are in its index):
+One key per thing, never a growing document (a session's tasks are in its index). A task
+created without a session starts one whose id is the task's and that has no record: the
+session is implied by its task (its record or its queued message) until it is deleted,
+which leaves a deletion marker on its key.
 
 =================  ==========================================  ===========================
 bucket             key                                         value
 =================  ==========================================  ===========================
 ``deployments``    ``<deployment>``                            ``types.Deployment``
 ``tasks``          ``<deployment>.<task_id>``                  ``types.Task``
-``sessions``       ``<deployment>.<session_id>``               ``types.Session`` (task ids:
-                                                               the one it was created for)
+``sessions``       ``<deployment>.<session_id>``               ``types.Session`` (none for a
+                                                               session implied by its task)
 ``session_tasks``  ``<deployment>.<session_id>.<task_id>``     task creation time (text)
 ``session_state``  ``<deployment>.<session_id>``               ``SessionStateMessage``
 ``instances``      ``<deployment>.<service_id>.<instance_id>`` ``types.ServiceInstance`` (TTL)
@@ -69,6 +71,14 @@ class StoredTask:
 
     task: Task
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class _SessionRecord:
+    """A session's record as read: ``stored`` unless implied by its task."""
+
+    record: types_pb2.Session
+    stored: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,16 +204,10 @@ class ControlPlane:
 
     # -- sessions ----------------------------------------------------------------------
 
-    async def create_session(
-        self, deployment: str, session_id: str | None = None, *, first_task: str | None = None
-    ) -> Session:
-        """Store a new session; ``first_task``, the task it is created for, is kept in the
-        session's own record instead of an index entry (one write fewer for that task)."""
-        session = Session(
-            session_id=session_id or new_id(),
-            deployment=deployment,
-            task_ids=[first_task] if first_task else [],
-        )
+    async def create_session(self, deployment: str) -> Session:
+        """Store a new, empty session (a task created without a session needs none: its
+        session is implied, see the module's docstring)."""
+        session = Session(session_id=new_id(), deployment=deployment)
         data = convert.session_to_proto(session).SerializeToString()
         try:
             await self._buckets["sessions"].create(f"{deployment}.{session.session_id}", data)
@@ -223,24 +227,34 @@ class ControlPlane:
             msg, indexed = await record, []
         if msg is None:
             raise _session_not_found(deployment, session_id)
-        session = _decode_value("session", f"{deployment}.{session_id}", msg, _read_session)
+        session = _decode_value("session", f"{deployment}.{session_id}", msg.record, _read_session)
         session.task_ids = _in_order(session.task_ids, indexed) if task_ids else []
         return session
 
     async def session_task_ids(self, deployment: str, session_id: str) -> list[str]:
-        """The session's task ids in creation order: the task it was created for (kept in
-        its record), then those of its index."""
+        """The session's task ids in creation order: the task that implies it (or, in a
+        record of an earlier version, the one it was created for), then those of its index."""
         msg, indexed = await asyncio.gather(
             self._session_record(deployment, session_id), self._indexed(deployment, session_id)
         )
-        return _in_order(list(msg.task_ids) if msg else [], indexed)
+        return _in_order(list(msg.record.task_ids) if msg else [], indexed)
 
-    async def _session_record(self, deployment: str, session_id: str) -> types_pb2.Session | None:
-        """A session's stored record, ``None`` when absent."""
-        entry = await self._buckets["sessions"].get(f"{deployment}.{session_id}")
-        if entry is None or entry.value is None:
+    async def _session_record(self, deployment: str, session_id: str) -> _SessionRecord | None:
+        """A session's stored record, or the one its task implies; ``None`` when it has
+        neither or was deleted."""
+        entry = await self._buckets["sessions"].get(f"{deployment}.{session_id}", deleted=True)
+        if entry is not None:
+            if entry.value is None:
+                return None  # deleted: an implied session stays so although its task lives on
+            record = _decode("session", entry, lambda _, v: types_pb2.Session.FromString(v))
+            return _SessionRecord(record, stored=True)
+        try:
+            task = await self.get_task(deployment, session_id)
+        except NotFoundError:
             return None
-        return _decode("session", entry, lambda _, value: types_pb2.Session.FromString(value))
+        if task.session_id != session_id:
+            return None
+        return _SessionRecord(_implied_session(task), stored=False)
 
     async def _indexed(self, deployment: str, session_id: str) -> list[str]:
         """The task ids of a session's index, in creation order."""
@@ -253,12 +267,23 @@ class ControlPlane:
         return [task_id for _, task_id in sorted(stamped)]
 
     async def list_sessions(self, deployment: str) -> list[Session]:
-        """The deployment's sessions, sorted by id (task ids not filled in)."""
-        entries = await self._buckets["sessions"].entries(f"{deployment}.")
+        """The deployment's sessions, stored or implied by their task, sorted by id (task
+        ids not filled in)."""
+        prefix = f"{deployment}."
+        entries, tasks = await asyncio.gather(
+            self._buckets["sessions"].entries(prefix, deleted=True),
+            self.list_stored_tasks(deployment),
+        )
+        keyed = {entry.key[len(prefix) :] for entry in entries}  # stored or deleted
         sessions = _decode_all("session", entries, _read_session)
+        sessions += [
+            _read_session(f"{prefix}{stored.task.task_id}", _implied_session(stored.task))
+            for stored in tasks
+            if stored.task.session_id == stored.task.task_id and stored.task.task_id not in keyed
+        ]
         for session in sessions:
             session.task_ids = []  # the record holds the first one only: leave them all out
-        return sessions
+        return sorted(sessions, key=lambda session: session.session_id)
 
     async def delete_session(
         self, deployment: str, session_id: str, *, task_ids: list[str] | None = None
@@ -271,20 +296,25 @@ class ControlPlane:
         try:
             msg = await self._session_record(deployment, session_id)
         except UnreadableRecordError:  # delete it all the same, listing its index
-            msg, task_ids = types_pb2.Session(), None
+            msg, task_ids = _SessionRecord(types_pb2.Session(), stored=True), None
         if msg is None:
             raise _session_not_found(deployment, session_id)
         index = self._buckets["session_tasks"]
         prefix = f"{deployment}.{session_id}."
         if task_ids is None:
             keys = await index.keys(prefix)
-        else:  # the task the session was created for is in its record, not its index
-            keys = [prefix + t for t in task_ids if t not in msg.task_ids]
+        else:  # the task that implies the session is not in its index
+            keys = [prefix + t for t in task_ids if t not in msg.record.task_ids]
         await asyncio.gather(
             _in_batches(index.delete, keys),
             self._buckets["session_state"].delete(f"{deployment}.{session_id}"),
         )
-        await self._buckets["sessions"].delete(f"{deployment}.{session_id}")
+        key = f"{deployment}.{session_id}"
+        if not msg.stored:
+            # Its task lives on: a deletion marker on its key ends the session (deleting a
+            # key never written leaves none).
+            await self._buckets["sessions"].put(key, msg.record.SerializeToString())
+        await self._buckets["sessions"].delete(key)
 
     async def get_session_state(self, deployment: str, session_id: str) -> bytes | None:
         """The stored workflow context (JSON text) of a session, if any."""
@@ -313,8 +343,7 @@ class ControlPlane:
 
     async def record_task(self, task: Task, *, index: bool = True) -> StoredTask:
         """Store a new task and, with ``index``, add it to its session's index (both writes
-        at once; a session created for the task holds its id instead, see
-        :meth:`create_session`)."""
+        at once; a task that implies its session is not indexed in it)."""
         data = convert.task_to_proto(task).SerializeToString()
         created, indexed = await asyncio.gather(
             self._buckets["tasks"].create(f"{task.deployment}.{task.task_id}", data),
@@ -598,6 +627,18 @@ def _session_not_found(deployment: str, session_id: str) -> NotFoundError:
     return NotFoundError(
         f"Session '{session_id}' not found in deployment '{deployment}'",
         reason="SESSION_NOT_FOUND",
+    )
+
+
+def _implied_session(task: Task) -> types_pb2.Session:
+    """The record of the session ``task`` implies (its id is the task's)."""
+    return convert.session_to_proto(
+        Session(
+            session_id=task.task_id,
+            deployment=task.deployment,
+            created_at=task.created_at,
+            task_ids=[task.task_id],
+        )
     )
 
 

@@ -379,11 +379,11 @@ class InProcessKeyValueStore(KeyValueStore):
         self._revision = 0
         self._watches: weakref.WeakSet[_KeyWatch] = weakref.WeakSet()
 
-    async def get(self, key: str) -> KeyValueEntry | None:
+    async def get(self, key: str, *, deleted: bool = False) -> KeyValueEntry | None:
         self._owner.check_open()
         check_key(key)
         slot = self._slots.get(key)
-        if slot is None or slot.value is None:
+        if slot is None or (slot.value is None and not deleted):
             return None
         return KeyValueEntry(key, slot.value, slot.revision)
 
@@ -421,12 +421,12 @@ class InProcessKeyValueStore(KeyValueStore):
     async def keys(self, prefix: str = "") -> list[str]:
         return [entry.key for entry in await self.entries(prefix)]
 
-    async def entries(self, prefix: str = "") -> list[KeyValueEntry]:
+    async def entries(self, prefix: str = "", *, deleted: bool = False) -> list[KeyValueEntry]:
         self._owner.check_open()
         return [
             KeyValueEntry(key, slot.value, slot.revision)
             for key, slot in sorted(self._slots.items())
-            if slot.value is not None and key.startswith(prefix)
+            if (deleted or slot.value is not None) and key.startswith(prefix)
         ]
 
     def watch(

@@ -30,7 +30,8 @@ def check_key(key: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class KeyValueEntry:
-    """One value of a key-value bucket; ``value is None`` marks a deletion in a watch."""
+    """One value of a key-value bucket; ``value is None`` marks a deletion (in a watch, or
+    read with ``deleted=True``)."""
 
     key: str
     value: bytes | None
@@ -48,8 +49,13 @@ class KeyValueStore(abc.ABC):
     """A bucket of keys; every write gets a new, increasing revision."""
 
     @abc.abstractmethod
-    async def get(self, key: str) -> KeyValueEntry | None:
-        """The current entry of ``key``, or ``None`` when absent or deleted."""
+    async def get(self, key: str, *, deleted: bool = False) -> KeyValueEntry | None:
+        """The current entry of ``key``, or ``None`` when absent or deleted.
+
+        With ``deleted``, a deleted key is an entry with ``value None`` (its deletion's
+        revision): a key that was written and deleted is told from one never written
+        (until the bucket's TTL, if any, forgets the deletion).
+        """
 
     @abc.abstractmethod
     async def put(self, key: str, value: bytes) -> int:
@@ -73,9 +79,10 @@ class KeyValueStore(abc.ABC):
         """The present keys that start with ``prefix``, sorted."""
 
     @abc.abstractmethod
-    async def entries(self, prefix: str = "") -> list[KeyValueEntry]:
+    async def entries(self, prefix: str = "", *, deleted: bool = False) -> list[KeyValueEntry]:
         """The present entries whose keys start with ``prefix``, sorted by key: one pass
-        over the bucket, where :meth:`keys` then :meth:`get` would read key by key."""
+        over the bucket, where :meth:`keys` then :meth:`get` would read key by key. With
+        ``deleted``, the deleted keys too, as in :meth:`get`."""
 
     @abc.abstractmethod
     def watch(

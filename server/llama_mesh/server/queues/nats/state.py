@@ -119,12 +119,14 @@ class NatsKeyValueStore(KeyValueStore):
         head, dot, _ = prefix.rpartition(".")
         return f"{self.subject_prefix}{head}{dot}>"
 
-    async def get(self, key: str) -> KeyValueEntry | None:
+    async def get(self, key: str, *, deleted: bool = False) -> KeyValueEntry | None:
         self.owner.check_open()
         check_key(key)
-        return await patiently(self.owner, lambda: self._get(key), f"reading key {key!r}")
+        return await patiently(
+            self.owner, lambda: self._get(key, deleted=deleted), f"reading key {key!r}"
+        )
 
-    async def _get(self, key: str) -> KeyValueEntry | None:
+    async def _get(self, key: str, *, deleted: bool = False) -> KeyValueEntry | None:
         with translated():
             try:
                 msg = await self.owner.js.get_msg(
@@ -132,8 +134,10 @@ class NatsKeyValueStore(KeyValueStore):
                 )
             except nats.js.errors.NotFoundError:
                 return None
-        if _is_deletion(msg.headers) or msg.seq is None:
+        if msg.seq is None:
             return None
+        if _is_deletion(msg.headers):
+            return KeyValueEntry(key, None, msg.seq) if deleted else None
         return KeyValueEntry(key, msg.data or b"", msg.seq)
 
     async def put(self, key: str, value: bytes) -> int:
@@ -224,12 +228,15 @@ class NatsKeyValueStore(KeyValueStore):
     async def keys(self, prefix: str = "") -> list[str]:
         return [entry.key for entry in await self._scan(prefix, values=False)]
 
-    async def entries(self, prefix: str = "") -> list[KeyValueEntry]:
-        return await self._scan(prefix, values=True)
+    async def entries(self, prefix: str = "", *, deleted: bool = False) -> list[KeyValueEntry]:
+        return await self._scan(prefix, values=True, deleted=deleted)
 
-    async def _scan(self, prefix: str, *, values: bool) -> list[KeyValueEntry]:
+    async def _scan(
+        self, prefix: str, *, values: bool, deleted: bool = False
+    ) -> list[KeyValueEntry]:
         """The last message of every key under ``prefix`` (headers only unless ``values``;
-        the entries' values are then ``b""``), sorted by key.
+        the entries' values are then ``b""``; with ``deleted``, a deleted key's is
+        ``None``), sorted by key.
 
         Not nats-py's kv.keys()/watch(): its end-of-keys marker races with messages still
         in the client's buffer and can report no keys at all under load. Instead: ask the
@@ -256,8 +263,11 @@ class NatsKeyValueStore(KeyValueStore):
                     msg = await sub.next_msg(timeout=_KEYS_TIMEOUT)
                     key = msg.subject[len(self.subject_prefix) :]
                     revision = msg.metadata.sequence.stream
-                    if key.startswith(prefix) and not _is_deletion(msg.headers):
+                    here = key.startswith(prefix)
+                    if here and not _is_deletion(msg.headers):
                         found[key] = KeyValueEntry(key, msg.data if values else b"", revision)
+                    elif here and deleted:
+                        found[key] = KeyValueEntry(key, None, revision)
                     else:
                         found.pop(key, None)
                     if msg.metadata.num_pending == 0:

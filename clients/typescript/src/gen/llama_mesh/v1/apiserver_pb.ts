@@ -447,7 +447,8 @@ export type RunTaskRequest = Message<"llama_mesh.v1.RunTaskRequest"> & {
   serviceId: string;
 
   /**
-   * session_id resumes that session's context; empty means a fresh session.
+   * session_id resumes that session's context; empty starts a fresh session whose id is
+   * the task's.
    *
    * @generated from field: string session_id = 3;
    */
@@ -510,7 +511,8 @@ export type CreateTaskRequest = Message<"llama_mesh.v1.CreateTaskRequest"> & {
   serviceId: string;
 
   /**
-   * session_id resumes that session's context; empty creates a new session.
+   * session_id resumes that session's context; empty starts a new session whose id is the
+   * task's.
    *
    * @generated from field: string session_id = 3;
    */

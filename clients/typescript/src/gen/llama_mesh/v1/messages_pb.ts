@@ -70,8 +70,8 @@ export type TaskMessage = Message<"llama_mesh.v1.TaskMessage"> & {
   createdAt?: Timestamp | undefined;
 
   /**
-   * new_session says that the session was created with this task, so it has no stored
-   * workflow context to resume.
+   * new_session says that the task started its session (whose id is the task's), so it has
+   * no stored workflow context to resume.
    *
    * @generated from field: bool new_session = 8;
    */
