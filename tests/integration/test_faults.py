@@ -784,18 +784,19 @@ async def test_the_final_event_is_made_from_the_record_not_the_topic(
             await mesh.deployments.supervisor.shutdown()
 
 
-class RefusingSessionsStore(InProcessStateStore):
-    """The in-process state store, its sessions bucket refusing to create a key: a broker that
-    fails part-way through creating a task (and the session it comes with)."""
+class RefusingIndexStore(InProcessStateStore):
+    """The in-process state store, its session index refusing every write: a broker that
+    fails part-way through accepting a task in an existing session (its message is stored,
+    its entry in the session's index is not)."""
 
     async def kv(self, bucket: str, *, ttl: float | None = None) -> KeyValueStore:
         store = await super().kv(bucket, ttl=ttl)
-        if bucket == "sessions":
+        if bucket == "session_tasks":
 
             async def refuse(key: str, value: bytes) -> int:
                 raise QueueUnavailableError("NATS is unavailable: NoRespondersError()")
 
-            store.create = refuse  # type: ignore[method-assign]
+            store.put = refuse  # type: ignore[method-assign]
         return store
 
 
@@ -803,17 +804,21 @@ class RefusingSessionsStore(InProcessStateStore):
 async def test_a_task_whose_creation_fails_half_way_is_failed_not_left_queued(
     tmp_path: Path, waits: bool
 ) -> None:
-    """The task's message and record are stored but its new session is refused:
-    the caller gets UNAVAILABLE naming the cause, and the task is marked FAILED at once —
-    not left QUEUED, and not run to its end by the worker that got its message."""
-    async with RefusingSessionsStore() as state_store, InProcessBroker() as queue:
+    """The task's message is stored but its entry in its session's index is refused: the
+    caller gets UNAVAILABLE naming the cause, and the task is marked FAILED at once — not
+    left QUEUED, and not run to its end by the worker that got its message."""
+    async with RefusingIndexStore() as state_store, InProcessBroker() as queue:
         mesh = await open_mesh(state_store, queue, tmp_path)
         try:
             await deploy(mesh, SLOW_YAML)
+            session = await mesh.create_session(APP)
             create = mesh.run_task if waits else mesh.create_task
             with pytest.raises(UnavailableError, match=r"could not be created.*NoResponders"):
                 await create(
-                    APP, service_id="slow", session_id=None, input={"seconds": 3.0, "tag": "x"}
+                    APP,
+                    service_id="slow",
+                    session_id=session.session_id,
+                    input={"seconds": 3.0, "tag": "x"},
                 )
             (task,) = await mesh.cp.list_tasks(APP)
             (final,) = await wait_all(mesh, [task.task_id], timeout=2.0)
