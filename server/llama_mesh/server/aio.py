@@ -28,3 +28,13 @@ async def cancel_and_wait(task: asyncio.Task[Any], *, retry_every: float = 1.0) 
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=retry_every)
+
+
+async def discard(task: asyncio.Task[Any] | None) -> None:
+    """Stop a task whose outcome no one wants any more (:func:`cancel_and_wait`), retrieving
+    its exception if it had one, so that asyncio does not report it as never retrieved."""
+    if task is None:
+        return
+    await cancel_and_wait(task)
+    if not task.cancelled():
+        task.exception()

@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from llama_mesh.server import convert, subjects
-from llama_mesh.server.aio import cancel_and_wait
+from llama_mesh.server.aio import cancel_and_wait, discard
 from llama_mesh.server.apiserver.deployments import DeploymentManager
 from llama_mesh.server.apiserver.queued import BrokerQueues
 from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
@@ -394,9 +394,7 @@ class Mesh:
                 if event.kind.is_final:
                     return  # written to the topic by an earlier version of the worker
         finally:
-            await cancel_and_wait(record)
-            if not record.cancelled():
-                record.exception()  # retrieved: the topic is what the caller follows
+            await discard(record)  # the topic is what the caller follows
             await stream.aclose()
 
     async def _final(self, task: Task) -> Task:

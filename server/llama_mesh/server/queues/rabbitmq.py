@@ -82,7 +82,7 @@ import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 
-from llama_mesh.server.aio import cancel_and_wait
+from llama_mesh.server.aio import discard
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery, check_name, is_name
 from llama_mesh.server.queues.errors import (
     KeyExistsError,
@@ -881,11 +881,7 @@ class _Iterator(abc.ABC, Generic[Q, R]):
     async def stopped(self) -> None:
         """After :meth:`shutdown`: wait until a start under way has ended, so no consumer
         begins on a closed iterator."""
-        starting = self._starting
-        if starting is not None:
-            await cancel_and_wait(starting)
-            if not starting.cancelled():
-                starting.exception()  # retrieved: a failed start matters to no one now
+        await discard(self._starting)  # a failed start matters to no one now
 
     async def close_channel(self) -> None:
         channel, self.channel = self.channel, None

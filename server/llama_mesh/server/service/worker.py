@@ -35,7 +35,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from llama_mesh.server import convert, subjects
-from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
+from llama_mesh.server.aio import cancel_and_wait, discard, raise_if_cancelling
 from llama_mesh.server.control_plane.store import HEARTBEAT_INTERVAL, ControlPlane, StoredTask
 from llama_mesh.server.domain import (
     ID_PATTERN,
@@ -212,10 +212,10 @@ class Worker:
         try:
             stored = await self._check(msg, kwargs, delivery, attempt)
         except BaseException:
-            await _discard(context_read)
+            await discard(context_read)
             raise
         if stored is None:
-            await _discard(context_read)
+            await discard(context_read)
             return
         task = stored.task
         context = _log_context(task)
@@ -446,15 +446,6 @@ class Worker:
 
         task = stored.task
         await self._cp.change_task(task.deployment, task.task_id, finish, known=stored)
-
-
-async def _discard(read: asyncio.Task[Any] | None) -> None:
-    """Cancel a read whose answer is no longer wanted, retrieving its failure if any."""
-    if read is None:
-        return
-    await cancel_and_wait(read)
-    if not read.cancelled():
-        read.exception()
 
 
 def _log_context(task: Task) -> dict[str, str]:
