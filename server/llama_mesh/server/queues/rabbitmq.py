@@ -338,9 +338,10 @@ def _translated(what: str = "a message") -> Iterator[None]:
         raise translated from exc
 
 
-class _StreamStarting(QueueUnavailableError):
-    """RabbitMQ crashed a look at a stream it is still creating (see
-    :meth:`RabbitMqBroker.stream_started`)."""
+class _Crashed(QueueUnavailableError):
+    """RabbitMQ crashed an operation that stores nothing: a look at a stream it is still
+    creating (see :meth:`RabbitMqBroker.stream_started`), or a declare (see
+    :meth:`RabbitMqBroker.declare`)."""
 
 
 _STREAM_CRASHES: Final = (
@@ -355,12 +356,12 @@ def _not_stored(exc: QueueError) -> bool:
     """Whether ``exc``'s operation stored nothing, and trying again can help: the message was
     returned as unroutable or nacked (a quorum queue with no leader yet, just after a
     restart, refuses to take responsibility for it), the queue is not ready (see
-    :data:`_NOT_READY` and :class:`_StreamStarting`), or the channel or its connection was
+    :data:`_NOT_READY` and :class:`_Crashed`), or the channel or its connection was
     closed before anything was sent (the connection is down: a restarted node is not
     reconnected to yet, and the robust connection reopens the channel when it is)."""
     cause = exc.__cause__
     return (
-        isinstance(exc, _StreamStarting)
+        isinstance(exc, _Crashed)
         or isinstance(cause, aiormq.exceptions.DeliveryError)  # returned or nacked
         or (
             isinstance(cause, aiormq.exceptions.ChannelClosed)
@@ -523,13 +524,28 @@ class RabbitMqBroker(Broker):
     ) -> aio_pika.abc.AbstractQueue:
         """Declare the durable queue or stream ``name`` (idempotent) on ``channel`` (default:
         the broker's own); ``robust``: declare it again, with its consumers, when the
-        connection comes back."""
+        connection comes back.
+
+        RabbitMQ 3.10 now and then crashes the channel of a quorum queue's declare on a
+        loaded machine (seen while the queue's leader was starting, another client declaring
+        it too), which closes the whole connection with INTERNAL_ERROR; a declare stores
+        nothing a second one would not, so it is tried again (:class:`_Crashed`) once the
+        robust connection is back.
+        """
 
         async def declare() -> aio_pika.abc.AbstractQueue:
-            async with self.using(channel) as current:
-                return await current.declare_queue(
-                    name, durable=True, arguments=dict(arguments), robust=robust
-                )
+            try:
+                async with self.using(channel) as current:
+                    return await current.declare_queue(
+                        name, durable=True, arguments=dict(arguments), robust=robust
+                    )
+            except QueueUnavailableError as exc:
+                crash = exc.__cause__
+                if isinstance(crash, aiormq.exceptions.ConnectionInternalError):
+                    raise _Crashed(
+                        f"RabbitMQ crashed the declare of {name!r}: {crash!r}"
+                    ) from crash
+                raise
 
         return await _patiently(declare)
 
@@ -685,7 +701,7 @@ class RabbitMqBroker(Broker):
         """Consume stream ``name`` from ``offset`` and cancel at once, on a channel of its own
         (RabbitMQ closes the channel of a consume it refuses) of the side connection: a
         stream still starting crashes that connection, not the one of the broker's
-        publishes and consumers. That crash raises :class:`_StreamStarting`."""
+        publishes and consumers. That crash raises :class:`_Crashed`."""
         side = await self._side_connection()
         try:
             with _translated():
@@ -709,7 +725,7 @@ class RabbitMqBroker(Broker):
             if self._side is side:  # the next look opens a new one
                 self._side = None
                 self.spawn(side.close(), name="rabbitmq-close-side-connection")
-            raise _StreamStarting(f"RabbitMQ is starting stream {name!r}: {exc!r}") from exc
+            raise _Crashed(f"RabbitMQ is starting stream {name!r}: {exc!r}") from exc
 
     async def _side_connection(self) -> aio_pika.abc.AbstractConnection:
         """The side connection (see :meth:`_consume_and_cancel`), (re)opened if needed."""
