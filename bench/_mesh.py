@@ -286,7 +286,8 @@ async def throughput(
 
     CPU time per task is read from ``/proc`` for the API server, the nats-server, the
     service's workers, the ``others`` (name: pid; an external broker), and for this (client)
-    process.
+    process. The nats-server's fsyncs are counted over the window and the drain after it
+    (the last tasks' acknowledgements), as its streams' writes are.
     """
     done = 0
     stop_at = 0.0
@@ -317,21 +318,23 @@ async def throughput(
             "workers": server.workers(service),
             **{name: [pid] for name, pid in (others or {}).items()},
         }
-        streams_before = await _disk.stream_states(server.nats_url)
-        cpu_before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
-        client_before = _self_cpu()
-        started = time.perf_counter()
-        stop_at = started + seconds
-        await asyncio.gather(*(client(stub) for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    writes = _disk.stream_writes(streams_before, await _queues_drained(server, streams_before))
+        async with _disk.count_fsyncs(pids["nats-server"][0]) as fsyncs:
+            streams_before = await _disk.stream_states(server.nats_url)
+            cpu_before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+            client_before = _self_cpu()
+            started = time.perf_counter()
+            stop_at = started + seconds
+            await asyncio.gather(*(client(stub) for _ in range(clients)))
+            elapsed = time.perf_counter() - started
+            streams_after = await _queues_drained(server, streams_before)
+    writes = _disk.stream_writes(streams_before, streams_after)
     per_task = max(done, 1)
     cpu = {
         k: (sum(cpu_seconds(p) for p in v) - cpu_before[k]) * 1e3 / per_task
         for k, v in pids.items()
     }
     cpu["client"] = (_self_cpu() - client_before) * 1e3 / per_task
-    return Throughput(done, elapsed, clients, dict(failures), cpu, writes)
+    return Throughput(done, elapsed, clients, dict(failures), cpu, writes, fsyncs.count)
 
 
 async def _queues_drained(

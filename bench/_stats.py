@@ -66,11 +66,21 @@ class Throughput:
     cpu_ms_per_task: dict[str, float] = field(default_factory=dict)
     writes: dict[str, int] = field(default_factory=dict)
     """Fsynced JetStream writes by stream during the window (see ``bench._disk``)."""
+    fsyncs: int | None = None
+    """The nats-server's fsync and fdatasync calls during the window and the drain after
+    it (``None``: not counted, no working ``perf``)."""
 
     @property
     def writes_per_task(self) -> float:
         """Fsynced JetStream writes per completed task."""
         return sum(self.writes.values()) / self.tasks if self.tasks else math.nan
+
+    @property
+    def fsyncs_per_task(self) -> float | None:
+        """The nats-server's fsync calls per completed task (``None``: not counted)."""
+        if self.fsyncs is None:
+            return None
+        return self.fsyncs / self.tasks if self.tasks else math.nan
 
     @property
     def per_second(self) -> float:
