@@ -588,7 +588,7 @@ async def clustered_mesh(
             mesh = await open_mesh(state_store, queue, store / "mesh")
             try:
                 await deploy(mesh, NAP_YAML, base_path=source)
-                for stream in (queue.queue_stream, queue.topics_stream, "KV_mesh_tasks"):
+                for stream in (queue.tasks_stream, queue.topics_stream, "KV_mesh_tasks"):
                     info = await queue.js.stream_info(stream)
                     assert info.config.num_replicas == 3, stream
                 yield nodes, queue, mesh
@@ -602,12 +602,12 @@ async def cluster_serves(queue: NatsBroker, mesh: Mesh, task_ids: Iterable[str])
     """Whether the streams and the `slow` consumer have leaders again and every task's
     record can be read (False while the cluster elects leaders)."""
     try:
-        for stream in (queue.queue_stream, queue.topics_stream, "KV_mesh_tasks"):
+        for stream in (queue.tasks_stream, queue.topics_stream, "KV_mesh_tasks"):
             cluster = (await queue.js.stream_info(stream)).cluster
             if cluster is None or not cluster.leader:
                 return False
         consumer = queue.consumer_name(subjects.task_queue(APP, "slow"))
-        cluster = (await queue.js.consumer_info(queue.queue_stream, consumer)).cluster
+        cluster = (await queue.js.consumer_info(queue.tasks_stream, consumer)).cluster
         if cluster is None or not cluster.leader:
             return False
         for task_id in task_ids:
@@ -630,7 +630,7 @@ async def test_a_server_on_a_cluster_replicates_what_it_creates(
         queue = server.broker
         assert isinstance(queue, NatsBroker)
         streams = {info.config.name: info.config for info in await queue.js.streams_info()}
-        assert {queue.queue_stream, queue.topics_stream, "KV_mesh_tasks"} <= set(streams)
+        assert {queue.tasks_stream, queue.topics_stream, "KV_mesh_tasks"} <= set(streams)
         assert {name: config.num_replicas for name, config in streams.items()} == dict.fromkeys(
             streams, 3
         )
@@ -658,7 +658,7 @@ async def test_cluster_node_loss_loses_no_acknowledged_task(tmp_path: Path) -> N
     async with clustered_mesh(tmp_path) as (nodes, queue, mesh):
         tags = await create_slow_tasks(mesh, (f"c{n}" for n in range(16)), seconds=0.5)
         await assert_eventually(lambda: running_on_some_instance(mesh, tags), timeout=30)
-        leader = (await queue.js.stream_info(queue.queue_stream)).cluster
+        leader = (await queue.js.stream_info(queue.tasks_stream)).cluster
         assert leader is not None and leader.leader
         victim = next(n for n in nodes if n.config.server_name == leader.leader)
         await victim.kill()
@@ -866,7 +866,7 @@ async def test_a_default_connection_keeps_replicated_streams_replicated(
         try:
             plain, _, _ = await nats_roles(urls)
             await plain.close()
-            info = await replicated.js.stream_info(replicated.queue_stream)
+            info = await replicated.js.stream_info(replicated.tasks_stream)
             assert info.config.num_replicas == 3
         finally:
             await connection.close()

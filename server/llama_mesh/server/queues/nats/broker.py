@@ -2,25 +2,19 @@
 
 Layout on the server, for the connection's ``prefix="mesh"``:
 
-* stream ``MESH_QUEUE`` (subjects ``mesh.queue.>``, limits retention, file storage,
-  two-minute duplicate window): a message of queue ``q`` published under ``msg_id`` is
-  subject ``mesh.queue.q.<msg_id>``, one subject per message, so that it can be found,
-  listed and removed by its id (a direct get by subject). Queue ``q`` has one durable pull
-  consumer named after it (dots become ``_``), shared by every consumer of the queue,
-  filtering ``mesh.queue.q.*``.
-* A settled message stays in the stream until the queue is *trimmed*: a purge of the
-  queue's subjects below its consumer's ack floor, made by a consumer of the queue once
-  :data:`_TRIM_EVERY` settles have gathered or :data:`_TRIM_DELAY` after the first one.
-  One purge is one fsynced write for many messages, where a work-queue stream writes (and
-  fsyncs) a tombstone for each acknowledged message.
+* stream ``MESH_TASKS`` (subjects ``mesh.queued.>`` and ``mesh.tasks.>``, work-queue
+  retention, file storage, two-minute duplicate window): a message of queue ``q`` published
+  under ``msg_id`` is subject ``mesh.queued.q.<msg_id>``, one subject per message, so that it
+  can be found, listed and removed by its id (a direct get by subject). Queue ``q`` has one
+  durable pull consumer named after it (dots become ``_``), shared by every consumer of the
+  queue, filtering ``mesh.queued.q.*`` and ``mesh.tasks.q``: the subject where earlier
+  versions queued every message of ``q``, so that messages queued before an upgrade are still
+  delivered, counted, listed and purged (not found by id). The ``queued`` root is apart from
+  ``tasks`` because consumers of a work-queue stream must not overlap: ``mesh.tasks.a.*``
+  would take queue ``a.b``'s ``mesh.tasks.a.b``.
 * stream ``MESH_TOPICS`` (subjects ``mesh.topics.>``, limits retention, file storage, seven
   days max age): topic ``t`` is subject ``mesh.topics.t``; subscribers use an ordered push
   consumer from the first stored message.
-* Earlier versions queued task messages in the work-queue stream ``MESH_TASKS``
-  (``mesh.tasks.q``, later ``mesh.queued.q.<msg_id>``). Opening the broker moves what is
-  left there into ``MESH_QUEUE`` and deletes that stream (:meth:`NatsBroker.move_old_queue`);
-  a moved message's first delivery counts as a redelivery, so that a worker reads its task's
-  record before it runs it (it may have run before the move).
 
 Behaviour worth knowing:
 
@@ -30,12 +24,10 @@ Behaviour worth knowing:
 * ``consume_tasks`` holds at most ``max_in_flight`` unsettled deliveries: a background task
   long-polls (``fetch`` with a server-side expiry) only for the free slots.
 * ``find_task`` reads the message's subject (one request), ``remove_task`` then deletes it;
-  ``queued_tasks`` reads one message per request. Both still see a settled message until
-  the next trim (about a second): the API server reads a task's record before its message,
-  and a worker writes the record before it settles the message. A message whose last
-  delivery timed out (``max_deliver``) is never delivered again and goes with the next trim
-  (the consumer's ack floor passes it). (The worker records a task's failure on its last
-  delivery rather than running it, so only a replica dying in that moment leaves one.)
+  ``queued_tasks`` reads one message per request. A message whose last delivery timed out
+  (``max_deliver``) stays in the stream, never delivered again, and is still found and listed
+  until the queue is purged. (The worker records a task's failure on its last delivery
+  rather than running it, so only a replica dying in that moment leaves one.)
 * Settling (ack, nak, term, in_progress) waits for the server's confirmation. A nak of the
   last allowed delivery terminates the message (removes it), as the in-process broker drops
   it.
@@ -74,12 +66,6 @@ _MAX_ACK_PENDING: Final = 10_000
 _DUPLICATE_WINDOW: Final = 120.0
 _TOPICS_MAX_AGE: Final = 7 * 24 * 3600.0
 _STREAM_NAME_IN_USE: Final = 10058
-_TRIM_EVERY: Final = 64
-"""Settles of a queue's deliveries after which this broker trims the queue at once."""
-_TRIM_DELAY: Final = 1.0
-"""Seconds after the first untrimmed settle after which this broker trims the queue anyway."""
-MOVED_HEADER: Final = "Llama-Mesh-Moved"
-"""Marks a message moved from the stream of an earlier version (see the module docstring)."""
 _TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -87,8 +73,7 @@ class _NatsDelivery(Delivery):
     def __init__(self, feed: _TaskFeed, msg: Msg) -> None:
         self._feed = feed
         self._msg = msg
-        moved = bool(msg.headers and msg.headers.get(MOVED_HEADER))
-        self._count = msg.metadata.num_delivered + moved  # a moved one may have run before
+        self._count = msg.metadata.num_delivered
         self._released = False
         self._settled = False
 
@@ -102,11 +87,9 @@ class _NatsDelivery(Delivery):
 
     async def ack(self) -> None:
         await self._reply(Msg.Ack.Ack, settle=True)
-        self._feed.broker.settled(self._feed.queue)
 
     async def term(self) -> None:
         await self._reply(Msg.Ack.Term, settle=True)
-        self._feed.broker.settled(self._feed.queue)
 
     async def nak(self, delay: float = 0.0) -> None:
         if self._count >= self._feed.options.max_deliver:
@@ -116,8 +99,6 @@ class _NatsDelivery(Delivery):
         else:
             payload = Msg.Ack.Nak
         await self._reply(payload, settle=True)
-        if payload == Msg.Ack.Term:
-            self._feed.broker.settled(self._feed.queue)
 
     async def in_progress(self) -> None:
         await self._reply(Msg.Ack.Progress, settle=False)
@@ -179,7 +160,7 @@ class _TaskFeed(Feed[Delivery]):
         name = await self.broker.ensure_consumer(self.queue, self.options)
         with translated():
             self._psub = await self.owner.js.pull_subscribe_bind(
-                durable=name, stream=self.broker.queue_stream
+                durable=name, stream=self.broker.tasks_stream
             )
 
     async def _shutdown(self) -> None:
@@ -264,39 +245,6 @@ class _TopicFeed(PushFeed[bytes]):
         self.items.put_nowait(msg.data)
 
 
-class _Trim:
-    """The trimming of one work queue by this broker: after :data:`_TRIM_EVERY` settles,
-    or :data:`_TRIM_DELAY` after the first one, whichever comes first."""
-
-    def __init__(self, broker: NatsBroker, queue: str) -> None:
-        self.broker = broker
-        self.queue = queue
-        self.settles = 0
-        self.floor = 0
-        """The ack floor this broker last trimmed below."""
-        self.enough = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    def settled(self) -> None:
-        self.settles += 1
-        if self.settles >= _TRIM_EVERY:
-            self.enough.set()
-        if self.task is None or self.task.done():
-            self.task = self.broker.spawn(self._run(), name=f"nats-trim-{self.queue}")
-
-    async def _run(self) -> None:
-        while self.settles:
-            if self.settles < _TRIM_EVERY:
-                self.enough.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.enough.wait(), _TRIM_DELAY)
-            self.settles = 0
-            try:
-                self.floor = await self.broker.trim(self.queue, self.floor)
-            except QueueError as exc:  # the next settle tries again
-                logger.debug("trimming queue %r failed: %r", self.queue, exc)
-
-
 class NatsBroker(NatsRole, Broker):
     """A :class:`Broker` on NATS JetStream. Open it with :meth:`open`."""
 
@@ -307,11 +255,8 @@ class NatsBroker(NatsRole, Broker):
         super().__init__(connection)
         self._prefix = connection.prefix
         self._replicas = connection.replicas
-        self.queue_stream = f"{self._prefix.upper()}_QUEUE"
-        self.old_tasks_stream = f"{self._prefix.upper()}_TASKS"
-        """The work-queue stream of earlier versions (see :meth:`move_old_queue`)."""
+        self.tasks_stream = f"{self._prefix.upper()}_TASKS"
         self.topics_stream = f"{self._prefix.upper()}_TOPICS"
-        self._trims: dict[str, _Trim] = {}
 
     @classmethod
     async def open(cls, connection: NatsConnection) -> NatsBroker:
@@ -319,7 +264,6 @@ class NatsBroker(NatsRole, Broker):
         broker = cls(connection)
         try:
             await broker.ensure_streams()
-            await broker.move_old_queue()
         except BaseException:
             await broker.close()
             raise
@@ -328,13 +272,21 @@ class NatsBroker(NatsRole, Broker):
     def task_subject(self, queue: str, msg_id: str) -> str:
         """The subject of the message of work queue ``queue`` published under ``msg_id``."""
         check_name("queue", queue)
-        return f"{self._prefix}.queue.{queue}.{_subject_token(msg_id)}"
+        return f"{self._prefix}.queued.{queue}.{_subject_token(msg_id)}"
 
     def queued_subjects(self, queue: str) -> str:
-        """The subjects (a wildcard) of every message of work queue ``queue``: what its
-        durable consumer filters."""
+        """The subjects (a wildcard) of every message of work queue ``queue``."""
         check_name("queue", queue)
-        return f"{self._prefix}.queue.{queue}.*"
+        return f"{self._prefix}.queued.{queue}.*"
+
+    def legacy_task_subject(self, queue: str) -> str:
+        """The one subject where earlier versions queued every message of ``queue``."""
+        check_name("queue", queue)
+        return f"{self._prefix}.tasks.{queue}"
+
+    def consumer_subjects(self, queue: str) -> list[str]:
+        """What the durable consumer of ``queue`` filters: both of the above."""
+        return [self.legacy_task_subject(queue), self.queued_subjects(queue)]
 
     def topic_subject(self, topic: str) -> str:
         """The subject of topic ``topic``."""
@@ -347,12 +299,12 @@ class NatsBroker(NatsRole, Broker):
         return queue.replace(".", "_")
 
     async def ensure_streams(self) -> None:
-        """Create the queue and topics streams, or update them to this configuration."""
+        """Create the tasks and topics streams, or update them to this configuration."""
         await self._ensure_stream(
             api.StreamConfig(
-                name=self.queue_stream,
-                subjects=[f"{self._prefix}.queue.>"],
-                retention=api.RetentionPolicy.LIMITS,
+                name=self.tasks_stream,
+                subjects=[f"{self._prefix}.tasks.>", f"{self._prefix}.queued.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
                 storage=api.StorageType.FILE,
                 duplicate_window=_DUPLICATE_WINDOW,
                 num_replicas=self._replicas,
@@ -390,34 +342,40 @@ class NatsBroker(NatsRole, Broker):
                 await self.js.update_stream(config)
 
     async def ensure_consumer(self, queue: str, options: ConsumerOptions) -> str:
-        """Create (or update to ``options``) the durable consumer of ``queue``; its name."""
-        subject = self.queued_subjects(queue)
+        """Create (or update to ``options``) the durable consumer of ``queue``; its name.
+
+        A consumer an earlier version created, filtering only the legacy subject of
+        ``queue``, is updated to filter both; see :meth:`_requeue_passed`."""
+        subjects = self.consumer_subjects(queue)
         name = self.consumer_name(queue)
+        upgrading = False
         with translated():
             try:
-                info = await self.js.consumer_info(self.queue_stream, name)
+                info = await self.js.consumer_info(self.tasks_stream, name)
             except nats.js.errors.NotFoundError:
                 info = None
             if info is not None:
                 current = info.config
                 serves = current.filter_subjects or [current.filter_subject]
-                if serves != [subject]:
+                if serves not in (subjects, [self.legacy_task_subject(queue)]):
                     raise QueueError(
                         f"queue {queue!r} maps to consumer {name!r}, which already serves "
                         f"{serves!r}"
                     )
+                upgrading = serves != subjects
                 if (
-                    current.ack_wait == options.ack_wait
+                    serves == subjects
+                    and current.ack_wait == options.ack_wait
                     and current.max_deliver == options.max_deliver
                     and current.max_ack_pending == _MAX_ACK_PENDING
                 ):
                     return name
-            await self.js.add_consumer(
-                self.queue_stream,
+            created = await self.js.add_consumer(
+                self.tasks_stream,
                 api.ConsumerConfig(
                     name=name,
                     durable_name=name,
-                    filter_subject=subject,
+                    filter_subjects=subjects,
                     deliver_policy=api.DeliverPolicy.ALL,
                     ack_policy=api.AckPolicy.EXPLICIT,
                     ack_wait=options.ack_wait,
@@ -425,81 +383,32 @@ class NatsBroker(NatsRole, Broker):
                     max_ack_pending=_MAX_ACK_PENDING,
                 ),
             )
+        if upgrading and created.delivered is not None and created.delivered.stream_seq:
+            await self._requeue_passed(queue, created.delivered.stream_seq)
         return name
 
-    def settled(self, queue: str) -> None:
-        """Count a settle of a delivery of ``queue``: the queue is trimmed soon after."""
-        trim = self._trims.get(queue)
-        if trim is None:
-            trim = self._trims[queue] = _Trim(self, queue)
-        trim.settled()
-
-    async def trim(self, queue: str, trimmed: int = 0) -> int:
-        """Purge the messages of ``queue`` below its consumer's ack floor (every one of them
-        is settled), unless that floor is ``trimmed`` (a purge made already); the floor."""
-        with translated():
-            info = await self.js.consumer_info(self.queue_stream, self.consumer_name(queue))
-            floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-            if floor > trimmed:
-                subject = self.queued_subjects(queue)
-                await self.js.purge_stream(self.queue_stream, subject=subject, seq=floor + 1)
-        return floor
-
-    async def move_old_queue(self) -> None:
-        """Move the messages an earlier version left in its work-queue stream into this
-        layout (marked as moved), then delete that stream. Each is published under its
-        ``Nats-Msg-Id`` (within the duplicate window a second mover's copy is dropped), then
-        deleted from the old stream; a move cut off half-way goes on at the next opening."""
-        with translated():
-            try:
-                await self.js.stream_info(self.old_tasks_stream)
-            except nats.js.errors.NotFoundError:
-                return
-        moved = 0
-        for msg in await self._stored(self.old_tasks_stream, ">"):
-            target = self._moved_subject(msg)
-            if target is None or msg.seq is None:
-                logger.warning(
-                    "dropping message %s of stream %s: %r is not a task queue's subject",
-                    msg.seq,
-                    self.old_tasks_stream,
-                    msg.subject,
-                )
-            else:
-                subject, msg_id = target
-                await self._publishpatiently(
-                    subject, msg.data or b"", msg_id, f"moving {msg.subject}", moved=True
-                )
-                moved += 1
-            with translated(), contextlib.suppress(nats.js.errors.NotFoundError):
-                await self.js.delete_msg(self.old_tasks_stream, msg.seq or 0)
-        with translated(), contextlib.suppress(nats.js.errors.NotFoundError):
-            await self.js.delete_stream(self.old_tasks_stream)
-        logger.info(
-            "moved %d task messages from stream %s to %s and deleted it",
-            moved,
-            self.old_tasks_stream,
-            self.queue_stream,
-        )
-
-    def _moved_subject(self, msg: api.RawStreamMsg) -> tuple[str, str] | None:
-        """Where a message of the old stream goes, and its msg_id: ``<prefix>.tasks.<q>``
-        (one subject per queue) or ``<prefix>.queued.<q>.<token>`` (one per message)."""
-        subject = msg.subject or ""
-        msg_id = (msg.headers or {}).get(api.Header.MSG_ID) or f"moved-{msg.seq}"
-        for root in ("tasks", "queued"):
-            head = f"{self._prefix}.{root}."
-            if not subject.startswith(head):
+    async def _requeue_passed(self, queue: str, delivered: int) -> None:
+        """Queue again the messages of ``queue`` published one per subject up to stream
+        sequence ``delivered``: the consumer, just updated from the legacy subject alone,
+        has passed them and would never deliver them. An API server of this version queues
+        such messages while consumers of an earlier one still take the legacy subject (a
+        rolling upgrade). Each goes to the end of the queue under the same subject; a
+        message id made of its subject and old sequence keeps two upgrading consumers from
+        queueing it twice."""
+        for msg in await self._stored(self.queued_subjects(queue), until=delivered):
+            if msg.subject is None or msg.seq is None:
                 continue
-            rest = subject[len(head) :]
-            queue = rest if root == "tasks" else rest.rpartition(".")[0]
-            if not queue:
-                return None
-            try:
-                return self.task_subject(queue, msg_id), msg_id
-            except ValueError:
-                return None
-        return None
+            logger.info(
+                "queueing %s again after the consumer of %r was updated", msg.subject, queue
+            )
+            await self._publishpatiently(
+                msg.subject,
+                msg.data or b"",
+                f"{msg.subject}@{msg.seq}",
+                f"requeueing {msg.subject}",
+            )
+            with translated(), contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_msg(self.tasks_stream, msg.seq)
 
     # -- Broker
 
@@ -520,22 +429,26 @@ class NatsBroker(NatsRole, Broker):
 
     async def queue_depth(self, queue: str) -> int:
         self.check_open()
-        subject = self.queued_subjects(queue)
+        subjects = self.consumer_subjects(queue)
         with translated():
             try:
-                info = await self.js.consumer_info(self.queue_stream, self.consumer_name(queue))
+                info = await self.js.consumer_info(self.tasks_stream, self.consumer_name(queue))
             except nats.js.errors.NotFoundError:
-                # No consumer yet (nothing settled): count the stored messages, by subject.
-                stream = await self.js.stream_info(self.queue_stream, subjects_filter=subject)
-                return sum((stream.state.subjects or {}).values())
+                # No consumer yet: count the stored messages, by subject (one per message).
+                count = 0
+                for subject in subjects:
+                    stream = await self.js.stream_info(self.tasks_stream, subjects_filter=subject)
+                    count += sum((stream.state.subjects or {}).values())
+                return count
         pending: int = (info.num_pending or 0) + (info.num_ack_pending or 0)
         return pending
 
     async def purge_queue(self, queue: str) -> None:
         self.check_open()
-        subject = self.queued_subjects(queue)
+        subjects = self.consumer_subjects(queue)
         with translated():
-            await self.js.purge_stream(self.queue_stream, subject=subject)
+            for subject in subjects:
+                await self.js.purge_stream(self.tasks_stream, subject=subject)
 
     async def find_task(self, queue: str, msg_id: str) -> bytes | None:
         self.check_open()
@@ -544,7 +457,10 @@ class NatsBroker(NatsRole, Broker):
 
     async def queued_tasks(self, queue: str) -> list[bytes]:
         self.check_open()
-        found = await self._stored(self.queue_stream, self.queued_subjects(queue))
+        found: list[api.RawStreamMsg] = []
+        for subject in self.consumer_subjects(queue):
+            found += await self._stored(subject)
+        found.sort(key=lambda msg: msg.seq or 0)
         return [msg.data or b"" for msg in found]
 
     async def remove_task(self, queue: str, msg_id: str) -> bool:
@@ -556,9 +472,9 @@ class NatsBroker(NatsRole, Broker):
             try:
                 # A consumer holding a delivery of it skips it from now on; settling that
                 # delivery later is harmless.
-                await self.js.delete_msg(self.queue_stream, found.seq)
+                await self.js.delete_msg(self.tasks_stream, found.seq)
             except nats.js.errors.NotFoundError:
-                return False  # trimmed (or removed) meanwhile
+                return False  # settled (or removed) meanwhile
         return True
 
     async def _get_task(self, subject: str) -> api.RawStreamMsg | None:
@@ -567,15 +483,16 @@ class NatsBroker(NatsRole, Broker):
         async def read() -> api.RawStreamMsg | None:
             with translated():
                 try:
-                    return await self.js.get_msg(self.queue_stream, subject=subject)
+                    return await self.js.get_msg(self.tasks_stream, subject=subject)
                 except nats.js.errors.NotFoundError:
                     return None
 
         return await patiently(self, read, f"looking up {subject!r}")
 
-    async def _stored(self, stream: str, subject: str) -> list[api.RawStreamMsg]:
-        """Every message ``stream`` stores on ``subject`` (wildcards allowed), in sequence
-        order: one request per message, each for the next one from a sequence on."""
+    async def _stored(self, subject: str, until: int | None = None) -> list[api.RawStreamMsg]:
+        """Every message stored on ``subject`` (wildcards allowed), in sequence order, up to
+        sequence ``until``: one request per message, each for the next one from a sequence
+        on."""
         found: list[api.RawStreamMsg] = []
         seq = 1
         while True:
@@ -583,12 +500,14 @@ class NatsBroker(NatsRole, Broker):
             async def read(at: int = seq) -> api.RawStreamMsg | None:
                 with translated():
                     try:
-                        return await self.js.get_msg(stream, seq=at, subject=subject, next=True)
+                        return await self.js.get_msg(
+                            self.tasks_stream, seq=at, subject=subject, next=True
+                        )
                     except nats.js.errors.NotFoundError:
                         return None
 
             msg = await patiently(self, read, f"listing {subject!r}")
-            if msg is None or msg.seq is None:
+            if msg is None or msg.seq is None or (until is not None and msg.seq > until):
                 return found
             found.append(msg)
             seq = msg.seq + 1
@@ -601,14 +520,12 @@ class NatsBroker(NatsRole, Broker):
         await self._publishpatiently(subject, data, uuid.uuid4().hex, f"publishing to {topic!r}")
 
     async def _publishpatiently(
-        self, subject: str, data: bytes, msg_id: str, what: str, *, moved: bool = False
+        self, subject: str, data: bytes, msg_id: str, what: str
     ) -> api.PubAck:
-        """Publish ``data`` under ``msg_id`` (``moved``: marked with :data:`MOVED_HEADER`),
-        tried again while NATS is unavailable: should an attempt whose answer was lost have
-        been stored, the stream drops the repeats (within :data:`_DUPLICATE_WINDOW`)."""
+        """Publish ``data`` under ``msg_id``, tried again while NATS is unavailable: should
+        an attempt whose answer was lost have been stored, the stream drops the repeats
+        (within :data:`_DUPLICATE_WINDOW`)."""
         headers: dict[str, str] = {api.Header.MSG_ID: msg_id}
-        if moved:
-            headers[MOVED_HEADER] = "1"
 
         async def attempt() -> api.PubAck:
             with translated():
