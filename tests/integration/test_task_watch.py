@@ -18,6 +18,7 @@ import pytest
 from llama_mesh.client import AsyncClient
 from llama_mesh.server.app import MeshServer
 from llama_mesh.server.domain import TaskStatus
+from llama_mesh.server.errors import NotFoundError
 from llama_mesh.server.nats_server import NatsServer
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
 from tests.fixtures.mesh import TESTAPP, MeshFactory, deploy_testapp
@@ -97,7 +98,35 @@ async def test_watch_reports_a_deleted_task(mesh_factory: MeshFactory) -> None:
         gone = await next_message(messages)
         assert gone.deleted
         assert (gone.task.deployment, gone.task.task_id) == (APP, task.task_id)
-        call.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await next_message(messages)
+        assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "was deleted" in (ended.value.details() or "")
+    assert mesh.watcher.watching == 0
+
+
+async def test_deleting_a_deployment_ends_the_waits_for_its_queued_tasks(
+    mesh_factory: MeshFactory,
+) -> None:
+    """A task still queued (its message is its only record) when its deployment is deleted:
+    a caller waiting for its result gets NOT_FOUND rather than waiting forever, and the
+    deployment's watch reports it deleted, then ends."""
+    server = await mesh_factory(deploy=(TESTAPP,))
+    mesh = server.mesh
+    await mesh.deployments.supervisor.stop(APP)
+    queued = await mesh.create_task(APP, service_id="echo", session_id=None, input={})
+    watch = mesh.watch_tasks(APP)
+    assert (await anext(watch)) is not None  # the queued task
+    assert (await anext(watch)) is None  # the end of the snapshot
+    waiting = asyncio.create_task(mesh.wait_task(APP, queued.task_id))
+    await assert_eventually(lambda: mesh.watcher.following == 1)
+    await mesh.deployments.delete(APP)
+    with pytest.raises(NotFoundError, match="was deleted"):
+        await asyncio.wait_for(waiting, STREAM_TIMEOUT)
+    gone = await anext(watch)
+    assert gone is not None and (gone.task_id, gone.task) == (queued.task_id, None)
+    with pytest.raises(NotFoundError, match="was deleted"):
+        await anext(watch)
 
 
 async def test_watch_of_an_unknown_deployment_is_not_found(mesh_factory: MeshFactory) -> None:

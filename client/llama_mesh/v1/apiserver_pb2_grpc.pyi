@@ -91,7 +91,8 @@ class ApiServerStub:
     """ListTasks lists a deployment's tasks, newest first, a page at a time."""
     WatchTasks: _grpc.UnaryStreamMultiCallable[_apiserver_pb2.WatchTasksRequest, _apiserver_pb2.WatchTasksResponse]
     """WatchTasks streams a deployment's tasks and then their changes, until the client goes
-    away. First comes each task as it is now (newest first), then one message with
+    away or the deployment is deleted (its tasks come as deleted, then the stream ends with
+    NOT_FOUND). First comes each task as it is now (newest first), then one message with
     `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
     result) or is deleted. With several API servers, a task created through another one
     comes at its first change (its start, result or cancellation). A client that
@@ -181,7 +182,8 @@ class ApiServerAsyncStub(ApiServerStub):
     """ListTasks lists a deployment's tasks, newest first, a page at a time."""
     WatchTasks: _aio.UnaryStreamMultiCallable[_apiserver_pb2.WatchTasksRequest, _apiserver_pb2.WatchTasksResponse]  # type: ignore[assignment]
     """WatchTasks streams a deployment's tasks and then their changes, until the client goes
-    away. First comes each task as it is now (newest first), then one message with
+    away or the deployment is deleted (its tasks come as deleted, then the stream ends with
+    NOT_FOUND). First comes each task as it is now (newest first), then one message with
     `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
     result) or is deleted. With several API servers, a task created through another one
     comes at its first change (its start, result or cancellation). A client that
@@ -340,7 +342,8 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_apiserver_pb2.WatchTasksResponse], _abc.AsyncIterator[_apiserver_pb2.WatchTasksResponse]]:
         """WatchTasks streams a deployment's tasks and then their changes, until the client goes
-        away. First comes each task as it is now (newest first), then one message with
+        away or the deployment is deleted (its tasks come as deleted, then the stream ends with
+        NOT_FOUND). First comes each task as it is now (newest first), then one message with
         `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
         result) or is deleted. With several API servers, a task created through another one
         comes at its first change (its start, result or cancellation). A client that

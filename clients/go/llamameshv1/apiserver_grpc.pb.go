@@ -102,7 +102,8 @@ type ApiServerClient interface {
 	// ListTasks lists a deployment's tasks, newest first, a page at a time.
 	ListTasks(ctx context.Context, in *ListTasksRequest, opts ...grpc.CallOption) (*ListTasksResponse, error)
 	// WatchTasks streams a deployment's tasks and then their changes, until the client goes
-	// away. First comes each task as it is now (newest first), then one message with
+	// away or the deployment is deleted (its tasks come as deleted, then the stream ends with
+	// NOT_FOUND). First comes each task as it is now (newest first), then one message with
 	// `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
 	// result) or is deleted. With several API servers, a task created through another one
 	// comes at its first change (its start, result or cancellation). A client that
@@ -425,7 +426,8 @@ type ApiServerServer interface {
 	// ListTasks lists a deployment's tasks, newest first, a page at a time.
 	ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error)
 	// WatchTasks streams a deployment's tasks and then their changes, until the client goes
-	// away. First comes each task as it is now (newest first), then one message with
+	// away or the deployment is deleted (its tasks come as deleted, then the stream ends with
+	// NOT_FOUND). First comes each task as it is now (newest first), then one message with
 	// `snapshot_end` set, then a task again whenever it is created, changes (a new status, its
 	// result) or is deleted. With several API servers, a task created through another one
 	// comes at its first change (its start, result or cancellation). A client that

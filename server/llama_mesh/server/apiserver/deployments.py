@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -131,6 +131,9 @@ class DeploymentManager:
         self.held: set[str] = set()
         """On a cluster: the deployments whose lease this server holds, whose replicas it
         runs; it mirrors the others from the store (:meth:`follow`)."""
+        self.on_deleted: list[Callable[[str], None]] = []
+        """Called with a deployment's name when this server forgets it: deleted here, or
+        seen deleted in the store (a cluster)."""
 
     @property
     def control_plane(self) -> ControlPlane:
@@ -303,6 +306,11 @@ class DeploymentManager:
             self._configs.pop(name, None)
             self._generations.pop(name, None)
             self._failed.pop(name, None)
+        self._deleted(name)
+
+    def _deleted(self, name: str) -> None:
+        for listener in self.on_deleted:
+            listener(name)
 
     async def recall(self) -> list[DeploymentRecord]:
         """Read the saved deployments (after a server restart) and list them at once: those
@@ -442,6 +450,8 @@ class DeploymentManager:
                 else:
                     self._failed[name] = record.status_message or "failed"
                 await self.brokers.close(name)
+                if record is None:
+                    self._deleted(name)
                 return
             config = parse(record.config_yaml)
             opened = await self.brokers.open(config)

@@ -118,6 +118,7 @@ class Mesh:
         self.deployments = deployments
         self.orchestrator = orchestrator
         self.watcher = TaskWatcher(control_plane)
+        deployments.on_deleted.append(self.watcher.deployment_deleted)
         self.health = Health()
         """What is down now (the server reports it; the status routes read it)."""
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from typing import Final
 
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
@@ -26,6 +27,9 @@ from llama_mesh.server.errors import NotFoundError, UnavailableError
 from llama_mesh.server.queues.errors import QueueError
 
 logger = logging.getLogger(__name__)
+
+_DEPLOYMENT_DELETED: Final = "DEPLOYMENT_NOT_FOUND"
+"""The reason of the error :meth:`TaskWatcher.deployment_deleted` ends waits with."""
 
 _Key = tuple[str, str]
 _Inbox = asyncio.Queue[TaskChange | BaseException]
@@ -89,8 +93,9 @@ class TaskWatcher:
         """The deployment's tasks now, then ``None``, then each change of its tasks.
 
         Each task's revisions come in increasing order, each at most once; a deleted task
-        comes as a change whose ``task`` is ``None``. Runs until the caller stops iterating
-        (or :class:`UnavailableError` when the watcher closes).
+        comes as a change whose ``task`` is ``None``. Runs until the caller stops iterating,
+        :class:`NotFoundError` once the deployment is deleted (see
+        :meth:`deployment_deleted`), or :class:`UnavailableError` when the watcher closes.
         """
         if self._closed:
             raise UnavailableError("the API server is shutting down")
@@ -100,17 +105,29 @@ class TaskWatcher:
         try:
             # Listening before the read: a change written after it is then heard.
             seen: dict[str, int] = {}
+            gone: set[str] = set()
             for stored in await self._cp.list_stored_tasks(deployment):
                 seen[stored.task.task_id] = stored.revision
                 yield TaskChange(deployment, stored.task.task_id, stored.task, stored.revision)
             yield None
             while True:
                 item = await inbox.get()
+                if isinstance(item, NotFoundError) and item.reason == _DEPLOYMENT_DELETED:
+                    # The deployment was deleted, with its tasks: those whose deletion has
+                    # not come through the watch yet (or never will: queued ones had no
+                    # record) are reported deleted before the end.
+                    for task_id in seen.keys() - gone:
+                        yield TaskChange(deployment, task_id, None, seen[task_id] + 1)
+                    raise item
                 if isinstance(item, BaseException):
                     raise item
                 if item.revision <= seen.get(item.task_id, -1):
                     continue  # in the snapshot already, or seen
                 seen[item.task_id] = item.revision
+                if item.task is None:
+                    gone.add(item.task_id)
+                else:
+                    gone.discard(item.task_id)
                 yield item
         finally:
             inboxes = self._deployment_inboxes.get(deployment)
@@ -166,6 +183,19 @@ class TaskWatcher:
                 listener(change)
             except Exception:
                 logger.exception("a task listener failed on %s", change.task_id)
+
+    def deployment_deleted(self, deployment: str) -> None:
+        """End every watch of ``deployment`` and every wait for one of its tasks with
+        :class:`NotFoundError`: a task still queued when its deployment goes has no record
+        whose deletion would tell its waiters, and a deployment's watch has nothing left to
+        watch."""
+        error = NotFoundError(f"Deployment '{deployment}' was deleted", reason=_DEPLOYMENT_DELETED)
+        for (of, _), inboxes in self._inboxes.items():
+            if of == deployment:
+                for inbox in inboxes:
+                    inbox.put_nowait(error)
+        for inbox in self._deployment_inboxes.get(deployment, ()):
+            inbox.put_nowait(error)
 
     def _fail_all(self, error: BaseException) -> None:
         for inboxes in (*self._inboxes.values(), *self._deployment_inboxes.values()):
@@ -237,7 +267,7 @@ class Listening:
         current = known
         while not current.task.status.is_final:
             item = await self._inbox.get()
-            if isinstance(item, NotFoundError):
+            if isinstance(item, NotFoundError) and item.reason != _DEPLOYMENT_DELETED:
                 # After a watch failure every followed task is read again; that read may
                 # have come before this task was written. Look again rather than give up.
                 stored = await self._cp.read_task(self._deployment, self._task_id)
