@@ -109,8 +109,9 @@ async def test_deleting_a_deployment_ends_the_waits_for_its_queued_tasks(
     mesh_factory: MeshFactory,
 ) -> None:
     """A task still queued (its message is its only record) when its deployment is deleted:
-    a caller waiting for its result gets NOT_FOUND rather than waiting forever, and the
-    deployment's watch reports it deleted, then ends."""
+    a caller waiting for its result or streaming its events gets NOT_FOUND rather than
+    waiting forever or an end without a final event, and the deployment's watch reports it
+    deleted, then ends."""
     server = await mesh_factory(deploy=(TESTAPP,))
     mesh = server.mesh
     await mesh.deployments.supervisor.stop(APP)
@@ -119,10 +120,17 @@ async def test_deleting_a_deployment_ends_the_waits_for_its_queued_tasks(
     assert (await anext(watch)) is not None  # the queued task
     assert (await anext(watch)) is None  # the end of the snapshot
     waiting = asyncio.create_task(mesh.wait_task(APP, queued.task_id))
-    await assert_eventually(lambda: mesh.watcher.following == 1)
+
+    async def stream() -> list[object]:
+        return [event async for event in mesh.stream_events(APP, queued.task_id)]
+
+    streaming = asyncio.create_task(stream())
+    await assert_eventually(lambda: mesh.watcher.following == 2)
     await mesh.deployments.delete(APP)
     with pytest.raises(NotFoundError, match="was deleted"):
         await asyncio.wait_for(waiting, STREAM_TIMEOUT)
+    with pytest.raises(NotFoundError, match="was deleted"):
+        await asyncio.wait_for(streaming, STREAM_TIMEOUT)
     gone = await anext(watch)
     assert gone is not None and (gone.task_id, gone.task) == (queued.task_id, None)
     with pytest.raises(NotFoundError, match="was deleted"):

@@ -106,7 +106,9 @@ class ApiServerStub:
     """StreamEvents streams a task's events from `from_index`, ending with the final event.
     The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
     `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
-    client needs neither trailers nor a second call to learn how the task ended.
+    client needs neither trailers nor a second call to learn how the task ended. Only a
+    task that cannot end ends the stream with an error instead: NOT_FOUND when it, or its
+    deployment, is deleted meanwhile; UNAVAILABLE when the server stops.
     """
     SendEvent: _grpc.UnaryUnaryMultiCallable[_apiserver_pb2.SendEventRequest, _apiserver_pb2.SendEventResponse]
     """SendEvent sends an event into a running task (human in the loop)."""
@@ -197,7 +199,9 @@ class ApiServerAsyncStub(ApiServerStub):
     """StreamEvents streams a task's events from `from_index`, ending with the final event.
     The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
     `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
-    client needs neither trailers nor a second call to learn how the task ended.
+    client needs neither trailers nor a second call to learn how the task ended. Only a
+    task that cannot end ends the stream with an error instead: NOT_FOUND when it, or its
+    deployment, is deleted meanwhile; UNAVAILABLE when the server stops.
     """
     SendEvent: _aio.UnaryUnaryMultiCallable[_apiserver_pb2.SendEventRequest, _apiserver_pb2.SendEventResponse]  # type: ignore[assignment]
     """SendEvent sends an event into a running task (human in the loop)."""
@@ -375,7 +379,9 @@ class ApiServerServicer(metaclass=_abc_1.ABCMeta):
         """StreamEvents streams a task's events from `from_index`, ending with the final event.
         The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
         `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
-        client needs neither trailers nor a second call to learn how the task ended.
+        client needs neither trailers nor a second call to learn how the task ended. Only a
+        task that cannot end ends the stream with an error instead: NOT_FOUND when it, or its
+        deployment, is deleted meanwhile; UNAVAILABLE when the server stops.
         """
 
     @_abc_1.abstractmethod

@@ -116,7 +116,9 @@ type ApiServerClient interface {
 	// StreamEvents streams a task's events from `from_index`, ending with the final event.
 	// The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
 	// `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
-	// client needs neither trailers nor a second call to learn how the task ended.
+	// client needs neither trailers nor a second call to learn how the task ended. Only a
+	// task that cannot end ends the stream with an error instead: NOT_FOUND when it, or its
+	// deployment, is deleted meanwhile; UNAVAILABLE when the server stops.
 	StreamEvents(ctx context.Context, in *StreamEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamEventsResponse], error)
 	// SendEvent sends an event into a running task (human in the loop).
 	SendEvent(ctx context.Context, in *SendEventRequest, opts ...grpc.CallOption) (*SendEventResponse, error)
@@ -440,7 +442,9 @@ type ApiServerServer interface {
 	// StreamEvents streams a task's events from `from_index`, ending with the final event.
 	// The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
 	// `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
-	// client needs neither trailers nor a second call to learn how the task ended.
+	// client needs neither trailers nor a second call to learn how the task ended. Only a
+	// task that cannot end ends the stream with an error instead: NOT_FOUND when it, or its
+	// deployment, is deleted meanwhile; UNAVAILABLE when the server stops.
 	StreamEvents(*StreamEventsRequest, grpc.ServerStreamingServer[StreamEventsResponse]) error
 	// SendEvent sends an event into a running task (human in the loop).
 	SendEvent(context.Context, *SendEventRequest) (*SendEventResponse, error)

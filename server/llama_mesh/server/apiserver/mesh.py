@@ -380,7 +380,15 @@ class Mesh:
                 try:
                     raw = await self._next_or_final(stream, record, expected)
                 except StopAsyncIteration:
-                    return  # the message queue closed
+                    # The deployment's broker closed: the deployment was deleted, or the
+                    # server is stopping. The task's record says how the stream ends.
+                    await asyncio.wait({record}, timeout=self.final_event_grace)
+                    if not record.done() or record.cancelled():
+                        raise UnavailableError("the task's message queue closed") from None
+                    # The final task, or the wait's error (NOT_FOUND: deployment deleted).
+                    final = final_event(record.result())
+                    yield dataclasses.replace(final, index=max(final.index, expected))
+                    return
                 if raw is None:
                     # Past the record's count only when the task was cancelled while its
                     # run was starting (see the worker): the final event still comes last.
@@ -415,6 +423,9 @@ class Mesh:
             if not record.done():
                 either: set[asyncio.Future[Any]] = {pending, record}
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            done = record.done() and not record.cancelled()
+            if done and isinstance(record.exception(), NotFoundError):
+                record.result()  # the task, or its deployment, was deleted: that ends it
             if pending.done() or record.cancelled() or record.exception() is not None:
                 return await pending  # no record to fall back on: the topic alone
             if expected >= record.result().event_count:

@@ -1293,7 +1293,9 @@ export const ApiServer: GenService<{
    * StreamEvents streams a task's events from `from_index`, ending with the final event.
    * The stream always ends with exactly one final event (kind `EVENT_KIND_RESULT`,
    * `EVENT_KIND_FAILED` or `EVENT_KIND_CANCELLED`; see `EventKind`) and then closes, so a
-   * client needs neither trailers nor a second call to learn how the task ended.
+   * client needs neither trailers nor a second call to learn how the task ended. Only a
+   * task that cannot end ends the stream with an error instead: NOT_FOUND when it, or its
+   * deployment, is deleted meanwhile; UNAVAILABLE when the server stops.
    *
    * @generated from rpc llama_mesh.v1.ApiServer.StreamEvents
    */
