@@ -1,6 +1,6 @@
 """The web console's static files, served by Envoy itself as direct responses.
 
-The console (``console/``: HTML, CSS and JavaScript modules, no build step) is a client of
+The console (``console_files/``: HTML, CSS and JavaScript modules, no build step) is a client of
 the ``/v1`` JSON API and its server-sent events, and of nothing else: it has no route of its
 own into the API server. Each file becomes one route whose body is the file, read when the
 gateway's configuration is rendered; ``/`` answers ``index.html``.
@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["CONSOLE_DIR", "CONSOLE_PREFIX", "console_routes", "largest_console_file"]
 
-CONSOLE_DIR = Path(__file__).resolve().parent / "console"
+CONSOLE_DIR = Path(__file__).resolve().parent / "console_files"
 CONSOLE_PREFIX = "/console/"
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
