@@ -133,6 +133,24 @@ async def test_run_returns_bare_json_string(http: httpx.AsyncClient) -> None:
     assert assert_json(await http.post(run, json=task_body("tally", amount=5))) == "5"
 
 
+async def test_a_run_without_a_session_keeps_none(http: httpx.AsyncClient) -> None:
+    """``tasks/run`` without a ``session_id`` leaves no session behind (0.8 deletes the one
+    it used): the sessions listed after it are those listed before, its task's session is
+    404, and the next run starts from a fresh context."""
+    sessions = "/deployments/testapp/sessions"
+    tasks = "/deployments/testapp/tasks"
+    run = f"{tasks}/run"
+    before = {item["session_id"] for item in assert_json(await http.get(sessions))}
+    earlier = {item["task_id"] for item in assert_json(await http.get(tasks))}
+    assert assert_json(await http.post(run, json=task_body("tally", amount=2))) == "2"
+    assert assert_json(await http.post(run, json=task_body("tally", amount=2))) == "2"
+    assert {item["session_id"] for item in assert_json(await http.get(sessions))} == before
+    ran = [item for item in assert_json(await http.get(tasks)) if item["task_id"] not in earlier]
+    assert len(ran) == 2
+    for item in ran:
+        assert_error(await http.get(f"{sessions}/{item['session_id']}"), 404, item["session_id"])
+
+
 async def test_run_errors(http: httpx.AsyncClient) -> None:
     """A workflow that raises is HTTP 500 whose ``detail`` carries the exception (0.8 gave
     the error text with 200); unknown deployment or service is 404; input that is not a

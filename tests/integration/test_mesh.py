@@ -146,6 +146,28 @@ async def test_a_new_session_keeps_context_only_when_there_is_some(testapp: Mesh
     assert (first.result, second.result) == (5, 7)
 
 
+@SHARED
+async def test_a_task_that_ends_its_session_leaves_none(testapp: MeshServer) -> None:
+    """A task run with ``ends_session`` (0.8's ``tasks/run`` without a session): its
+    implied session is gone once it is final, with no context stored for it (tally's total
+    would be) and no write to the session buckets; the task itself stays readable."""
+    mesh = testapp.mesh
+    task = await mesh.run_task(
+        APP, service_id="tally", session_id=None, input={"amount": 5}, ends_session=True
+    )
+    assert (task.status, task.result, task.ends_session) == (TaskStatus.SUCCEEDED, 5, True)
+    assert await mesh.cp.get_session_state(APP, task.session_id) is None
+    with pytest.raises(NotFoundError):
+        await mesh.get_session(APP, task.session_id)
+    assert task.session_id not in [s.session_id for s in await mesh.list_sessions(APP)]
+    assert await mesh.cp.session_task_ids(APP, task.session_id) == []
+    with pytest.raises(NotFoundError):
+        await mesh.create_task(APP, service_id="tally", session_id=task.session_id, input={})
+    assert (await mesh.get_task(APP, task.task_id)).ends_session
+    for bucket in ("sessions", "session_state"):
+        assert await mesh.cp._buckets[bucket].get(f"{APP}.{task.session_id}", deleted=True) is None
+
+
 ONE_AT_A_TIME = (
     "name: {name}\nservices:\n  slow:\n    name: S\n    source: {{type: local, name: .}}\n"
     "    path: app_workflows:slow\n    max-concurrent-tasks: 1\n"

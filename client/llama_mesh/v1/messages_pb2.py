@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllama_mesh/v1/messages.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x01\n\x0bTaskMessage\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x12\n\nservice_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\ninput_json\x18\x05 \x01(\x0c\x12\x12\n\ngeneration\x18\x06 \x01(\x03\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bnew_session\x18\x08 \x01(\x08\x12\x10\n\x08recorded\x18\t \x01(\x08\"\x9d\x01\n\x0c\x45ventMessage\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\x05\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x11\n\tdata_json\x18\x05 \x01(\x0c\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\"\xc9\x01\n\rResultMessage\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x05\x12\x13\n\x0bresult_json\x18\x03 \x01(\x0c\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x11\n\ttraceback\x18\x06 \x01(\t\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x11HumanEventMessage\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\x0c\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\rCancelMessage\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x30\n\x0crequested_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x84\x01\n\x10TaskInputMessage\x12\x37\n\x0bhuman_event\x18\x01 \x01(\x0b\x32 .llama_mesh.v1.HumanEventMessageH\x00\x12.\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1c.llama_mesh.v1.CancelMessageH\x00\x42\x07\n\x05input\"\x80\x01\n\x13SessionStateMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontext_json\x18\x02 \x01(\x0c\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllama_mesh/v1/messages.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x01\n\x0bTaskMessage\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x12\n\nservice_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\ninput_json\x18\x05 \x01(\x0c\x12\x12\n\ngeneration\x18\x06 \x01(\x03\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bnew_session\x18\x08 \x01(\x08\x12\x10\n\x08recorded\x18\t \x01(\x08\x12\x14\n\x0c\x65nds_session\x18\n \x01(\x08\"\x9d\x01\n\x0c\x45ventMessage\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\x05\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x11\n\tdata_json\x18\x05 \x01(\x0c\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\"\xc9\x01\n\rResultMessage\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x05\x12\x13\n\x0bresult_json\x18\x03 \x01(\x0c\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x11\n\ttraceback\x18\x06 \x01(\t\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x11HumanEventMessage\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\x0c\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\rCancelMessage\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x30\n\x0crequested_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x84\x01\n\x10TaskInputMessage\x12\x37\n\x0bhuman_event\x18\x01 \x01(\x0b\x32 .llama_mesh.v1.HumanEventMessageH\x00\x12.\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1c.llama_mesh.v1.CancelMessageH\x00\x42\x07\n\x05input\"\x80\x01\n\x13SessionStateMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontext_json\x18\x02 \x01(\x0c\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llama_mesh.v1.messages_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKMESSAGE']._serialized_start=81
-  _globals['_TASKMESSAGE']._serialized_end=298
-  _globals['_EVENTMESSAGE']._serialized_start=301
-  _globals['_EVENTMESSAGE']._serialized_end=458
-  _globals['_RESULTMESSAGE']._serialized_start=461
-  _globals['_RESULTMESSAGE']._serialized_end=662
-  _globals['_HUMANEVENTMESSAGE']._serialized_start=664
-  _globals['_HUMANEVENTMESSAGE']._serialized_end=761
-  _globals['_CANCELMESSAGE']._serialized_start=763
-  _globals['_CANCELMESSAGE']._serialized_end=844
-  _globals['_TASKINPUTMESSAGE']._serialized_start=847
-  _globals['_TASKINPUTMESSAGE']._serialized_end=979
-  _globals['_SESSIONSTATEMESSAGE']._serialized_start=982
-  _globals['_SESSIONSTATEMESSAGE']._serialized_end=1110
+  _globals['_TASKMESSAGE']._serialized_end=320
+  _globals['_EVENTMESSAGE']._serialized_start=323
+  _globals['_EVENTMESSAGE']._serialized_end=480
+  _globals['_RESULTMESSAGE']._serialized_start=483
+  _globals['_RESULTMESSAGE']._serialized_end=684
+  _globals['_HUMANEVENTMESSAGE']._serialized_start=686
+  _globals['_HUMANEVENTMESSAGE']._serialized_end=783
+  _globals['_CANCELMESSAGE']._serialized_start=785
+  _globals['_CANCELMESSAGE']._serialized_end=866
+  _globals['_TASKINPUTMESSAGE']._serialized_start=869
+  _globals['_TASKINPUTMESSAGE']._serialized_end=1001
+  _globals['_SESSIONSTATEMESSAGE']._serialized_start=1004
+  _globals['_SESSIONSTATEMESSAGE']._serialized_end=1132
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,7 @@ class TaskMessage(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     NEW_SESSION_FIELD_NUMBER: _builtins.int
     RECORDED_FIELD_NUMBER: _builtins.int
+    ENDS_SESSION_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """task_id identifies the task; it is also the publish de-duplication id."""
     deployment: _builtins.str
@@ -59,6 +60,10 @@ class TaskMessage(_message.Message):
     knows the task was deleted. Otherwise the message itself is the record of the task's
     acceptance until the task's first change (its start, result or cancellation) is stored.
     """
+    ends_session: _builtins.bool
+    """ends_session says that the task's session ends with it (see `Task.ends_session`): the
+    worker stores no workflow context for it.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """created_at is when the task was created."""
@@ -75,10 +80,11 @@ class TaskMessage(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         new_session: _builtins.bool = ...,
         recorded: _builtins.bool = ...,
+        ends_session: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployment", b"deployment", "generation", b"generation", "input_json", b"input_json", "new_session", b"new_session", "recorded", b"recorded", "service_id", b"service_id", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployment", b"deployment", "ends_session", b"ends_session", "generation", b"generation", "input_json", b"input_json", "new_session", b"new_session", "recorded", b"recorded", "service_id", b"service_id", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

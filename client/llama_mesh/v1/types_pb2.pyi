@@ -390,6 +390,7 @@ class Task(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    ENDS_SESSION_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """task_id identifies the task."""
     deployment: _builtins.str
@@ -408,6 +409,12 @@ class Task(_message.Message):
     """
     instance_id: _builtins.str
     """instance_id is the replica that ran (or runs) the task."""
+    ends_session: _builtins.bool
+    """ends_session says that the task's session ends with it: a task run without a session
+    through Llama Deploy 0.8's `tasks/run`, which does not keep the session it used. Its
+    session (whose id is the task's) exists while the task runs and is gone once the task
+    is final; no workflow context is stored for it.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """input is the JSON object of keyword arguments passed to `Workflow.run`."""
@@ -449,10 +456,11 @@ class Task(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         instance_id: _builtins.str = ...,
+        ends_session: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "input", b"input", "result", b"result", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "deployment", b"deployment", "error", b"error", "event_count", b"event_count", "finished_at", b"finished_at", "input", b"input", "instance_id", b"instance_id", "result", b"result", "service_id", b"service_id", "session_id", b"session_id", "started_at", b"started_at", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "deployment", b"deployment", "ends_session", b"ends_session", "error", b"error", "event_count", b"event_count", "finished_at", b"finished_at", "input", b"input", "instance_id", b"instance_id", "result", b"result", "service_id", b"service_id", "session_id", b"session_id", "started_at", b"started_at", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,7 +46,10 @@ type TaskMessage struct {
 	// a broker that cannot find a queued message by its task id): a worker that finds no record
 	// knows the task was deleted. Otherwise the message itself is the record of the task's
 	// acceptance until the task's first change (its start, result or cancellation) is stored.
-	Recorded      bool `protobuf:"varint,9,opt,name=recorded,proto3" json:"recorded,omitempty"`
+	Recorded bool `protobuf:"varint,9,opt,name=recorded,proto3" json:"recorded,omitempty"`
+	// ends_session says that the task's session ends with it (see `Task.ends_session`): the
+	// worker stores no workflow context for it.
+	EndsSession   bool `protobuf:"varint,10,opt,name=ends_session,json=endsSession,proto3" json:"ends_session,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -140,6 +143,13 @@ func (x *TaskMessage) GetNewSession() bool {
 func (x *TaskMessage) GetRecorded() bool {
 	if x != nil {
 		return x.Recorded
+	}
+	return false
+}
+
+func (x *TaskMessage) GetEndsSession() bool {
+	if x != nil {
+		return x.EndsSession
 	}
 	return false
 }
@@ -636,7 +646,7 @@ var File_llama_mesh_v1_messages_proto protoreflect.FileDescriptor
 
 const file_llama_mesh_v1_messages_proto_rawDesc = "" +
 	"\n" +
-	"\x1cllama_mesh/v1/messages.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x02\n" +
+	"\x1cllama_mesh/v1/messages.proto\x12\rllama_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x02\n" +
 	"\vTaskMessage\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x1e\n" +
 	"\n" +
@@ -655,7 +665,9 @@ const file_llama_mesh_v1_messages_proto_rawDesc = "" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1f\n" +
 	"\vnew_session\x18\b \x01(\bR\n" +
 	"newSession\x12\x1a\n" +
-	"\brecorded\x18\t \x01(\bR\brecorded\"\xd6\x01\n" +
+	"\brecorded\x18\t \x01(\bR\brecorded\x12!\n" +
+	"\fends_session\x18\n" +
+	" \x01(\bR\vendsSession\"\xd6\x01\n" +
 	"\fEventMessage\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x03R\x05index\x12\x12\n" +

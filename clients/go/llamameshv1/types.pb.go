@@ -708,7 +708,12 @@ type Task struct {
 	// finished_at is when the task reached a final status.
 	FinishedAt *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
 	// instance_id is the replica that ran (or runs) the task.
-	InstanceId    string `protobuf:"bytes,14,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"`
+	InstanceId string `protobuf:"bytes,14,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"`
+	// ends_session says that the task's session ends with it: a task run without a session
+	// through Llama Deploy 0.8's `tasks/run`, which does not keep the session it used. Its
+	// session (whose id is the task's) exists while the task runs and is gone once the task
+	// is final; no workflow context is stored for it.
+	EndsSession   bool `protobuf:"varint,15,opt,name=ends_session,json=endsSession,proto3" json:"ends_session,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -839,6 +844,13 @@ func (x *Task) GetInstanceId() string {
 		return x.InstanceId
 	}
 	return ""
+}
+
+func (x *Task) GetEndsSession() bool {
+	if x != nil {
+		return x.EndsSession
+	}
+	return false
 }
 
 // Session carries workflow context from one task to the next.
@@ -1062,7 +1074,7 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"\tTaskError\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
-	"\ttraceback\x18\x03 \x01(\tR\ttraceback\"\xd0\x04\n" +
+	"\ttraceback\x18\x03 \x01(\tR\ttraceback\"\xf3\x04\n" +
 	"\x04Task\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x1e\n" +
 	"\n" +
@@ -1087,7 +1099,8 @@ const file_llama_mesh_v1_types_proto_rawDesc = "" +
 	"\vfinished_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"finishedAt\x12\x1f\n" +
 	"\vinstance_id\x18\x0e \x01(\tR\n" +
-	"instanceId\"\x9e\x01\n" +
+	"instanceId\x12!\n" +
+	"\fends_session\x18\x0f \x01(\bR\vendsSession\"\x9e\x01\n" +
 	"\aSession\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1e\n" +

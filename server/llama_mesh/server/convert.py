@@ -88,6 +88,7 @@ def task_to_proto(task: Task) -> types_pb2.Task:
         attempts=task.attempts,
         event_count=task.event_count,
         instance_id=task.instance_id,
+        ends_session=task.ends_session,
     )
     if task.status is TaskStatus.SUCCEEDED:
         msg.result.CopyFrom(to_value(task.result))
@@ -122,6 +123,7 @@ def task_from_message(
         session_id=msg.session_id,
         input=input,
         created_at=from_timestamp(msg.created_at) or now(),
+        ends_session=msg.ends_session,
     )
 
 
@@ -147,6 +149,7 @@ def task_from_proto(msg: types_pb2.Task) -> Task:
         started_at=from_timestamp(msg.started_at, present=msg.HasField("started_at")),
         finished_at=from_timestamp(msg.finished_at, present=msg.HasField("finished_at")),
         instance_id=msg.instance_id,
+        ends_session=msg.ends_session,
     )
 
 

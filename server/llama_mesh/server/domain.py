@@ -98,6 +98,9 @@ class Task:
     started_at: float | None = None
     finished_at: float | None = None
     instance_id: str = ""
+    ends_session: bool = False
+    """Its implied session ends with it (a Llama Deploy 0.8 ``tasks/run`` without a
+    session): gone once the task is final, and no workflow context is stored for it."""
 
 
 @dataclass(slots=True)

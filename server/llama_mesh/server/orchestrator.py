@@ -88,6 +88,7 @@ class Orchestrator:
             generation=generation,
             new_session=new_session,
             recorded=recorded,
+            ends_session=task.ends_session,
         )
         msg.created_at.CopyFrom(convert.to_timestamp(task.created_at))
         broker = self._brokers.of(task.deployment)

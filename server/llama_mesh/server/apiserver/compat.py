@@ -7,7 +7,6 @@ deployment on reload, malformed input), this answers 4xx with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import email.parser
 import email.policy
 import json
@@ -177,18 +176,15 @@ class LlamaDeployApiServicer(ld_grpc.LlamaDeployApiServicer):
         definition = request.task_definition
         deployment = request.deployment_name
         session_id = request.session_id or definition.session_id
+        # 0.8 semantics: a run without a session does not keep the one it used. The task
+        # says so itself (its session ends with it): no writes after its result.
         task = await self._mesh.run_task(
             deployment,
             service_id=definition.service_id or None,
             session_id=session_id or None,
             input=parse_task_input(definition.input),
+            ends_session=not session_id,
         )
-        if not session_id:
-            # 0.8 semantics: a run without a session does not keep the one it used.
-            with contextlib.suppress(Exception):
-                await self._mesh.delete_session(
-                    deployment, task.session_id, task_ids=[task.task_id]
-                )
         raise_if_failed(task)
         return ld.LlamaDeployApiRunTaskResponse(body=json_body(result_text(task.result)))
 

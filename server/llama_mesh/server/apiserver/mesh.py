@@ -147,6 +147,7 @@ class Mesh:
         service_id: str | None,
         session_id: str | None,
         input: dict[str, JsonValue],
+        ends_session: bool = False,
     ) -> StoredTask:
         config = self.deployments.config(deployment)
         service = choose_service(config, service_id)
@@ -163,6 +164,7 @@ class Mesh:
             service_id=service,
             session_id=session_id,
             input=input,
+            ends_session=ends_session and new_session,
         )
         generation = self.deployments.generation(deployment)
         stored = StoredTask(task, 0)
@@ -233,8 +235,10 @@ class Mesh:
         service_id: str | None,
         session_id: str | None,
         input: dict[str, JsonValue],
+        ends_session: bool = False,
     ) -> Task:
-        """Create a task and wait for it to be final.
+        """Create a task and wait for it to be final. ``ends_session``: a task without a
+        session does not keep the one it implies (see ``Task.ends_session``).
 
         The wait listens before the task is written, so it starts from the record as
         written here: no read of the record on the way to the result.
@@ -242,7 +246,12 @@ class Mesh:
         task_id = new_id()
         with self.watcher.listen(deployment, task_id) as listening:
             stored = await self._create_task(
-                deployment, task_id, service_id=service_id, session_id=session_id, input=input
+                deployment,
+                task_id,
+                service_id=service_id,
+                session_id=session_id,
+                input=input,
+                ends_session=ends_session,
             )
             return await listening.final(stored)
 

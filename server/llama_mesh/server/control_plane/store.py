@@ -7,7 +7,8 @@ store) never fails a listing or a watch: it is skipped and logged. Reading it al
 One key per thing, never a growing document (a session's tasks are in its index). A task
 created without a session starts one whose id is the task's and that has no record: the
 session is implied by its task (its record or its queued message) until it is deleted,
-which leaves a deletion marker on its key.
+which leaves a deletion marker on its key, or until the task is final when the task ends
+its session (``Task.ends_session``: a Llama Deploy 0.8 ``tasks/run`` without a session).
 
 =================  ==========================================  ===========================
 bucket             key                                         value
@@ -252,7 +253,7 @@ class ControlPlane:
             task = await self.get_task(deployment, session_id)
         except NotFoundError:
             return None
-        if task.session_id != session_id:
+        if task.session_id != session_id or _ended(task):
             return None
         return _SessionRecord(_implied_session(task), stored=False)
 
@@ -279,7 +280,9 @@ class ControlPlane:
         sessions += [
             _read_session(f"{prefix}{stored.task.task_id}", _implied_session(stored.task))
             for stored in tasks
-            if stored.task.session_id == stored.task.task_id and stored.task.task_id not in keyed
+            if stored.task.session_id == stored.task.task_id
+            and stored.task.task_id not in keyed
+            and not _ended(stored.task)
         ]
         for session in sessions:
             session.task_ids = []  # the record holds the first one only: leave them all out
@@ -588,6 +591,11 @@ def _check_key(key: str, deployment: str, name: str) -> None:
     """A record of ``<deployment>.<name>`` (or of ``name`` alone) must be stored there."""
     if key not in (f"{deployment}.{name}", name):
         raise ValueError("the record is not the one of its key")
+
+
+def _ended(task: Task) -> bool:
+    """Whether the session ``task`` implies ended with it (see ``Task.ends_session``)."""
+    return task.ends_session and task.status.is_final
 
 
 def _read_task(key: str, value: bytes) -> Task:

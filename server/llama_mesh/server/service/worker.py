@@ -243,7 +243,11 @@ class Worker:
                 await delivery.term()
                 return
         try:
-            if outcome.context_json is not None and not (msg.new_session and outcome.context_blank):
+            if (
+                outcome.context_json is not None
+                and not msg.ends_session
+                and not (msg.new_session and outcome.context_blank)
+            ):
                 try:
                     await self._cp.put_session_state(
                         deployment, task.session_id, outcome.context_json, task_id=task_id
