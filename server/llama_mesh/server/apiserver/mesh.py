@@ -470,11 +470,8 @@ class Mesh:
             session.task_ids = await self.cp.session_task_ids(deployment, session.session_id)
         return sessions
 
-    async def delete_session(
-        self, deployment: str, session_id: str, *, task_ids: list[str] | None = None
-    ) -> None:
-        """Delete a session and its stored workflow context (see
-        :meth:`ControlPlane.delete_session` for ``task_ids``)."""
+    async def delete_session(self, deployment: str, session_id: str) -> None:
+        """Delete a session and its stored workflow context."""
         self.deployments.config(deployment)
         check_id("session id", session_id)
-        await self.cp.delete_session(deployment, session_id, task_ids=task_ids)
+        await self.cp.delete_session(deployment, session_id)

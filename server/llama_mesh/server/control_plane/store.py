@@ -288,26 +288,19 @@ class ControlPlane:
             session.task_ids = []  # the record holds the first one only: leave them all out
         return sorted(sessions, key=lambda session: session.session_id)
 
-    async def delete_session(
-        self, deployment: str, session_id: str, *, task_ids: list[str] | None = None
-    ) -> None:
+    async def delete_session(self, deployment: str, session_id: str) -> None:
         """Delete a session, its task index and its workflow state.
 
-        ``task_ids``, given when the caller knows the session's tasks, saves listing its
-        index. The session's own key goes last: a deletion cut short can be repeated.
+        The session's own key goes last: a deletion cut short can be repeated.
         """
         try:
             msg = await self._session_record(deployment, session_id)
-        except UnreadableRecordError:  # delete it all the same, listing its index
-            msg, task_ids = _SessionRecord(types_pb2.Session(), stored=True), None
+        except UnreadableRecordError:  # delete it all the same
+            msg = _SessionRecord(types_pb2.Session(), stored=True)
         if msg is None:
             raise _session_not_found(deployment, session_id)
         index = self._buckets["session_tasks"]
-        prefix = f"{deployment}.{session_id}."
-        if task_ids is None:
-            keys = await index.keys(prefix)
-        else:  # the task that implies the session is not in its index
-            keys = [prefix + t for t in task_ids if t not in msg.record.task_ids]
+        keys = await index.keys(f"{deployment}.{session_id}.")
         await asyncio.gather(
             _in_batches(index.delete, keys),
             self._buckets["session_state"].delete(f"{deployment}.{session_id}"),
