@@ -44,9 +44,10 @@ from llama_mesh.server.nats_server import (
     free_port,
 )
 from llama_mesh.server.orchestrator import Orchestrator
-from llama_mesh.server.queues.broker import Broker
+from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
 from llama_mesh.server.queues.errors import QueueError, QueueUnavailableError
 from llama_mesh.server.queues.inprocess import InProcessBroker, InProcessStateStore
+from llama_mesh.server.queues.iterators import Subscription
 from llama_mesh.server.queues.nats import NatsBroker
 from llama_mesh.server.queues.state import KeyValueStore, StateStore
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
@@ -705,18 +706,21 @@ async def test_streaming_tasks_survive_the_loss_of_the_event_streams_leader(
             for _ in range(STREAMING_TASKS)
         ]
 
-        async def follow(task_id: str) -> list[EventKind]:
-            return [e.kind async for e in mesh.stream_events("testapp", task_id)]
+        seen: dict[str, list[EventKind]] = {t.task_id: [] for t in tasks}
+
+        async def follow(task_id: str) -> None:
+            async for event in mesh.stream_events("testapp", task_id):
+                seen[task_id].append(event.kind)
 
         async with asyncio.timeout(120):
             followers = [asyncio.ensure_future(follow(t.task_id)) for t in tasks]
-            await asyncio.sleep(0.5)
+            await assert_eventually(lambda: all(seen.values()), timeout=60)  # all running
             leader = (await queue.js.stream_info(queue.topics_stream)).cluster
             assert leader is not None and leader.leader
             await next(n for n in nodes if n.config.server_name == leader.leader).kill()
-            seen = await asyncio.gather(*followers)
+            await asyncio.gather(*followers)
             finals = await asyncio.gather(*(mesh.wait_task("testapp", t.task_id) for t in tasks))
-        for kinds in seen:
+        for kinds in seen.values():
             assert kinds == [EventKind.WORKFLOW] * TICKS + [EventKind.RESULT]
         for final in finals:
             assert (final.status, final.attempts) == (TaskStatus.SUCCEEDED, 1), final.error
@@ -753,6 +757,129 @@ async def test_a_broker_error_publishing_an_event_is_not_the_workflows_failure(
             assert final.attempts == 2
         finally:
             await mesh.deployments.supervisor.shutdown()
+
+
+class _DeafDelivery(Delivery):
+    def __init__(self, delivery: Delivery) -> None:
+        self._delivery = delivery
+
+    @property
+    def data(self) -> bytes:
+        return self._delivery.data
+
+    @property
+    def delivery_count(self) -> int:
+        return self._delivery.delivery_count
+
+    async def ack(self) -> None:
+        await self._delivery.ack()
+
+    async def nak(self, delay: float = 0.0) -> None:
+        await self._delivery.nak(delay)
+
+    async def term(self) -> None:
+        await self._delivery.term()
+
+    async def in_progress(self) -> None:
+        pass
+
+
+class _DeafDeliveries(Subscription[Delivery]):
+    def __init__(self, deliveries: Subscription[Delivery], counts: list[int]) -> None:
+        self._deliveries = deliveries
+        self._counts = counts
+
+    async def __anext__(self) -> Delivery:
+        delivery = await anext(self._deliveries)
+        self._counts.append(delivery.delivery_count)
+        return _DeafDelivery(delivery)
+
+    async def aclose(self) -> None:
+        await self._deliveries.aclose()
+
+
+class DeafBroker(InProcessBroker):
+    """The in-process broker deaf to ``in_progress``: a worker's heartbeats unheard, as
+    while a NATS cluster elects a consumer leader, so every delivery still unsettled after
+    ``ack_wait`` is redelivered. ``delivery_counts``: of every delivery handed out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivery_counts: list[int] = []
+
+    def consume_tasks(self, queue: str, options: ConsumerOptions) -> Subscription[Delivery]:
+        return _DeafDeliveries(super().consume_tasks(queue, options), self.delivery_counts)
+
+
+COUNTED_NAP_MODULE = """\
+import asyncio
+from pathlib import Path
+
+from workflows import Workflow, step
+from workflows.events import StartEvent, StopEvent
+
+
+class CountedNap(Workflow):
+    @step
+    async def run_it(self, ev: StartEvent) -> StopEvent:
+        with Path(ev.get("runs")).open("a") as runs:
+            runs.write("run\\n")
+        await asyncio.sleep(float(ev.get("seconds")))
+        return StopEvent(result={"tag": ev.get("tag")})
+
+
+nap = CountedNap(timeout=300)
+"""
+"""A nap that appends a line to the file ``runs`` each time it starts."""
+COUNTED_NAP_YAML = """\
+name: faults
+services:
+  nap:
+    name: Counted nap
+    source: {type: local, name: .}
+    path: faults_counted:nap
+    max-concurrent-tasks: 4
+    max-retries: 3
+"""
+
+
+async def test_a_redelivery_to_the_replica_running_the_task_waits_for_that_run(
+    tmp_path: Path,
+) -> None:
+    """A replica's heartbeats unheard (``ack_wait`` 2 s) while it runs a 5 s task: the
+    message is redelivered to that replica, which does not run the task again. The
+    redeliveries wait for the run, then find the task final and are acknowledged: the
+    workflow ran once, the task succeeded on its first attempt, and its message is gone."""
+    async with DeafBroker() as queue, InProcessStateStore() as state_store:
+        mesh = await open_mesh(state_store, queue, tmp_path)
+        try:
+            source = tmp_path / "source"
+            source.mkdir()
+            (source / "faults_counted.py").write_text(COUNTED_NAP_MODULE)
+            await deploy(mesh, COUNTED_NAP_YAML, base_path=source)
+            runs = tmp_path / "runs"
+            task = await mesh.create_task(
+                APP,
+                service_id="nap",
+                session_id=None,
+                input={"seconds": 5, "tag": "deaf", "runs": str(runs)},
+            )
+            (final,) = await wait_all(mesh, [task.task_id], timeout=60)
+            assert (final.status, final.attempts, final.result) == (
+                TaskStatus.SUCCEEDED,
+                1,
+                {"tag": "deaf"},
+            )
+            assert max(queue.delivery_counts) >= 2  # it was redelivered while it ran
+            assert runs.read_text() == "run\n"
+            queue_name = subjects.task_queue(APP, "nap")
+            await assert_eventually(lambda: _drained(queue, queue_name), timeout=30)
+        finally:
+            await mesh.deployments.supervisor.shutdown()
+
+
+async def _drained(broker: Broker, queue: str) -> bool:
+    return await broker.queue_depth(queue) == 0
 
 
 async def test_the_final_event_is_made_from_the_record_not_the_topic(

@@ -14,7 +14,11 @@ Reliability, in the order things happen for one delivery:
    created as CANCELLED), the run is cancelled, or its result dropped if it finished first.
 3. While the workflow runs, ``in_progress()`` keeps the delivery from being redelivered;
    if this process dies, the heartbeats stop and another replica gets the task after
-   ``ack_wait``.
+   ``ack_wait``. Should a redelivery reach the replica that still runs the task (its
+   heartbeats went unheard longer than ``ack_wait``, as while a NATS cluster elects a
+   consumer leader), it waits for that run, kept alive, and is then handled as any
+   redelivery: it finds the task final and is acknowledged. One replica never runs a task
+   twice at once.
 4. Session context, then the result, are stored before the message is acknowledged. The
    task's final event is not published: readers make it from the record (which counts
    the workflow events before it).
@@ -113,13 +117,15 @@ class Worker:
         )
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        self._runs: dict[str, asyncio.Event] = {}
+        """Task id -> set when this replica's run of it ends (deliveries being handled)."""
         self._chores: set[asyncio.Task[None]] = set()
         """Clean-up after tasks (releasing subscriptions), done off the way to the result."""
 
     @property
     def in_flight(self) -> int:
         """How many tasks this replica runs now."""
-        return len(self._running)
+        return len(self._runs)
 
     async def run(self) -> None:
         """Heartbeat and consume tasks until :meth:`shutdown`."""
@@ -192,12 +198,28 @@ class Worker:
             logger.error("dropping a task message for %r/%r", msg.deployment, msg.task_id)
             await delivery.term()
             return
+        await self._after_any_run_of(msg.task_id, delivery)
+        ended = self._runs[msg.task_id] = asyncio.Event()
         try:
             await self._process(msg, delivery)
         except Exception:
             logger.exception("task %s: unexpected failure; it will be redelivered", msg.task_id)
             with contextlib.suppress(Exception):
                 await delivery.nak(delay=1.0)
+        finally:
+            del self._runs[msg.task_id]
+            ended.set()
+
+    async def _after_any_run_of(self, task_id: str, delivery: Delivery) -> None:
+        """Wait, keeping ``delivery`` alive, while this replica runs ``task_id`` (for an
+        earlier delivery of its message)."""
+        while (running := self._runs.get(task_id)) is not None:
+            logger.info("task %s delivered again while it runs here: waiting for that run", task_id)
+            keepalive = asyncio.create_task(self._keepalive(delivery))
+            try:
+                await running.wait()
+            finally:
+                await cancel_and_wait(keepalive)
 
     async def _process(self, msg: messages_pb2.TaskMessage, delivery: Delivery) -> None:
         deployment, task_id = msg.deployment, msg.task_id
