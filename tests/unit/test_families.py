@@ -14,7 +14,7 @@ from workflows.events import StartEvent, StopEvent
 from llama_mesh.server.domain import JsonValue, TaskStatus
 from llama_mesh.server.errors import InvalidArgumentError
 from llama_mesh.server.service.families import WORKFLOWS, family_of
-from llama_mesh.server.service.runner import TaskInput, run_workflow
+from llama_mesh.server.service.runner import ContextKept, RunOutcome, TaskInput, run_workflow
 
 
 class Counter(Workflow):
@@ -29,6 +29,14 @@ class Counter(Workflow):
         return StopEvent(result={"runs": runs, "store": await ctx.store.get("runs")})
 
 
+class Echo(Workflow):
+    """Keeps nothing: its context after a run is a fresh one but for run counters."""
+
+    @step
+    async def echo(self, ev: StartEvent) -> StopEvent:
+        return StopEvent(result=ev.get("message"))
+
+
 async def _no_inputs() -> AsyncIterator[TaskInput]:
     return
     yield
@@ -38,9 +46,16 @@ async def _ignore(type_name: str, data: dict[str, JsonValue]) -> None:
     pass
 
 
-async def _run(workflow: Workflow, context: bytes | None, **kwargs: Any) -> Any:
+async def _run(
+    workflow: Workflow, context: bytes | None, keep: ContextKept = "always", **kwargs: Any
+) -> RunOutcome:
     return await run_workflow(
-        workflow, kwargs, context_json=context, on_event=_ignore, inputs=_no_inputs()
+        workflow,
+        kwargs,
+        context_json=context,
+        on_event=_ignore,
+        inputs=_no_inputs(),
+        keep_context=keep,
     )
 
 
@@ -62,10 +77,27 @@ async def test_ctx_get_and_set_keep_session_state_in_the_store() -> None:
     first = await _run(workflow, None)
     assert first.status is TaskStatus.SUCCEEDED
     assert first.result == {"runs": 1, "store": 1}
-    assert first.context_json is not None and not first.context_blank
+    assert first.context_json is not None
     second = await _run(workflow, first.context_json)
     assert second.result == {"runs": 2, "store": 2}
     assert json.loads(second.context_json or b"{}")
     failed = await _run(workflow, None, peek_missing=True)
     assert failed.status is TaskStatus.FAILED
     assert failed.error is not None
+
+
+async def test_a_run_hands_back_only_the_context_it_is_asked_to_keep() -> None:
+    """``keep_context``: "always" serializes any context; "unless_blank" one with state
+    (Counter's) but not a fresh one (Echo's); "never" none, whatever the run left."""
+    counter, echo = Counter(timeout=30), Echo(timeout=30)
+    cases: list[tuple[Workflow, ContextKept, bool]] = [
+        (echo, "always", True),
+        (echo, "unless_blank", False),
+        (counter, "unless_blank", True),
+        (counter, "never", False),
+        (echo, "never", False),
+    ]
+    for workflow, keep, kept in cases:
+        outcome = await _run(workflow, None, keep, message="hi")
+        assert outcome.status is TaskStatus.SUCCEEDED, outcome.error
+        assert (outcome.context_json is not None) is kept, (type(workflow).__name__, keep)

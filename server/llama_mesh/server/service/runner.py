@@ -14,7 +14,7 @@ import traceback
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from llama_mesh.server.aio import cancel_and_wait
 from llama_mesh.server.domain import HumanEvent, JsonValue, TaskError, TaskStatus
@@ -41,6 +41,10 @@ class CancelRequest:
 
 TaskInput = HumanEvent | CancelRequest
 
+ContextKept = Literal["always", "unless_blank", "never"]
+"""Which context a run hands back to be stored: every one, one a later run could resume
+(not blank: some state, or work pending), or none (the session ends with the task)."""
+
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
@@ -50,8 +54,7 @@ class RunOutcome:
     result: JsonValue = None
     error: TaskError | None = None
     context_json: bytes | None = None
-    context_blank: bool = False
-    """The context holds nothing a later run could resume: no state, no pending work."""
+    """The context to store for the session, as ``keep_context`` asked (``None``: none)."""
 
 
 async def run_workflow(
@@ -63,12 +66,14 @@ async def run_workflow(
     inputs: AsyncIterator[TaskInput],
     timeout: float | None = None,
     on_input_required: Callable[[], None] | None = None,
+    keep_context: ContextKept = "always",
 ) -> RunOutcome:
     """Run ``workflow`` with ``kwargs`` to the end and say how it ended.
 
     Never raises for a workflow's own failure: exceptions, timeouts and cancellation
     become the outcome's status and error. ``on_input_required`` is called when the
-    workflow writes an ``InputRequiredEvent`` (it is about to wait for an input).
+    workflow writes an ``InputRequiredEvent`` (it is about to wait for an input). The
+    context after the run is serialized only as ``keep_context`` needs.
     """
     try:
         family = family_of(workflow)
@@ -131,14 +136,13 @@ async def run_workflow(
         outcome = RunOutcome(TaskStatus.FAILED, error=_error_of(exc))
     finally:
         await _stop(pump)
-    saved = _save_context(handler.ctx)
-    blank = saved is not None and _is_blank(family, workflow, saved[1])
+    if keep_context == "never":
+        return outcome
     return RunOutcome(
         outcome.status,
         outcome.result,
         outcome.error,
-        saved[0] if saved else None,
-        context_blank=blank,
+        _saved_context(handler.ctx, family, workflow, keep_blank=keep_context == "always"),
     )
 
 
@@ -156,10 +160,15 @@ def _error_of(exc: BaseException) -> TaskError:
     )
 
 
-def _save_context(ctx: Any) -> tuple[bytes, dict[str, Any]] | None:
+def _saved_context(
+    ctx: Any, family: WorkflowFamily, workflow: object, *, keep_blank: bool
+) -> bytes | None:
+    """``ctx`` serialized, or ``None`` when it cannot be or is blank and not to be kept."""
     try:
         data = ctx.to_dict()
-        return json.dumps(data).encode(), data
+        if not keep_blank and _is_blank(family, workflow, data):
+            return None
+        return json.dumps(data).encode()
     except Exception as exc:
         logger.warning("could not serialize the workflow context: %s", exc)
         return None

@@ -57,7 +57,13 @@ from llama_mesh.server.domain import (
 from llama_mesh.server.errors import NotFoundError
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
 from llama_mesh.server.queues.errors import MessageTooLargeError
-from llama_mesh.server.service.runner import CancelRequest, RunOutcome, TaskInput, run_workflow
+from llama_mesh.server.service.runner import (
+    CancelRequest,
+    ContextKept,
+    RunOutcome,
+    TaskInput,
+    run_workflow,
+)
 from llama_mesh.v1 import messages_pb2
 
 logger = logging.getLogger(__name__)
@@ -252,6 +258,7 @@ class Worker:
                 announced=announced,
                 wanted=wanted,
                 context_json=context_json,
+                keep_context=_context_kept(msg),
             )
         finally:
             if not announced.done():
@@ -265,11 +272,7 @@ class Worker:
                 await delivery.term()
                 return
         try:
-            if (
-                outcome.context_json is not None
-                and not msg.ends_session
-                and not (msg.new_session and outcome.context_blank)
-            ):
+            if outcome.context_json is not None:
                 try:
                     await self._cp.put_session_state(
                         deployment, task.session_id, outcome.context_json, task_id=task_id
@@ -376,6 +379,7 @@ class Worker:
         announced: asyncio.Task[StoredTask],
         wanted: asyncio.Event,
         context_json: bytes | None,
+        keep_context: ContextKept,
     ) -> tuple[RunOutcome, int]:
         counter = 0
         topic = subjects.events_topic(task.deployment, task.task_id)
@@ -395,6 +399,7 @@ class Worker:
                 self._workflow,
                 kwargs,
                 context_json=context_json,
+                keep_context=keep_context,
                 on_event=on_event,
                 inputs=inputs,
                 timeout=self.settings.timeout,
@@ -472,6 +477,14 @@ class Worker:
 
         task = stored.task
         await self._cp.change_task(task.deployment, task.task_id, finish, known=stored)
+
+
+def _context_kept(msg: messages_pb2.TaskMessage) -> ContextKept:
+    """None for a task whose session ends with it; only one worth resuming for a task
+    whose session it creates (a blank one is no write)."""
+    if msg.ends_session:
+        return "never"
+    return "unless_blank" if msg.new_session else "always"
 
 
 def _log_context(task: Task) -> dict[str, str]:
