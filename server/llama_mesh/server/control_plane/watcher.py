@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from typing import Final
 
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.control_plane.store import ControlPlane, StoredTask, TaskChange
@@ -28,8 +27,13 @@ from llama_mesh.server.queues.errors import QueueError
 
 logger = logging.getLogger(__name__)
 
-_DEPLOYMENT_DELETED: Final = "DEPLOYMENT_NOT_FOUND"
-"""The reason of the error :meth:`TaskWatcher.deployment_deleted` ends waits with."""
+
+class DeploymentDeletedError(NotFoundError):
+    """What :meth:`TaskWatcher.deployment_deleted` ends waits and watches with."""
+
+    def __init__(self, deployment: str) -> None:
+        super().__init__(f"Deployment '{deployment}' was deleted", reason="DEPLOYMENT_NOT_FOUND")
+
 
 _Key = tuple[str, str]
 _Inbox = asyncio.Queue[TaskChange | BaseException]
@@ -112,7 +116,7 @@ class TaskWatcher:
             yield None
             while True:
                 item = await inbox.get()
-                if isinstance(item, NotFoundError) and item.reason == _DEPLOYMENT_DELETED:
+                if isinstance(item, DeploymentDeletedError):
                     # The deployment was deleted, with its tasks: those whose deletion has
                     # not come through the watch yet (or never will: queued ones had no
                     # record) are reported deleted before the end.
@@ -189,7 +193,7 @@ class TaskWatcher:
         :class:`NotFoundError`: a task still queued when its deployment goes has no record
         whose deletion would tell its waiters, and a deployment's watch has nothing left to
         watch."""
-        error = NotFoundError(f"Deployment '{deployment}' was deleted", reason=_DEPLOYMENT_DELETED)
+        error = DeploymentDeletedError(deployment)
         for (of, _), inboxes in self._inboxes.items():
             if of == deployment:
                 for inbox in inboxes:
@@ -267,7 +271,7 @@ class Listening:
         current = known
         while not current.task.status.is_final:
             item = await self._inbox.get()
-            if isinstance(item, NotFoundError) and item.reason != _DEPLOYMENT_DELETED:
+            if isinstance(item, NotFoundError) and not isinstance(item, DeploymentDeletedError):
                 # After a watch failure every followed task is read again; that read may
                 # have come before this task was written. Look again rather than give up.
                 stored = await self._cp.read_task(self._deployment, self._task_id)
