@@ -94,6 +94,14 @@ def final_event(task: Task) -> TaskEvent:
     )
 
 
+def _final_event_at(task: Task, expected: int) -> TaskEvent:
+    """``task``'s final event, never indexed before ``expected``, the next index a stream
+    passes on: past the record's count only when the task was cancelled while its run was
+    starting (see the worker), and the final event still comes last."""
+    final = final_event(task)
+    return dataclasses.replace(final, index=max(final.index, expected))
+
+
 def _first_failure(outcomes: list[object]) -> BaseException | None:
     """The first exception among ``asyncio.gather(..., return_exceptions=True)``'s outcomes."""
     return next((o for o in outcomes if isinstance(o, BaseException)), None)
@@ -395,14 +403,10 @@ class Mesh:
                     if not record.done() or record.cancelled():
                         raise UnavailableError("the task's message queue closed") from None
                     # The final task, or the wait's error (NOT_FOUND: deployment deleted).
-                    final = final_event(record.result())
-                    yield dataclasses.replace(final, index=max(final.index, expected))
+                    yield _final_event_at(record.result(), expected)
                     return
                 if raw is None:
-                    # Past the record's count only when the task was cancelled while its
-                    # run was starting (see the worker): the final event still comes last.
-                    final = final_event(record.result())
-                    yield dataclasses.replace(final, index=max(final.index, expected))
+                    yield _final_event_at(record.result(), expected)
                     return
                 event = convert.event_from_message(messages_pb2.EventMessage.FromString(raw))
                 if event.index < expected:
