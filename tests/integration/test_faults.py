@@ -873,13 +873,9 @@ async def test_a_redelivery_to_the_replica_running_the_task_waits_for_that_run(
             assert max(queue.delivery_counts) >= 2  # it was redelivered while it ran
             assert runs.read_text() == "run\n"
             queue_name = subjects.task_queue(APP, "nap")
-            await assert_eventually(lambda: _drained(queue, queue_name), timeout=30)
+            await assert_eventually(depth_at_most(queue, queue_name, 0), timeout=30)
         finally:
             await mesh.deployments.supervisor.shutdown()
-
-
-async def _drained(broker: Broker, queue: str) -> bool:
-    return await broker.queue_depth(queue) == 0
 
 
 async def test_the_final_event_is_made_from_the_record_not_the_topic(
