@@ -103,6 +103,27 @@ async def test_start_serves_jetstream_on_localhost(nats_server: NatsServer) -> N
         await nc.close()
 
 
+def _environment_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.decode().partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_the_go_runtime_gets_half_the_cpus(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server runs with GOMAXPROCS at half the CPUs this process may use (at least
+    one), unless the environment sets it: then the environment's value."""
+    assert nats_server.pid is not None
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert _environment_of(nats_server.pid)["GOMAXPROCS"] == str(half)
+    monkeypatch.setenv("GOMAXPROCS", "3")
+    async with await NatsServer.start(NatsServerConfig(store_dir=tmp_path)) as server:
+        assert server.pid is not None
+        assert _environment_of(server.pid)["GOMAXPROCS"] == "3"
+
+
 async def test_stop_is_idempotent(nats_server: NatsServer) -> None:
     """stop ends the process; stopping again does nothing."""
     await nats_server.stop()
