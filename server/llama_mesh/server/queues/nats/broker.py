@@ -22,7 +22,7 @@ Behaviour worth knowing:
   ``__anext__``. Iterators have ``aclose()``; cancelling a pending ``__anext__`` loses
   nothing.
 * ``consume_tasks`` holds at most ``max_in_flight`` unsettled deliveries: a background task
-  long-polls (``fetch`` with a server-side expiry) only for the free slots.
+  keeps one pull request (with a server-side expiry) out for the free slots.
 * ``find_task`` reads the message's subject (one request), ``remove_task`` then deletes it;
   ``queued_tasks`` reads one message per request. A message whose last delivery timed out
   (``max_deliver``) stays in the stream, never delivered again, and is still found and listed
@@ -47,7 +47,8 @@ from typing import Final
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import api
 
 from llama_mesh.server.aio import cancel_and_wait, raise_if_cancelling
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery, check_name
@@ -131,43 +132,72 @@ class _NatsDelivery(Delivery):
 
 
 class _TaskFeed(Feed[Delivery]):
+    """Deliveries of one queue, at most ``max_in_flight`` unsettled.
+
+    One pull request at a time asks the server for as many messages as there are free
+    slots; each message is handed out as it arrives, and the next request goes out once
+    this one is used up or has expired. Each request gets a reply subject of its own
+    (``<inbox>.<n>``), on which the server reports how it ended (408 expired, 409 ...): a
+    report about an earlier request (one given up after a reconnect) is ignored. Messages
+    carry their own subjects, so one that arrives for an earlier request counts against
+    the current one; should it find every slot taken, it is given back.
+    """
+
     def __init__(self, owner: NatsBroker, queue: str, options: ConsumerOptions) -> None:
         super().__init__(owner)
         self.broker = owner
         self.queue = queue
         self.options = options
         self._held = 0
-        self._capacity = asyncio.Event()
-        self._psub: JetStreamContext.PullSubscription | None = None
+        self._inbox = ""
+        self._next_subject = ""
+        self._sub: NatsSubscription | None = None
+        self._consumer_ready = False
+        self._request = 0
+        """Number of the current pull request (its reply subject is ``<inbox>.<n>``)."""
+        self._remaining = 0
+        """Messages the current request may still bring; 0: none outstanding."""
+        self._asked_at = 0.0
+        self._ended_early = False
+        """The current request ended with an error status soon after it was made."""
+        self._wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
-        self._fetching: asyncio.Task[list[Msg]] | None = None
 
     def on_reconnected(self) -> None:
-        # The pending pull request may have died with the old connection: pull again now
+        # The outstanding request may have died with the old connection: ask again now
         # rather than when it would have expired.
-        if self._fetching is not None:
-            self._fetching.cancel()
+        self._end_request()
 
     def release(self) -> None:
         self._held -= 1
-        self._capacity.set()
+        self._wake.set()
+
+    def _end_request(self, *, early: bool = False) -> None:
+        self._remaining = 0
+        self._ended_early = early
+        self._wake.set()
 
     async def _open(self) -> None:
-        await self._subscribe()
+        with translated():
+            self._inbox = self.owner.nc.new_inbox()
+            self._sub = await self.owner.nc.subscribe(self._inbox + ".*", cb=self._on_pulled)
+        await self._ready_consumer()
         self._pump_task = self.owner.spawn(self._pump(), name=f"nats-consume-{self.queue}")
 
-    async def _subscribe(self) -> None:
+    async def _ready_consumer(self) -> None:
         name = await self.broker.ensure_consumer(self.queue, self.options)
-        with translated():
-            self._psub = await self.owner.js.pull_subscribe_bind(
-                durable=name, stream=self.broker.tasks_stream
-            )
+        prefix = getattr(self.owner.js, "_prefix", api.DEFAULT_PREFIX)
+        self._next_subject = f"{prefix}.CONSUMER.MSG.NEXT.{self.broker.tasks_stream}.{name}"
+        self._consumer_ready = True
 
     async def _shutdown(self) -> None:
         if self._pump_task is not None:
             await cancel_and_wait(self._pump_task)
-        await self._drop_subscription()
-        # Deliveries fetched but never handed out go back at once instead of after ack_wait.
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        # Deliveries pulled but never handed out go back at once instead of after ack_wait.
         while not self.items.empty():
             item = self.items.get_nowait()
             if isinstance(item, _NatsDelivery):
@@ -176,61 +206,81 @@ class _TaskFeed(Feed[Delivery]):
                 self.items.put_nowait(item)
                 break
 
-    async def _pump(self) -> None:
-        """Fetch as many messages as there are free slots, with a long server-side poll."""
-        while True:
-            raise_if_cancelling()  # a fetch or settle may have swallowed it (gh-86296)
-            while self._held >= self.options.max_in_flight:
-                self._capacity.clear()
-                await self._capacity.wait()
-            want = self.options.max_in_flight - self._held
-            started = time.monotonic()
-            try:
-                if self._psub is None:
-                    await self._subscribe()
-                assert self._psub is not None
-                # One message per pull: with more, nats-py holds a message it has until the
-                # whole batch arrives or the pull expires, while other replicas could run it.
-                self._fetching = asyncio.ensure_future(self._psub.fetch(1, timeout=_FETCH_TIMEOUT))
-                try:
-                    msgs = await self._fetching
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise  # the pump itself is being cancelled
-                    continue  # on_reconnected() aborted the fetch
-                finally:
-                    self._fetching = None
-            except TimeoutError:
-                # No message within the poll: poll again, unless the server answered at once
-                # (a 409 status, e.g. after a leadership change), which must not spin.
-                if time.monotonic() - started < _FETCH_TIMEOUT / 10:
-                    await asyncio.sleep(_FETCH_ERROR_BACKOFF)
-                continue
-            except nats.errors.ConnectionClosedError as exc:
-                if not self.owner.closed:
-                    self.end(QueueUnavailableError(f"the NATS connection closed: {exc!r}"))
-                return
-            except Exception as exc:
-                logger.warning("fetching from queue %r failed: %r; retrying", self.queue, exc)
-                if isinstance(exc, nats.js.errors.NotFoundError | QueueError):
-                    await self._drop_subscription()  # the consumer may be gone: recreate it
-                await asyncio.sleep(_FETCH_ERROR_BACKOFF)
-                continue
-            for msg in msgs[:want]:
-                self._held += 1
-                self.items.put_nowait(_NatsDelivery(self, msg))
-            for msg in msgs[want:]:
-                # Late arrivals for an aborted fetch, which nats-py hands out with the next
-                # one: more than the free slots, so they go back.
-                logger.debug("giving back a message fetched beyond max_in_flight")
-                await _NatsDelivery(self, msg).give_back()
+    async def _on_pulled(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get(api.Header.STATUS)
+        if status:
+            current = msg.subject == f"{self._inbox}.{self._request}"
+            if current and status != "100":  # 100: a heartbeat, which asks nothing
+                # 408: the request expired; 409: the consumer's leader moved, the consumer
+                # was deleted, too many requests wait, ...: ask again (soon, for a 409).
+                early = status != "408" and time.monotonic() - self._asked_at < _FETCH_TIMEOUT / 10
+                if (
+                    status == "409"
+                    and "deleted" in (msg.headers or {}).get(api.Header.DESCRIPTION, "").lower()
+                ):
+                    self._consumer_ready = False
+                self._end_request(early=early)
+            return
+        if self._remaining > 0:
+            self._remaining -= 1
+            if self._remaining == 0:
+                self._wake.set()
+        if self._held >= self.options.max_in_flight:
+            # For a request given up earlier, with every slot taken meanwhile.
+            logger.debug("giving back a message pulled beyond max_in_flight")
+            self.owner.spawn(_NatsDelivery(self, msg).give_back(), name="nats-give-back")
+            return
+        self._held += 1
+        self.items.put_nowait(_NatsDelivery(self, msg))
 
-    async def _drop_subscription(self) -> None:
-        psub, self._psub = self._psub, None
-        if psub is not None:
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+    async def _pump(self) -> None:
+        """Keep one pull request out for the free slots, renewed as it is used up, expires
+        or dies (a request unanswered a second past its expiry counts as dead)."""
+        while True:
+            raise_if_cancelling()
+            self._wake.clear()
+            free = self.options.max_in_flight - self._held
+            if self._remaining == 0 and free > 0:
+                if self._ended_early:
+                    self._ended_early = False
+                    await asyncio.sleep(_FETCH_ERROR_BACKOFF)  # must not spin on a 409
+                    continue
+                try:
+                    await self._ask(free)
+                except nats.errors.ConnectionClosedError as exc:
+                    if not self.owner.closed:
+                        self.end(QueueUnavailableError(f"the NATS connection closed: {exc!r}"))
+                    return
+                except Exception as exc:
+                    logger.warning("pulling from queue %r failed: %r; retrying", self.queue, exc)
+                    self._consumer_ready = False  # the consumer may be gone: recreate it
+                    await asyncio.sleep(_FETCH_ERROR_BACKOFF)
+                    continue
+            timeout = None
+            if self._remaining > 0:
+                timeout = max(0.0, self._asked_at + _FETCH_TIMEOUT + 1.0 - time.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                if self._remaining > 0:
+                    # Lost with a connection, or its consumer is gone: make sure of that.
+                    logger.debug("a pull request from queue %r went unanswered", self.queue)
+                    self._remaining = 0
+                    self._consumer_ready = False
+
+    async def _ask(self, count: int) -> None:
+        if not self._consumer_ready:
+            await self._ready_consumer()
+        self._request += 1
+        self._remaining = count
+        self._asked_at = time.monotonic()
+        request = {"batch": count, "expires": int(_FETCH_TIMEOUT * 1e9)}
+        with translated():
+            await self.owner.nc.publish(
+                self._next_subject,
+                json.dumps(request).encode(),
+                reply=f"{self._inbox}.{self._request}",
+            )
 
 
 class _TopicFeed(PushFeed[bytes]):
