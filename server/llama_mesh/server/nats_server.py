@@ -34,7 +34,6 @@ import ssl
 import sys
 import sysconfig
 import urllib.parse
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -64,17 +63,16 @@ SYNC_ALWAYS = "always"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 
 
-def server_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment nats-server runs with: ``environ`` (this process's by default) and,
-    unless it sets ``GOMAXPROCS`` itself, ``GOMAXPROCS`` at half the CPUs this process may
-    use (at least one).
+def server_environment() -> dict[str, str]:
+    """The environment nats-server runs with: this process's and, unless that sets
+    ``GOMAXPROCS``, ``GOMAXPROCS`` at half the CPUs this process may use (at least one).
 
     The server shares its machine with the API server and the workers: with one Go
     scheduler thread per CPU it wakes idle threads to look for work on CPUs those
     processes need. On a 2-CPU machine, one thread cut the server's CPU per task by about
-    a quarter and raised the task throughput by a sixth (docs/benchmarks.md).
+    a quarter and raised the task throughput with one replica by a sixth (CHANGELOG.md).
     """
-    env = dict(os.environ if environ is None else environ)
+    env = dict(os.environ)
     if not env.get("GOMAXPROCS"):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         env["GOMAXPROCS"] = str(max(1, (cpus or 1) // 2))
