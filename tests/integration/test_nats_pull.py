@@ -36,7 +36,7 @@ async def test_one_pull_request_asks_for_every_free_slot(nats_server: NatsServer
         held: list[Delivery] = [await next_within(it, WAIT) for _ in range(20)]
         assert sorted(d.data for d in held) == sorted(f"m{i}".encode() for i in range(20))
         assert asked[0] == 20
-        assert len(asked) <= 2  # the first request may have gone out before the publishes
+        assert len(asked) <= 2  # a second only should the first expire before all twenty came
         await held[0].ack()
         last = await next_within(it, WAIT)
         assert last.data == b"m20"
