@@ -192,6 +192,19 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
                 deadline=deadline,
             ),
         )
+        out["json_v1_httpx"] = await phase(
+            plan,
+            "llama-mesh: JSON latency (/v1, httpx client)",
+            _mesh.json_latency(
+                gateway,
+                f"/v1/deployments/{DEPLOYMENT}/tasks:run",
+                _mesh.json_body_v1(),
+                iterations=n,
+                warmup=warm,
+                deadline=deadline,
+                client="httpx",
+            ),
+        )
         out["json_08"] = await phase(
             plan,
             "llama-mesh: JSON latency (0.8 route)",

@@ -56,6 +56,7 @@ def latency_rows(results: Results) -> list[Row]:
         ("grpc_again", "gRPC, direct, after the throughput phase", False, False),
         ("grpc_gateway", "gRPC, through the gateway", False, False),
         ("json_v1", "JSON `/v1/…/tasks:run`, gateway", True, False),
+        ("json_v1_httpx", "JSON `/v1/…/tasks:run`, gateway, httpx client", False, False),
         ("json_08", "JSON 0.8 `/deployments/…/tasks/run`, gateway", False, True),
     )
     runs = [
@@ -352,11 +353,12 @@ def method(plan: Plan, results: Results) -> list[str]:
         "(`bench/_apps.py`), only its imports differ for 0.8.1. The client is this process; "
         "llama-mesh and 0.8.1 each run in processes of their own, one after the other.",
         f"- latency: {plan.latency_iterations} sequential echo tasks per path after "
-        f"{plan.warmup} warm-up ones, over one grpc.aio channel or one keep-alive httpx "
-        f"connection; a call is cut off after {plan.deadline:.0f} s and counted at that "
-        f"value. In-process: {plan.inprocess_iterations} `await workflow.run(message=...)`. "
-        f"0.8.1: {plan.ld08_latency_iterations} `POST /deployments/bench/tasks/run` (fewer: "
-        "each takes over half a second).",
+        f"{plan.warmup} warm-up ones, over one grpc.aio channel or one keep-alive aiohttp "
+        "connection (one row: httpx, to show what that client library costs); a call is cut "
+        f"off after {plan.deadline:.0f} s and counted at that value. In-process: "
+        f"{plan.inprocess_iterations} `await workflow.run(message=...)`. "
+        f"0.8.1: {plan.ld08_latency_iterations} `POST /deployments/bench/tasks/run` with "
+        "httpx (fewer: each takes over half a second).",
         f"- throughput: {plan.clients} concurrent clients calling RunTask (gRPC, direct) back "
         f"to back for {plan.throughput_seconds:.0f} s after a warm-up, deadline "
         f"{plan.throughput_deadline:.0f} s; 1 replica is service `echo`, 2 replicas `echo2` "
@@ -425,7 +427,7 @@ def method(plan: Plan, results: Results) -> list[str]:
         )
     samples = [
         (key, results.mesh.get(key))
-        for key in ("grpc", "grpc_again", "grpc_gateway", "json_v1", "json_08")
+        for key in ("grpc", "grpc_again", "grpc_gateway", "json_v1", "json_v1_httpx", "json_08")
     ]
     samples += [(f"{kind} grpc", figures.get("grpc")) for kind, figures in results.brokers.items()]
     for key, sample in samples:
