@@ -16,13 +16,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from bench._apps import MODULE
 from bench._procs import rss_bytes, self_cpu_seconds
 from bench._stats import Latencies, Throughput
+
+T = TypeVar("T")
 
 
 def load_app(directory: Path) -> ModuleType:
@@ -70,6 +74,57 @@ async def throughput(workflow: Any, *, clients: int, seconds: float) -> Throughp
     elapsed = time.perf_counter() - started
     cpu_ms = (self_cpu_seconds() - cpu) * 1e3 / max(done, 1)
     return Throughput(done, elapsed, clients, cpu_ms_per_task={"bench process": cpu_ms})
+
+
+BLOCK_WARMUP = 5
+"""In-process runs before each block of a :class:`Pairing`, not counted: the first runs after
+the llama-mesh calls are slower (caches), and the in-process figure is of runs back to back."""
+
+
+@dataclass(slots=True)
+class Pairing:
+    """The in-process echo run measured next to each llama-mesh figure, for its ratio.
+
+    This shared machine's speed drifts over minutes (the same measurement repeated varies
+    by up to 2x, docs/benchmarks.md), so a ratio of two figures taken minutes apart measures
+    the drift too. A latency loop runs :attr:`block` in-process runs back to back (as the
+    in-process phase does, after :data:`BLOCK_WARMUP` not counted) before each :attr:`block`
+    of its own calls; a throughput window
+    gets an in-process window of :attr:`seconds` just before and just after it.
+    """
+
+    workflow: Any
+    clients: int
+    seconds: float
+    block: int
+
+    def latency_blocks(self, into: dict[str, Any], key: str) -> Callable[[], Awaitable[None]]:
+        """The hook a llama-mesh latency loop calls between its blocks: ``block`` in-process
+        runs, added to the sample ``into[key]``."""
+        sample = into.setdefault(key, Latencies())
+
+        async def run_block() -> None:
+            runs = await latency(self.workflow, iterations=self.block, warmup=BLOCK_WARMUP)
+            sample.values += runs.values
+            sample.errors += runs.errors
+
+        return run_block
+
+    async def around(self, into: dict[str, Any], key: str, window: Awaitable[T]) -> T:
+        """``window`` (a llama-mesh throughput window) with an in-process window just before
+        and just after it, pooled into ``into[key]``."""
+        before = await throughput(self.workflow, clients=self.clients, seconds=self.seconds)
+        result = await window
+        after = await throughput(self.workflow, clients=self.clients, seconds=self.seconds)
+        tasks = before.tasks + after.tasks
+        cpu = sum(t.cpu_ms_per_task["bench process"] * t.tasks for t in (before, after))
+        into[key] = Throughput(
+            tasks,
+            before.seconds + after.seconds,
+            self.clients,
+            cpu_ms_per_task={"bench process": cpu / max(tasks, 1)},
+        )
+        return result
 
 
 async def streaming(workflow: Any, *, count: int, interval: float, skip: int) -> Latencies:

@@ -104,6 +104,8 @@ async def run_inprocess(plan: Plan, work: Path, results: Results) -> None:
     write_mesh_app(app_dir)
     app = _inprocess.load_app(app_dir)
     out = results.inprocess
+    seconds = min(PAIRED_SECONDS, plan.throughput_seconds)
+    results.pairing = _inprocess.Pairing(app.echo, plan.clients, seconds, _mesh.BLOCK)
     out["latency"] = await phase(
         plan,
         "in-process: echo latency",
@@ -128,6 +130,18 @@ async def run_inprocess(plan: Plan, work: Path, results: Results) -> None:
         out[f"memory_{what}"] = await phase(
             plan, f"in-process: memory of {what}", _inprocess_memory(app_dir, what, plan)
         )
+
+
+PAIRED_SECONDS = 3.0
+"""Length of the in-process throughput windows just before and after each llama-mesh one."""
+
+
+def _between(results: Results, out: dict[str, Any], key: str) -> _mesh.Between | None:
+    """The in-process run measured between the blocks of a llama-mesh latency loop, into
+    ``out["baseline"][key]`` (none without the in-process part)."""
+    if results.pairing is None:
+        return None
+    return results.pairing.latency_blocks(out.setdefault("baseline", {}), key)
 
 
 async def _inprocess_memory(app_dir: Path, what: str, plan: Plan) -> Memory:
@@ -173,12 +187,24 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
         out["grpc"] = await phase(
             plan,
             "llama-mesh: gRPC latency (direct)",
-            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+            _mesh.grpc_latency(
+                server.grpc_target,
+                iterations=n,
+                warmup=warm,
+                deadline=deadline,
+                between=_between(results, out, "grpc"),
+            ),
         )
         out["grpc_gateway"] = await phase(
             plan,
             "llama-mesh: gRPC latency (through the gateway)",
-            _mesh.grpc_latency(gateway_target, iterations=n, warmup=warm, deadline=deadline),
+            _mesh.grpc_latency(
+                gateway_target,
+                iterations=n,
+                warmup=warm,
+                deadline=deadline,
+                between=_between(results, out, "grpc_gateway"),
+            ),
         )
         out["json_v1"] = await phase(
             plan,
@@ -190,6 +216,7 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
                 iterations=n,
                 warmup=warm,
                 deadline=deadline,
+                between=_between(results, out, "json_v1"),
             ),
         )
         out["json_v1_httpx"] = await phase(
@@ -203,6 +230,7 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
                 warmup=warm,
                 deadline=deadline,
                 client="httpx",
+                between=_between(results, out, "json_v1_httpx"),
             ),
         )
         out["json_08"] = await phase(
@@ -215,9 +243,10 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
                 iterations=n,
                 warmup=warm,
                 deadline=deadline,
+                between=_between(results, out, "json_08"),
             ),
         )
-        await _throughputs(plan, server, out, "llama-mesh")
+        await _throughputs(plan, results, server, out, "llama-mesh")
         out["fsync_ceiling"] = await phase(
             plan,
             "llama-mesh: the disk's ceiling (concurrent JetStream publishes)",
@@ -239,7 +268,13 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
         out["grpc_again"] = await phase(
             plan,
             "llama-mesh: gRPC latency (direct) again, after the throughput phase",
-            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+            _mesh.grpc_latency(
+                server.grpc_target,
+                iterations=n,
+                warmup=warm,
+                deadline=deadline,
+                between=_between(results, out, "grpc_again"),
+            ),
         )
         stuck = await phase(
             plan, "llama-mesh: cancelling leftover tasks", _mesh.cancel_stuck(server)
@@ -260,9 +295,15 @@ async def run_mesh_sync(plan: Plan, work: Path, results: Results) -> None:
         out["grpc"] = await phase(
             plan,
             f"{who}: gRPC latency (direct)",
-            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+            _mesh.grpc_latency(
+                server.grpc_target,
+                iterations=n,
+                warmup=warm,
+                deadline=deadline,
+                between=_between(results, out, "grpc"),
+            ),
         )
-        await _throughputs(plan, server, out, who)
+        await _throughputs(plan, results, server, out, who)
         out["fsync_ceiling"] = await phase(
             plan,
             f"{who}: the disk's ceiling",
@@ -279,26 +320,28 @@ LOADS = (("throughput_1", DEPLOYMENT, "echo"), ("throughput_2", TWO_REPLICAS_DEP
 
 async def _throughputs(
     plan: Plan,
+    results: Results,
     server: _mesh.MeshServer,
     out: dict[str, Any],
     who: str,
+    *,
     others: dict[str, int] | None = None,
 ) -> None:
-    """Throughput with 1 and 2 replicas into ``out`` (``others``: more pids to read CPU of)."""
+    """Throughput with 1 and 2 replicas into ``out`` (``others``: more pids to read CPU of),
+    each window between two of the in-process run (into ``out["baseline"]``)."""
     for key, deployment, service in LOADS:
-        out[key] = await phase(
-            plan,
-            f"{who}: throughput ({service})",
-            _mesh.throughput(
-                server,
-                deployment,
-                service,
-                clients=plan.clients,
-                seconds=plan.throughput_seconds,
-                deadline=plan.throughput_deadline,
-                others=others,
-            ),
+        window = _mesh.throughput(
+            server,
+            deployment,
+            service,
+            clients=plan.clients,
+            seconds=plan.throughput_seconds,
+            deadline=plan.throughput_deadline,
+            others=others,
         )
+        if results.pairing is not None:
+            window = results.pairing.around(out.setdefault("baseline", {}), key, window)
+        out[key] = await phase(plan, f"{who}: throughput ({service})", window)
 
 
 async def run_broker(plan: Plan, work: Path, results: Results, kind: str) -> None:
@@ -317,9 +360,15 @@ async def run_broker(plan: Plan, work: Path, results: Results, kind: str) -> Non
         out["grpc"] = await phase(
             plan,
             f"{who}: gRPC latency (direct)",
-            _mesh.grpc_latency(server.grpc_target, iterations=n, warmup=warm, deadline=deadline),
+            _mesh.grpc_latency(
+                server.grpc_target,
+                iterations=n,
+                warmup=warm,
+                deadline=deadline,
+                between=_between(results, out, "grpc"),
+            ),
         )
-        await _throughputs(plan, server, out, who, {f"{kind}-server": broker.pid})
+        await _throughputs(plan, results, server, out, who, others={f"{kind}-server": broker.pid})
         out["stuck"] = await phase(
             plan, f"{who}: cancelling leftover tasks", _mesh.cancel_stuck(server)
         )

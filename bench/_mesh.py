@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
 DEPLOY_TIMEOUT = 180.0
-SETTLE = 1.0
-"""Seconds for the gate worker to acknowledge the cancelled messages."""
+DRAIN_TIMEOUT = 60.0
+"""Seconds the gate worker gets to acknowledge the cancelled messages of the memory phase."""
 
 
 @dataclass
@@ -220,14 +220,34 @@ def task_segments(task: Any, sent: float, received: float) -> dict[str, float]:
     }
 
 
+Between = Callable[[], Awaitable[None]]
+"""What a latency loop runs before each block of its measured calls (the in-process run
+measured next to it, ``bench._inprocess.Pairing``)."""
+
+BLOCK = 25
+"""Measured calls between two calls of a latency loop's ``between``."""
+
+
+async def _between(between: Between | None, i: int, warmup: int) -> None:
+    if between is not None and i >= warmup and (i - warmup) % BLOCK == 0:
+        await between()
+
+
 async def grpc_latency(
-    target: str, *, iterations: int, warmup: int, deadline: float, service: str = "echo"
+    target: str,
+    *,
+    iterations: int,
+    warmup: int,
+    deadline: float,
+    service: str = "echo",
+    between: Between | None = None,
 ) -> Latencies:
     """Sequential ``ApiServer.RunTask`` calls of the echo workflow over one channel."""
     sample = Latencies()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = apiserver_pb2_grpc.ApiServerStub(channel)
         for i in range(warmup + iterations):
+            await _between(between, i, warmup)
             started, sent = time.perf_counter(), time.time()
             try:
                 task = (await _run_task(stub, service, deadline, DEPLOYMENT)).task
@@ -259,6 +279,7 @@ async def json_latency(
     warmup: int,
     deadline: float,
     client: JsonClient = "aiohttp",
+    between: Between | None = None,
 ) -> Latencies:
     """Sequential ``POST path`` with a JSON body over one keep-alive HTTP/1.1 connection.
 
@@ -268,6 +289,7 @@ async def json_latency(
     sample = Latencies()
     async with _json_poster(client, base_url, deadline) as post:
         for i in range(warmup + iterations):
+            await _between(between, i, warmup)
             started = time.perf_counter()
             status = await post(path, body)
             elapsed = time.perf_counter() - started
@@ -476,12 +498,23 @@ async def memory_queued(server: MeshServer, *, count: int, concurrency: int) -> 
 
     ids = iter(task_ids)
     await _bounded(len(task_ids), concurrency, lambda: cancel(next(ids)))
-    await asyncio.sleep(SETTLE)  # the gate worker acknowledges the cancelled messages
+    await _work_queues_empty(server)  # the gate worker acknowledges the cancelled messages
     return Memory(
         count,
         {k: per_1000_mib(after[k] - before[k], count) for k in pids},
         {"JetStream store": per_1000_mib(store_after - store_before, count)},
     )
+
+
+async def _work_queues_empty(server: MeshServer) -> None:
+    """Wait until no work queue holds a message (at most :data:`DRAIN_TIMEOUT`): the gate
+    worker going through the cancelled tasks would slow the phases after this one."""
+    give_up = time.perf_counter() + DRAIN_TIMEOUT
+    while time.perf_counter() < give_up:
+        states = await _disk.stream_states(server.nats_url)
+        if all(state.messages == 0 for state in states.values() if state.work_queue):
+            return
+        await asyncio.sleep(0.1)
 
 
 async def _bounded(count: int, concurrency: int, call: Any) -> None:

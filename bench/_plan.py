@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench._inprocess import Pairing
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +54,6 @@ class Results:
     """llama-mesh with the deployments on an external broker, by kind (``rabbitmq``...)."""
     ld08: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    pairing: Pairing | None = None
+    """The in-process run measured next to each llama-mesh figure (``None`` without the
+    in-process part): into each system's ``figures["baseline"][key]``."""

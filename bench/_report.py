@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._brokers import LABELS
+from bench._inprocess import BLOCK_WARMUP
 from bench._plan import Plan, Results
 from bench._procs import cpu_model, load_average, mem_total_gib
 from bench._stats import Latencies, Memory, Throughput
@@ -43,13 +44,20 @@ def _get(data: dict[str, Any], key: str) -> Any:
     return data.get(key)
 
 
+def _baseline(figures: dict[str, Any], key: str, whole: Any) -> Any:
+    """The in-process figure measured next to ``figures[key]`` (``Results.pairing``), else
+    ``whole``, the in-process phase's."""
+    paired = figures.get("baseline", {}).get(key)
+    return whole if paired is None else paired
+
+
 Row = tuple[str, str, str, str, str, str, str]
 
 
 def latency_rows(results: Results) -> list[Row]:
     """p50 and p99 of the echo task by path, against in-process and 0.8.1."""
     rows: list[Row] = []
-    base: Latencies | None = _get(results.inprocess, "latency")
+    whole: Latencies | None = _get(results.inprocess, "latency")
     ld08: Latencies | None = _get(results.ld08, "latency")
     paths = (
         ("grpc", "gRPC, direct", True, False),
@@ -69,6 +77,7 @@ def latency_rows(results: Results) -> list[Row]:
         sample: Latencies | None = _get(figures, key)
         if sample is None:
             continue
+        base = _baseline(figures, key, whole)
         for q, name in ((50, "p50"), (99, "p99")):
             ours = sample.percentile(q) * 1e3
             theirs = base.percentile(q) * 1e3 if base else math.nan
@@ -94,12 +103,13 @@ def latency_rows(results: Results) -> list[Row]:
 def throughput_rows(results: Results) -> list[Row]:
     """Tasks per second with 1 and 2 replicas."""
     rows: list[Row] = []
-    base: Throughput | None = _get(results.inprocess, "throughput")
+    whole: Throughput | None = _get(results.inprocess, "throughput")
     ld08: Throughput | None = _get(results.ld08, "throughput")
     for figures, key, label in _throughput_runs(results):
         ours: Throughput | None = _get(figures, key)
         if ours is None:
             continue
+        base: Throughput | None = _baseline(figures, key, whole)
         theirs = base.per_cpu_second if base else math.nan
         measured = f", {base.per_second:.0f} measured" if base else ""
         rows.append(
@@ -195,7 +205,7 @@ def sync_rows(results: Results) -> list[Row]:
     target: ``always`` stays the default."""
     out = results.mesh_sync
     interval = _get(out, "nats_sync")
-    base: Latencies | None = _get(results.inprocess, "latency")
+    base: Latencies | None = _baseline(out, "grpc", _get(results.inprocess, "latency"))
     rows: list[Row] = []
     grpc: Latencies | None = _get(out, "grpc")
     if grpc is not None:
@@ -412,13 +422,33 @@ def method(plan: Plan, results: Results) -> list[str]:
             if tp.writes:
                 writes = ", ".join(f"{k} {v / tp.tasks:.2f}" for k, v in sorted(tp.writes.items()))
                 lines.append(f"- JetStream writes per task, {label}, by stream: {writes}")
+            paired: Throughput | None = figures.get("baseline", {}).get(key)
+            if paired is not None:
+                lines.append(
+                    f"- in-process CPU per task next to it, {label} (ms): "
+                    f"{paired.cpu_ms_per_task['bench process']:.3f} ({paired.tasks} tasks); "
+                    f"llama-mesh's all processes together: "
+                    f"{_x(_div(sum(tp.cpu_ms_per_task.values()), 1e3 / paired.per_cpu_second))}"
+                )
     if base_tp is not None:
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in base_tp.cpu_ms_per_task.items())
         lines.append(
-            f"- in-process CPU per task (ms): {cpu}; {base_tp.tasks} tasks in "
-            f"{base_tp.seconds:.1f} s; the in-process column's throughput is 1,000 / this "
-            "(tasks per CPU-second, one core), the target's basis: on this shared machine a "
-            "process does not always get a whole core"
+            f"- in-process CPU per task, the in-process phase (ms): {cpu}; {base_tp.tasks} "
+            f"tasks in {base_tp.seconds:.1f} s. The in-process column's throughput is 1,000 / "
+            "the CPU per task (tasks per CPU-second, one core), the target's basis: on this "
+            "shared machine a process does not always get a whole core"
+        )
+    if results.pairing is not None:
+        pairing = results.pairing
+        lines.append(
+            "- the in-process column of each llama-mesh row is the in-process run measured "
+            "next to that row, as this machine's speed drifts over minutes: a latency row's "
+            f"loop ran {pairing.block} in-process `workflow.run` back to back (after "
+            f"{BLOCK_WARMUP} not counted) before each {pairing.block} of its calls; a "
+            "throughput row's window had an in-process window of "
+            f"{pairing.seconds:.0f} s ({pairing.clients} loops) just before and just after "
+            "it (pooled). The in-process phase's own figures are the rows "
+            "without llama-mesh (streaming, memory) and the line above"
         )
     if ld_tp is not None:
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in ld_tp.cpu_ms_per_task.items())
