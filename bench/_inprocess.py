@@ -78,7 +78,7 @@ async def throughput(workflow: Any, *, clients: int, seconds: float) -> Throughp
 
 BLOCK_WARMUP = 5
 """In-process runs before each block of a :class:`Pairing`, not counted: the first runs after
-the llama-mesh calls are slower (caches), and the in-process figure is of runs back to back."""
+the llama-mesh calls are slower, and the in-process figure is of runs back to back."""
 
 
 @dataclass(slots=True)
@@ -89,8 +89,8 @@ class Pairing:
     by up to 2x, docs/benchmarks.md), so a ratio of two figures taken minutes apart measures
     the drift too. A latency loop runs :attr:`block` in-process runs back to back (as the
     in-process phase does, after :data:`BLOCK_WARMUP` not counted) before each :attr:`block`
-    of its own calls; a throughput window
-    gets an in-process window of :attr:`seconds` just before and just after it.
+    of its own calls; a throughput window gets an in-process window of :attr:`seconds` just
+    before and just after it.
     """
 
     workflow: Any
