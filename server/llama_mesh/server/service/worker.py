@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -221,11 +222,11 @@ class Worker:
         earlier delivery of its message)."""
         while (running := self._runs.get(task_id)) is not None:
             logger.info("task %s delivered again while it runs here: waiting for that run", task_id)
-            keepalive = asyncio.create_task(self._keepalive(delivery))
+            keepalive = _Keepalive(delivery, self.settings.ack_wait / 3)
             try:
                 await running.wait()
             finally:
-                await cancel_and_wait(keepalive)
+                await keepalive.stop()
 
     async def _process(self, msg: messages_pb2.TaskMessage, delivery: Delivery) -> None:
         deployment, task_id = msg.deployment, msg.task_id
@@ -247,22 +248,20 @@ class Worker:
             return
         task = stored.task
         context = _log_context(task)
-        wanted = asyncio.Event()
-        announced = asyncio.create_task(self._announce(stored, attempt, wanted))
+        announcement = _Announcement(functools.partial(self._announce, stored, attempt))
+        announced = announcement.done
         try:
             context_json = await context_read if context_read is not None else None
             outcome, count = await self._run(
                 task,
                 kwargs,
                 delivery,
-                announced=announced,
-                wanted=wanted,
+                announcement=announcement,
                 context_json=context_json,
                 keep_context=_context_kept(msg),
             )
         finally:
-            if not announced.done():
-                await cancel_and_wait(announced)
+            await announcement.stop()
         if not announced.cancelled():
             failure = announced.exception()
             if failure is None:
@@ -354,14 +353,8 @@ class Worker:
 
         return start
 
-    async def _announce(
-        self, stored: StoredTask, attempt: int, wanted: asyncio.Event
-    ) -> StoredTask:
-        """Write RUNNING once the run has lasted :data:`START_NOTICE` or wants input: a
-        short task goes from QUEUED to its final status in one write."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(START_NOTICE):
-                await wanted.wait()
+    async def _announce(self, stored: StoredTask, attempt: int) -> StoredTask:
+        """Write RUNNING (see :class:`_Announcement` for when)."""
         task = stored.task
         stored = await self._cp.change_task(
             task.deployment, task.task_id, self._starter(attempt), known=stored
@@ -376,8 +369,7 @@ class Worker:
         kwargs: dict[str, JsonValue],
         delivery: Delivery,
         *,
-        announced: asyncio.Task[StoredTask],
-        wanted: asyncio.Event,
+        announcement: _Announcement,
         context_json: bytes | None,
         keep_context: ContextKept,
     ) -> tuple[RunOutcome, int]:
@@ -392,8 +384,8 @@ class Worker:
             payload = convert.event_to_message(event, attempt=attempt).SerializeToString()
             await self._broker.publish(topic, payload)
 
-        keepalive = asyncio.create_task(self._keepalive(delivery))
-        inputs = self._inputs(task, announced)
+        keepalive = _Keepalive(delivery, self.settings.ack_wait / 3)
+        inputs = self._inputs(task, announcement.done)
         try:
             outcome = await run_workflow(
                 self._workflow,
@@ -403,10 +395,10 @@ class Worker:
                 on_event=on_event,
                 inputs=inputs,
                 timeout=self.settings.timeout,
-                on_input_required=wanted.set,
+                on_input_required=announcement.now,
             )
         finally:
-            await cancel_and_wait(keepalive)
+            await keepalive.stop()
             # Releasing the input subscription is not on the way to the result.
             self._spawn(inputs.aclose(), name=f"inputs-close-{task.task_id}")
         return outcome, counter
@@ -444,13 +436,6 @@ class Worker:
                     yield HumanEvent(type=msg.human_event.type, data=data)
         finally:
             await subscription.aclose()
-
-    async def _keepalive(self, delivery: Delivery) -> None:
-        while True:
-            await asyncio.sleep(self.settings.ack_wait / 3)
-            with contextlib.suppress(Exception):
-                await delivery.in_progress()
-            raise_if_cancelling()
 
     async def _finish(
         self,
@@ -494,6 +479,73 @@ def _log_context(task: Task) -> dict[str, str]:
 def _log_running(task: Task, attempt: int) -> None:
     """One line when a task shows RUNNING; a quick one logs only its end (with its time)."""
     logger.info("task running (attempt %d)", attempt, extra=_log_context(task))
+
+
+class _Keepalive:
+    """Tells the broker every ``interval`` seconds that ``delivery`` is still worked on, until
+    :meth:`stop`: a timer, and a task only while a notice is on its way (most tasks end
+    before the first)."""
+
+    def __init__(self, delivery: Delivery, interval: float) -> None:
+        self._delivery = delivery
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(interval, self._tick)
+        self._notice: asyncio.Task[None] | None = None
+
+    def _tick(self) -> None:
+        if self._notice is None or self._notice.done():
+            self._notice = self._loop.create_task(self._send())
+        self._timer = self._loop.call_later(self._interval, self._tick)
+
+    async def _send(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._delivery.in_progress()
+
+    async def stop(self) -> None:
+        """No more notices; one on its way is cancelled."""
+        self._timer.cancel()
+        if self._notice is not None:
+            await cancel_and_wait(self._notice)
+
+
+class _Announcement:
+    """RUNNING, written by ``write()`` once the run has lasted :data:`START_NOTICE` or
+    :meth:`now` is called (the workflow wants input): a short task goes from QUEUED to its
+    final status in one write. A timer until then, not a task. :attr:`done` gets the record
+    as written, or the write's error; it is cancelled if the write never began or was
+    stopped."""
+
+    def __init__(self, write: Callable[[], Coroutine[Any, Any, StoredTask]]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[StoredTask] = self._loop.create_future()
+        self._write = write
+        self._task: asyncio.Task[None] | None = None
+        self._timer = self._loop.call_later(START_NOTICE, self.now)
+
+    def now(self) -> None:
+        """Write RUNNING now, unless it is written or being written (idempotent)."""
+        self._timer.cancel()
+        if self._task is None:
+            self._task = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            stored = await self._write()
+        except asyncio.CancelledError:
+            self.done.cancel()
+            raise
+        except Exception as exc:
+            self.done.set_exception(exc)
+        else:
+            self.done.set_result(stored)
+
+    async def stop(self) -> None:
+        """Cancel the write if it has not finished (nothing is written if it never began)."""
+        self._timer.cancel()
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+        self.done.cancel()  # a no-op once it has a result
 
 
 class _Stop(Exception):
