@@ -29,7 +29,7 @@ from bench._apps import (
 )
 from bench._plan import FULL, QUICK, SYNC_ROW, Plan, Results
 from bench._report import report
-from bench._stats import Memory
+from bench._stats import Latencies, Memory
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -144,6 +144,43 @@ def _between(results: Results, out: dict[str, Any], key: str) -> _mesh.Between |
     return results.pairing.latency_blocks(out.setdefault("baseline", {}), key)
 
 
+def _grpc_latency(
+    plan: Plan, results: Results, out: dict[str, Any], target: str, key: str
+) -> Awaitable[Latencies]:
+    """The gRPC latency loop of ``out[key]``, the in-process run measured between its blocks."""
+    return _mesh.grpc_latency(
+        target,
+        iterations=plan.latency_iterations,
+        warmup=plan.warmup,
+        deadline=plan.deadline,
+        between=_between(results, out, key),
+    )
+
+
+def _json_latency(
+    plan: Plan,
+    results: Results,
+    out: dict[str, Any],
+    key: str,
+    request: tuple[str, str, dict[str, Any]],
+    *,
+    client: _mesh.JsonClient = "aiohttp",
+) -> Awaitable[Latencies]:
+    """The JSON latency loop of ``out[key]`` (``request``: base URL, path, body), the
+    in-process run measured between its blocks."""
+    base_url, path, body = request
+    return _mesh.json_latency(
+        base_url,
+        path,
+        body,
+        iterations=plan.latency_iterations,
+        warmup=plan.warmup,
+        deadline=plan.deadline,
+        client=client,
+        between=_between(results, out, key),
+    )
+
+
 async def _inprocess_memory(app_dir: Path, what: str, plan: Plan) -> Memory:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -183,69 +220,37 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
         )
         gateway = server.gateway_url
         gateway_target = gateway.removeprefix("http://")
-        n, warm, deadline = plan.latency_iterations, plan.warmup, plan.deadline
-        out["grpc"] = await phase(
-            plan,
-            "llama-mesh: gRPC latency (direct)",
-            _mesh.grpc_latency(
-                server.grpc_target,
-                iterations=n,
-                warmup=warm,
-                deadline=deadline,
-                between=_between(results, out, "grpc"),
+        v1 = (gateway, f"/v1/deployments/{DEPLOYMENT}/tasks:run", _mesh.json_body_v1())
+        route_08 = (gateway, f"/deployments/{DEPLOYMENT}/tasks/run", _mesh.json_body_08())
+        latencies: list[tuple[str, str, Callable[[], Awaitable[Latencies]]]] = [
+            (
+                "grpc",
+                "gRPC latency (direct)",
+                lambda: _grpc_latency(plan, results, out, server.grpc_target, "grpc"),
             ),
-        )
-        out["grpc_gateway"] = await phase(
-            plan,
-            "llama-mesh: gRPC latency (through the gateway)",
-            _mesh.grpc_latency(
-                gateway_target,
-                iterations=n,
-                warmup=warm,
-                deadline=deadline,
-                between=_between(results, out, "grpc_gateway"),
+            (
+                "grpc_gateway",
+                "gRPC latency (through the gateway)",
+                lambda: _grpc_latency(plan, results, out, gateway_target, "grpc_gateway"),
             ),
-        )
-        out["json_v1"] = await phase(
-            plan,
-            "llama-mesh: JSON latency (/v1)",
-            _mesh.json_latency(
-                gateway,
-                f"/v1/deployments/{DEPLOYMENT}/tasks:run",
-                _mesh.json_body_v1(),
-                iterations=n,
-                warmup=warm,
-                deadline=deadline,
-                between=_between(results, out, "json_v1"),
+            (
+                "json_v1",
+                "JSON latency (/v1)",
+                lambda: _json_latency(plan, results, out, "json_v1", v1),
             ),
-        )
-        out["json_v1_httpx"] = await phase(
-            plan,
-            "llama-mesh: JSON latency (/v1, httpx client)",
-            _mesh.json_latency(
-                gateway,
-                f"/v1/deployments/{DEPLOYMENT}/tasks:run",
-                _mesh.json_body_v1(),
-                iterations=n,
-                warmup=warm,
-                deadline=deadline,
-                client="httpx",
-                between=_between(results, out, "json_v1_httpx"),
+            (
+                "json_v1_httpx",
+                "JSON latency (/v1, httpx client)",
+                lambda: _json_latency(plan, results, out, "json_v1_httpx", v1, client="httpx"),
             ),
-        )
-        out["json_08"] = await phase(
-            plan,
-            "llama-mesh: JSON latency (0.8 route)",
-            _mesh.json_latency(
-                gateway,
-                f"/deployments/{DEPLOYMENT}/tasks/run",
-                _mesh.json_body_08(),
-                iterations=n,
-                warmup=warm,
-                deadline=deadline,
-                between=_between(results, out, "json_08"),
+            (
+                "json_08",
+                "JSON latency (0.8 route)",
+                lambda: _json_latency(plan, results, out, "json_08", route_08),
             ),
-        )
+        ]
+        for key, what, measure in latencies:
+            out[key] = await phase(plan, f"llama-mesh: {what}", measure())
         await _throughputs(plan, results, server, out, "llama-mesh")
         out["fsync_ceiling"] = await phase(
             plan,
@@ -268,13 +273,7 @@ async def run_mesh(plan: Plan, work: Path, results: Results, nats_sync: str) -> 
         out["grpc_again"] = await phase(
             plan,
             "llama-mesh: gRPC latency (direct) again, after the throughput phase",
-            _mesh.grpc_latency(
-                server.grpc_target,
-                iterations=n,
-                warmup=warm,
-                deadline=deadline,
-                between=_between(results, out, "grpc_again"),
-            ),
+            _grpc_latency(plan, results, out, server.grpc_target, "grpc_again"),
         )
         stuck = await phase(
             plan, "llama-mesh: cancelling leftover tasks", _mesh.cancel_stuck(server)
@@ -291,17 +290,10 @@ async def run_mesh_sync(plan: Plan, work: Path, results: Results) -> None:
     who = f"llama-mesh --nats-sync {SYNC_ROW}"
     say(f"{who}: starting the server and deploying")
     async with _mesh.run_server(work, name="sync", nats_sync=SYNC_ROW) as server:
-        n, warm, deadline = plan.latency_iterations, plan.warmup, plan.deadline
         out["grpc"] = await phase(
             plan,
             f"{who}: gRPC latency (direct)",
-            _mesh.grpc_latency(
-                server.grpc_target,
-                iterations=n,
-                warmup=warm,
-                deadline=deadline,
-                between=_between(results, out, "grpc"),
-            ),
+            _grpc_latency(plan, results, out, server.grpc_target, "grpc"),
         )
         await _throughputs(plan, results, server, out, who)
         out["fsync_ceiling"] = await phase(
@@ -356,17 +348,10 @@ async def run_broker(plan: Plan, work: Path, results: Results, kind: str) -> Non
             work, name=kind, deployments=BROKER_DEPLOYMENTS, message_queue=broker.message_queue
         ) as server,
     ):
-        n, warm, deadline = plan.latency_iterations, plan.warmup, plan.deadline
         out["grpc"] = await phase(
             plan,
             f"{who}: gRPC latency (direct)",
-            _mesh.grpc_latency(
-                server.grpc_target,
-                iterations=n,
-                warmup=warm,
-                deadline=deadline,
-                between=_between(results, out, "grpc"),
-            ),
+            _grpc_latency(plan, results, out, server.grpc_target, "grpc"),
         )
         await _throughputs(plan, results, server, out, who, others={f"{kind}-server": broker.pid})
         out["stuck"] = await phase(
