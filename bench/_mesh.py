@@ -402,17 +402,17 @@ async def throughput(
 
 
 async def _queues_drained(
-    server: MeshServer, before: dict[str, _disk.StreamState]
+    server: MeshServer, before: dict[str, _disk.StreamState] | None = None, *, timeout: float = 5.0
 ) -> dict[str, _disk.StreamState]:
-    """The streams' counters once the work queues hold what they held ``before`` (the last
-    tasks' acknowledgements land just after their results), or after 5 s anyway."""
-    give_up = time.perf_counter() + 5.0
+    """The streams' counters once the work queues hold no more than they held ``before``
+    (``None``: nothing at all), or after ``timeout`` seconds anyway."""
+    give_up = time.perf_counter() + timeout
     while True:
         now = await _disk.stream_states(server.nats_url)
         drained = all(
-            state.messages <= before[name].messages
+            state.messages <= (0 if before is None else before[name].messages)
             for name, state in now.items()
-            if state.work_queue and name in before
+            if state.work_queue and (before is None or name in before)
         )
         if drained or time.perf_counter() > give_up:
             return now
@@ -498,23 +498,13 @@ async def memory_queued(server: MeshServer, *, count: int, concurrency: int) -> 
 
     ids = iter(task_ids)
     await _bounded(len(task_ids), concurrency, lambda: cancel(next(ids)))
-    await _work_queues_empty(server)  # the gate worker acknowledges the cancelled messages
+    # The gate worker going through the cancelled tasks would slow the phases after this one.
+    await _queues_drained(server, timeout=DRAIN_TIMEOUT)
     return Memory(
         count,
         {k: per_1000_mib(after[k] - before[k], count) for k in pids},
         {"JetStream store": per_1000_mib(store_after - store_before, count)},
     )
-
-
-async def _work_queues_empty(server: MeshServer) -> None:
-    """Wait until no work queue holds a message (at most :data:`DRAIN_TIMEOUT`): the gate
-    worker going through the cancelled tasks would slow the phases after this one."""
-    give_up = time.perf_counter() + DRAIN_TIMEOUT
-    while time.perf_counter() < give_up:
-        states = await _disk.stream_states(server.nats_url)
-        if all(state.messages == 0 for state in states.values() if state.work_queue):
-            return
-        await asyncio.sleep(0.1)
 
 
 async def _bounded(count: int, concurrency: int, call: Any) -> None:
