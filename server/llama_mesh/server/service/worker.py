@@ -222,7 +222,7 @@ class Worker:
         earlier delivery of its message)."""
         while (running := self._runs.get(task_id)) is not None:
             logger.info("task %s delivered again while it runs here: waiting for that run", task_id)
-            keepalive = _Keepalive(delivery, self.settings.ack_wait / 3)
+            keepalive = self._keepalive(delivery)
             try:
                 await running.wait()
             finally:
@@ -384,7 +384,7 @@ class Worker:
             payload = convert.event_to_message(event, attempt=attempt).SerializeToString()
             await self._broker.publish(topic, payload)
 
-        keepalive = _Keepalive(delivery, self.settings.ack_wait / 3)
+        keepalive = self._keepalive(delivery)
         inputs = self._inputs(task, announcement.done)
         try:
             outcome = await run_workflow(
@@ -436,6 +436,11 @@ class Worker:
                     yield HumanEvent(type=msg.human_event.type, data=data)
         finally:
             await subscription.aclose()
+
+    def _keepalive(self, delivery: Delivery) -> _Keepalive:
+        """Keeps ``delivery`` from being redelivered while it is worked on (until ``stop()``):
+        three notices per ``ack_wait``."""
+        return _Keepalive(delivery, self.settings.ack_wait / 3)
 
     async def _finish(
         self,
