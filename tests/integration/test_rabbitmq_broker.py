@@ -1,11 +1,11 @@
 """What the RabbitMQ broker adds to the broker contract, on a real rabbitmq-server: a message
 over the server's size limit is refused clearly, racing publishes of one msg_id run once, a
 dead consumer's messages come back (and are not taken for duplicates), publishes racing a
-stream's creation do not crash the connection, a crashed channel is recovered from (a declare
-it cut off is made again), and a restart of the server loses no confirmed task or topic
-message (the adapter reconnects).
+stream's creation do not crash the connection, a crashed channel is recovered from (a declare,
+consume or task publish it cut off is made again), and a restart of the server loses no
+confirmed task or topic message (the adapter reconnects).
 
-Cost: about 16 s: the server's boot (5 s), its restart (7 s), two rabbitmqctl calls (2 s).
+Cost: about 18 s: the server's boot (5 s), its restart (7 s), four rabbitmqctl calls (4 s).
 """
 
 from __future__ import annotations
@@ -226,6 +226,103 @@ async def test_a_declare_whose_channel_crashed_is_tried_again(
         assert queue.name == name
         await broker.publish_task("crashed", b"job", msg_id="job")
         await assert_depth(broker, "crashed", 1)
+
+
+class _CrashingPublishes:
+    """The broker's channel, but its first publish is stored, then crashes every channel on
+    the node for real and fails as aiormq fails a publish whose connection RabbitMQ closed
+    before the confirm came."""
+
+    def __init__(self, channel: Any, crash: Callable[[], None]) -> None:
+        self._channel = channel
+        self._crash: Callable[[], None] | None = crash
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    @property
+    def default_exchange(self) -> Any:
+        return self if self._crash is not None else self._channel.default_exchange
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._crash is not None
+        crash, self._crash = self._crash, None
+        await self._channel.default_exchange.publish(*args, **kwargs)
+        await asyncio.to_thread(crash)
+        raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+
+
+async def test_a_task_publish_cut_off_before_its_confirm_is_made_again_and_runs_once(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore
+) -> None:
+    """A task message whose publish lost its connection before the confirm (here: stored,
+    and a crash of another channel closed the connection with INTERNAL_ERROR) is published
+    again once the connection is back, rather than failing its caller; of the two copies
+    stored, one is handed out and the other dropped on delivery."""
+    async with await connect_rabbitmq(settings_for(rabbitmq), dedup=dedup) as broker:
+        assert isinstance(broker, RabbitMqBroker)
+        await broker.declare(broker.queue_name("cut"), {"x-queue-type": "quorum"})
+        channel = broker.channel
+        broker.channel = cast(Any, _CrashingPublishes(channel, rabbitmq.crash_channels))
+        try:
+            await broker.publish_task("cut", b"job", msg_id="job")
+        finally:
+            broker.channel = channel
+        await assert_depth(broker, "cut", 2)
+        it = broker.consume_tasks("cut", ConsumerOptions())
+        delivery = await next_within(it, WAIT)
+        assert (delivery.data, delivery.delivery_count) == (b"job", 1)
+        await assert_nothing_within(it)
+        await delivery.ack()
+        await assert_depth(broker, "cut", 0)
+        await aclose(it)
+
+
+class _CrashingConsumes:
+    """A declared queue, but its first ``consume`` crashes every channel on the node for
+    real and then fails as aiormq fails a consume whose channel RabbitMQ crashed."""
+
+    def __init__(self, queue: Any, crash: Callable[[], None]) -> None:
+        self._queue = queue
+        self.crash: Callable[[], None] | None = crash
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+    async def consume(self, *args: Any, **kwargs: Any) -> Any:
+        if self.crash is not None:
+            crash, self.crash = self.crash, None
+            await asyncio.to_thread(crash)
+            raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+        return await self._queue.consume(*args, **kwargs)
+
+
+async def test_a_consume_whose_channel_crashed_is_started_again(
+    rabbitmq: RabbitMqServer, dedup: KeyValueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RabbitMQ 3.10 now and then crashes the channel of a consume on a quorum queue whose
+    leader is still starting (closing the connection with INTERNAL_ERROR): the consumer
+    starts again once the connection is back, and its task is delivered."""
+    async with await connect_rabbitmq(settings_for(rabbitmq), dedup=dedup) as broker:
+        assert isinstance(broker, RabbitMqBroker)
+        await broker.publish_task("crashed", b"job", msg_id="job")
+        declare = broker.declare
+        crashing: list[_CrashingConsumes] = []
+
+        async def declare_crashing_the_first_consume(*args: Any, **kwargs: Any) -> Any:
+            queue = await declare(*args, **kwargs)
+            if crashing:
+                return queue
+            crashing.append(_CrashingConsumes(queue, rabbitmq.crash_channels))
+            return crashing[0]
+
+        monkeypatch.setattr(broker, "declare", declare_crashing_the_first_consume)
+        it = broker.consume_tasks("crashed", ConsumerOptions())
+        delivery = await next_within(it, RESTART_WAIT)
+        assert [queue.crash for queue in crashing] == [None]  # it crashed, then started again
+        assert (delivery.data, delivery.delivery_count) == (b"job", 1)
+        await delivery.ack()
+        await aclose(it)
 
 
 async def test_a_server_restart_loses_nothing_confirmed(

@@ -16,7 +16,8 @@ What RabbitMQ does not do by itself, the adapter does:
   is dropped, so the queue's depth counts one message per id. A claim whose publish never
   confirmed (the publisher died, the broker failed, or a concurrent publish of the id is
   still under way) does not block a retry: that retry publishes again, so a failure may
-  duplicate a message but never loses one. Such a duplicate is dropped on delivery: each
+  duplicate a message but never loses one (a publish the lost connection cut off before
+  its confirm is retried so, at once). Such a duplicate is dropped on delivery: each
   message carries a publish id of its own (header ``llama-mesh-publish-id``), and a
   consumer claims the message id for the first publish id it receives; a delivery whose
   message id is claimed for another publish id is a duplicate and is acked unrun. A
@@ -340,8 +341,32 @@ def _translated(what: str = "a message") -> Iterator[None]:
 
 class _Crashed(QueueUnavailableError):
     """RabbitMQ crashed an operation that stores nothing: a look at a stream it is still
-    creating (see :meth:`RabbitMqBroker.stream_started`), or a declare (see
-    :meth:`RabbitMqBroker.declare`)."""
+    creating (see :meth:`RabbitMqBroker.stream_started`), a declare (see
+    :meth:`RabbitMqBroker.declare`) or a consume (see :meth:`_Consumer.start`)."""
+
+
+class _Unconfirmed(QueueUnavailableError):
+    """A task message's publish that RabbitMQ did not confirm before the channel or its
+    connection was lost: it may be stored or not. Publishing it again under a new publish id
+    is safe (see :meth:`RabbitMqBroker.publish_task`)."""
+
+
+@contextlib.contextmanager
+def _crashes_retried(what: str) -> Iterator[None]:
+    """Raise :class:`_Crashed` (tried again) for ``what``, an operation that stores nothing,
+    when RabbitMQ crashed its channel, closing the connection with INTERNAL_ERROR.
+
+    RabbitMQ 3.10 now and then does so on a loaded machine for a quorum queue whose leader
+    is still starting: a declare (another client declaring it too), a consume (``badmatch``
+    ``noproc`` in ``rabbit_quorum_queue:consume/3``). A crash of another channel of the
+    connection fails the operation just the same."""
+    try:
+        yield
+    except QueueUnavailableError as exc:
+        crash = exc.__cause__
+        if isinstance(crash, aiormq.exceptions.ConnectionInternalError):
+            raise _Crashed(f"RabbitMQ crashed {what}: {crash!r}") from crash
+        raise
 
 
 _STREAM_CRASHES: Final = (
@@ -377,8 +402,9 @@ def _not_stored(exc: QueueError) -> bool:
 
 async def _patiently(operation: Callable[[], Awaitable[T]]) -> T:
     """Run ``operation`` (a declare, or a publish with its declare), again after a pause
-    while RabbitMQ refused it without storing anything (:func:`_not_stored`), for up to
-    :data:`_PATIENCE` seconds: a restarted node must not fail every caller meanwhile."""
+    while RabbitMQ refused it without storing anything (:func:`_not_stored`) or did not
+    confirm a task message (:class:`_Unconfirmed`), for up to :data:`_PATIENCE` seconds: a
+    restarted node must not fail every caller meanwhile."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _PATIENCE
     pause = _RETRY_PAUSES[0]
@@ -386,7 +412,8 @@ async def _patiently(operation: Callable[[], Awaitable[T]]) -> T:
         try:
             return await operation()
         except QueueError as exc:
-            if not _not_stored(exc) or loop.time() + pause > deadline:
+            retry = _not_stored(exc) or isinstance(exc, _Unconfirmed)
+            if not retry or loop.time() + pause > deadline:
                 raise
             logger.debug("RabbitMQ refused, trying again in %ss: %s", pause, exc)
         await asyncio.sleep(pause)
@@ -524,55 +551,39 @@ class RabbitMqBroker(Broker):
     ) -> aio_pika.abc.AbstractQueue:
         """Declare the durable queue or stream ``name`` (idempotent) on ``channel`` (default:
         the broker's own); ``robust``: declare it again, with its consumers, when the
-        connection comes back.
-
-        RabbitMQ 3.10 now and then crashes the channel of a quorum queue's declare on a
-        loaded machine (seen while the queue's leader was starting, another client declaring
-        it too), which closes the whole connection with INTERNAL_ERROR; a declare stores
-        nothing a second one would not, so it is tried again (:class:`_Crashed`) once the
-        robust connection is back.
+        connection comes back. A declare RabbitMQ crashed is made again once the robust
+        connection is back (see :func:`_crashes_retried`): it stores nothing a second one
+        would not.
         """
 
         async def declare() -> aio_pika.abc.AbstractQueue:
-            try:
+            with _crashes_retried(f"the declare of {name!r}"):
                 async with self.using(channel) as current:
                     return await current.declare_queue(
                         name, durable=True, arguments=dict(arguments), robust=robust
                     )
-            except QueueUnavailableError as exc:
-                crash = exc.__cause__
-                if isinstance(crash, aiormq.exceptions.ConnectionInternalError):
-                    raise _Crashed(
-                        f"RabbitMQ crashed the declare of {name!r}: {crash!r}"
-                    ) from crash
-                raise
 
         return await _patiently(declare)
 
-    async def _publish(
+    async def _publish_once(
         self, name: str, arguments: Mapping[str, str], message: aio_pika.Message, what: str
     ) -> None:
         """Publish to queue/stream ``name`` and wait for the broker's confirm, declaring it
-        first (once; a stream, until it runs: see :meth:`stream_started`). A message
-        returned as unroutable (the queue was deleted since it was declared here) declares
-        it again and publishes again (see :func:`_patiently`)."""
-
-        async def publish() -> None:
-            if name not in self._declared:
-                await self.declare(name, arguments)
-                if arguments is _STREAM:
-                    await self.stream_started(name)
-                self._declared.add(name)
-            try:
-                async with self.using(what=what) as channel:
-                    await channel.default_exchange.publish(
-                        message, routing_key=name, mandatory=True
-                    )
-            except QueueUnavailableError:
-                self._declared.discard(name)
-                raise
-
-        await _patiently(publish)
+        first (once; a stream, until it runs: see :meth:`stream_started`). A publish that
+        failed unavailable forgets the declare: a message returned as unroutable (the queue
+        was deleted since it was declared here) is declared again when tried again (see
+        :func:`_patiently`)."""
+        if name not in self._declared:
+            await self.declare(name, arguments)
+            if arguments is _STREAM:
+                await self.stream_started(name)
+            self._declared.add(name)
+        try:
+            async with self.using(what=what) as channel:
+                await channel.default_exchange.publish(message, routing_key=name, mandatory=True)
+        except QueueUnavailableError:
+            self._declared.discard(name)
+            raise
 
     # -- work queues
 
@@ -585,13 +596,24 @@ class RabbitMqBroker(Broker):
         if not await self._claim(claim):
             logger.debug("dropped a duplicate of message %r on queue %r", msg_id, queue)
             return
-        message = aio_pika.Message(
-            data,
-            message_id=msg_id,
-            headers={PUBLISH_ID_HEADER: uuid.uuid4().hex},
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        await self._publish(name, _QUORUM, message, f"task message {msg_id!r}")
+        what = f"task message {msg_id!r}"
+
+        async def publish() -> None:
+            # Each try has a publish id of its own: if a try the connection cut off stored
+            # its copy after all, the first copy delivered claims the msg_id and the other
+            # one is dropped on delivery as a duplicate (see is_duplicate).
+            message = aio_pika.Message(
+                data,
+                message_id=msg_id,
+                headers={PUBLISH_ID_HEADER: uuid.uuid4().hex},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            try:
+                await self._publish_once(name, _QUORUM, message, what)
+            except QueueUnavailableError as exc:
+                raise _Unconfirmed(f"{what} was not confirmed: {exc}") from exc.__cause__
+
+        await _patiently(publish)
         await self._dedup.put(claim, _PUBLISHED)
 
     def _claim_key(self, queue: str, msg_id: str) -> str:
@@ -661,7 +683,8 @@ class RabbitMqBroker(Broker):
     async def publish(self, topic: str, data: bytes) -> None:
         self.check_open()
         message = aio_pika.Message(data, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        await self._publish(self.stream_name(topic), _STREAM, message, f"message on {topic!r}")
+        name, what = self.stream_name(topic), f"message on {topic!r}"
+        await _patiently(lambda: self._publish_once(name, _STREAM, message, what))
 
     def subscribe(self, topic: str) -> Subscription[bytes]:
         self.check_open()
@@ -919,7 +942,7 @@ class _Consumer(_Iterator["_RabbitDelivery", Delivery], Subscription[Delivery]):
     async def start(self) -> None:
         channel = await self.open_channel(self.options.max_in_flight)
         self.queue = await self.owner.declare(self.name, _QUORUM, channel=channel, robust=True)
-        with _translated():
+        with _crashes_retried(f"the consume of {self.name!r}"), _translated():
             self.tag = await self.queue.consume(self._on_message)
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
