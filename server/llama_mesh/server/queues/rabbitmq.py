@@ -599,6 +599,7 @@ class RabbitMqBroker(Broker):
         what = f"task message {msg_id!r}"
 
         async def publish() -> None:
+            self.check_open()  # closed meanwhile: no more tries
             # Each try has a publish id of its own: if a try the connection cut off stored
             # its copy after all, the first copy delivered claims the msg_id and the other
             # one is dropped on delivery as a duplicate (see is_duplicate).
