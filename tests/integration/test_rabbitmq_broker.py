@@ -193,23 +193,34 @@ async def test_a_crashed_channel_is_reported_and_recovered(
         await _assert_recovers(broker, events, following, rabbitmq.crash_channels, "INTERNAL_ERROR")
 
 
-class _CrashingDeclares:
-    """The broker's channel, but its first ``declare_queue`` crashes every channel on the
-    node for real and then fails as aiormq fails a declare whose channel RabbitMQ crashed."""
+class _CrashOnce:
+    """``target`` (a channel, an exchange, a queue), but the first call of its method
+    ``method`` crashes every channel on the node for real and then fails as aiormq fails an
+    operation whose channel RabbitMQ crashed (the connection closed with INTERNAL_ERROR).
+    ``stored``: the call is made before the crash, so what it sent is stored."""
 
-    def __init__(self, channel: Any, crash: Callable[[], None]) -> None:
-        self._channel = channel
-        self._crash: Callable[[], None] | None = crash
+    def __init__(
+        self, target: Any, method: str, crash: Callable[[], None], *, stored: bool = False
+    ) -> None:
+        self._target = target
+        self._method = method
+        self.crash: Callable[[], None] | None = crash
+        self._stored = stored
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._channel, name)
+        value = getattr(self._target, name)
+        if name != self._method or self.crash is None:
+            return value
 
-    async def declare_queue(self, *args: Any, **kwargs: Any) -> Any:
-        if self._crash is not None:
-            crash, self._crash = self._crash, None
+        async def crashing(*args: Any, **kwargs: Any) -> Any:
+            assert self.crash is not None
+            crash, self.crash = self.crash, None
+            if self._stored:
+                await value(*args, **kwargs)
             await asyncio.to_thread(crash)
             raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
-        return await self._channel.declare_queue(*args, **kwargs)
+
+        return crashing
 
 
 async def test_a_declare_whose_channel_crashed_is_tried_again(
@@ -220,7 +231,7 @@ async def test_a_declare_whose_channel_crashed_is_tried_again(
     connection is back, and a task published then is there."""
     async with await connect_rabbitmq(settings_for(rabbitmq), dedup=dedup) as broker:
         assert isinstance(broker, RabbitMqBroker)
-        crashing = cast(Any, _CrashingDeclares(broker.channel, rabbitmq.crash_channels))
+        crashing = cast(Any, _CrashOnce(broker.channel, "declare_queue", rabbitmq.crash_channels))
         name = broker.queue_name("crashed")
         queue = await broker.declare(name, {"x-queue-type": "quorum"}, channel=crashing)
         assert queue.name == name
@@ -229,27 +240,20 @@ async def test_a_declare_whose_channel_crashed_is_tried_again(
 
 
 class _CrashingPublishes:
-    """The broker's channel, but its first publish is stored, then crashes every channel on
-    the node for real and fails as aiormq fails a publish whose connection RabbitMQ closed
-    before the confirm came."""
+    """The broker's channel, but the first publish to its default exchange is stored, then
+    crashes every channel on the node (see :class:`_CrashOnce`)."""
 
     def __init__(self, channel: Any, crash: Callable[[], None]) -> None:
         self._channel = channel
-        self._crash: Callable[[], None] | None = crash
+        self._exchange = _CrashOnce(channel.default_exchange, "publish", crash, stored=True)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._channel, name)
 
     @property
     def default_exchange(self) -> Any:
-        return self if self._crash is not None else self._channel.default_exchange
-
-    async def publish(self, *args: Any, **kwargs: Any) -> Any:
-        assert self._crash is not None
-        crash, self._crash = self._crash, None
-        await self._channel.default_exchange.publish(*args, **kwargs)
-        await asyncio.to_thread(crash)
-        raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+        crashed = self._exchange.crash is None
+        return self._channel.default_exchange if crashed else self._exchange
 
 
 async def test_a_task_publish_cut_off_before_its_confirm_is_made_again_and_runs_once(
@@ -278,25 +282,6 @@ async def test_a_task_publish_cut_off_before_its_confirm_is_made_again_and_runs_
         await aclose(it)
 
 
-class _CrashingConsumes:
-    """A declared queue, but its first ``consume`` crashes every channel on the node for
-    real and then fails as aiormq fails a consume whose channel RabbitMQ crashed."""
-
-    def __init__(self, queue: Any, crash: Callable[[], None]) -> None:
-        self._queue = queue
-        self.crash: Callable[[], None] | None = crash
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._queue, name)
-
-    async def consume(self, *args: Any, **kwargs: Any) -> Any:
-        if self.crash is not None:
-            crash, self.crash = self.crash, None
-            await asyncio.to_thread(crash)
-            raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
-        return await self._queue.consume(*args, **kwargs)
-
-
 async def test_a_consume_whose_channel_crashed_is_started_again(
     rabbitmq: RabbitMqServer, dedup: KeyValueStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,13 +292,13 @@ async def test_a_consume_whose_channel_crashed_is_started_again(
         assert isinstance(broker, RabbitMqBroker)
         await broker.publish_task("crashed", b"job", msg_id="job")
         declare = broker.declare
-        crashing: list[_CrashingConsumes] = []
+        crashing: list[_CrashOnce] = []
 
         async def declare_crashing_the_first_consume(*args: Any, **kwargs: Any) -> Any:
             queue = await declare(*args, **kwargs)
             if crashing:
                 return queue
-            crashing.append(_CrashingConsumes(queue, rabbitmq.crash_channels))
+            crashing.append(_CrashOnce(queue, "consume", rabbitmq.crash_channels))
             return crashing[0]
 
         monkeypatch.setattr(broker, "declare", declare_crashing_the_first_consume)
