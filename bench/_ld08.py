@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 
 from bench._apps import DEPLOYMENT, write_ld08_app
-from bench._procs import cpu_seconds, free_port, settled_rss
+from bench._procs import cpu_seconds, settled_rss
 from bench._stats import Latencies, Memory, Throughput, per_1000_mib
+from llama_mesh.server.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("llama-deploy==0.8.1", "llama-index-core==0.12.15")

@@ -33,8 +33,9 @@ from bench._apps import (
     TWO_REPLICAS_DEPLOYMENT,
     write_mesh_app,
 )
-from bench._procs import children, cpu_seconds, dir_bytes, free_port, settled_rss
+from bench._procs import children, cpu_seconds, dir_bytes, settled_rss
 from bench._stats import Latencies, Memory, Throughput, per_1000_mib
+from llama_mesh.server.ports import free_port
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,8 +21,9 @@ import pytest_asyncio
 
 from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.auth import ApiKeys
+from llama_mesh.server.ports import free_port
 from tests.compat.conftest import CompatPython, write_shout_deployment
-from tests.fixtures.mesh import TESTAPP, free_port
+from tests.fixtures.mesh import TESTAPP
 
 pytestmark = [pytest.mark.compat, pytest.mark.asyncio(loop_scope="module")]
 

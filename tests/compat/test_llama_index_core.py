@@ -23,8 +23,8 @@ import pytest_asyncio
 
 from llama_mesh.client import AsyncClient, TaskStatus
 from llama_mesh.server.app import MeshServer, ServerSettings
+from llama_mesh.server.ports import free_port
 from tests.compat.conftest import REPO, CompatPython, CompatVenv, run_compat_script
-from tests.fixtures.mesh import free_port
 
 pytestmark = [pytest.mark.compat, pytest.mark.asyncio(loop_scope="module")]
 

@@ -29,11 +29,11 @@ from llama_mesh.server.deployment_config import parse_deployment_config
 from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.server.gateway.config import find_envoy_binary, render_envoy_config
 from llama_mesh.server.nats_server import find_nats_server_binary
+from llama_mesh.server.ports import free_port
 from llama_mesh.server.queues.broker import ConsumerOptions
 from llama_mesh.server.queues.inprocess import InProcessStateStore
 from llama_mesh.server.queues.selection import BrokerChoice, select_broker
 from llama_mesh.server.serve import build_parser, settings_from_args
-from tests.fixtures.mesh import free_port
 from tests.fixtures.redis import redis_server_binary
 from tests.helpers import assert_eventually, next_within
 

@@ -25,7 +25,8 @@ from llama_mesh.server.app import MeshServer
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.domain import Task, TaskStatus
 from llama_mesh.server.errors import AlreadyExistsError
-from llama_mesh.server.nats_server import NatsServer, free_port
+from llama_mesh.server.nats_server import NatsServer
+from llama_mesh.server.ports import free_port
 from llama_mesh.server.queues.errors import KeyExistsError
 from llama_mesh.server.queues.inprocess import InProcessStateStore
 from llama_mesh.server.queues.state import KeyValueStore

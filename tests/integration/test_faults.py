@@ -41,9 +41,9 @@ from llama_mesh.server.nats_server import (
     NatsClusterConfig,
     NatsServer,
     NatsServerConfig,
-    free_port,
 )
 from llama_mesh.server.orchestrator import Orchestrator
+from llama_mesh.server.ports import free_port
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
 from llama_mesh.server.queues.errors import QueueError, QueueUnavailableError
 from llama_mesh.server.queues.inprocess import InProcessBroker, InProcessStateStore

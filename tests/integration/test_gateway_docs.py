@@ -14,8 +14,9 @@ from openapi_schema_validator import OAS30Validator
 from llama_mesh.server.auth import ApiKeys
 from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.gateway.docs import DOCS_PATH, OPENAPI_DOCUMENT, OPENAPI_PATH
+from llama_mesh.server.ports import free_port
 from tests.fixtures.envoy import StartGateway
-from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port
+from tests.fixtures.mesh import TESTAPP, MeshFactory
 
 USER = "user-key-0123456789abcdef"
 TIMEOUT = 30.0

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.fixtures.mesh import TESTAPP, free_port
+from llama_mesh.server.ports import free_port
+from tests.fixtures.mesh import TESTAPP
 
 START_TIMEOUT = 120.0
 

@@ -24,6 +24,7 @@ from llama_mesh.server.nats_server import (
     find_nats_server_binary,
     render_config,
 )
+from llama_mesh.server.ports import free_port
 from llama_mesh.server.queues.broker import ConsumerOptions
 from llama_mesh.server.queues.errors import KeyExistsError
 from llama_mesh.server.queues.nats import NatsKeyValueStore
@@ -272,7 +273,7 @@ async def test_a_picked_port_taken_before_the_bind_is_picked_again(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         picks = [taken.getsockname()[1]]
-        real_free_port = nats_server_module.free_port
+        real_free_port = free_port
 
         def pick(host: str = "127.0.0.1") -> int:
             return picks.pop() if picks else real_free_port(host)

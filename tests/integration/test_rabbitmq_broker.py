@@ -18,7 +18,7 @@ from typing import Any, cast
 import aiormq.exceptions
 import pytest
 
-from llama_mesh.server.nats_server import free_port
+from llama_mesh.server.ports import free_port
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
 from llama_mesh.server.queues.errors import MessageTooLargeError, QueueUnavailableError
 from llama_mesh.server.queues.inprocess import InProcessStateStore

@@ -32,9 +32,10 @@ from llama_mesh.server.app import MeshServer, ServerSettings
 from llama_mesh.server.gateway import GatewayConfig
 from llama_mesh.server.gateway.__main__ import parse_config
 from llama_mesh.server.gateway.config import request_guard_lua
+from llama_mesh.server.ports import free_port
 from llama_mesh.server.serve import build_parser, settings_from_args
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc
-from tests.fixtures.mesh import TESTAPP, MeshFactory, free_port, running_mesh
+from tests.fixtures.mesh import TESTAPP, MeshFactory, running_mesh
 
 APP = "testapp"
 ALLOWED_ORIGIN = "https://console.example"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from llama_mesh.server.nats_server import NatsServer, NatsServerConfig
-from tests.fixtures.mesh import free_port
+from llama_mesh.server.ports import free_port
 from tests.helpers import assert_eventually
 
 APP_MODULE = """\

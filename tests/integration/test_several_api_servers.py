@@ -34,7 +34,8 @@ from llama_mesh.server.app import MeshServer
 from llama_mesh.server.errors import InvalidArgumentError, UnavailableError
 from llama_mesh.server.gateway import Gateway
 from llama_mesh.server.gateway.__main__ import parse_config
-from llama_mesh.server.nats_server import NatsServer, free_port
+from llama_mesh.server.nats_server import NatsServer
+from llama_mesh.server.ports import free_port
 from llama_mesh.v1 import apiserver_pb2, apiserver_pb2_grpc, types_pb2
 from tests.fixtures.mesh import TESTAPP, MeshFactory
 from tests.helpers import assert_eventually

