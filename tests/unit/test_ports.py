@@ -58,3 +58,14 @@ def test_no_candidate_left_falls_back_to_the_os(monkeypatch: pytest.MonkeyPatch)
     port = ports.free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_bindable_tells_a_listening_port_from_a_free_one() -> None:
+    """A port another socket listens on is not bindable, with or without SO_REUSEADDR."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not ports.bindable(port)
+        assert not ports.bindable(port, reuse_addr=True)
+    assert ports.bindable(port) and ports.bindable(port, reuse_addr=True)

@@ -36,8 +36,13 @@ def _candidates(low: int, high: int) -> list[int]:
     return [*below, *above]
 
 
-def _bindable(host: str, port: int) -> bool:
+def bindable(port: int, host: str = "127.0.0.1", *, reuse_addr: bool = False) -> bool:
+    """Whether a TCP socket can bind ``host:port`` now. With ``reuse_addr``, as a server
+    setting ``SO_REUSEADDR`` would (connections of an earlier listener still in TIME_WAIT
+    do not count); without, as a plain bind."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -53,7 +58,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     """
     candidates = _candidates(*ephemeral_range())
     for port in random.sample(candidates, min(_TRIES, len(candidates))):
-        if _bindable(host, port):
+        if bindable(port, host):
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))

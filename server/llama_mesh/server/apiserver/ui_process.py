@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from llama_mesh.server.children import dying_with_parent
 from llama_mesh.server.nodejs import NodeTools
+from llama_mesh.server.ports import bindable
 
 __all__ = ["READY_TIMEOUT", "UiError", "UiProcess", "UiSpec"]
 
@@ -40,16 +40,6 @@ class UiSpec:
     script: str
     port: int
     env: Mapping[str, str]
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
 
 
 def _log_tail(path: Path, offset: int) -> str:
@@ -79,7 +69,7 @@ class UiProcess:
 
     async def start(self) -> None:
         """Start the UI and wait until it accepts connections on its port."""
-        if _port_in_use(self.spec.port):
+        if not bindable(self.spec.port, reuse_addr=True):
             raise UiError(f"ui port {self.spec.port} is in use by another process")
         argv = [*self._tools.package_manager, "run", self.spec.script]
         linux = sys.platform.startswith("linux")
