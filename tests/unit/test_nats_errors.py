@@ -39,3 +39,26 @@ def test_nats_errors_translate_into_the_queue_error_tree(
     if expected is RevisionMismatchError:
         assert type(translate_error(error, conflict=KeyExistsError)) is KeyExistsError
     assert translate_error(ValueError("mine")).__class__ is ValueError
+
+
+def test_a_full_store_is_named_and_unavailable() -> None:
+    """JetStream refusing a write for want of space says so (a repr of nats-py's error says
+    nothing), and is unavailable: the same write may succeed once space is freed."""
+    full = nats.js.errors.ServiceUnavailableError(
+        code=503, err_code=10023, description="insufficient resources"
+    )
+    translated = translate_error(full)
+    assert type(translated) is QueueUnavailableError
+    assert "out of storage (insufficient resources, error 10023)" in str(translated)
+    assert "max_file_store" in str(translated)
+
+
+def test_jetstream_errors_carry_their_description() -> None:
+    """Any other JetStream API error keeps the server's description and error code."""
+    offline = nats.js.errors.ServiceUnavailableError(
+        code=503, err_code=10118, description="stream is offline"
+    )
+    assert str(translate_error(offline)) == "NATS is unavailable: stream is offline (error 10118)"
+    bad = nats.js.errors.BadRequestError(code=400, err_code=10058, description="stream name in use")
+    assert type(translate_error(bad)) is QueueError
+    assert str(translate_error(bad)) == "NATS error: stream name in use (error 10058)"

@@ -57,7 +57,7 @@ from llama_mesh.server.domain import (
 )
 from llama_mesh.server.errors import NotFoundError
 from llama_mesh.server.queues.broker import Broker, ConsumerOptions, Delivery
-from llama_mesh.server.queues.errors import MessageTooLargeError
+from llama_mesh.server.queues.errors import MessageTooLargeError, QueueUnavailableError
 from llama_mesh.server.service.runner import (
     CancelRequest,
     ContextKept,
@@ -72,6 +72,9 @@ logger = logging.getLogger(__name__)
 START_NOTICE = 0.05
 """Seconds a task runs before RUNNING is written to its record (at once when it asks for
 input): a short task goes from QUEUED to its final status in one write."""
+LAST_RECORD_PAUSE = 1.0
+"""Seconds between attempts to record the failure of a message's last delivery while the
+store is unavailable (each attempt is itself tried again for a while)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,14 @@ class Worker:
         try:
             await self._process(msg, delivery)
         except Exception:
+            if delivery.delivery_count >= self.settings.consumer_options.max_deliver:
+                # A nak of the last delivery drops the message, and with it a task whose
+                # failure could not be recorded: left unsettled, it stays in the queue.
+                logger.exception(
+                    "task %s: unexpected failure on its last delivery; left in the queue",
+                    msg.task_id,
+                )
+                return
             logger.exception("task %s: unexpected failure; it will be redelivered", msg.task_id)
             with contextlib.suppress(Exception):
                 await delivery.nak(delay=1.0)
@@ -338,10 +349,34 @@ class Worker:
                 f"(max-retries: {self.settings.max_retries})",
             )
             outcome = RunOutcome(TaskStatus.FAILED, error=error)
-            await self._finish(stored, outcome, event_count=0, attempt=attempt)
+            await self._finish_last(stored, outcome, delivery, attempt)
             await delivery.ack()
             return None
         return stored
+
+    async def _finish_last(
+        self, stored: StoredTask, outcome: RunOutcome, delivery: Delivery, attempt: int
+    ) -> None:
+        """Record the failure of a message's last delivery, tried again for as long as the
+        store is unavailable (NATS down, or out of space) and the worker runs: there is no
+        delivery after this one to record it."""
+        keepalive = self._keepalive(delivery)
+        try:
+            while True:
+                try:
+                    await self._finish(stored, outcome, event_count=0, attempt=attempt)
+                    return
+                except QueueUnavailableError as exc:
+                    if self._stopping.is_set():
+                        raise
+                    logger.warning(
+                        "task %s: its failure is not recorded yet (%s); trying again",
+                        stored.task.task_id,
+                        exc,
+                    )
+                await asyncio.sleep(LAST_RECORD_PAUSE)
+        finally:
+            await keepalive.stop()
 
     def _starter(self, attempt: int) -> Callable[[Task], Task | None]:
         def start(t: Task) -> Task | None:

@@ -27,7 +27,8 @@ Behaviour worth knowing:
   ``queued_tasks`` reads one message per request. A message whose last delivery timed out
   (``max_deliver``) stays in the stream, never delivered again, and is still found and listed
   until the queue is purged. (The worker records a task's failure on its last delivery
-  rather than running it, so only a replica dying in that moment leaves one.)
+  rather than running it, so only a replica dying or stopping before that write succeeds
+  leaves one.)
 * Settling (ack, nak, term, in_progress) waits for the server's confirmation. A nak of the
   last allowed delivery terminates the message (removes it), as the in-process broker drops
   it.
