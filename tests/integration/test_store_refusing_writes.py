@@ -16,15 +16,16 @@ from typing import Any
 
 import pytest
 
-from llama_mesh.server import convert, subjects
+from llama_mesh.server import subjects
+from llama_mesh.server.apiserver.brokers import DeploymentBrokers
 from llama_mesh.server.control_plane.store import ControlPlane
 from llama_mesh.server.domain import Task, TaskStatus, new_id
 from llama_mesh.server.errors import NotFoundError
 from llama_mesh.server.nats_server import NatsServer
+from llama_mesh.server.orchestrator import Orchestrator
 from llama_mesh.server.queues.nats import NatsBroker
 from llama_mesh.server.queues.nats import errors as nats_errors
 from llama_mesh.server.service.worker import Worker, WorkerSettings
-from llama_mesh.v1 import messages_pb2
 from tests.fixtures.brokers import nats_roles
 from tests.helpers import assert_eventually
 from tests.unit.test_event_decoding_fuzz import WORKFLOWS
@@ -85,16 +86,9 @@ async def refused(
         try:
             info = await connection.js.stream_info(TASKS_STREAM)
             await case.limit(max(info.state.bytes, 1))
-            msg = messages_pb2.TaskMessage(
-                task_id=task.task_id,
-                deployment=task.deployment,
-                service_id=task.service_id,
-                session_id=task.session_id,
-                input_json=b"{}",
-                new_session=True,
-            )
-            msg.created_at.CopyFrom(convert.to_timestamp(task.created_at))
-            await broker.publish_task(case.queue, msg.SerializeToString(), msg_id=task.task_id)
+            # Queued as the API server queues it: the message is the task's only record.
+            orchestrator = Orchestrator(DeploymentBrokers(broker, state))
+            await orchestrator.schedule(task, new_session=True)
 
             async def retrying_or_settled() -> bool:
                 return RETRYING in caplog.text or not await case.queued()
@@ -148,7 +142,7 @@ async def test_a_worker_stopping_on_the_last_delivery_leaves_the_task_queued(
     nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A replica stopped while its last delivery waits for the store settles nothing: the
-    message stays in the queue (found, cancellable) rather than being dropped unrecorded."""
+    message stays in the queue (found, listed as queued) rather than being dropped unrecorded."""
     async with refused(nats_server, caplog) as case:
         await case.stop_worker()
         assert await case.queued(), "task dropped"

@@ -77,17 +77,16 @@ def translate_error(
         isinstance(exc, nats.js.errors.APIError) and exc.err_code in _WRONG_LAST_SEQUENCE
     ):
         return conflict(str(exc))
-    if isinstance(exc, nats.js.errors.APIError) and exc.err_code in _OUT_OF_STORAGE:
-        # Unavailable until space is freed: a write tried again later may succeed.
-        return QueueUnavailableError(
-            f"NATS JetStream is out of storage ({exc.description}, error {exc.err_code}): "
-            "free disk space or raise its store limit (max_file_store)"
-        )
     if isinstance(exc, nats.js.errors.APIError) and exc.err_code is not None:
         # JetStream's own answer: its description says what went wrong (the repr does not).
-        unavailable = isinstance(exc, _UNAVAILABLE)
         detail = f"{exc.description or type(exc).__name__} (error {exc.err_code})"
-        if unavailable:
+        if exc.err_code in _OUT_OF_STORAGE:
+            # Unavailable until space is freed: a write tried again later may succeed.
+            return QueueUnavailableError(
+                f"NATS JetStream is out of storage ({exc.description}, error {exc.err_code}): "
+                "free disk space or raise its store limit (max_file_store)"
+            )
+        if isinstance(exc, _UNAVAILABLE):
             return QueueUnavailableError(f"NATS is unavailable: {detail}")
         return QueueError(f"NATS error: {detail}")
     if isinstance(exc, _UNAVAILABLE):
